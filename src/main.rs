@@ -1,0 +1,79 @@
+//! The `gridcast` command line. Thin: parse arguments, call the library, report errors.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use gridcast::keys::ChannelKey;
+
+/// gridcast: a peer-to-peer live streaming grid.
+#[derive(Debug, Parser)]
+#[command(version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create a channel key and print the channel id.
+    ///
+    /// The key file is the channel: whoever holds it can broadcast on the channel, so it is
+    /// written with mode 0600 and never overwritten unless --force is given.
+    ///
+    /// Example:
+    ///   gridcast keygen --out channel.key
+    Keygen {
+        /// Where to write the key file.
+        #[arg(short, long, default_value = "channel.key")]
+        out: PathBuf,
+        /// Replace an existing key file (the old channel is lost for good).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print the channel id of an existing key file.
+    ///
+    /// Example:
+    ///   gridcast channel-id channel.key
+    ChannelId {
+        /// The key file.
+        key: PathBuf,
+    },
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Keygen { out, force } => {
+            let key = ChannelKey::generate()?;
+            key.save(&out, force)?;
+            eprintln!(
+                "wrote channel key to {} (mode 0600); keep it secret",
+                out.display()
+            );
+            #[allow(clippy::print_stdout)]
+            {
+                println!("{}", key.channel_id());
+            }
+        }
+        Command::ChannelId { key } => {
+            let key = ChannelKey::load(&key)?;
+            #[allow(clippy::print_stdout)]
+            {
+                println!("{}", key.channel_id());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gridcast: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

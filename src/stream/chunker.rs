@@ -1,0 +1,615 @@
+//! The chunker: a live byte stream in, numbered chunks out, closed by duration or size.
+//!
+//! Sans-IO like the rest of the stream model: feed bytes with [`Chunker::handle_input`], arm a
+//! timer from [`Chunker::poll_timeout`] and call [`Chunker::handle_timeout`] when it fires, then
+//! drain [`Chunker::poll_chunk`]. Every input byte appears in exactly one chunk, in order: the
+//! concatenation of the chunks is the input, byte for byte.
+//!
+//! # MPEG-TS
+//!
+//! With [`InputFormat::MpegTs`] (or [`InputFormat::Auto`] when four sync bytes `0x47` appear 188
+//! bytes apart near the start), chunks are cut only on 188-byte packet boundaries; a trailing
+//! partial packet waits for the next chunk. If sync is lost, the bytes up to the next sync byte
+//! are carried as they are (nothing is ever dropped) and counted in [`ChunkerStats::resyncs`].
+//!
+//! A chunk is flagged [`ChunkFlags::RANDOM_ACCESS`] when it starts at a random-access point: a
+//! packet whose adaptation field sets `random_access_indicator`, optionally preceded directly by
+//! the PAT and PMT packets that encoders emit in front of a keyframe (those move into the new
+//! chunk with it, so a joining decoder sees the program tables first). Where to cut:
+//!
+//! - A PID whose random-access points are *sparse* (more than two chunk durations apart, or the
+//!   first one seen) carries video keyframes: each one starts a new chunk, however young the
+//!   current chunk is. One short chunk per group of pictures is cheap; a joiner waiting a whole
+//!   extra GOP is not.
+//! - A PID whose random-access points are *dense* (audio: every frame is one) only starts a new
+//!   chunk once the current one is at least half its duration old and does not already start at a
+//!   random-access point, so audio-only streams keep chunks near their configured duration.
+//!
+//! # Opaque input
+//!
+//! Anything else is cut at the duration or size limit wherever it falls. Every opaque chunk is
+//! flagged random-access: the formats sent this way (MP3, AAC/ADTS, Ogg with its stream header
+//! replayed) resynchronise on their own, so no chunk is a better start than another.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+
+use super::MAX_CHUNK_PAYLOAD;
+use super::header::ChunkFlags;
+
+const TS_PACKET: usize = 188;
+const TS_SYNC: u8 = 0x47;
+/// Sync bytes in a row that identify MPEG-TS in [`InputFormat::Auto`].
+const TS_DETECT_PACKETS: usize = 4;
+/// PIDs whose random-access history is remembered.
+const MAX_TRACKED_PIDS: usize = 16;
+/// PMT PIDs remembered from the PAT.
+const MAX_PMT_PIDS: usize = 8;
+
+/// How to treat the input.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum InputFormat {
+    /// MPEG-TS if the first bytes look like it, opaque otherwise.
+    #[default]
+    Auto,
+    /// MPEG-TS: cut on packet boundaries and flag random-access points.
+    MpegTs,
+    /// Opaque bytes: cut anywhere.
+    Opaque,
+}
+
+/// Chunker settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChunkerConfig {
+    /// A chunk closes this long after its first byte arrived (default 250 ms).
+    pub duration: Duration,
+    /// A chunk closes when it reaches this many bytes (default 1 MiB).
+    pub max_bytes: usize,
+    /// Input format.
+    pub format: InputFormat,
+    /// Sequence number of the first chunk.
+    pub first_seq: u64,
+}
+
+impl Default for ChunkerConfig {
+    fn default() -> Self {
+        Self {
+            duration: Duration::from_millis(250),
+            max_bytes: 1024 * 1024,
+            format: InputFormat::Auto,
+            first_seq: 0,
+        }
+    }
+}
+
+/// A setting the chunker cannot work with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChunkerError {
+    /// Duration outside 10 ms ..= 10 s.
+    #[error("chunk duration {0:?} is outside 10ms..=10s")]
+    Duration(Duration),
+    /// Size limit outside two TS packets ..= the protocol's chunk limit.
+    #[error("chunk size limit {0} is outside 376..={MAX_CHUNK_PAYLOAD} bytes")]
+    MaxBytes(usize),
+}
+
+/// One closed chunk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Chunk {
+    /// Sequence number.
+    pub seq: u64,
+    /// Flags (random access, end of stream).
+    pub flags: ChunkFlags,
+    /// When the chunk's first byte was handed to the chunker.
+    pub started: Instant,
+    /// The bytes.
+    pub payload: Bytes,
+}
+
+/// Counters kept by a [`Chunker`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChunkerStats {
+    /// Chunks closed.
+    pub chunks: u64,
+    /// Input bytes taken.
+    pub bytes: u64,
+    /// Chunks flagged random-access.
+    pub random_access_chunks: u64,
+    /// Times MPEG-TS sync was lost and searched for again.
+    pub resyncs: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Undecided,
+    Ts,
+    Opaque,
+}
+
+/// Cuts a byte stream into chunks. See the module documentation.
+#[derive(Debug)]
+pub struct Chunker {
+    config: ChunkerConfig,
+    next_seq: u64,
+    mode: Mode,
+    /// The open chunk, possibly ending in a partial TS packet.
+    buf: BytesMut,
+    /// When the open chunk's first byte arrived.
+    started: Option<Instant>,
+    /// TS: bytes of `buf` before this offset are whole packets (or unsynced bytes).
+    scan: usize,
+    /// TS: start of the run of PAT/PMT packets that ends at `scan`, if any.
+    psi_run: Option<usize>,
+    /// The open chunk starts at a random-access point.
+    starts_at_rap: bool,
+    /// Last random-access point seen per PID.
+    rap_seen: Vec<(u16, Instant)>,
+    /// PMT PIDs named by the last PAT.
+    pmt_pids: Vec<u16>,
+    ready: VecDeque<Chunk>,
+    stats: ChunkerStats,
+}
+
+impl Chunker {
+    /// A chunker with validated settings.
+    pub fn new(config: ChunkerConfig) -> Result<Self, ChunkerError> {
+        if config.duration < Duration::from_millis(10) || config.duration > Duration::from_secs(10)
+        {
+            return Err(ChunkerError::Duration(config.duration));
+        }
+        if config.max_bytes < 2 * TS_PACKET || config.max_bytes > MAX_CHUNK_PAYLOAD {
+            return Err(ChunkerError::MaxBytes(config.max_bytes));
+        }
+        let mode = match config.format {
+            InputFormat::Auto => Mode::Undecided,
+            InputFormat::MpegTs => Mode::Ts,
+            InputFormat::Opaque => Mode::Opaque,
+        };
+        Ok(Self {
+            next_seq: config.first_seq,
+            buf: BytesMut::with_capacity(config.max_bytes.min(256 * 1024)),
+            config,
+            mode,
+            started: None,
+            scan: 0,
+            psi_run: None,
+            starts_at_rap: false,
+            rap_seen: Vec::new(),
+            pmt_pids: Vec::new(),
+            ready: VecDeque::new(),
+            stats: ChunkerStats::default(),
+        })
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> ChunkerStats {
+        self.stats
+    }
+
+    /// Whether the input has been recognised as MPEG-TS (`None` while still undecided).
+    pub fn is_mpeg_ts(&self) -> Option<bool> {
+        match self.mode {
+            Mode::Undecided => None,
+            Mode::Ts => Some(true),
+            Mode::Opaque => Some(false),
+        }
+    }
+
+    /// The sequence number the next chunk will get.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Takes input bytes that arrived at `now`.
+    pub fn handle_input(&mut self, now: Instant, mut data: &[u8]) {
+        self.handle_timeout(now);
+        self.stats.bytes += data.len() as u64;
+        while !data.is_empty() {
+            if self.buf.is_empty() {
+                self.started = Some(now);
+            }
+            // Never hold much more than a chunk: feed in slices so size cuts happen on time.
+            let room = (self.config.max_bytes + TS_PACKET).saturating_sub(self.buf.len());
+            let take = data.len().min(room.max(TS_PACKET));
+            self.buf.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            self.process(now);
+        }
+    }
+
+    /// Closes the open chunk if its duration has passed.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if let Some(deadline) = self.poll_timeout()
+            && now >= deadline
+        {
+            let at = self.closable_len();
+            self.emit(at, now);
+        }
+    }
+
+    /// When [`Chunker::handle_timeout`] must next be called, if anything is waiting to close.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.closable_len() == 0 {
+            return None;
+        }
+        self.started.map(|s| s + self.config.duration)
+    }
+
+    /// Ends the input: closes the open chunk with everything left, including a partial TS
+    /// packet, flagged end-of-stream.
+    pub fn finish(&mut self, now: Instant) {
+        let len = self.buf.len();
+        if len > 0 {
+            self.emit(len, now);
+            if let Some(last) = self.ready.back_mut() {
+                last.flags.insert(ChunkFlags::END_OF_STREAM);
+            }
+        }
+    }
+
+    /// The next closed chunk, oldest first.
+    pub fn poll_chunk(&mut self) -> Option<Chunk> {
+        self.ready.pop_front()
+    }
+
+    /// Bytes of the open chunk that may be closed now.
+    fn closable_len(&self) -> usize {
+        match self.mode {
+            Mode::Ts => self.scan,
+            Mode::Undecided | Mode::Opaque => self.buf.len(),
+        }
+    }
+
+    fn process(&mut self, now: Instant) {
+        if self.mode == Mode::Undecided {
+            self.detect();
+        }
+        match self.mode {
+            Mode::Undecided => {
+                if self.buf.len() >= self.config.max_bytes {
+                    self.emit(self.config.max_bytes, now);
+                }
+            }
+            Mode::Opaque => {
+                while self.buf.len() >= self.config.max_bytes {
+                    self.emit(self.config.max_bytes, now);
+                }
+            }
+            Mode::Ts => self.scan_packets(now),
+        }
+    }
+
+    fn detect(&mut self) {
+        let need = TS_PACKET * TS_DETECT_PACKETS;
+        if self.buf.len() < need + TS_PACKET {
+            return;
+        }
+        let found = (0..TS_PACKET)
+            .find(|&off| (0..TS_DETECT_PACKETS).all(|i| self.buf[off + i * TS_PACKET] == TS_SYNC));
+        match found {
+            Some(off) => {
+                self.mode = Mode::Ts;
+                // Bytes before the first packet travel as they are, at the chunk's start.
+                self.scan = off;
+            }
+            None => self.mode = Mode::Opaque,
+        }
+    }
+
+    fn scan_packets(&mut self, now: Instant) {
+        while self.scan + TS_PACKET <= self.buf.len() {
+            if self.buf[self.scan] != TS_SYNC {
+                self.resync(now);
+                continue;
+            }
+            if self.scan + TS_PACKET > self.config.max_bytes {
+                self.emit(self.scan, now);
+            }
+            let packet = &self.buf[self.scan..self.scan + TS_PACKET];
+            let pid = u16::from_be_bytes([packet[1], packet[2]]) & 0x1fff;
+            let payload_start = packet[1] & 0x40 != 0;
+            if is_random_access(packet) {
+                self.at_random_access(now, pid);
+            } else if pid == 0 || self.pmt_pids.contains(&pid) {
+                if pid == 0 && payload_start {
+                    self.pmt_pids = pat_pmt_pids(packet);
+                }
+                if self.psi_run.is_none() {
+                    self.psi_run = Some(self.scan);
+                }
+            } else {
+                self.psi_run = None;
+            }
+            self.scan += TS_PACKET;
+        }
+    }
+
+    /// Handles a random-access packet at `self.scan`: maybe cut before it (and before the PAT/PMT
+    /// run leading up to it).
+    fn at_random_access(&mut self, now: Instant, pid: u16) {
+        let cut_at = self.psi_run.take().unwrap_or(self.scan);
+        let sparse = match self.rap_seen.iter().find(|(p, _)| *p == pid) {
+            Some((_, last)) => now.saturating_duration_since(*last) > 2 * self.config.duration,
+            None => true,
+        };
+        let age = self
+            .started
+            .map_or(Duration::ZERO, |s| now.saturating_duration_since(s));
+        let half_full = age >= self.config.duration / 2 && !self.starts_at_rap;
+        if cut_at == 0 {
+            self.starts_at_rap = true;
+        } else if sparse || half_full {
+            self.emit(cut_at, now);
+            self.starts_at_rap = true;
+        }
+        match self.rap_seen.iter_mut().find(|(p, _)| *p == pid) {
+            Some(entry) => entry.1 = now,
+            None => {
+                if self.rap_seen.len() == MAX_TRACKED_PIDS {
+                    self.rap_seen.remove(0);
+                }
+                self.rap_seen.push((pid, now));
+            }
+        }
+    }
+
+    /// Sync lost at `self.scan`: skip to the next plausible sync byte, keeping every byte.
+    fn resync(&mut self, now: Instant) {
+        self.stats.resyncs += 1;
+        self.psi_run = None;
+        let from = self.scan + 1;
+        let next = self.buf[from..]
+            .iter()
+            .enumerate()
+            .position(|(i, &b)| {
+                let p = from + i;
+                b == TS_SYNC && self.buf.get(p + TS_PACKET).is_none_or(|&n| n == TS_SYNC)
+            })
+            .map_or(self.buf.len(), |i| from + i);
+        self.scan = next;
+        while self.scan > self.config.max_bytes {
+            self.emit(self.config.max_bytes, now);
+        }
+    }
+
+    /// Closes the open chunk at byte `at`; the rest of `buf` opens the next chunk at `now`.
+    fn emit(&mut self, at: usize, now: Instant) {
+        if at == 0 {
+            return;
+        }
+        let payload = self.buf.split_to(at).freeze();
+        let mut flags = ChunkFlags::empty();
+        let random_access = match self.mode {
+            Mode::Ts => self.starts_at_rap,
+            Mode::Undecided | Mode::Opaque => true,
+        };
+        if random_access {
+            flags.insert(ChunkFlags::RANDOM_ACCESS);
+            self.stats.random_access_chunks += 1;
+        }
+        let started = self.started.unwrap_or(now);
+        self.ready.push_back(Chunk {
+            seq: self.next_seq,
+            flags,
+            started,
+            payload,
+        });
+        self.next_seq += 1;
+        self.stats.chunks += 1;
+        self.scan = self.scan.saturating_sub(at);
+        self.psi_run = self.psi_run.and_then(|p| p.checked_sub(at));
+        self.starts_at_rap = false;
+        self.started = if self.buf.is_empty() { None } else { Some(now) };
+    }
+}
+
+/// Whether a TS packet's adaptation field sets `random_access_indicator`.
+fn is_random_access(packet: &[u8]) -> bool {
+    let adaptation = packet[3] & 0x20 != 0;
+    adaptation && packet[4] > 0 && packet[5] & 0x40 != 0
+}
+
+/// The PMT PIDs listed in a PAT section that starts in this packet.
+fn pat_pmt_pids(packet: &[u8]) -> Vec<u16> {
+    let mut at = 4;
+    if packet[3] & 0x20 != 0 {
+        at += 1 + packet[4] as usize;
+    }
+    let Some(&pointer) = packet.get(at) else {
+        return Vec::new();
+    };
+    let section = at + 1 + pointer as usize;
+    let Some(head) = packet.get(section..section + 8) else {
+        return Vec::new();
+    };
+    if head[0] != 0x00 {
+        return Vec::new();
+    }
+    let section_len = (u16::from_be_bytes([head[1], head[2]]) & 0x0fff) as usize;
+    // Programs run from after the 8-byte header to before the 4-byte CRC.
+    let end = (section + 3 + section_len)
+        .saturating_sub(4)
+        .min(packet.len());
+    let mut pids = Vec::new();
+    let mut p = section + 8;
+    while p + 4 <= end && pids.len() < MAX_PMT_PIDS {
+        let program = u16::from_be_bytes([packet[p], packet[p + 1]]);
+        let pid = u16::from_be_bytes([packet[p + 2], packet[p + 3]]) & 0x1fff;
+        if program != 0 {
+            pids.push(pid);
+        }
+        p += 4;
+    }
+    pids
+}
+
+#[cfg(test)]
+#[allow(clippy::disallowed_methods)] // a test needs one base instant; time then moves by hand
+mod tests {
+    use super::*;
+
+    fn ts_packet(pid: u16, rap: bool, fill: u8) -> Vec<u8> {
+        let mut p = vec![fill; TS_PACKET];
+        p[0] = TS_SYNC;
+        p[1] = ((pid >> 8) as u8) & 0x1f;
+        p[2] = pid as u8;
+        if rap {
+            p[1] |= 0x40;
+            p[3] = 0x30; // adaptation field + payload
+            p[4] = 1;
+            p[5] = 0x40;
+        } else {
+            p[3] = 0x10;
+        }
+        p
+    }
+
+    fn pat(pmt: u16) -> Vec<u8> {
+        let mut p = vec![0xff; TS_PACKET];
+        p[..4].copy_from_slice(&[TS_SYNC, 0x40, 0x00, 0x10]);
+        p[4] = 0; // pointer field
+        let section = [
+            0x00,
+            0xb0,
+            13,
+            0x00,
+            0x01,
+            0xc1,
+            0x00,
+            0x00,
+            0x00,
+            0x01,
+            0xe0 | (pmt >> 8) as u8,
+            pmt as u8,
+            0,
+            0,
+            0,
+            0,
+        ];
+        p[5..5 + section.len()].copy_from_slice(&section);
+        p
+    }
+
+    fn drain(c: &mut Chunker) -> Vec<Chunk> {
+        std::iter::from_fn(|| c.poll_chunk()).collect()
+    }
+
+    #[test]
+    fn opaque_input_closes_by_time_and_size() {
+        let t0 = Instant::now();
+        let mut c = Chunker::new(ChunkerConfig {
+            max_bytes: 1000,
+            format: InputFormat::Opaque,
+            ..Default::default()
+        })
+        .unwrap();
+        c.handle_input(t0, &[1u8; 2500]);
+        let chunks = drain(&mut c);
+        assert_eq!(
+            chunks.iter().map(|c| c.payload.len()).collect::<Vec<_>>(),
+            [1000, 1000]
+        );
+        assert_eq!(c.poll_timeout(), Some(t0 + Duration::from_millis(250)));
+        c.handle_timeout(t0 + Duration::from_millis(249));
+        assert!(c.poll_chunk().is_none());
+        c.handle_timeout(t0 + Duration::from_millis(250));
+        let last = drain(&mut c);
+        assert_eq!(last.len(), 1);
+        assert_eq!(last[0].payload.len(), 500);
+        assert_eq!(last[0].seq, 2);
+        assert!(last[0].flags.contains(ChunkFlags::RANDOM_ACCESS));
+        assert_eq!(c.poll_timeout(), None);
+    }
+
+    #[test]
+    fn ts_cuts_on_packet_boundaries_and_flags_keyframes() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut c = Chunker::new(ChunkerConfig::default()).unwrap();
+        let mut input = Vec::new();
+        // PAT, then a keyframe on PID 0x100, then ordinary packets.
+        input.extend(pat(0x1000));
+        input.extend(ts_packet(0x100, true, 1));
+        for _ in 0..10 {
+            input.extend(ts_packet(0x100, false, 2));
+        }
+        c.handle_input(t0, &input);
+        assert_eq!(c.is_mpeg_ts(), Some(true));
+        // Half a packet, then the timer: only whole packets close.
+        c.handle_input(t0 + ms(10), &ts_packet(0x100, false, 3)[..100]);
+        c.handle_timeout(t0 + ms(250));
+        let first = drain(&mut c);
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].payload.len(), 12 * TS_PACKET);
+        assert!(first[0].flags.contains(ChunkFlags::RANDOM_ACCESS));
+        // Finish the packet, then a PAT + keyframe 2 s later starts a new chunk (PAT included).
+        let t1 = t0 + ms(2000);
+        let mut more = ts_packet(0x100, false, 3)[100..].to_vec();
+        more.extend(ts_packet(0x100, false, 4));
+        more.extend(pat(0x1000));
+        more.extend(ts_packet(0x100, true, 5));
+        c.handle_input(t1, &more);
+        let second = drain(&mut c);
+        assert_eq!(second.len(), 1);
+        assert_eq!(second[0].payload.len(), 2 * TS_PACKET);
+        assert!(!second[0].flags.contains(ChunkFlags::RANDOM_ACCESS));
+        c.finish(t1);
+        let third = drain(&mut c);
+        assert_eq!(third[0].payload[..4], pat(0x1000)[..4]);
+        assert!(third[0].flags.contains(ChunkFlags::RANDOM_ACCESS));
+        assert!(third[0].flags.contains(ChunkFlags::END_OF_STREAM));
+    }
+
+    #[test]
+    fn dense_random_access_points_do_not_shred_chunks() {
+        // Audio-like: a random-access packet every 20 ms on one PID.
+        let t0 = Instant::now();
+        let mut c = Chunker::new(ChunkerConfig {
+            format: InputFormat::MpegTs,
+            ..Default::default()
+        })
+        .unwrap();
+        for i in 0..100u64 {
+            let now = t0 + Duration::from_millis(20 * i);
+            c.handle_timeout(now);
+            c.handle_input(now, &ts_packet(0x101, true, 9));
+        }
+        let chunks = drain(&mut c);
+        assert!(
+            chunks.len() >= 6 && chunks.len() <= 9,
+            "{} chunks",
+            chunks.len()
+        );
+        assert!(
+            chunks
+                .iter()
+                .all(|c| c.flags.contains(ChunkFlags::RANDOM_ACCESS))
+        );
+    }
+
+    #[test]
+    fn lost_sync_keeps_every_byte() {
+        let t0 = Instant::now();
+        let mut c = Chunker::new(ChunkerConfig {
+            format: InputFormat::MpegTs,
+            ..Default::default()
+        })
+        .unwrap();
+        let mut input = Vec::new();
+        input.extend(ts_packet(0x100, false, 1));
+        input.extend([0u8; 77]);
+        for _ in 0..3 {
+            input.extend(ts_packet(0x100, false, 1));
+        }
+        c.handle_input(t0, &input);
+        c.finish(t0);
+        let out: Vec<u8> = drain(&mut c)
+            .iter()
+            .flat_map(|c| c.payload.to_vec())
+            .collect();
+        assert_eq!(out, input);
+        assert!(c.stats().resyncs >= 1);
+    }
+}

@@ -1,0 +1,461 @@
+//! Erasure coding of chunks into shards with reed-solomon-simd, and back.
+//!
+//! Geometry: a chunk of `L` payload bytes with parameters (K, R) becomes N = K + R shards of
+//! `S = even(ceil(L / K))` bytes each (reed-solomon-simd needs an even, non-zero size). Original
+//! shard *i* is bytes `[i·S, (i+1)·S)` of the payload followed by zero padding up to `K·S`; the
+//! padding is never sent as payload because the signed header records `L`. Recovery shards are
+//! the reed-solomon-simd recovery shards of those K originals, so any node that holds any K
+//! shards computes the same N shards bit for bit ([`ShardCoder::regenerate`]).
+//!
+//! One [`ShardCoder`] per thread keeps a reed-solomon-simd encoder and decoder and `reset`s them
+//! for each chunk, so coder working space is allocated once, not per chunk. Encoding writes all
+//! N shards into one buffer and hands out [`Bytes`] slices of it: fan-out shares those slices.
+
+use bytes::{Bytes, BytesMut};
+use reed_solomon_simd::{ReedSolomonDecoder, ReedSolomonEncoder};
+
+use super::{MAX_CHUNK_PAYLOAD, MAX_ORIGINAL_SHARDS, MAX_RECOVERY_SHARDS};
+
+/// Validated erasure-coding parameters: K original and R recovery shards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CodingParams {
+    k: u8,
+    r: u8,
+}
+
+/// Why a (K, R) pair was rejected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ParamsError {
+    /// K is zero or above the limit.
+    #[error("original shard count K={0} is outside 1..={MAX_ORIGINAL_SHARDS}")]
+    OriginalCount(u8),
+    /// R is zero or above the limit.
+    #[error("recovery shard count R={0} is outside 1..={MAX_RECOVERY_SHARDS}")]
+    RecoveryCount(u8),
+}
+
+impl CodingParams {
+    /// The defaults: K = 8, R = 8 (N = 16; any 8 of 16 substreams rebuild the stream).
+    pub const DEFAULT: Self = Self { k: 8, r: 8 };
+
+    /// Checks `k` and `r` against the protocol limits.
+    pub const fn new(k: u8, r: u8) -> Result<Self, ParamsError> {
+        if k == 0 || k > MAX_ORIGINAL_SHARDS {
+            return Err(ParamsError::OriginalCount(k));
+        }
+        if r == 0 || r > MAX_RECOVERY_SHARDS {
+            return Err(ParamsError::RecoveryCount(r));
+        }
+        Ok(Self { k, r })
+    }
+
+    /// K: how many shards rebuild a chunk.
+    pub const fn original(self) -> usize {
+        self.k as usize
+    }
+
+    /// R: how many shards beyond K exist.
+    pub const fn recovery(self) -> usize {
+        self.r as usize
+    }
+
+    /// N = K + R: shards per chunk, and substreams per channel.
+    pub const fn total(self) -> usize {
+        self.k as usize + self.r as usize
+    }
+
+    /// Size of every shard of a chunk of `payload_len` bytes.
+    pub const fn shard_len(self, payload_len: usize) -> usize {
+        let per = payload_len.div_ceil(self.k as usize);
+        let even = per + (per & 1);
+        if even == 0 { 2 } else { even }
+    }
+}
+
+impl Default for CodingParams {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+/// Why coding a chunk failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CodingError {
+    /// The payload is empty or larger than [`MAX_CHUNK_PAYLOAD`].
+    #[error("chunk payload of {0} bytes is outside 1..={MAX_CHUNK_PAYLOAD}")]
+    PayloadLength(usize),
+    /// Fewer than K shards are present.
+    #[error("{have} shards present, {need} needed to rebuild")]
+    NotEnoughShards {
+        /// Shards present.
+        have: usize,
+        /// K.
+        need: usize,
+    },
+    /// The shard slice does not have N entries.
+    #[error("{got} shard slots given, the chunk has {expected}")]
+    ShardCount {
+        /// N.
+        expected: usize,
+        /// Slots given.
+        got: usize,
+    },
+    /// A shard has the wrong size for this chunk.
+    #[error("shard {index} is {got} bytes, the chunk's shards are {expected}")]
+    ShardLength {
+        /// The shard.
+        index: usize,
+        /// The chunk's shard size.
+        expected: usize,
+        /// Its size.
+        got: usize,
+    },
+    /// reed-solomon-simd refused the operation (a bug here, never the network's doing).
+    #[error("reed-solomon: {0}")]
+    ReedSolomon(String),
+}
+
+fn rs(e: reed_solomon_simd::Error) -> CodingError {
+    CodingError::ReedSolomon(e.to_string())
+}
+
+/// Counters kept by a [`ShardCoder`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CodingStats {
+    /// Chunks encoded into shards.
+    pub encoded: u64,
+    /// Chunks rebuilt by reed-solomon decoding (some original shard was missing).
+    pub decoded: u64,
+    /// Chunks rebuilt by concatenation because all K originals were present.
+    pub decode_skipped: u64,
+    /// Shards computed by regeneration.
+    pub regenerated_shards: u64,
+}
+
+/// Reusable erasure coder: one per thread, reused for every chunk.
+#[derive(Default)]
+pub struct ShardCoder {
+    encoder: Option<ReedSolomonEncoder>,
+    decoder: Option<ReedSolomonDecoder>,
+    stats: CodingStats,
+}
+
+impl std::fmt::Debug for ShardCoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardCoder")
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ShardCoder {
+    /// A coder with no working space yet; the first chunk allocates it.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> CodingStats {
+        self.stats
+    }
+
+    fn encoder(
+        &mut self,
+        params: CodingParams,
+        shard_len: usize,
+    ) -> Result<&mut ReedSolomonEncoder, CodingError> {
+        let (k, r) = (params.original(), params.recovery());
+        match &mut self.encoder {
+            Some(enc) => enc.reset(k, r, shard_len).map_err(rs)?,
+            slot @ None => *slot = Some(ReedSolomonEncoder::new(k, r, shard_len).map_err(rs)?),
+        }
+        self.encoder
+            .as_mut()
+            .ok_or_else(|| CodingError::ReedSolomon("encoder missing".into()))
+    }
+
+    fn decoder(
+        &mut self,
+        params: CodingParams,
+        shard_len: usize,
+    ) -> Result<&mut ReedSolomonDecoder, CodingError> {
+        let (k, r) = (params.original(), params.recovery());
+        match &mut self.decoder {
+            Some(dec) => dec.reset(k, r, shard_len).map_err(rs)?,
+            slot @ None => *slot = Some(ReedSolomonDecoder::new(k, r, shard_len).map_err(rs)?),
+        }
+        self.decoder
+            .as_mut()
+            .ok_or_else(|| CodingError::ReedSolomon("decoder missing".into()))
+    }
+
+    /// Encodes `payload` into N shards, returned as one buffer of `N × shard_len` bytes in shard
+    /// order (slice it with [`CodingParams::shard_len`]).
+    pub fn encode(&mut self, params: CodingParams, payload: &[u8]) -> Result<Bytes, CodingError> {
+        if payload.is_empty() || payload.len() > MAX_CHUNK_PAYLOAD {
+            return Err(CodingError::PayloadLength(payload.len()));
+        }
+        let s = params.shard_len(payload.len());
+        let originals_len = params.original() * s;
+        let mut out = BytesMut::with_capacity(params.total() * s);
+        out.extend_from_slice(payload);
+        out.resize(originals_len, 0);
+        let encoder = self.encoder(params, s)?;
+        for shard in out.chunks_exact(s) {
+            encoder.add_original_shard(shard).map_err(rs)?;
+        }
+        let result = encoder.encode().map_err(rs)?;
+        for recovery in result.recovery_iter() {
+            out.extend_from_slice(recovery);
+        }
+        drop(result);
+        self.stats.encoded += 1;
+        Ok(out.freeze())
+    }
+
+    /// Checks the shard slots against the chunk geometry and counts the shards present.
+    fn check_shards(
+        params: CodingParams,
+        payload_len: usize,
+        shards: &[Option<Bytes>],
+    ) -> Result<usize, CodingError> {
+        if payload_len == 0 || payload_len > MAX_CHUNK_PAYLOAD {
+            return Err(CodingError::PayloadLength(payload_len));
+        }
+        if shards.len() != params.total() {
+            return Err(CodingError::ShardCount {
+                expected: params.total(),
+                got: shards.len(),
+            });
+        }
+        let s = params.shard_len(payload_len);
+        let mut have = 0;
+        for (index, shard) in shards.iter().enumerate() {
+            if let Some(shard) = shard {
+                if shard.len() != s {
+                    return Err(CodingError::ShardLength {
+                        index,
+                        expected: s,
+                        got: shard.len(),
+                    });
+                }
+                have += 1;
+            }
+        }
+        if have < params.original() {
+            return Err(CodingError::NotEnoughShards {
+                have,
+                need: params.original(),
+            });
+        }
+        Ok(have)
+    }
+
+    /// Feeds K of the present shards to the decoder and decodes; calls `use_restored` with each
+    /// restored original shard. Only called when some original is missing.
+    fn decode_missing(
+        &mut self,
+        params: CodingParams,
+        s: usize,
+        shards: &[Option<Bytes>],
+        mut use_restored: impl FnMut(usize, &[u8]),
+    ) -> Result<(), CodingError> {
+        let k = params.original();
+        let decoder = self.decoder(params, s)?;
+        let mut fed = 0;
+        for (index, shard) in shards.iter().enumerate() {
+            let Some(shard) = shard else { continue };
+            if index < k {
+                decoder.add_original_shard(index, shard).map_err(rs)?;
+            } else {
+                decoder.add_recovery_shard(index - k, shard).map_err(rs)?;
+            }
+            fed += 1;
+            if fed == k {
+                break;
+            }
+        }
+        let result = decoder.decode().map_err(rs)?;
+        for (index, restored) in result.restored_original_iter() {
+            use_restored(index, restored);
+        }
+        drop(result);
+        self.stats.decoded += 1;
+        Ok(())
+    }
+
+    /// Rebuilds the chunk's exact payload from any K of its shards (`shards[i]` is shard *i* or
+    /// `None`). Shards must already be verified; this only checks their sizes.
+    pub fn rebuild(
+        &mut self,
+        params: CodingParams,
+        payload_len: usize,
+        shards: &[Option<Bytes>],
+    ) -> Result<Bytes, CodingError> {
+        Self::check_shards(params, payload_len, shards)?;
+        let k = params.original();
+        let s = params.shard_len(payload_len);
+        let originals = &shards[..k];
+        if k == 1
+            && let Some(only) = &originals[0]
+        {
+            self.stats.decode_skipped += 1;
+            return Ok(only.slice(..payload_len));
+        }
+        let mut out = BytesMut::zeroed(payload_len);
+        if originals.iter().all(Option::is_some) {
+            self.stats.decode_skipped += 1;
+        } else {
+            self.decode_missing(params, s, shards, |index, restored| {
+                copy_shard_into(&mut out, index, s, restored);
+            })?;
+        }
+        for (index, shard) in originals.iter().enumerate() {
+            if let Some(shard) = shard {
+                copy_shard_into(&mut out, index, s, shard);
+            }
+        }
+        Ok(out.freeze())
+    }
+
+    /// Fills every empty slot of `shards` from the K or more present ones. The new shards are
+    /// byte-identical to the source's, so they verify against the signed hashes. Returns how many
+    /// shards were computed.
+    pub fn regenerate(
+        &mut self,
+        params: CodingParams,
+        payload_len: usize,
+        shards: &mut [Option<Bytes>],
+    ) -> Result<usize, CodingError> {
+        let have = Self::check_shards(params, payload_len, shards)?;
+        let missing = params.total() - have;
+        if missing == 0 {
+            return Ok(0);
+        }
+        let k = params.original();
+        let s = params.shard_len(payload_len);
+        // One buffer holds every shard we compute; each slot gets a slice of it.
+        let mut fresh = BytesMut::with_capacity(missing * s);
+        let mut fresh_index = Vec::with_capacity(missing);
+
+        // Step 1: every original shard, restored ones computed by decoding.
+        let originals_missing = shards[..k].iter().any(Option::is_none);
+        let mut restored_originals = BytesMut::new();
+        if originals_missing {
+            restored_originals = BytesMut::zeroed(k * s);
+            self.decode_missing(params, s, shards, |index, restored| {
+                copy_full_shard(&mut restored_originals, index, s, restored);
+            })?;
+            for (index, shard) in shards[..k].iter().enumerate() {
+                if shard.is_none() {
+                    fresh.extend_from_slice(&restored_originals[index * s..(index + 1) * s]);
+                    fresh_index.push(index);
+                }
+            }
+        }
+
+        // Step 2: recovery shards, by encoding the complete originals.
+        if shards[k..].iter().any(Option::is_none) {
+            let encoder = self.encoder(params, s)?;
+            for (index, shard) in shards[..k].iter().enumerate() {
+                match shard {
+                    Some(shard) => encoder.add_original_shard(shard).map_err(rs)?,
+                    None => encoder
+                        .add_original_shard(&restored_originals[index * s..(index + 1) * s])
+                        .map_err(rs)?,
+                }
+            }
+            let result = encoder.encode().map_err(rs)?;
+            for (j, recovery) in result.recovery_iter().enumerate() {
+                if shards[k + j].is_none() {
+                    fresh.extend_from_slice(recovery);
+                    fresh_index.push(k + j);
+                }
+            }
+        }
+
+        let fresh = fresh.freeze();
+        for (n, index) in fresh_index.iter().enumerate() {
+            shards[*index] = Some(fresh.slice(n * s..(n + 1) * s));
+        }
+        self.stats.regenerated_shards += missing as u64;
+        Ok(missing)
+    }
+}
+
+/// Copies the part of original shard `index` that lies inside the payload into `out`.
+fn copy_shard_into(out: &mut [u8], index: usize, s: usize, shard: &[u8]) {
+    let start = index * s;
+    if start >= out.len() {
+        return; // pure padding
+    }
+    let end = (start + s).min(out.len());
+    out[start..end].copy_from_slice(&shard[..end - start]);
+}
+
+fn copy_full_shard(out: &mut [u8], index: usize, s: usize, shard: &[u8]) {
+    out[index * s..(index + 1) * s].copy_from_slice(shard);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split(all: &Bytes, params: CodingParams, len: usize) -> Vec<Option<Bytes>> {
+        let s = params.shard_len(len);
+        (0..params.total())
+            .map(|i| Some(all.slice(i * s..(i + 1) * s)))
+            .collect()
+    }
+
+    #[test]
+    fn geometry_is_even_and_covers_payload() {
+        let p = CodingParams::DEFAULT;
+        assert_eq!(p.shard_len(1), 2);
+        assert_eq!(p.shard_len(16), 2);
+        assert_eq!(p.shard_len(17), 4);
+        assert_eq!(p.shard_len(8000), 1000);
+        assert_eq!(p.shard_len(8001), 1002);
+        assert!(CodingParams::new(0, 1).is_err());
+        assert!(CodingParams::new(1, 0).is_err());
+        assert!(CodingParams::new(65, 1).is_err());
+    }
+
+    #[test]
+    fn all_originals_skip_decoding() {
+        let p = CodingParams::DEFAULT;
+        let payload: Vec<u8> = (0..10_001u32).map(|i| (i * 7) as u8).collect();
+        let mut coder = ShardCoder::new();
+        let all = coder.encode(p, &payload).unwrap();
+        let mut shards = split(&all, p, payload.len());
+        for slot in &mut shards[8..] {
+            *slot = None;
+        }
+        assert_eq!(coder.rebuild(p, payload.len(), &shards).unwrap(), payload);
+        assert_eq!(coder.stats().decode_skipped, 1);
+        assert_eq!(coder.stats().decoded, 0);
+    }
+
+    #[test]
+    fn too_few_or_wrong_size_shards_are_errors() {
+        let p = CodingParams::new(4, 2).unwrap();
+        let payload = vec![1u8; 1000];
+        let mut coder = ShardCoder::new();
+        let all = coder.encode(p, &payload).unwrap();
+        let mut shards = split(&all, p, payload.len());
+        shards[0] = None;
+        shards[1] = None;
+        shards[2] = None;
+        assert_eq!(
+            coder.rebuild(p, 1000, &shards),
+            Err(CodingError::NotEnoughShards { have: 3, need: 4 })
+        );
+        let mut shards = split(&all, p, payload.len());
+        shards[5] = Some(Bytes::from_static(b"xx"));
+        assert!(matches!(
+            coder.rebuild(p, 1000, &shards),
+            Err(CodingError::ShardLength { index: 5, .. })
+        ));
+        assert_eq!(coder.encode(p, &[]), Err(CodingError::PayloadLength(0)));
+    }
+}

@@ -1,0 +1,94 @@
+//! The source path: a chunk's bytes in, a signed header and N shards out.
+//!
+//! [`ChunkPublisher::publish`] encodes the payload into one buffer of N shards
+//! ([`ShardCoder::encode`]), hashes each shard with BLAKE3, and signs the header once. The shards
+//! are [`Bytes`] slices of that one buffer, so handing them to any number of subscribers copies
+//! nothing.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::coding::{CodingError, CodingParams, ShardCoder};
+use super::header::{ChunkFlags, ChunkHeader, SignedChunkHeader};
+use crate::keys::{ChannelId, ChannelKey};
+
+/// A chunk ready to send: its signed header and all N shards in substream order.
+#[derive(Debug, Clone)]
+pub struct CodedChunk {
+    /// The signed header.
+    pub header: Arc<SignedChunkHeader>,
+    /// Shard *i* is substream *i*'s piece of this chunk.
+    pub shards: Vec<Bytes>,
+}
+
+/// Turns chunks into signed, coded chunks for one channel.
+#[derive(Debug)]
+pub struct ChunkPublisher {
+    key: ChannelKey,
+    channel: ChannelId,
+    params: CodingParams,
+    coder: ShardCoder,
+}
+
+impl ChunkPublisher {
+    /// A publisher signing with `key` and coding with `params`.
+    pub fn new(key: ChannelKey, params: CodingParams) -> Self {
+        let channel = key.channel_id();
+        Self {
+            key,
+            channel,
+            params,
+            coder: ShardCoder::new(),
+        }
+    }
+
+    /// The channel published.
+    pub fn channel(&self) -> ChannelId {
+        self.channel
+    }
+
+    /// The coding parameters.
+    pub fn params(&self) -> CodingParams {
+        self.params
+    }
+
+    /// The coder's counters.
+    pub fn coder(&self) -> &ShardCoder {
+        &self.coder
+    }
+
+    /// Codes, hashes and signs one chunk.
+    pub fn publish(
+        &mut self,
+        seq: u64,
+        timestamp_us: u64,
+        flags: ChunkFlags,
+        payload: &[u8],
+    ) -> Result<CodedChunk, CodingError> {
+        let all = self.coder.encode(self.params, payload)?;
+        let s = self.params.shard_len(payload.len());
+        let mut shards = Vec::with_capacity(self.params.total());
+        let mut hashes = Vec::with_capacity(self.params.total());
+        for i in 0..self.params.total() {
+            let shard = all.slice(i * s..(i + 1) * s);
+            hashes.push(*blake3::hash(&shard).as_bytes());
+            shards.push(shard);
+        }
+        let header = ChunkHeader {
+            seq,
+            timestamp_us,
+            // encode() refused anything above MAX_CHUNK_PAYLOAD, which fits in u32.
+            payload_len: u32::try_from(payload.len())
+                .map_err(|_| CodingError::PayloadLength(payload.len()))?,
+            params: self.params,
+            flags,
+            hashes,
+        }
+        .sign(&self.key);
+        Ok(CodedChunk {
+            header: Arc::new(header),
+            shards,
+        })
+    }
+}

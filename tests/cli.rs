@@ -1,0 +1,98 @@
+//! The built `gridcast` binary: `keygen` and `channel-id`, and their error messages.
+
+#![allow(clippy::unwrap_used)] // test helpers: a panic here is a test failure, which is what we want
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Output};
+
+use gridcast::keys::ChannelId;
+
+fn gridcast(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_gridcast"))
+        .args(args)
+        .output()
+        .expect("run gridcast")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn assert_clean_failure(out: &Output, needle: &str) {
+    let err = stderr(out);
+    assert!(
+        !out.status.success(),
+        "expected failure, got success: {err}"
+    );
+    assert!(!err.contains("panicked"), "panicked: {err}");
+    assert!(err.contains(needle), "stderr lacks {needle:?}: {err}");
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn keygen_writes_a_private_key_and_prints_a_parseable_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("channel.key");
+    let out = gridcast(&["keygen", "--out", path_str(&key)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let id_text = String::from_utf8(out.stdout).unwrap();
+    let id: ChannelId = id_text.trim().parse().expect("printed id parses");
+    let mode = fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+
+    // channel-id reads the same id back.
+    let out = gridcast(&["channel-id", path_str(&key)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap().trim(),
+        id.to_string()
+    );
+
+    // A second keygen refuses to overwrite; --force replaces.
+    let before = fs::read(&key).unwrap();
+    let out = gridcast(&["keygen", "--out", path_str(&key)]);
+    assert_clean_failure(&out, "refusing to overwrite");
+    assert_eq!(
+        fs::read(&key).unwrap(),
+        before,
+        "the old key must be untouched"
+    );
+    let out = gridcast(&["keygen", "--out", path_str(&key), "--force"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_ne!(fs::read(&key).unwrap(), before);
+}
+
+#[test]
+fn bad_key_files_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.key");
+    assert_clean_failure(
+        &gridcast(&["channel-id", path_str(&missing)]),
+        "missing.key",
+    );
+
+    let key = dir.path().join("k");
+    assert!(
+        gridcast(&["keygen", "--out", path_str(&key)])
+            .status
+            .success()
+    );
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
+    assert_clean_failure(&gridcast(&["channel-id", path_str(&key)]), "chmod 600");
+
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
+    let text = fs::read_to_string(&key).unwrap();
+    fs::write(&key, &text[..text.len() / 2]).unwrap();
+    assert_clean_failure(&gridcast(&["channel-id", path_str(&key)]), "truncated");
+
+    fs::write(&key, b"\x00\x01garbage").unwrap();
+    assert_clean_failure(
+        &gridcast(&["channel-id", path_str(&key)]),
+        "not a gridcast key file",
+    );
+}
