@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::coding::{CodingError, ShardCoder};
+use super::coding::{CodingError, Payload, ShardCoder};
 use super::header::SignedChunkHeader;
 
 /// What happened to an inserted shard.
@@ -131,7 +131,7 @@ impl PartialChunk {
     }
 
     /// Rebuilds the chunk's exact payload. Needs K shards.
-    pub fn rebuild(&self, coder: &mut ShardCoder) -> Result<Bytes, CodingError> {
+    pub fn rebuild(&self, coder: &mut ShardCoder) -> Result<Payload, CodingError> {
         let h = &self.header.header;
         coder.rebuild(h.params, h.payload_len as usize, &self.shards)
     }

@@ -132,6 +132,47 @@ pub struct CodingStats {
     pub regenerated_shards: u64,
 }
 
+/// A rebuilt chunk: its bytes as an ordered list of shared parts (the original shards, trimmed
+/// to the payload length). Write the parts in order, e.g. with vectored I/O, to output the chunk
+/// without copying it; [`Payload::to_bytes`] makes one contiguous buffer when one is needed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Payload {
+    parts: Vec<Bytes>,
+    len: usize,
+}
+
+impl Payload {
+    /// Total bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether there are no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The parts, in order.
+    pub fn parts(&self) -> &[Bytes] {
+        &self.parts
+    }
+
+    /// The bytes in one buffer; free when there is a single part, one copy otherwise.
+    pub fn to_bytes(&self) -> Bytes {
+        match self.parts.as_slice() {
+            [] => Bytes::new(),
+            [one] => one.clone(),
+            parts => {
+                let mut out = BytesMut::with_capacity(self.len);
+                for part in parts {
+                    out.extend_from_slice(part);
+                }
+                out.freeze()
+            }
+        }
+    }
+}
+
 /// Reusable erasure coder: one per thread, reused for every chunk.
 #[derive(Default)]
 pub struct ShardCoder {
@@ -189,28 +230,52 @@ impl ShardCoder {
             .ok_or_else(|| CodingError::ReedSolomon("decoder missing".into()))
     }
 
-    /// Encodes `payload` into N shards, returned as one buffer of `N × shard_len` bytes in shard
-    /// order (slice it with [`CodingParams::shard_len`]).
-    pub fn encode(&mut self, params: CodingParams, payload: &[u8]) -> Result<Bytes, CodingError> {
-        if payload.is_empty() || payload.len() > MAX_CHUNK_PAYLOAD {
-            return Err(CodingError::PayloadLength(payload.len()));
+    /// Encodes `payload` into its N shards, in substream order.
+    ///
+    /// Original shards that lie wholly inside the payload are zero-copy slices of it; the
+    /// padded tail originals share one small buffer and the recovery shards another. The only
+    /// bytes copied are the tail and what reed-solomon-simd computes.
+    pub fn encode(
+        &mut self,
+        params: CodingParams,
+        payload: &Bytes,
+    ) -> Result<Vec<Bytes>, CodingError> {
+        let len = payload.len();
+        if len == 0 || len > MAX_CHUNK_PAYLOAD {
+            return Err(CodingError::PayloadLength(len));
         }
-        let s = params.shard_len(payload.len());
-        let originals_len = params.original() * s;
-        let mut out = BytesMut::with_capacity(params.total() * s);
-        out.extend_from_slice(payload);
-        out.resize(originals_len, 0);
+        let k = params.original();
+        let s = params.shard_len(len);
+        let whole = len / s;
+        let mut shards = Vec::with_capacity(params.total());
+        for i in 0..whole {
+            shards.push(payload.slice(i * s..(i + 1) * s));
+        }
+        if whole < k {
+            let mut tail = BytesMut::with_capacity((k - whole) * s);
+            tail.extend_from_slice(&payload[whole * s..]);
+            tail.resize((k - whole) * s, 0);
+            let tail = tail.freeze();
+            for i in 0..k - whole {
+                shards.push(tail.slice(i * s..(i + 1) * s));
+            }
+        }
         let encoder = self.encoder(params, s)?;
-        for shard in out.chunks_exact(s) {
+        for shard in &shards {
             encoder.add_original_shard(shard).map_err(rs)?;
         }
         let result = encoder.encode().map_err(rs)?;
-        for recovery in result.recovery_iter() {
-            out.extend_from_slice(recovery);
+        let mut recovery = BytesMut::with_capacity(params.recovery() * s);
+        for shard in result.recovery_iter() {
+            recovery.extend_from_slice(shard);
         }
         drop(result);
+        let recovery = recovery.freeze();
+        for j in 0..params.recovery() {
+            shards.push(recovery.slice(j * s..(j + 1) * s));
+        }
         self.stats.encoded += 1;
-        Ok(out.freeze())
+        Ok(shards)
     }
 
     /// Checks the shard slots against the chunk geometry and counts the shards present.
@@ -286,36 +351,57 @@ impl ShardCoder {
 
     /// Rebuilds the chunk's exact payload from any K of its shards (`shards[i]` is shard *i* or
     /// `None`). Shards must already be verified; this only checks their sizes.
+    ///
+    /// The result is the K original shards trimmed to the payload length, as [`Payload`] parts:
+    /// originals that arrived are shared, not copied, so with all K originals present nothing is
+    /// decoded or copied at all. Restored originals are copied once out of the decoder.
     pub fn rebuild(
         &mut self,
         params: CodingParams,
         payload_len: usize,
         shards: &[Option<Bytes>],
-    ) -> Result<Bytes, CodingError> {
+    ) -> Result<Payload, CodingError> {
         Self::check_shards(params, payload_len, shards)?;
         let k = params.original();
         let s = params.shard_len(payload_len);
         let originals = &shards[..k];
-        if k == 1
-            && let Some(only) = &originals[0]
-        {
-            self.stats.decode_skipped += 1;
-            return Ok(only.slice(..payload_len));
-        }
-        let mut out = BytesMut::zeroed(payload_len);
-        if originals.iter().all(Option::is_some) {
+        // Originals past this index are pure padding.
+        let used = payload_len.div_ceil(s);
+        let mut restored = Bytes::new();
+        let mut restored_at = Vec::new();
+        if originals[..used].iter().all(Option::is_some) {
             self.stats.decode_skipped += 1;
         } else {
-            self.decode_missing(params, s, shards, |index, restored| {
-                copy_shard_into(&mut out, index, s, restored);
+            let mut buf = BytesMut::new();
+            self.decode_missing(params, s, shards, |index, shard| {
+                if index < used {
+                    restored_at.push(index);
+                    buf.extend_from_slice(shard);
+                }
             })?;
+            restored = buf.freeze();
         }
-        for (index, shard) in originals.iter().enumerate() {
-            if let Some(shard) = shard {
-                copy_shard_into(&mut out, index, s, shard);
-            }
+        let mut parts = Vec::with_capacity(used);
+        for (index, shard) in originals[..used].iter().enumerate() {
+            let part_len = s.min(payload_len - index * s);
+            let part = match shard {
+                Some(shard) => shard.slice(..part_len),
+                None => {
+                    let at = restored_at
+                        .iter()
+                        .position(|&i| i == index)
+                        .ok_or_else(|| {
+                            CodingError::ReedSolomon(format!("original {index} not restored"))
+                        })?;
+                    restored.slice(at * s..at * s + part_len)
+                }
+            };
+            parts.push(part);
         }
-        Ok(out.freeze())
+        Ok(Payload {
+            parts,
+            len: payload_len,
+        })
     }
 
     /// Fills every empty slot of `shards` from the K or more present ones. The new shards are
@@ -383,16 +469,6 @@ impl ShardCoder {
     }
 }
 
-/// Copies the part of original shard `index` that lies inside the payload into `out`.
-fn copy_shard_into(out: &mut [u8], index: usize, s: usize, shard: &[u8]) {
-    let start = index * s;
-    if start >= out.len() {
-        return; // pure padding
-    }
-    let end = (start + s).min(out.len());
-    out[start..end].copy_from_slice(&shard[..end - start]);
-}
-
 fn copy_full_shard(out: &mut [u8], index: usize, s: usize, shard: &[u8]) {
     out[index * s..(index + 1) * s].copy_from_slice(shard);
 }
@@ -401,11 +477,8 @@ fn copy_full_shard(out: &mut [u8], index: usize, s: usize, shard: &[u8]) {
 mod tests {
     use super::*;
 
-    fn split(all: &Bytes, params: CodingParams, len: usize) -> Vec<Option<Bytes>> {
-        let s = params.shard_len(len);
-        (0..params.total())
-            .map(|i| Some(all.slice(i * s..(i + 1) * s)))
-            .collect()
+    fn split(all: &[Bytes]) -> Vec<Option<Bytes>> {
+        all.iter().cloned().map(Some).collect()
     }
 
     #[test]
@@ -426,12 +499,17 @@ mod tests {
         let p = CodingParams::DEFAULT;
         let payload: Vec<u8> = (0..10_001u32).map(|i| (i * 7) as u8).collect();
         let mut coder = ShardCoder::new();
+        let payload = Bytes::from(payload);
         let all = coder.encode(p, &payload).unwrap();
-        let mut shards = split(&all, p, payload.len());
+        // Whole originals are slices of the payload itself: no copy.
+        assert_eq!(all[0].as_ptr(), payload.as_ptr());
+        let mut shards = split(&all);
         for slot in &mut shards[8..] {
             *slot = None;
         }
-        assert_eq!(coder.rebuild(p, payload.len(), &shards).unwrap(), payload);
+        let rebuilt = coder.rebuild(p, payload.len(), &shards).unwrap();
+        assert_eq!(rebuilt.to_bytes(), payload);
+        assert_eq!(rebuilt.parts()[0].as_ptr(), payload.as_ptr());
         assert_eq!(coder.stats().decode_skipped, 1);
         assert_eq!(coder.stats().decoded, 0);
     }
@@ -439,10 +517,10 @@ mod tests {
     #[test]
     fn too_few_or_wrong_size_shards_are_errors() {
         let p = CodingParams::new(4, 2).unwrap();
-        let payload = vec![1u8; 1000];
+        let payload = Bytes::from(vec![1u8; 1000]);
         let mut coder = ShardCoder::new();
         let all = coder.encode(p, &payload).unwrap();
-        let mut shards = split(&all, p, payload.len());
+        let mut shards = split(&all);
         shards[0] = None;
         shards[1] = None;
         shards[2] = None;
@@ -450,12 +528,15 @@ mod tests {
             coder.rebuild(p, 1000, &shards),
             Err(CodingError::NotEnoughShards { have: 3, need: 4 })
         );
-        let mut shards = split(&all, p, payload.len());
+        let mut shards = split(&all);
         shards[5] = Some(Bytes::from_static(b"xx"));
         assert!(matches!(
             coder.rebuild(p, 1000, &shards),
             Err(CodingError::ShardLength { index: 5, .. })
         ));
-        assert_eq!(coder.encode(p, &[]), Err(CodingError::PayloadLength(0)));
+        assert_eq!(
+            coder.encode(p, &Bytes::new()),
+            Err(CodingError::PayloadLength(0))
+        );
     }
 }

@@ -29,8 +29,8 @@ pub mod publisher;
 pub mod verifier;
 
 pub use assembler::{Inserted, PartialChunk, ShardError};
-pub use chunker::{Chunk, Chunker, ChunkerConfig, ChunkerError, InputFormat};
-pub use coding::{CodingError, CodingParams, ParamsError, ShardCoder};
+pub use chunker::{Chunk, Chunker, ChunkerConfig, ChunkerError, ChunkerStats, InputFormat};
+pub use coding::{CodingError, CodingParams, CodingStats, ParamsError, Payload, ShardCoder};
 pub use header::{ChunkFlags, ChunkHeader, HeaderError, ShardHash, SignedChunkHeader};
 pub use publisher::{ChunkPublisher, CodedChunk};
 pub use verifier::{HeaderVerifier, VerifyError, VerifyStats};

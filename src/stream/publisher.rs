@@ -1,9 +1,9 @@
 //! The source path: a chunk's bytes in, a signed header and N shards out.
 //!
-//! [`ChunkPublisher::publish`] encodes the payload into one buffer of N shards
-//! ([`ShardCoder::encode`]), hashes each shard with BLAKE3, and signs the header once. The shards
-//! are [`Bytes`] slices of that one buffer, so handing them to any number of subscribers copies
-//! nothing.
+//! [`ChunkPublisher::publish`] encodes the payload into N shards ([`ShardCoder::encode`]),
+//! hashes each shard with BLAKE3, and signs the header once. The shards are [`Bytes`] slices
+//! (most originals of the chunk itself, the rest of two coder buffers), so handing them to any
+//! number of subscribers copies nothing.
 
 use std::sync::Arc;
 
@@ -64,17 +64,13 @@ impl ChunkPublisher {
         seq: u64,
         timestamp_us: u64,
         flags: ChunkFlags,
-        payload: &[u8],
+        payload: &Bytes,
     ) -> Result<CodedChunk, CodingError> {
-        let all = self.coder.encode(self.params, payload)?;
-        let s = self.params.shard_len(payload.len());
-        let mut shards = Vec::with_capacity(self.params.total());
-        let mut hashes = Vec::with_capacity(self.params.total());
-        for i in 0..self.params.total() {
-            let shard = all.slice(i * s..(i + 1) * s);
-            hashes.push(*blake3::hash(&shard).as_bytes());
-            shards.push(shard);
-        }
+        let shards = self.coder.encode(self.params, payload)?;
+        let hashes = shards
+            .iter()
+            .map(|shard| *blake3::hash(shard).as_bytes())
+            .collect();
         let header = ChunkHeader {
             seq,
             timestamp_us,
