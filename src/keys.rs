@@ -383,6 +383,50 @@ impl ChannelKey {
     }
 }
 
+impl ChannelKey {
+    /// The PKCS#8 DER document of the key, for building TLS certificates.
+    pub(crate) fn pkcs8_der(&self) -> &[u8] {
+        &self.pkcs8
+    }
+}
+
+/// A node's long-term secret key. Its public half is the [`NodeId`] that TLS proves: a node's
+/// certificate is self-signed with this key and the dialling side checks the handshake against
+/// the node id it expected. Same file format and permission rules as a [`ChannelKey`].
+#[derive(Debug)]
+pub struct NodeKey(ChannelKey);
+
+impl NodeKey {
+    /// Generates a fresh key.
+    pub fn generate() -> Result<Self, KeyError> {
+        ChannelKey::generate().map(Self)
+    }
+
+    /// A deterministic key from a seed: for tests and simulations.
+    pub fn from_seed(seed: &[u8; 32]) -> Self {
+        Self(ChannelKey::from_seed(seed))
+    }
+
+    /// Loads a key file (refusing group- or world-accessible files).
+    pub fn load(path: &Path) -> Result<Self, KeyError> {
+        ChannelKey::load(path).map(Self)
+    }
+
+    /// Writes the key file with mode 0600.
+    pub fn save(&self, path: &Path, overwrite: bool) -> Result<(), KeyError> {
+        self.0.save(path, overwrite)
+    }
+
+    /// This node's public identity.
+    pub fn node_id(&self) -> NodeId {
+        NodeId(*self.0.channel_id().as_bytes())
+    }
+
+    pub(crate) fn pkcs8_der(&self) -> &[u8] {
+        self.0.pkcs8_der()
+    }
+}
+
 #[cfg(unix)]
 fn check_private_mode(path: &Path, meta: &fs::Metadata) -> Result<(), KeyError> {
     use std::os::unix::fs::PermissionsExt;

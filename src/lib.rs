@@ -28,5 +28,7 @@
 //! - [`wire`]: the protocol's messages, their encoding, decoding, length limits and framing.
 
 pub mod keys;
+pub mod node;
+pub mod sim;
 pub mod stream;
 pub mod wire;

@@ -761,6 +761,37 @@ impl Codec for ShardFrame {
     }
 }
 
+/// Writes a whole [`ShardFrame`] frame except the shard bytes themselves: frame type, length and
+/// the body up to the shard. A sender then hands the shard to QUIC as a shared buffer, so the
+/// shard is never copied into a frame.
+pub fn encode_shard_frame_head(
+    buf: &mut impl BufMut,
+    sub: u32,
+    seq: u64,
+    index: u8,
+    header: Option<&SignedChunkHeader>,
+    shard_len: usize,
+) {
+    let body = varint_len(u64::from(sub))
+        + 8
+        + 1
+        + 1
+        + header.map_or(0, SignedChunkHeader::encoded_len)
+        + shard_len;
+    put_varint(buf, TYPE_SHARD);
+    put_varint(buf, body as u64);
+    put_varint(buf, u64::from(sub));
+    buf.put_u64(seq);
+    buf.put_u8(index);
+    match header {
+        Some(h) => {
+            buf.put_u8(1);
+            h.encode(buf);
+        }
+        None => buf.put_u8(0),
+    }
+}
+
 /// Any message, as carried in a frame.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
@@ -935,4 +966,24 @@ pub fn decode_all_frames(data: &[u8]) -> Result<usize, DecodeError> {
         frames += 1;
     }
     Ok(frames)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_frame_head_plus_shard_is_the_frame() {
+        let frame = ShardFrame {
+            sub: 300,
+            seq: 9,
+            index: 3,
+            header: None,
+            shard: Bytes::from_static(b"shard bytes"),
+        };
+        let mut split = BytesMut::new();
+        encode_shard_frame_head(&mut split, 300, 9, 3, None, frame.shard.len());
+        split.extend_from_slice(&frame.shard);
+        assert_eq!(split.freeze(), Message::Shard(frame).to_bytes());
+    }
 }

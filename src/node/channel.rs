@@ -1,0 +1,387 @@
+//! Per-channel state inside a node: the window of recent chunks, verification, regeneration and
+//! (for players) in-order playout.
+//!
+//! ```text
+//!  ShardFrame ─▶ HeaderVerifier ─▶ PartialChunk::insert ─▶ Stored { new shard(s) to fan out }
+//!  publish(CodedChunk) ──────────────────────────────────▶ Stored { all N shards }
+//!  window full ─▶ oldest chunk evicted (by count and by bytes)
+//!  player: next_seq complete ─▶ Chunk out; stalled past playout_delay ─▶ skipped, counted
+//! ```
+//!
+//! Pure: the engine passes `now`. Nothing unverified is ever stored.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::keys::ChannelId;
+use crate::stream::{
+    ChunkFlags, CodedChunk, CodingParams, HeaderVerifier, Inserted, PartialChunk, Payload,
+    ShardCoder, ShardError, SignedChunkHeader,
+};
+
+/// What this node does with a channel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChannelMode {
+    /// It publishes the channel (holds the channel key).
+    Source,
+    /// It relays: stores, regenerates and serves substreams.
+    Relay,
+    /// It plays: rebuilds chunks and emits them in order (and may serve others).
+    Play,
+}
+
+/// Window and playout settings.
+#[derive(Clone, Debug)]
+pub struct ChannelConfig {
+    /// Most chunks kept (default 40: 10 s of 250 ms chunks).
+    pub window_chunks: usize,
+    /// Most shard bytes kept.
+    pub window_bytes: usize,
+    /// How long a player waits for a missing chunk once a later one is complete.
+    pub playout_delay: Duration,
+}
+
+impl Default for ChannelConfig {
+    fn default() -> Self {
+        Self {
+            window_chunks: 40,
+            window_bytes: 64 * 1024 * 1024,
+            playout_delay: Duration::from_millis(1500),
+        }
+    }
+}
+
+/// Counters for one channel at one node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChannelStats {
+    /// Shards stored after verification.
+    pub shards_in: u64,
+    /// Shard bytes stored after verification.
+    pub bytes_in: u64,
+    /// Shards received again (already held).
+    pub duplicates: u64,
+    /// Shards or headers rejected by verification.
+    pub verify_failures: u64,
+    /// Shards computed by regeneration.
+    pub regenerated: u64,
+    /// Chunks played out complete and in order.
+    pub chunks_played: u64,
+    /// Chunks given up on (never complete within the playout delay).
+    pub chunks_skipped: u64,
+    /// Chunks evicted from the window.
+    pub evicted: u64,
+}
+
+/// A verified shard ready to be served.
+#[derive(Debug, Clone)]
+pub struct StoredShard {
+    /// Its chunk's header.
+    pub header: Arc<SignedChunkHeader>,
+    /// Its index.
+    pub index: usize,
+    /// Its bytes.
+    pub shard: Bytes,
+}
+
+/// Why a shard frame was refused; the sender is at fault.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Rejected {
+    /// Bad signature.
+    #[error("{0}")]
+    Header(#[from] crate::stream::VerifyError),
+    /// Bad shard.
+    #[error("{0}")]
+    Shard(#[from] ShardError),
+    /// A header whose coding parameters differ from the channel's.
+    #[error("chunk {0} uses coding parameters other than the channel's")]
+    Params(u64),
+}
+
+/// One channel's state at one node.
+#[derive(Debug)]
+pub struct Channel {
+    id: ChannelId,
+    mode: ChannelMode,
+    config: ChannelConfig,
+    params: Option<CodingParams>,
+    verifier: HeaderVerifier,
+    window: BTreeMap<u64, PartialChunk>,
+    window_bytes: usize,
+    /// Player: the next chunk to emit.
+    next_play: Option<u64>,
+    /// Player: since when a later chunk is complete while `next_play` is not.
+    stalled_since: Option<Instant>,
+    stats: ChannelStats,
+}
+
+impl Channel {
+    /// A channel in `mode`.
+    pub fn new(id: ChannelId, mode: ChannelMode, config: ChannelConfig) -> Self {
+        Self {
+            id,
+            mode,
+            verifier: HeaderVerifier::new(id, config.window_chunks.max(16) * 2),
+            config,
+            params: None,
+            window: BTreeMap::new(),
+            window_bytes: 0,
+            next_play: None,
+            stalled_since: None,
+            stats: ChannelStats::default(),
+        }
+    }
+
+    /// The channel id.
+    pub fn id(&self) -> ChannelId {
+        self.id
+    }
+
+    /// The mode.
+    pub fn mode(&self) -> ChannelMode {
+        self.mode
+    }
+
+    /// Coding parameters, once known.
+    pub fn params(&self) -> Option<CodingParams> {
+        self.params
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> ChannelStats {
+        self.stats
+    }
+
+    /// Shard bytes held in the window.
+    pub fn window_bytes(&self) -> usize {
+        self.window_bytes
+    }
+
+    /// Oldest and newest chunk held.
+    pub fn range(&self) -> Option<(u64, u64)> {
+        Some((
+            *self.window.keys().next()?,
+            *self.window.keys().next_back()?,
+        ))
+    }
+
+    /// The chunk `seq`, if held.
+    pub fn chunk(&self, seq: u64) -> Option<&PartialChunk> {
+        self.window.get(&seq)
+    }
+
+    /// Sequence numbers held from `from` on.
+    pub fn seqs_from(&self, from: u64) -> Vec<u64> {
+        self.window.range(from..).map(|(s, _)| *s).collect()
+    }
+
+    /// The newest held chunk a player can start on.
+    pub fn newest_random_access(&self) -> Option<u64> {
+        self.window
+            .iter()
+            .rev()
+            .find(|(_, c)| c.header().header.flags.contains(ChunkFlags::RANDOM_ACCESS))
+            .map(|(s, _)| *s)
+    }
+
+    /// Source: stores a freshly published chunk; returns its shards for fan-out.
+    pub fn publish(&mut self, coded: &CodedChunk) -> Vec<StoredShard> {
+        self.params = Some(coded.header.header.params);
+        let seq = coded.header.header.seq;
+        let mut partial = PartialChunk::new(Arc::clone(&coded.header));
+        let mut out = Vec::with_capacity(coded.shards.len());
+        for (index, shard) in coded.shards.iter().enumerate() {
+            // The source's own shards match their hashes by construction; insert checks anyway.
+            if partial.insert(index, shard.clone()).is_ok() {
+                self.window_bytes += shard.len();
+                out.push(StoredShard {
+                    header: Arc::clone(&coded.header),
+                    index,
+                    shard: shard.clone(),
+                });
+            }
+        }
+        self.window.insert(seq, partial);
+        self.evict();
+        out
+    }
+
+    /// Verifies a header from the network (signature once per chunk).
+    pub fn verify_header(
+        &mut self,
+        header: SignedChunkHeader,
+    ) -> Result<Arc<SignedChunkHeader>, Rejected> {
+        let seq = header.header.seq;
+        if let Some(p) = self.params
+            && p != header.header.params
+        {
+            self.stats.verify_failures += 1;
+            return Err(Rejected::Params(seq));
+        }
+        let header = self.verifier.verify(header).map_err(|e| {
+            self.stats.verify_failures += 1;
+            Rejected::from(e)
+        })?;
+        self.params.get_or_insert(header.header.params);
+        Ok(header)
+    }
+
+    /// Stores a shard of a verified chunk. Returns the shards now newly available to serve: this
+    /// one, plus every regenerated one if this shard completed K (relays only).
+    pub fn insert_shard(
+        &mut self,
+        header: &Arc<SignedChunkHeader>,
+        index: usize,
+        shard: Bytes,
+        coder: &mut ShardCoder,
+    ) -> Result<Vec<StoredShard>, Rejected> {
+        let seq = header.header.seq;
+        if let Some((oldest, _)) = self.range()
+            && seq < oldest
+            && self.window.len() >= self.config.window_chunks
+        {
+            // Older than anything kept: nobody can use it any more.
+            return Ok(Vec::new());
+        }
+        if self.next_play.is_some_and(|next| seq < next) {
+            return Ok(Vec::new());
+        }
+        let partial = self
+            .window
+            .entry(seq)
+            .or_insert_with(|| PartialChunk::new(Arc::clone(header)));
+        if !Arc::ptr_eq(partial.header(), header) && **partial.header() != **header {
+            // A second, differently signed header for this sequence: keep the first.
+            return Ok(Vec::new());
+        }
+        let len = shard.len();
+        match partial.insert(index, shard.clone()) {
+            Ok(Inserted::Duplicate) => {
+                self.stats.duplicates += 1;
+                return Ok(Vec::new());
+            }
+            Ok(Inserted::New(_)) => {}
+            Err(e) => {
+                self.stats.verify_failures += 1;
+                return Err(e.into());
+            }
+        }
+        self.stats.shards_in += 1;
+        self.stats.bytes_in += len as u64;
+        self.window_bytes += len;
+        let mut out = vec![StoredShard {
+            header: Arc::clone(partial.header()),
+            index,
+            shard,
+        }];
+        if self.mode == ChannelMode::Relay
+            && partial.held() == partial.header().header.params.original()
+        {
+            let before: Vec<bool> = (0..partial.header().header.params.total())
+                .map(|i| partial.shard(i).is_some())
+                .collect();
+            if let Ok(made) = partial.regenerate(coder) {
+                self.stats.regenerated += made as u64;
+                for (i, had) in before.iter().enumerate() {
+                    if !had && let Some(s) = partial.shard(i) {
+                        self.window_bytes += s.len();
+                        out.push(StoredShard {
+                            header: Arc::clone(partial.header()),
+                            index: i,
+                            shard: s.clone(),
+                        });
+                    }
+                }
+            }
+        }
+        self.evict();
+        Ok(out)
+    }
+
+    fn evict(&mut self) {
+        while self.window.len() > self.config.window_chunks
+            || (self.window_bytes > self.config.window_bytes && self.window.len() > 1)
+        {
+            let Some((seq, chunk)) = self.window.pop_first() else {
+                break;
+            };
+            let bytes: usize = (0..chunk.header().header.params.total())
+                .filter_map(|i| chunk.shard(i).map(Bytes::len))
+                .sum();
+            self.window_bytes = self.window_bytes.saturating_sub(bytes);
+            self.stats.evicted += 1;
+            if self.next_play.is_some_and(|next| next <= seq) {
+                // The player fell so far behind that its next chunk left the window.
+                self.stats.chunks_skipped += seq + 1 - self.next_play.unwrap_or(seq);
+                self.next_play = Some(seq + 1);
+            }
+        }
+    }
+
+    /// Player: the chunks ready to output, in order. Skips a chunk that stays incomplete for
+    /// `playout_delay` after a later chunk became complete.
+    pub fn poll_playout(&mut self, now: Instant, coder: &mut ShardCoder) -> Vec<(u64, Payload)> {
+        let mut out = Vec::new();
+        if self.mode != ChannelMode::Play {
+            return out;
+        }
+        if self.next_play.is_none() {
+            // Start on the newest complete random-access chunk.
+            self.next_play = self
+                .window
+                .iter()
+                .rev()
+                .find(|(_, c)| {
+                    c.is_complete_enough()
+                        && c.header().header.flags.contains(ChunkFlags::RANDOM_ACCESS)
+                })
+                .map(|(s, _)| *s);
+        }
+        while let Some(next) = self.next_play {
+            match self.window.get(&next) {
+                Some(c) if c.is_complete_enough() => {
+                    match c.rebuild(coder) {
+                        Ok(payload) => {
+                            out.push((next, payload));
+                            self.stats.chunks_played += 1;
+                        }
+                        Err(_) => self.stats.chunks_skipped += 1,
+                    }
+                    self.next_play = Some(next + 1);
+                    self.stalled_since = None;
+                }
+                _ => {
+                    let later_complete = self
+                        .window
+                        .range(next + 1..)
+                        .any(|(_, c)| c.is_complete_enough());
+                    if !later_complete {
+                        self.stalled_since = None;
+                        break;
+                    }
+                    let since = *self.stalled_since.get_or_insert(now);
+                    if now.saturating_duration_since(since) >= self.config.playout_delay {
+                        self.stats.chunks_skipped += 1;
+                        self.next_play = Some(next + 1);
+                        self.stalled_since = None;
+                    } else {
+                        break;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Player: when [`Channel::poll_playout`] must run again to skip a stalled chunk.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.stalled_since.map(|s| s + self.config.playout_delay)
+    }
+
+    /// Player: the next chunk it will emit.
+    pub fn next_play(&self) -> Option<u64> {
+        self.next_play
+    }
+}

@@ -1,0 +1,1090 @@
+//! The sans-IO node engine: one quinn-proto endpoint, its connections, and the gridcast protocol
+//! over them. Sources, supernodes and peers are the same engine with different channel modes.
+//!
+//! # Driving the engine
+//!
+//! The engine reads no clock, opens no socket and spawns nothing. A driver (the simulator, the
+//! io_uring or portable backends) must, in each loop turn, with `now` read once:
+//!
+//! 1. feed every received datagram to [`Engine::handle_datagram`];
+//! 2. call [`Engine::handle_timeout`] if the instant from [`Engine::poll_timeout`] has passed;
+//! 3. issue commands ([`Engine::publish`], [`Engine::subscribe`], …);
+//! 4. send everything [`Engine::poll_transmit`] returns until it returns `None`
+//!    (`segment_size` set means the buffer holds several datagrams of that size: GSO);
+//! 5. drain [`Engine::poll_event`];
+//! 6. sleep until the next datagram or [`Engine::poll_timeout`].
+//!
+//! # Protocol
+//!
+//! The dialling side opens one bidirectional control stream; both sides send
+//! [`Hello`](crate::wire::Hello) first. A subscriber sends
+//! [`Subscribe`](crate::wire::Subscribe); the parent answers with
+//! [`ChannelInfo`](crate::wire::ChannelInfo) and then sends, per chunk, one unidirectional
+//! stream carrying the signed header with the first shard and the other requested shards of that
+//! chunk after it. Every shard is verified before it is stored, served or played; a neighbour
+//! that sends a bad header or shard is disconnected and its node id is refused from then on.
+//!
+//! A subscriber whose connection cannot take more data loses its oldest chunk streams (reset,
+//! counted in [`EngineStats::backlog_drops`]); nothing queues without bound.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use quinn_proto::{
+    ClientConfig, Connection, ConnectionHandle, DatagramEvent, Dir, EcnCodepoint, Endpoint,
+    EndpointConfig, Event, IdleTimeout, ReadError, ServerConfig, StreamEvent, StreamId, Transmit,
+    TransportConfig, VarInt, WriteError,
+};
+
+use super::channel::{Channel, ChannelConfig, ChannelMode, Rejected, StoredShard};
+use super::tls::{self, SERVER_NAME, TlsError};
+use crate::keys::{ChannelId, NodeId, NodeKey};
+use crate::stream::{CodedChunk, Payload, ShardCoder, SignedChunkHeader};
+use crate::wire::{
+    ChannelInfo, DecodeError, Hello, Message, PROTOCOL_VERSION, Role, ShardFrame, StartAt,
+    Subscribe, SubstreamSet, encode_shard_frame_head,
+};
+
+/// QUIC application close codes.
+pub mod close_code {
+    /// Normal close.
+    pub const DONE: u32 = 0;
+    /// The peer sent bytes that do not decode.
+    pub const PROTOCOL: u32 = 1;
+    /// The peer sent a forged or corrupted header or shard.
+    pub const BAD_DATA: u32 = 2;
+    /// The peer speaks another protocol version.
+    pub const VERSION: u32 = 3;
+}
+
+/// Engine settings.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Role announced in Hello.
+    pub role: Role,
+    /// Window and playout settings for every channel.
+    pub channel: ChannelConfig,
+    /// Accept incoming connections (sources and supernodes; peers that upload).
+    pub serve: bool,
+    /// Most datagrams per GSO batch returned by [`Engine::poll_transmit`].
+    pub max_gso_segments: usize,
+    /// QUIC idle timeout.
+    pub idle_timeout: Duration,
+    /// QUIC keep-alive interval (keeps NAT bindings and detects dead neighbours early).
+    pub keep_alive: Duration,
+    /// Most unsent bytes queued on one connection before its oldest chunk streams are dropped.
+    pub max_backlog_bytes: usize,
+    /// Seed for quinn's connection-id and packet-number randomness (simulations).
+    pub rng_seed: Option<[u8; 32]>,
+    /// Agent string for Hello.
+    pub agent: String,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            role: Role::Peer,
+            channel: ChannelConfig::default(),
+            serve: false,
+            max_gso_segments: 10,
+            idle_timeout: Duration::from_secs(10),
+            keep_alive: Duration::from_secs(1),
+            max_backlog_bytes: 4 * 1024 * 1024,
+            rng_seed: None,
+            agent: concat!("gridcast/", env!("CARGO_PKG_VERSION")).to_owned(),
+        }
+    }
+}
+
+/// Why an engine command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// TLS setup failed.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// quinn refused to start a connection.
+    #[error("connect to {0}: {1}")]
+    Connect(SocketAddr, String),
+    /// The channel is not carried by this node.
+    #[error("channel {0} is not carried by this node")]
+    UnknownChannel(ChannelId),
+    /// The node refuses this neighbour (it sent bad data before).
+    #[error("node {0} sent bad data before and is refused")]
+    Refused(NodeId),
+}
+
+/// Something the driver or the application should know.
+#[derive(Debug, Clone)]
+pub enum NodeEvent {
+    /// A player channel's next chunk, complete and in order.
+    Chunk {
+        /// Channel.
+        channel: ChannelId,
+        /// Sequence number.
+        seq: u64,
+        /// The chunk's bytes.
+        payload: Payload,
+    },
+    /// A connection completed its handshake.
+    Connected {
+        /// Connection.
+        conn: ConnectionHandle,
+        /// Remote address.
+        remote: SocketAddr,
+    },
+    /// A connection ended.
+    ConnectionLost {
+        /// Connection.
+        conn: ConnectionHandle,
+        /// Remote address.
+        remote: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+    /// A neighbour sent bad data and was disconnected.
+    Misbehaved {
+        /// Remote address.
+        remote: SocketAddr,
+        /// Its node id, if we dialled it.
+        node: Option<NodeId>,
+        /// What it did.
+        reason: String,
+    },
+}
+
+/// Counters for the whole node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Shards handed to QUIC for subscribers.
+    pub shards_out: u64,
+    /// Shard bytes handed to QUIC for subscribers.
+    pub shard_bytes_out: u64,
+    /// Chunk streams reset because a subscriber could not keep up.
+    pub backlog_drops: u64,
+    /// Connections closed for bad data.
+    pub misbehaving_closed: u64,
+    /// Connections closed for undecodable bytes.
+    pub protocol_errors: u64,
+    /// Incoming connections accepted.
+    pub accepted: u64,
+    /// UDP payload bytes received.
+    pub udp_bytes_in: u64,
+}
+
+/// A subscription a neighbour holds on us.
+#[derive(Debug, Clone, Copy)]
+struct Served {
+    channel: ChannelId,
+    substreams: SubstreamSet,
+}
+
+/// A chunk stream we are sending on one connection.
+#[derive(Debug)]
+struct OutStream {
+    id: StreamId,
+    sent: usize,
+    want: usize,
+    /// Bytes QUIC has not taken yet.
+    pending: VecDeque<Bytes>,
+}
+
+/// A chunk stream we are receiving.
+#[derive(Debug, Default)]
+struct InStream {
+    buf: BytesMut,
+    header: Option<Arc<SignedChunkHeader>>,
+}
+
+#[derive(Debug)]
+struct Conn {
+    quic: Connection,
+    remote: SocketAddr,
+    node: Option<NodeId>,
+    control: Option<StreamId>,
+    control_rx: BytesMut,
+    control_tx: VecDeque<Bytes>,
+    hello: Option<Hello>,
+    served: HashMap<u32, Served>,
+    taken: HashMap<u32, ChannelId>,
+    in_streams: HashMap<StreamId, InStream>,
+    out_streams: HashMap<(u32, u64), OutStream>,
+    backlog: usize,
+    closed: bool,
+}
+
+impl Conn {
+    fn new(quic: Connection, remote: SocketAddr, node: Option<NodeId>) -> Self {
+        Self {
+            quic,
+            remote,
+            node,
+            control: None,
+            control_rx: BytesMut::new(),
+            control_tx: VecDeque::new(),
+            hello: None,
+            served: HashMap::new(),
+            taken: HashMap::new(),
+            in_streams: HashMap::new(),
+            out_streams: HashMap::new(),
+            backlog: 0,
+            closed: false,
+        }
+    }
+
+    fn send_control(&mut self, msg: &Message) {
+        self.control_tx.push_back(msg.to_bytes());
+        self.flush_control();
+    }
+
+    fn flush_control(&mut self) {
+        if self.control.is_none() && self.node.is_some() {
+            // The dialler opens the control stream; QUIC allows it once the handshake has told
+            // us the peer's stream limits, so this is retried until it succeeds.
+            self.control = self.quic.streams().open(Dir::Bi);
+        }
+        let Some(id) = self.control else { return };
+        while let Some(front) = self.control_tx.front_mut() {
+            match self.quic.send_stream(id).write(front) {
+                Ok(n) if n == front.len() => {
+                    self.control_tx.pop_front();
+                }
+                Ok(n) => {
+                    let _ = front.split_to(n);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+    }
+
+    fn close(&mut self, now: Instant, code: u32, reason: &str) {
+        if !self.closed {
+            self.closed = true;
+            self.quic.close(
+                now,
+                VarInt::from_u32(code),
+                Bytes::copy_from_slice(reason.as_bytes()),
+            );
+        }
+    }
+}
+
+/// Work found while reading a connection, applied afterwards with the whole engine in hand.
+enum Input {
+    Control(Message),
+    Shard(StreamId, ShardFrame),
+    /// The stream ended; its state goes once the frames read before are applied.
+    StreamDone(StreamId),
+    Undecodable(DecodeError),
+}
+
+/// The engine. See the module documentation for the call order.
+pub struct Engine {
+    config: EngineConfig,
+    node: NodeId,
+    endpoint: Endpoint,
+    transport: Arc<TransportConfig>,
+    conns: HashMap<ConnectionHandle, Conn>,
+    order: Vec<ConnectionHandle>,
+    next_conn: usize,
+    channels: HashMap<ChannelId, Channel>,
+    coder: ShardCoder,
+    events: VecDeque<NodeEvent>,
+    responses: VecDeque<(Transmit, Vec<u8>)>,
+    next_sub: u32,
+    refused: HashSet<NodeId>,
+    stats: EngineStats,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("node", &self.node)
+            .field("connections", &self.conns.len())
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// An engine for the node holding `key`.
+    pub fn new(key: &NodeKey, config: EngineConfig) -> Result<Self, EngineError> {
+        let mut transport = TransportConfig::default();
+        transport
+            .max_concurrent_uni_streams(VarInt::from_u32(4096))
+            .max_concurrent_bidi_streams(VarInt::from_u32(4))
+            .keep_alive_interval(Some(config.keep_alive))
+            .max_idle_timeout(Some(
+                IdleTimeout::try_from(config.idle_timeout)
+                    .unwrap_or_else(|_| IdleTimeout::from(VarInt::from_u32(10_000))),
+            ))
+            .stream_receive_window(VarInt::from_u32(8 * 1024 * 1024))
+            .receive_window(VarInt::from_u32(32 * 1024 * 1024))
+            .send_window(32 * 1024 * 1024);
+        let transport = Arc::new(transport);
+        let server = if config.serve {
+            let mut server = ServerConfig::with_crypto(tls::server_crypto(key)?);
+            server.transport_config(Arc::clone(&transport));
+            Some(Arc::new(server))
+        } else {
+            None
+        };
+        let endpoint = Endpoint::new(
+            Arc::new(EndpointConfig::default()),
+            server,
+            false,
+            config.rng_seed,
+        );
+        Ok(Self {
+            node: key.node_id(),
+            config,
+            endpoint,
+            transport,
+            conns: HashMap::new(),
+            order: Vec::new(),
+            next_conn: 0,
+            channels: HashMap::new(),
+            coder: ShardCoder::new(),
+            events: VecDeque::new(),
+            responses: VecDeque::new(),
+            next_sub: 1,
+            refused: HashSet::new(),
+            stats: EngineStats::default(),
+        })
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> NodeId {
+        self.node
+    }
+
+    /// Node-wide counters.
+    pub fn stats(&self) -> EngineStats {
+        self.stats
+    }
+
+    /// A carried channel's state.
+    pub fn channel(&self, id: &ChannelId) -> Option<&Channel> {
+        self.channels.get(id)
+    }
+
+    /// Open connections.
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Starts carrying a channel in `mode`.
+    pub fn add_channel(&mut self, id: ChannelId, mode: ChannelMode) {
+        let config = self.config.channel.clone();
+        self.channels
+            .entry(id)
+            .or_insert_with(|| Channel::new(id, mode, config));
+    }
+
+    /// Source: publishes a coded chunk on `channel`.
+    pub fn publish(
+        &mut self,
+        now: Instant,
+        channel: ChannelId,
+        coded: &CodedChunk,
+    ) -> Result<(), EngineError> {
+        let ch = self
+            .channels
+            .get_mut(&channel)
+            .ok_or(EngineError::UnknownChannel(channel))?;
+        let shards = ch.publish(coded);
+        self.fan_out(channel, &shards);
+        self.drive(now);
+        Ok(())
+    }
+
+    /// Subscribes to `substreams` of `channel` at the node `parent_id` reachable at `parent`,
+    /// reusing an open connection to it. Returns the connection.
+    pub fn subscribe(
+        &mut self,
+        now: Instant,
+        parent: SocketAddr,
+        parent_id: NodeId,
+        channel: ChannelId,
+        substreams: SubstreamSet,
+        start: StartAt,
+    ) -> Result<ConnectionHandle, EngineError> {
+        if !self.channels.contains_key(&channel) {
+            return Err(EngineError::UnknownChannel(channel));
+        }
+        if self.refused.contains(&parent_id) {
+            return Err(EngineError::Refused(parent_id));
+        }
+        let existing = self
+            .conns
+            .iter()
+            .find(|(_, c)| !c.closed && c.node == Some(parent_id) && c.remote == parent)
+            .map(|(h, _)| *h);
+        let handle = match existing {
+            Some(h) => h,
+            None => self.connect(now, parent, parent_id)?,
+        };
+        let sub = self.next_sub;
+        self.next_sub += 1;
+        if let Some(conn) = self.conns.get_mut(&handle) {
+            conn.taken.insert(sub, channel);
+            conn.send_control(&Message::Subscribe(Subscribe {
+                sub,
+                channel,
+                substreams,
+                start,
+            }));
+        }
+        self.drive(now);
+        Ok(handle)
+    }
+
+    fn connect(
+        &mut self,
+        now: Instant,
+        remote: SocketAddr,
+        node: NodeId,
+    ) -> Result<ConnectionHandle, EngineError> {
+        let mut client = ClientConfig::new(tls::client_crypto(node)?);
+        client.transport_config(Arc::clone(&self.transport));
+        let (handle, quic) = self
+            .endpoint
+            .connect(now, client, remote, SERVER_NAME)
+            .map_err(|e| EngineError::Connect(remote, e.to_string()))?;
+        let mut conn = Conn::new(quic, remote, Some(node));
+        conn.send_control(&self.hello());
+        self.conns.insert(handle, conn);
+        self.order.push(handle);
+        Ok(handle)
+    }
+
+    /// Closes the connection to `handle` (a parent the application gave up on).
+    pub fn disconnect(&mut self, now: Instant, handle: ConnectionHandle) {
+        if let Some(conn) = self.conns.get_mut(&handle) {
+            conn.close(now, close_code::DONE, "unsubscribed");
+        }
+        self.drive(now);
+    }
+
+    fn hello(&self) -> Message {
+        Message::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            role: self.config.role,
+            agent: self.config.agent.clone(),
+        })
+    }
+
+    /// Feeds one received UDP datagram (or GRO batch: one call per datagram).
+    pub fn handle_datagram(
+        &mut self,
+        now: Instant,
+        remote: SocketAddr,
+        local_ip: Option<IpAddr>,
+        ecn: Option<EcnCodepoint>,
+        data: BytesMut,
+    ) {
+        self.stats.udp_bytes_in += data.len() as u64;
+        let mut buf = Vec::new();
+        match self
+            .endpoint
+            .handle(now, remote, local_ip, ecn, data, &mut buf)
+        {
+            Some(DatagramEvent::ConnectionEvent(handle, event)) => {
+                if let Some(conn) = self.conns.get_mut(&handle) {
+                    conn.quic.handle_event(event);
+                }
+            }
+            Some(DatagramEvent::NewConnection(incoming)) => {
+                match self.endpoint.accept(incoming, now, &mut buf, None) {
+                    Ok((handle, quic)) => {
+                        self.stats.accepted += 1;
+                        self.conns.insert(handle, Conn::new(quic, remote, None));
+                        self.order.push(handle);
+                    }
+                    Err(e) => {
+                        if let Some(t) = e.response {
+                            self.responses.push_back((t, std::mem::take(&mut buf)));
+                        }
+                    }
+                }
+            }
+            Some(DatagramEvent::Response(t)) => self.responses.push_back((t, buf)),
+            None => {}
+        }
+        self.drive(now);
+    }
+
+    /// Handles expired timers.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        for conn in self.conns.values_mut() {
+            if conn.quic.poll_timeout().is_some_and(|t| t <= now) {
+                conn.quic.handle_timeout(now);
+            }
+        }
+        self.drive(now);
+    }
+
+    /// The next instant [`Engine::handle_timeout`] must run.
+    pub fn poll_timeout(&mut self) -> Option<Instant> {
+        let conns = self
+            .conns
+            .values_mut()
+            .filter_map(|c| c.quic.poll_timeout());
+        let channels = self.channels.values().filter_map(Channel::poll_timeout);
+        conns.chain(channels).min()
+    }
+
+    /// The next datagram(s) to send. The bytes are written to `buf`; with `segment_size` set,
+    /// `buf` holds several datagrams of that size (the last may be shorter).
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
+        if let Some((t, data)) = self.responses.pop_front() {
+            buf.clear();
+            buf.extend_from_slice(&data);
+            return Some(t);
+        }
+        let n = self.order.len();
+        for i in 0..n {
+            let at = (self.next_conn + i) % n;
+            let handle = self.order[at];
+            let Some(conn) = self.conns.get_mut(&handle) else {
+                continue;
+            };
+            buf.clear();
+            if let Some(t) = conn
+                .quic
+                .poll_transmit(now, self.config.max_gso_segments, buf)
+            {
+                self.next_conn = (at + 1) % n;
+                return Some(t);
+            }
+        }
+        None
+    }
+
+    /// The next event for the application.
+    pub fn poll_event(&mut self) -> Option<NodeEvent> {
+        self.events.pop_front()
+    }
+
+    /// Runs everything that follows from new input: QUIC events, protocol messages, fan-out,
+    /// playout.
+    fn drive(&mut self, now: Instant) {
+        let handles: Vec<ConnectionHandle> = self.order.clone();
+        for handle in handles {
+            self.drive_conn(now, handle);
+        }
+        // Playout.
+        let mut out = Vec::new();
+        for (id, channel) in &mut self.channels {
+            for (seq, payload) in channel.poll_playout(now, &mut self.coder) {
+                out.push(NodeEvent::Chunk {
+                    channel: *id,
+                    seq,
+                    payload,
+                });
+            }
+        }
+        self.events.extend(out);
+        self.retire_streams();
+        // Forget drained connections.
+        let before = self.order.len();
+        self.order.retain(|h| self.conns.contains_key(h));
+        if self.order.len() != before {
+            self.next_conn = 0;
+        }
+    }
+
+    fn drive_conn(&mut self, now: Instant, handle: ConnectionHandle) {
+        let mut inputs = Vec::new();
+        let mut drained = false;
+        {
+            let Some(conn) = self.conns.get_mut(&handle) else {
+                return;
+            };
+            loop {
+                let mut progressed = false;
+                while let Some(ev) = conn.quic.poll_endpoint_events() {
+                    progressed = true;
+                    drained |= ev.is_drained();
+                    if let Some(back) = self.endpoint.handle_event(handle, ev) {
+                        conn.quic.handle_event(back);
+                    }
+                }
+                while let Some(ev) = conn.quic.poll() {
+                    progressed = true;
+                    match ev {
+                        Event::Connected => {
+                            conn.flush_control();
+                            self.events.push_back(NodeEvent::Connected {
+                                conn: handle,
+                                remote: conn.remote,
+                            });
+                        }
+                        Event::Stream(StreamEvent::Available { dir: Dir::Bi }) => {
+                            conn.flush_control();
+                        }
+                        Event::ConnectionLost { reason } => {
+                            self.events.push_back(NodeEvent::ConnectionLost {
+                                conn: handle,
+                                remote: conn.remote,
+                                reason: reason.to_string(),
+                            });
+                        }
+                        Event::Stream(StreamEvent::Opened { dir }) => {
+                            while let Some(id) = conn.quic.streams().accept(dir) {
+                                match dir {
+                                    Dir::Bi => {
+                                        if conn.control.is_none() {
+                                            conn.control = Some(id);
+                                            conn.send_control(&Message::Hello(Hello {
+                                                version: PROTOCOL_VERSION,
+                                                role: self.config.role,
+                                                agent: self.config.agent.clone(),
+                                            }));
+                                        }
+                                    }
+                                    Dir::Uni => {
+                                        conn.in_streams.insert(id, InStream::default());
+                                    }
+                                }
+                                read_stream(conn, id, &mut inputs);
+                            }
+                        }
+                        Event::Stream(StreamEvent::Readable { id }) => {
+                            read_stream(conn, id, &mut inputs);
+                        }
+                        Event::Stream(StreamEvent::Writable { .. }) => {
+                            conn.flush_control();
+                        }
+                        Event::Stream(_) | Event::HandshakeDataReady => {}
+                        Event::DatagramReceived | Event::DatagramsUnblocked => {}
+                    }
+                }
+                if !progressed {
+                    break;
+                }
+            }
+        }
+        if drained {
+            self.conns.remove(&handle);
+            return;
+        }
+        for input in inputs {
+            self.apply(now, handle, input);
+        }
+        self.flush_out_streams(handle);
+    }
+
+    fn apply(&mut self, now: Instant, handle: ConnectionHandle, input: Input) {
+        match input {
+            Input::Undecodable(e) => {
+                self.stats.protocol_errors += 1;
+                if let Some(conn) = self.conns.get_mut(&handle) {
+                    conn.close(now, close_code::PROTOCOL, &e.to_string());
+                }
+            }
+            Input::Control(msg) => self.apply_control(now, handle, msg),
+            Input::Shard(stream, frame) => self.apply_shard(now, handle, stream, frame),
+            Input::StreamDone(stream) => {
+                if let Some(conn) = self.conns.get_mut(&handle) {
+                    conn.in_streams.remove(&stream);
+                }
+            }
+        }
+    }
+
+    fn apply_control(&mut self, now: Instant, handle: ConnectionHandle, msg: Message) {
+        let Some(conn) = self.conns.get_mut(&handle) else {
+            return;
+        };
+        match msg {
+            Message::Hello(hello) => {
+                if hello.version != PROTOCOL_VERSION {
+                    conn.close(now, close_code::VERSION, "unsupported protocol version");
+                } else {
+                    conn.hello = Some(hello);
+                }
+            }
+            Message::Subscribe(sub) => {
+                let Some(channel) = self.channels.get(&sub.channel) else {
+                    return;
+                };
+                let Some(params) = channel.params() else {
+                    // Nothing received yet; serve what arrives from now on.
+                    conn.served.insert(
+                        sub.sub,
+                        Served {
+                            channel: sub.channel,
+                            substreams: sub.substreams,
+                        },
+                    );
+                    return;
+                };
+                conn.served.insert(
+                    sub.sub,
+                    Served {
+                        channel: sub.channel,
+                        substreams: sub.substreams,
+                    },
+                );
+                conn.send_control(&Message::ChannelInfo(ChannelInfo {
+                    channel: sub.channel,
+                    params,
+                    chunk_ms: 250,
+                    latest: channel.range().map(|(_, newest)| newest),
+                    stream_header: None,
+                }));
+                // Backlog: from the requested point, everything still held.
+                let from = match sub.start {
+                    StartAt::Live => channel.newest_random_access(),
+                    StartAt::Seq(seq) => Some(seq),
+                };
+                let mut backlog = Vec::new();
+                if let Some(from) = from {
+                    for seq in channel.seqs_from(from) {
+                        if let Some(chunk) = channel.chunk(seq) {
+                            for index in sub.substreams.iter() {
+                                if let Some(shard) = chunk.shard(index) {
+                                    backlog.push(StoredShard {
+                                        header: Arc::clone(chunk.header()),
+                                        index,
+                                        shard: shard.clone(),
+                                    });
+                                }
+                            }
+                        }
+                    }
+                }
+                for shard in &backlog {
+                    self.send_shard(handle, sub.sub, sub.substreams, shard);
+                }
+            }
+            Message::Unsubscribe(unsub) => {
+                if unsub.substreams.is_empty() {
+                    conn.served.remove(&unsub.sub);
+                } else if let Some(served) = conn.served.get_mut(&unsub.sub) {
+                    served.substreams = SubstreamSet::from_bits(
+                        served.substreams.bits() & !unsub.substreams.bits(),
+                    );
+                }
+            }
+            Message::ChannelInfo(_)
+            | Message::Have(_)
+            | Message::ParentQuery(_)
+            | Message::ParentAnswer(_)
+            | Message::GoAway(_) => {}
+            Message::Shard(_) => {
+                self.stats.protocol_errors += 1;
+                conn.close(now, close_code::PROTOCOL, "shard on the control stream");
+            }
+        }
+    }
+
+    fn apply_shard(
+        &mut self,
+        now: Instant,
+        handle: ConnectionHandle,
+        stream: StreamId,
+        frame: ShardFrame,
+    ) {
+        let Some(conn) = self.conns.get_mut(&handle) else {
+            return;
+        };
+        let Some(channel_id) = conn.taken.get(&frame.sub).copied() else {
+            // A subscription we did not make (or already dropped): ignore.
+            return;
+        };
+        let Some(channel) = self.channels.get_mut(&channel_id) else {
+            return;
+        };
+        let state = conn.in_streams.entry(stream).or_default();
+        let header = match (frame.header, &state.header) {
+            (Some(h), _) => match channel.verify_header(h) {
+                Ok(h) => {
+                    state.header = Some(Arc::clone(&h));
+                    h
+                }
+                Err(e) => return self.misbehaved(now, handle, &e),
+            },
+            (None, Some(h)) if h.header.seq == frame.seq => Arc::clone(h),
+            (None, _) => {
+                self.stats.protocol_errors += 1;
+                conn.close(now, close_code::PROTOCOL, "shard without its chunk header");
+                return;
+            }
+        };
+        match channel.insert_shard(
+            &header,
+            usize::from(frame.index),
+            frame.shard,
+            &mut self.coder,
+        ) {
+            Ok(stored) => self.fan_out(channel_id, &stored),
+            Err(e) => self.misbehaved(now, handle, &e),
+        }
+    }
+
+    fn misbehaved(&mut self, now: Instant, handle: ConnectionHandle, why: &Rejected) {
+        self.stats.misbehaving_closed += 1;
+        if let Some(conn) = self.conns.get_mut(&handle) {
+            if let Some(node) = conn.node {
+                self.refused.insert(node);
+            }
+            self.events.push_back(NodeEvent::Misbehaved {
+                remote: conn.remote,
+                node: conn.node,
+                reason: why.to_string(),
+            });
+            conn.close(now, close_code::BAD_DATA, "bad shard or header");
+        }
+    }
+
+    /// Sends newly stored shards to every subscriber that wants them.
+    fn fan_out(&mut self, channel: ChannelId, shards: &[StoredShard]) {
+        if shards.is_empty() {
+            return;
+        }
+        let handles: Vec<ConnectionHandle> = self.order.clone();
+        for handle in handles {
+            let subs: Vec<(u32, SubstreamSet)> = match self.conns.get(&handle) {
+                Some(conn) if !conn.closed => conn
+                    .served
+                    .iter()
+                    .filter(|(_, s)| s.channel == channel)
+                    .map(|(id, s)| (*id, s.substreams))
+                    .collect(),
+                _ => continue,
+            };
+            for (sub, substreams) in subs {
+                for shard in shards {
+                    if substreams.contains(shard.index) {
+                        self.send_shard(handle, sub, substreams, shard);
+                    }
+                }
+            }
+        }
+    }
+
+    fn send_shard(
+        &mut self,
+        handle: ConnectionHandle,
+        sub: u32,
+        substreams: SubstreamSet,
+        shard: &StoredShard,
+    ) {
+        let max_backlog = self.config.max_backlog_bytes;
+        let Some(conn) = self.conns.get_mut(&handle) else {
+            return;
+        };
+        let seq = shard.header.header.seq;
+        let key = (sub, seq);
+        let first = !conn.out_streams.contains_key(&key);
+        if first {
+            let Some(id) = conn.quic.streams().open(Dir::Uni) else {
+                self.stats.backlog_drops += 1;
+                return;
+            };
+            let want = substreams
+                .iter()
+                .filter(|&i| i < shard.header.header.params.total())
+                .count();
+            conn.out_streams.insert(
+                key,
+                OutStream {
+                    id,
+                    sent: 0,
+                    want,
+                    pending: VecDeque::new(),
+                },
+            );
+        }
+        let mut head = BytesMut::new();
+        encode_shard_frame_head(
+            &mut head,
+            sub,
+            seq,
+            shard.index as u8,
+            first.then_some(&*shard.header),
+            shard.shard.len(),
+        );
+        let Some(out) = conn.out_streams.get_mut(&key) else {
+            return;
+        };
+        let added = head.len() + shard.shard.len();
+        out.pending.push_back(head.freeze());
+        out.pending.push_back(shard.shard.clone());
+        out.sent += 1;
+        conn.backlog += added;
+        self.stats.shards_out += 1;
+        self.stats.shard_bytes_out += shard.shard.len() as u64;
+        // Over the backlog bound: drop this subscriber's oldest chunk streams.
+        while conn.backlog > max_backlog {
+            let Some(oldest) = conn
+                .out_streams
+                .iter()
+                .filter(|(_, o)| !o.pending.is_empty())
+                .map(|(k, _)| *k)
+                .min_by_key(|(_, seq)| *seq)
+            else {
+                break;
+            };
+            if let Some(o) = conn.out_streams.remove(&oldest) {
+                let dropped: usize = o.pending.iter().map(Bytes::len).sum();
+                conn.backlog = conn.backlog.saturating_sub(dropped);
+                let _ = conn.quic.send_stream(o.id).reset(VarInt::from_u32(0));
+                self.stats.backlog_drops += 1;
+            }
+        }
+    }
+
+    fn flush_out_streams(&mut self, handle: ConnectionHandle) {
+        let Some(conn) = self.conns.get_mut(&handle) else {
+            return;
+        };
+        conn.flush_control();
+        let mut keys: Vec<(u32, u64)> = conn
+            .out_streams
+            .iter()
+            .filter(|(_, o)| !o.pending.is_empty() || o.sent >= o.want)
+            .map(|(k, _)| *k)
+            .collect();
+        keys.sort_by_key(|(_, seq)| *seq);
+        let mut finished = Vec::new();
+        for key in keys {
+            let Some(out) = conn.out_streams.get_mut(&key) else {
+                continue;
+            };
+            let mut stream = conn.quic.send_stream(out.id);
+            let mut blocked = false;
+            while !out.pending.is_empty() {
+                let mut batch: Vec<Bytes> = out.pending.drain(..).collect();
+                match stream.write_chunks(&mut batch) {
+                    Ok(written) => {
+                        conn.backlog = conn.backlog.saturating_sub(written.bytes);
+                        // Whatever QUIC did not take goes back to the front.
+                        for rest in batch.into_iter().rev().filter(|b| !b.is_empty()) {
+                            out.pending.push_front(rest);
+                        }
+                        if !out.pending.is_empty() {
+                            blocked = true;
+                            break;
+                        }
+                    }
+                    Err(WriteError::Blocked) => {
+                        for rest in batch.into_iter().rev() {
+                            out.pending.push_front(rest);
+                        }
+                        blocked = true;
+                        break;
+                    }
+                    Err(_) => {
+                        out.pending.clear();
+                        break;
+                    }
+                }
+            }
+            if blocked {
+                break;
+            }
+            if out.sent >= out.want && out.pending.is_empty() {
+                let _ = stream.finish();
+                finished.push(key);
+            }
+        }
+        for key in finished {
+            conn.out_streams.remove(&key);
+        }
+    }
+
+    /// Finishes chunk streams whose chunk has left the window.
+    fn retire_streams(&mut self) {
+        for conn in self.conns.values_mut() {
+            let mut stale = Vec::new();
+            for (key, out) in &conn.out_streams {
+                let oldest = conn
+                    .served
+                    .get(&key.0)
+                    .and_then(|s| self.channels.get(&s.channel))
+                    .and_then(Channel::range)
+                    .map(|(oldest, _)| oldest);
+                if oldest.is_none_or(|o| key.1 < o) && out.pending.is_empty() {
+                    stale.push(*key);
+                }
+            }
+            for key in stale {
+                if let Some(out) = conn.out_streams.remove(&key) {
+                    let _ = conn.quic.send_stream(out.id).finish();
+                }
+            }
+        }
+    }
+}
+
+/// Reads what arrived on stream `id` and decodes every complete frame.
+fn read_stream(conn: &mut Conn, id: StreamId, inputs: &mut Vec<Input>) {
+    let is_control = conn.control == Some(id);
+    if !is_control && !conn.in_streams.contains_key(&id) {
+        return;
+    }
+    let mut data = BytesMut::new();
+    let mut finished = false;
+    {
+        let mut stream = conn.quic.recv_stream(id);
+        let Ok(mut chunks) = stream.read(true) else {
+            return;
+        };
+        loop {
+            match chunks.next(usize::MAX) {
+                Ok(Some(chunk)) => data.extend_from_slice(&chunk.bytes),
+                Ok(None) => {
+                    finished = true;
+                    break;
+                }
+                Err(ReadError::Blocked) => break,
+                Err(ReadError::Reset(_)) => {
+                    finished = true;
+                    break;
+                }
+            }
+        }
+        let _ = chunks.finalize();
+    }
+    let buf = if is_control {
+        &mut conn.control_rx
+    } else {
+        match conn.in_streams.get_mut(&id) {
+            Some(s) => &mut s.buf,
+            None => return,
+        }
+    };
+    buf.extend_from_slice(&data);
+    loop {
+        match Message::decode_frame(buf) {
+            Ok(Some(Message::Shard(frame))) if !is_control => inputs.push(Input::Shard(id, frame)),
+            Ok(Some(Message::Shard(_))) => {
+                inputs.push(Input::Undecodable(DecodeError::Invalid(
+                    "shard on control stream",
+                )));
+                break;
+            }
+            Ok(Some(msg)) if is_control => inputs.push(Input::Control(msg)),
+            Ok(Some(_)) => {
+                inputs.push(Input::Undecodable(DecodeError::Invalid(
+                    "control message on a shard stream",
+                )));
+                break;
+            }
+            Ok(None) => break,
+            Err(e) => {
+                inputs.push(Input::Undecodable(e));
+                break;
+            }
+        }
+    }
+    if finished && !is_control {
+        inputs.push(Input::StreamDone(id));
+    }
+}

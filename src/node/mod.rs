@@ -1,0 +1,15 @@
+//! The node: one sans-IO engine for sources, supernodes and peers, with its QUIC transport and
+//! identity.
+//!
+//! - [`tls`]: self-signed certificates for node keys; the dialler accepts only the node it
+//!   expected.
+//! - [`channel`]: per-channel window, verification, regeneration and playout (pure).
+//! - [`engine`]: quinn-proto endpoint and connections, the control protocol, chunk streams,
+//!   fan-out. Read its module doc for the driver call order.
+
+pub mod channel;
+pub mod engine;
+pub mod tls;
+
+pub use channel::{Channel, ChannelConfig, ChannelMode, ChannelStats};
+pub use engine::{Engine, EngineConfig, EngineError, EngineStats, NodeEvent};
