@@ -103,113 +103,233 @@ fn collect(sim: &mut Sim, peer: NodeIx, played: &mut Played) {
     }
 }
 
-#[test]
-fn a_killed_supernode_costs_no_peer_a_single_chunk() {
-    let t0 = Instant::now();
-    let mut sim = Sim::new(t0, SimConfig::default());
-    let mut source = Broadcast::new(&mut sim, 500_000);
-    let src_addr = sim.node(source.node).addr;
-    let src_id = sim.node(source.node).id;
-    let all = SubstreamSet::first(16);
+/// A source, `n_super` supernodes subscribed to all substreams, and `n_peers` peers taking 4
+/// substreams from each of the first three supernodes (12 of 16 with K=8: any one parent can go).
+struct Grid {
+    t0: Instant,
+    sim: Sim,
+    source: Broadcast,
+    supernodes: Vec<NodeIx>,
+    peers: Vec<NodeIx>,
+    played: Vec<Played>,
+}
 
-    let supernodes: Vec<NodeIx> = (0..3)
-        .map(|_| {
-            let sn = sim
-                .add_node(EngineConfig {
-                    role: Role::Supernode,
-                    serve: true,
-                    ..Default::default()
-                })
-                .unwrap();
-            let now = sim.now();
-            let engine = &mut sim.node_mut(sn).engine;
-            engine.add_channel(source.channel, ChannelMode::Relay);
-            engine
-                .subscribe(now, src_addr, src_id, source.channel, all, StartAt::Live)
-                .unwrap();
-            sn
-        })
-        .collect();
+impl Grid {
+    fn new(seed: u64, n_super: usize, super_config: impl Fn(usize) -> EngineConfig) -> Self {
+        let t0 = Instant::now();
+        let mut sim = Sim::new(
+            t0,
+            SimConfig {
+                seed,
+                ..Default::default()
+            },
+        );
+        let source = Broadcast::new(&mut sim, 500_000);
+        let (src_addr, src_id) = (sim.node(source.node).addr, sim.node(source.node).id);
+        let supernodes = (0..n_super)
+            .map(|i| {
+                let sn = sim.add_node(super_config(i)).unwrap();
+                let now = sim.now();
+                let engine = &mut sim.node_mut(sn).engine;
+                engine.add_channel(source.channel, ChannelMode::Relay);
+                engine
+                    .subscribe(
+                        now,
+                        src_addr,
+                        src_id,
+                        source.channel,
+                        SubstreamSet::first(16),
+                        StartAt::Live,
+                    )
+                    .unwrap();
+                sn
+            })
+            .collect();
+        Self {
+            t0,
+            sim,
+            source,
+            supernodes,
+            peers: Vec::new(),
+            played: Vec::new(),
+        }
+    }
 
-    // Let the supernodes fill up, then the peers join.
-    source.run(&mut sim, Duration::from_secs(2));
-    let peers: Vec<NodeIx> = (0..6)
-        .map(|_| {
-            let p = sim.add_node(EngineConfig::default()).unwrap();
-            let now = sim.now();
-            sim.node_mut(p)
+    fn relay_config(_: usize) -> EngineConfig {
+        EngineConfig {
+            role: Role::Supernode,
+            serve: true,
+            ..Default::default()
+        }
+    }
+
+    fn add_peers(&mut self, n: usize) {
+        for _ in 0..n {
+            let p = self.sim.add_node(EngineConfig::default()).unwrap();
+            let now = self.sim.now();
+            self.sim
+                .node_mut(p)
                 .engine
-                .add_channel(source.channel, ChannelMode::Play);
-            for (i, &sn) in supernodes.iter().enumerate() {
-                let (addr, id) = (sim.node(sn).addr, sim.node(sn).id);
+                .add_channel(self.source.channel, ChannelMode::Play);
+            for (i, &sn) in self.supernodes.iter().take(3).enumerate() {
+                let (addr, id) = (self.sim.node(sn).addr, self.sim.node(sn).id);
                 let mut set = SubstreamSet::EMPTY;
                 for s in 4 * i..4 * i + 4 {
                     set.insert(s);
                 }
-                sim.node_mut(p)
+                self.sim
+                    .node_mut(p)
                     .engine
-                    .subscribe(now, addr, id, source.channel, set, StartAt::Live)
+                    .subscribe(now, addr, id, self.source.channel, set, StartAt::Live)
                     .unwrap();
             }
-            p
-        })
-        .collect();
-    let mut played: Vec<Played> = peers.iter().map(|_| Played::default()).collect();
-
-    source.run(&mut sim, Duration::from_secs(10));
-    // Kill one parent of every peer, without a goodbye.
-    sim.kill(supernodes[0]);
-    source.run(&mut sim, Duration::from_secs(10));
-    for (i, &p) in peers.iter().enumerate() {
-        collect(&mut sim, p, &mut played[i]);
+            self.peers.push(p);
+            self.played.push(Played::default());
+        }
     }
 
-    let last_published = *source.published.keys().next_back().unwrap();
-    for (i, p) in played.iter().enumerate() {
-        let seqs: Vec<u64> = p.chunks.iter().map(|c| c.0).collect();
-        assert!(!seqs.is_empty(), "peer {i} played nothing");
-        // Consecutive: no skip, no repeat.
-        for w in seqs.windows(2) {
-            assert_eq!(w[1], w[0] + 1, "peer {i} skipped or repeated at {}", w[0]);
+    fn run(&mut self, d: Duration) {
+        self.source.run(&mut self.sim, d);
+        for (i, &p) in self.peers.iter().enumerate() {
+            collect(&mut self.sim, p, &mut self.played[i]);
         }
-        // Caught up to the live edge (within a second of chunks).
-        let last = *seqs.last().unwrap();
-        assert!(
-            last + 4 >= last_published,
-            "peer {i} ends at {last}, source at {last_published}"
-        );
-        // Byte-exact.
-        for (seq, bytes, _) in &p.chunks {
-            assert_eq!(
-                bytes, &source.published[seq],
-                "peer {i} chunk {seq} differs"
+    }
+
+    /// Asserts every peer played a consecutive, byte-exact run up to the live edge; prints the
+    /// figures. Returns total bytes delivered.
+    fn assert_perfect(&self, scenario: &str) -> u64 {
+        let last_published = *self.source.published.keys().next_back().unwrap();
+        let mut delivered = 0;
+        for (i, p) in self.played.iter().enumerate() {
+            let seqs: Vec<u64> = p.chunks.iter().map(|c| c.0).collect();
+            assert!(!seqs.is_empty(), "{scenario}: peer {i} played nothing");
+            for w in seqs.windows(2) {
+                assert_eq!(
+                    w[1],
+                    w[0] + 1,
+                    "{scenario}: peer {i} skipped or repeated at {}",
+                    w[0]
+                );
+            }
+            let last = *seqs.last().unwrap();
+            assert!(
+                last + 4 >= last_published,
+                "{scenario}: peer {i} ends at {last}, source at {last_published}"
             );
+            for (seq, bytes, _) in &p.chunks {
+                assert_eq!(
+                    bytes, &self.source.published[seq],
+                    "{scenario}: peer {i} chunk {seq} differs"
+                );
+                delivered += bytes.len() as u64;
+            }
+            let stats = self
+                .sim
+                .node(self.peers[i])
+                .engine
+                .channel(&self.source.channel)
+                .unwrap()
+                .stats();
+            assert_eq!(stats.chunks_skipped, 0, "{scenario}: peer {i}");
+            assert_eq!(stats.verify_failures, 0, "{scenario}: peer {i}");
         }
-        let stats = sim
-            .node(peers[i])
-            .engine
-            .channel(&source.channel)
-            .unwrap()
-            .stats();
-        assert_eq!(stats.chunks_skipped, 0, "peer {i}");
-        assert_eq!(stats.verify_failures, 0, "peer {i}");
+        let startup = self
+            .played
+            .iter()
+            .map(|p| p.chunks[0].2 - self.t0)
+            .max()
+            .unwrap();
         println!(
-            "peer {i}: played {} chunks {}..={} skipped 0, first byte at {:?}",
-            seqs.len(),
-            seqs[0],
-            last,
-            p.chunks[0].2 - t0
+            "{scenario}: peers={} continuity=100% chunks_played_each={} latest_first_byte_at={:?} \
+             source_upload_bytes={} delivered_bytes={delivered} sim={:?}",
+            self.peers.len(),
+            self.played[0].chunks.len(),
+            startup,
+            self.sim.node(self.source.node).bytes_sent,
+            self.sim.stats(),
         );
+        delivered
     }
-    let src_up = sim.node(source.node).bytes_sent;
-    let delivered: u64 = played
-        .iter()
-        .flat_map(|p| &p.chunks)
-        .map(|c| c.1.len() as u64)
-        .sum();
-    println!(
-        "source upload {src_up} bytes, delivered {delivered} bytes to {} peers, sim {:?}",
-        peers.len(),
-        sim.stats()
+}
+
+#[test]
+fn a_killed_supernode_costs_no_peer_a_single_chunk() {
+    let mut grid = Grid::new(1, 3, Grid::relay_config);
+    // Let the supernodes fill up, then the peers join.
+    grid.run(Duration::from_secs(2));
+    grid.add_peers(6);
+    grid.run(Duration::from_secs(10));
+    // Kill one parent of every peer, without a goodbye.
+    let victim = grid.supernodes[0];
+    grid.sim.kill(victim);
+    grid.run(Duration::from_secs(10));
+    grid.assert_perfect("kill-one-parent");
+}
+
+#[test]
+fn five_percent_loss_on_every_link_keeps_continuity() {
+    let mut grid = Grid::new(5, 3, Grid::relay_config);
+    grid.sim.set_loss_everywhere(0.05);
+    grid.run(Duration::from_secs(2));
+    grid.add_peers(6);
+    grid.run(Duration::from_secs(20));
+    assert!(
+        grid.sim.stats().lost > 100,
+        "loss was applied: {:?}",
+        grid.sim.stats()
+    );
+    grid.assert_perfect("loss-5%");
+}
+
+#[test]
+fn dialling_the_wrong_node_id_fails_the_handshake() {
+    let mut grid = Grid::new(2, 1, Grid::relay_config);
+    grid.run(Duration::from_secs(2));
+    let p = grid.sim.add_node(EngineConfig::default()).unwrap();
+    let now = grid.sim.now();
+    let sn = grid.supernodes[0];
+    let addr = grid.sim.node(sn).addr;
+    // The source's id at the supernode's address: an impostor from the dialler's view.
+    let wrong = grid.sim.node(grid.source.node).id;
+    let channel = grid.source.channel;
+    grid.sim
+        .node_mut(p)
+        .engine
+        .add_channel(channel, ChannelMode::Play);
+    grid.sim
+        .node_mut(p)
+        .engine
+        .subscribe(
+            now,
+            addr,
+            wrong,
+            channel,
+            SubstreamSet::first(16),
+            StartAt::Live,
+        )
+        .unwrap();
+    grid.run(Duration::from_secs(3));
+    let events = grid.sim.take_events(p);
+    assert!(
+        events
+            .iter()
+            .all(|(_, e)| !matches!(e, NodeEvent::Chunk { .. } | NodeEvent::Connected { .. })),
+        "an impostor must not get through"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|(_, e)| matches!(e, NodeEvent::ConnectionLost { .. })),
+        "the handshake must fail visibly: {events:?}"
+    );
+    assert_eq!(
+        grid.sim
+            .node(p)
+            .engine
+            .channel(&channel)
+            .unwrap()
+            .stats()
+            .shards_in,
+        0
     );
 }
