@@ -81,6 +81,9 @@ pub struct EngineConfig {
     pub rng_seed: Option<[u8; 32]>,
     /// Agent string for Hello.
     pub agent: String,
+    /// Fault injection for the simulator: flip a byte in every shard this node sends, to prove
+    /// that its neighbours catch it. Never set outside tests.
+    pub corrupt_outgoing_shards: bool,
 }
 
 impl Default for EngineConfig {
@@ -95,6 +98,7 @@ impl Default for EngineConfig {
             max_backlog_bytes: 4 * 1024 * 1024,
             rng_seed: None,
             agent: concat!("gridcast/", env!("CARGO_PKG_VERSION")).to_owned(),
+            corrupt_outgoing_shards: false,
         }
     }
 }
@@ -876,6 +880,15 @@ impl Engine {
         shard: &StoredShard,
     ) {
         let max_backlog = self.config.max_backlog_bytes;
+        let payload = if self.config.corrupt_outgoing_shards {
+            let mut bad = shard.shard.to_vec();
+            if let Some(b) = bad.last_mut() {
+                *b ^= 0x5a;
+            }
+            Bytes::from(bad)
+        } else {
+            shard.shard.clone()
+        };
         let Some(conn) = self.conns.get_mut(&handle) else {
             return;
         };
@@ -915,7 +928,7 @@ impl Engine {
         };
         let added = head.len() + shard.shard.len();
         out.pending.push_back(head.freeze());
-        out.pending.push_back(shard.shard.clone());
+        out.pending.push_back(payload);
         out.sent += 1;
         conn.backlog += added;
         self.stats.shards_out += 1;
