@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use gridcast::keys::{ChannelId, ChannelKey};
-use gridcast::node::{ChannelMode, EngineConfig, NodeEvent};
+use gridcast::node::{Candidate, ChannelMode, EngineConfig, NodeEvent};
 use gridcast::sim::{NodeIx, Sim, SimConfig};
 use gridcast::stream::{ChunkPublisher, Chunker, ChunkerConfig, CodingParams, InputFormat};
 use gridcast::wire::{Role, StartAt, SubstreamSet};
@@ -89,16 +89,21 @@ impl Broadcast {
     }
 }
 
-/// What a peer played.
+/// What a peer played, and when it failed over.
 #[derive(Default)]
 struct Played {
     chunks: Vec<(u64, Bytes, Instant)>,
+    failovers: Vec<(Instant, u64)>,
 }
 
 fn collect(sim: &mut Sim, peer: NodeIx, played: &mut Played) {
     for (at, ev) in sim.take_events(peer) {
-        if let NodeEvent::Chunk { seq, payload, .. } = ev {
-            played.chunks.push((seq, payload.to_bytes(), at));
+        match ev {
+            NodeEvent::Chunk { seq, payload, .. } => {
+                played.chunks.push((seq, payload.to_bytes(), at));
+            }
+            NodeEvent::Failover { resume, .. } => played.failovers.push((at, resume)),
+            _ => {}
         }
     }
 }
@@ -183,6 +188,31 @@ impl Grid {
                     .subscribe(now, addr, id, self.source.channel, set, StartAt::Live)
                     .unwrap();
             }
+            self.peers.push(p);
+            self.played.push(Played::default());
+        }
+    }
+
+    /// Peers that choose their own parents among all supernodes (listed from `first` on).
+    fn add_policy_peers(&mut self, n: usize, first: usize) {
+        let count = self.supernodes.len();
+        for _ in 0..n {
+            let p = self.sim.add_node(EngineConfig::default()).unwrap();
+            let now = self.sim.now();
+            let candidates = (0..count)
+                .map(|i| {
+                    let sn = self.supernodes[(first + i) % count];
+                    Candidate {
+                        addr: self.sim.node(sn).addr,
+                        node: self.sim.node(sn).id,
+                    }
+                })
+                .collect();
+            let engine = &mut self.sim.node_mut(p).engine;
+            engine.add_channel(self.source.channel, ChannelMode::Play);
+            engine
+                .set_upstream(now, self.source.channel, candidates)
+                .unwrap();
             self.peers.push(p);
             self.played.push(Played::default());
         }
@@ -390,4 +420,54 @@ fn a_corrupting_supernode_is_dropped_and_no_bad_byte_is_played() {
     // Every byte played is the source's (assert_perfect compares each chunk).
     grid.assert_perfect("corrupting-supernode");
     assert!(grid.peer_verify_failures().iter().all(|&f| f >= 1));
+}
+
+#[test]
+fn peers_replace_a_killed_parent_within_two_seconds() {
+    let mut grid = Grid::new(7, 4, Grid::relay_config);
+    grid.run(Duration::from_secs(2));
+    // Every peer lists supernode 0 first, so it is a parent of every peer.
+    grid.add_policy_peers(12, 0);
+    grid.run(Duration::from_secs(8));
+    let channel = grid.source.channel;
+    for &p in &grid.peers {
+        assert_eq!(
+            grid.sim.node(p).engine.upstream_status(&channel),
+            Some((12, 3)),
+            "peer {p}"
+        );
+    }
+    let killed_at = grid.sim.now();
+    grid.sim.kill(grid.supernodes[0]);
+    grid.run(Duration::from_secs(2));
+    for (i, &p) in grid.peers.iter().enumerate() {
+        let engine = &grid.sim.node(p).engine;
+        assert_eq!(
+            engine.upstream_status(&channel),
+            Some((12, 3)),
+            "peer {i} not back to full redundancy"
+        );
+        let (at, _) = grid.played[i]
+            .failovers
+            .first()
+            .copied()
+            .expect("a failover");
+        assert!(
+            at - killed_at <= Duration::from_secs(2),
+            "peer {i} failed over after {:?}",
+            at - killed_at
+        );
+    }
+    grid.run(Duration::from_secs(8));
+    grid.assert_perfect("kill-parent-of-every-peer");
+    let worst = grid
+        .played
+        .iter()
+        .map(|p| p.failovers[0].0 - killed_at)
+        .max()
+        .unwrap();
+    println!(
+        "kill-parent-of-every-peer: failovers={} slowest_failover={worst:?}",
+        grid.played.iter().map(|p| p.failovers.len()).sum::<usize>()
+    );
 }

@@ -41,6 +41,7 @@ use quinn_proto::{
 
 use super::channel::{Channel, ChannelConfig, ChannelMode, Rejected, StoredShard};
 use super::tls::{self, SERVER_NAME, TlsError};
+use super::upstream::{Candidate, Slot, Upstream, UpstreamConfig, assign};
 use crate::keys::{ChannelId, NodeId, NodeKey};
 use crate::stream::{CodedChunk, Payload, ShardCoder, SignedChunkHeader};
 use crate::wire::{
@@ -81,6 +82,9 @@ pub struct EngineConfig {
     pub rng_seed: Option<[u8; 32]>,
     /// Agent string for Hello.
     pub agent: String,
+    /// Parent selection and failover for channels given candidates with
+    /// [`Engine::set_upstream`].
+    pub upstream: UpstreamConfig,
     /// Fault injection for the simulator: flip a byte in every shard this node sends, to prove
     /// that its neighbours catch it. Never set outside tests.
     pub corrupt_outgoing_shards: bool,
@@ -99,6 +103,7 @@ impl Default for EngineConfig {
             rng_seed: None,
             agent: concat!("gridcast/", env!("CARGO_PKG_VERSION")).to_owned(),
             corrupt_outgoing_shards: false,
+            upstream: UpstreamConfig::default(),
         }
     }
 }
@@ -148,6 +153,17 @@ pub enum NodeEvent {
         /// Why.
         reason: String,
     },
+    /// A parent was lost or lagged, and its substreams moved.
+    Failover {
+        /// Channel.
+        channel: ChannelId,
+        /// The parent given up on.
+        lost: SocketAddr,
+        /// The parent that took over its substreams, if one was ready.
+        replacement: Option<SocketAddr>,
+        /// The chunk the replacement resumes at.
+        resume: u64,
+    },
     /// A neighbour sent bad data and was disconnected.
     Misbehaved {
         /// Remote address.
@@ -176,6 +192,8 @@ pub struct EngineStats {
     pub accepted: u64,
     /// UDP payload bytes received.
     pub udp_bytes_in: u64,
+    /// Parents replaced after loss or lag.
+    pub failovers: u64,
 }
 
 /// A subscription a neighbour holds on us.
@@ -300,6 +318,8 @@ pub struct Engine {
     responses: VecDeque<(Transmit, Vec<u8>)>,
     next_sub: u32,
     refused: HashSet<NodeId>,
+    upstreams: HashMap<ChannelId, Upstream>,
+    lost_conns: Vec<ConnectionHandle>,
     stats: EngineStats,
 }
 
@@ -356,6 +376,8 @@ impl Engine {
             responses: VecDeque::new(),
             next_sub: 1,
             refused: HashSet::new(),
+            upstreams: HashMap::new(),
+            lost_conns: Vec::new(),
             stats: EngineStats::default(),
         })
     }
@@ -416,6 +438,24 @@ impl Engine {
         substreams: SubstreamSet,
         start: StartAt,
     ) -> Result<ConnectionHandle, EngineError> {
+        let (handle, _) =
+            self.subscribe_inner(now, parent, parent_id, channel, substreams, start, None)?;
+        self.drive(now);
+        Ok(handle)
+    }
+
+    /// Subscribes (or, with `sub`, changes an existing subscription). Does not drive.
+    #[allow(clippy::too_many_arguments)]
+    fn subscribe_inner(
+        &mut self,
+        now: Instant,
+        parent: SocketAddr,
+        parent_id: NodeId,
+        channel: ChannelId,
+        substreams: SubstreamSet,
+        start: StartAt,
+        sub: Option<u32>,
+    ) -> Result<(ConnectionHandle, u32), EngineError> {
         if !self.channels.contains_key(&channel) {
             return Err(EngineError::UnknownChannel(channel));
         }
@@ -431,8 +471,10 @@ impl Engine {
             Some(h) => h,
             None => self.connect(now, parent, parent_id)?,
         };
-        let sub = self.next_sub;
-        self.next_sub += 1;
+        let sub = sub.unwrap_or_else(|| {
+            self.next_sub += 1;
+            self.next_sub - 1
+        });
         if let Some(conn) = self.conns.get_mut(&handle) {
             conn.taken.insert(sub, channel);
             conn.send_control(&Message::Subscribe(Subscribe {
@@ -442,8 +484,230 @@ impl Engine {
                 start,
             }));
         }
+        Ok((handle, sub))
+    }
+
+    /// Lets the engine choose parents for `channel` among `candidates` and keep them: draws
+    /// substreams so that losing any [`UpstreamConfig::tolerate`] parents still leaves K, keeps
+    /// warm standbys, and replaces a lost or lagging parent without waiting for a QUIC timeout.
+    pub fn set_upstream(
+        &mut self,
+        now: Instant,
+        channel: ChannelId,
+        candidates: Vec<Candidate>,
+    ) -> Result<(), EngineError> {
+        if !self.channels.contains_key(&channel) {
+            return Err(EngineError::UnknownChannel(channel));
+        }
+        let rotation = usize::from(self.node.as_bytes()[0]);
+        let candidates = candidates
+            .into_iter()
+            .filter(|c| c.node != self.node)
+            .collect();
+        self.upstreams.insert(
+            channel,
+            Upstream::new(self.config.upstream.clone(), candidates, rotation),
+        );
+        self.upstream_fill(now, channel);
         self.drive(now);
-        Ok(handle)
+        Ok(())
+    }
+
+    /// Substreams drawn for `channel` by the upstream policy, and from how many parents.
+    pub fn upstream_status(&self, channel: &ChannelId) -> Option<(usize, usize)> {
+        self.upstreams
+            .get(channel)
+            .map(|u| (u.substreams_held(), u.active()))
+    }
+
+    /// Connects standbys and hands unassigned substream sets to them.
+    fn upstream_fill(&mut self, now: Instant, channel: ChannelId) {
+        let Some(mut up) = self.upstreams.remove(&channel) else {
+            return;
+        };
+        // Failed candidates become eligible again after their back-off.
+        for (_, slot) in &mut up.candidates {
+            if let Slot::Failed { until } = slot
+                && *until <= now
+            {
+                *slot = Slot::Idle;
+            }
+        }
+        // Keep parents + standby connections.
+        let want = up.config.parents + up.config.standby;
+        let mut connected = up
+            .candidates
+            .iter()
+            .filter(|(_, s)| matches!(s, Slot::Active { .. } | Slot::Standby { .. }))
+            .count();
+        for i in 0..up.candidates.len() {
+            if connected >= want {
+                break;
+            }
+            let (cand, slot) = up.candidates[i].clone();
+            if slot != Slot::Idle || self.refused.contains(&cand.node) {
+                continue;
+            }
+            // Probe: an empty subscription makes the parent answer with ChannelInfo.
+            match self.subscribe_inner(
+                now,
+                cand.addr,
+                cand.node,
+                channel,
+                SubstreamSet::EMPTY,
+                StartAt::Live,
+                None,
+            ) {
+                Ok((conn, sub)) => {
+                    up.candidates[i].1 = Slot::Standby { conn, sub };
+                    connected += 1;
+                }
+                Err(_) => {
+                    up.candidates[i].1 = Slot::Failed {
+                        until: now + up.config.retry_after,
+                    }
+                }
+            }
+        }
+        // First assignment once K and N are known.
+        if let Some(params) = up.params
+            && up.active() == 0
+            && up.unassigned.is_empty()
+        {
+            let parents = up.config.parents.min(connected).max(1);
+            up.unassigned = assign(params, parents, up.config.tolerate, up.rotation)
+                .into_iter()
+                .map(|set| (set, StartAt::Live))
+                .collect();
+        }
+        // Hand sets to standbys.
+        while let Some(&(set, start)) = up.unassigned.first() {
+            let Some(i) = up
+                .candidates
+                .iter()
+                .position(|(_, s)| matches!(s, Slot::Standby { .. }))
+            else {
+                break;
+            };
+            let (cand, slot) = up.candidates[i].clone();
+            let Slot::Standby { conn, sub } = slot else {
+                break;
+            };
+            match self.subscribe_inner(now, cand.addr, cand.node, channel, set, start, Some(sub)) {
+                Ok(_) => {
+                    up.unassigned.remove(0);
+                    up.candidates[i].1 = Slot::Active {
+                        conn,
+                        sub,
+                        set,
+                        newest: None,
+                        last_shard: now,
+                    };
+                }
+                Err(_) => {
+                    up.candidates[i].1 = Slot::Failed {
+                        until: now + up.config.retry_after,
+                    }
+                }
+            }
+        }
+        if up.next_check.is_none() {
+            up.next_check = Some(now + up.config.check_every);
+        }
+        self.upstreams.insert(channel, up);
+    }
+
+    /// Finds lost and lagging parents and moves their substreams.
+    fn upstream_check(&mut self, now: Instant) {
+        let channels: Vec<ChannelId> = self.upstreams.keys().copied().collect();
+        for channel in channels {
+            let Some(up) = self.upstreams.get_mut(&channel) else {
+                continue;
+            };
+            let lost_conns = &self.lost_conns;
+            let best = up
+                .candidates
+                .iter()
+                .filter_map(|(_, s)| match s {
+                    Slot::Active { newest, .. } => *newest,
+                    _ => None,
+                })
+                .max();
+            let someone_fresh = up.candidates.iter().any(|(_, s)| match s {
+                Slot::Active { last_shard, .. } => {
+                    now.saturating_duration_since(*last_shard) < up.config.stall_timeout
+                }
+                _ => false,
+            });
+            let mut failed = Vec::new();
+            for (i, (_, slot)) in up.candidates.iter().enumerate() {
+                match slot {
+                    Slot::Active {
+                        conn,
+                        newest,
+                        last_shard,
+                        set,
+                        ..
+                    } => {
+                        let gone = lost_conns.contains(conn)
+                            || self.conns.get(conn).is_none_or(|c| c.closed);
+                        let behind = match (best, newest) {
+                            (Some(b), Some(n)) => b.saturating_sub(*n) >= up.config.lag_chunks,
+                            _ => false,
+                        };
+                        let silent = now.saturating_duration_since(*last_shard)
+                            >= up.config.stall_timeout
+                            && someone_fresh;
+                        if gone || behind || silent {
+                            let resume = newest.or(best).unwrap_or(0).saturating_sub(1);
+                            failed.push((i, *conn, *set, resume));
+                        }
+                    }
+                    Slot::Standby { conn, .. }
+                        if lost_conns.contains(conn)
+                            || self.conns.get(conn).is_none_or(|c| c.closed) =>
+                    {
+                        failed.push((i, *conn, SubstreamSet::EMPTY, 0));
+                    }
+                    _ => {}
+                }
+            }
+            let retry = up.config.retry_after;
+            let mut moved = Vec::new();
+            for (i, conn, set, resume) in failed {
+                up.candidates[i].1 = Slot::Failed { until: now + retry };
+                if !set.is_empty() {
+                    up.unassigned.push((set, StartAt::Seq(resume)));
+                    up.failovers += 1;
+                    moved.push((up.candidates[i].0.addr, resume));
+                }
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.close(now, close_code::DONE, "parent replaced");
+                }
+            }
+            self.upstream_fill(now, channel);
+            for (lost, resume) in moved {
+                self.stats.failovers += 1;
+                let replacement = self.upstreams.get(&channel).and_then(|u| {
+                    u.candidates.iter().find_map(|(c, s)| match s {
+                        Slot::Active {
+                            set, newest: None, ..
+                        } if !set.is_empty() => Some(c.addr),
+                        _ => None,
+                    })
+                });
+                self.events.push_back(NodeEvent::Failover {
+                    channel,
+                    lost,
+                    replacement,
+                    resume,
+                });
+            }
+            if let Some(up) = self.upstreams.get_mut(&channel) {
+                up.next_check = Some(now + up.config.check_every);
+            }
+        }
+        self.lost_conns.clear();
     }
 
     fn connect(
@@ -529,6 +793,14 @@ impl Engine {
             }
         }
         self.drive(now);
+        if self
+            .upstreams
+            .values()
+            .any(|u| u.next_check.is_some_and(|t| t <= now))
+        {
+            self.upstream_check(now);
+            self.drive(now);
+        }
     }
 
     /// The next instant [`Engine::handle_timeout`] must run.
@@ -538,7 +810,8 @@ impl Engine {
             .values_mut()
             .filter_map(|c| c.quic.poll_timeout());
         let channels = self.channels.values().filter_map(Channel::poll_timeout);
-        conns.chain(channels).min()
+        let upstream = self.upstreams.values().filter_map(|u| u.next_check);
+        conns.chain(channels).chain(upstream).min()
     }
 
     /// The next datagram(s) to send. The bytes are written to `buf`; with `segment_size` set,
@@ -631,6 +904,7 @@ impl Engine {
                             conn.flush_control();
                         }
                         Event::ConnectionLost { reason } => {
+                            self.lost_conns.push(handle);
                             self.events.push_back(NodeEvent::ConnectionLost {
                                 conn: handle,
                                 remote: conn.remote,
@@ -775,8 +1049,16 @@ impl Engine {
                     );
                 }
             }
-            Message::ChannelInfo(_)
-            | Message::Have(_)
+            Message::ChannelInfo(info) => {
+                if let Some(up) = self.upstreams.get_mut(&info.channel)
+                    && up.params.is_none()
+                {
+                    // A hint for assignment only: every header is still verified.
+                    up.params = Some(info.params);
+                    self.upstream_fill(now, info.channel);
+                }
+            }
+            Message::Have(_)
             | Message::ParentQuery(_)
             | Message::ParentAnswer(_)
             | Message::GoAway(_) => {}
@@ -820,13 +1102,25 @@ impl Engine {
                 return;
             }
         };
+        let seq = header.header.seq;
         match channel.insert_shard(
             &header,
             usize::from(frame.index),
             frame.shard,
             &mut self.coder,
         ) {
-            Ok(stored) => self.fan_out(channel_id, &stored),
+            Ok(stored) => {
+                if let Some(up) = self.upstreams.get_mut(&channel_id)
+                    && let Some(i) = up.slot_of(handle)
+                    && let Slot::Active {
+                        newest, last_shard, ..
+                    } = &mut up.candidates[i].1
+                {
+                    *newest = Some(newest.map_or(seq, |n| n.max(seq)));
+                    *last_shard = now;
+                }
+                self.fan_out(channel_id, &stored);
+            }
             Err(e) => self.misbehaved(now, handle, &e),
         }
     }

@@ -10,6 +10,8 @@
 pub mod channel;
 pub mod engine;
 pub mod tls;
+pub mod upstream;
 
 pub use channel::{Channel, ChannelConfig, ChannelMode, ChannelStats};
 pub use engine::{Engine, EngineConfig, EngineError, EngineStats, NodeEvent};
+pub use upstream::{Candidate, UpstreamConfig, assign};

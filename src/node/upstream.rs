@@ -1,0 +1,249 @@
+//! Upstream policy: which parents a node draws a channel's substreams from, and how it replaces
+//! one that is lost or lagging.
+//!
+//! ```text
+//!  candidates ─▶ connect parents + standby (probe: empty Subscribe ─▶ ChannelInfo gives K, N)
+//!             ─▶ assign(K, N, parents, f): disjoint substream sets, losing any f still ≥ K
+//!  shard from parent p ─▶ progress(p, seq)
+//!  tick: p lost (connection gone) or lagging (newest seq ≥ lag_chunks behind the best parent,
+//!        or silent for stall_timeout while others deliver)
+//!        ─▶ p's set moves to a warm standby (Subscribe, StartAt::Seq(resume)) ─▶ one round trip
+//!        ─▶ a new standby is dialled to keep the reserve
+//! ```
+//!
+//! This module holds the state and the pure arithmetic; [`super::engine`] executes the moves.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use quinn_proto::ConnectionHandle;
+
+use crate::keys::NodeId;
+use crate::stream::CodingParams;
+use crate::wire::{StartAt, SubstreamSet};
+
+/// Settings of the upstream policy.
+#[derive(Clone, Debug)]
+pub struct UpstreamConfig {
+    /// Parents to draw substreams from at once (default 3).
+    pub parents: usize,
+    /// Parents that may be lost at once with at least K substreams left (default 1).
+    pub tolerate: usize,
+    /// Extra parents kept connected and ready (default 2).
+    pub standby: usize,
+    /// A parent whose newest chunk is this many chunks behind the best parent is lagging.
+    pub lag_chunks: u64,
+    /// A parent silent this long while others deliver is lagging.
+    pub stall_timeout: Duration,
+    /// A failed candidate is not tried again for this long.
+    pub retry_after: Duration,
+    /// How often the policy checks its parents.
+    pub check_every: Duration,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            parents: 3,
+            tolerate: 1,
+            standby: 2,
+            lag_chunks: 3,
+            stall_timeout: Duration::from_millis(1000),
+            retry_after: Duration::from_secs(10),
+            check_every: Duration::from_millis(100),
+        }
+    }
+}
+
+/// A node that may serve the channel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Candidate {
+    /// Where to dial it.
+    pub addr: SocketAddr,
+    /// The node id it must prove.
+    pub node: NodeId,
+}
+
+/// What the policy knows about one candidate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Slot {
+    /// Not connected.
+    Idle,
+    /// Connected (or connecting), not drawing substreams: a warm standby.
+    Standby { conn: ConnectionHandle, sub: u32 },
+    /// Drawing `set`.
+    Active {
+        conn: ConnectionHandle,
+        sub: u32,
+        set: SubstreamSet,
+        /// Newest chunk received from it.
+        newest: Option<u64>,
+        /// When it last delivered a shard (or was activated).
+        last_shard: Instant,
+    },
+    /// Lost or lagging; not tried again before `until`.
+    Failed { until: Instant },
+}
+
+/// The upstream state of one channel.
+#[derive(Debug)]
+pub(crate) struct Upstream {
+    pub(crate) config: UpstreamConfig,
+    pub(crate) candidates: Vec<(Candidate, Slot)>,
+    /// K and N, once a parent told us (a hint for assignment; shards are still verified).
+    pub(crate) params: Option<CodingParams>,
+    /// Substream sets still to be handed to a parent, with where the new parent starts.
+    pub(crate) unassigned: Vec<(SubstreamSet, StartAt)>,
+    pub(crate) next_check: Option<Instant>,
+    pub(crate) failovers: u64,
+    /// Node-specific rotation so that peers spread load over all N substreams.
+    pub(crate) rotation: usize,
+}
+
+impl Upstream {
+    pub(crate) fn new(config: UpstreamConfig, candidates: Vec<Candidate>, rotation: usize) -> Self {
+        Self {
+            config,
+            candidates: candidates.into_iter().map(|c| (c, Slot::Idle)).collect(),
+            params: None,
+            unassigned: Vec::new(),
+            next_check: None,
+            failovers: 0,
+            rotation,
+        }
+    }
+
+    /// The active parent on `conn`, if any.
+    pub(crate) fn slot_of(&self, conn: ConnectionHandle) -> Option<usize> {
+        self.candidates.iter().position(|(_, s)| match s {
+            Slot::Active { conn: c, .. } | Slot::Standby { conn: c, .. } => *c == conn,
+            _ => false,
+        })
+    }
+
+    /// Parents currently drawing substreams.
+    pub(crate) fn active(&self) -> usize {
+        self.candidates
+            .iter()
+            .filter(|(_, s)| matches!(s, Slot::Active { .. }))
+            .count()
+    }
+
+    /// Substreams currently drawn, over all parents.
+    pub(crate) fn substreams_held(&self) -> usize {
+        self.candidates
+            .iter()
+            .map(|(_, s)| match s {
+                Slot::Active { set, .. } => set.len(),
+                _ => 0,
+            })
+            .sum()
+    }
+}
+
+/// Splits substreams among `parents` parents so that losing any `tolerate` of them leaves at
+/// least K: each parent gets `c = ceil(K / (parents - tolerate))` distinct substreams, starting
+/// at `rotation` so that different nodes load different substreams. With one parent (or too few
+/// substreams for the rule) the sets are as large as N allows. Returns one set per parent used
+/// (never more than N parents).
+pub fn assign(
+    params: CodingParams,
+    parents: usize,
+    tolerate: usize,
+    rotation: usize,
+) -> Vec<SubstreamSet> {
+    let k = params.original();
+    let n = params.total();
+    // More parents than substreams cannot all get a distinct one.
+    let parents = parents.min(n);
+    if parents == 0 {
+        return Vec::new();
+    }
+    let survivors = parents.saturating_sub(tolerate).max(1);
+    let mut per = k.div_ceil(survivors);
+    if per * parents > n {
+        // Not enough substreams for the redundancy asked: spread all N as evenly as possible.
+        per = n / parents;
+    }
+    let per = per.max(1);
+    (0..parents)
+        .map(|p| {
+            let mut set = SubstreamSet::EMPTY;
+            for j in 0..per {
+                set.insert((rotation + p * per + j) % n);
+            }
+            set
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(k: u8, r: u8) -> CodingParams {
+        CodingParams::new(k, r).unwrap()
+    }
+
+    #[test]
+    fn design_examples_hold() {
+        // DESIGN.md: 3 × 4 = 12 for K = 8; 5 × 2 = 10; 9 × 1 = 9.
+        assert_eq!(
+            assign(p(8, 8), 3, 1, 0)
+                .iter()
+                .map(|s| s.len())
+                .collect::<Vec<_>>(),
+            [4, 4, 4]
+        );
+        assert_eq!(
+            assign(p(8, 8), 5, 1, 0)
+                .iter()
+                .map(|s| s.len())
+                .sum::<usize>(),
+            10
+        );
+        assert_eq!(
+            assign(p(8, 8), 9, 1, 0)
+                .iter()
+                .map(|s| s.len())
+                .sum::<usize>(),
+            9
+        );
+    }
+
+    #[test]
+    fn losing_any_tolerated_parents_leaves_k_for_every_shape() {
+        for k in 1..=16u8 {
+            for r in 1..=16u8 {
+                let params = p(k, r);
+                for parents in 2..=8 {
+                    for rotation in [0, 5, 17] {
+                        let sets = assign(params, parents, 1, rotation);
+                        // Disjoint.
+                        let union = sets.iter().fold(0u128, |acc, s| {
+                            assert_eq!(acc & s.bits(), 0, "overlap k={k} r={r} parents={parents}");
+                            acc | s.bits()
+                        });
+                        assert!(union.count_ones() as usize <= params.total());
+                        let feasible =
+                            (k as usize).div_ceil(parents - 1) * parents <= params.total();
+                        if feasible {
+                            for lost in 0..parents {
+                                let left: usize = sets
+                                    .iter()
+                                    .enumerate()
+                                    .filter(|(i, _)| *i != lost)
+                                    .map(|(_, s)| s.len())
+                                    .sum();
+                                assert!(
+                                    left >= k as usize,
+                                    "k={k} r={r} parents={parents} lost={lost}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
