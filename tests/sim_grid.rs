@@ -471,3 +471,75 @@ fn peers_replace_a_killed_parent_within_two_seconds() {
         grid.played.iter().map(|p| p.failovers.len()).sum::<usize>()
     );
 }
+
+#[test]
+fn killing_half_the_supernodes_one_by_one_keeps_continuity() {
+    let mut grid = Grid::new(8, 4, Grid::relay_config);
+    grid.run(Duration::from_secs(2));
+    grid.add_policy_peers(12, 0);
+    grid.run(Duration::from_secs(6));
+    grid.sim.kill(grid.supernodes[0]);
+    grid.run(Duration::from_secs(10));
+    grid.sim.kill(grid.supernodes[1]);
+    grid.run(Duration::from_secs(10));
+    let channel = grid.source.channel;
+    for &p in &grid.peers {
+        // Two supernodes left: they share all the substreams the peer drew.
+        let (held, parents) = grid.sim.node(p).engine.upstream_status(&channel).unwrap();
+        assert_eq!(parents, 2, "peer {p}");
+        assert!(held >= 8, "peer {p} holds {held} substreams");
+    }
+    grid.assert_perfect("kill-half-one-by-one");
+}
+
+#[test]
+fn a_late_joiner_plays_within_a_second() {
+    let mut grid = Grid::new(9, 4, Grid::relay_config);
+    grid.run(Duration::from_secs(2));
+    grid.add_policy_peers(4, 0);
+    grid.run(Duration::from_secs(10));
+    let joined = grid.sim.now();
+    grid.add_policy_peers(1, 2);
+    grid.run(Duration::from_secs(3));
+    let late = grid.played.last().unwrap();
+    let first = late.chunks.first().expect("the late joiner played").2;
+    println!("late-joiner: first_byte_after={:?}", first - joined);
+    assert!(
+        first - joined <= Duration::from_secs(1),
+        "first byte after {:?}",
+        first - joined
+    );
+    grid.assert_perfect("late-joiner");
+}
+
+/// Source upload for a grid of `peers` policy peers over 8 s of stream.
+fn source_upload_with(peers: usize) -> (u64, u64) {
+    let mut grid = Grid::new(10, 4, Grid::relay_config);
+    grid.run(Duration::from_secs(2));
+    let before = grid.sim.node(grid.source.node).bytes_sent;
+    grid.add_policy_peers(peers, 0);
+    grid.run(Duration::from_secs(8));
+    let upload = grid.sim.node(grid.source.node).bytes_sent - before;
+    let delivered = grid.assert_perfect(&format!("audience-{peers}"));
+    (upload, delivered)
+}
+
+#[test]
+fn source_upload_does_not_grow_with_the_audience() {
+    let (small, small_delivered) = source_upload_with(10);
+    let (large, large_delivered) = source_upload_with(200);
+    println!(
+        "audience: source_upload_10={small} delivered_10={small_delivered} \
+         source_upload_200={large} delivered_200={large_delivered}"
+    );
+    assert!(
+        large_delivered > 15 * small_delivered,
+        "the large grid delivered more"
+    );
+    // Same first tier, same stream: within 5% (QUIC control traffic differs a little).
+    let ratio = large as f64 / small as f64;
+    assert!(
+        (0.95..=1.05).contains(&ratio),
+        "source upload grew {ratio:.3}x with 20x the audience"
+    );
+}

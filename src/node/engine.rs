@@ -611,6 +611,59 @@ impl Engine {
                 }
             }
         }
+        // No parent left to take them: the surviving parents share the orphaned substreams, so
+        // the node keeps K while any path to the source remains (with less redundancy).
+        let spare = up.candidates.iter().any(|(c, s)| {
+            matches!(s, Slot::Standby { .. })
+                || (*s == Slot::Idle && !self.refused.contains(&c.node))
+        });
+        let actives: Vec<usize> = (0..up.candidates.len())
+            .filter(|&i| matches!(up.candidates[i].1, Slot::Active { .. }))
+            .collect();
+        if !spare && !actives.is_empty() && !up.unassigned.is_empty() {
+            let mut extra = vec![SubstreamSet::EMPTY; actives.len()];
+            let mut resume: Option<u64> = None;
+            let mut n = 0;
+            for (set, start) in up.unassigned.drain(..) {
+                if let StartAt::Seq(s) = start {
+                    resume = Some(resume.map_or(s, |r| r.min(s)));
+                }
+                for index in set.iter() {
+                    extra[n % actives.len()].insert(index);
+                    n += 1;
+                }
+            }
+            for (slot_ix, add) in actives.into_iter().zip(extra) {
+                if add.is_empty() {
+                    continue;
+                }
+                let (cand, slot) = up.candidates[slot_ix].clone();
+                let Slot::Active {
+                    conn,
+                    sub,
+                    set,
+                    newest,
+                    last_shard,
+                } = slot
+                else {
+                    continue;
+                };
+                let union = SubstreamSet::from_bits(set.bits() | add.bits());
+                let start = resume.map_or(StartAt::Live, StartAt::Seq);
+                if self
+                    .subscribe_inner(now, cand.addr, cand.node, channel, union, start, Some(sub))
+                    .is_ok()
+                {
+                    up.candidates[slot_ix].1 = Slot::Active {
+                        conn,
+                        sub,
+                        set: union,
+                        newest,
+                        last_shard,
+                    };
+                }
+            }
+        }
         if up.next_check.is_none() {
             up.next_check = Some(now + up.config.check_every);
         }
