@@ -78,6 +78,12 @@ pub struct EngineConfig {
     pub keep_alive: Duration,
     /// Most unsent bytes queued on one connection before its oldest chunk streams are dropped.
     pub max_backlog_bytes: usize,
+    /// QUIC receive window per stream (one chunk's shards for one subscriber).
+    pub stream_window: u32,
+    /// QUIC receive window per connection: what a neighbour that stops reading can pin here.
+    pub connection_window: u32,
+    /// QUIC send buffer per connection: what a subscriber that stops reading can pin at us.
+    pub send_window: u64,
     /// Seed for quinn's connection-id and packet-number randomness (simulations).
     pub rng_seed: Option<[u8; 32]>,
     /// Agent string for Hello.
@@ -100,6 +106,9 @@ impl Default for EngineConfig {
             idle_timeout: Duration::from_secs(10),
             keep_alive: Duration::from_secs(1),
             max_backlog_bytes: 4 * 1024 * 1024,
+            stream_window: 2 * 1024 * 1024,
+            connection_window: 8 * 1024 * 1024,
+            send_window: 8 * 1024 * 1024,
             rng_seed: None,
             agent: concat!("gridcast/", env!("CARGO_PKG_VERSION")).to_owned(),
             corrupt_outgoing_shards: false,
@@ -320,6 +329,7 @@ pub struct Engine {
     refused: HashSet<NodeId>,
     upstreams: HashMap<ChannelId, Upstream>,
     lost_conns: Vec<ConnectionHandle>,
+    reading: bool,
     stats: EngineStats,
 }
 
@@ -345,9 +355,9 @@ impl Engine {
                 IdleTimeout::try_from(config.idle_timeout)
                     .unwrap_or_else(|_| IdleTimeout::from(VarInt::from_u32(10_000))),
             ))
-            .stream_receive_window(VarInt::from_u32(8 * 1024 * 1024))
-            .receive_window(VarInt::from_u32(32 * 1024 * 1024))
-            .send_window(32 * 1024 * 1024);
+            .stream_receive_window(VarInt::from_u32(config.stream_window))
+            .receive_window(VarInt::from_u32(config.connection_window))
+            .send_window(config.send_window);
         let transport = Arc::new(transport);
         let server = if config.serve {
             let mut server = ServerConfig::with_crypto(tls::server_crypto(key)?);
@@ -378,6 +388,7 @@ impl Engine {
             refused: HashSet::new(),
             upstreams: HashMap::new(),
             lost_conns: Vec::new(),
+            reading: true,
             stats: EngineStats::default(),
         })
     }
@@ -400,6 +411,33 @@ impl Engine {
     /// Open connections.
     pub fn connection_count(&self) -> usize {
         self.conns.len()
+    }
+
+    /// Stops (or resumes) consuming shard streams, as a paused or stuck player does. QUIC flow
+    /// control then pushes back on the parents, whose bounded backlogs drop the oldest chunks.
+    pub fn set_reading(&mut self, now: Instant, reading: bool) {
+        self.reading = reading;
+        if reading {
+            let mut inputs = Vec::new();
+            let handles: Vec<ConnectionHandle> = self.order.clone();
+            for handle in handles {
+                if let Some(conn) = self.conns.get_mut(&handle) {
+                    let ids: Vec<StreamId> = conn.in_streams.keys().copied().collect();
+                    for id in ids {
+                        read_stream(conn, id, &mut inputs);
+                    }
+                    for input in inputs.drain(..) {
+                        self.apply(now, handle, input);
+                    }
+                }
+            }
+        }
+        self.drive(now);
+    }
+
+    /// The largest queue of unsent shard bytes on any one connection.
+    pub fn max_connection_backlog(&self) -> usize {
+        self.conns.values().map(|c| c.backlog).max().unwrap_or(0)
     }
 
     /// Starts carrying a channel in `mode`.
@@ -981,11 +1019,15 @@ impl Engine {
                                         conn.in_streams.insert(id, InStream::default());
                                     }
                                 }
-                                read_stream(conn, id, &mut inputs);
+                                if self.reading || conn.control == Some(id) {
+                                    read_stream(conn, id, &mut inputs);
+                                }
                             }
                         }
                         Event::Stream(StreamEvent::Readable { id }) => {
-                            read_stream(conn, id, &mut inputs);
+                            if self.reading || conn.control == Some(id) {
+                                read_stream(conn, id, &mut inputs);
+                            }
                         }
                         Event::Stream(StreamEvent::Writable { .. }) => {
                             conn.flush_control();
