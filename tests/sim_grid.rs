@@ -272,9 +272,10 @@ impl Grid {
             .map(|p| p.chunks[0].2 - self.t0)
             .max()
             .unwrap();
+        let failovers: usize = self.played.iter().map(|p| p.failovers.len()).sum();
         println!(
             "{scenario}: peers={} continuity=100% chunks_played_each={} latest_first_byte_at={:?} \
-             source_upload_bytes={} delivered_bytes={delivered} sim={:?}",
+             failovers={failovers} source_upload_bytes={} delivered_bytes={delivered} sim={:?}",
             self.peers.len(),
             self.played[0].chunks.len(),
             startup,
@@ -317,10 +318,10 @@ fn a_killed_supernode_costs_no_peer_a_single_chunk() {
 
 #[test]
 fn five_percent_loss_on_every_link_keeps_continuity() {
-    let mut grid = Grid::new(5, 3, Grid::relay_config);
+    let mut grid = Grid::new(5, 4, Grid::relay_config);
     grid.sim.set_loss_everywhere(0.05);
     grid.run(Duration::from_secs(2));
-    grid.add_peers(6);
+    grid.add_policy_peers(6, 0);
     grid.run(Duration::from_secs(20));
     assert!(
         grid.sim.stats().lost > 100,
@@ -387,12 +388,13 @@ fn dialling_the_wrong_node_id_fails_the_handshake() {
 #[test]
 fn a_corrupting_supernode_is_dropped_and_no_bad_byte_is_played() {
     // Supernode 1 flips a byte in every shard it sends.
-    let mut grid = Grid::new(6, 3, |i| EngineConfig {
+    let mut grid = Grid::new(6, 4, |i| EngineConfig {
         corrupt_outgoing_shards: i == 1,
         ..Grid::relay_config(i)
     });
     grid.run(Duration::from_secs(2));
-    grid.add_peers(6);
+    // Every peer has the corrupting supernode among its first parents.
+    grid.add_policy_peers(6, 0);
     grid.run(Duration::from_secs(10));
     let bad = grid.supernodes[1];
     let bad_id = grid.sim.node(bad).id;
