@@ -42,6 +42,9 @@ pub struct ChannelConfig {
     pub window_bytes: usize,
     /// How long a player waits for a missing chunk once a later one is complete.
     pub playout_delay: Duration,
+    /// How far behind the live edge (by source timestamps) a player starts, so the chunks
+    /// already buffered absorb jitter and parent changes (default 1 s).
+    pub target_delay: Duration,
 }
 
 impl Default for ChannelConfig {
@@ -50,6 +53,7 @@ impl Default for ChannelConfig {
             window_chunks: 40,
             window_bytes: 64 * 1024 * 1024,
             playout_delay: Duration::from_millis(1500),
+            target_delay: Duration::from_secs(1),
         }
     }
 }
@@ -328,16 +332,25 @@ impl Channel {
             return out;
         }
         if self.next_play.is_none() {
-            // Start on the newest complete random-access chunk.
-            self.next_play = self
+            // Start on the newest complete random-access chunk that is at least the target delay
+            // behind the live edge; failing that (a young channel), on the newest one.
+            let edge = self
                 .window
-                .iter()
-                .rev()
+                .values()
+                .next_back()
+                .map(|c| c.header().header.timestamp_us);
+            let target = self.config.target_delay.as_micros() as u64;
+            let mut startable = self.window.iter().rev().filter(|(_, c)| {
+                c.is_complete_enough()
+                    && c.header().header.flags.contains(ChunkFlags::RANDOM_ACCESS)
+            });
+            let newest = startable.clone().next().map(|(s, _)| *s);
+            self.next_play = startable
                 .find(|(_, c)| {
-                    c.is_complete_enough()
-                        && c.header().header.flags.contains(ChunkFlags::RANDOM_ACCESS)
+                    edge.is_some_and(|e| e.saturating_sub(c.header().header.timestamp_us) >= target)
                 })
-                .map(|(s, _)| *s);
+                .map(|(s, _)| *s)
+                .or(newest);
         }
         while let Some(next) = self.next_play {
             match self.window.get(&next) {
@@ -378,6 +391,29 @@ impl Channel {
     /// Player: when [`Channel::poll_playout`] must run again to skip a stalled chunk.
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.stalled_since.map(|s| s + self.config.playout_delay)
+    }
+
+    /// Nominal chunk duration in milliseconds, estimated from the source timestamps held
+    /// (250 until two chunks are known).
+    pub fn chunk_ms_estimate(&self) -> u32 {
+        let (Some(first), Some(last)) = (
+            self.window.values().next(),
+            self.window.values().next_back(),
+        ) else {
+            return 250;
+        };
+        let span = last.seq() - first.seq();
+        let micros = last
+            .header()
+            .header
+            .timestamp_us
+            .saturating_sub(first.header().header.timestamp_us);
+        if span == 0 || micros == 0 {
+            return 250;
+        }
+        u32::try_from(micros / span / 1000)
+            .unwrap_or(250)
+            .clamp(10, 10_000)
     }
 
     /// Player: the next chunk it will emit.

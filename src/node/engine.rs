@@ -613,9 +613,10 @@ impl Engine {
             && up.unassigned.is_empty()
         {
             let parents = up.config.parents.min(connected).max(1);
+            let start = up.first_start;
             up.unassigned = assign(params, parents, up.config.tolerate, up.rotation)
                 .into_iter()
-                .map(|set| (set, StartAt::Live))
+                .map(|set| (set, start))
                 .collect();
         }
         // Hand sets to standbys.
@@ -1106,7 +1107,7 @@ impl Engine {
                 conn.send_control(&Message::ChannelInfo(ChannelInfo {
                     channel: sub.channel,
                     params,
-                    chunk_ms: 250,
+                    chunk_ms: channel.chunk_ms_estimate(),
                     latest: channel.range().map(|(_, newest)| newest),
                     stream_header: None,
                 }));
@@ -1148,8 +1149,14 @@ impl Engine {
                 if let Some(up) = self.upstreams.get_mut(&info.channel)
                     && up.params.is_none()
                 {
-                    // A hint for assignment only: every header is still verified.
+                    // Hints for assignment and the starting point only: every header is still
+                    // verified.
                     up.params = Some(info.params);
+                    let behind = u64::from(self.config.channel.target_delay.as_millis() as u32)
+                        .div_ceil(u64::from(info.chunk_ms.max(1)));
+                    up.first_start = info.latest.map_or(StartAt::Live, |latest| {
+                        StartAt::Seq(latest.saturating_sub(behind))
+                    });
                     self.upstream_fill(now, info.channel);
                 }
             }

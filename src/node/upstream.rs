@@ -95,6 +95,8 @@ pub(crate) struct Upstream {
     /// Substream sets still to be handed to a parent, with where the new parent starts.
     pub(crate) unassigned: Vec<(SubstreamSet, StartAt)>,
     pub(crate) next_check: Option<Instant>,
+    /// Where the first subscriptions start: far enough behind the edge for the target delay.
+    pub(crate) first_start: StartAt,
     pub(crate) failovers: u64,
     /// Node-specific rotation so that peers spread load over all N substreams.
     pub(crate) rotation: usize,
@@ -108,6 +110,7 @@ impl Upstream {
             params: None,
             unassigned: Vec::new(),
             next_check: None,
+            first_start: StartAt::Live,
             failovers: 0,
             rotation,
         }
