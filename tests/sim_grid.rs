@@ -322,7 +322,13 @@ fn a_killed_supernode_costs_no_peer_a_single_chunk() {
 
 #[test]
 fn five_percent_loss_on_every_link_keeps_continuity() {
-    let mut grid = Grid::new(5, 4, Grid::relay_config);
+    for seed in [5, 21, 42] {
+        five_percent_loss_with_seed(seed);
+    }
+}
+
+fn five_percent_loss_with_seed(seed: u64) {
+    let mut grid = Grid::new(seed, 4, Grid::relay_config);
     grid.sim.set_loss_everywhere(0.05);
     grid.run(Duration::from_secs(2));
     grid.add_policy_peers(6, 0);
@@ -332,7 +338,7 @@ fn five_percent_loss_on_every_link_keeps_continuity() {
         "loss was applied: {:?}",
         grid.sim.stats()
     );
-    grid.assert_perfect("loss-5%");
+    grid.assert_perfect(&format!("loss-5% seed={seed}"));
     assert!(grid.peer_verify_failures().iter().all(|&f| f == 0));
 }
 
@@ -635,4 +641,95 @@ fn two_minutes_of_stream_reach_twenty_peers_byte_exact() {
         "no parent was lost"
     );
     assert_eq!(delivered, 20 * grid.played[0].chunks.len() as u64 * 15_625);
+}
+
+/// A peer that serves others: it plays from the supernodes and relays within `cap`.
+fn relaying_peer(grid: &mut Grid, cap: Option<u64>, serve: bool) -> NodeIx {
+    let config = move || EngineConfig {
+        serve,
+        upload_cap: cap,
+        ..Default::default()
+    };
+    grid.add_policy_peers_with(1, 0, config);
+    *grid.peers.last().unwrap()
+}
+
+/// A peer whose first candidate is `first_parent`, then every supernode.
+fn peer_behind(grid: &mut Grid, first_parent: NodeIx) -> NodeIx {
+    let p = grid.sim.add_node(EngineConfig::default()).unwrap();
+    let now = grid.sim.now();
+    let mut candidates = vec![Candidate {
+        addr: grid.sim.node(first_parent).addr,
+        node: grid.sim.node(first_parent).id,
+    }];
+    for &sn in &grid.supernodes {
+        candidates.push(Candidate {
+            addr: grid.sim.node(sn).addr,
+            node: grid.sim.node(sn).id,
+        });
+    }
+    let engine = &mut grid.sim.node_mut(p).engine;
+    engine.add_channel(grid.source.channel, ChannelMode::Play);
+    engine
+        .set_upstream(now, grid.source.channel, candidates)
+        .unwrap();
+    grid.peers.push(p);
+    grid.played.push(Played::default());
+    p
+}
+
+#[test]
+fn peers_relay_to_peers_within_their_upload_cap() {
+    let mut grid = Grid::new(13, 4, Grid::relay_config);
+    grid.run(Duration::from_secs(2));
+    // An uncapped relaying peer, a capped one, and one that uploads nothing.
+    let open = relaying_peer(&mut grid, None, true);
+    let cap = 20_000; // bytes per second: about a third of one child's 4 substreams
+    let capped = relaying_peer(&mut grid, Some(cap), true);
+    let silent = relaying_peer(&mut grid, None, false);
+    grid.run(Duration::from_secs(3));
+    let behind_open = peer_behind(&mut grid, open);
+    let behind_capped = peer_behind(&mut grid, capped);
+    let behind_silent = peer_behind(&mut grid, silent);
+    let started = grid.sim.now();
+    grid.run(Duration::from_secs(12));
+    let secs = (grid.sim.now() - started).as_secs_f64();
+    grid.assert_perfect("peer-relay");
+
+    let sent = |ix: NodeIx| grid.sim.node(ix).engine.stats();
+    // The open relay carried a share of its child's substreams the whole time.
+    assert!(sent(open).shard_bytes_out > 100_000, "{:?}", sent(open));
+    // The capped relay never exceeded its cap (plus one second of burst)…
+    assert!(
+        sent(capped).shard_bytes_out as f64 <= cap as f64 * (secs + 1.0),
+        "capped relay sent {} bytes in {secs:.1}s",
+        sent(capped).shard_bytes_out
+    );
+    assert!(sent(capped).upload_cap_drops > 0);
+    // …and its child moved those substreams to a parent with room.
+    let capped_child = grid.peers.iter().position(|&p| p == behind_capped).unwrap();
+    assert!(
+        !grid.played[capped_child].failovers.is_empty(),
+        "the capped parent was never replaced"
+    );
+    // The peer that uploads nothing sent nothing, and its would-be child plays regardless.
+    assert_eq!(sent(silent).shard_bytes_out, 0);
+    assert_eq!(grid.sim.node(silent).engine.stats().accepted, 0);
+    for child in [behind_open, behind_capped, behind_silent] {
+        let (held, parents) = grid
+            .sim
+            .node(child)
+            .engine
+            .upstream_status(&grid.source.channel)
+            .unwrap();
+        assert!(
+            held >= 8 && parents >= 2,
+            "child {child}: {held} substreams from {parents} parents"
+        );
+    }
+    println!(
+        "peer-relay: open_relay_bytes={} capped_relay_bytes={} cap_bytes_per_s={cap} silent_relay_bytes=0",
+        sent(open).shard_bytes_out,
+        sent(capped).shard_bytes_out
+    );
 }

@@ -109,6 +109,8 @@ pub enum Rejected {
 pub struct Channel {
     id: ChannelId,
     mode: ChannelMode,
+    /// Regenerate missing shards at K (relays; players that serve others).
+    regenerate: bool,
     config: ChannelConfig,
     params: Option<CodingParams>,
     verifier: HeaderVerifier,
@@ -127,6 +129,7 @@ impl Channel {
         Self {
             id,
             mode,
+            regenerate: mode == ChannelMode::Relay,
             verifier: HeaderVerifier::new(id, config.window_chunks.max(16) * 2),
             config,
             params: None,
@@ -146,6 +149,12 @@ impl Channel {
     /// The mode.
     pub fn mode(&self) -> ChannelMode {
         self.mode
+    }
+
+    /// Whether missing shards are regenerated once K are held, so that this node can serve any
+    /// substream. Relays always do; a player does when it relays to other peers.
+    pub fn set_regenerate(&mut self, on: bool) {
+        self.regenerate = on || self.mode == ChannelMode::Relay;
     }
 
     /// Coding parameters, once known.
@@ -280,9 +289,7 @@ impl Channel {
             index,
             shard,
         }];
-        if self.mode == ChannelMode::Relay
-            && partial.held() == partial.header().header.params.original()
-        {
+        if self.regenerate && partial.held() == partial.header().header.params.original() {
             let before: Vec<bool> = (0..partial.header().header.params.total())
                 .map(|i| partial.shard(i).is_some())
                 .collect();

@@ -41,7 +41,9 @@ use quinn_proto::{
 
 use super::channel::{Channel, ChannelConfig, ChannelMode, Rejected, StoredShard};
 use super::tls::{self, SERVER_NAME, TlsError};
-use super::upstream::{Candidate, Slot, Upstream, UpstreamConfig, assign};
+use super::upstream::{
+    Candidate, HEALTHY_RATIO, SHORT_RATIO, Slot, Tally, Upstream, UpstreamConfig, assign,
+};
 use crate::keys::{ChannelId, NodeId, NodeKey};
 use crate::stream::{CodedChunk, Payload, ShardCoder, SignedChunkHeader};
 use crate::wire::{
@@ -88,6 +90,10 @@ pub struct EngineConfig {
     pub rng_seed: Option<[u8; 32]>,
     /// Agent string for Hello.
     pub agent: String,
+    /// Most shard bytes per second sent to subscribers (`None`: no cap). A peer relaying to
+    /// other peers sets its owner's cap here; a node that must upload nothing sets
+    /// `serve: false` instead and accepts no subscribers at all.
+    pub upload_cap: Option<u64>,
     /// Parent selection and failover for channels given candidates with
     /// [`Engine::set_upstream`].
     pub upstream: UpstreamConfig,
@@ -113,6 +119,7 @@ impl Default for EngineConfig {
             agent: concat!("gridcast/", env!("CARGO_PKG_VERSION")).to_owned(),
             corrupt_outgoing_shards: false,
             upstream: UpstreamConfig::default(),
+            upload_cap: None,
         }
     }
 }
@@ -203,6 +210,8 @@ pub struct EngineStats {
     pub udp_bytes_in: u64,
     /// Parents replaced after loss or lag.
     pub failovers: u64,
+    /// Shards not sent to a subscriber because the upload cap was spent.
+    pub upload_cap_drops: u64,
 }
 
 /// A subscription a neighbour holds on us.
@@ -330,6 +339,8 @@ pub struct Engine {
     upstreams: HashMap<ChannelId, Upstream>,
     lost_conns: Vec<ConnectionHandle>,
     reading: bool,
+    upload_tokens: f64,
+    upload_refilled: Option<Instant>,
     stats: EngineStats,
 }
 
@@ -372,6 +383,7 @@ impl Engine {
             false,
             config.rng_seed,
         );
+        let upload_tokens = config_upload_burst(&config);
         Ok(Self {
             node: key.node_id(),
             config,
@@ -389,6 +401,8 @@ impl Engine {
             upstreams: HashMap::new(),
             lost_conns: Vec::new(),
             reading: true,
+            upload_tokens,
+            upload_refilled: None,
             stats: EngineStats::default(),
         })
     }
@@ -443,9 +457,11 @@ impl Engine {
     /// Starts carrying a channel in `mode`.
     pub fn add_channel(&mut self, id: ChannelId, mode: ChannelMode) {
         let config = self.config.channel.clone();
+        let serve = self.config.serve;
         self.channels
             .entry(id)
-            .or_insert_with(|| Channel::new(id, mode, config));
+            .or_insert_with(|| Channel::new(id, mode, config))
+            .set_regenerate(serve);
     }
 
     /// Source: publishes a coded chunk on `channel`.
@@ -460,7 +476,7 @@ impl Engine {
             .get_mut(&channel)
             .ok_or(EngineError::UnknownChannel(channel))?;
         let shards = ch.publish(coded);
-        self.fan_out(channel, &shards);
+        self.fan_out(now, channel, &shards);
         self.drive(now);
         Ok(())
     }
@@ -641,6 +657,7 @@ impl Engine {
                         set,
                         newest: None,
                         last_shard: now,
+                        tally: Tally::default(),
                     };
                 }
                 Err(_) => {
@@ -683,6 +700,7 @@ impl Engine {
                     set,
                     newest,
                     last_shard,
+                    ..
                 } = slot
                 else {
                     continue;
@@ -699,6 +717,8 @@ impl Engine {
                         set: union,
                         newest,
                         last_shard,
+                        // A larger set: count afresh.
+                        tally: Tally::default(),
                     };
                 }
             }
@@ -731,6 +751,24 @@ impl Engine {
                 }
                 _ => false,
             });
+            // Delivery ratios: a parent is short only if another one is healthy (otherwise the
+            // bottleneck is our own link), and only the worst short parent moves per check.
+            let ratios: Vec<Option<f64>> = up
+                .candidates
+                .iter()
+                .map(|(_, s)| match s {
+                    Slot::Active { set, tally, .. } => tally.ratio(set.len(), best, now),
+                    _ => None,
+                })
+                .collect();
+            let healthy = ratios.iter().flatten().any(|&r| r >= HEALTHY_RATIO);
+            let shortest = ratios
+                .iter()
+                .enumerate()
+                .filter_map(|(i, r)| r.map(|r| (i, r)))
+                .filter(|&(_, r)| healthy && r < SHORT_RATIO)
+                .min_by(|a, b| a.1.total_cmp(&b.1))
+                .map(|(i, _)| i);
             let mut failed = Vec::new();
             for (i, (_, slot)) in up.candidates.iter().enumerate() {
                 match slot {
@@ -750,8 +788,16 @@ impl Engine {
                         let silent = now.saturating_duration_since(*last_shard)
                             >= up.config.stall_timeout
                             && someone_fresh;
-                        if gone || behind || silent {
-                            let resume = newest.or(best).unwrap_or(0).saturating_sub(1);
+                        let short = shortest == Some(i);
+                        if gone || behind || silent || short {
+                            // Resume where the lost parent stopped, or earlier: a player resumes
+                            // at its next chunk to play, so nothing not yet output is missed.
+                            let mut resume = newest.or(best).unwrap_or(0).saturating_sub(1);
+                            if let Some(next) =
+                                self.channels.get(&channel).and_then(Channel::next_play)
+                            {
+                                resume = resume.min(next);
+                            }
                             failed.push((i, *conn, *set, resume));
                         }
                     }
@@ -762,6 +808,11 @@ impl Engine {
                         failed.push((i, *conn, SubstreamSet::EMPTY, 0));
                     }
                     _ => {}
+                }
+            }
+            for (_, slot) in &mut up.candidates {
+                if let Slot::Active { tally, .. } = slot {
+                    tally.roll(best);
                 }
             }
             let retry = up.config.retry_after;
@@ -1133,7 +1184,7 @@ impl Engine {
                     }
                 }
                 for shard in &backlog {
-                    self.send_shard(handle, sub.sub, sub.substreams, shard);
+                    self.send_shard(now, handle, sub.sub, sub.substreams, shard);
                 }
             }
             Message::Unsubscribe(unsub) => {
@@ -1215,13 +1266,17 @@ impl Engine {
                 if let Some(up) = self.upstreams.get_mut(&channel_id)
                     && let Some(i) = up.slot_of(handle)
                     && let Slot::Active {
-                        newest, last_shard, ..
+                        newest,
+                        last_shard,
+                        tally,
+                        ..
                     } = &mut up.candidates[i].1
                 {
                     *newest = Some(newest.map_or(seq, |n| n.max(seq)));
                     *last_shard = now;
+                    tally.count(seq, now);
                 }
-                self.fan_out(channel_id, &stored);
+                self.fan_out(now, channel_id, &stored);
             }
             Err(e) => self.misbehaved(now, handle, &e),
         }
@@ -1243,7 +1298,7 @@ impl Engine {
     }
 
     /// Sends newly stored shards to every subscriber that wants them.
-    fn fan_out(&mut self, channel: ChannelId, shards: &[StoredShard]) {
+    fn fan_out(&mut self, now: Instant, channel: ChannelId, shards: &[StoredShard]) {
         if shards.is_empty() {
             return;
         }
@@ -1261,20 +1316,45 @@ impl Engine {
             for (sub, substreams) in subs {
                 for shard in shards {
                     if substreams.contains(shard.index) {
-                        self.send_shard(handle, sub, substreams, shard);
+                        self.send_shard(now, handle, sub, substreams, shard);
                     }
                 }
             }
         }
     }
 
+    /// Takes `bytes` from the upload budget; false if the cap does not allow them now.
+    fn upload_allowed(&mut self, now: Instant, bytes: usize) -> bool {
+        let Some(cap) = self.config.upload_cap else {
+            return true;
+        };
+        let cap = cap as f64;
+        let elapsed = self
+            .upload_refilled
+            .map_or(0.0, |t| now.saturating_duration_since(t).as_secs_f64());
+        // One second of burst.
+        self.upload_tokens = (self.upload_tokens + cap * elapsed).min(cap);
+        self.upload_refilled = Some(now);
+        if self.upload_tokens >= bytes as f64 {
+            self.upload_tokens -= bytes as f64;
+            true
+        } else {
+            false
+        }
+    }
+
     fn send_shard(
         &mut self,
+        now: Instant,
         handle: ConnectionHandle,
         sub: u32,
         substreams: SubstreamSet,
         shard: &StoredShard,
     ) {
+        if !self.upload_allowed(now, shard.shard.len()) {
+            self.stats.upload_cap_drops += 1;
+            return;
+        }
         let max_backlog = self.config.max_backlog_bytes;
         let payload = if self.config.corrupt_outgoing_shards {
             let mut bad = shard.shard.to_vec();
@@ -1430,6 +1510,11 @@ impl Engine {
             }
         }
     }
+}
+
+/// The upload budget a node starts with: one second at its cap.
+fn config_upload_burst(config: &EngineConfig) -> f64 {
+    config.upload_cap.map_or(0.0, |cap| cap as f64)
 }
 
 /// Reads what arrived on stream `id` and decodes every complete frame.

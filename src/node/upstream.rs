@@ -64,6 +64,70 @@ pub struct Candidate {
     pub node: NodeId,
 }
 
+/// Shards a parent delivered over a window of chunks, to catch a parent that keeps up in
+/// sequence but sends only part of its substreams (an exhausted upload cap, a stalled stream).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Tally {
+    /// First chunk of the window.
+    pub(crate) first: Option<u64>,
+    /// When the window's first shard arrived.
+    pub(crate) since: Option<Instant>,
+    /// Shards received from the parent for chunks from `first` on.
+    pub(crate) shards: u64,
+}
+
+/// Chunks a tally must span before it is judged.
+const TALLY_MIN_CHUNKS: u64 = 8;
+/// Chunks after which a tally starts over, so later degradation shows too.
+const TALLY_MAX_CHUNKS: u64 = 32;
+/// Newest chunks not yet expected to be complete (shards in flight).
+const TALLY_SLACK_CHUNKS: u64 = 2;
+/// A window is not judged before this long after its first shard (backlog still arriving).
+const TALLY_GRACE: Duration = Duration::from_secs(2);
+/// Below this share of the expected shards a parent is short…
+pub(crate) const SHORT_RATIO: f64 = 0.75;
+/// …provided another parent delivers at least this share (else the bottleneck is our own).
+pub(crate) const HEALTHY_RATIO: f64 = 0.9;
+
+impl Tally {
+    /// Counts a shard of chunk `seq` received at `now`.
+    pub(crate) fn count(&mut self, seq: u64, now: Instant) {
+        match self.first {
+            None => {
+                self.first = Some(seq);
+                self.since = Some(now);
+                self.shards = 1;
+            }
+            Some(first) if seq >= first => self.shards += 1,
+            Some(_) => {}
+        }
+    }
+
+    /// The share of the expected shards (what `set_len` substreams carry over the chunks up to
+    /// `best`, the best parent's newest) that arrived; `None` until the window is long and old
+    /// enough to judge.
+    pub(crate) fn ratio(&self, set_len: usize, best: Option<u64>, now: Instant) -> Option<f64> {
+        let (Some(first), Some(best), Some(since)) = (self.first, best, self.since) else {
+            return None;
+        };
+        let span = best.saturating_sub(first);
+        if span < TALLY_MIN_CHUNKS || now.saturating_duration_since(since) < TALLY_GRACE {
+            return None;
+        }
+        let expected = set_len as u64 * (span + 1 - TALLY_SLACK_CHUNKS);
+        Some(self.shards as f64 / expected.max(1) as f64)
+    }
+
+    /// Starts a new window once the current one is long.
+    pub(crate) fn roll(&mut self, best: Option<u64>) {
+        if let (Some(first), Some(best)) = (self.first, best)
+            && best.saturating_sub(first) >= TALLY_MAX_CHUNKS
+        {
+            *self = Self::default();
+        }
+    }
+}
+
 /// What the policy knows about one candidate.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Slot {
@@ -80,6 +144,8 @@ pub(crate) enum Slot {
         newest: Option<u64>,
         /// When it last delivered a shard (or was activated).
         last_shard: Instant,
+        /// Shards delivered over the current window.
+        tally: Tally,
     },
     /// Lost or lagging; not tried again before `until`.
     Failed { until: Instant },
@@ -182,10 +248,38 @@ pub fn assign(
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::disallowed_methods)] // one base instant; time moves by hand
     use super::*;
 
     fn p(k: u8, r: u8) -> CodingParams {
         CodingParams::new(k, r).unwrap()
+    }
+
+    #[test]
+    fn a_parent_sending_part_of_its_substreams_is_short() {
+        let t0 = Instant::now();
+        let later = t0 + Duration::from_secs(3);
+        let mut full = Tally::default();
+        let mut partial = Tally::default();
+        for seq in 100..=110 {
+            for i in 0..4 {
+                full.count(seq, t0);
+                if i < 2 {
+                    partial.count(seq, t0);
+                }
+            }
+        }
+        assert!(full.ratio(4, Some(110), later).unwrap() >= HEALTHY_RATIO);
+        assert!(partial.ratio(4, Some(110), later).unwrap() < SHORT_RATIO);
+        // Too short or too young a window is never judged.
+        assert_eq!(partial.ratio(4, Some(104), later), None);
+        assert_eq!(
+            partial.ratio(4, Some(110), t0 + Duration::from_secs(1)),
+            None
+        );
+        let mut rolled = partial;
+        rolled.roll(Some(140));
+        assert_eq!(rolled, Tally::default());
     }
 
     #[test]
