@@ -277,9 +277,25 @@ impl Grid {
             .max()
             .unwrap();
         let failovers: usize = self.played.iter().map(|p| p.failovers.len()).sum();
+        // Start-up as the engine measures it: first subscription to first chunk out.
+        let slowest_startup = self
+            .peers
+            .iter()
+            .map(|&p| {
+                let engine = &self.sim.node(p).engine;
+                engine
+                    .channel(&self.source.channel)
+                    .unwrap()
+                    .stats()
+                    .startup
+                    .expect("start-up recorded")
+            })
+            .max()
+            .unwrap();
         println!(
             "{scenario}: peers={} continuity=100% chunks_played_each={} latest_first_byte_at={:?} \
-             failovers={failovers} source_upload_bytes={} delivered_bytes={delivered} sim={:?}",
+             slowest_startup={slowest_startup:?} failovers={failovers} source_upload_bytes={} \
+             delivered_bytes={delivered} sim={:?}",
             self.peers.len(),
             self.played[0].chunks.len(),
             startup,
@@ -732,4 +748,80 @@ fn peers_relay_to_peers_within_their_upload_cap() {
         sent(open).shard_bytes_out,
         sent(capped).shard_bytes_out
     );
+}
+
+#[test]
+fn a_second_tier_draws_k_plus_r_across_parents_and_survives_a_first_tier_kill() {
+    // Source → 3 first-tier supernodes → 2 second-tier supernodes (policy: 3 parents × 4 = 12
+    // substreams, regenerating the other 4) → peers drawing only from the second tier.
+    let mut grid = Grid::new(14, 3, Grid::relay_config);
+    grid.run(Duration::from_secs(2));
+    let channel = grid.source.channel;
+    let first_tier: Vec<Candidate> = grid
+        .supernodes
+        .iter()
+        .map(|&sn| Candidate {
+            addr: grid.sim.node(sn).addr,
+            node: grid.sim.node(sn).id,
+        })
+        .collect();
+    let second: Vec<NodeIx> = (0..2)
+        .map(|i| {
+            let sn = grid.sim.add_node(Grid::relay_config(i)).unwrap();
+            let now = grid.sim.now();
+            let engine = &mut grid.sim.node_mut(sn).engine;
+            engine.add_channel(channel, ChannelMode::Relay);
+            engine
+                .set_upstream(now, channel, first_tier.clone())
+                .unwrap();
+            sn
+        })
+        .collect();
+    grid.run(Duration::from_secs(3));
+    for &sn in &second {
+        assert_eq!(
+            grid.sim.node(sn).engine.upstream_status(&channel),
+            Some((12, 3))
+        );
+    }
+    // Peers see only the second tier.
+    let first_tier_ix = std::mem::replace(&mut grid.supernodes, second.clone());
+    grid.add_policy_peers(6, 0);
+    grid.run(Duration::from_secs(6));
+    grid.sim.kill(first_tier_ix[0]);
+    grid.run(Duration::from_secs(10));
+    for &sn in &second {
+        let engine = &grid.sim.node(sn).engine;
+        let (held, parents) = engine.upstream_status(&channel).unwrap();
+        assert!(
+            held >= 8 && parents == 2,
+            "second tier holds {held} from {parents}"
+        );
+        assert!(engine.channel(&channel).unwrap().stats().regenerated > 0);
+    }
+    grid.assert_perfect("second-tier");
+}
+
+#[test]
+fn a_partitioned_parent_is_replaced_like_a_dead_one() {
+    let mut grid = Grid::new(15, 4, Grid::relay_config);
+    grid.run(Duration::from_secs(2));
+    grid.add_policy_peers(4, 0);
+    grid.run(Duration::from_secs(6));
+    // Cut every peer off from supernode 0; the supernode itself lives on.
+    let cut_at = grid.sim.now();
+    for i in 0..grid.peers.len() {
+        let (p, sn) = (grid.peers[i], grid.supernodes[0]);
+        grid.sim.partition(p, sn, true);
+    }
+    grid.run(Duration::from_secs(10));
+    for (i, played) in grid.played.iter().enumerate() {
+        let (at, _) = played.failovers.first().copied().expect("a failover");
+        assert!(
+            at - cut_at <= Duration::from_secs(2),
+            "peer {i} failed over after {:?}",
+            at - cut_at
+        );
+    }
+    grid.assert_perfect("partition");
 }

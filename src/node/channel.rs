@@ -77,6 +77,8 @@ pub struct ChannelStats {
     pub chunks_skipped: u64,
     /// Chunks evicted from the window.
     pub evicted: u64,
+    /// Player: time from the first subscription to the first chunk out.
+    pub startup: Option<Duration>,
 }
 
 /// A verified shard ready to be served.
@@ -120,6 +122,8 @@ pub struct Channel {
     next_play: Option<u64>,
     /// Player: since when a later chunk is complete while `next_play` is not.
     stalled_since: Option<Instant>,
+    /// When the node first subscribed to this channel.
+    joined: Option<Instant>,
     stats: ChannelStats,
 }
 
@@ -137,6 +141,7 @@ impl Channel {
             window_bytes: 0,
             next_play: None,
             stalled_since: None,
+            joined: None,
             stats: ChannelStats::default(),
         }
     }
@@ -149,6 +154,11 @@ impl Channel {
     /// The mode.
     pub fn mode(&self) -> ChannelMode {
         self.mode
+    }
+
+    /// Records when the node first asked for this channel (start-up time is measured from it).
+    pub fn mark_joined(&mut self, now: Instant) {
+        self.joined.get_or_insert(now);
     }
 
     /// Whether missing shards are regenerated once K are held, so that this node can serve any
@@ -366,6 +376,10 @@ impl Channel {
                         Ok(payload) => {
                             out.push((next, payload));
                             self.stats.chunks_played += 1;
+                            if self.stats.startup.is_none() {
+                                self.stats.startup =
+                                    self.joined.map(|j| now.saturating_duration_since(j));
+                            }
                         }
                         Err(_) => self.stats.chunks_skipped += 1,
                     }

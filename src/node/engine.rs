@@ -510,9 +510,10 @@ impl Engine {
         start: StartAt,
         sub: Option<u32>,
     ) -> Result<(ConnectionHandle, u32), EngineError> {
-        if !self.channels.contains_key(&channel) {
+        let Some(ch) = self.channels.get_mut(&channel) else {
             return Err(EngineError::UnknownChannel(channel));
-        }
+        };
+        ch.mark_joined(now);
         if self.refused.contains(&parent_id) {
             return Err(EngineError::Refused(parent_id));
         }
