@@ -1,0 +1,334 @@
+//! Grid-building helpers shared by the simulator scenarios (tests/sim_grid.rs) and the grid
+//! benchmark (benches/grid.rs): a live source fed at a constant bitrate, supernodes, peers, and
+//! the checks every scenario makes.
+
+#![allow(
+    dead_code,
+    clippy::unwrap_used,
+    clippy::disallowed_methods,
+    clippy::print_stdout
+)]
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use gridcast::keys::{ChannelId, ChannelKey};
+use gridcast::node::{Candidate, ChannelMode, EngineConfig, NodeEvent};
+use gridcast::sim::{NodeIx, Sim, SimConfig};
+use gridcast::stream::{ChunkPublisher, Chunker, ChunkerConfig, CodingParams, InputFormat};
+use gridcast::wire::{Role, StartAt, SubstreamSet};
+
+/// A live source: a chunker fed at a constant bitrate, a publisher, and a record of every chunk.
+pub struct Broadcast {
+    pub node: NodeIx,
+    pub channel: ChannelId,
+    pub chunker: Chunker,
+    pub publisher: ChunkPublisher,
+    /// What the source published, by sequence.
+    pub published: BTreeMap<u64, Bytes>,
+    pub fed: u64,
+    pub bytes_per_tick: usize,
+    pub t0: Instant,
+}
+
+impl Broadcast {
+    const TICK: Duration = Duration::from_millis(50);
+
+    fn new(sim: &mut Sim, bitrate_bps: usize) -> Self {
+        let node = sim
+            .add_node(EngineConfig {
+                role: Role::Source,
+                serve: true,
+                ..Default::default()
+            })
+            .unwrap();
+        let key = ChannelKey::from_seed(&[77; 32]);
+        let channel = key.channel_id();
+        sim.node_mut(node)
+            .engine
+            .add_channel(channel, ChannelMode::Source);
+        Self {
+            node,
+            channel,
+            chunker: Chunker::new(ChunkerConfig {
+                format: InputFormat::Opaque,
+                first_seq: 1000,
+                ..Default::default()
+            })
+            .unwrap(),
+            publisher: ChunkPublisher::new(key, CodingParams::DEFAULT),
+            published: BTreeMap::new(),
+            fed: 0,
+            bytes_per_tick: bitrate_bps / 8 / 20,
+            t0: sim.now(),
+        }
+    }
+
+    /// Deterministic stream bytes (position-dependent, so any misplaced byte shows).
+    fn byte_at(i: u64) -> u8 {
+        (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8
+    }
+
+    /// Runs the grid for `d`, feeding the source every tick.
+    pub fn run(&mut self, sim: &mut Sim, d: Duration) {
+        let end = sim.now() + d;
+        while sim.now() < end {
+            let now = sim.now();
+            let data: Vec<u8> = (self.fed..self.fed + self.bytes_per_tick as u64)
+                .map(Self::byte_at)
+                .collect();
+            self.fed += data.len() as u64;
+            self.chunker.handle_input(now, &data);
+            self.chunker.handle_timeout(now);
+            while let Some(chunk) = self.chunker.poll_chunk() {
+                // Source timestamps in µs of virtual time, as a real source's wall clock.
+                let ts = (chunk.started - self.t0).as_micros() as u64;
+                let coded = self
+                    .publisher
+                    .publish(chunk.seq, ts, chunk.flags, &chunk.payload)
+                    .unwrap();
+                self.published.insert(chunk.seq, chunk.payload.clone());
+                sim.node_mut(self.node)
+                    .engine
+                    .publish(now, self.channel, &coded)
+                    .unwrap();
+            }
+            sim.run_for(Self::TICK).unwrap();
+        }
+    }
+}
+
+/// What a peer played, and when it failed over.
+#[derive(Default)]
+pub struct Played {
+    pub chunks: Vec<(u64, Bytes, Instant)>,
+    pub failovers: Vec<(Instant, u64)>,
+}
+
+pub fn collect(sim: &mut Sim, peer: NodeIx, played: &mut Played) {
+    for (at, ev) in sim.take_events(peer) {
+        match ev {
+            NodeEvent::Chunk { seq, payload, .. } => {
+                played.chunks.push((seq, payload.to_bytes(), at));
+            }
+            NodeEvent::Failover { resume, .. } => played.failovers.push((at, resume)),
+            _ => {}
+        }
+    }
+}
+
+/// A source, `n_super` supernodes subscribed to all substreams, and `n_peers` peers taking 4
+/// substreams from each of the first three supernodes (12 of 16 with K=8: any one parent can go).
+pub struct Grid {
+    pub t0: Instant,
+    pub sim: Sim,
+    pub source: Broadcast,
+    pub supernodes: Vec<NodeIx>,
+    pub peers: Vec<NodeIx>,
+    pub played: Vec<Played>,
+}
+
+impl Grid {
+    pub fn new(seed: u64, n_super: usize, super_config: impl Fn(usize) -> EngineConfig) -> Self {
+        let t0 = Instant::now();
+        let mut sim = Sim::new(
+            t0,
+            SimConfig {
+                seed,
+                ..Default::default()
+            },
+        );
+        let source = Broadcast::new(&mut sim, 500_000);
+        let (src_addr, src_id) = (sim.node(source.node).addr, sim.node(source.node).id);
+        let supernodes = (0..n_super)
+            .map(|i| {
+                let sn = sim.add_node(super_config(i)).unwrap();
+                let now = sim.now();
+                let engine = &mut sim.node_mut(sn).engine;
+                engine.add_channel(source.channel, ChannelMode::Relay);
+                engine
+                    .subscribe(
+                        now,
+                        src_addr,
+                        src_id,
+                        source.channel,
+                        SubstreamSet::first(16),
+                        StartAt::Live,
+                    )
+                    .unwrap();
+                sn
+            })
+            .collect();
+        Self {
+            t0,
+            sim,
+            source,
+            supernodes,
+            peers: Vec::new(),
+            played: Vec::new(),
+        }
+    }
+
+    pub fn relay_config(_: usize) -> EngineConfig {
+        EngineConfig {
+            role: Role::Supernode,
+            serve: true,
+            ..Default::default()
+        }
+    }
+
+    pub fn add_peers(&mut self, n: usize) {
+        for _ in 0..n {
+            let p = self.sim.add_node(EngineConfig::default()).unwrap();
+            let now = self.sim.now();
+            self.sim
+                .node_mut(p)
+                .engine
+                .add_channel(self.source.channel, ChannelMode::Play);
+            for (i, &sn) in self.supernodes.iter().take(3).enumerate() {
+                let (addr, id) = (self.sim.node(sn).addr, self.sim.node(sn).id);
+                let mut set = SubstreamSet::EMPTY;
+                for s in 4 * i..4 * i + 4 {
+                    set.insert(s);
+                }
+                self.sim
+                    .node_mut(p)
+                    .engine
+                    .subscribe(now, addr, id, self.source.channel, set, StartAt::Live)
+                    .unwrap();
+            }
+            self.peers.push(p);
+            self.played.push(Played::default());
+        }
+    }
+
+    /// Peers that choose their own parents among all supernodes (listed from `first` on).
+    pub fn add_policy_peers(&mut self, n: usize, first: usize) {
+        self.add_policy_peers_with(n, first, EngineConfig::default);
+    }
+
+    pub fn add_policy_peers_with(
+        &mut self,
+        n: usize,
+        first: usize,
+        config: impl Fn() -> EngineConfig,
+    ) {
+        let count = self.supernodes.len();
+        for _ in 0..n {
+            let p = self.sim.add_node(config()).unwrap();
+            let now = self.sim.now();
+            let candidates = (0..count)
+                .map(|i| {
+                    let sn = self.supernodes[(first + i) % count];
+                    Candidate {
+                        addr: self.sim.node(sn).addr,
+                        node: self.sim.node(sn).id,
+                    }
+                })
+                .collect();
+            let engine = &mut self.sim.node_mut(p).engine;
+            engine.add_channel(self.source.channel, ChannelMode::Play);
+            engine
+                .set_upstream(now, self.source.channel, candidates)
+                .unwrap();
+            self.peers.push(p);
+            self.played.push(Played::default());
+        }
+    }
+
+    pub fn run(&mut self, d: Duration) {
+        self.source.run(&mut self.sim, d);
+        for (i, &p) in self.peers.iter().enumerate() {
+            collect(&mut self.sim, p, &mut self.played[i]);
+        }
+    }
+
+    /// Asserts every peer played a consecutive, byte-exact run up to the live edge; prints the
+    /// figures. Returns total bytes delivered.
+    pub fn assert_perfect(&self, scenario: &str) -> u64 {
+        let last_published = *self.source.published.keys().next_back().unwrap();
+        let mut delivered = 0;
+        for (i, p) in self.played.iter().enumerate() {
+            let seqs: Vec<u64> = p.chunks.iter().map(|c| c.0).collect();
+            assert!(!seqs.is_empty(), "{scenario}: peer {i} played nothing");
+            for w in seqs.windows(2) {
+                assert_eq!(
+                    w[1],
+                    w[0] + 1,
+                    "{scenario}: peer {i} skipped or repeated at {}",
+                    w[0]
+                );
+            }
+            let last = *seqs.last().unwrap();
+            assert!(
+                last + 4 >= last_published,
+                "{scenario}: peer {i} ends at {last}, source at {last_published}"
+            );
+            for (seq, bytes, _) in &p.chunks {
+                assert_eq!(
+                    bytes, &self.source.published[seq],
+                    "{scenario}: peer {i} chunk {seq} differs"
+                );
+                delivered += bytes.len() as u64;
+            }
+            let stats = self
+                .sim
+                .node(self.peers[i])
+                .engine
+                .channel(&self.source.channel)
+                .unwrap()
+                .stats();
+            assert_eq!(stats.chunks_skipped, 0, "{scenario}: peer {i}");
+        }
+        let startup = self
+            .played
+            .iter()
+            .map(|p| p.chunks[0].2 - self.t0)
+            .max()
+            .unwrap();
+        let failovers: usize = self.played.iter().map(|p| p.failovers.len()).sum();
+        // Start-up as the engine measures it: first subscription to first chunk out.
+        let slowest_startup = self
+            .peers
+            .iter()
+            .map(|&p| {
+                let engine = &self.sim.node(p).engine;
+                engine
+                    .channel(&self.source.channel)
+                    .unwrap()
+                    .stats()
+                    .startup
+                    .expect("start-up recorded")
+            })
+            .max()
+            .unwrap();
+        println!(
+            "{scenario}: peers={} continuity=100% chunks_played_each={} latest_first_byte_at={:?} \
+             slowest_startup={slowest_startup:?} failovers={failovers} source_upload_bytes={} \
+             delivered_bytes={delivered} sim={:?}",
+            self.peers.len(),
+            self.played[0].chunks.len(),
+            startup,
+            self.sim.node(self.source.node).bytes_sent,
+            self.sim.stats(),
+        );
+        delivered
+    }
+
+    /// Verification failures seen by each peer.
+    pub fn peer_verify_failures(&self) -> Vec<u64> {
+        self.peers
+            .iter()
+            .map(|&p| {
+                let engine = &self.sim.node(p).engine;
+                engine
+                    .channel(&self.source.channel)
+                    .unwrap()
+                    .stats()
+                    .verify_failures
+            })
+            .collect()
+    }
+}
