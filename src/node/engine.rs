@@ -27,7 +27,7 @@
 //! A subscriber whose connection cannot take more data loses its oldest chunk streams (reset,
 //! counted in [`EngineStats::backlog_drops`]); nothing queues without bound.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -253,6 +253,20 @@ struct Conn {
     out_streams: HashMap<(u32, u64), OutStream>,
     backlog: usize,
     closed: bool,
+    /// Queued in `Engine::dirty`.
+    dirty: bool,
+    /// Queued in `Engine::tx_queue`.
+    queued_tx: bool,
+    /// The deadline this connection holds in `Engine::timers`.
+    timer: Option<Instant>,
+}
+
+/// Queues a connection for driving, once.
+fn mark(dirty: &mut VecDeque<ConnectionHandle>, conn: &mut Conn, handle: ConnectionHandle) {
+    if !conn.dirty {
+        conn.dirty = true;
+        dirty.push_back(handle);
+    }
 }
 
 impl Conn {
@@ -271,6 +285,9 @@ impl Conn {
             out_streams: HashMap::new(),
             backlog: 0,
             closed: false,
+            dirty: false,
+            queued_tx: false,
+            timer: None,
         }
     }
 
@@ -328,8 +345,15 @@ pub struct Engine {
     endpoint: Endpoint,
     transport: Arc<TransportConfig>,
     conns: HashMap<ConnectionHandle, Conn>,
+    /// Every connection, in creation order (fan-out and policy walk it).
     order: Vec<ConnectionHandle>,
-    next_conn: usize,
+    /// Connections with work to do: only these are driven, so a datagram costs O(1)
+    /// connections, not O(all).
+    dirty: VecDeque<ConnectionHandle>,
+    /// Connections that may have datagrams to send.
+    tx_queue: VecDeque<ConnectionHandle>,
+    /// Every connection's next QUIC deadline.
+    timers: BTreeSet<(Instant, ConnectionHandle)>,
     channels: HashMap<ChannelId, Channel>,
     coder: ShardCoder,
     events: VecDeque<NodeEvent>,
@@ -391,7 +415,9 @@ impl Engine {
             transport,
             conns: HashMap::new(),
             order: Vec::new(),
-            next_conn: 0,
+            dirty: VecDeque::new(),
+            tx_queue: VecDeque::new(),
+            timers: BTreeSet::new(),
             channels: HashMap::new(),
             coder: ShardCoder::new(),
             events: VecDeque::new(),
@@ -444,9 +470,17 @@ impl Engine {
                         self.apply(now, handle, input);
                     }
                 }
+                self.touch(handle);
             }
         }
         self.drive(now);
+    }
+
+    /// Queues a connection for driving.
+    fn touch(&mut self, handle: ConnectionHandle) {
+        if let Some(conn) = self.conns.get_mut(&handle) {
+            mark(&mut self.dirty, conn, handle);
+        }
     }
 
     /// The largest queue of unsent shard bytes on any one connection.
@@ -538,6 +572,7 @@ impl Engine {
                 substreams,
                 start,
             }));
+            mark(&mut self.dirty, conn, handle);
         }
         Ok((handle, sub))
     }
@@ -827,6 +862,7 @@ impl Engine {
                 }
                 if let Some(c) = self.conns.get_mut(&conn) {
                     c.close(now, close_code::DONE, "parent replaced");
+                    mark(&mut self.dirty, c, conn);
                 }
             }
             self.upstream_fill(now, channel);
@@ -870,6 +906,7 @@ impl Engine {
         conn.send_control(&self.hello());
         self.conns.insert(handle, conn);
         self.order.push(handle);
+        self.touch(handle);
         Ok(handle)
     }
 
@@ -878,6 +915,7 @@ impl Engine {
         if let Some(conn) = self.conns.get_mut(&handle) {
             conn.close(now, close_code::DONE, "unsubscribed");
         }
+        self.touch(handle);
         self.drive(now);
     }
 
@@ -907,6 +945,7 @@ impl Engine {
             Some(DatagramEvent::ConnectionEvent(handle, event)) => {
                 if let Some(conn) = self.conns.get_mut(&handle) {
                     conn.quic.handle_event(event);
+                    mark(&mut self.dirty, conn, handle);
                 }
             }
             Some(DatagramEvent::NewConnection(incoming)) => {
@@ -915,6 +954,7 @@ impl Engine {
                         self.stats.accepted += 1;
                         self.conns.insert(handle, Conn::new(quic, remote, None));
                         self.order.push(handle);
+                        self.touch(handle);
                     }
                     Err(e) => {
                         if let Some(t) = e.response {
@@ -931,9 +971,15 @@ impl Engine {
 
     /// Handles expired timers.
     pub fn handle_timeout(&mut self, now: Instant) {
-        for conn in self.conns.values_mut() {
-            if conn.quic.poll_timeout().is_some_and(|t| t <= now) {
+        while let Some(&(at, handle)) = self.timers.first() {
+            if at > now {
+                break;
+            }
+            self.timers.pop_first();
+            if let Some(conn) = self.conns.get_mut(&handle) {
+                conn.timer = None;
                 conn.quic.handle_timeout(now);
+                mark(&mut self.dirty, conn, handle);
             }
         }
         self.drive(now);
@@ -949,13 +995,10 @@ impl Engine {
 
     /// The next instant [`Engine::handle_timeout`] must run.
     pub fn poll_timeout(&mut self) -> Option<Instant> {
-        let conns = self
-            .conns
-            .values_mut()
-            .filter_map(|c| c.quic.poll_timeout());
+        let conns = self.timers.first().map(|(t, _)| *t);
         let channels = self.channels.values().filter_map(Channel::poll_timeout);
         let upstream = self.upstreams.values().filter_map(|u| u.next_check);
-        conns.chain(channels).chain(upstream).min()
+        conns.into_iter().chain(channels).chain(upstream).min()
     }
 
     /// The next datagram(s) to send. The bytes are written to `buf`; with `segment_size` set,
@@ -966,23 +1009,46 @@ impl Engine {
             buf.extend_from_slice(&data);
             return Some(t);
         }
-        let n = self.order.len();
-        for i in 0..n {
-            let at = (self.next_conn + i) % n;
-            let handle = self.order[at];
+        while let Some(handle) = self.tx_queue.pop_front() {
             let Some(conn) = self.conns.get_mut(&handle) else {
                 continue;
             };
             buf.clear();
-            if let Some(t) = conn
+            let sent = conn
                 .quic
-                .poll_transmit(now, self.config.max_gso_segments, buf)
-            {
-                self.next_conn = (at + 1) % n;
-                return Some(t);
+                .poll_transmit(now, self.config.max_gso_segments, buf);
+            if sent.is_some() {
+                // It may have more; round-robin behind the others.
+                self.tx_queue.push_back(handle);
+            } else {
+                conn.queued_tx = false;
+            }
+            // Sending arms loss-detection timers.
+            self.rearm(handle);
+            // Sending can also produce endpoint events (new connection ids).
+            self.touch(handle);
+            if sent.is_some() {
+                return sent;
             }
         }
         None
+    }
+
+    /// Re-files a connection's QUIC deadline in the timer set.
+    fn rearm(&mut self, handle: ConnectionHandle) {
+        let Some(conn) = self.conns.get_mut(&handle) else {
+            return;
+        };
+        let next = conn.quic.poll_timeout();
+        if next != conn.timer {
+            if let Some(old) = conn.timer {
+                self.timers.remove(&(old, handle));
+            }
+            if let Some(new) = next {
+                self.timers.insert((new, handle));
+            }
+            conn.timer = next;
+        }
     }
 
     /// The next event for the application.
@@ -993,9 +1059,20 @@ impl Engine {
     /// Runs everything that follows from new input: QUIC events, protocol messages, fan-out,
     /// playout.
     fn drive(&mut self, now: Instant) {
-        let handles: Vec<ConnectionHandle> = self.order.clone();
-        for handle in handles {
+        while let Some(handle) = self.dirty.pop_front() {
+            let Some(conn) = self.conns.get_mut(&handle) else {
+                continue;
+            };
+            conn.dirty = false;
             self.drive_conn(now, handle);
+            self.retire_streams_of(handle);
+            if let Some(conn) = self.conns.get_mut(&handle)
+                && !conn.queued_tx
+            {
+                conn.queued_tx = true;
+                self.tx_queue.push_back(handle);
+            }
+            self.rearm(handle);
         }
         // Playout.
         let mut out = Vec::new();
@@ -1009,13 +1086,6 @@ impl Engine {
             }
         }
         self.events.extend(out);
-        self.retire_streams();
-        // Forget drained connections.
-        let before = self.order.len();
-        self.order.retain(|h| self.conns.contains_key(h));
-        if self.order.len() != before {
-            self.next_conn = 0;
-        }
     }
 
     fn drive_conn(&mut self, now: Instant, handle: ConnectionHandle) {
@@ -1095,7 +1165,12 @@ impl Engine {
             }
         }
         if drained {
-            self.conns.remove(&handle);
+            if let Some(conn) = self.conns.remove(&handle)
+                && let Some(t) = conn.timer
+            {
+                self.timers.remove(&(t, handle));
+            }
+            self.order.retain(|h| *h != handle);
             return;
         }
         for input in inputs {
@@ -1408,6 +1483,7 @@ impl Engine {
         out.pending.push_back(payload);
         out.sent += 1;
         conn.backlog += added;
+        mark(&mut self.dirty, conn, handle);
         self.stats.shards_out += 1;
         self.stats.shard_bytes_out += shard.shard.len() as u64;
         // Over the backlog bound: drop this subscriber's oldest chunk streams.
@@ -1489,9 +1565,9 @@ impl Engine {
         }
     }
 
-    /// Finishes chunk streams whose chunk has left the window.
-    fn retire_streams(&mut self) {
-        for conn in self.conns.values_mut() {
+    /// Finishes one connection's chunk streams whose chunk has left the window.
+    fn retire_streams_of(&mut self, handle: ConnectionHandle) {
+        if let Some(conn) = self.conns.get_mut(&handle) {
             let mut stale = Vec::new();
             for (key, out) in &conn.out_streams {
                 let oldest = conn
