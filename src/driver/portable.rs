@@ -1,0 +1,181 @@
+//! The portable backend: one thread driving one engine on one UDP socket via quinn-udp.
+//!
+//! Each loop turn: wait for a datagram (no longer than the engine's next timeout, and at most
+//! [`MAX_WAIT`] so commands are not delayed), read the clock once, feed every received datagram
+//! (GRO batches split by their stride), run queued commands, fire due timers, send every
+//! transmit (GSO batches in one `sendmsg`), and forward the engine's events.
+
+use std::io::{self, IoSliceMut};
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, Sender, TryRecvError};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
+
+use super::Command;
+use crate::node::{Engine, NodeEvent};
+
+/// Longest a loop turn waits for a datagram before looking at commands and timers again.
+pub const MAX_WAIT: Duration = Duration::from_millis(5);
+
+/// Largest UDP payload received in one piece (a whole GRO batch fits).
+const RECV_BUF: usize = 64 * 1024;
+
+/// Counters kept by a driver.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DriverStats {
+    /// Datagrams received.
+    pub datagrams_in: u64,
+    /// `sendmsg` calls made (a GSO batch is one call).
+    pub sends: u64,
+    /// Datagrams sent.
+    pub datagrams_out: u64,
+    /// Sends the kernel refused (the datagram is lost; QUIC recovers).
+    pub send_errors: u64,
+    /// Loop turns.
+    pub turns: u64,
+}
+
+/// One engine on one UDP socket.
+#[derive(Debug)]
+pub struct PortableDriver {
+    socket: UdpSocket,
+    state: UdpSocketState,
+    engine: Engine,
+    local: SocketAddr,
+    stats: DriverStats,
+}
+
+impl PortableDriver {
+    /// Binds `addr` and prepares the socket (GRO, ECN, packet info) for `engine`.
+    pub fn bind(addr: SocketAddr, engine: Engine) -> io::Result<Self> {
+        let socket = UdpSocket::bind(addr)?;
+        let state = UdpSocketState::new((&socket).into())?;
+        let local = socket.local_addr()?;
+        Ok(Self {
+            socket,
+            state,
+            engine,
+            local,
+            stats: DriverStats::default(),
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// The engine, for setup before [`PortableDriver::run`].
+    pub fn engine_mut(&mut self) -> &mut Engine {
+        &mut self.engine
+    }
+
+    /// Runs until `stop` is set or `commands` is closed. Events go to `events` (dropped if nobody
+    /// listens). Returns the engine and the counters.
+    pub fn run(
+        mut self,
+        commands: &Receiver<Command>,
+        events: &Sender<NodeEvent>,
+        stop: &Arc<AtomicBool>,
+    ) -> io::Result<(Engine, DriverStats)> {
+        let mut bufs: Vec<Vec<u8>> = (0..quinn_udp::BATCH_SIZE.min(8))
+            .map(|_| vec![0u8; RECV_BUF])
+            .collect();
+        let mut meta = vec![RecvMeta::default(); bufs.len()];
+        let mut tx = Vec::with_capacity(RECV_BUF);
+        #[allow(clippy::disallowed_methods)] // the driver owns the clock
+        let mut now = Instant::now();
+        while !stop.load(Ordering::Relaxed) {
+            self.stats.turns += 1;
+            // Wait for input, no longer than the next timer.
+            let wait = self
+                .engine
+                .poll_timeout()
+                .map_or(MAX_WAIT, |t| t.saturating_duration_since(now))
+                .clamp(Duration::from_micros(50), MAX_WAIT);
+            self.socket.set_read_timeout(Some(wait))?;
+            let received = {
+                let mut slices: Vec<IoSliceMut<'_>> =
+                    bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+                self.state
+                    .recv((&self.socket).into(), &mut slices, &mut meta)
+            };
+            #[allow(clippy::disallowed_methods)] // read once per loop turn
+            {
+                now = Instant::now();
+            }
+            match received {
+                Ok(n) => {
+                    for (m, buf) in meta.iter().zip(&bufs).take(n) {
+                        let stride = m.stride.max(1);
+                        for datagram in buf[..m.len].chunks(stride) {
+                            self.stats.datagrams_in += 1;
+                            let ecn = m
+                                .ecn
+                                .and_then(|e| quinn_proto::EcnCodepoint::from_bits(e as u8));
+                            self.engine.handle_datagram(
+                                now,
+                                m.addr,
+                                m.dst_ip,
+                                ecn,
+                                BytesMut::from(datagram),
+                            );
+                        }
+                    }
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::Interrupted
+                    ) => {}
+                // ICMP errors surface here on Linux; the engine's timers handle the loss.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
+                Err(e) => return Err(e),
+            }
+            loop {
+                match commands.try_recv() {
+                    Ok(command) => command(&mut self.engine, now),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        stop.store(true, Ordering::Relaxed);
+                        break;
+                    }
+                }
+            }
+            if self.engine.poll_timeout().is_some_and(|t| t <= now) {
+                self.engine.handle_timeout(now);
+            }
+            while let Some(t) = self.engine.poll_transmit(now, &mut tx) {
+                let transmit = Transmit {
+                    destination: t.destination,
+                    ecn: t
+                        .ecn
+                        .and_then(|e| quinn_udp::EcnCodepoint::from_bits(e as u8)),
+                    contents: &tx[..t.size],
+                    segment_size: t.segment_size,
+                    src_ip: t.src_ip,
+                };
+                self.stats.sends += 1;
+                self.stats.datagrams_out +=
+                    t.segment_size.map_or(1, |s| t.size.div_ceil(s.max(1))) as u64;
+                if self
+                    .state
+                    .try_send((&self.socket).into(), &transmit)
+                    .is_err()
+                {
+                    self.stats.send_errors += 1;
+                }
+            }
+            while let Some(event) = self.engine.poll_event() {
+                let _ = events.send(event);
+            }
+        }
+        Ok((self.engine, self.stats))
+    }
+}
