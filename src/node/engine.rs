@@ -354,6 +354,9 @@ pub struct Engine {
     tx_queue: VecDeque<ConnectionHandle>,
     /// Every connection's next QUIC deadline.
     timers: BTreeSet<(Instant, ConnectionHandle)>,
+    /// Per channel, the (connection, subscription) pairs that receive its shards: fan-out
+    /// touches only these, never every connection.
+    subscribers: HashMap<ChannelId, Vec<(ConnectionHandle, u32)>>,
     channels: HashMap<ChannelId, Channel>,
     coder: ShardCoder,
     events: VecDeque<NodeEvent>,
@@ -418,6 +421,7 @@ impl Engine {
             dirty: VecDeque::new(),
             tx_queue: VecDeque::new(),
             timers: BTreeSet::new(),
+            subscribers: HashMap::new(),
             channels: HashMap::new(),
             coder: ShardCoder::new(),
             events: VecDeque::new(),
@@ -1171,6 +1175,9 @@ impl Engine {
                 self.timers.remove(&(t, handle));
             }
             self.order.retain(|h| *h != handle);
+            for listed in self.subscribers.values_mut() {
+                listed.retain(|(h, _)| *h != handle);
+            }
             return;
         }
         for input in inputs {
@@ -1213,6 +1220,10 @@ impl Engine {
                 let Some(channel) = self.channels.get(&sub.channel) else {
                     return;
                 };
+                let listed = self.subscribers.entry(sub.channel).or_default();
+                if !listed.contains(&(handle, sub.sub)) {
+                    listed.push((handle, sub.sub));
+                }
                 let Some(params) = channel.params() else {
                     // Nothing received yet; serve what arrives from now on.
                     conn.served.insert(
@@ -1265,7 +1276,11 @@ impl Engine {
             }
             Message::Unsubscribe(unsub) => {
                 if unsub.substreams.is_empty() {
-                    conn.served.remove(&unsub.sub);
+                    if let Some(served) = conn.served.remove(&unsub.sub)
+                        && let Some(listed) = self.subscribers.get_mut(&served.channel)
+                    {
+                        listed.retain(|entry| *entry != (handle, unsub.sub));
+                    }
                 } else if let Some(served) = conn.served.get_mut(&unsub.sub) {
                     served.substreams = SubstreamSet::from_bits(
                         served.substreams.bits() & !unsub.substreams.bits(),
@@ -1378,25 +1393,23 @@ impl Engine {
         if shards.is_empty() {
             return;
         }
-        let handles: Vec<ConnectionHandle> = self.order.clone();
-        for handle in handles {
-            let subs: Vec<(u32, SubstreamSet)> = match self.conns.get(&handle) {
-                Some(conn) if !conn.closed => conn
-                    .served
-                    .iter()
-                    .filter(|(_, s)| s.channel == channel)
-                    .map(|(id, s)| (*id, s.substreams))
-                    .collect(),
+        let listed = self.subscribers.remove(&channel).unwrap_or_default();
+        for &(handle, sub) in &listed {
+            let substreams = match self.conns.get(&handle) {
+                Some(conn) if !conn.closed => match conn.served.get(&sub) {
+                    Some(served) => served.substreams,
+                    None => continue,
+                },
                 _ => continue,
             };
-            for (sub, substreams) in subs {
-                for shard in shards {
-                    if substreams.contains(shard.index) {
-                        self.send_shard(now, handle, sub, substreams, shard);
-                    }
+            for shard in shards {
+                if substreams.contains(shard.index) {
+                    self.send_shard(now, handle, sub, substreams, shard);
                 }
             }
         }
+        // Sending never subscribes anyone, so putting the list back loses nothing.
+        self.subscribers.entry(channel).or_default().extend(listed);
     }
 
     /// Takes `bytes` from the upload budget; false if the cap does not allow them now.
