@@ -7,6 +7,10 @@ use clap::{Parser, Subcommand};
 
 use gridcast::keys::ChannelKey;
 
+/// mimalloc: fast, low-fragmentation allocation for long-running relays with many buffers.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// gridcast: a peer-to-peer live streaming grid.
 #[derive(Debug, Parser)]
 #[command(version, about, propagate_version = true)]
