@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use gridcast::keys::{ChannelId, ChannelKey};
-use gridcast::node::{Candidate, ChannelMode, EngineConfig, NodeEvent};
+use gridcast::node::{Candidate, ChannelMode, ChannelStats, EngineConfig, NodeEvent};
 use gridcast::sim::{NodeIx, Sim, SimConfig};
 use gridcast::stream::{ChunkPublisher, Chunker, ChunkerConfig, CodingParams, InputFormat};
 use gridcast::wire::{Role, StartAt, SubstreamSet};
@@ -273,13 +273,7 @@ impl Grid {
                 );
                 delivered += bytes.len() as u64;
             }
-            let stats = self
-                .sim
-                .node(self.peers[i])
-                .engine
-                .channel(&self.source.channel)
-                .unwrap()
-                .stats();
+            let stats = self.peer_stats(self.peers[i]);
             assert_eq!(stats.chunks_skipped, 0, "{scenario}: peer {i}");
         }
         let startup = self
@@ -293,15 +287,7 @@ impl Grid {
         let slowest_startup = self
             .peers
             .iter()
-            .map(|&p| {
-                let engine = &self.sim.node(p).engine;
-                engine
-                    .channel(&self.source.channel)
-                    .unwrap()
-                    .stats()
-                    .startup
-                    .expect("start-up recorded")
-            })
+            .map(|&p| self.peer_stats(p).startup.expect("start-up recorded"))
             .max()
             .unwrap();
         println!(
@@ -317,18 +303,17 @@ impl Grid {
         delivered
     }
 
+    /// A node's counters for the grid's channel.
+    pub fn peer_stats(&self, node: NodeIx) -> ChannelStats {
+        let engine = &self.sim.node(node).engine;
+        engine.channel(&self.source.channel).unwrap().stats()
+    }
+
     /// Verification failures seen by each peer.
     pub fn peer_verify_failures(&self) -> Vec<u64> {
         self.peers
             .iter()
-            .map(|&p| {
-                let engine = &self.sim.node(p).engine;
-                engine
-                    .channel(&self.source.channel)
-                    .unwrap()
-                    .stats()
-                    .verify_failures
-            })
+            .map(|&p| self.peer_stats(p).verify_failures)
             .collect()
     }
 }
