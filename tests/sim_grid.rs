@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::grid::{Grid, Played};
+use common::grid::Grid;
 use gridcast::node::{Candidate, ChannelMode, EngineConfig, NodeEvent};
 use gridcast::sim::NodeIx;
 use gridcast::wire::{StartAt, SubstreamSet};
@@ -362,26 +362,9 @@ fn relaying_peer(grid: &mut Grid, cap: Option<u64>, serve: bool) -> NodeIx {
 
 /// A peer whose first candidate is `first_parent`, then every supernode.
 fn peer_behind(grid: &mut Grid, first_parent: NodeIx) -> NodeIx {
-    let p = grid.sim.add_node(EngineConfig::default()).unwrap();
-    let now = grid.sim.now();
-    let mut candidates = vec![Candidate {
-        addr: grid.sim.node(first_parent).addr,
-        node: grid.sim.node(first_parent).id,
-    }];
-    for &sn in &grid.supernodes {
-        candidates.push(Candidate {
-            addr: grid.sim.node(sn).addr,
-            node: grid.sim.node(sn).id,
-        });
-    }
-    let engine = &mut grid.sim.node_mut(p).engine;
-    engine.add_channel(grid.source.channel, ChannelMode::Play);
-    engine
-        .set_upstream(now, grid.source.channel, candidates)
-        .unwrap();
-    grid.peers.push(p);
-    grid.played.push(Played::default());
-    p
+    let mut candidates = vec![grid.candidate(first_parent)];
+    candidates.extend(grid.supernodes.iter().map(|&sn| grid.candidate(sn)));
+    grid.add_policy_peer(EngineConfig::default(), candidates)
 }
 
 #[test]
@@ -450,10 +433,7 @@ fn a_second_tier_draws_k_plus_r_across_parents_and_survives_a_first_tier_kill() 
     let first_tier: Vec<Candidate> = grid
         .supernodes
         .iter()
-        .map(|&sn| Candidate {
-            addr: grid.sim.node(sn).addr,
-            node: grid.sim.node(sn).id,
-        })
+        .map(|&sn| grid.candidate(sn))
         .collect();
     let second: Vec<NodeIx> = (0..2)
         .map(|i| {

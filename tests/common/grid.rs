@@ -217,25 +217,33 @@ impl Grid {
     ) {
         let count = self.supernodes.len();
         for _ in 0..n {
-            let p = self.sim.add_node(config()).unwrap();
-            let now = self.sim.now();
             let candidates = (0..count)
-                .map(|i| {
-                    let sn = self.supernodes[(first + i) % count];
-                    Candidate {
-                        addr: self.sim.node(sn).addr,
-                        node: self.sim.node(sn).id,
-                    }
-                })
+                .map(|i| self.candidate(self.supernodes[(first + i) % count]))
                 .collect();
-            let engine = &mut self.sim.node_mut(p).engine;
-            engine.add_channel(self.source.channel, ChannelMode::Play);
-            engine
-                .set_upstream(now, self.source.channel, candidates)
-                .unwrap();
-            self.peers.push(p);
-            self.played.push(Played::default());
+            self.add_policy_peer(config(), candidates);
         }
+    }
+
+    /// A node as a candidate parent.
+    pub fn candidate(&self, node: NodeIx) -> Candidate {
+        Candidate {
+            addr: self.sim.node(node).addr,
+            node: self.sim.node(node).id,
+        }
+    }
+
+    /// Adds a peer that chooses its parents among `candidates`, and returns it.
+    pub fn add_policy_peer(&mut self, config: EngineConfig, candidates: Vec<Candidate>) -> NodeIx {
+        let p = self.sim.add_node(config).unwrap();
+        let now = self.sim.now();
+        let engine = &mut self.sim.node_mut(p).engine;
+        engine.add_channel(self.source.channel, ChannelMode::Play);
+        engine
+            .set_upstream(now, self.source.channel, candidates)
+            .unwrap();
+        self.peers.push(p);
+        self.played.push(Played::default());
+        p
     }
 
     pub fn run(&mut self, d: Duration) {
