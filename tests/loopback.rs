@@ -1,95 +1,128 @@
-//! Real UDP on loopback: a source, two supernodes and three peers, each an engine on its own
-//! portable-driver thread, in one process. The peers' output must be the source's bytes,
-//! consecutive and complete.
+//! Real UDP on loopback: a source, two supernodes and three peers, each a real node on its own
+//! driver threads, in one process; once on each backend. The peers' output must be the
+//! source's bytes, consecutive and complete.
+//!
+//! With io_uring the supernodes run two workers each: a peer may land on the worker that does
+//! not hold the upstream connection, so the stream also crosses workers. The test fails if a
+//! packet reached the wrong worker, or if stream bytes were copied more than once.
+//!
+//! Where io_uring is refused the io_uring case is skipped with a message, unless
+//! `GRIDCAST_REQUIRE_URING=1` (CI) makes that a failure.
 
 #![allow(clippy::unwrap_used, clippy::disallowed_methods, clippy::print_stdout)]
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender};
-use std::thread::{self, JoinHandle};
+use std::sync::mpsc::{self, Receiver};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use gridcast::driver::Command;
-use gridcast::driver::portable::{DriverStats, PortableDriver};
+use gridcast::driver::{Chosen, IoBackend, Node};
 use gridcast::keys::{ChannelKey, NodeId, NodeKey};
 use gridcast::node::{Candidate, ChannelMode, Engine, EngineConfig, NodeEvent};
 use gridcast::stream::{ChunkPublisher, Chunker, ChunkerConfig, CodingParams, InputFormat};
 use gridcast::wire::{Role, StartAt, SubstreamSet};
 
-struct Node {
-    addr: SocketAddr,
+struct Running {
+    node: Node,
     id: NodeId,
-    commands: Sender<Command>,
     events: Receiver<NodeEvent>,
-    thread: JoinHandle<(Engine, DriverStats)>,
 }
 
-impl Node {
-    fn spawn(seed: u8, config: EngineConfig, stop: &Arc<AtomicBool>) -> Self {
+impl Running {
+    fn spawn(backend: IoBackend, workers: usize, seed: u8, config: &EngineConfig) -> Self {
         let key = NodeKey::from_seed(&[seed; 32]);
-        let engine = Engine::new(&key, config).unwrap();
-        let driver = PortableDriver::bind("127.0.0.1:0".parse().unwrap(), engine).unwrap();
-        let addr = driver.local_addr();
-        let (commands, rx) = mpsc::channel::<Command>();
         let (tx, events) = mpsc::channel();
-        let stop = Arc::clone(stop);
-        let thread = thread::spawn(move || driver.run(&rx, &tx, &stop).unwrap());
+        let node = Node::start(
+            backend,
+            "127.0.0.1:0".parse().unwrap(),
+            workers,
+            |tag| {
+                Engine::new(
+                    &key,
+                    EngineConfig {
+                        worker: Some(tag),
+                        export_shards: tag.count > 1,
+                        ..config.clone()
+                    },
+                )
+            },
+            &tx,
+        )
+        .unwrap();
         Self {
-            addr,
+            node,
             id: key.node_id(),
-            commands,
             events,
-            thread,
         }
     }
 
-    fn command(&self, f: impl FnOnce(&mut Engine, Instant) + Send + 'static) {
-        self.commands.send(Box::new(f)).unwrap();
+    fn addr(&self) -> SocketAddr {
+        self.node.local_addr()
+    }
+
+    fn on(&self, worker: usize, f: impl FnOnce(&mut Engine, Instant) + Send + 'static) {
+        assert!(self.node.command(worker, Box::new(f)));
+    }
+
+    fn on_all(&self, f: impl Fn(&mut Engine, Instant) + Send + Clone + 'static) {
+        for w in 0..self.node.workers() {
+            let f = f.clone();
+            self.on(w, move |e, now| f(e, now));
+        }
     }
 
     fn candidate(&self) -> Candidate {
         Candidate {
-            addr: self.addr,
+            addr: self.addr(),
             node: self.id,
         }
     }
 }
 
-#[test]
-fn a_stream_crosses_real_sockets_byte_exact() {
-    let stop = Arc::new(AtomicBool::new(false));
+fn uring_required() -> bool {
+    std::env::var("GRIDCAST_REQUIRE_URING").is_ok_and(|v| v == "1")
+}
+
+fn run_grid(backend: IoBackend) {
     let channel_key = ChannelKey::from_seed(&[90; 32]);
     let channel = channel_key.channel_id();
+    let workers = 2;
 
-    let source = Node::spawn(
+    let source = Running::spawn(
+        backend,
         1,
-        EngineConfig {
+        1,
+        &EngineConfig {
             role: Role::Source,
             serve: true,
             ..Default::default()
         },
-        &stop,
     );
-    source.command(move |e, _| e.add_channel(channel, ChannelMode::Source));
-    let supernodes: Vec<Node> = (2..4)
+    let expected = match backend {
+        IoBackend::Portable => Chosen::Portable,
+        _ => Chosen::Uring,
+    };
+    assert_eq!(source.node.backend(), expected);
+    source.on(0, move |e, _| e.add_channel(channel, ChannelMode::Source));
+    let supernodes: Vec<Running> = (2..4)
         .map(|seed| {
-            let sn = Node::spawn(
+            let sn = Running::spawn(
+                backend,
+                workers,
                 seed,
-                EngineConfig {
+                &EngineConfig {
                     role: Role::Supernode,
                     serve: true,
                     ..Default::default()
                 },
-                &stop,
             );
-            let (addr, id) = (source.addr, source.id);
-            sn.command(move |e, now| {
-                e.add_channel(channel, ChannelMode::Relay);
+            sn.on_all(move |e, _| e.add_channel(channel, ChannelMode::Relay));
+            let (addr, id) = (source.addr(), source.id);
+            // One worker draws the channel from upstream; the others serve it from there.
+            sn.on(0, move |e, now| {
                 e.subscribe(
                     now,
                     addr,
@@ -103,7 +136,7 @@ fn a_stream_crosses_real_sockets_byte_exact() {
             sn
         })
         .collect();
-    let candidates: Vec<Candidate> = supernodes.iter().map(Node::candidate).collect();
+    let candidates: Vec<Candidate> = supernodes.iter().map(Running::candidate).collect();
 
     let mut chunker = Chunker::new(ChunkerConfig {
         format: InputFormat::Opaque,
@@ -115,14 +148,14 @@ fn a_stream_crosses_real_sockets_byte_exact() {
     let mut published: BTreeMap<u64, Bytes> = BTreeMap::new();
     let mut fed = 0u64;
     let start = Instant::now();
-    let mut peers: Vec<Node> = Vec::new();
+    let mut peers: Vec<Running> = Vec::new();
     // 500 kbit/s in 50 ms ticks for 7 s; peers join after 1 s.
     while start.elapsed() < Duration::from_secs(7) {
         if peers.is_empty() && start.elapsed() >= Duration::from_secs(1) {
-            for seed in 10..13 {
-                let peer = Node::spawn(seed, EngineConfig::default(), &stop);
+            for seed in 10..14 {
+                let peer = Running::spawn(backend, 1, seed, &EngineConfig::default());
                 let candidates = candidates.clone();
-                peer.command(move |e, now| {
+                peer.on(0, move |e, now| {
                     e.add_channel(channel, ChannelMode::Play);
                     e.set_upstream(now, channel, candidates).unwrap();
                 });
@@ -142,13 +175,12 @@ fn a_stream_crosses_real_sockets_byte_exact() {
                 .publish(chunk.seq, ts, chunk.flags, &chunk.payload)
                 .unwrap();
             published.insert(chunk.seq, chunk.payload.clone());
-            source.command(move |e, now| e.publish(now, channel, &coded).unwrap());
+            source.on(0, move |e, now| e.publish(now, channel, &coded).unwrap());
         }
         thread::sleep(Duration::from_millis(50));
     }
     // Let the last chunks arrive, then stop everything.
     thread::sleep(Duration::from_millis(1500));
-    stop.store(true, Ordering::Relaxed);
 
     let last_published = *published.keys().next_back().unwrap();
     for (i, peer) in peers.into_iter().enumerate() {
@@ -160,41 +192,118 @@ fn a_stream_crosses_real_sockets_byte_exact() {
                 _ => None,
             })
             .collect();
-        let (engine, stats) = peer.thread.join().unwrap();
+        let mut stopped = peer.node.stop().unwrap();
+        let (engine, stats) = stopped.remove(0);
         assert!(
             chunks.len() >= 18,
-            "peer {i} played {} chunks",
+            "{backend:?} peer {i} played {} chunks",
             chunks.len()
         );
         for w in chunks.windows(2) {
             assert_eq!(
                 w[1].0,
                 w[0].0 + 1,
-                "peer {i} skipped or repeated at {}",
+                "{backend:?} peer {i} skipped or repeated at {}",
                 w[0].0
             );
         }
         for (seq, bytes) in &chunks {
-            assert_eq!(bytes, &published[seq], "peer {i} chunk {seq} differs");
+            assert_eq!(
+                bytes, &published[seq],
+                "{backend:?} peer {i} chunk {seq} differs"
+            );
         }
         let last = chunks.last().unwrap().0;
         assert!(
             last + 4 >= last_published,
-            "peer {i} ends at {last}, source at {last_published}"
+            "{backend:?} peer {i} ends at {last}, source at {last_published}"
         );
         let ch = engine.channel(&channel).unwrap().stats();
         assert_eq!(ch.chunks_skipped, 0);
+        assert_eq!(stats.send_errors, 0);
         println!(
-            "loopback peer {i}: chunks={} startup={:?} datagrams_in={} sends={} datagrams_out={}",
+            "{backend:?} peer {i}: chunks={} startup={:?} datagrams_in={} sends={} datagrams_out={} \
+             stream_bytes_copied={} rx_bytes_copied={}",
             chunks.len(),
             ch.startup,
             stats.datagrams_in,
             stats.sends,
-            stats.datagrams_out
+            stats.datagrams_out,
+            engine.stats().stream_bytes_copied,
+            stats.rx_bytes_copied,
         );
     }
-    for node in supernodes.into_iter().chain([source]) {
-        let (_, stats) = node.thread.join().unwrap();
-        assert_eq!(stats.send_errors, 0);
+    for (n, sn) in supernodes.into_iter().enumerate() {
+        let workers = sn.node.stop().unwrap();
+        let mut served_by_siblings = 0;
+        for (w, (engine, stats)) in workers.iter().enumerate() {
+            let es = engine.stats();
+            let ch = engine.channel(&channel).unwrap().stats();
+            println!(
+                "{backend:?} supernode {n} worker {w}: connections={} shards_out={} imported={} \
+                 stream_bytes_copied={} bytes_in={} misrouted={} datagrams_in={} gro_batches={} \
+                 sends={} datagrams_out={} enters={} turns={} exhausted={}",
+                engine.connection_count(),
+                es.shards_out,
+                es.shards_imported,
+                es.stream_bytes_copied,
+                ch.bytes_in,
+                stats.misrouted,
+                stats.datagrams_in,
+                stats.gro_batches,
+                stats.sends,
+                stats.datagrams_out,
+                stats.enters,
+                stats.turns,
+                stats.rx_buffers_exhausted,
+            );
+            assert_eq!(stats.send_errors, 0);
+            assert_eq!(stats.misrouted, 0, "supernode {n} worker {w}");
+            if w == 0 {
+                // The worker holding the upstream copied each received stream byte once: the
+                // shards (stored, or duplicates of regenerated ones) plus frame heads and one
+                // signed header per chunk.
+                let from_network = ch.bytes_in + ch.duplicate_bytes;
+                assert!(es.stream_bytes_copied >= from_network);
+                assert!(
+                    es.stream_bytes_copied <= from_network + from_network / 10,
+                    "copied {} for {} stored",
+                    es.stream_bytes_copied,
+                    from_network
+                );
+            } else {
+                // Siblings get every shard as shared references: nothing copied.
+                assert_eq!(es.stream_bytes_copied, 0, "worker {w} copied stream bytes");
+                served_by_siblings += es.shards_out;
+                if es.shards_out > 0 {
+                    assert!(es.shards_imported > 0);
+                }
+            }
+        }
+        if backend != IoBackend::Portable {
+            println!(
+                "{backend:?} supernode {n}: shards served by non-upstream workers: {served_by_siblings}"
+            );
+        }
     }
+    let (_, stats) = source.node.stop().unwrap().remove(0);
+    assert_eq!(stats.send_errors, 0);
+}
+
+#[test]
+fn a_stream_crosses_real_sockets_byte_exact_portable() {
+    run_grid(IoBackend::Portable);
+}
+
+#[test]
+fn a_stream_crosses_real_sockets_byte_exact_io_uring() {
+    if let Err(e) = gridcast::driver::choose(IoBackend::Uring) {
+        assert!(
+            !uring_required(),
+            "GRIDCAST_REQUIRE_URING=1 but io_uring is unavailable: {e}"
+        );
+        println!("skipped: {e}");
+        return;
+    }
+    run_grid(IoBackend::Uring);
 }

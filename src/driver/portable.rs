@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
 
-use super::Command;
+use super::{Command, DriverStats};
 use crate::node::{Engine, NodeEvent};
 
 /// Longest a loop turn waits for a datagram before looking at commands and timers again.
@@ -23,21 +23,6 @@ pub const MAX_WAIT: Duration = Duration::from_millis(5);
 
 /// Largest UDP payload received in one piece (a whole GRO batch fits).
 const RECV_BUF: usize = 64 * 1024;
-
-/// Counters kept by a driver.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct DriverStats {
-    /// Datagrams received.
-    pub datagrams_in: u64,
-    /// `sendmsg` calls made (a GSO batch is one call).
-    pub sends: u64,
-    /// Datagrams sent.
-    pub datagrams_out: u64,
-    /// Sends the kernel refused (the datagram is lost; QUIC recovers).
-    pub send_errors: u64,
-    /// Loop turns.
-    pub turns: u64,
-}
 
 /// One engine on one UDP socket.
 #[derive(Debug)]
@@ -54,6 +39,9 @@ impl PortableDriver {
     pub fn bind(addr: SocketAddr, engine: Engine) -> io::Result<Self> {
         let socket = UdpSocket::bind(addr)?;
         let state = UdpSocketState::new((&socket).into())?;
+        // quinn-udp leaves the socket non-blocking (it is made for async runtimes); this loop
+        // blocks in recv with a timeout instead, so it must not spin.
+        socket.set_nonblocking(false)?;
         let local = socket.local_addr()?;
         Ok(Self {
             socket,
@@ -112,8 +100,10 @@ impl PortableDriver {
                 Ok(n) => {
                     for (m, buf) in meta.iter().zip(&bufs).take(n) {
                         let stride = m.stride.max(1);
+                        self.stats.gro_batches += 1;
                         for datagram in buf[..m.len].chunks(stride) {
                             self.stats.datagrams_in += 1;
+                            self.stats.rx_bytes_copied += datagram.len() as u64;
                             let ecn = m
                                 .ecn
                                 .and_then(|e| quinn_proto::EcnCodepoint::from_bits(e as u8));

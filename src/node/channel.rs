@@ -67,6 +67,8 @@ pub struct ChannelStats {
     pub bytes_in: u64,
     /// Shards received again (already held).
     pub duplicates: u64,
+    /// Bytes of those duplicate shards.
+    pub duplicate_bytes: u64,
     /// Shards or headers rejected by verification.
     pub verify_failures: u64,
     /// Shards computed by regeneration.
@@ -283,6 +285,7 @@ impl Channel {
         match partial.insert(index, shard.clone()) {
             Ok(Inserted::Duplicate) => {
                 self.stats.duplicates += 1;
+                self.stats.duplicate_bytes += len as u64;
                 return Ok(Vec::new());
             }
             Ok(Inserted::New(_)) => {}
@@ -319,6 +322,52 @@ impl Channel {
         }
         self.evict();
         Ok(out)
+    }
+
+    /// Stores shards that a sibling worker of this node verified and stored (same headers, same
+    /// buffers: nothing is copied or hashed again). Returns the ones new here, for fan-out.
+    /// Imported chunks are not regenerated: the sibling that received them does that and
+    /// exports the result.
+    pub fn import(&mut self, shards: &[StoredShard]) -> Vec<StoredShard> {
+        let mut out = Vec::new();
+        for stored in shards {
+            let seq = stored.header.header.seq;
+            if let Some((oldest, _)) = self.range()
+                && seq < oldest
+                && self.window.len() >= self.config.window_chunks
+            {
+                continue;
+            }
+            if self.next_play.is_some_and(|next| seq < next) {
+                continue;
+            }
+            self.params.get_or_insert(stored.header.header.params);
+            let partial = self
+                .window
+                .entry(seq)
+                .or_insert_with(|| PartialChunk::new(Arc::clone(&stored.header)));
+            if !Arc::ptr_eq(partial.header(), &stored.header)
+                && **partial.header() != *stored.header
+            {
+                continue;
+            }
+            let len = stored.shard.len();
+            match partial.insert_verified(stored.index, stored.shard.clone()) {
+                Ok(Inserted::New(_)) => {
+                    self.stats.shards_in += 1;
+                    self.stats.bytes_in += len as u64;
+                    self.window_bytes += len;
+                    out.push(stored.clone());
+                }
+                Ok(Inserted::Duplicate) => {
+                    self.stats.duplicates += 1;
+                    self.stats.duplicate_bytes += len as u64;
+                }
+                Err(_) => self.stats.verify_failures += 1,
+            }
+        }
+        self.evict();
+        out
     }
 
     fn evict(&mut self) {

@@ -40,6 +40,7 @@ use quinn_proto::{
 };
 
 use super::channel::{Channel, ChannelConfig, ChannelMode, Rejected, StoredShard};
+use super::cid::{WorkerCids, WorkerTag};
 use super::tls::{self, SERVER_NAME, TlsError};
 use super::upstream::{
     Candidate, HEALTHY_RATIO, SHORT_RATIO, Slot, Tally, Upstream, UpstreamConfig, assign,
@@ -100,6 +101,12 @@ pub struct EngineConfig {
     /// Fault injection for the simulator: flip a byte in every shard this node sends, to prove
     /// that its neighbours catch it. Never set outside tests.
     pub corrupt_outgoing_shards: bool,
+    /// Set when this engine is one of several workers sharing a UDP port: the connection ids
+    /// it issues then steer packets back to it (see [`crate::node::cid`]).
+    pub worker: Option<WorkerTag>,
+    /// Keep every newly stored shard for [`Engine::take_exports`], so a driver can hand it to
+    /// sibling workers (multi-worker supernodes).
+    pub export_shards: bool,
 }
 
 impl Default for EngineConfig {
@@ -120,6 +127,8 @@ impl Default for EngineConfig {
             corrupt_outgoing_shards: false,
             upstream: UpstreamConfig::default(),
             upload_cap: None,
+            worker: None,
+            export_shards: false,
         }
     }
 }
@@ -212,6 +221,12 @@ pub struct EngineStats {
     pub failovers: u64,
     /// Shards not sent to a subscriber because the upload cap was spent.
     pub upload_cap_drops: u64,
+    /// Chunk-stream bytes copied out of received packets while reassembling shards. Each
+    /// received stream byte is copied exactly once, here; fan-out, cross-worker hand-off and
+    /// storage share that copy.
+    pub stream_bytes_copied: u64,
+    /// Shards taken from sibling workers with [`Engine::import`].
+    pub shards_imported: u64,
 }
 
 /// A subscription a neighbour holds on us.
@@ -368,6 +383,8 @@ pub struct Engine {
     reading: bool,
     upload_tokens: f64,
     upload_refilled: Option<Instant>,
+    /// Newly stored shards for sibling workers (`export_shards`).
+    exports: Vec<(ChannelId, Vec<StoredShard>)>,
     stats: EngineStats,
 }
 
@@ -404,12 +421,11 @@ impl Engine {
         } else {
             None
         };
-        let endpoint = Endpoint::new(
-            Arc::new(EndpointConfig::default()),
-            server,
-            false,
-            config.rng_seed,
-        );
+        let mut endpoint_config = EndpointConfig::default();
+        if let Some(tag) = config.worker {
+            endpoint_config.cid_generator(move || Box::new(WorkerCids::new(tag)));
+        }
+        let endpoint = Endpoint::new(Arc::new(endpoint_config), server, false, config.rng_seed);
         let upload_tokens = config_upload_burst(&config);
         Ok(Self {
             node: key.node_id(),
@@ -433,6 +449,7 @@ impl Engine {
             reading: true,
             upload_tokens,
             upload_refilled: None,
+            exports: Vec::new(),
             stats: EngineStats::default(),
         })
     }
@@ -468,7 +485,7 @@ impl Engine {
                 if let Some(conn) = self.conns.get_mut(&handle) {
                     let ids: Vec<StreamId> = conn.in_streams.keys().copied().collect();
                     for id in ids {
-                        read_stream(conn, id, &mut inputs);
+                        read_stream(conn, id, &mut inputs, &mut self.stats.stream_bytes_copied);
                     }
                     for input in inputs.drain(..) {
                         self.apply(now, handle, input);
@@ -515,8 +532,48 @@ impl Engine {
             .ok_or(EngineError::UnknownChannel(channel))?;
         let shards = ch.publish(coded);
         self.fan_out(now, channel, &shards);
+        self.export(channel, &shards);
         self.drive(now);
         Ok(())
+    }
+
+    /// Multi-worker nodes: stores shards a sibling worker verified and stored (shared buffers,
+    /// nothing copied or hashed again) and sends them to this worker's subscribers.
+    pub fn import(
+        &mut self,
+        now: Instant,
+        channel: ChannelId,
+        shards: &[StoredShard],
+    ) -> Result<(), EngineError> {
+        let ch = self
+            .channels
+            .get_mut(&channel)
+            .ok_or(EngineError::UnknownChannel(channel))?;
+        let fresh = ch.import(shards);
+        self.stats.shards_imported += fresh.len() as u64;
+        self.fan_out(now, channel, &fresh);
+        self.drive(now);
+        Ok(())
+    }
+
+    /// Multi-worker nodes: the shards stored since the last call (with `export_shards`), for
+    /// the sibling workers' [`Engine::import`].
+    pub fn take_exports(&mut self) -> Vec<(ChannelId, Vec<StoredShard>)> {
+        std::mem::take(&mut self.exports)
+    }
+
+    fn export(&mut self, channel: ChannelId, shards: &[StoredShard]) {
+        if self.config.export_shards && !shards.is_empty() {
+            match self.exports.last_mut() {
+                Some((last, list)) if *last == channel => list.extend_from_slice(shards),
+                _ => self.exports.push((channel, shards.to_vec())),
+            }
+        }
+    }
+
+    /// Caps GSO batches (1 turns GSO off; a driver whose kernel refuses GSO does that).
+    pub fn set_max_gso_segments(&mut self, segments: usize) {
+        self.config.max_gso_segments = segments.max(1);
     }
 
     /// Subscribes to `substreams` of `channel` at the node `parent_id` reachable at `parent`,
@@ -1147,13 +1204,23 @@ impl Engine {
                                     }
                                 }
                                 if self.reading || conn.control == Some(id) {
-                                    read_stream(conn, id, &mut inputs);
+                                    read_stream(
+                                        conn,
+                                        id,
+                                        &mut inputs,
+                                        &mut self.stats.stream_bytes_copied,
+                                    );
                                 }
                             }
                         }
                         Event::Stream(StreamEvent::Readable { id }) => {
                             if self.reading || conn.control == Some(id) {
-                                read_stream(conn, id, &mut inputs);
+                                read_stream(
+                                    conn,
+                                    id,
+                                    &mut inputs,
+                                    &mut self.stats.stream_bytes_copied,
+                                );
                             }
                         }
                         Event::Stream(StreamEvent::Writable { .. }) => {
@@ -1368,6 +1435,7 @@ impl Engine {
                     tally.count(seq, now);
                 }
                 self.fan_out(now, channel_id, &stored);
+                self.export(channel_id, &stored);
             }
             Err(e) => self.misbehaved(now, handle, &e),
         }
@@ -1608,21 +1676,42 @@ fn config_upload_burst(config: &EngineConfig) -> f64 {
 }
 
 /// Reads what arrived on stream `id` and decodes every complete frame.
-fn read_stream(conn: &mut Conn, id: StreamId, inputs: &mut Vec<Input>) {
+fn read_stream(conn: &mut Conn, id: StreamId, inputs: &mut Vec<Input>, copied: &mut u64) {
     let is_control = conn.control == Some(id);
     if !is_control && !conn.in_streams.contains_key(&id) {
         return;
     }
-    let mut data = BytesMut::new();
+    let Conn {
+        quic,
+        control_rx,
+        in_streams,
+        ..
+    } = conn;
+    let buf = if is_control {
+        control_rx
+    } else {
+        match in_streams.get_mut(&id) {
+            Some(s) => &mut s.buf,
+            None => return,
+        }
+    };
     let mut finished = false;
     {
-        let mut stream = conn.quic.recv_stream(id);
+        let mut stream = quic.recv_stream(id);
         let Ok(mut chunks) = stream.read(true) else {
             return;
         };
         loop {
             match chunks.next(usize::MAX) {
-                Ok(Some(chunk)) => data.extend_from_slice(&chunk.bytes),
+                // The one copy of received stream bytes: out of the packet buffer quinn
+                // decrypted in place, into this stream's reassembly buffer. Frames decoded
+                // from it are shared slices, never copied again.
+                Ok(Some(chunk)) => {
+                    if !is_control {
+                        *copied += chunk.bytes.len() as u64;
+                    }
+                    buf.extend_from_slice(&chunk.bytes);
+                }
                 Ok(None) => {
                     finished = true;
                     break;
@@ -1636,15 +1725,6 @@ fn read_stream(conn: &mut Conn, id: StreamId, inputs: &mut Vec<Input>) {
         }
         let _ = chunks.finalize();
     }
-    let buf = if is_control {
-        &mut conn.control_rx
-    } else {
-        match conn.in_streams.get_mut(&id) {
-            Some(s) => &mut s.buf,
-            None => return,
-        }
-    };
-    buf.extend_from_slice(&data);
     loop {
         match Message::decode_frame(buf) {
             Ok(Some(Message::Shard(frame))) if !is_control => inputs.push(Input::Shard(id, frame)),

@@ -8,10 +8,12 @@
 //!   fan-out. Read its module doc for the driver call order.
 
 pub mod channel;
+pub mod cid;
 pub mod engine;
 pub mod tls;
 pub mod upstream;
 
-pub use channel::{Channel, ChannelConfig, ChannelMode, ChannelStats};
+pub use channel::{Channel, ChannelConfig, ChannelMode, ChannelStats, StoredShard};
+pub use cid::WorkerTag;
 pub use engine::{Engine, EngineConfig, EngineError, EngineStats, NodeEvent};
 pub use upstream::{Candidate, UpstreamConfig, assign};

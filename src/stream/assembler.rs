@@ -130,6 +130,34 @@ impl PartialChunk {
         Ok(Inserted::New(self.held))
     }
 
+    /// Stores shard `index` that another part of this node already verified against this same
+    /// header (a worker handing shards to its siblings). Checks the index and size, not the hash:
+    /// hashing every shard again on every core would double the relay's cost for nothing, since
+    /// the bytes never left the process.
+    pub fn insert_verified(&mut self, index: usize, shard: Bytes) -> Result<Inserted, ShardError> {
+        let h = &self.header.header;
+        let seq = h.seq;
+        let total = self.shards.len();
+        let expected = h.shard_len();
+        let Some(slot) = self.shards.get_mut(index) else {
+            return Err(ShardError::Index { seq, index, total });
+        };
+        if slot.is_some() {
+            return Ok(Inserted::Duplicate);
+        }
+        if shard.len() != expected {
+            return Err(ShardError::Length {
+                seq,
+                index,
+                expected,
+                got: shard.len(),
+            });
+        }
+        *slot = Some(shard);
+        self.held += 1;
+        Ok(Inserted::New(self.held))
+    }
+
     /// Rebuilds the chunk's exact payload. Needs K shards.
     pub fn rebuild(&self, coder: &mut ShardCoder) -> Result<Payload, CodingError> {
         let h = &self.header.header;

@@ -1,0 +1,858 @@
+//! The io_uring backend (Linux): one worker thread per core, each with its own ring, its own UDP
+//! socket on the node's shared port (a `SO_REUSEPORT` group) and its own engine.
+//!
+//! - **Steering.** A classic BPF program on the socket group sends each packet to the socket
+//!   `dcid[0] % workers` (see [`crate::node::cid`]); each worker's engine issues only connection
+//!   ids that map to itself, so every packet of a connection reaches the worker holding it,
+//!   whatever the client's address. Packets that arrive elsewhere are counted
+//!   ([`DriverStats::misrouted`]).
+//! - **Receive.** One multishot `recvmsg` per worker into a provided-buffer ring. Each buffer is
+//!   a `BytesMut`; a completed one goes to the engine as is (the payload is not copied: quinn
+//!   decrypts it in place) and a new buffer takes its slot. GRO batches are split by the segment
+//!   size from their control message; ECN and the local address come from control messages too.
+//!   When the kernel runs out of buffers the receive ends with `ENOBUFS`: counted, buffers
+//!   refilled, receive re-armed, nothing stalls.
+//! - **Send.** `sendmsg` with `UDP_SEGMENT` straight from the engine's transmit, ECN and source
+//!   address as control messages; every send of a loop turn goes to the kernel in the one
+//!   `io_uring_enter` that also waits. If the kernel refuses GSO, it is switched off for good
+//!   (counted in [`DriverStats::gso_disabled`]) and the batch is resent datagram by datagram.
+//! - **Timers.** The engine's own timer set; the worker waits no longer than its next deadline
+//!   and reads the clock once per turn.
+//! - **Across workers.** A shard stored by one worker (received from a parent, or published) is
+//!   handed to every sibling as shared references through its mailbox, and the sibling's
+//!   eventfd wakes it; siblings serve it to their own subscribers. No bytes are copied and no
+//!   lock is shared on the way.
+
+mod cmsg;
+mod sys;
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, UdpSocket};
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::UnixDatagram;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+use quinn_proto::EcnCodepoint;
+use socket2::{Domain, Protocol, Socket, Type};
+
+use super::{Command, DriverStats, StartError};
+use crate::keys::ChannelId;
+use crate::node::{Engine, EngineError, NodeEvent, StoredShard, WorkerTag};
+
+use sys::{BufRing, RecvHeader, Ring, SendSlot};
+
+/// Longest a worker sleeps with nothing to do (the stop flag is also signalled by eventfd).
+const MAX_WAIT: Duration = Duration::from_millis(100);
+
+/// Receive buffer size: a whole GRO batch (up to 64 KiB) plus name and control messages.
+const RECV_BUF: usize = 64 * 1024 + 16 + sys::RECV_NAME_LEN as usize + sys::RECV_CONTROL_LEN;
+
+const TAG_MASK: u64 = 0b11 << 62;
+const TAG_SEND: u64 = 0;
+const TAG_RECV: u64 = 1 << 62;
+const TAG_WAKE: u64 = 2 << 62;
+const TAG_CANCEL: u64 = 3 << 62;
+
+/// The provided-buffer group id of every worker's receive ring (one group per ring).
+const BUFFER_GROUP: u16 = 0;
+
+/// io_uring backend settings.
+#[derive(Debug, Clone)]
+pub struct UringConfig {
+    /// Worker threads (one ring, socket and engine each). Default: one per core.
+    pub workers: usize,
+    /// Pin worker `i` to CPU `i`.
+    pub pin_cores: bool,
+    /// Submission queue entries per ring.
+    pub ring_entries: u32,
+    /// Receive buffers per worker (a power of two), each a whole GRO batch.
+    pub recv_buffers: u16,
+    /// Sends in flight per worker.
+    pub send_slots: usize,
+    /// Attach the connection-id steering program. Only tests turn it off, to show what it
+    /// prevents.
+    pub steering: bool,
+}
+
+impl Default for UringConfig {
+    fn default() -> Self {
+        Self {
+            workers: thread::available_parallelism().map_or(1, |n| n.get()),
+            pin_cores: false,
+            ring_entries: 1024,
+            recv_buffers: 256,
+            send_slots: 256,
+            steering: true,
+        }
+    }
+}
+
+/// Checks that this process may use io_uring with everything the backend needs (ring, provided
+/// buffer ring, multishot `recvmsg`), by receiving one datagram through it on loopback.
+/// The error is what a refusing kernel or seccomp profile said.
+pub fn probe() -> io::Result<()> {
+    let mut ring = Ring::new(8)?;
+    let bufs = BufRing::new(2, 2048)?;
+    ring.register(&bufs, BUFFER_GROUP)?;
+    let socket = UdpSocket::bind("127.0.0.1:0")?;
+    let header = RecvHeader::new();
+    ring.push_recv(sys::raw(&socket), &header, BUFFER_GROUP, TAG_RECV)?;
+    ring.submit_and_wait(None)?;
+    socket.send_to(b"probe", socket.local_addr()?)?;
+    let mut done = Vec::new();
+    #[allow(clippy::disallowed_methods)] // a driver reads the clock
+    let deadline = Instant::now() + Duration::from_secs(1);
+    #[allow(clippy::disallowed_methods)]
+    while done.is_empty() && Instant::now() < deadline {
+        ring.submit_and_wait(Some(Duration::from_millis(50)))?;
+        ring.completions(&mut done);
+    }
+    let result = match done.first() {
+        Some(&(_, res, _)) if res >= 0 => Ok(()),
+        Some(&(_, res, _)) => Err(io::Error::from_raw_os_error(-res)),
+        None => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "multishot recvmsg delivered nothing",
+        )),
+    };
+    // Stop the receive before its buffers go away.
+    ring.push_cancel(TAG_RECV, TAG_CANCEL)?;
+    let mut rest = Vec::new();
+    for _ in 0..20 {
+        ring.submit_and_wait(Some(Duration::from_millis(10)))?;
+        ring.completions(&mut rest);
+        if rest
+            .iter()
+            .any(|&(d, _, f)| d == TAG_RECV && !sys::cqe_more(f))
+        {
+            drop(ring);
+            drop(bufs);
+            return result;
+        }
+    }
+    // The kernel still holds the receive: keep its buffers alive rather than risk a write
+    // into freed memory.
+    std::mem::forget(bufs);
+    result
+}
+
+/// The classic BPF steering program: socket index = first destination-connection-id byte
+/// modulo `workers`. Long headers carry the DCID at offset 6, short headers at offset 1.
+fn steering_program(workers: u8) -> [libc::sock_filter; 7] {
+    // BPF_LD | BPF_B | BPF_ABS (BPF_LD is 0).
+    const LD_B_ABS: u16 = 0x10 | 0x20;
+    // BPF_JMP | BPF_JSET | BPF_K (BPF_K is 0).
+    const JSET_K: u16 = 0x05 | 0x40;
+    // BPF_JMP | BPF_JA (BPF_JA is 0).
+    const JA: u16 = 0x05;
+    // BPF_ALU | BPF_MOD | BPF_K.
+    const MOD_K: u16 = 0x04 | 0x90;
+    // BPF_RET | BPF_A.
+    const RET_A: u16 = 0x06 | 0x10;
+    let op = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
+    [
+        op(LD_B_ABS, 0, 0, 0),
+        op(JSET_K, 0, 2, 0x80),
+        op(LD_B_ABS, 0, 0, 6),
+        op(JA, 0, 0, 1),
+        op(LD_B_ABS, 0, 0, 1),
+        op(MOD_K, 0, 0, u32::from(workers.max(1))),
+        op(RET_A, 0, 0, 0),
+    ]
+}
+
+/// Which worker the steering rule gives `packet` to (`None`: too short to say).
+fn steered_to(packet: &[u8], workers: u8) -> Option<u8> {
+    let first = *packet.first()?;
+    let byte = if first & 0x80 != 0 {
+        *packet.get(6)?
+    } else {
+        *packet.get(1)?
+    };
+    Some(WorkerTag::owner_of(workers, byte))
+}
+
+/// What a worker's mailbox carries.
+enum Mail {
+    Command(Command),
+    Import(Arc<Vec<(ChannelId, Vec<StoredShard>)>>),
+}
+
+/// A worker's mailbox: the queue and the eventfd that wakes it.
+#[derive(Clone)]
+struct Mailbox {
+    queue: Sender<Mail>,
+    wake: Arc<File>,
+}
+
+impl Mailbox {
+    fn post(&self, mail: Mail) -> bool {
+        let sent = self.queue.send(mail).is_ok();
+        self.wake();
+        sent
+    }
+
+    fn wake(&self) {
+        let _ = (&*self.wake).write(&1u64.to_ne_bytes());
+    }
+}
+
+/// A running io_uring node: its workers, their mailboxes, and the port lock.
+pub struct UringNode {
+    local: SocketAddr,
+    mailboxes: Vec<Mailbox>,
+    threads: Vec<JoinHandle<io::Result<(Engine, DriverStats)>>>,
+    stop: Arc<AtomicBool>,
+    _lock: UnixDatagram,
+}
+
+impl std::fmt::Debug for UringNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UringNode")
+            .field("local", &self.local)
+            .field("workers", &self.mailboxes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn bind_member(addr: SocketAddr) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    // Large kernel buffers absorb bursts between loop turns; the kernel caps them at rmem_max.
+    let _ = socket.set_recv_buffer_size(4 << 20);
+    let _ = socket.set_send_buffer_size(4 << 20);
+    socket.bind(&addr.into())?;
+    let fd = sys::raw(&socket);
+    sys::setsockopt_int(fd, libc::SOL_UDP, libc::UDP_GRO, 1)?;
+    if addr.is_ipv6() {
+        sys::setsockopt_int(fd, libc::IPPROTO_IPV6, libc::IPV6_RECVTCLASS, 1)?;
+        sys::setsockopt_int(fd, libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, 1)?;
+        sys::setsockopt_int(
+            fd,
+            libc::IPPROTO_IPV6,
+            libc::IPV6_MTU_DISCOVER,
+            libc::IPV6_PMTUDISC_PROBE,
+        )?;
+        // The dual-stack socket's IPv4 side.
+        let _ = sys::setsockopt_int(fd, libc::IPPROTO_IP, libc::IP_RECVTOS, 1);
+        let _ = sys::setsockopt_int(fd, libc::IPPROTO_IP, libc::IP_PKTINFO, 1);
+    } else {
+        sys::setsockopt_int(fd, libc::IPPROTO_IP, libc::IP_RECVTOS, 1)?;
+        sys::setsockopt_int(fd, libc::IPPROTO_IP, libc::IP_PKTINFO, 1)?;
+        sys::setsockopt_int(
+            fd,
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            libc::IP_PMTUDISC_PROBE,
+        )?;
+    }
+    Ok(socket)
+}
+
+impl UringNode {
+    /// Binds `addr` with `config.workers` sockets in one reuseport group, makes each worker's
+    /// engine with `make` (given its [`WorkerTag`]; set [`crate::node::EngineConfig::worker`]
+    /// and `export_shards` from it), and starts the workers. Events from every worker go to
+    /// `events`.
+    pub fn start(
+        addr: SocketAddr,
+        config: &UringConfig,
+        mut make: impl FnMut(WorkerTag) -> Result<Engine, EngineError>,
+        events: &Sender<NodeEvent>,
+    ) -> Result<Self, StartError> {
+        let count = config.workers.clamp(1, 128);
+        let first = bind_member(addr)?;
+        let local = first
+            .local_addr()?
+            .as_socket()
+            .ok_or_else(|| io::Error::other("bound socket has no IP address"))?;
+        // One gridcast process per port: an abstract socket named after it is the lock, held
+        // for the process's life and released by the kernel when it exits.
+        let name = format!("gridcast/udp/{local}");
+        let lock = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
+        let lock = UnixDatagram::bind_addr(&lock).map_err(|e| {
+            if e.kind() == io::ErrorKind::AddrInUse {
+                StartError::PortShared(local)
+            } else {
+                StartError::Io(e)
+            }
+        })?;
+        let mut sockets = vec![first];
+        for _ in 1..count {
+            sockets.push(bind_member(local)?);
+        }
+        if config.steering && count > 1 {
+            sys::attach_reuseport_cbpf(sys::raw(&sockets[0]), &steering_program(count as u8))?;
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut mailboxes = Vec::with_capacity(count);
+        let mut inboxes = Vec::with_capacity(count);
+        for _ in 0..count {
+            let (queue, inbox) = mpsc::channel();
+            mailboxes.push(Mailbox {
+                queue,
+                wake: Arc::new(sys::eventfd()?),
+            });
+            inboxes.push(inbox);
+        }
+        let mut threads = Vec::with_capacity(count);
+        let (ready_tx, ready_rx) = mpsc::channel::<io::Result<()>>();
+        for (index, (socket, inbox)) in sockets.into_iter().zip(inboxes).enumerate() {
+            let tag = WorkerTag {
+                index: index as u8,
+                count: count as u8,
+            };
+            let engine = make(tag)?;
+            let siblings: Vec<Mailbox> = mailboxes
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != index)
+                .map(|(_, m)| m.clone())
+                .collect();
+            let wake = Arc::clone(&mailboxes[index].wake);
+            let events = events.clone();
+            let stop = Arc::clone(&stop);
+            let config = config.clone();
+            let ready = ready_tx.clone();
+            let thread = thread::Builder::new()
+                .name(format!("gridcast-io-{index}"))
+                .spawn(move || {
+                    if config.pin_cores {
+                        let _ = sys::pin_to_cpu(index);
+                    }
+                    let worker = match Worker::new(
+                        tag, &config, socket, engine, inbox, wake, siblings, events, stop,
+                    ) {
+                        Ok(w) => {
+                            let _ = ready.send(Ok(()));
+                            w
+                        }
+                        Err(e) => {
+                            let _ = ready.send(Err(io::Error::new(e.kind(), e.to_string())));
+                            return Err(e);
+                        }
+                    };
+                    worker.run()
+                })?;
+            threads.push(thread);
+        }
+        drop(ready_tx);
+        let mut node = Self {
+            local,
+            mailboxes,
+            threads,
+            stop,
+            _lock: lock,
+        };
+        for _ in 0..count {
+            match ready_rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    node.shutdown();
+                    return Err(e.into());
+                }
+                Err(_) => {
+                    node.shutdown();
+                    return Err(io::Error::other("an io_uring worker died while starting").into());
+                }
+            }
+        }
+        Ok(node)
+    }
+
+    /// The bound address (shared by every worker).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// Number of workers.
+    pub fn workers(&self) -> usize {
+        self.mailboxes.len()
+    }
+
+    /// Runs `command` on worker `worker`'s engine. False if that worker has stopped.
+    pub fn command(&self, worker: usize, command: Command) -> bool {
+        self.mailboxes
+            .get(worker)
+            .is_some_and(|m| m.post(Mail::Command(command)))
+    }
+
+    fn shutdown(&mut self) -> Vec<io::Result<(Engine, DriverStats)>> {
+        self.stop.store(true, Ordering::Relaxed);
+        for m in &self.mailboxes {
+            m.wake();
+        }
+        self.threads
+            .drain(..)
+            .map(|t| {
+                t.join()
+                    .unwrap_or_else(|_| Err(io::Error::other("io_uring worker panicked")))
+            })
+            .collect()
+    }
+
+    /// Stops every worker and returns their engines and counters, in worker order.
+    pub fn stop(mut self) -> io::Result<Vec<(Engine, DriverStats)>> {
+        self.shutdown().into_iter().collect()
+    }
+}
+
+impl Drop for UringNode {
+    fn drop(&mut self) {
+        if !self.threads.is_empty() {
+            let _ = self.shutdown();
+        }
+    }
+}
+
+/// A datagram (or GRO batch) taken off the receive ring.
+struct Received {
+    from: SocketAddr,
+    info: cmsg::RecvInfo,
+    payload: BytesMut,
+}
+
+/// One worker: its ring, socket, engine and mail. Field order matters: the ring closes before
+/// the buffers it received into are freed.
+struct Worker {
+    ring: Ring,
+    bufs: BufRing,
+    recv_header: RecvHeader,
+    slots: Vec<SendSlot>,
+    free: Vec<usize>,
+    socket: Socket,
+    v6: bool,
+    tag: WorkerTag,
+    engine: Engine,
+    inbox: Receiver<Mail>,
+    wake: Arc<File>,
+    siblings: Vec<Mailbox>,
+    events: Sender<NodeEvent>,
+    stop: Arc<AtomicBool>,
+    received: Vec<Received>,
+    completions: Vec<(u64, i32, u32)>,
+    resend: Vec<(SocketAddr, Vec<u8>, u8, Option<std::net::IpAddr>)>,
+    control: Vec<u8>,
+    recv_armed: bool,
+    gso: bool,
+    stats: DriverStats,
+}
+
+impl Worker {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        tag: WorkerTag,
+        config: &UringConfig,
+        socket: Socket,
+        engine: Engine,
+        inbox: Receiver<Mail>,
+        wake: Arc<File>,
+        siblings: Vec<Mailbox>,
+        events: Sender<NodeEvent>,
+        stop: Arc<AtomicBool>,
+    ) -> io::Result<Self> {
+        let mut ring = Ring::new(config.ring_entries)?;
+        if tag.index == 0 {
+            tracing::info!(
+                workers = tag.count,
+                defer_taskrun = ring.features.defer_taskrun,
+                "io_uring data plane starting"
+            );
+        }
+        let bufs = BufRing::new(config.recv_buffers, RECV_BUF)?;
+        ring.register(&bufs, BUFFER_GROUP)?;
+        let slots: Vec<SendSlot> = (0..config.send_slots.max(1))
+            .map(|_| SendSlot::new(16 * 1024))
+            .collect();
+        let free = (0..slots.len()).rev().collect();
+        let v6 = socket.local_addr()?.is_ipv6();
+        let mut worker = Self {
+            ring,
+            bufs,
+            recv_header: RecvHeader::new(),
+            slots,
+            free,
+            socket,
+            v6,
+            tag,
+            engine,
+            inbox,
+            wake,
+            siblings,
+            events,
+            stop,
+            received: Vec::new(),
+            completions: Vec::new(),
+            resend: Vec::new(),
+            control: Vec::with_capacity(128),
+            recv_armed: false,
+            gso: true,
+            stats: DriverStats::default(),
+        };
+        worker.arm_recv()?;
+        let wake_fd = sys::raw(&*worker.wake);
+        worker.ring.push_poll(wake_fd, TAG_WAKE)?;
+        worker.ring.submit_and_wait(None)?;
+        Ok(worker)
+    }
+
+    fn arm_recv(&mut self) -> io::Result<()> {
+        let fd = sys::raw(&self.socket);
+        self.ring
+            .push_recv(fd, &self.recv_header, BUFFER_GROUP, TAG_RECV)?;
+        self.recv_armed = true;
+        Ok(())
+    }
+
+    fn run(mut self) -> io::Result<(Engine, DriverStats)> {
+        while !self.stop.load(Ordering::Relaxed) {
+            self.stats.turns += 1;
+            self.reap()?;
+            #[allow(clippy::disallowed_methods)] // the driver owns the clock: once per turn
+            let now = Instant::now();
+            for r in std::mem::take(&mut self.received) {
+                self.deliver(now, r);
+            }
+            self.read_mail(now);
+            if self.engine.poll_timeout().is_some_and(|t| t <= now) {
+                self.engine.handle_timeout(now);
+            }
+            let exports = self.engine.take_exports();
+            if !exports.is_empty() && !self.siblings.is_empty() {
+                let shared = Arc::new(exports);
+                for sibling in &self.siblings {
+                    let _ = sibling.queue.send(Mail::Import(Arc::clone(&shared)));
+                }
+                self.stats.exports += 1;
+                for sibling in &self.siblings {
+                    sibling.wake();
+                }
+            }
+            self.transmit(now)?;
+            while let Some(event) = self.engine.poll_event() {
+                let _ = self.events.send(event);
+            }
+            let wait = self
+                .engine
+                .poll_timeout()
+                .map_or(MAX_WAIT, |t| t.saturating_duration_since(now))
+                .min(MAX_WAIT);
+            let wait = if self.received.is_empty() && self.resend.is_empty() {
+                Some(wait.max(Duration::from_micros(1)))
+            } else {
+                None
+            };
+            self.stats.enters += 1;
+            self.ring.submit_and_wait(wait)?;
+        }
+        let clean = self.quiesce();
+        let Self {
+            ring,
+            bufs,
+            slots,
+            engine,
+            stats,
+            ..
+        } = self;
+        drop(ring);
+        if !clean {
+            // The kernel did not give everything back in a second: leak the memory it may
+            // still write rather than free it under it.
+            std::mem::forget(bufs);
+            std::mem::forget(slots);
+        }
+        Ok((engine, stats))
+    }
+
+    /// Handles every completion available: received datagrams are queued for `deliver`, send
+    /// slots are freed, wake-ups read.
+    fn reap(&mut self) -> io::Result<()> {
+        self.completions.clear();
+        let mut completions = std::mem::take(&mut self.completions);
+        self.ring.completions(&mut completions);
+        let mut provided = false;
+        for &(data, res, flags) in &completions {
+            match data & TAG_MASK {
+                TAG_RECV => {
+                    provided |= self.on_recv(res, flags);
+                    if !sys::cqe_more(flags) {
+                        self.recv_armed = false;
+                    }
+                }
+                TAG_SEND => self.on_sent((data & !TAG_MASK) as usize, res),
+                TAG_WAKE => {
+                    let mut drain = [0u8; 8];
+                    let _ = (&*self.wake).read(&mut drain);
+                    if !sys::cqe_more(flags) {
+                        let fd = sys::raw(&*self.wake);
+                        self.ring.push_poll(fd, TAG_WAKE)?;
+                    }
+                }
+                _ => {}
+            }
+        }
+        self.completions = completions;
+        if provided {
+            self.bufs.publish();
+        }
+        if !self.recv_armed && !self.stop.load(Ordering::Relaxed) {
+            self.arm_recv()?;
+        }
+        Ok(())
+    }
+
+    /// One receive completion. Returns whether a buffer was replaced.
+    fn on_recv(&mut self, res: i32, flags: u32) -> bool {
+        if res < 0 {
+            if res == -libc::ENOBUFS {
+                self.stats.rx_buffers_exhausted += 1;
+            } else if res != -libc::ECANCELED {
+                self.stats.rx_errors += 1;
+            }
+            return false;
+        }
+        let Some(bid) = sys::cqe_buffer(flags) else {
+            self.stats.rx_errors += 1;
+            return false;
+        };
+        let Some(mut buf) = self.bufs.take(bid, res as usize) else {
+            self.stats.rx_errors += 1;
+            return false;
+        };
+        let (from, info, start, len) = {
+            let Ok(out) = io_uring::types::RecvMsgOut::parse(&buf, self.recv_header.msghdr())
+            else {
+                self.stats.rx_errors += 1;
+                return true;
+            };
+            if out.is_payload_truncated() || out.is_name_data_truncated() {
+                self.stats.rx_truncated += 1;
+                return true;
+            }
+            let Some(from) = cmsg::parse_sockaddr(out.name_data()) else {
+                self.stats.rx_errors += 1;
+                return true;
+            };
+            let info = cmsg::parse_recv(out.control_data());
+            let payload = out.payload_data();
+            let start = payload.as_ptr() as usize - buf.as_ptr() as usize;
+            (from, info, start, payload.len())
+        };
+        // The payload stays where the kernel put it: the buffer itself goes to the engine.
+        buf.advance(start);
+        buf.truncate(len);
+        self.stats.gro_batches += 1;
+        self.received.push(Received {
+            from,
+            info,
+            payload: buf,
+        });
+        true
+    }
+
+    fn deliver(&mut self, now: Instant, r: Received) {
+        let ecn = EcnCodepoint::from_bits(r.info.ecn);
+        let stride = r.info.segment_size.unwrap_or(r.payload.len()).max(1);
+        let mut rest = r.payload;
+        while !rest.is_empty() {
+            let datagram = if rest.len() > stride {
+                rest.split_to(stride)
+            } else {
+                std::mem::take(&mut rest)
+            };
+            self.stats.datagrams_in += 1;
+            if self.tag.count > 1 && steered_to(&datagram, self.tag.count) != Some(self.tag.index) {
+                self.stats.misrouted += 1;
+            }
+            self.engine
+                .handle_datagram(now, r.from, r.info.dst_ip, ecn, datagram);
+        }
+    }
+
+    fn read_mail(&mut self, now: Instant) {
+        loop {
+            match self.inbox.try_recv() {
+                Ok(Mail::Command(command)) => command(&mut self.engine, now),
+                Ok(Mail::Import(batch)) => {
+                    self.stats.imports += 1;
+                    for (channel, shards) in batch.iter() {
+                        let _ = self.engine.import(now, *channel, shards);
+                    }
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    self.stop.store(true, Ordering::Relaxed);
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Queues every datagram the engine has, as long as send slots last.
+    fn transmit(&mut self, now: Instant) -> io::Result<()> {
+        let fd = sys::raw(&self.socket);
+        // Datagrams of a batch the kernel refused as GSO go out one by one first.
+        while !self.resend.is_empty() {
+            let Some(i) = self.take_slot()? else { break };
+            let Some((to, bytes, ecn, src)) = self.resend.pop() else {
+                self.free.push(i);
+                break;
+            };
+            let target = self.target(to);
+            let slot = &mut self.slots[i];
+            slot.buf.clear();
+            slot.buf.extend_from_slice(&bytes);
+            cmsg::build_send(&mut self.control, self.v6, None, ecn, src);
+            slot.destination = to;
+            slot.segment_size = None;
+            slot.ecn = ecn;
+            slot.src_ip = src;
+            slot.prepare(bytes.len(), target, &self.control);
+            slot.busy = true;
+            self.ring.push_send(fd, slot, TAG_SEND | i as u64)?;
+            self.stats.sends += 1;
+            self.stats.datagrams_out += 1;
+        }
+        while let Some(i) = self.take_slot()? {
+            let slot = &mut self.slots[i];
+            let Some(t) = self.engine.poll_transmit(now, &mut slot.buf) else {
+                self.free.push(i);
+                break;
+            };
+            let segment = t.segment_size.filter(|&s| s < t.size);
+            let ecn = t.ecn.map_or(0, |e| e as u8);
+            cmsg::build_send(&mut self.control, self.v6, segment, ecn, t.src_ip);
+            slot.destination = t.destination;
+            slot.segment_size = segment;
+            slot.ecn = ecn;
+            slot.src_ip = t.src_ip;
+            let target = match (self.v6, t.destination) {
+                (true, SocketAddr::V4(v4)) => {
+                    SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
+                }
+                (_, to) => to,
+            };
+            slot.prepare(t.size, target, &self.control);
+            slot.busy = true;
+            self.ring.push_send(fd, slot, TAG_SEND | i as u64)?;
+            self.stats.sends += 1;
+            self.stats.datagrams_out += segment.map_or(1, |s| t.size.div_ceil(s)) as u64;
+        }
+        Ok(())
+    }
+
+    fn target(&self, to: SocketAddr) -> SocketAddr {
+        match (self.v6, to) {
+            (true, SocketAddr::V4(v4)) => {
+                SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
+            }
+            _ => to,
+        }
+    }
+
+    /// A free send slot; when all are in flight, hands the queued sends to the kernel and waits
+    /// (briefly) for some to complete. `None` if none came back.
+    fn take_slot(&mut self) -> io::Result<Option<usize>> {
+        if let Some(i) = self.free.pop() {
+            return Ok(Some(i));
+        }
+        self.stats.slot_waits += 1;
+        self.stats.enters += 1;
+        self.ring.submit_and_wait(Some(Duration::from_millis(5)))?;
+        self.reap()?;
+        Ok(self.free.pop())
+    }
+
+    fn on_sent(&mut self, index: usize, res: i32) {
+        let Some(slot) = self.slots.get_mut(index) else {
+            return;
+        };
+        slot.busy = false;
+        if res < 0 {
+            let gso_refused =
+                matches!(-res, libc::EIO | libc::EINVAL) && slot.segment_size.is_some();
+            if gso_refused && self.gso {
+                // The device or kernel cannot segment: stop asking, resend this batch whole.
+                self.gso = false;
+                self.stats.gso_disabled += 1;
+                self.engine.set_max_gso_segments(1);
+            }
+            if gso_refused {
+                if let Some(size) = slot.segment_size {
+                    for part in slot.buf.chunks(size) {
+                        self.resend
+                            .push((slot.destination, part.to_vec(), slot.ecn, slot.src_ip));
+                    }
+                }
+            } else {
+                // Full socket buffer, unreachable host: the datagram is lost and QUIC
+                // recovers it like any other loss.
+                self.stats.send_errors += 1;
+            }
+        }
+        self.free.push(index);
+    }
+
+    /// Before the buffers go: cancel the receive, let sends finish (bounded). False if the
+    /// kernel still holds some of them.
+    fn quiesce(&mut self) -> bool {
+        if self.recv_armed {
+            let _ = self.ring.push_cancel(TAG_RECV, TAG_CANCEL);
+        }
+        for _ in 0..100 {
+            if !self.recv_armed && self.slots.iter().all(|s| !s.busy) {
+                return true;
+            }
+            let _ = self.ring.submit_and_wait(Some(Duration::from_millis(10)));
+            self.completions.clear();
+            let mut completions = std::mem::take(&mut self.completions);
+            self.ring.completions(&mut completions);
+            for &(data, res, flags) in &completions {
+                match data & TAG_MASK {
+                    TAG_RECV if !sys::cqe_more(flags) => self.recv_armed = false,
+                    TAG_RECV => {
+                        // A datagram that raced the cancel: give its buffer back.
+                        if res >= 0
+                            && let Some(bid) = sys::cqe_buffer(flags)
+                        {
+                            let _ = self.bufs.take(bid, 0);
+                        }
+                    }
+                    TAG_SEND => {
+                        if let Some(s) = self.slots.get_mut((data & !TAG_MASK) as usize) {
+                            s.busy = false;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            self.completions = completions;
+        }
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_steering_rule_reads_the_dcid_of_both_header_forms() {
+        // Short header: flags, then the DCID.
+        assert_eq!(steered_to(&[0x40, 7, 1, 2], 4), Some(3));
+        // Long header: flags, version (4), DCID length, DCID.
+        assert_eq!(steered_to(&[0xc0, 0, 0, 0, 1, 8, 9, 0], 4), Some(1));
+        assert_eq!(steered_to(&[0xc0, 0, 0], 4), None);
+        assert_eq!(steered_to(&[], 4), None);
+    }
+}
