@@ -157,7 +157,7 @@ pub enum StartError {
     Engine(#[from] EngineError),
     /// Another gridcast process already serves the port.
     #[error(
-        "another gridcast process already serves UDP {0}; two processes in one SO_REUSEPORT group would split its connections"
+        "another gridcast node already serves UDP {0}; two nodes in one SO_REUSEPORT group would split its connections between them"
     )]
     PortShared(SocketAddr),
 }

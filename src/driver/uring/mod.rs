@@ -271,22 +271,35 @@ impl UringNode {
         events: &Sender<NodeEvent>,
     ) -> Result<Self, StartError> {
         let count = config.workers.clamp(1, 128);
+        // One gridcast process per port: an abstract socket named after the port is the lock,
+        // held for the node's life and released by the kernel when the process exits. With a
+        // fixed port it is taken before joining the group, so a refused second process never
+        // receives a packet; port 0 picks a fresh port nobody else has yet.
+        let lock_port = |port: u16| -> Result<UnixDatagram, StartError> {
+            let name = format!("gridcast/udp/{port}");
+            let name = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
+            UnixDatagram::bind_addr(&name).map_err(|e| {
+                if e.kind() == io::ErrorKind::AddrInUse {
+                    StartError::PortShared(SocketAddr::new(addr.ip(), port))
+                } else {
+                    StartError::Io(e)
+                }
+            })
+        };
+        let early = if addr.port() == 0 {
+            None
+        } else {
+            Some(lock_port(addr.port())?)
+        };
         let first = bind_member(addr)?;
         let local = first
             .local_addr()?
             .as_socket()
             .ok_or_else(|| io::Error::other("bound socket has no IP address"))?;
-        // One gridcast process per port: an abstract socket named after it is the lock, held
-        // for the process's life and released by the kernel when it exits.
-        let name = format!("gridcast/udp/{local}");
-        let lock = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
-        let lock = UnixDatagram::bind_addr(&lock).map_err(|e| {
-            if e.kind() == io::ErrorKind::AddrInUse {
-                StartError::PortShared(local)
-            } else {
-                StartError::Io(e)
-            }
-        })?;
+        let lock = match early {
+            Some(lock) => lock,
+            None => lock_port(local.port())?,
+        };
         let mut sockets = vec![first];
         for _ in 1..count {
             sockets.push(bind_member(local)?);
