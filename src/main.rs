@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use gridcast::driver::{self, Chosen, IoBackend};
 use gridcast::keys::ChannelKey;
 
 /// mimalloc: fast, low-fragmentation allocation for long-running relays with many buffers.
@@ -44,6 +45,20 @@ enum Command {
         /// The key file.
         key: PathBuf,
     },
+    /// Say which data plane this machine would run, and why.
+    ///
+    /// The io_uring backend needs Linux 6.0 or later and a process allowed to call
+    /// io_uring_setup (container seccomp profiles and `kernel.io_uring_disabled` can refuse it).
+    /// Where it is refused, `auto` runs the portable backend.
+    ///
+    /// Examples:
+    ///   gridcast io-check
+    ///   gridcast io-check --io-backend uring    # fails if io_uring is refused
+    IoCheck {
+        /// auto, uring or portable.
+        #[arg(long, default_value = "auto", value_parser = clap::value_parser!(IoBackend))]
+        io_backend: IoBackend,
+    },
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -65,6 +80,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             #[allow(clippy::print_stdout)]
             {
                 println!("{}", key.channel_id());
+            }
+        }
+        Command::IoCheck { io_backend } => {
+            let chosen = driver::choose(io_backend)?;
+            let why = match (chosen, io_backend) {
+                (Chosen::Uring, _) => {
+                    "io_uring works here (multishot recvmsg into provided buffers)".to_owned()
+                }
+                (Chosen::Portable, IoBackend::Portable) => {
+                    "forced by --io-backend portable".to_owned()
+                }
+                (Chosen::Portable, _) => match driver::uring_available() {
+                    Ok(()) => "io_uring became available while checking".to_owned(),
+                    Err(e) => format!("io_uring unavailable: {e}"),
+                },
+            };
+            #[allow(clippy::print_stdout)]
+            {
+                println!("{chosen}: {why}");
             }
         }
     }

@@ -96,3 +96,22 @@ fn bad_key_files_are_clear_errors() {
         "not a gridcast key file",
     );
 }
+
+#[test]
+fn io_check_reports_the_backend_and_refuses_unknown_ones() {
+    let out = gridcast(&["io-check", "--io-backend", "portable"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "portable: forced by --io-backend portable"
+    );
+    let out = gridcast(&["io-check"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        said.starts_with("uring: ") || said.starts_with("portable: io_uring unavailable"),
+        "{said}"
+    );
+    let out = gridcast(&["io-check", "--io-backend", "epoll"]);
+    assert_clean_failure(&out, "epoll");
+}

@@ -133,13 +133,16 @@ pub fn choose(requested: IoBackend) -> io::Result<Chosen> {
     }
 }
 
+/// Whether the io_uring backend can run here; the error is the kernel's (or the platform's)
+/// answer.
 #[cfg(target_os = "linux")]
-fn uring_available() -> io::Result<()> {
+pub fn uring_available() -> io::Result<()> {
     uring::probe()
 }
 
+/// Whether the io_uring backend can run here: never, off Linux.
 #[cfg(not(target_os = "linux"))]
-fn uring_available() -> io::Result<()> {
+pub fn uring_available() -> io::Result<()> {
     Err(io::Error::new(
         io::ErrorKind::Unsupported,
         "io_uring exists only on Linux",
