@@ -11,121 +11,19 @@
 
 #![allow(clippy::unwrap_used, clippy::disallowed_methods, clippy::print_stdout)]
 
-use std::io::ErrorKind;
-use std::net::{SocketAddr, UdpSocket};
+mod common;
+
 use std::sync::mpsc::{self, Receiver};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
-
+use common::clients::Clients;
 use gridcast::driver::uring::{UringConfig, UringNode};
 use gridcast::driver::{DriverStats, IoBackend, Node};
 use gridcast::keys::{ChannelId, ChannelKey, NodeId, NodeKey};
 use gridcast::node::{ChannelMode, Engine, EngineConfig, NodeEvent};
 use gridcast::stream::{ChunkPublisher, Chunker, ChunkerConfig, CodingParams, InputFormat};
 use gridcast::wire::{Role, StartAt, SubstreamSet};
-
-struct Client {
-    socket: UdpSocket,
-    engine: Engine,
-    played: Vec<u64>,
-    rebound_at: Option<usize>,
-}
-
-/// Every client's engine on its own socket, driven round-robin on this thread.
-struct Clients {
-    clients: Vec<Client>,
-    buf: Vec<u8>,
-    tx: Vec<u8>,
-}
-
-impl Clients {
-    fn new(n: usize, relay: SocketAddr, relay_id: NodeId, channel: ChannelId) -> Self {
-        let now = Instant::now();
-        let clients = (0..n)
-            .map(|i| {
-                let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
-                socket.set_nonblocking(true).unwrap();
-                let seed = [(i % 251) as u8, (i / 251) as u8 + 1, 0x5c, 7].repeat(8);
-                let key = NodeKey::from_seed(&seed.try_into().unwrap());
-                let mut engine = Engine::new(&key, EngineConfig::default()).unwrap();
-                engine.add_channel(channel, ChannelMode::Play);
-                engine
-                    .subscribe(
-                        now,
-                        relay,
-                        relay_id,
-                        channel,
-                        SubstreamSet::first(8),
-                        StartAt::Live,
-                    )
-                    .unwrap();
-                Client {
-                    socket,
-                    engine,
-                    played: Vec::new(),
-                    rebound_at: None,
-                }
-            })
-            .collect();
-        Self {
-            clients,
-            buf: vec![0; 64 * 1024],
-            tx: Vec::new(),
-        }
-    }
-
-    /// One pass over every client. Returns whether anything happened.
-    fn turn(&mut self) -> bool {
-        let now = Instant::now();
-        let mut busy = false;
-        for c in &mut self.clients {
-            loop {
-                match c.socket.recv_from(&mut self.buf) {
-                    Ok((n, from)) => {
-                        busy = true;
-                        c.engine.handle_datagram(
-                            now,
-                            from,
-                            None,
-                            None,
-                            BytesMut::from(&self.buf[..n]),
-                        );
-                    }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == ErrorKind::ConnectionRefused => {}
-                    Err(e) => panic!("client recv: {e}"),
-                }
-            }
-            if c.engine.poll_timeout().is_some_and(|t| t <= now) {
-                c.engine.handle_timeout(now);
-            }
-            while let Some(t) = c.engine.poll_transmit(now, &mut self.tx) {
-                busy = true;
-                let size = t.segment_size.unwrap_or(t.size).max(1);
-                for datagram in self.tx[..t.size].chunks(size) {
-                    let _ = c.socket.send_to(datagram, t.destination);
-                }
-            }
-            while let Some(ev) = c.engine.poll_event() {
-                if let NodeEvent::Chunk { seq, .. } = ev {
-                    c.played.push(seq);
-                }
-            }
-        }
-        busy
-    }
-
-    /// Moves client `i` to a new local port, as a NAT rebinding does.
-    fn rebind(&mut self, i: usize) {
-        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
-        socket.set_nonblocking(true).unwrap();
-        let c = &mut self.clients[i];
-        c.socket = socket;
-        c.rebound_at = Some(c.played.len());
-    }
-}
 
 struct Source {
     node: Node,
@@ -285,9 +183,9 @@ fn two_hundred_connections_each_stay_on_their_worker() {
     let mut source = Source::start(ChannelKey::from_seed(&[200; 32]));
     let (node, relay_id) = relay(&source, workers, true);
     // Let the relay join the source before the audience arrives.
-    let mut nobody = Clients::new(0, node.local_addr(), relay_id, source.channel);
+    let mut nobody = Clients::new(0, node.local_addr(), relay_id, source.channel, 8);
     run_for(&mut source, &mut nobody, Duration::from_millis(600));
-    let mut clients = Clients::new(200, node.local_addr(), relay_id, source.channel);
+    let mut clients = Clients::new(200, node.local_addr(), relay_id, source.channel, 8);
     run_for(&mut source, &mut clients, Duration::from_secs(3));
     // A tenth of the clients change address, as behind a NAT that rebinds.
     for i in (0..200).step_by(10) {
@@ -347,7 +245,7 @@ fn without_the_steering_program_packets_reach_the_wrong_worker() {
     }
     let mut source = Source::start(ChannelKey::from_seed(&[210; 32]));
     let (node, relay_id) = relay(&source, 4, false);
-    let mut clients = Clients::new(40, node.local_addr(), relay_id, source.channel);
+    let mut clients = Clients::new(40, node.local_addr(), relay_id, source.channel, 8);
     run_for(&mut source, &mut clients, Duration::from_secs(2));
     let results = node.stop().unwrap();
     let misrouted: u64 = results.iter().map(|(_, s)| s.misrouted).sum();

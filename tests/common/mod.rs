@@ -1,5 +1,6 @@
 //! Helpers shared by integration tests and benches.
 
-#![allow(unreachable_pub)]
+#![allow(unreachable_pub, dead_code)]
 
+pub mod clients;
 pub mod grid;
