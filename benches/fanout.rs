@@ -1,0 +1,491 @@
+//! The fan-out benchmark: supernode CPU per byte of payload delivered to M subscribers over
+//! loopback, against what else a user could run, measured in the same run.
+//!
+//! The node under test runs on CPU 0 (pinned); the subscribers, and the thread feeding
+//! chunks, on CPU 1. The feed is one channel at a fixed total egress rate (every subscriber
+//! gets the whole stream), chunks every 250 ms, shared in-process with the node: only fan-out
+//! is measured, not ingest. Configurations:
+//!
+//! - `uring`: gridcast's io_uring backend, one worker.
+//! - `portable`: gridcast's quinn-udp backend.
+//! - `quinn_tokio`: the relay a Rust developer would write today: quinn on a current-thread
+//!   tokio runtime, one uni stream per chunk per subscriber, `write_chunk` of shared `Bytes`,
+//!   the same TLS (AES-256-GCM) and flow-control windows as gridcast.
+//! - `raw_floor`: no protocol: AES-256-GCM sealing of 1200-byte datagrams and GSO `sendmsg`
+//!   (10 per call) of the same payload to every subscriber.
+//!
+//! CPU is the node thread's on-CPU time (user + system, /proc/self/task/TID/schedstat) over
+//! the measured window, divided by payload bytes the subscribers received in it (sent, for the
+//! floor). RSS is the whole process (node and subscribers). Prints one
+//! `fanout backend=… subscribers=… egress_gbps=… cpu_ns_per_byte=… rss_mb=…` line per run and
+//! the ratios. `--quick`: M = 10 and 100, shorter windows.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::print_stdout,
+    clippy::disallowed_methods,
+    unsafe_code,
+    unreachable_pub
+)]
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
+
+use common::clients::Clients;
+use gridcast::driver::{IoBackend, Node};
+use gridcast::keys::{ChannelKey, NodeKey};
+use gridcast::node::tls;
+use gridcast::node::{ChannelMode, Engine, EngineConfig};
+use gridcast::stream::{ChunkFlags, ChunkPublisher, CodingParams};
+use gridcast::wire::Role;
+
+const CHUNK: Duration = Duration::from_millis(250);
+
+#[derive(Clone, Copy)]
+struct Plan {
+    subscribers: usize,
+    /// Payload bytes per subscriber per chunk.
+    chunk_bytes: usize,
+    warmup: Duration,
+    window: Duration,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Measured {
+    bytes: u64,
+    cpu_ns: u64,
+    secs: f64,
+    rss_mb: f64,
+}
+
+impl Measured {
+    fn cpu_ns_per_byte(&self) -> f64 {
+        self.cpu_ns as f64 / self.bytes.max(1) as f64
+    }
+}
+
+fn pin(cpu: usize) {
+    // SAFETY: cpu_set_t is plain data; sched_setaffinity reads it for the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &raw const set);
+    }
+}
+
+fn this_thread_id() -> u32 {
+    let link = std::fs::read_link("/proc/thread-self").unwrap();
+    link.file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+fn thread_cpu_ns(tid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).unwrap();
+    stat.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+fn rss_mb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    kb / 1024.0
+}
+
+fn payload(len: usize, salt: u64) -> Bytes {
+    (0..len as u64)
+        .map(|i| ((i ^ salt).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8)
+        .collect::<Vec<u8>>()
+        .into()
+}
+
+/// Calls `feed(n)` every chunk interval until `end`, on the calling thread.
+fn pace(start: Instant, end: Instant, next: &mut u64, mut feed: impl FnMut(u64)) {
+    while Instant::now() < end {
+        let due = start + CHUNK * (*next as u32);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            thread::sleep(wait.min(end.saturating_duration_since(Instant::now())));
+            continue;
+        }
+        feed(*next);
+        *next += 1;
+    }
+}
+
+/// Runs the feed through warm-up and window; samples node CPU and delivered bytes around the
+/// window.
+fn measure(plan: Plan, tid: u32, delivered: &AtomicU64, mut feed: impl FnMut(u64)) -> Measured {
+    let start = Instant::now();
+    let mut next = 0;
+    pace(start, start + plan.warmup, &mut next, &mut feed);
+    let (c0, b0, t0) = (thread_cpu_ns(tid), delivered.load(Ordering::Relaxed), Instant::now());
+    pace(start, t0 + plan.window, &mut next, &mut feed);
+    let (c1, b1, t1) = (thread_cpu_ns(tid), delivered.load(Ordering::Relaxed), Instant::now());
+    Measured {
+        bytes: b1 - b0,
+        cpu_ns: c1 - c0,
+        secs: (t1 - t0).as_secs_f64(),
+        rss_mb: rss_mb(),
+    }
+}
+
+fn gridcast(plan: Plan, backend: IoBackend) -> Measured {
+    let key = NodeKey::from_seed(&[71; 32]);
+    let channel_key = ChannelKey::from_seed(&[72; 32]);
+    let channel = channel_key.channel_id();
+    let (events, _ev) = mpsc::channel();
+    let node = Node::start(
+        backend,
+        "127.0.0.1:0".parse().unwrap(),
+        1,
+        |tag| {
+            Engine::new(
+                &key,
+                EngineConfig {
+                    role: Role::Source,
+                    serve: true,
+                    worker: Some(tag),
+                    max_backlog_bytes: 16 << 20,
+                    ..Default::default()
+                },
+            )
+        },
+        &events,
+    )
+    .unwrap();
+    let (tid_tx, tid_rx) = mpsc::channel();
+    node.command(
+        0,
+        Box::new(move |e, _| {
+            pin(0);
+            tid_tx.send(this_thread_id()).unwrap();
+            e.add_channel(channel, ChannelMode::Source);
+        }),
+    );
+    let tid = tid_rx.recv().unwrap();
+
+    let delivered = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Clients::new(plan.subscribers, node.local_addr(), key.node_id(), channel, 8);
+    let client_thread = {
+        let (delivered, stop) = (Arc::clone(&delivered), Arc::clone(&stop));
+        thread::spawn(move || {
+            pin(1);
+            let mut last = Instant::now();
+            while !stop.load(Ordering::Relaxed) {
+                if !clients.turn() {
+                    thread::sleep(Duration::from_micros(200));
+                }
+                if last.elapsed() >= Duration::from_millis(20) {
+                    last = Instant::now();
+                    let total: u64 = clients
+                        .clients
+                        .iter()
+                        .filter_map(|c| c.engine.channel(&channel))
+                        .map(|ch| ch.stats().bytes_in)
+                        .sum();
+                    delivered.store(total, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+
+    let mut publisher = ChunkPublisher::new(channel_key, CodingParams::DEFAULT);
+    let body = payload(plan.chunk_bytes, 1);
+    let m = measure(plan, tid, &delivered, |seq| {
+        let coded = publisher
+            .publish(seq, seq * 250_000, ChunkFlags::RANDOM_ACCESS, &body)
+            .unwrap();
+        node.command(
+            0,
+            Box::new(move |e, now| e.publish(now, channel, &coded).unwrap()),
+        );
+    });
+    stop.store(true, Ordering::Relaxed);
+    client_thread.join().unwrap();
+    node.stop().unwrap();
+    m
+}
+
+fn transport() -> Arc<quinn::TransportConfig> {
+    let defaults = EngineConfig::default();
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_uni_streams(4096u32.into())
+        .stream_receive_window(defaults.stream_window.into())
+        .receive_window(defaults.connection_window.into())
+        .send_window(defaults.send_window)
+        .keep_alive_interval(Some(defaults.keep_alive));
+    Arc::new(t)
+}
+
+fn quinn_tokio(plan: Plan) -> Measured {
+    let key = NodeKey::from_seed(&[73; 32]);
+    let node_id = key.node_id();
+    let (chunks, _) = tokio::sync::broadcast::channel::<Bytes>(16);
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let stop = Arc::new(AtomicBool::new(false));
+    let server = {
+        let chunks = chunks.clone();
+        let stop = Arc::clone(&stop);
+        thread::spawn(move || {
+            pin(0);
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let mut config = quinn::ServerConfig::with_crypto(tls::server_crypto(&key).unwrap());
+                config.transport_config(transport());
+                let endpoint =
+                    quinn::Endpoint::server(config, "127.0.0.1:0".parse().unwrap()).unwrap();
+                ready_tx
+                    .send((endpoint.local_addr().unwrap(), this_thread_id()))
+                    .unwrap();
+                // Closing the endpoint ends the accept loop.
+                let closer = endpoint.clone();
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    closer.close(0u32.into(), b"done");
+                });
+                while let Some(incoming) = endpoint.accept().await {
+                    let mut rx = chunks.subscribe();
+                    tokio::spawn(async move {
+                        let Ok(conn) = incoming.await else { return };
+                        loop {
+                            match rx.recv().await {
+                                Ok(chunk) => {
+                                    let Ok(mut s) = conn.open_uni().await else { return };
+                                    if s.write_chunk(chunk).await.is_err() {
+                                        return;
+                                    }
+                                    let _ = s.finish();
+                                }
+                                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                                Err(_) => return,
+                            }
+                        }
+                    });
+                }
+                endpoint.close(0u32.into(), b"done");
+            });
+        })
+    };
+    let (addr, tid) = ready_rx.recv().unwrap();
+
+    let delivered = Arc::new(AtomicU64::new(0));
+    let client = {
+        let (delivered, stop) = (Arc::clone(&delivered), Arc::clone(&stop));
+        let subscribers = plan.subscribers;
+        thread::spawn(move || {
+            pin(1);
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let mut endpoint =
+                    quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+                let mut config = quinn::ClientConfig::new(tls::client_crypto(node_id).unwrap());
+                config.transport_config(transport());
+                endpoint.set_default_client_config(config);
+                for _ in 0..subscribers {
+                    let connecting = endpoint.connect(addr, tls::SERVER_NAME).unwrap();
+                    let delivered = Arc::clone(&delivered);
+                    tokio::spawn(async move {
+                        let Ok(conn) = connecting.await else { return };
+                        while let Ok(mut s) = conn.accept_uni().await {
+                            let delivered = Arc::clone(&delivered);
+                            tokio::spawn(async move {
+                                while let Ok(Some(c)) = s.read_chunk(usize::MAX, true).await {
+                                    delivered.fetch_add(c.bytes.len() as u64, Ordering::Relaxed);
+                                }
+                            });
+                        }
+                    });
+                }
+                while !stop.load(Ordering::Relaxed) {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                endpoint.close(0u32.into(), b"done");
+            });
+        })
+    };
+
+    let body = payload(plan.chunk_bytes, 2);
+    let m = measure(plan, tid, &delivered, |_| {
+        let _ = chunks.send(body.clone());
+    });
+    stop.store(true, Ordering::Relaxed);
+    client.join().unwrap();
+    server.join().unwrap();
+    m
+}
+
+fn raw_floor(plan: Plan) -> Measured {
+    const DATAGRAM: usize = 1200;
+    const TAG: usize = 16;
+    const BATCH: usize = 10;
+    let receivers: Vec<UdpSocket> = (0..plan.subscribers)
+        .map(|_| {
+            let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+            s.set_nonblocking(true).unwrap();
+            s
+        })
+        .collect();
+    let targets: Vec<SocketAddr> = receivers.iter().map(|s| s.local_addr().unwrap()).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let drain = {
+        let stop = Arc::clone(&stop);
+        thread::spawn(move || {
+            pin(1);
+            let mut buf = vec![0u8; 64 * 1024];
+            while !stop.load(Ordering::Relaxed) {
+                let mut any = false;
+                for r in &receivers {
+                    while r.recv(&mut buf).is_ok() {
+                        any = true;
+                    }
+                }
+                if !any {
+                    thread::sleep(Duration::from_micros(200));
+                }
+            }
+        })
+    };
+    let delivered = Arc::new(AtomicU64::new(0));
+    let (chunk_tx, chunk_rx) = mpsc::channel::<Bytes>();
+    let (tid_tx, tid_rx) = mpsc::channel();
+    let sender = {
+        let delivered = Arc::clone(&delivered);
+        thread::spawn(move || {
+            pin(0);
+            tid_tx.send(this_thread_id()).unwrap();
+            let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+            let state = quinn_udp::UdpSocketState::new((&socket).into()).unwrap();
+            let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &[7; 32]).unwrap());
+            let mut counter = 0u64;
+            let mut out = Vec::with_capacity(BATCH * (DATAGRAM + TAG));
+            while let Ok(chunk) = chunk_rx.recv() {
+                for &to in &targets {
+                    for batch in chunk.chunks(DATAGRAM * BATCH) {
+                        out.clear();
+                        for piece in batch.chunks(DATAGRAM) {
+                            let at = out.len();
+                            out.extend_from_slice(piece);
+                            counter += 1;
+                            let mut nonce = [0u8; 12];
+                            nonce[4..].copy_from_slice(&counter.to_be_bytes());
+                            let tag = key
+                                .seal_in_place_separate_tag(
+                                    Nonce::assume_unique_for_key(nonce),
+                                    Aad::empty(),
+                                    &mut out[at..],
+                                )
+                                .unwrap();
+                            out.extend_from_slice(tag.as_ref());
+                        }
+                        let transmit = quinn_udp::Transmit {
+                            destination: to,
+                            ecn: None,
+                            contents: &out,
+                            segment_size: Some(DATAGRAM + TAG),
+                            src_ip: None,
+                        };
+                        // Retry while the socket buffer is full; count what went out.
+                        for _ in 0..1000 {
+                            if state.try_send((&socket).into(), &transmit).is_ok() {
+                                delivered.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                                break;
+                            }
+                            thread::yield_now();
+                        }
+                    }
+                }
+            }
+        })
+    };
+    let tid = tid_rx.recv().unwrap();
+    let body = payload(plan.chunk_bytes, 3);
+    let m = measure(plan, tid, &delivered, |_| {
+        let _ = chunk_tx.send(body.clone());
+    });
+    drop(chunk_tx);
+    sender.join().unwrap();
+    stop.store(true, Ordering::Relaxed);
+    drain.join().unwrap();
+    m
+}
+
+fn print(name: &str, plan: Plan, m: &Measured) {
+    println!(
+        "fanout backend={name} subscribers={} egress_gbps={:.3} cpu_ns_per_byte={:.3} rss_mb={:.0}",
+        plan.subscribers,
+        m.bytes as f64 * 8.0 / m.secs / 1e9,
+        m.cpu_ns_per_byte(),
+        m.rss_mb
+    );
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let sizes: &[usize] = if quick { &[10, 100] } else { &[10, 100, 1000] };
+    // Total egress the subscribers' core keeps up with: 200 Mbit/s.
+    let total_bps = 200e6;
+    pin(1);
+    let uring = gridcast::driver::uring_available().is_ok();
+    if !uring {
+        println!("fanout: io_uring unavailable here; the uring rows are skipped");
+    }
+    for &subscribers in sizes {
+        let per_chunk = (total_bps / 8.0 * CHUNK.as_secs_f64() / subscribers as f64) as usize;
+        let plan = Plan {
+            subscribers,
+            chunk_bytes: per_chunk,
+            warmup: Duration::from_millis(if quick { 1500 } else { 2500 }),
+            window: Duration::from_secs(if quick { 2 } else { 4 }),
+        };
+        let uring_m = uring.then(|| gridcast(plan, IoBackend::Uring));
+        if let Some(m) = &uring_m {
+            print("uring", plan, m);
+        }
+        let portable = gridcast(plan, IoBackend::Portable);
+        print("portable", plan, &portable);
+        let quinn = quinn_tokio(plan);
+        print("quinn_tokio", plan, &quinn);
+        let floor = raw_floor(plan);
+        print("raw_floor", plan, &floor);
+        let r = |a: &Measured, b: &Measured| a.cpu_ns_per_byte() / b.cpu_ns_per_byte();
+        if let Some(u) = &uring_m {
+            println!(
+                "fanout ratio subscribers={subscribers} uring_vs_quinn_tokio={:.2} (target <= 0.6) uring_vs_raw_floor={:.2} (target <= 2) uring_vs_portable={:.2}",
+                r(u, &quinn),
+                r(u, &floor),
+                r(u, &portable)
+            );
+        }
+        println!(
+            "fanout ratio subscribers={subscribers} portable_vs_quinn_tokio={:.2} portable_vs_raw_floor={:.2}",
+            r(&portable, &quinn),
+            r(&portable, &floor)
+        );
+    }
+}
