@@ -49,6 +49,10 @@ use gridcast::node::{ChannelMode, Engine, EngineConfig};
 use gridcast::stream::{ChunkFlags, ChunkPublisher, CodingParams};
 use gridcast::wire::Role;
 
+/// The allocator the `gridcast` binary runs with (every configuration here shares it).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const CHUNK: Duration = Duration::from_millis(250);
 
 #[derive(Clone, Copy)]
@@ -85,12 +89,7 @@ fn pin(cpu: usize) {
 
 fn this_thread_id() -> u32 {
     let link = std::fs::read_link("/proc/thread-self").unwrap();
-    link.file_name()
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap()
+    link.file_name().unwrap().to_str().unwrap().parse().unwrap()
 }
 
 fn thread_cpu_ns(tid: u32) -> u64 {
@@ -135,9 +134,17 @@ fn measure(plan: Plan, tid: u32, delivered: &AtomicU64, mut feed: impl FnMut(u64
     let start = Instant::now();
     let mut next = 0;
     pace(start, start + plan.warmup, &mut next, &mut feed);
-    let (c0, b0, t0) = (thread_cpu_ns(tid), delivered.load(Ordering::Relaxed), Instant::now());
+    let (c0, b0, t0) = (
+        thread_cpu_ns(tid),
+        delivered.load(Ordering::Relaxed),
+        Instant::now(),
+    );
     pace(start, t0 + plan.window, &mut next, &mut feed);
-    let (c1, b1, t1) = (thread_cpu_ns(tid), delivered.load(Ordering::Relaxed), Instant::now());
+    let (c1, b1, t1) = (
+        thread_cpu_ns(tid),
+        delivered.load(Ordering::Relaxed),
+        Instant::now(),
+    );
     Measured {
         bytes: b1 - b0,
         cpu_ns: c1 - c0,
@@ -183,7 +190,13 @@ fn gridcast(plan: Plan, backend: IoBackend) -> Measured {
 
     let delivered = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
-    let mut clients = Clients::new(plan.subscribers, node.local_addr(), key.node_id(), channel, 8);
+    let mut clients = Clients::new(
+        plan.subscribers,
+        node.local_addr(),
+        key.node_id(),
+        channel,
+        8,
+    );
     let client_thread = {
         let (delivered, stop) = (Arc::clone(&delivered), Arc::clone(&stop));
         thread::spawn(move || {
@@ -251,7 +264,8 @@ fn quinn_tokio(plan: Plan) -> Measured {
                 .build()
                 .unwrap();
             rt.block_on(async move {
-                let mut config = quinn::ServerConfig::with_crypto(tls::server_crypto(&key).unwrap());
+                let mut config =
+                    quinn::ServerConfig::with_crypto(tls::server_crypto(&key).unwrap());
                 config.transport_config(transport());
                 let endpoint =
                     quinn::Endpoint::server(config, "127.0.0.1:0".parse().unwrap()).unwrap();
@@ -273,7 +287,9 @@ fn quinn_tokio(plan: Plan) -> Measured {
                         loop {
                             match rx.recv().await {
                                 Ok(chunk) => {
-                                    let Ok(mut s) = conn.open_uni().await else { return };
+                                    let Ok(mut s) = conn.open_uni().await else {
+                                        return;
+                                    };
                                     if s.write_chunk(chunk).await.is_err() {
                                         return;
                                     }
@@ -302,8 +318,7 @@ fn quinn_tokio(plan: Plan) -> Measured {
                 .build()
                 .unwrap();
             rt.block_on(async move {
-                let mut endpoint =
-                    quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+                let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
                 let mut config = quinn::ClientConfig::new(tls::client_crypto(node_id).unwrap());
                 config.transport_config(transport());
                 endpoint.set_default_client_config(config);

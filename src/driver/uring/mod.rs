@@ -50,6 +50,9 @@ use sys::{BufRing, RecvHeader, Ring, SendSlot};
 /// Longest a worker sleeps with nothing to do (the stop flag is also signalled by eventfd).
 const MAX_WAIT: Duration = Duration::from_millis(100);
 
+/// Datagrams up to this size are copied out and their buffer reused at once.
+const SMALL_DATAGRAM: usize = 512;
+
 /// Receive buffer size: a whole GRO batch (up to 64 KiB) plus name and control messages.
 const RECV_BUF: usize = 64 * 1024 + 16 + sys::RECV_NAME_LEN as usize + sys::RECV_CONTROL_LEN;
 
@@ -638,37 +641,58 @@ impl Worker {
             self.stats.rx_errors += 1;
             return false;
         };
-        let Some(mut buf) = self.bufs.take(bid, res as usize) else {
+        let Some(filled) = self.bufs.peek(bid, res as usize) else {
             self.stats.rx_errors += 1;
             return false;
         };
         let (from, info, start, len) = {
-            let Ok(out) = io_uring::types::RecvMsgOut::parse(&buf, self.recv_header.msghdr())
+            let Ok(out) = io_uring::types::RecvMsgOut::parse(filled, self.recv_header.msghdr())
             else {
                 self.stats.rx_errors += 1;
+                self.bufs.recycle(bid);
                 return true;
             };
             if out.is_payload_truncated() || out.is_name_data_truncated() {
                 self.stats.rx_truncated += 1;
+                self.bufs.recycle(bid);
                 return true;
             }
             let Some(from) = cmsg::parse_sockaddr(out.name_data()) else {
                 self.stats.rx_errors += 1;
+                self.bufs.recycle(bid);
                 return true;
             };
             let info = cmsg::parse_recv(out.control_data());
             let payload = out.payload_data();
-            let start = payload.as_ptr() as usize - buf.as_ptr() as usize;
+            let start = payload.as_ptr() as usize - filled.as_ptr() as usize;
             (from, info, start, payload.len())
         };
-        // The payload stays where the kernel put it: the buffer itself goes to the engine.
-        buf.advance(start);
-        buf.truncate(len);
+        let payload = if len <= SMALL_DATAGRAM {
+            // Acknowledgements and other small packets: copying a few bytes is cheaper than
+            // a fresh 64 KiB buffer, so the buffer goes straight back to the kernel.
+            let small = self
+                .bufs
+                .peek(bid, res as usize)
+                .map(|b| BytesMut::from(&b[start..start + len]))
+                .unwrap_or_default();
+            self.bufs.recycle(bid);
+            self.stats.rx_bytes_copied += len as u64;
+            small
+        } else {
+            // The payload stays where the kernel put it: the buffer itself goes to the engine.
+            let Some(mut buf) = self.bufs.take(bid, res as usize) else {
+                self.stats.rx_errors += 1;
+                return false;
+            };
+            buf.advance(start);
+            buf.truncate(len);
+            buf
+        };
         self.stats.gro_batches += 1;
         self.received.push(Received {
             from,
             info,
-            payload: buf,
+            payload,
         });
         true
     }

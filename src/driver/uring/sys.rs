@@ -262,6 +262,34 @@ impl BufRing {
         }
     }
 
+    /// The `len` bytes the kernel wrote into buffer `bid`, without taking it.
+    pub(crate) fn peek(&mut self, bid: u16, len: usize) -> Option<&[u8]> {
+        let buf = self.bufs.get_mut(usize::from(bid))?.as_mut()?;
+        let len = len.min(buf.capacity());
+        // SAFETY: the completion says the kernel wrote `len` bytes at the start of this buffer,
+        // and `len` does not exceed its capacity (the length we registered).
+        unsafe { buf.set_len(len) };
+        Some(&buf[..])
+    }
+
+    /// Gives buffer `bid` back to the kernel as it is (after `peek`; call `publish` after a
+    /// batch).
+    pub(crate) fn recycle(&mut self, bid: u16) {
+        let Some(mut buf) = self.bufs.get_mut(usize::from(bid)).and_then(Option::take) else {
+            return;
+        };
+        buf.clear();
+        let addr = buf.as_mut_ptr() as u64;
+        let index = usize::from(self.tail & (self.entries - 1));
+        // SAFETY: as in `provide`: below `entries`, and past the published tail.
+        let entry = unsafe { &mut *self.ring.as_ptr().add(index) };
+        entry.set_addr(addr);
+        entry.set_len(self.buf_size as u32);
+        entry.set_bid(bid);
+        self.bufs[usize::from(bid)] = Some(buf);
+        self.tail = self.tail.wrapping_add(1);
+    }
+
     /// Takes buffer `bid`, which the kernel filled with `len` bytes, and provides a new one in
     /// its place (call `publish` after a batch).
     pub(crate) fn take(&mut self, bid: u16, len: usize) -> Option<BytesMut> {
