@@ -238,7 +238,11 @@ impl BufRing {
 
     /// Puts a fresh buffer in slot `bid` and queues it for the kernel (seen after `publish`).
     fn provide(&mut self, bid: u16) {
-        let mut buf = BytesMut::with_capacity(self.buf_size);
+        self.offer(BytesMut::with_capacity(self.buf_size), bid);
+    }
+
+    /// Queues `buf` as buffer `bid` at the ring's tail (seen after `publish`).
+    fn offer(&mut self, mut buf: BytesMut, bid: u16) {
         let addr = buf.as_mut_ptr() as u64;
         let index = usize::from(self.tail & (self.entries - 1));
         // SAFETY: `index` is below `entries`, the number of entries allocated; the kernel reads
@@ -279,15 +283,7 @@ impl BufRing {
             return;
         };
         buf.clear();
-        let addr = buf.as_mut_ptr() as u64;
-        let index = usize::from(self.tail & (self.entries - 1));
-        // SAFETY: as in `provide`: below `entries`, and past the published tail.
-        let entry = unsafe { &mut *self.ring.as_ptr().add(index) };
-        entry.set_addr(addr);
-        entry.set_len(self.buf_size as u32);
-        entry.set_bid(bid);
-        self.bufs[usize::from(bid)] = Some(buf);
-        self.tail = self.tail.wrapping_add(1);
+        self.offer(buf, bid);
     }
 
     /// Takes buffer `bid`, which the kernel filled with `len` bytes, and provides a new one in
