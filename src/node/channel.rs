@@ -263,14 +263,7 @@ impl Channel {
         coder: &mut ShardCoder,
     ) -> Result<Vec<StoredShard>, Rejected> {
         let seq = header.header.seq;
-        if let Some((oldest, _)) = self.range()
-            && seq < oldest
-            && self.window.len() >= self.config.window_chunks
-        {
-            // Older than anything kept: nobody can use it any more.
-            return Ok(Vec::new());
-        }
-        if self.next_play.is_some_and(|next| seq < next) {
+        if self.outdated(seq) {
             return Ok(Vec::new());
         }
         let partial = self
@@ -332,13 +325,7 @@ impl Channel {
         let mut out = Vec::new();
         for stored in shards {
             let seq = stored.header.header.seq;
-            if let Some((oldest, _)) = self.range()
-                && seq < oldest
-                && self.window.len() >= self.config.window_chunks
-            {
-                continue;
-            }
-            if self.next_play.is_some_and(|next| seq < next) {
+            if self.outdated(seq) {
                 continue;
             }
             self.params.get_or_insert(stored.header.header.params);
@@ -368,6 +355,15 @@ impl Channel {
         }
         self.evict();
         out
+    }
+
+    /// Whether chunk `seq` is of no use any more: older than everything a full window keeps,
+    /// or already played past.
+    fn outdated(&self, seq: u64) -> bool {
+        let before_window = self.range().is_some_and(|(oldest, _)| {
+            seq < oldest && self.window.len() >= self.config.window_chunks
+        });
+        before_window || self.next_play.is_some_and(|next| seq < next)
     }
 
     fn evict(&mut self) {

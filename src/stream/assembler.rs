@@ -104,30 +104,7 @@ impl PartialChunk {
 
     /// Verifies `shard` as shard `index` and stores it. A duplicate is reported without hashing.
     pub fn insert(&mut self, index: usize, shard: Bytes) -> Result<Inserted, ShardError> {
-        let h = &self.header.header;
-        let seq = h.seq;
-        let total = self.shards.len();
-        let Some(slot) = self.shards.get_mut(index) else {
-            return Err(ShardError::Index { seq, index, total });
-        };
-        if slot.is_some() {
-            return Ok(Inserted::Duplicate);
-        }
-        let expected = h.shard_len();
-        if shard.len() != expected {
-            return Err(ShardError::Length {
-                seq,
-                index,
-                expected,
-                got: shard.len(),
-            });
-        }
-        if !h.shard_matches(index, &shard) {
-            return Err(ShardError::Hash { seq, index });
-        }
-        *slot = Some(shard);
-        self.held += 1;
-        Ok(Inserted::New(self.held))
+        self.store(index, shard, true)
     }
 
     /// Stores shard `index` that another part of this node already verified against this same
@@ -135,16 +112,20 @@ impl PartialChunk {
     /// hashing every shard again on every core would double the relay's cost for nothing, since
     /// the bytes never left the process.
     pub fn insert_verified(&mut self, index: usize, shard: Bytes) -> Result<Inserted, ShardError> {
+        self.store(index, shard, false)
+    }
+
+    fn store(&mut self, index: usize, shard: Bytes, hash: bool) -> Result<Inserted, ShardError> {
         let h = &self.header.header;
         let seq = h.seq;
         let total = self.shards.len();
-        let expected = h.shard_len();
         let Some(slot) = self.shards.get_mut(index) else {
             return Err(ShardError::Index { seq, index, total });
         };
         if slot.is_some() {
             return Ok(Inserted::Duplicate);
         }
+        let expected = h.shard_len();
         if shard.len() != expected {
             return Err(ShardError::Length {
                 seq,
@@ -152,6 +133,9 @@ impl PartialChunk {
                 expected,
                 got: shard.len(),
             });
+        }
+        if hash && !h.shard_matches(index, &shard) {
+            return Err(ShardError::Hash { seq, index });
         }
         *slot = Some(shard);
         self.held += 1;

@@ -181,6 +181,14 @@ fn steered_to(packet: &[u8], workers: u8) -> Option<u8> {
     Some(WorkerTag::owner_of(workers, byte))
 }
 
+/// The address to give the kernel: IPv4 peers of a dual-stack socket as mapped addresses.
+fn wire_addr(v6_socket: bool, to: SocketAddr) -> SocketAddr {
+    match (v6_socket, to) {
+        (true, SocketAddr::V4(v4)) => SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port()),
+        _ => to,
+    }
+}
+
 /// What a worker's mailbox carries.
 enum Mail {
     Command(Command),
@@ -745,7 +753,7 @@ impl Worker {
                 self.free.push(i);
                 break;
             };
-            let target = self.target(to);
+            let target = wire_addr(self.v6, to);
             let slot = &mut self.slots[i];
             slot.buf.clear();
             slot.buf.extend_from_slice(&bytes);
@@ -773,12 +781,7 @@ impl Worker {
             slot.segment_size = segment;
             slot.ecn = ecn;
             slot.src_ip = t.src_ip;
-            let target = match (self.v6, t.destination) {
-                (true, SocketAddr::V4(v4)) => {
-                    SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
-                }
-                (_, to) => to,
-            };
+            let target = wire_addr(self.v6, t.destination);
             slot.prepare(t.size, target, &self.control);
             slot.busy = true;
             self.ring.push_send(fd, slot, TAG_SEND | i as u64)?;
@@ -786,15 +789,6 @@ impl Worker {
             self.stats.datagrams_out += segment.map_or(1, |s| t.size.div_ceil(s)) as u64;
         }
         Ok(())
-    }
-
-    fn target(&self, to: SocketAddr) -> SocketAddr {
-        match (self.v6, to) {
-            (true, SocketAddr::V4(v4)) => {
-                SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
-            }
-            _ => to,
-        }
     }
 
     /// A free send slot; when all are in flight, hands the queued sends to the kernel and waits
