@@ -18,7 +18,8 @@
 //! the measured window, divided by payload bytes the subscribers received in it (sent, for the
 //! floor). RSS is the whole process (node and subscribers). Prints one
 //! `fanout backend=… subscribers=… egress_gbps=… cpu_ns_per_byte=… rss_mb=…` line per run and
-//! the ratios. `--quick`: M = 10 and 100, shorter windows.
+//! the ratios. `--quick`: M = 10 and 100, shorter windows. `--only <configuration>`: that one
+//! alone (for profiling; no ratios).
 
 #![allow(
     clippy::unwrap_used,
@@ -233,7 +234,17 @@ fn gridcast(plan: Plan, backend: IoBackend) -> Measured {
     });
     stop.store(true, Ordering::Relaxed);
     client_thread.join().unwrap();
-    node.stop().unwrap();
+    let total = delivered.load(Ordering::Relaxed).max(1) as f64 / f64::from(1 << 20);
+    for (_, s) in node.stop().unwrap() {
+        println!(
+            "fanout detail backend={backend:?} subscribers={} per_mib: datagrams_out={:.0} sends={:.1} datagrams_in={:.0} turns={:.1}",
+            plan.subscribers,
+            s.datagrams_out as f64 / total,
+            s.sends as f64 / total,
+            s.datagrams_in as f64 / total,
+            s.turns as f64 / total,
+        );
+    }
     m
 }
 
@@ -322,11 +333,14 @@ fn quinn_tokio(plan: Plan) -> Measured {
                 let mut config = quinn::ClientConfig::new(tls::client_crypto(node_id).unwrap());
                 config.transport_config(transport());
                 endpoint.set_default_client_config(config);
+                let conns = Arc::new(std::sync::Mutex::new(Vec::new()));
                 for _ in 0..subscribers {
                     let connecting = endpoint.connect(addr, tls::SERVER_NAME).unwrap();
                     let delivered = Arc::clone(&delivered);
+                    let conns = Arc::clone(&conns);
                     tokio::spawn(async move {
                         let Ok(conn) = connecting.await else { return };
+                        conns.lock().unwrap().push(conn.clone());
                         while let Ok(mut s) = conn.accept_uni().await {
                             let delivered = Arc::clone(&delivered);
                             tokio::spawn(async move {
@@ -340,6 +354,21 @@ fn quinn_tokio(plan: Plan) -> Measured {
                 while !stop.load(Ordering::Relaxed) {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
+                // The server's datagrams, seen from its subscribers' side.
+                let total = delivered.load(Ordering::Relaxed).max(1) as f64 / f64::from(1 << 20);
+                let (mut out, mut sends, mut inn) = (0, 0, 0);
+                for c in conns.lock().unwrap().iter() {
+                    let s = c.stats();
+                    out += s.udp_rx.datagrams;
+                    sends += s.udp_rx.ios;
+                    inn += s.udp_tx.datagrams;
+                }
+                println!(
+                    "fanout detail backend=quinn_tokio subscribers={subscribers} per_mib: datagrams_out={:.0} client_recv_ios={:.1} datagrams_in={:.0}",
+                    out as f64 / total,
+                    sends as f64 / total,
+                    inn as f64 / total,
+                );
                 endpoint.close(0u32.into(), b"done");
             });
         })
@@ -461,7 +490,14 @@ fn print(name: &str, plan: Plan, m: &Measured) {
 }
 
 fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    // `--only <backend>` runs one configuration (for profiling); ratios need all four.
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
     let sizes: &[usize] = if quick { &[10, 100] } else { &[10, 100, 1000] };
     // Total egress the subscribers' core keeps up with: 200 Mbit/s.
     let total_bps = 200e6;
@@ -478,6 +514,17 @@ fn main() {
             warmup: Duration::from_millis(if quick { 1500 } else { 2500 }),
             window: Duration::from_secs(if quick { 2 } else { 4 }),
         };
+        if let Some(name) = only.as_deref() {
+            let m = match name {
+                "uring" => gridcast(plan, IoBackend::Uring),
+                "portable" => gridcast(plan, IoBackend::Portable),
+                "quinn_tokio" => quinn_tokio(plan),
+                "raw_floor" => raw_floor(plan),
+                other => panic!("--only: no configuration named {other:?}"),
+            };
+            print(name, plan, &m);
+            continue;
+        }
         let uring_m = uring.then(|| gridcast(plan, IoBackend::Uring));
         if let Some(m) = &uring_m {
             print("uring", plan, m);

@@ -42,6 +42,12 @@ impl PortableDriver {
         // quinn-udp leaves the socket non-blocking (it is made for async runtimes); this loop
         // blocks in recv with a timeout instead, so it must not spin.
         socket.set_nonblocking(false)?;
+        if state.may_fragment() && engine.config().mtu_discovery {
+            // Probes would pass as IP fragments and prove nothing about the path.
+            tracing::warn!(
+                "this platform cannot set the don't-fragment bit; path MTU discovery is unreliable"
+            );
+        }
         let local = socket.local_addr()?;
         Ok(Self {
             socket,
