@@ -237,12 +237,14 @@ fn gridcast(plan: Plan, backend: IoBackend) -> Measured {
     let total = delivered.load(Ordering::Relaxed).max(1) as f64 / f64::from(1 << 20);
     for (_, s) in node.stop().unwrap() {
         println!(
-            "fanout detail backend={backend:?} subscribers={} per_mib: datagrams_out={:.0} sends={:.1} datagrams_in={:.0} turns={:.1}",
+            "fanout detail backend={backend:?} subscribers={} per_mib: datagrams_out={:.0} sends={:.1} datagrams_in={:.0} turns={:.1} send_errors={} gso_disabled={}",
             plan.subscribers,
             s.datagrams_out as f64 / total,
             s.sends as f64 / total,
             s.datagrams_in as f64 / total,
             s.turns as f64 / total,
+            s.send_errors,
+            s.gso_disabled,
         );
     }
     m

@@ -66,6 +66,10 @@ pub mod close_code {
     pub const VERSION: u32 = 3;
 }
 
+/// Most bytes in one GSO batch: a UDP datagram's 16-bit length, less the IPv6 and UDP
+/// headers.
+const MAX_GSO_BYTES: usize = 65_535 - 40 - 8;
+
 /// Engine settings.
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
@@ -121,7 +125,7 @@ impl Default for EngineConfig {
             role: Role::Peer,
             channel: ChannelConfig::default(),
             serve: false,
-            max_gso_segments: 10,
+            max_gso_segments: 64,
             idle_timeout: Duration::from_secs(10),
             keep_alive: Duration::from_secs(1),
             max_backlog_bytes: 4 * 1024 * 1024,
@@ -1143,9 +1147,14 @@ impl Engine {
                 continue;
             };
             buf.clear();
-            let sent = conn
-                .quic
-                .poll_transmit(now, self.config.max_gso_segments, buf);
+            // A GSO send carries at most 64 KiB (the UDP length field): fewer, full-size
+            // segments rather than a batch the kernel refuses.
+            let segments = self
+                .config
+                .max_gso_segments
+                .min(MAX_GSO_BYTES / usize::from(conn.quic.current_mtu()))
+                .max(1);
+            let sent = conn.quic.poll_transmit(now, segments, buf);
             if sent.is_some() {
                 // It may have more; round-robin behind the others.
                 self.tx_queue.push_back(handle);
