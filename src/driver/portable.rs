@@ -49,6 +49,13 @@ impl PortableDriver {
             );
         }
         let local = socket.local_addr()?;
+        let mut engine = engine;
+        // What this socket can segment (1 where the platform has no GSO).
+        let segments = engine
+            .config()
+            .max_gso_segments
+            .min(state.max_gso_segments());
+        engine.set_max_gso_segments(segments);
         Ok(Self {
             socket,
             state,
