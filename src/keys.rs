@@ -127,6 +127,36 @@ impl fmt::Debug for NodeId {
     }
 }
 
+/// Characters in a textual node id (base32 of the 32-byte key, no checksum).
+pub const NODE_ID_TEXT_LEN: usize = 52;
+
+/// Why a textual node id was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NodeIdError {
+    /// The text has the wrong number of characters.
+    #[error("a node id is {NODE_ID_TEXT_LEN} characters, this one has {0}")]
+    Length(usize),
+    /// The text contains a character outside the base32 alphabet.
+    #[error("a node id uses only the letters a-z and digits 2-7")]
+    Alphabet,
+}
+
+impl FromStr for NodeId {
+    type Err = NodeIdError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let text = text.trim();
+        if text.len() != NODE_ID_TEXT_LEN {
+            return Err(NodeIdError::Length(text.chars().count()));
+        }
+        let raw = data_encoding::BASE32_NOPAD
+            .decode(text.to_ascii_uppercase().as_bytes())
+            .map_err(|_| NodeIdError::Alphabet)?;
+        let key: [u8; PUBLIC_KEY_LEN] = raw.try_into().map_err(|_| NodeIdError::Alphabet)?;
+        Ok(Self(key))
+    }
+}
+
 /// Why a textual channel id was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ChannelIdError {

@@ -27,6 +27,7 @@
 //!   chunk assembly and shard regeneration.
 //! - [`wire`]: the protocol's messages, their encoding, decoding, length limits and framing.
 
+pub mod app;
 pub mod driver;
 pub mod keys;
 pub mod node;

@@ -115,3 +115,38 @@ fn io_check_reports_the_backend_and_refuses_unknown_ones() {
     let out = gridcast(&["io-check", "--io-backend", "epoll"]);
     assert_clean_failure(&out, "epoll");
 }
+
+/// `gridcast demo` as the README runs it (shorter): a real grid on loopback, a supernode
+/// killed halfway, every peer byte-exact with no gap. Once per backend (io_uring only where
+/// the kernel allows it, unless CI requires it).
+#[test]
+fn demo_reports_a_perfect_grid_through_a_supernode_kill() {
+    let uring = gridcast::driver::uring_available().is_ok()
+        || std::env::var("GRIDCAST_REQUIRE_URING").is_ok_and(|v| v == "1");
+    let backends: &[&str] = if uring {
+        &["uring", "portable"]
+    } else {
+        &["portable"]
+    };
+    for backend in backends {
+        let out = gridcast(&["demo", "--json", "--duration", "8", "--io-backend", backend]);
+        let err = stderr(&out);
+        assert!(out.status.success(), "{backend}: {err}");
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(report["backend"], *backend, "{report}");
+        assert_eq!(report["peers"].as_array().unwrap().len(), 6);
+        assert_eq!(report["continuity_min"], 1.0, "{report}");
+        assert_eq!(report["byte_exact"], true, "{report}");
+        assert_eq!(report["supernodes_killed"], 1);
+        // Every peer drew from the killed supernode and had to replace it.
+        assert!(report["failovers"].as_u64().unwrap() >= 1, "{report}");
+        let delivered = report["delivered_bytes"].as_u64().unwrap();
+        let stream = report["stream_bytes"].as_u64().unwrap();
+        // Peers join a second in and start at a random-access chunk: most of the stream each.
+        assert!(delivered > 6 * stream / 2, "{report}");
+        // The supernodes draw 10 of 16 substreams each: the source uploads less than the
+        // peers receive.
+        assert!(report["source_upload_bytes"].as_u64().unwrap() < delivered);
+        assert!(err.contains("killed supernode"), "{err}");
+    }
+}

@@ -1,0 +1,209 @@
+//! Channel links: what a broadcaster or operator publishes and a viewer pastes.
+//!
+//! ```text
+//! gridcast://<channel-id>@<host>:<port>/<node-id>[,<host>:<port>/<node-id>…]
+//! ```
+//!
+//! The channel id says which stream (and carries the key every chunk is checked against); each
+//! entry names a node to start from and the node id its TLS handshake must prove, so a link is
+//! self-authenticating: nobody on the path can stand in for a listed node. Hosts are IPv4
+//! literals, `[v6]` literals or DNS names.
+
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::str::FromStr;
+
+use crate::keys::{ChannelId, ChannelIdError, NodeId, NodeIdError};
+use crate::node::Candidate;
+
+/// The scheme every link starts with.
+pub const SCHEME: &str = "gridcast://";
+
+/// A parsed channel link.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChannelLink {
+    /// The channel.
+    pub channel: ChannelId,
+    /// Nodes to start from, in the order given.
+    pub nodes: Vec<LinkNode>,
+}
+
+/// One node of a link.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkNode {
+    /// `host:port` as written (resolved when dialling).
+    pub host: String,
+    /// The identity the node must prove.
+    pub node: NodeId,
+}
+
+/// Why a link was rejected.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// Not a gridcast link.
+    #[error("a channel link starts with {SCHEME}")]
+    Scheme,
+    /// No `@` between the channel id and the nodes.
+    #[error("a channel link is {SCHEME}<channel-id>@<host>:<port>/<node-id>")]
+    Shape,
+    /// The channel id part is bad.
+    #[error("bad channel id in link: {0}")]
+    Channel(#[from] ChannelIdError),
+    /// A node entry lacks its `/<node-id>`.
+    #[error("node entry {0:?} has no /<node-id>")]
+    MissingNodeId(String),
+    /// A node id is bad.
+    #[error("bad node id in entry {entry:?}: {source}")]
+    NodeId {
+        /// The entry.
+        entry: String,
+        /// Why.
+        source: NodeIdError,
+    },
+    /// A host lacks a port.
+    #[error("node entry {0:?} needs host:port")]
+    Port(String),
+    /// A host did not resolve.
+    #[error("cannot resolve {host}: {source}")]
+    Resolve {
+        /// host:port.
+        host: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+impl FromStr for ChannelLink {
+    type Err = LinkError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let rest = text.trim().strip_prefix(SCHEME).ok_or(LinkError::Scheme)?;
+        let (channel, nodes) = rest.split_once('@').ok_or(LinkError::Shape)?;
+        let channel: ChannelId = channel.parse()?;
+        let nodes = nodes
+            .split(',')
+            .map(|entry| {
+                let (host, id) = entry
+                    .rsplit_once('/')
+                    .ok_or_else(|| LinkError::MissingNodeId(entry.to_owned()))?;
+                let node = id.parse().map_err(|source| LinkError::NodeId {
+                    entry: entry.to_owned(),
+                    source,
+                })?;
+                let port = host.rsplit_once(':').map(|(_, p)| p);
+                if port.is_none_or(|p| p.parse::<u16>().is_err()) {
+                    return Err(LinkError::Port(entry.to_owned()));
+                }
+                Ok(LinkNode {
+                    host: host.to_owned(),
+                    node,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self { channel, nodes })
+    }
+}
+
+impl fmt::Display for ChannelLink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{SCHEME}{}@", self.channel)?;
+        for (i, n) in self.nodes.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{}/{}", n.host, n.node)?;
+        }
+        Ok(())
+    }
+}
+
+impl ChannelLink {
+    /// A link naming one node by address.
+    pub fn single(channel: ChannelId, addr: SocketAddr, node: NodeId) -> Self {
+        Self {
+            channel,
+            nodes: vec![LinkNode {
+                host: addr.to_string(),
+                node,
+            }],
+        }
+    }
+
+    /// The nodes as dialling candidates (DNS names resolved, first address each).
+    pub fn candidates(&self) -> Result<Vec<Candidate>, LinkError> {
+        self.nodes
+            .iter()
+            .map(|n| {
+                let addr = n
+                    .host
+                    .to_socket_addrs()
+                    .map_err(|source| LinkError::Resolve {
+                        host: n.host.clone(),
+                        source,
+                    })?
+                    .next()
+                    .ok_or_else(|| LinkError::Resolve {
+                        host: n.host.clone(),
+                        source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
+                    })?;
+                Ok(Candidate { addr, node: n.node })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::{ChannelKey, NodeKey};
+
+    fn sample() -> ChannelLink {
+        ChannelLink {
+            channel: ChannelKey::from_seed(&[1; 32]).channel_id(),
+            nodes: vec![
+                LinkNode {
+                    host: "127.0.0.1:4433".into(),
+                    node: NodeKey::from_seed(&[2; 32]).node_id(),
+                },
+                LinkNode {
+                    host: "[::1]:4434".into(),
+                    node: NodeKey::from_seed(&[3; 32]).node_id(),
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn a_link_round_trips_through_its_text() {
+        let link = sample();
+        let text = link.to_string();
+        assert!(text.starts_with("gridcast://"));
+        assert_eq!(text.parse::<ChannelLink>().unwrap(), link);
+        let c = link.candidates().unwrap();
+        assert_eq!(c[1].addr, "[::1]:4434".parse().unwrap());
+        assert_eq!(c[0].node, link.nodes[0].node);
+    }
+
+    #[test]
+    fn bad_links_name_what_is_wrong() {
+        let good = sample().to_string();
+        let id = sample().channel.to_string();
+        let typo = format!("{}{}", &id[..5], if &id[5..6] == "a" { "b" } else { "a" });
+        let cases = [
+            ("http://x".to_owned(), "starts with"),
+            ("gridcast://abc".to_owned(), "<channel-id>@"),
+            (good.replacen(&id[..6], &typo, 1), "channel id"),
+            (
+                good.replace("/", "|")
+                    .replacen("gridcast:||", "gridcast://", 1),
+                "no /<node-id>",
+            ),
+            (good.replace(":4433", ""), "host:port"),
+            (good[..good.len() - 3].to_owned(), "bad node id"),
+        ];
+        for (text, want) in cases {
+            let err = text.parse::<ChannelLink>().unwrap_err().to_string();
+            assert!(err.contains(want), "{text}: {err}");
+        }
+    }
+}

@@ -1,0 +1,6 @@
+//! The applications over the engine and drivers: channel links, the demo grid and its
+//! built-in test stream. These read the clock and spawn threads; the layers below do not.
+
+pub mod demo;
+pub mod link;
+pub mod teststream;
