@@ -6,7 +6,10 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use gridcast::app::demo;
+use std::net::SocketAddr;
+
+use gridcast::app::link::ChannelLink;
+use gridcast::app::{demo, roles};
 use gridcast::driver::{self, Chosen, IoBackend};
 use gridcast::keys::ChannelKey;
 
@@ -18,6 +21,14 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Debug, Parser)]
 #[command(version, about, propagate_version = true)]
 struct Cli {
+    /// Log level: error, warn, info, debug or trace (RUST_LOG, when set to one of these, is
+    /// the default).
+    #[arg(long, global = true, env = "RUST_LOG", default_value = "info",
+          value_parser = clap::value_parser!(tracing::Level))]
+    log_level: tracing::Level,
+    /// Log lines as JSON objects (for servers whose logs are collected).
+    #[arg(long, global = true)]
+    log_json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -46,6 +57,78 @@ enum Command {
     ChannelId {
         /// The key file.
         key: PathBuf,
+    },
+    /// Put a live stream on the grid: read bytes, cut, sign, encode and serve them.
+    ///
+    /// Prints the channel link (gridcast://<channel-id>@<host:port>/<node-id>) on stdout;
+    /// supernodes join with it. Input: - (stdin), a file, tcp://addr (listen; one sender at a
+    /// time) or udp://addr (unicast or multicast MPEG-TS).
+    ///
+    /// Examples:
+    ///   ffmpeg -re -i show.mkv -c copy -f mpegts - | gridcast broadcast --key channel.key
+    ///   gridcast broadcast --key channel.key --input udp://239.1.1.1:5000
+    ///   gridcast broadcast --key channel.key --input recording.ts --rate 2000000
+    Broadcast {
+        /// The channel key file (from `gridcast keygen`).
+        #[arg(long, env = "GRIDCAST_KEY")]
+        key: PathBuf,
+        /// -, a file path, tcp://host:port or udp://host:port.
+        #[arg(long, default_value = "-", value_parser = clap::value_parser!(roles::Input))]
+        input: roles::Input,
+        /// Pace a file input at this many bits per second (default: as fast as it is read).
+        #[arg(long)]
+        rate: Option<u64>,
+        /// UDP address to serve supernodes on.
+        #[arg(long, env = "GRIDCAST_LISTEN", default_value = "0.0.0.0:4433")]
+        listen: SocketAddr,
+        /// Seconds to keep serving after the input ends.
+        #[arg(long, default_value_t = 5)]
+        linger: u64,
+        /// auto, uring or portable.
+        #[arg(long, env = "GRIDCAST_IO_BACKEND", default_value = "auto", value_parser = clap::value_parser!(IoBackend))]
+        io_backend: IoBackend,
+    },
+    /// Run a supernode: carry channels and fan their substreams out.
+    ///
+    /// Prints one channel link per carried channel, naming this node; viewers play from it.
+    ///
+    /// Examples:
+    ///   gridcast relay --join gridcast://<channel-id>@source.example:4433/<node-id>
+    ///   gridcast relay --listen 0.0.0.0:4500 --workers 4 --node-key relay.key --join <link>
+    Relay {
+        /// A channel link to carry (repeat for more channels).
+        #[arg(long, required = true)]
+        join: Vec<ChannelLink>,
+        /// UDP address to serve on.
+        #[arg(long, env = "GRIDCAST_LISTEN", default_value = "0.0.0.0:4434")]
+        listen: SocketAddr,
+        /// io_uring worker threads (default: one per core).
+        #[arg(long)]
+        workers: Option<usize>,
+        /// Node key file, created if missing, so the node id survives restarts.
+        #[arg(long, env = "GRIDCAST_NODE_KEY")]
+        node_key: Option<PathBuf>,
+        /// auto, uring or portable.
+        #[arg(long, env = "GRIDCAST_IO_BACKEND", default_value = "auto", value_parser = clap::value_parser!(IoBackend))]
+        io_backend: IoBackend,
+    },
+    /// Watch or listen: draw a channel from several parents and write the exact stream.
+    ///
+    /// Examples:
+    ///   gridcast play gridcast://<channel-id>@relay.example:4434/<node-id> | mpv -
+    ///   gridcast play <link> --output show.ts
+    Play {
+        /// The channel link.
+        link: ChannelLink,
+        /// - (stdout) or a file path.
+        #[arg(long, short, default_value = "-")]
+        output: String,
+        /// Local UDP address.
+        #[arg(long, default_value = "0.0.0.0:0")]
+        listen: SocketAddr,
+        /// auto, uring or portable.
+        #[arg(long, env = "GRIDCAST_IO_BACKEND", default_value = "auto", value_parser = clap::value_parser!(IoBackend))]
+        io_backend: IoBackend,
     },
     /// Run a whole grid on 127.0.0.1 and report what every viewer played.
     ///
@@ -117,6 +200,68 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", key.channel_id());
             }
         }
+        Command::Broadcast {
+            key,
+            input,
+            rate,
+            listen,
+            linger,
+            io_backend,
+        } => {
+            let input = match (input, rate) {
+                (roles::Input::File { path, .. }, rate) => roles::Input::File {
+                    path,
+                    rate_bps: rate,
+                },
+                (_, Some(_)) => anyhow::bail!("--rate paces a file input only"),
+                (input, None) => input,
+            };
+            let config = roles::BroadcastConfig {
+                key,
+                input,
+                listen,
+                linger: Duration::from_secs(linger),
+                backend: io_backend,
+            };
+            roles::broadcast(&config, &*roles::stop_flag()?)?;
+        }
+        Command::Relay {
+            join,
+            listen,
+            workers,
+            node_key,
+            io_backend,
+        } => {
+            let workers = workers
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
+            let config = roles::RelayConfig {
+                listen,
+                join,
+                workers,
+                node_key,
+                backend: io_backend,
+            };
+            roles::relay(&config, &*roles::stop_flag()?)?;
+        }
+        Command::Play {
+            link,
+            output,
+            listen,
+            io_backend,
+        } => {
+            let output = if output == "-" {
+                roles::Output::Stdout
+            } else {
+                roles::Output::File(output.into())
+            };
+            let config = roles::PlayConfig {
+                link,
+                output,
+                listen,
+                backend: io_backend,
+            };
+            roles::play(&config, &*roles::stop_flag()?)?;
+        }
         Command::Demo {
             json,
             peers,
@@ -169,6 +314,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let logs = tracing_subscriber::fmt()
+        .with_max_level(cli.log_level)
+        .with_writer(std::io::stderr);
+    if cli.log_json {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -3,4 +3,5 @@
 
 pub mod demo;
 pub mod link;
+pub mod roles;
 pub mod teststream;
