@@ -150,3 +150,39 @@ fn demo_reports_a_perfect_grid_through_a_supernode_kill() {
         assert!(err.contains("killed supernode"), "{err}");
     }
 }
+
+/// Bad input to the role commands: a clear message naming the problem, a failing exit, no
+/// panic.
+#[test]
+fn role_commands_name_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope.key");
+    let out = gridcast(&[
+        "broadcast",
+        "--key",
+        path_str(&missing),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert_clean_failure(&out, "nope.key");
+
+    let out = gridcast(&["play", "gridcast://not-a-channel@127.0.0.1:1/x"]);
+    assert_clean_failure(&out, "channel id");
+    let out = gridcast(&["play", "http://example.com/stream"]);
+    assert_clean_failure(&out, "gridcast://");
+
+    // A port another process holds.
+    let holder = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = holder.local_addr().unwrap().to_string();
+    let key = dir.path().join("channel.key");
+    assert!(
+        gridcast(&["keygen", "--out", path_str(&key)])
+            .status
+            .success()
+    );
+    let out = gridcast(&["broadcast", "--key", path_str(&key), "--listen", &port]);
+    assert_clean_failure(&out, &format!("cannot serve on {port}"));
+
+    let out = gridcast(&["broadcast", "--key", path_str(&key), "--input", "ftp://x"]);
+    assert_clean_failure(&out, "tcp://host:port");
+}
