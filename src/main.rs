@@ -126,6 +126,9 @@ enum Command {
         /// Local UDP address.
         #[arg(long, default_value = "0.0.0.0:0")]
         listen: SocketAddr,
+        /// Seconds to wait for any node of the link to answer.
+        #[arg(long, default_value_t = 10)]
+        connect_timeout: u64,
         /// auto, uring or portable.
         #[arg(long, env = "GRIDCAST_IO_BACKEND", default_value = "auto", value_parser = clap::value_parser!(IoBackend))]
         io_backend: IoBackend,
@@ -247,6 +250,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             link,
             output,
             listen,
+            connect_timeout,
             io_backend,
         } => {
             let output = if output == "-" {
@@ -259,6 +263,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 output,
                 listen,
                 backend: io_backend,
+                connect_timeout: Duration::from_secs(connect_timeout),
             };
             roles::play(&config, &*roles::stop_flag()?)?;
         }

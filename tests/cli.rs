@@ -185,4 +185,21 @@ fn role_commands_name_bad_input() {
 
     let out = gridcast(&["broadcast", "--key", path_str(&key), "--input", "ftp://x"]);
     assert_clean_failure(&out, "tcp://host:port");
+
+    // A link to a node that is not there: the held port above answers nothing.
+    let channel = String::from_utf8(gridcast(&["channel-id", path_str(&key)]).stdout).unwrap();
+    let node = gridcast::keys::NodeKey::from_seed(&[5; 32]).node_id();
+    let link = format!("gridcast://{}@{port}/{node}", channel.trim());
+    let out = gridcast(&[
+        "play",
+        &link,
+        "--output",
+        path_str(&dir.path().join("o.ts")),
+        "--connect-timeout",
+        "2",
+    ]);
+    assert_clean_failure(
+        &out,
+        &format!("no node of the link answered within 2s: {port}"),
+    );
 }

@@ -119,6 +119,8 @@ pub struct PlayConfig {
     pub listen: SocketAddr,
     /// Data plane.
     pub backend: IoBackend,
+    /// Give up if no node of the link answers within this long.
+    pub connect_timeout: Duration,
 }
 
 /// Set by SIGINT or SIGTERM.
@@ -449,6 +451,7 @@ pub fn relay(config: &RelayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
 }
 
 /// Runs a peer until a signal arrives or the output is closed.
+#[allow(clippy::disallowed_methods)] // the connect timeout reads the clock
 pub fn play(config: &PlayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
     let candidates = config.link.candidates()?;
     let mut out: Box<dyn Write> = match &config.output {
@@ -476,11 +479,22 @@ pub fn play(config: &PlayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
         }),
     );
     tracing::info!(%channel, backend = %node.backend(), "playing");
+    let started = Instant::now();
+    let mut connected = false;
     let result = loop {
         if stop.load(Ordering::Relaxed) {
             break Ok(());
         }
+        if !connected && started.elapsed() >= config.connect_timeout {
+            let hosts: Vec<&str> = config.link.nodes.iter().map(|n| n.host.as_str()).collect();
+            break Err(anyhow::anyhow!(
+                "no node of the link answered within {:?}: {}",
+                config.connect_timeout,
+                hosts.join(", ")
+            ));
+        }
         match events.recv_timeout(Duration::from_millis(100)) {
+            Ok(NodeEvent::Connected { .. }) => connected = true,
             Ok(NodeEvent::Chunk { payload, .. }) => {
                 let written = payload
                     .parts()
