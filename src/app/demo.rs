@@ -9,18 +9,19 @@
 //! The report compares every peer's played bytes with what the source published.
 
 use std::collections::BTreeMap;
-use std::sync::mpsc::{self, Receiver};
+use std::sync::mpsc::Receiver;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde::Serialize;
 
+use super::roles::{Publishing, start_node};
 use super::teststream::TestStream;
 use crate::driver::{IoBackend, Node, StartError};
 use crate::keys::{ChannelKey, KeyError, NodeId, NodeKey};
 use crate::node::{Candidate, ChannelMode, Engine, EngineConfig, NodeEvent};
-use crate::stream::{ChunkPublisher, Chunker, ChunkerConfig, CodingParams, InputFormat};
+use crate::stream::{Chunker, ChunkerConfig, CodingError, InputFormat};
 use crate::wire::{Role, StartAt, SubstreamSet};
 
 /// Substreams each supernode draws from the source (K = 8 of 16, plus 2 spare).
@@ -71,6 +72,9 @@ pub enum DemoError {
     /// A node's thread died.
     #[error("a node stopped unexpectedly: {0}")]
     Stopped(#[from] std::io::Error),
+    /// A chunk could not be encoded.
+    #[error("encoding a chunk: {0}")]
+    Coding(#[from] CodingError),
 }
 
 /// One peer's result.
@@ -171,22 +175,8 @@ struct Running {
 impl Running {
     fn start(backend: IoBackend, config: &EngineConfig) -> Result<Self, DemoError> {
         let key = NodeKey::generate()?;
-        let (tx, events) = mpsc::channel();
-        let node = Node::start(
-            backend,
-            std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
-            1,
-            |tag| {
-                Engine::new(
-                    &key,
-                    EngineConfig {
-                        worker: Some(tag),
-                        ..config.clone()
-                    },
-                )
-            },
-            &tx,
-        )?;
+        let loopback = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        let (node, events) = start_node(backend, loopback, 1, &key, config)?;
         Ok(Self {
             node,
             id: key.node_id(),
@@ -287,7 +277,6 @@ pub fn run(config: &DemoConfig, mut progress: impl FnMut(&str)) -> Result<Report
         ..Default::default()
     })
     .map_err(|_| DemoError::Config("chunker settings"))?;
-    let mut publisher = ChunkPublisher::new(channel_key, CodingParams::DEFAULT);
     let mut published: BTreeMap<u64, Bytes> = BTreeMap::new();
     let mut stream = TestStream::new(config.bitrate_bps);
     let mut peers: Vec<(Running, Played)> = Vec::new();
@@ -295,16 +284,11 @@ pub fn run(config: &DemoConfig, mut progress: impl FnMut(&str)) -> Result<Report
     let start = Instant::now();
     let tick = Duration::from_millis(20);
     let mut buf = Vec::new();
+    let mut publishing = Publishing::new(&source.node, channel_key, start);
     let mut publish = |chunker: &mut Chunker, published: &mut BTreeMap<u64, Bytes>| {
-        while let Some(chunk) = chunker.poll_chunk() {
-            let ts = (chunk.started - start).as_micros() as u64;
-            if let Ok(coded) = publisher.publish(chunk.seq, ts, chunk.flags, &chunk.payload) {
-                published.insert(chunk.seq, chunk.payload.clone());
-                source.on(move |e, now| {
-                    let _ = e.publish(now, channel, &coded);
-                });
-            }
-        }
+        publishing.drain(chunker, |chunk| {
+            published.insert(chunk.seq, chunk.payload.clone());
+        })
     };
     while start.elapsed() < config.duration {
         let elapsed = start.elapsed();
@@ -339,14 +323,14 @@ pub fn run(config: &DemoConfig, mut progress: impl FnMut(&str)) -> Result<Report
         let now = Instant::now();
         chunker.handle_input(now, &buf);
         chunker.handle_timeout(now);
-        publish(&mut chunker, &mut published);
+        publish(&mut chunker, &mut published)?;
         for (peer, played) in &mut peers {
             played.drain(&peer.events);
         }
         thread::sleep(tick);
     }
     chunker.finish(Instant::now());
-    publish(&mut chunker, &mut published);
+    publish(&mut chunker, &mut published)?;
     progress("demo: source finished; waiting for the peers to play out");
     // Every published chunk is due within the start delay plus the playout delay.
     let settle = Instant::now();

@@ -18,10 +18,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 
 use super::link::ChannelLink;
-use crate::driver::{IoBackend, Node};
-use crate::keys::{ChannelKey, NodeKey};
+use crate::driver::{IoBackend, Node, StartError};
+use crate::keys::{ChannelId, ChannelKey, NodeKey};
 use crate::node::{ChannelMode, Engine, EngineConfig, NodeEvent};
-use crate::stream::{ChunkPublisher, Chunker, ChunkerConfig, CodingParams};
+use crate::stream::{Chunk, ChunkPublisher, Chunker, ChunkerConfig, CodingError, CodingParams};
 use crate::wire::{Role, StartAt, SubstreamSet};
 
 /// Where a broadcast's bytes come from.
@@ -133,13 +133,15 @@ pub fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
     Ok(flag)
 }
 
-fn start_node(
+/// Starts a node whose engines all run `config`, each with its worker tag (and shard export
+/// when there are siblings). Events of every engine arrive on the returned receiver.
+pub(crate) fn start_node(
     backend: IoBackend,
     listen: SocketAddr,
     workers: usize,
     key: &NodeKey,
     config: &EngineConfig,
-) -> anyhow::Result<(Node, Receiver<NodeEvent>)> {
+) -> Result<(Node, Receiver<NodeEvent>), StartError> {
     let (tx, rx) = mpsc::channel();
     let node = Node::start(
         backend,
@@ -156,9 +158,67 @@ fn start_node(
             )
         },
         &tx,
-    )
-    .with_context(|| format!("cannot serve on {listen}"))?;
+    )?;
     Ok((node, rx))
+}
+
+/// [`start_node`] for a command: the error names the address.
+fn serve(
+    backend: IoBackend,
+    listen: SocketAddr,
+    workers: usize,
+    key: &NodeKey,
+    config: &EngineConfig,
+) -> anyhow::Result<(Node, Receiver<NodeEvent>)> {
+    start_node(backend, listen, workers, key, config)
+        .with_context(|| format!("cannot serve on {listen}"))
+}
+
+/// A source's publishing half: signs and encodes every chunk the chunker has closed and hands
+/// it to worker 0 of the node.
+pub(crate) struct Publishing<'a> {
+    node: &'a Node,
+    channel: ChannelId,
+    publisher: ChunkPublisher,
+    /// Chunk timestamps count from here.
+    start: Instant,
+}
+
+impl<'a> Publishing<'a> {
+    pub(crate) fn new(node: &'a Node, key: ChannelKey, start: Instant) -> Self {
+        Self {
+            node,
+            channel: key.channel_id(),
+            publisher: ChunkPublisher::new(key, CodingParams::DEFAULT),
+            start,
+        }
+    }
+
+    /// Publishes every closed chunk; `each` sees each one first.
+    pub(crate) fn drain(
+        &mut self,
+        chunker: &mut Chunker,
+        mut each: impl FnMut(&Chunk),
+    ) -> Result<(), CodingError> {
+        while let Some(chunk) = chunker.poll_chunk() {
+            let ts = (chunk.started - self.start).as_micros() as u64;
+            let coded = self
+                .publisher
+                .publish(chunk.seq, ts, chunk.flags, &chunk.payload)?;
+            each(&chunk);
+            let channel = self.channel;
+            // A stopped node ignores commands; the caller notices it stopped elsewhere.
+            let _ = self.node.command(
+                0,
+                Box::new(move |e, now| {
+                    if let Err(err) = e.publish(now, channel, &coded) {
+                        tracing::warn!(%err, "publish");
+                    }
+                }),
+            );
+        }
+        Ok(())
+    }
 }
 
 /// The address to print in a link: the bound one, or loopback where it is unspecified.
@@ -298,7 +358,7 @@ pub fn broadcast(config: &BroadcastConfig, stop: &AtomicBool) -> anyhow::Result<
     let channel_key = ChannelKey::load(&config.key)?;
     let channel = channel_key.channel_id();
     let node_key = NodeKey::generate()?;
-    let (node, _events) = start_node(
+    let (node, _events) = serve(
         config.backend,
         config.listen,
         1,
@@ -329,24 +389,9 @@ pub fn broadcast(config: &BroadcastConfig, stop: &AtomicBool) -> anyhow::Result<
         first_seq,
         ..Default::default()
     })?;
-    let mut publisher = ChunkPublisher::new(channel_key, CodingParams::DEFAULT);
     let input = read_input(&config.input)?;
-    let start = Instant::now();
-    let mut publish = |chunker: &mut Chunker| -> anyhow::Result<()> {
-        while let Some(chunk) = chunker.poll_chunk() {
-            let ts = (chunk.started - start).as_micros() as u64;
-            let coded = publisher.publish(chunk.seq, ts, chunk.flags, &chunk.payload)?;
-            node.command(
-                0,
-                Box::new(move |e, now| {
-                    if let Err(err) = e.publish(now, channel, &coded) {
-                        tracing::warn!(%err, "publish");
-                    }
-                }),
-            );
-        }
-        Ok(())
-    };
+    let mut publishing = Publishing::new(&node, channel_key, Instant::now());
+    let mut publish = |chunker: &mut Chunker| publishing.drain(chunker, |_| {});
     let mut ended = None;
     while !stop.load(Ordering::Relaxed) {
         let now = Instant::now();
@@ -395,7 +440,7 @@ pub fn relay(config: &RelayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
     if config.join.is_empty() {
         anyhow::bail!("nothing to carry: give at least one --join <channel link>");
     }
-    let (node, _events) = start_node(
+    let (node, _events) = serve(
         config.backend,
         config.listen,
         config.workers,
@@ -461,7 +506,7 @@ pub fn play(config: &PlayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
         ),
     };
     let key = NodeKey::generate()?;
-    let (node, events) = start_node(
+    let (node, events) = serve(
         config.backend,
         config.listen,
         1,
