@@ -25,11 +25,30 @@
 //!   chunk once the current one is at least half its duration old and does not already start at a
 //!   random-access point, so audio-only streams keep chunks near their configured duration.
 //!
+//! # Ogg and fragmented MP4
+//!
+//! An input that starts with an Ogg page (`OggS`) or an `ftyp` box is walked page by page or box
+//! by box (see `framing`). Its **stream header** (the Ogg beginning-of-stream pages and the
+//! codec header pages after them, with granule position 0; or `ftyp`, `moov` and whatever else
+//! precedes the first fragment) is closed as a chunk of its own, flagged
+//! [`ChunkFlags::STREAM_HEADER`], and also handed out by [`Chunker::poll_stream_header`] so the
+//! source can give it to late joiners with the channel information, the way Icecast replays
+//! Ogg headers. A new beginning-of-stream page later on (a chained Ogg stream, an encoder
+//! restart) captures a new header.
+//!
+//! Chunks may be cut anywhere by time or size, but a chunk is flagged random-access only when it
+//! starts on a unit a decoder can start at: an Ogg page that does not continue a packet from the
+//! page before, or a `moof` (with the `styp`/`sidx`/`prft`/`emsg` boxes leading up to it). Each
+//! fragment starts a new chunk, like a video keyframe in MPEG-TS; Ogg pages, which are audio
+//! and dense, start one once the current chunk is half its duration old. If an Ogg page is
+//! damaged the bytes up to the next `OggS` are carried as they are; a malformed box turns the
+//! rest of the input opaque. Either is counted in [`ChunkerStats::resyncs`].
+//!
 //! # Opaque input
 //!
 //! Anything else is cut at the duration or size limit wherever it falls. Every opaque chunk is
-//! flagged random-access: the formats sent this way (MP3, AAC/ADTS, Ogg with its stream header
-//! replayed) resynchronise on their own, so no chunk is a better start than another.
+//! flagged random-access: the formats sent this way (MP3, AAC/ADTS) resynchronise on their own,
+//! so no chunk is a better start than another.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -37,7 +56,9 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 
 use super::MAX_CHUNK_PAYLOAD;
+use super::framing::{self, Unit, UnitInfo};
 use super::header::ChunkFlags;
+use crate::wire::MAX_STREAM_HEADER_LEN;
 
 const TS_PACKET: usize = 188;
 const TS_SYNC: u8 = 0x47;
@@ -56,6 +77,10 @@ pub enum InputFormat {
     Auto,
     /// MPEG-TS: cut on packet boundaries and flag random-access points.
     MpegTs,
+    /// Ogg: cut on page boundaries where possible, capture the stream header.
+    Ogg,
+    /// Fragmented MP4: a chunk per fragment, capture the initialisation segment.
+    Mp4,
     /// Opaque bytes: cut anywhere.
     Opaque,
 }
@@ -117,14 +142,20 @@ pub struct ChunkerStats {
     pub bytes: u64,
     /// Chunks flagged random-access.
     pub random_access_chunks: u64,
-    /// Times MPEG-TS sync was lost and searched for again.
+    /// Times MPEG-TS or Ogg sync was lost and searched for again, or MP4 framing given up.
     pub resyncs: u64,
+    /// Stream headers captured (Ogg, fragmented MP4).
+    pub stream_headers: u64,
+    /// Stream headers longer than the protocol carries, sent as ordinary chunks only.
+    pub headers_too_large: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
     Undecided,
     Ts,
+    Ogg,
+    Mp4,
     Opaque,
 }
 
@@ -140,8 +171,14 @@ pub struct Chunker {
     started: Option<Instant>,
     /// TS: bytes of `buf` before this offset are whole packets (or unsynced bytes).
     scan: usize,
-    /// TS: start of the run of PAT/PMT packets that ends at `scan`, if any.
+    /// Ogg, MP4: the next unit starts at this offset of `buf` (possibly past its end).
+    /// TS: start of the run of PAT/PMT packets that ends at `scan`, if any; MP4: of the boxes
+    /// that lead up to a fragment.
     psi_run: Option<usize>,
+    /// Ogg, MP4: the open chunk is a stream header still being captured.
+    capturing: bool,
+    /// Captured stream headers not yet polled.
+    headers: VecDeque<Bytes>,
     /// The open chunk starts at a random-access point.
     starts_at_rap: bool,
     /// Last random-access point seen per PID.
@@ -165,6 +202,8 @@ impl Chunker {
         let mode = match config.format {
             InputFormat::Auto => Mode::Undecided,
             InputFormat::MpegTs => Mode::Ts,
+            InputFormat::Ogg => Mode::Ogg,
+            InputFormat::Mp4 => Mode::Mp4,
             InputFormat::Opaque => Mode::Opaque,
         };
         Ok(Self {
@@ -175,6 +214,8 @@ impl Chunker {
             started: None,
             scan: 0,
             psi_run: None,
+            capturing: false,
+            headers: VecDeque::new(),
             starts_at_rap: false,
             rap_seen: Vec::new(),
             pmt_pids: Vec::new(),
@@ -188,13 +229,21 @@ impl Chunker {
         self.stats
     }
 
-    /// Whether the input has been recognised as MPEG-TS (`None` while still undecided).
-    pub fn is_mpeg_ts(&self) -> Option<bool> {
+    /// The format the input has been recognised as (`None` while still undecided).
+    pub fn format(&self) -> Option<InputFormat> {
         match self.mode {
             Mode::Undecided => None,
-            Mode::Ts => Some(true),
-            Mode::Opaque => Some(false),
+            Mode::Ts => Some(InputFormat::MpegTs),
+            Mode::Ogg => Some(InputFormat::Ogg),
+            Mode::Mp4 => Some(InputFormat::Mp4),
+            Mode::Opaque => Some(InputFormat::Opaque),
         }
+    }
+
+    /// The next stream header captured (Ogg, fragmented MP4), oldest first. Its bytes are also
+    /// the payload of a chunk flagged [`ChunkFlags::STREAM_HEADER`].
+    pub fn poll_stream_header(&mut self) -> Option<Bytes> {
+        self.headers.pop_front()
     }
 
     /// The sequence number the next chunk will get.
@@ -258,8 +307,15 @@ impl Chunker {
     fn closable_len(&self) -> usize {
         match self.mode {
             Mode::Ts => self.scan,
+            Mode::Ogg | Mode::Mp4 if self.capturing => 0,
+            Mode::Ogg | Mode::Mp4 => self.unit_closable_len(),
             Mode::Undecided | Mode::Opaque => self.buf.len(),
         }
+    }
+
+    /// Ogg, MP4: everything but a unit header that has not fully arrived.
+    fn unit_closable_len(&self) -> usize {
+        self.scan.min(self.buf.len())
     }
 
     fn process(&mut self, now: Instant) {
@@ -278,10 +334,19 @@ impl Chunker {
                 }
             }
             Mode::Ts => self.scan_packets(now),
+            Mode::Ogg | Mode::Mp4 => self.scan_units(now),
         }
     }
 
     fn detect(&mut self) {
+        if framing::looks_like_ogg(&self.buf) {
+            self.mode = Mode::Ogg;
+            return;
+        }
+        if framing::looks_like_mp4(&self.buf) {
+            self.mode = Mode::Mp4;
+            return;
+        }
         let need = TS_PACKET * TS_DETECT_PACKETS;
         if self.buf.len() < need + TS_PACKET {
             return;
@@ -355,6 +420,106 @@ impl Chunker {
         }
     }
 
+    fn scan_units(&mut self, now: Instant) {
+        while self.scan < self.buf.len() {
+            let at = &self.buf[self.scan..];
+            let unit = match self.mode {
+                Mode::Ogg => framing::ogg_page(at),
+                _ => framing::mp4_box(at),
+            };
+            match unit {
+                Unit::Incomplete => break,
+                Unit::Invalid => self.unit_resync(),
+                Unit::Found(info) => {
+                    self.at_unit(now, info);
+                    self.scan = self.scan.saturating_add(info.len);
+                }
+            }
+            if self.mode == Mode::Opaque {
+                break;
+            }
+        }
+        while self.buf.len() >= self.config.max_bytes {
+            if self.capturing {
+                // Far beyond any real header: give up capturing it.
+                self.capturing = false;
+                self.stats.headers_too_large += 1;
+            }
+            let at = match self.mode {
+                Mode::Opaque => self.config.max_bytes,
+                _ => self.unit_closable_len().min(self.config.max_bytes),
+            };
+            if at == 0 {
+                break;
+            }
+            self.emit(at, now);
+        }
+    }
+
+    /// Ogg, MP4: a whole unit header is at `self.scan`.
+    fn at_unit(&mut self, now: Instant, info: UnitInfo) {
+        if info.starts_header && !self.capturing {
+            // A header starts a chunk of its own.
+            self.emit(self.scan, now);
+            self.capturing = true;
+            self.psi_run = None;
+            return;
+        }
+        if self.capturing {
+            if info.header_part {
+                return;
+            }
+            self.capturing = false;
+            let len = self.scan;
+            if len <= MAX_STREAM_HEADER_LEN {
+                let header = Bytes::copy_from_slice(&self.buf[..len]);
+                self.emit(len, now);
+                if let Some(last) = self.ready.back_mut() {
+                    last.flags = ChunkFlags::STREAM_HEADER;
+                }
+                self.headers.push_back(header);
+                self.stats.stream_headers += 1;
+            } else {
+                self.stats.headers_too_large += 1;
+                self.emit(len, now);
+            }
+        }
+        if info.prefix {
+            self.psi_run.get_or_insert(self.scan);
+            return;
+        }
+        if !info.random_access {
+            self.psi_run = None;
+            return;
+        }
+        let cut_at = self.psi_run.take().unwrap_or(self.scan);
+        let age = self
+            .started
+            .map_or(Duration::ZERO, |s| now.saturating_duration_since(s));
+        if cut_at == 0 {
+            self.starts_at_rap = true;
+        } else if info.sparse || (age >= self.config.duration / 2 && !self.starts_at_rap) {
+            self.emit(cut_at, now);
+            self.starts_at_rap = true;
+        }
+    }
+
+    /// Ogg, MP4: the bytes at `self.scan` are not a unit.
+    fn unit_resync(&mut self) {
+        self.stats.resyncs += 1;
+        self.psi_run = None;
+        self.capturing = false;
+        if self.mode == Mode::Mp4 {
+            self.mode = Mode::Opaque;
+            return;
+        }
+        let from = self.scan + 1;
+        self.scan = self.buf[from..]
+            .windows(4)
+            .position(|w| w == b"OggS")
+            .map_or(self.buf.len().saturating_sub(3).max(from), |i| from + i);
+    }
+
     /// Sync lost at `self.scan`: skip to the next plausible sync byte, keeping every byte.
     fn resync(&mut self, now: Instant) {
         self.stats.resyncs += 1;
@@ -382,7 +547,7 @@ impl Chunker {
         let payload = self.buf.split_to(at).freeze();
         let mut flags = ChunkFlags::empty();
         let random_access = match self.mode {
-            Mode::Ts => self.starts_at_rap,
+            Mode::Ts | Mode::Ogg | Mode::Mp4 => self.starts_at_rap,
             Mode::Undecided | Mode::Opaque => true,
         };
         if random_access {
@@ -536,7 +701,7 @@ mod tests {
             input.extend(ts_packet(0x100, false, 2));
         }
         c.handle_input(t0, &input);
-        assert_eq!(c.is_mpeg_ts(), Some(true));
+        assert_eq!(c.format(), Some(InputFormat::MpegTs));
         // Half a packet, then the timer: only whole packets close.
         c.handle_input(t0 + ms(10), &ts_packet(0x100, false, 3)[..100]);
         c.handle_timeout(t0 + ms(250));
@@ -611,5 +776,136 @@ mod tests {
             .collect();
         assert_eq!(out, input);
         assert!(c.stats().resyncs >= 1);
+    }
+
+    #[test]
+    fn ogg_header_is_captured_and_pages_start_random_access_chunks() {
+        use crate::stream::framing::tests::ogg;
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut c = Chunker::new(ChunkerConfig::default()).unwrap();
+        let mut header = ogg(0x02, 0, &[1; 30]);
+        header.extend(ogg(0, 0, &[2; 700]));
+        let audio1 = ogg(0, 1024, &[3; 400]);
+        let audio2 = ogg(0x01, u64::MAX, &[4; 400]);
+        let audio3 = ogg(0, 4096, &[5; 400]);
+        // The header arrives in pieces; nothing closes while it is being captured.
+        c.handle_input(t0, &header[..10]);
+        assert_eq!(c.format(), Some(InputFormat::Ogg));
+        c.handle_input(t0 + ms(1), &header[10..]);
+        c.handle_timeout(t0 + ms(400));
+        assert!(c.poll_chunk().is_none());
+        assert_eq!(c.poll_timeout(), None);
+        // The first audio page ends the header: it becomes a chunk of its own.
+        c.handle_input(t0 + ms(400), &audio1[..100]);
+        assert_eq!(c.poll_stream_header().as_deref(), Some(&header[..]));
+        let first = drain(&mut c);
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].flags, ChunkFlags::STREAM_HEADER);
+        assert_eq!(first[0].payload, header);
+        // Time may cut a page in the middle; that chunk is not a random-access start.
+        c.handle_timeout(t0 + ms(650));
+        let cut = drain(&mut c);
+        assert_eq!(cut[0].payload.len(), 100);
+        assert!(cut[0].flags.contains(ChunkFlags::RANDOM_ACCESS));
+        c.handle_input(t0 + ms(700), &audio1[100..]);
+        // A continued page is no start; a fresh page after half the duration is.
+        c.handle_input(t0 + ms(720), &audio2);
+        c.handle_input(t0 + ms(900), &audio3);
+        c.finish(t0 + ms(901));
+        let rest = drain(&mut c);
+        assert_eq!(rest.len(), 2);
+        assert!(!rest[0].flags.contains(ChunkFlags::RANDOM_ACCESS));
+        assert_eq!(rest[0].payload.len(), audio1.len() - 100 + audio2.len());
+        assert!(rest[1].flags.contains(ChunkFlags::RANDOM_ACCESS));
+        assert_eq!(rest[1].payload, audio3);
+        // A chained stream (new beginning-of-stream page) captures a new header.
+        let mut again = Chunker::new(ChunkerConfig::default()).unwrap();
+        let mut input = header.clone();
+        input.extend(&audio1);
+        let mut header2 = ogg(0x02, 0, &[9; 20]);
+        header2.extend(ogg(0, 0, &[8; 50]));
+        input.extend(&header2);
+        input.extend(&audio3);
+        again.handle_input(t0, &input);
+        assert_eq!(again.poll_stream_header().as_deref(), Some(&header[..]));
+        assert_eq!(again.poll_stream_header().as_deref(), Some(&header2[..]));
+        again.finish(t0);
+        let all = drain(&mut again);
+        let flags: Vec<_> = all.iter().map(|c| c.flags).collect();
+        assert_eq!(
+            flags,
+            [
+                ChunkFlags::STREAM_HEADER,
+                ChunkFlags::RANDOM_ACCESS,
+                ChunkFlags::STREAM_HEADER,
+                ChunkFlags::RANDOM_ACCESS | ChunkFlags::END_OF_STREAM
+            ]
+        );
+        assert_eq!(all.iter().map(|c| c.payload.len()).sum::<usize>(), input.len());
+        assert_eq!(again.stats().stream_headers, 2);
+    }
+
+    #[test]
+    fn damaged_ogg_resyncs_and_keeps_every_byte() {
+        use crate::stream::framing::tests::ogg;
+        let t0 = Instant::now();
+        let mut c = Chunker::new(ChunkerConfig::default()).unwrap();
+        let mut input = ogg(0x02, 0, &[1; 30]);
+        input.extend(ogg(0, 100, &[2; 300]));
+        input.extend(b"garbage!");
+        let clean = ogg(0, 200, &[3; 300]);
+        input.extend(&clean);
+        c.handle_input(t0, &input);
+        c.finish(t0);
+        let all = drain(&mut c);
+        assert_eq!(c.stats().resyncs, 1);
+        let joined: Vec<u8> = all.iter().flat_map(|c| c.payload.to_vec()).collect();
+        assert_eq!(joined, input);
+    }
+
+    #[test]
+    fn fragmented_mp4_gets_an_init_segment_and_a_chunk_per_fragment() {
+        use crate::stream::framing::tests::mp4;
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut c = Chunker::new(ChunkerConfig::default()).unwrap();
+        let mut init = mp4(b"ftyp", b"iso5\0\0\0\0");
+        init.extend(mp4(b"moov", &[0; 300]));
+        let mut frag1 = mp4(b"moof", &[1; 100]);
+        frag1.extend(mp4(b"mdat", &[2; 5000]));
+        let mut frag2 = mp4(b"styp", b"msdh");
+        frag2.extend(mp4(b"moof", &[3; 100]));
+        frag2.extend(mp4(b"mdat", &[4; 5000]));
+        let mut input = init.clone();
+        input.extend(&frag1);
+        input.extend(&frag2);
+        c.handle_input(t0, &input[..1000]);
+        assert_eq!(c.format(), Some(InputFormat::Mp4));
+        // The mdat is cut by time wherever it is.
+        c.handle_timeout(t0 + ms(250));
+        c.handle_input(t0 + ms(260), &input[1000..]);
+        c.finish(t0 + ms(270));
+        assert_eq!(c.poll_stream_header().as_deref(), Some(&init[..]));
+        let all = drain(&mut c);
+        let lens: Vec<_> = all.iter().map(|c| c.payload.len()).collect();
+        assert_eq!(
+            lens,
+            [init.len(), 1000 - init.len(), frag1.len() - (1000 - init.len()), frag2.len()]
+        );
+        assert_eq!(all[0].flags, ChunkFlags::STREAM_HEADER);
+        assert!(all[1].flags.contains(ChunkFlags::RANDOM_ACCESS));
+        assert!(!all[2].flags.contains(ChunkFlags::RANDOM_ACCESS));
+        assert!(all[3].flags.contains(ChunkFlags::RANDOM_ACCESS));
+        // A malformed box makes the rest opaque, losing nothing.
+        let mut bad = Chunker::new(ChunkerConfig::default()).unwrap();
+        let mut input = init.clone();
+        input.extend([0, 0, 0, 3, b'x', b'x', b'x', b'x', 7, 7, 7]);
+        bad.handle_input(t0, &input);
+        bad.finish(t0);
+        assert_eq!(bad.format(), Some(InputFormat::Opaque));
+        assert_eq!(bad.stats().resyncs, 1);
+        let joined: Vec<u8> = drain(&mut bad).iter().flat_map(|c| c.payload.to_vec()).collect();
+        assert_eq!(joined, input);
     }
 }

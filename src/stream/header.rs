@@ -38,7 +38,10 @@ impl ChunkFlags {
     pub const DISCONTINUITY: Self = Self(2);
     /// The broadcast ends with this chunk.
     pub const END_OF_STREAM: Self = Self(4);
-    const KNOWN: u8 = 7;
+    /// The chunk is exactly the stream header (Ogg header pages, an fMP4 initialisation
+    /// segment) that late joiners also get with the channel information.
+    pub const STREAM_HEADER: Self = Self(8);
+    const KNOWN: u8 = 15;
 
     /// No flags.
     pub const fn empty() -> Self {

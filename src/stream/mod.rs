@@ -24,6 +24,7 @@
 pub mod assembler;
 pub mod chunker;
 pub mod coding;
+mod framing;
 pub mod header;
 pub mod publisher;
 pub mod verifier;
