@@ -495,3 +495,58 @@ fn a_partitioned_parent_is_replaced_like_a_dead_one() {
     }
     grid.assert_perfect("partition");
 }
+
+#[test]
+fn stream_headers_reach_late_joiners_and_forged_ones_are_refused() {
+    use gridcast::keys::ChannelKey;
+    use gridcast::wire::SignedStreamHeader;
+    // Supernode 1 corrupts what it sends, stream headers included.
+    let mut grid = Grid::new(9, 4, |i| EngineConfig {
+        corrupt_outgoing_shards: i == 1,
+        ..Grid::relay_config(i)
+    });
+    grid.run(Duration::from_secs(2));
+    let key = ChannelKey::from_seed(&[77; 32]);
+    let channel = grid.source.channel;
+    let first = SignedStreamHeader::sign(&key, 1, bytes::Bytes::from_static(b"OggS first"));
+    let now = grid.sim.now();
+    let source = grid.source.node;
+    assert!(
+        grid.sim
+            .node_mut(source)
+            .engine
+            .set_stream_header(now, channel, first.clone())
+            .unwrap()
+    );
+    grid.run(Duration::from_secs(1));
+    for (i, &sn) in grid.supernodes.iter().enumerate() {
+        let held = grid.sim.node(sn).engine.channel(&channel).unwrap();
+        assert_eq!(held.stream_header(), Some(&first), "supernode {i}");
+    }
+    // Late joiners get it with the channel information.
+    grid.add_policy_peers(6, 0);
+    grid.run(Duration::from_secs(4));
+    for (i, played) in grid.played.iter().enumerate() {
+        assert_eq!(played.headers.first(), Some(&first), "peer {i}");
+        assert!(played.headers.iter().all(|h| h == &first));
+    }
+    // A new header (an encoder restart) reaches subscribers already playing; an older one is
+    // ignored.
+    let second = SignedStreamHeader::sign(&key, 2, bytes::Bytes::from_static(b"OggS second"));
+    let now = grid.sim.now();
+    let engine = &mut grid.sim.node_mut(source).engine;
+    assert!(engine.set_stream_header(now, channel, second.clone()).unwrap());
+    assert!(!engine.set_stream_header(now, channel, first.clone()).unwrap());
+    grid.run(Duration::from_secs(2));
+    for (i, played) in grid.played.iter().enumerate() {
+        assert_eq!(played.headers.last(), Some(&second), "peer {i}");
+    }
+    // Whoever took anything from the corrupting supernode dropped it; no forged header was
+    // passed on to a player.
+    let bad = grid.sim.node(grid.supernodes[1]).addr;
+    for &p in &grid.peers {
+        let engine = &grid.sim.node(p).engine;
+        assert!(engine.stats().misbehaving_closed >= 1, "peer kept {bad}");
+    }
+    grid.assert_perfect("stream-headers");
+}

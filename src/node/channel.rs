@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::keys::ChannelId;
+use crate::wire::SignedStreamHeader;
 use crate::stream::{
     ChunkFlags, CodedChunk, CodingParams, HeaderVerifier, Inserted, PartialChunk, Payload,
     ShardCoder, ShardError, SignedChunkHeader,
@@ -106,6 +107,9 @@ pub enum Rejected {
     /// A header whose coding parameters differ from the channel's.
     #[error("chunk {0} uses coding parameters other than the channel's")]
     Params(u64),
+    /// A stream header the channel key did not sign.
+    #[error("stream header {0} has a bad signature")]
+    StreamHeader(u32),
 }
 
 /// One channel's state at one node.
@@ -126,6 +130,8 @@ pub struct Channel {
     stalled_since: Option<Instant>,
     /// When the node first subscribed to this channel.
     joined: Option<Instant>,
+    /// The newest stream header (Ogg, fragmented MP4), verified.
+    stream_header: Option<SignedStreamHeader>,
     stats: ChannelStats,
 }
 
@@ -139,6 +145,7 @@ impl Channel {
             verifier: HeaderVerifier::new(id, config.window_chunks.max(16) * 2),
             config,
             params: None,
+            stream_header: None,
             window: BTreeMap::new(),
             window_bytes: 0,
             next_play: None,
@@ -172,6 +179,25 @@ impl Channel {
     /// Coding parameters, once known.
     pub fn params(&self) -> Option<CodingParams> {
         self.params
+    }
+
+    /// The newest stream header, if the format has one.
+    pub fn stream_header(&self) -> Option<&SignedStreamHeader> {
+        self.stream_header.as_ref()
+    }
+
+    /// Keeps `header` if it is newer than the one held (a higher serial). The caller has checked
+    /// its signature (or signed it). Returns whether it was kept.
+    pub fn set_stream_header(&mut self, header: SignedStreamHeader) -> bool {
+        if self
+            .stream_header
+            .as_ref()
+            .is_some_and(|held| held.serial >= header.serial)
+        {
+            return false;
+        }
+        self.stream_header = Some(header);
+        true
     }
 
     /// Counters.
@@ -388,7 +414,11 @@ impl Channel {
 
     /// Player: the chunks ready to output, in order. Skips a chunk that stays incomplete for
     /// `playout_delay` after a later chunk became complete.
-    pub fn poll_playout(&mut self, now: Instant, coder: &mut ShardCoder) -> Vec<(u64, Payload)> {
+    pub fn poll_playout(
+        &mut self,
+        now: Instant,
+        coder: &mut ShardCoder,
+    ) -> Vec<(u64, ChunkFlags, Payload)> {
         let mut out = Vec::new();
         if self.mode != ChannelMode::Play {
             return out;
@@ -419,7 +449,7 @@ impl Channel {
                 Some(c) if c.is_complete_enough() => {
                     match c.rebuild(coder) {
                         Ok(payload) => {
-                            out.push((next, payload));
+                            out.push((next, c.header().header.flags, payload));
                             self.stats.chunks_played += 1;
                             if self.stats.startup.is_none() {
                                 self.stats.startup =

@@ -48,10 +48,10 @@ use super::upstream::{
     Candidate, HEALTHY_RATIO, SHORT_RATIO, Slot, Tally, Upstream, UpstreamConfig, assign,
 };
 use crate::keys::{ChannelId, NodeId, NodeKey};
-use crate::stream::{CodedChunk, Payload, ShardCoder, SignedChunkHeader};
+use crate::stream::{ChunkFlags, CodedChunk, CodingParams, Payload, ShardCoder, SignedChunkHeader};
 use crate::wire::{
-    ChannelInfo, DecodeError, Hello, Message, PROTOCOL_VERSION, Role, ShardFrame, StartAt,
-    Subscribe, SubstreamSet, encode_shard_frame_head,
+    ChannelInfo, DecodeError, Hello, Message, PROTOCOL_VERSION, Role, ShardFrame,
+    SignedStreamHeader, StartAt, Subscribe, SubstreamSet, encode_shard_frame_head,
 };
 
 /// QUIC application close codes.
@@ -104,8 +104,8 @@ pub struct EngineConfig {
     /// Parent selection and failover for channels given candidates with
     /// [`Engine::set_upstream`].
     pub upstream: UpstreamConfig,
-    /// Fault injection for the simulator: flip a byte in every shard this node sends, to prove
-    /// that its neighbours catch it. Never set outside tests.
+    /// Fault injection for the simulator: flip a byte in every shard and stream header this
+    /// node sends, to prove that its neighbours catch it. Never set outside tests.
     pub corrupt_outgoing_shards: bool,
     /// Set when this engine is one of several workers sharing a UDP port: the connection ids
     /// it issues then steer packets back to it (see [`crate::node::cid`]).
@@ -170,8 +170,19 @@ pub enum NodeEvent {
         channel: ChannelId,
         /// Sequence number.
         seq: u64,
+        /// The chunk's flags (random access, stream header, end of stream).
+        flags: ChunkFlags,
         /// The chunk's bytes.
         payload: Payload,
+    },
+    /// A channel's stream header (Ogg, fragmented MP4) arrived or changed, signature checked.
+    /// A player writes it before the first chunk it plays; a multi-worker relay hands it to its
+    /// other workers with [`Engine::set_stream_header`].
+    StreamHeader {
+        /// Channel.
+        channel: ChannelId,
+        /// The header.
+        header: SignedStreamHeader,
     },
     /// A connection completed its handshake.
     Connected {
@@ -209,6 +220,26 @@ pub enum NodeEvent {
         /// What it did.
         reason: String,
     },
+}
+
+/// The channel information a parent sends its subscribers (`corrupt`: fault injection, see
+/// [`EngineConfig::corrupt_outgoing_shards`]).
+fn channel_info(ch: &Channel, params: CodingParams, corrupt: bool) -> Message {
+    let mut stream_header = ch.stream_header().cloned();
+    if corrupt && let Some(header) = &mut stream_header {
+        let mut bad = header.data.to_vec();
+        if let Some(b) = bad.first_mut() {
+            *b ^= 0x5a;
+        }
+        header.data = bad.into();
+    }
+    Message::ChannelInfo(ChannelInfo {
+        channel: ch.id(),
+        params,
+        chunk_ms: ch.chunk_ms_estimate(),
+        latest: ch.range().map(|(_, newest)| newest),
+        stream_header,
+    })
 }
 
 /// Counters for the whole node.
@@ -636,6 +667,65 @@ impl Engine {
                 _ => self.exports.push((channel, shards.to_vec())),
             }
         }
+    }
+
+    /// Sets `channel`'s stream header, if `header` is newer than the one held, and sends it to
+    /// every subscriber of the channel. For the source (which signed it) and for a multi-worker
+    /// relay passing on a [`NodeEvent::StreamHeader`] from a sibling worker (which checked it).
+    /// Returns whether it was newer.
+    pub fn set_stream_header(
+        &mut self,
+        now: Instant,
+        channel: ChannelId,
+        header: SignedStreamHeader,
+    ) -> Result<bool, EngineError> {
+        let params = self
+            .channels
+            .get(&channel)
+            .ok_or(EngineError::UnknownChannel(channel))?
+            .params();
+        let Some(params) = params else {
+            // Nobody can be told before the first chunk fixes the parameters; keep it for the
+            // subscriptions to come.
+            return Ok(self
+                .channels
+                .get_mut(&channel)
+                .is_some_and(|ch| ch.set_stream_header(header)));
+        };
+        let newer = self.store_stream_header(channel, header, params);
+        self.drive(now);
+        Ok(newer)
+    }
+
+    /// Keeps a newer stream header and tells the channel's subscribers, with `params` when the
+    /// channel has none of its own yet.
+    fn store_stream_header(
+        &mut self,
+        channel: ChannelId,
+        header: SignedStreamHeader,
+        params: CodingParams,
+    ) -> bool {
+        let Some(ch) = self.channels.get_mut(&channel) else {
+            return false;
+        };
+        if !ch.set_stream_header(header) {
+            return false;
+        }
+        let info = channel_info(
+            ch,
+            ch.params().unwrap_or(params),
+            self.config.corrupt_outgoing_shards,
+        );
+        let mut told = Vec::new();
+        for &(handle, _) in self.subscribers.get(&channel).into_iter().flatten() {
+            if !told.contains(&handle) {
+                told.push(handle);
+                if let Some(conn) = self.conns.get_mut(&handle) {
+                    conn.send_control(&info);
+                }
+            }
+        }
+        true
     }
 
     /// The settings this engine runs with.
@@ -1215,10 +1305,11 @@ impl Engine {
         // Playout.
         let mut out = Vec::new();
         for (id, channel) in &mut self.channels {
-            for (seq, payload) in channel.poll_playout(now, &mut self.coder) {
+            for (seq, flags, payload) in channel.poll_playout(now, &mut self.coder) {
                 out.push(NodeEvent::Chunk {
                     channel: *id,
                     seq,
+                    flags,
                     payload,
                 });
             }
@@ -1386,13 +1477,8 @@ impl Engine {
                         substreams: sub.substreams,
                     },
                 );
-                conn.send_control(&Message::ChannelInfo(ChannelInfo {
-                    channel: sub.channel,
-                    params,
-                    chunk_ms: channel.chunk_ms_estimate(),
-                    latest: channel.range().map(|(_, newest)| newest),
-                    stream_header: None,
-                }));
+                let info = channel_info(channel, params, self.config.corrupt_outgoing_shards);
+                conn.send_control(&info);
                 // Backlog: from the requested point, everything still held.
                 let from = match sub.start {
                     StartAt::Live => channel.newest_random_access(),
@@ -1432,6 +1518,20 @@ impl Engine {
                 }
             }
             Message::ChannelInfo(info) => {
+                if let Some(header) = &info.stream_header
+                    && self.channels.contains_key(&info.channel)
+                {
+                    if !header.signature_valid(&info.channel) {
+                        self.misbehaved(now, handle, &Rejected::StreamHeader(header.serial));
+                        return;
+                    }
+                    if self.store_stream_header(info.channel, header.clone(), info.params) {
+                        self.events.push_back(NodeEvent::StreamHeader {
+                            channel: info.channel,
+                            header: header.clone(),
+                        });
+                    }
+                }
                 if let Some(up) = self.upstreams.get_mut(&info.channel)
                     && up.params.is_none()
                 {

@@ -18,7 +18,7 @@ use gridcast::keys::{ChannelId, ChannelKey};
 use gridcast::node::{Candidate, ChannelMode, ChannelStats, EngineConfig, NodeEvent};
 use gridcast::sim::{NodeIx, Sim, SimConfig};
 use gridcast::stream::{ChunkPublisher, Chunker, ChunkerConfig, CodingParams, InputFormat};
-use gridcast::wire::{Role, StartAt, SubstreamSet};
+use gridcast::wire::{Role, SignedStreamHeader, StartAt, SubstreamSet};
 
 /// A live source: a chunker fed at a constant bitrate, a publisher, and a record of every chunk.
 pub struct Broadcast {
@@ -105,6 +105,8 @@ impl Broadcast {
 pub struct Played {
     pub chunks: Vec<(u64, Bytes, Instant)>,
     pub failovers: Vec<(Instant, u64)>,
+    /// Stream headers received, in order.
+    pub headers: Vec<SignedStreamHeader>,
 }
 
 pub fn collect(sim: &mut Sim, peer: NodeIx, played: &mut Played) {
@@ -114,6 +116,7 @@ pub fn collect(sim: &mut Sim, peer: NodeIx, played: &mut Played) {
                 played.chunks.push((seq, payload.to_bytes(), at));
             }
             NodeEvent::Failover { resume, .. } => played.failovers.push((at, resume)),
+            NodeEvent::StreamHeader { header, .. } => played.headers.push(header),
             _ => {}
         }
     }
