@@ -6,10 +6,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use std::net::SocketAddr;
 
-use gridcast::app::link::ChannelLink;
-use gridcast::app::{demo, roles};
+use gridcast::app::{config, demo, roles};
 use gridcast::driver::{self, Chosen, IoBackend};
 use gridcast::keys::ChannelKey;
 
@@ -62,77 +60,40 @@ enum Command {
     ///
     /// Prints the channel link (gridcast://<channel-id>@<host:port>/<node-id>) on stdout;
     /// supernodes join with it. Input: - (stdin), a file, tcp://addr (listen; one sender at a
-    /// time) or udp://addr (unicast or multicast MPEG-TS).
+    /// time), udp://addr (unicast or multicast MPEG-TS) or icecast://addr/mount (an
+    /// Icecast-compatible source endpoint for ffmpeg, BUTT, liquidsoap, ices). Ogg and
+    /// fragmented MP4 stream headers are captured and replayed to late joiners.
     ///
     /// Examples:
     ///   ffmpeg -re -i show.mkv -c copy -f mpegts - | gridcast broadcast --key channel.key
     ///   gridcast broadcast --key channel.key --input udp://239.1.1.1:5000
-    ///   gridcast broadcast --key channel.key --input recording.ts --rate 2000000
-    Broadcast {
-        /// The channel key file (from `gridcast keygen`).
-        #[arg(long, env = "GRIDCAST_KEY")]
-        key: PathBuf,
-        /// -, a file path, tcp://host:port or udp://host:port.
-        #[arg(long, default_value = "-", value_parser = clap::value_parser!(roles::Input))]
-        input: roles::Input,
-        /// Pace a file input at this many bits per second (default: as fast as it is read).
-        #[arg(long)]
-        rate: Option<u64>,
-        /// UDP address to serve supernodes on.
-        #[arg(long, env = "GRIDCAST_LISTEN", default_value = "0.0.0.0:4433")]
-        listen: SocketAddr,
-        /// Seconds to keep serving after the input ends.
-        #[arg(long, default_value_t = 5)]
-        linger: u64,
-        /// auto, uring or portable.
-        #[arg(long, env = "GRIDCAST_IO_BACKEND", default_value = "auto", value_parser = clap::value_parser!(IoBackend))]
-        io_backend: IoBackend,
-    },
+    ///   gridcast broadcast --key channel.key --input recording.ts --rate 2M
+    ///   GRIDCAST_SOURCE_PASSWORD=hackme gridcast broadcast --key channel.key \
+    ///       --input icecast://0.0.0.0:8000/radio.ogg
+    ///   gridcast broadcast --config broadcast.toml
+    Broadcast(config::BroadcastArgs),
     /// Run a supernode: carry channels and fan their substreams out.
     ///
     /// Prints one channel link per carried channel, naming this node; viewers play from it.
+    /// SIGTERM or SIGINT drains: subscribers are told to move to other parents, and the relay
+    /// exits once they have or the drain timeout passes.
     ///
     /// Examples:
     ///   gridcast relay --join gridcast://<channel-id>@source.example:4433/<node-id>
     ///   gridcast relay --listen 0.0.0.0:4500 --workers 4 --node-key relay.key --join <link>
-    Relay {
-        /// A channel link to carry (repeat for more channels).
-        #[arg(long, required = true)]
-        join: Vec<ChannelLink>,
-        /// UDP address to serve on.
-        #[arg(long, env = "GRIDCAST_LISTEN", default_value = "0.0.0.0:4434")]
-        listen: SocketAddr,
-        /// io_uring worker threads (default: one per core).
-        #[arg(long)]
-        workers: Option<usize>,
-        /// Node key file, created if missing, so the node id survives restarts.
-        #[arg(long, env = "GRIDCAST_NODE_KEY")]
-        node_key: Option<PathBuf>,
-        /// auto, uring or portable.
-        #[arg(long, env = "GRIDCAST_IO_BACKEND", default_value = "auto", value_parser = clap::value_parser!(IoBackend))]
-        io_backend: IoBackend,
-    },
+    ///   gridcast relay --config /etc/gridcast/relay.toml
+    Relay(config::RelayArgs),
     /// Watch or listen: draw a channel from several parents and write the exact stream.
+    ///
+    /// On a terminal, a live status line on stderr shows parents, substreams held / needed,
+    /// buffer, bitrate, continuity and bytes uploaded to other peers.
     ///
     /// Examples:
     ///   gridcast play gridcast://<channel-id>@relay.example:4434/<node-id> | mpv -
     ///   gridcast play <link> --output show.ts
-    Play {
-        /// The channel link.
-        link: ChannelLink,
-        /// - (stdout) or a file path.
-        #[arg(long, short, default_value = "-")]
-        output: String,
-        /// Local UDP address.
-        #[arg(long, default_value = "0.0.0.0:0")]
-        listen: SocketAddr,
-        /// Seconds to wait for any node of the link to answer.
-        #[arg(long, default_value_t = 10)]
-        connect_timeout: u64,
-        /// auto, uring or portable.
-        #[arg(long, env = "GRIDCAST_IO_BACKEND", default_value = "auto", value_parser = clap::value_parser!(IoBackend))]
-        io_backend: IoBackend,
-    },
+    ///   gridcast play <link> --output http://127.0.0.1:8080/    # then: mpv http://127.0.0.1:8080/
+    ///   gridcast play <link> --upload 0 | ffplay -
+    Play(config::PlayArgs),
     /// Run a whole grid on 127.0.0.1 and report what every viewer played.
     ///
     /// Starts a source fed with a built-in test stream (MPEG-TS, generated in-process), three
@@ -203,69 +164,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", key.channel_id());
             }
         }
-        Command::Broadcast {
-            key,
-            input,
-            rate,
-            listen,
-            linger,
-            io_backend,
-        } => {
-            let input = match (input, rate) {
-                (roles::Input::File { path, .. }, rate) => roles::Input::File {
-                    path,
-                    rate_bps: rate,
-                },
-                (_, Some(_)) => anyhow::bail!("--rate paces a file input only"),
-                (input, None) => input,
-            };
-            let config = roles::BroadcastConfig {
-                key,
-                input,
-                listen,
-                linger: Duration::from_secs(linger),
-                backend: io_backend,
-            };
-            roles::broadcast(&config, &*roles::stop_flag()?)?;
+        Command::Broadcast(args) => {
+            roles::broadcast(&args.resolve()?, &*roles::stop_flag()?)?;
         }
-        Command::Relay {
-            join,
-            listen,
-            workers,
-            node_key,
-            io_backend,
-        } => {
-            let workers = workers
-                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
-            let config = roles::RelayConfig {
-                listen,
-                join,
-                workers,
-                node_key,
-                backend: io_backend,
-            };
-            roles::relay(&config, &*roles::stop_flag()?)?;
+        Command::Relay(args) => {
+            roles::relay(&args.resolve()?, &*roles::stop_flag()?)?;
         }
-        Command::Play {
-            link,
-            output,
-            listen,
-            connect_timeout,
-            io_backend,
-        } => {
-            let output = if output == "-" {
-                roles::Output::Stdout
-            } else {
-                roles::Output::File(output.into())
-            };
-            let config = roles::PlayConfig {
-                link,
-                output,
-                listen,
-                backend: io_backend,
-                connect_timeout: Duration::from_secs(connect_timeout),
-            };
-            roles::play(&config, &*roles::stop_flag()?)?;
+        Command::Play(args) => {
+            roles::play(&args.resolve()?, &*roles::stop_flag()?)?;
         }
         Command::Demo {
             json,

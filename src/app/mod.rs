@@ -1,7 +1,10 @@
 //! The applications over the engine and drivers: channel links, the demo grid and its
 //! built-in test stream. These read the clock and spawn threads; the layers below do not.
 
+pub mod config;
 pub mod demo;
+pub mod icecast;
 pub mod link;
+pub mod output;
 pub mod roles;
 pub mod teststream;

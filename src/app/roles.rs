@@ -16,13 +16,18 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
+use bytes::Bytes;
 
+use super::icecast::{self, SourceEndpoint};
 use super::link::ChannelLink;
+use super::output::{Gate, HttpOutput};
 use crate::driver::{IoBackend, Node, StartError};
 use crate::keys::{ChannelId, ChannelKey, NodeKey};
 use crate::node::{ChannelMode, Engine, EngineConfig, NodeEvent};
-use crate::stream::{Chunk, ChunkPublisher, Chunker, ChunkerConfig, CodingError, CodingParams};
-use crate::wire::{Role, StartAt, SubstreamSet};
+use crate::stream::{
+    Chunk, ChunkFlags, ChunkPublisher, Chunker, ChunkerConfig, CodingError, CodingParams,
+};
+use crate::wire::{Role, SignedStreamHeader, StartAt, SubstreamSet};
 
 /// Where a broadcast's bytes come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +45,14 @@ pub enum Input {
     Tcp(SocketAddr),
     /// UDP datagrams, unicast or multicast (the broadcast industry's MPEG-TS hand-off).
     Udp(SocketAddr),
+    /// An Icecast-compatible source endpoint: encoders `PUT` (or `SOURCE`) to this address and
+    /// mount point with the source password.
+    Icecast {
+        /// Listening address.
+        addr: SocketAddr,
+        /// Mount point, starting with `/`.
+        mount: String,
+    },
 }
 
 impl std::str::FromStr for Input {
@@ -56,9 +69,21 @@ impl std::str::FromStr for Input {
             Ok(Self::Tcp(addr(rest)?))
         } else if let Some(rest) = s.strip_prefix("udp://") {
             Ok(Self::Udp(addr(rest)?))
+        } else if let Some(rest) = s.strip_prefix("icecast://") {
+            let (host, mount) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            if host.contains('@') {
+                return Err(format!(
+                    "input {s:?}: give the password with --source-password, not in the URL"
+                ));
+            }
+            Ok(Self::Icecast {
+                addr: addr(host)?,
+                mount: if mount.is_empty() { "/" } else { mount }.to_owned(),
+            })
         } else if s.contains("://") {
             Err(format!(
-                "input {s:?}: use -, a file path, tcp://host:port or udp://host:port"
+                "input {s:?}: use -, a file path, tcp://host:port, udp://host:port or \
+                 icecast://host:port/mount"
             ))
         } else {
             Ok(Self::File {
@@ -80,6 +105,8 @@ pub struct BroadcastConfig {
     pub listen: SocketAddr,
     /// Seconds to keep serving after the input ends, so subscribers fetch the last chunks.
     pub linger: Duration,
+    /// The password encoders give to an `icecast://` input.
+    pub source_password: Option<String>,
     /// Data plane.
     pub backend: IoBackend,
 }
@@ -95,6 +122,14 @@ pub struct RelayConfig {
     pub workers: usize,
     /// A node key file (the node id stays the same across restarts); a fresh key if `None`.
     pub node_key: Option<PathBuf>,
+    /// Most bits per second sent to subscribers (`None`: no limit).
+    pub max_upload_bps: Option<u64>,
+    /// Most connections at once (`None`: no limit).
+    pub max_connections: Option<usize>,
+    /// Most subscriptions at once (`None`: no limit).
+    pub max_subscribers: Option<usize>,
+    /// How long a drain may take before the relay exits.
+    pub drain_timeout: Duration,
     /// Data plane.
     pub backend: IoBackend,
 }
@@ -106,6 +141,47 @@ pub enum Output {
     Stdout,
     /// A file (created or truncated).
     File(PathBuf),
+    /// A local HTTP server any number of players can open (`http://127.0.0.1:8080/`).
+    Http(SocketAddr),
+}
+
+impl std::str::FromStr for Output {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "-" {
+            Ok(Self::Stdout)
+        } else if let Some(rest) = s.strip_prefix("http://") {
+            let host = rest.trim_end_matches('/');
+            host.parse()
+                .map(Self::Http)
+                .map_err(|e| format!("output {s:?}: bad address {host:?}: {e}"))
+        } else if s.contains("://") {
+            Err(format!(
+                "output {s:?}: use -, a file path or http://127.0.0.1:port/"
+            ))
+        } else {
+            Ok(Self::File(s.into()))
+        }
+    }
+}
+
+/// A rate in bits per second: a number with an optional `k`, `M` or `G` suffix (`2M`, `500k`).
+pub fn parse_rate(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, scale) = match t.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&t[..i], 1e3),
+        Some((i, 'M' | 'm')) => (&t[..i], 1e6),
+        Some((i, 'G' | 'g')) => (&t[..i], 1e9),
+        _ => (t, 1.0),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a rate in bits per second (like 2M or 500k)"))?;
+    if !n.is_finite() || n < 0.0 || n * scale > 1e12 {
+        return Err(format!("{s:?} is not a rate between 0 and 1T bits per second"));
+    }
+    Ok((n * scale).round() as u64)
 }
 
 /// `gridcast play` settings.
@@ -121,6 +197,10 @@ pub struct PlayConfig {
     pub backend: IoBackend,
     /// Give up if no node of the link answers within this long.
     pub connect_timeout: Duration,
+    /// Most bits per second relayed to other peers (`None`: no cap; `Some(0)`: relay nothing).
+    pub upload_bps: Option<u64>,
+    /// Print a one-line live status on stderr (for a terminal).
+    pub status: bool,
 }
 
 /// Set by SIGINT or SIGTERM.
@@ -175,13 +255,15 @@ fn serve(
 }
 
 /// A source's publishing half: signs and encodes every chunk the chunker has closed and hands
-/// it to worker 0 of the node.
+/// it to worker 0 of the node, and signs and hands over every stream header it captured.
 pub(crate) struct Publishing<'a> {
     node: &'a Node,
     channel: ChannelId,
     publisher: ChunkPublisher,
     /// Chunk timestamps count from here.
     start: Instant,
+    /// Serial of the last stream header published.
+    header_serial: u32,
 }
 
 impl<'a> Publishing<'a> {
@@ -191,28 +273,52 @@ impl<'a> Publishing<'a> {
             channel: key.channel_id(),
             publisher: ChunkPublisher::new(key, CodingParams::DEFAULT),
             start,
+            header_serial: 0,
         }
     }
 
-    /// Publishes every closed chunk; `each` sees each one first.
+    /// Publishes every closed chunk and then every captured stream header (so the header's
+    /// own chunk, which fixes the coding parameters, goes first); `each` sees each chunk first.
     pub(crate) fn drain(
         &mut self,
         chunker: &mut Chunker,
         mut each: impl FnMut(&Chunk),
     ) -> Result<(), CodingError> {
+        let channel = self.channel;
         while let Some(chunk) = chunker.poll_chunk() {
             let ts = (chunk.started - self.start).as_micros() as u64;
             let coded = self
                 .publisher
                 .publish(chunk.seq, ts, chunk.flags, &chunk.payload)?;
             each(&chunk);
-            let channel = self.channel;
             // A stopped node ignores commands; the caller notices it stopped elsewhere.
             let _ = self.node.command(
                 0,
                 Box::new(move |e, now| {
                     if let Err(err) = e.publish(now, channel, &coded) {
                         tracing::warn!(%err, "publish");
+                    }
+                }),
+            );
+        }
+        while let Some(data) = chunker.poll_stream_header() {
+            // Serials follow the wall clock, so a restarted source's header is newer than
+            // whatever relays still hold from before.
+            let now_s = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as u32);
+            self.header_serial = now_s.max(self.header_serial + 1);
+            tracing::info!(
+                bytes = data.len(),
+                serial = self.header_serial,
+                "stream header captured"
+            );
+            let header = SignedStreamHeader::sign(self.publisher.key(), self.header_serial, data);
+            let _ = self.node.command(
+                0,
+                Box::new(move |e, now| {
+                    if let Err(err) = e.set_stream_header(now, channel, header) {
+                        tracing::warn!(%err, "stream header");
                     }
                 }),
             );
@@ -232,9 +338,22 @@ fn link_addr(node: &Node) -> SocketAddr {
 
 /// Starts a reader thread for `input`; byte blocks arrive on the returned channel, which
 /// closes when the input ends.
-fn read_input(input: &Input) -> anyhow::Result<Receiver<io::Result<Vec<u8>>>> {
+fn read_input(
+    input: &Input,
+    source_password: Option<&str>,
+) -> anyhow::Result<Receiver<io::Result<Vec<u8>>>> {
     let (tx, rx) = mpsc::sync_channel(64);
     match input.clone() {
+        Input::Icecast { addr, mount } => {
+            let password = source_password
+                .filter(|p| !p.is_empty())
+                .context("an icecast:// input needs --source-password (or GRIDCAST_SOURCE_PASSWORD)")?
+                .to_owned();
+            let listener = TcpListener::bind(addr)
+                .with_context(|| format!("cannot listen for icecast sources on {addr}"))?;
+            let endpoint = SourceEndpoint { mount, password };
+            thread::spawn(move || icecast::serve(listener, endpoint, tx));
+        }
         Input::Stdin => spawn_reader(tx, io::stdin(), None),
         Input::File { path, rate_bps } => {
             let file =
@@ -389,7 +508,7 @@ pub fn broadcast(config: &BroadcastConfig, stop: &AtomicBool) -> anyhow::Result<
         first_seq,
         ..Default::default()
     })?;
-    let input = read_input(&config.input)?;
+    let input = read_input(&config.input, config.source_password.as_deref())?;
     let mut publishing = Publishing::new(&node, channel_key, Instant::now());
     let mut publish = |chunker: &mut Chunker| publishing.drain(chunker, |_| {});
     let mut ended = None;
@@ -440,7 +559,7 @@ pub fn relay(config: &RelayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
     if config.join.is_empty() {
         anyhow::bail!("nothing to carry: give at least one --join <channel link>");
     }
-    let (node, _events) = serve(
+    let (node, events) = serve(
         config.backend,
         config.listen,
         config.workers,
@@ -488,31 +607,146 @@ pub fn relay(config: &RelayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
         tracing::info!(link = %own, upstream = %upstream.addr, "carrying");
     }
     while !stop.load(Ordering::Relaxed) {
-        thread::sleep(Duration::from_millis(50));
+        match events.recv_timeout(Duration::from_millis(50)) {
+            // The worker that draws the channel got a new stream header: its siblings serve
+            // subscribers too.
+            Ok(NodeEvent::StreamHeader { channel, header }) => {
+                for w in 1..node.workers() {
+                    let header = header.clone();
+                    node.command(
+                        w,
+                        Box::new(move |e, now| {
+                            let _ = e.set_stream_header(now, channel, header);
+                        }),
+                    );
+                }
+            }
+            Ok(_) | Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
     }
     tracing::info!("stopping");
     node.stop()?;
     Ok(())
 }
 
+/// Where a peer's chunks go.
+enum Sink {
+    Writer(Box<dyn Write>, Gate),
+    Http(HttpOutput),
+}
+
+impl Sink {
+    fn open(output: &Output) -> anyhow::Result<Self> {
+        Ok(match output {
+            Output::Stdout => Self::Writer(Box::new(io::stdout().lock()), Gate::new()),
+            Output::File(path) => Self::Writer(
+                Box::new(
+                    File::create(path)
+                        .with_context(|| format!("cannot create {}", path.display()))?,
+                ),
+                Gate::new(),
+            ),
+            Output::Http(addr) => {
+                let http = HttpOutput::bind(*addr)
+                    .with_context(|| format!("cannot serve HTTP on {addr}"))?;
+                let url = format!("http://{}/", http.local_addr());
+                #[allow(clippy::print_stdout)]
+                {
+                    println!("{url}");
+                }
+                tracing::info!(%url, "players can open the stream here");
+                Self::Http(http)
+            }
+        })
+    }
+
+    fn header(&mut self, data: Bytes) {
+        match self {
+            Self::Writer(_, gate) => gate.set_header(data),
+            Self::Http(http) => http.set_header(data),
+        }
+    }
+
+    fn chunk(&mut self, flags: ChunkFlags, payload: Bytes) -> io::Result<()> {
+        match self {
+            Self::Writer(out, gate) => {
+                for part in gate.admit(flags, payload) {
+                    out.write_all(&part)?;
+                }
+                out.flush()
+            }
+            Self::Http(http) => {
+                http.chunk(flags, payload);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// What the status line shows, read from the engine.
+#[derive(Debug, Default, Clone, Copy)]
+struct PlayStatus {
+    parents: usize,
+    substreams: usize,
+    needed: usize,
+    buffer: Duration,
+    played: u64,
+    skipped: u64,
+    uploaded: u64,
+}
+
+fn read_status(e: &Engine, channel: &ChannelId) -> PlayStatus {
+    let (substreams, parents) = e.upstream_status(channel).unwrap_or((0, 0));
+    let mut status = PlayStatus {
+        parents,
+        substreams,
+        uploaded: e.stats().shard_bytes_out,
+        ..Default::default()
+    };
+    if let Some(ch) = e.channel(channel) {
+        status.needed = ch.params().map_or(0, |p| p.original());
+        let stats = ch.stats();
+        status.played = stats.chunks_played;
+        status.skipped = stats.chunks_skipped;
+        if let (Some(next), Some((_, newest))) = (ch.next_play(), ch.range()) {
+            let ahead = newest.saturating_sub(next) + 1;
+            status.buffer = Duration::from_millis(ahead * u64::from(ch.chunk_ms_estimate()));
+        }
+    }
+    status
+}
+
+fn status_line(s: &PlayStatus, bps: f64) -> String {
+    let continuity = if s.played + s.skipped == 0 {
+        100.0
+    } else {
+        100.0 * s.played as f64 / (s.played + s.skipped) as f64
+    };
+    format!(
+        "parents {} | substreams {}/{} | buffer {:.1}s | {:.2} Mbit/s | continuity {:.2}% | up {:.1} MB",
+        s.parents,
+        s.substreams,
+        s.needed,
+        s.buffer.as_secs_f64(),
+        bps / 1e6,
+        continuity,
+        s.uploaded as f64 / 1e6
+    )
+}
+
 /// Runs a peer until a signal arrives or the output is closed.
-#[allow(clippy::disallowed_methods)] // the connect timeout reads the clock
+#[allow(clippy::disallowed_methods)] // the connect timeout and the status line read the clock
 pub fn play(config: &PlayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
     let candidates = config.link.candidates()?;
-    let mut out: Box<dyn Write> = match &config.output {
-        Output::Stdout => Box::new(io::stdout().lock()),
-        Output::File(path) => Box::new(
-            File::create(path).with_context(|| format!("cannot create {}", path.display()))?,
-        ),
-    };
+    let mut sink = Sink::open(&config.output)?;
     let key = NodeKey::generate()?;
-    let (node, events) = serve(
-        config.backend,
-        config.listen,
-        1,
-        &key,
-        &EngineConfig::default(),
-    )?;
+    let engine_config = EngineConfig {
+        serve: config.upload_bps != Some(0),
+        upload_cap: config.upload_bps.filter(|&b| b > 0).map(|b| b.div_ceil(8)),
+        ..Default::default()
+    };
+    let (node, events) = serve(config.backend, config.listen, 1, &key, &engine_config)?;
     let channel = config.link.channel;
     node.command(
         0,
@@ -523,9 +757,16 @@ pub fn play(config: &PlayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
             }
         }),
     );
+    if engine_config.serve {
+        let own = ChannelLink::single(channel, link_addr(&node), key.node_id());
+        tracing::info!(link = %own, upload_bps = ?config.upload_bps, "relaying to other peers");
+    }
     tracing::info!(%channel, backend = %node.backend(), "playing");
     let started = Instant::now();
     let mut connected = false;
+    let (status_tx, status_rx) = mpsc::channel();
+    let mut last_status = Instant::now();
+    let mut bytes_since = 0u64;
     let result = loop {
         if stop.load(Ordering::Relaxed) {
             break Ok(());
@@ -538,15 +779,27 @@ pub fn play(config: &PlayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
                 hosts.join(", ")
             ));
         }
+        if config.status && last_status.elapsed() >= Duration::from_secs(1) {
+            let bps = bytes_since as f64 * 8.0 / last_status.elapsed().as_secs_f64();
+            last_status = Instant::now();
+            bytes_since = 0;
+            let tx = status_tx.clone();
+            node.command(
+                0,
+                Box::new(move |e, _| {
+                    let _ = tx.send((read_status(e, &channel), bps));
+                }),
+            );
+        }
+        while let Ok((status, bps)) = status_rx.try_recv() {
+            eprint!("\r\x1b[2K{}", status_line(&status, bps));
+        }
         match events.recv_timeout(Duration::from_millis(100)) {
             Ok(NodeEvent::Connected { .. }) => connected = true,
-            Ok(NodeEvent::Chunk { payload, .. }) => {
-                let written = payload
-                    .parts()
-                    .iter()
-                    .try_for_each(|part| out.write_all(part))
-                    .and_then(|()| out.flush());
-                if let Err(e) = written {
+            Ok(NodeEvent::StreamHeader { header, .. }) => sink.header(header.data),
+            Ok(NodeEvent::Chunk { flags, payload, .. }) => {
+                bytes_since += payload.len() as u64;
+                if let Err(e) = sink.chunk(flags, payload.to_bytes()) {
                     // A player that quits closes the pipe: that ends playback, not an error.
                     if e.kind() == io::ErrorKind::BrokenPipe {
                         break Ok(());
@@ -566,6 +819,53 @@ pub fn play(config: &PlayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
             Err(RecvTimeoutError::Disconnected) => break Err(anyhow::anyhow!("the node stopped")),
         }
     };
+    if config.status {
+        eprintln!();
+    }
     node.stop()?;
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_parse_with_suffixes() {
+        assert_eq!(parse_rate("0"), Ok(0));
+        assert_eq!(parse_rate("2M"), Ok(2_000_000));
+        assert_eq!(parse_rate("1.5m"), Ok(1_500_000));
+        assert_eq!(parse_rate("500k"), Ok(500_000));
+        assert_eq!(parse_rate("64000"), Ok(64_000));
+        assert!(parse_rate("fast").is_err());
+        assert!(parse_rate("-1").is_err());
+        assert!(parse_rate("").is_err());
+    }
+
+    #[test]
+    fn outputs_and_inputs_parse() {
+        assert_eq!("-".parse(), Ok(Output::Stdout));
+        assert_eq!(
+            "http://127.0.0.1:8080/".parse(),
+            Ok(Output::Http("127.0.0.1:8080".parse().unwrap()))
+        );
+        assert_eq!("show.ts".parse(), Ok(Output::File("show.ts".into())));
+        assert!("http://nowhere".parse::<Output>().is_err());
+        assert!("rtmp://x".parse::<Output>().is_err());
+        assert_eq!(
+            "icecast://0.0.0.0:8000/live.ogg".parse(),
+            Ok(Input::Icecast {
+                addr: "0.0.0.0:8000".parse().unwrap(),
+                mount: "/live.ogg".into()
+            })
+        );
+        assert_eq!(
+            "icecast://127.0.0.1:8000".parse::<Input>().map(|i| match i {
+                Input::Icecast { mount, .. } => mount,
+                _ => String::new(),
+            }),
+            Ok("/".to_owned())
+        );
+        assert!("icecast://source:pw@127.0.0.1:8000/x".parse::<Input>().is_err());
+    }
 }

@@ -43,6 +43,11 @@ impl ChunkPublisher {
         }
     }
 
+    /// The signing key (for what else the source signs, such as stream headers).
+    pub fn key(&self) -> &ChannelKey {
+        &self.key
+    }
+
     /// The channel published.
     pub fn channel(&self) -> ChannelId {
         self.channel

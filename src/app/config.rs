@@ -1,0 +1,400 @@
+//! One settings struct per role, filled from the command line, the environment and a TOML file.
+//!
+//! Each role's `*Args` struct is at once its clap arguments and its config-file schema: every
+//! setting has the same name in both (`--max-upload` is `max_upload`). A setting given on the
+//! command line wins over its environment variable, which wins over the file, which wins over
+//! the built-in default. An unknown key or a bad value in the file is an error that names it,
+//! with its line.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::Deserialize;
+
+use super::link::ChannelLink;
+use super::roles::{BroadcastConfig, Input, Output, PlayConfig, RelayConfig, parse_rate};
+use crate::driver::IoBackend;
+
+/// A rate in bits per second; on the command line and in files a number with an optional `k`,
+/// `M` or `G` suffix (`"2M"`), or a plain integer in files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rate(pub u64);
+
+impl std::str::FromStr for Rate {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        parse_rate(s).map(Self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Rate {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Number(n) => Ok(Self(n)),
+            Raw::Text(t) => t.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Types that read from a string in config files exactly as on the command line.
+macro_rules! deserialize_from_str {
+    ($($t:ty),*) => {$(
+        impl<'de> Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let text = String::deserialize(d)?;
+                text.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    )*};
+}
+deserialize_from_str!(Input, Output, ChannelLink, IoBackend);
+
+/// Reads a role's TOML file; unknown keys and bad values are errors naming the file and key.
+fn load<T: for<'de> Deserialize<'de> + Default>(path: Option<&Path>) -> anyhow::Result<T> {
+    let Some(path) = path else {
+        return Ok(T::default());
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    toml::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("config file {}: {}", path.display(), e.to_string().trim()))
+}
+
+/// `gridcast broadcast` settings.
+#[derive(Debug, Default, Deserialize, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct BroadcastArgs {
+    /// A TOML file with any of these settings (keys as the long options, with _ for -).
+    #[arg(long, env = "GRIDCAST_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// The channel key file (from `gridcast keygen`).
+    #[arg(long, env = "GRIDCAST_KEY")]
+    pub key: Option<PathBuf>,
+    /// -, a file path, tcp://host:port, udp://host:port or icecast://host:port/mount
+    /// [default: -].
+    #[arg(long)]
+    pub input: Option<Input>,
+    /// Pace a file input at this many bits per second, like 2M (default: as fast as read).
+    #[arg(long)]
+    pub rate: Option<Rate>,
+    /// UDP address to serve supernodes on [default: 0.0.0.0:4433].
+    #[arg(long, env = "GRIDCAST_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Seconds to keep serving after the input ends [default: 5].
+    #[arg(long)]
+    pub linger: Option<u64>,
+    /// The password icecast:// encoders must give (any user name).
+    #[arg(long, env = "GRIDCAST_SOURCE_PASSWORD", hide_env_values = true)]
+    pub source_password: Option<String>,
+    /// auto, uring or portable [default: auto].
+    #[arg(long, env = "GRIDCAST_IO_BACKEND")]
+    pub io_backend: Option<IoBackend>,
+}
+
+impl BroadcastArgs {
+    /// The settings, with the config file under the command line and environment.
+    pub fn resolve(self) -> anyhow::Result<BroadcastConfig> {
+        let file: Self = load(self.config.as_deref())?;
+        let key = self
+            .key
+            .or(file.key)
+            .context("no channel key: give --key, GRIDCAST_KEY or `key` in the config file")?;
+        let rate = self.rate.or(file.rate).map(|r| r.0);
+        let input = match (self.input.or(file.input).unwrap_or(Input::Stdin), rate) {
+            (Input::File { path, .. }, rate) => Input::File {
+                path,
+                rate_bps: rate,
+            },
+            (_, Some(_)) => anyhow::bail!("rate paces a file input only"),
+            (input, None) => input,
+        };
+        Ok(BroadcastConfig {
+            key,
+            input,
+            listen: self
+                .listen
+                .or(file.listen)
+                .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 4433))),
+            linger: Duration::from_secs(self.linger.or(file.linger).unwrap_or(5)),
+            source_password: self.source_password.or(file.source_password),
+            backend: self.io_backend.or(file.io_backend).unwrap_or_default(),
+        })
+    }
+}
+
+/// `gridcast relay` settings.
+#[derive(Debug, Default, Deserialize, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct RelayArgs {
+    /// A TOML file with any of these settings (keys as the long options, with _ for -).
+    #[arg(long, env = "GRIDCAST_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// A channel link to carry (repeat for more). The relay carries these channels and no
+    /// other.
+    #[arg(long)]
+    #[serde(default)]
+    pub join: Vec<ChannelLink>,
+    /// UDP address to serve on [default: 0.0.0.0:4434].
+    #[arg(long, env = "GRIDCAST_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// io_uring worker threads [default: one per core].
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Node key file, created if missing, so the node id survives restarts.
+    #[arg(long, env = "GRIDCAST_NODE_KEY")]
+    pub node_key: Option<PathBuf>,
+    /// Most bits per second sent to subscribers, like 500M [default: no limit].
+    #[arg(long)]
+    pub max_upload: Option<Rate>,
+    /// Most connections at once; more are refused [default: no limit].
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// Most subscriptions at once; more are turned away with a go-away [default: no limit].
+    #[arg(long)]
+    pub max_subscribers: Option<usize>,
+    /// Seconds a drain (SIGTERM, SIGINT) may take before the relay exits [default: 10].
+    #[arg(long)]
+    pub drain_timeout: Option<u64>,
+    /// auto, uring or portable [default: auto].
+    #[arg(long, env = "GRIDCAST_IO_BACKEND")]
+    pub io_backend: Option<IoBackend>,
+}
+
+impl RelayArgs {
+    /// The settings, with the config file under the command line and environment.
+    pub fn resolve(self) -> anyhow::Result<RelayConfig> {
+        let file: Self = load(self.config.as_deref())?;
+        let join = if self.join.is_empty() {
+            file.join
+        } else {
+            self.join
+        };
+        if join.is_empty() {
+            anyhow::bail!(
+                "nothing to carry: give --join <channel link> or `join = [...]` in the config file"
+            );
+        }
+        let workers = self
+            .workers
+            .or(file.workers)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
+        if workers == 0 || workers > 256 {
+            anyhow::bail!("workers must be between 1 and 256, not {workers}");
+        }
+        Ok(RelayConfig {
+            listen: self
+                .listen
+                .or(file.listen)
+                .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 4434))),
+            join,
+            workers,
+            node_key: self.node_key.or(file.node_key),
+            max_upload_bps: self.max_upload.or(file.max_upload).map(|r| r.0),
+            max_connections: self.max_connections.or(file.max_connections),
+            max_subscribers: self.max_subscribers.or(file.max_subscribers),
+            drain_timeout: Duration::from_secs(
+                self.drain_timeout.or(file.drain_timeout).unwrap_or(10),
+            ),
+            backend: self.io_backend.or(file.io_backend).unwrap_or_default(),
+        })
+    }
+}
+
+/// `gridcast play` settings.
+#[derive(Debug, Default, Deserialize, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct PlayArgs {
+    /// A TOML file with any of these settings (keys as the long options, with _ for -).
+    #[arg(long, env = "GRIDCAST_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// The channel link.
+    pub link: Option<ChannelLink>,
+    /// - (stdout), a file path, or http://127.0.0.1:port/ to serve local players [default: -].
+    #[arg(long, short)]
+    pub output: Option<Output>,
+    /// Local UDP address [default: 0.0.0.0:0].
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Seconds to wait for any node of the link to answer [default: 10].
+    #[arg(long)]
+    pub connect_timeout: Option<u64>,
+    /// Most bits per second relayed to other peers, like 1M; 0 relays nothing
+    /// [default: no cap].
+    #[arg(long)]
+    pub upload: Option<Rate>,
+    /// No live status line (it is shown only when stderr is a terminal anyway).
+    #[arg(long)]
+    #[serde(default)]
+    pub no_status: bool,
+    /// auto, uring or portable [default: auto].
+    #[arg(long, env = "GRIDCAST_IO_BACKEND")]
+    pub io_backend: Option<IoBackend>,
+}
+
+impl PlayArgs {
+    /// The settings, with the config file under the command line and environment.
+    pub fn resolve(self) -> anyhow::Result<PlayConfig> {
+        use std::io::IsTerminal;
+        let file: Self = load(self.config.as_deref())?;
+        let link = self
+            .link
+            .or(file.link)
+            .context("no channel link: give one, or `link` in the config file")?;
+        Ok(PlayConfig {
+            link,
+            output: self.output.or(file.output).unwrap_or(Output::Stdout),
+            listen: self
+                .listen
+                .or(file.listen)
+                .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
+            backend: self.io_backend.or(file.io_backend).unwrap_or_default(),
+            connect_timeout: Duration::from_secs(
+                self.connect_timeout.or(file.connect_timeout).unwrap_or(10),
+            ),
+            upload_bps: self.upload.or(file.upload).map(|r| r.0),
+            status: !(self.no_status || file.no_status) && std::io::stderr().is_terminal(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct TempFile(tempfile::NamedTempFile);
+
+    impl TempFile {
+        fn path(&self) -> PathBuf {
+            self.0.path().to_owned()
+        }
+    }
+
+    fn write(text: &str) -> TempFile {
+        let f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+        std::fs::write(f.path(), text).unwrap();
+        TempFile(f)
+    }
+
+    fn link() -> String {
+        let channel = crate::keys::ChannelKey::from_seed(&[5; 32]).channel_id();
+        let node = crate::keys::NodeKey::generate().unwrap().node_id();
+        ChannelLink::single(channel, "127.0.0.1:4433".parse().unwrap(), node).to_string()
+    }
+
+    #[test]
+    fn relay_file_settings_sit_under_the_command_line() {
+        let f = write(&format!(
+            "join = [\"{}\"]\nlisten = \"127.0.0.1:5000\"\nworkers = 3\n\
+             max_upload = \"200M\"\nmax_connections = 100\ndrain_timeout = 4\n",
+            link()
+        ));
+        let args = RelayArgs {
+            config: Some(f.path()),
+            workers: Some(2),
+            ..Default::default()
+        };
+        let config = args.resolve().unwrap();
+        assert_eq!(config.listen, "127.0.0.1:5000".parse().unwrap());
+        assert_eq!(config.workers, 2);
+        assert_eq!(config.join.len(), 1);
+        assert_eq!(config.max_upload_bps, Some(200_000_000));
+        assert_eq!(config.max_connections, Some(100));
+        assert_eq!(config.max_subscribers, None);
+        assert_eq!(config.drain_timeout, Duration::from_secs(4));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        let f = write("lisen = \"127.0.0.1:5000\"\n");
+        let err = RelayArgs {
+            config: Some(f.path()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("unknown field `lisen`"), "{err}");
+        assert!(err.contains(&f.path().display().to_string()), "{err}");
+        let f = write("listen = \"nowhere\"\n");
+        let err = RelayArgs {
+            config: Some(f.path()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("listen"), "{err}");
+        let f = write("upload = \"fast\"\n");
+        let err = PlayArgs {
+            config: Some(f.path()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("upload") && err.contains("fast"), "{err}");
+        let f = write("\u{0}\u{1}garbage[[[\n");
+        let err = BroadcastArgs {
+            config: Some(f.path()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("config file"), "{err}");
+        let missing = BroadcastArgs {
+            config: Some("/nonexistent/gridcast.toml".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(format!("{missing:#}").contains("/nonexistent/gridcast.toml"));
+    }
+
+    #[test]
+    fn broadcast_and_play_resolve_with_defaults() {
+        let f = write(
+            "key = \"channel.key\"\ninput = \"icecast://127.0.0.1:8000/live\"\n\
+             source_password = \"pw\"\n",
+        );
+        let b = BroadcastArgs {
+            config: Some(f.path()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(b.source_password.as_deref(), Some("pw"));
+        assert!(matches!(b.input, Input::Icecast { .. }));
+        assert_eq!(b.listen.port(), 4433);
+        assert!(
+            BroadcastArgs::default()
+                .resolve()
+                .unwrap_err()
+                .to_string()
+                .contains("no channel key")
+        );
+        let f = write(&format!(
+            "link = \"{}\"\nupload = 0\noutput = \"http://127.0.0.1:0\"\n",
+            link()
+        ));
+        let p = PlayArgs {
+            config: Some(f.path()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(p.upload_bps, Some(0));
+        assert!(matches!(p.output, Output::Http(_)));
+    }
+}
