@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-
 use gridcast::app::{config, demo, roles};
 use gridcast::driver::{self, Chosen, IoBackend};
 use gridcast::keys::ChannelKey;

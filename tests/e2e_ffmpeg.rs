@@ -234,3 +234,206 @@ fn a_relay_stopped_by_sigterm_costs_the_players_nothing() {
         run(Fault::Term, tempfile::tempdir().unwrap().path());
     }
 }
+
+/// Starts a gridcast process and returns it with the first line it prints on stdout.
+fn spawn_with_line(mut cmd: Command) -> (Child, String) {
+    let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    (child, line.trim().to_owned())
+}
+
+/// An HTTP player: GETs `url` and keeps the response until the server closes it.
+fn http_player(url: &str) -> thread::JoinHandle<(String, Vec<u8>)> {
+    let addr = url
+        .strip_prefix("http://")
+        .unwrap()
+        .trim_end_matches('/')
+        .to_owned();
+    thread::spawn(move || {
+        let mut conn = std::net::TcpStream::connect(&addr).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        conn.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nIcy-MetaData: 0\r\n\r\n")
+            .unwrap();
+        let mut all = Vec::new();
+        let _ = conn.read_to_end(&mut all);
+        let split = all
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("an HTTP response head");
+        let head = String::from_utf8_lossy(&all[..split]).into_owned();
+        (head, all[split + 4..].to_vec())
+    })
+}
+
+/// The leading Ogg pages whose granule position is 0: the stream header.
+fn ogg_header_len(ogg: &[u8]) -> usize {
+    let mut at = 0;
+    while ogg.len() >= at + 27 && &ogg[at..at + 4] == b"OggS" {
+        let granule = u64::from_le_bytes(ogg[at + 6..at + 14].try_into().unwrap());
+        if granule != 0 {
+            break;
+        }
+        let segments = ogg[at + 26] as usize;
+        let body: usize = ogg[at + 27..at + 27 + segments]
+            .iter()
+            .map(|&s| s as usize)
+            .sum();
+        at += 27 + segments + body;
+    }
+    at
+}
+
+fn decodes_cleanly(path: &Path) {
+    let decode = Command::new("ffmpeg")
+        .args(["-v", "error", "-i"])
+        .arg(path)
+        .args(["-f", "null", "-"])
+        .output()
+        .unwrap();
+    let errors = String::from_utf8_lossy(&decode.stderr);
+    assert!(
+        decode.status.success() && errors.trim().is_empty(),
+        "{}: {errors}",
+        path.display()
+    );
+}
+
+#[test]
+fn an_icecast_push_reaches_http_players_and_late_ones_get_the_header_first() {
+    if !have_ffmpeg() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("channel.key");
+    assert!(
+        gridcast(&["keygen", "--out", key.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mount = format!("icecast://127.0.0.1:{port}/radio.ogg");
+    let mut source = gridcast(&[
+        "broadcast",
+        "--key",
+        key.to_str().unwrap(),
+        "--input",
+        &mount,
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    source.env("GRIDCAST_SOURCE_PASSWORD", "hackme");
+    let (mut source, source_link) = spawn_with_link(source);
+    // Two workers: the stream header must reach the subscribers of both.
+    let (mut relay, relay_link) = spawn_with_link(gridcast(&[
+        "relay",
+        "--join",
+        &source_link,
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+    ]));
+    let play =
+        |link: &str| spawn_with_line(gridcast(&["play", link, "--output", "http://127.0.0.1:0/"]));
+    // Peer A plays from before the first byte: its header comes in-band.
+    let (mut peer_a, url_a) = play(&relay_link);
+    assert!(url_a.starts_with("http://127.0.0.1:"), "{url_a}");
+    let early = http_player(&url_a);
+    // A wrong password is refused, and the right one streams.
+    let refused = Command::new("ffmpeg")
+        .args(["-v", "quiet", "-f", "lavfi", "-i", "sine=duration=1"])
+        .args(["-c:a", "libvorbis", "-f", "ogg"])
+        .arg(format!("icecast://source:wrong@127.0.0.1:{port}/radio.ogg"))
+        .status()
+        .unwrap();
+    assert!(!refused.success(), "a wrong source password was accepted");
+    let mut ffmpeg = Command::new("ffmpeg")
+        .args(["-v", "error", "-re", "-f", "lavfi", "-i"])
+        .arg(format!("sine=frequency=440:duration={STREAM_SECS}"))
+        .args([
+            "-c:a",
+            "libvorbis",
+            "-content_type",
+            "audio/ogg",
+            "-f",
+            "ogg",
+        ])
+        .arg(format!(
+            "icecast://source:hackme@127.0.0.1:{port}/radio.ogg"
+        ))
+        .spawn()
+        .unwrap();
+    thread::sleep(Duration::from_secs(STREAM_SECS / 2));
+    // A late player on peer A (the header from peer A's memory) and a late peer B (the
+    // header from the channel information).
+    let late_a = http_player(&url_a);
+    let (mut peer_b, url_b) = play(&relay_link);
+    let late_b = http_player(&url_b);
+    assert!(ffmpeg.wait().unwrap().success(), "ffmpeg push failed");
+    thread::sleep(Duration::from_secs(3));
+    for p in [&peer_a, &peer_b] {
+        signal(p, "-TERM");
+    }
+    for p in [&mut peer_a, &mut peer_b] {
+        assert!(p.wait().unwrap().success(), "play failed");
+    }
+    for c in [&mut source, &mut relay] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let (head, early) = early.join().unwrap();
+    assert!(head.starts_with("HTTP/1.0 200"), "{head}");
+    assert!(head.contains("Content-Type: audio/ogg"), "{head}");
+    let header_len = ogg_header_len(&early);
+    assert!(
+        header_len > 0,
+        "no Ogg header at the start of the early player's stream"
+    );
+    let header = &early[..header_len];
+    for (name, player) in [("late on peer A", late_a), ("late on peer B", late_b)] {
+        let (head, body) = player.join().unwrap();
+        assert!(head.contains("Content-Type: audio/ogg"), "{name}: {head}");
+        assert!(
+            body.len() > header_len + 4096,
+            "{name}: only {} bytes",
+            body.len()
+        );
+        assert_eq!(&body[..header_len], header, "{name}: header not first");
+        // After the header: a byte-exact run of the early player's stream, starting on a
+        // page.
+        let rest = &body[header_len..];
+        assert_eq!(&rest[..4], b"OggS", "{name}: does not start on a page");
+        let probe = &rest[..rest.len().min(4096)];
+        let at = early
+            .windows(probe.len())
+            .position(|w| w == probe)
+            .unwrap_or_else(|| panic!("{name}: its data is not the early player's"));
+        let overlap = rest.len().min(early.len() - at);
+        assert_eq!(
+            &rest[..overlap],
+            &early[at..at + overlap],
+            "{name}: differs"
+        );
+        let file = dir.path().join(format!("{}.ogg", name.replace(' ', "-")));
+        std::fs::write(&file, &body).unwrap();
+        decodes_cleanly(&file);
+        println!(
+            "{name}: {} bytes, header {header_len} bytes first, joined at byte {at} of {}",
+            body.len(),
+            early.len()
+        );
+    }
+    let file = dir.path().join("early.ogg");
+    std::fs::write(&file, &early).unwrap();
+    decodes_cleanly(&file);
+}

@@ -535,8 +535,16 @@ fn stream_headers_reach_late_joiners_and_forged_ones_are_refused() {
     let second = SignedStreamHeader::sign(&key, 2, bytes::Bytes::from_static(b"OggS second"));
     let now = grid.sim.now();
     let engine = &mut grid.sim.node_mut(source).engine;
-    assert!(engine.set_stream_header(now, channel, second.clone()).unwrap());
-    assert!(!engine.set_stream_header(now, channel, first.clone()).unwrap());
+    assert!(
+        engine
+            .set_stream_header(now, channel, second.clone())
+            .unwrap()
+    );
+    assert!(
+        !engine
+            .set_stream_header(now, channel, first.clone())
+            .unwrap()
+    );
     grid.run(Duration::from_secs(2));
     for (i, played) in grid.played.iter().enumerate() {
         assert_eq!(played.headers.last(), Some(&second), "peer {i}");

@@ -32,9 +32,9 @@ pub struct SourceEndpoint {
 /// Accepts encoders on `listener` and passes each one's stream bytes to `tx`, until nobody
 /// listens on `tx` any more.
 pub(crate) fn serve(
-    listener: TcpListener,
+    listener: &TcpListener,
     endpoint: SourceEndpoint,
-    tx: SyncSender<io::Result<Vec<u8>>>,
+    tx: &SyncSender<io::Result<Vec<u8>>>,
 ) {
     let endpoint = Arc::new(endpoint);
     let busy = Arc::new(AtomicBool::new(false));
@@ -220,7 +220,8 @@ mod tests {
         let ok = "PUT /live HTTP/1.1\r\nAuthorization: Basic c291cmNlOmhhY2ttZQ==\r\n\
                   Expect: 100-continue\r\nContent-Type: audio/ogg\r\n\r\n";
         assert_eq!(check(ok, &endpoint()), Ok(true));
-        let legacy = "SOURCE /live?x=1 HTTP/1.0\r\nauthorization: Basic c291cmNlOmhhY2ttZQ==\r\n\r\n";
+        let legacy =
+            "SOURCE /live?x=1 HTTP/1.0\r\nauthorization: Basic c291cmNlOmhhY2ttZQ==\r\n\r\n";
         assert_eq!(check(legacy, &endpoint()), Ok(false));
         let wrong = "PUT /live HTTP/1.1\r\nAuthorization: Basic c291cmNlOmhhY2ttZg==\r\n\r\n";
         assert_eq!(check(wrong, &endpoint()), Err(Refusal::Auth));

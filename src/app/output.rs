@@ -171,10 +171,10 @@ impl HttpOutput {
     }
 
     /// Passes one chunk to every player, dropping those that fell too far behind.
-    pub fn chunk(&self, flags: ChunkFlags, chunk: Bytes) {
+    pub fn chunk(&self, flags: ChunkFlags, chunk: &Bytes) {
         let mut hub = self.lock();
         if hub.content_type.is_none() {
-            hub.content_type = Some(sniff_content_type(&chunk));
+            hub.content_type = Some(sniff_content_type(chunk));
         }
         if flags.contains(ChunkFlags::STREAM_HEADER) {
             hub.header = Some(chunk.clone());
@@ -230,7 +230,11 @@ fn serve_player_inner(hub: &Mutex<Hub>, mut conn: TcpStream) -> io::Result<()> {
     // Wait for the first chunk, so the content type is known.
     let mut waited = Duration::ZERO;
     let content_type = loop {
-        if let Some(ct) = hub.lock().unwrap_or_else(PoisonError::into_inner).content_type {
+        if let Some(ct) = hub
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .content_type
+        {
             break ct;
         }
         if waited >= FIRST_CHUNK_WAIT {
@@ -367,9 +371,9 @@ mod tests {
     #[test]
     fn http_players_get_the_header_and_start_at_random_access() {
         let out = HttpOutput::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        out.chunk(HDR, b("OggS-header|"));
-        out.chunk(RA, b("a|"));
-        out.chunk(ChunkFlags::empty(), b("b|"));
+        out.chunk(HDR, &b("OggS-header|"));
+        out.chunk(RA, &b("a|"));
+        out.chunk(ChunkFlags::empty(), &b("b|"));
         let get = |out: &HttpOutput| {
             let mut c = TcpStream::connect(out.local_addr()).unwrap();
             c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -385,8 +389,8 @@ mod tests {
             thread::sleep(Duration::from_millis(10));
         }
         assert_eq!(out.players(), 1);
-        out.chunk(ChunkFlags::empty(), b("c|"));
-        out.chunk(RA, b("d|"));
+        out.chunk(ChunkFlags::empty(), &b("c|"));
+        out.chunk(RA, &b("d|"));
         let mut late = get(&out);
         for _ in 0..200 {
             if out.players() == 2 {
@@ -394,7 +398,7 @@ mod tests {
             }
             thread::sleep(Duration::from_millis(10));
         }
-        out.chunk(ChunkFlags::empty(), b("e|"));
+        out.chunk(ChunkFlags::empty(), &b("e|"));
         drop(out);
         let read_upto = |c: &mut TcpStream, end: &str| {
             let mut got = Vec::new();
@@ -409,7 +413,10 @@ mod tests {
         let early = read_upto(&mut early, "e|");
         let late = read_upto(&mut late, "e|");
         assert!(early.starts_with("HTTP/1.0 200 OK\r\n"), "{early}");
-        assert!(early.contains("Content-Type: application/ogg\r\n"), "{early}");
+        assert!(
+            early.contains("Content-Type: application/ogg\r\n"),
+            "{early}"
+        );
         let body = |s: &str| s.split("\r\n\r\n").nth(1).unwrap().to_owned();
         assert_eq!(body(&early), "OggS-header|a|b|c|d|e|");
         assert_eq!(body(&late), "OggS-header|d|e|");

@@ -179,7 +179,9 @@ pub fn parse_rate(s: &str) -> Result<u64, String> {
         .parse()
         .map_err(|_| format!("{s:?} is not a rate in bits per second (like 2M or 500k)"))?;
     if !n.is_finite() || n < 0.0 || n * scale > 1e12 {
-        return Err(format!("{s:?} is not a rate between 0 and 1T bits per second"));
+        return Err(format!(
+            "{s:?} is not a rate between 0 and 1T bits per second"
+        ));
     }
     Ok((n * scale).round() as u64)
 }
@@ -279,6 +281,7 @@ impl<'a> Publishing<'a> {
 
     /// Publishes every closed chunk and then every captured stream header (so the header's
     /// own chunk, which fixes the coding parameters, goes first); `each` sees each chunk first.
+    #[allow(clippy::disallowed_methods)] // header serials follow the wall clock
     pub(crate) fn drain(
         &mut self,
         chunker: &mut Chunker,
@@ -347,12 +350,14 @@ fn read_input(
         Input::Icecast { addr, mount } => {
             let password = source_password
                 .filter(|p| !p.is_empty())
-                .context("an icecast:// input needs --source-password (or GRIDCAST_SOURCE_PASSWORD)")?
+                .context(
+                    "an icecast:// input needs --source-password (or GRIDCAST_SOURCE_PASSWORD)",
+                )?
                 .to_owned();
             let listener = TcpListener::bind(addr)
                 .with_context(|| format!("cannot listen for icecast sources on {addr}"))?;
             let endpoint = SourceEndpoint { mount, password };
-            thread::spawn(move || icecast::serve(listener, endpoint, tx));
+            thread::spawn(move || icecast::serve(&listener, endpoint, &tx));
         }
         Input::Stdin => spawn_reader(tx, io::stdin(), None),
         Input::File { path, rate_bps } => {
@@ -677,7 +682,7 @@ impl Sink {
                 out.flush()
             }
             Self::Http(http) => {
-                http.chunk(flags, payload);
+                http.chunk(flags, &payload);
                 Ok(())
             }
         }
@@ -860,12 +865,18 @@ mod tests {
             })
         );
         assert_eq!(
-            "icecast://127.0.0.1:8000".parse::<Input>().map(|i| match i {
-                Input::Icecast { mount, .. } => mount,
-                _ => String::new(),
-            }),
+            "icecast://127.0.0.1:8000"
+                .parse::<Input>()
+                .map(|i| match i {
+                    Input::Icecast { mount, .. } => mount,
+                    _ => String::new(),
+                }),
             Ok("/".to_owned())
         );
-        assert!("icecast://source:pw@127.0.0.1:8000/x".parse::<Input>().is_err());
+        assert!(
+            "icecast://source:pw@127.0.0.1:8000/x"
+                .parse::<Input>()
+                .is_err()
+        );
     }
 }

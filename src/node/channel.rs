@@ -17,11 +17,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::keys::ChannelId;
-use crate::wire::SignedStreamHeader;
 use crate::stream::{
     ChunkFlags, CodedChunk, CodingParams, HeaderVerifier, Inserted, PartialChunk, Payload,
     ShardCoder, ShardError, SignedChunkHeader,
 };
+use crate::wire::SignedStreamHeader;
 
 /// What this node does with a channel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -842,7 +842,10 @@ mod tests {
                 ChunkFlags::RANDOM_ACCESS | ChunkFlags::END_OF_STREAM
             ]
         );
-        assert_eq!(all.iter().map(|c| c.payload.len()).sum::<usize>(), input.len());
+        assert_eq!(
+            all.iter().map(|c| c.payload.len()).sum::<usize>(),
+            input.len()
+        );
         assert_eq!(again.stats().stream_headers, 2);
     }
 
@@ -891,7 +894,12 @@ mod tests {
         let lens: Vec<_> = all.iter().map(|c| c.payload.len()).collect();
         assert_eq!(
             lens,
-            [init.len(), 1000 - init.len(), frag1.len() - (1000 - init.len()), frag2.len()]
+            [
+                init.len(),
+                1000 - init.len(),
+                frag1.len() - (1000 - init.len()),
+                frag2.len()
+            ]
         );
         assert_eq!(all[0].flags, ChunkFlags::STREAM_HEADER);
         assert!(all[1].flags.contains(ChunkFlags::RANDOM_ACCESS));
@@ -905,7 +913,10 @@ mod tests {
         bad.finish(t0);
         assert_eq!(bad.format(), Some(InputFormat::Opaque));
         assert_eq!(bad.stats().resyncs, 1);
-        let joined: Vec<u8> = drain(&mut bad).iter().flat_map(|c| c.payload.to_vec()).collect();
+        let joined: Vec<u8> = drain(&mut bad)
+            .iter()
+            .flat_map(|c| c.payload.to_vec())
+            .collect();
         assert_eq!(joined, input);
     }
 }

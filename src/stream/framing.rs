@@ -173,7 +173,7 @@ pub(super) mod tests {
         assert_eq!(ogg_page(&audio[..OGG_FIXED_HEADER + 1]), Unit::Incomplete);
         assert_eq!(ogg_page(b"Og"), Unit::Incomplete);
         assert_eq!(ogg_page(b"Oxx"), Unit::Invalid);
-        let mut bad = audio.clone();
+        let mut bad = audio;
         bad[5] = 0x80;
         assert_eq!(ogg_page(&bad), Unit::Invalid);
     }
@@ -196,8 +196,14 @@ pub(super) mod tests {
         assert_eq!(mp4_box(&large), Unit::Incomplete);
         large.extend_from_slice(&(1u64 << 33).to_be_bytes());
         assert!(matches!(mp4_box(&large), Unit::Found(i) if i.len == 1 << 33));
-        assert_eq!(mp4_box(&[0, 0, 0, 0, b'm', b'd', b'a', b't']), Unit::Invalid);
-        assert_eq!(mp4_box(&[0, 0, 0, 4, b'm', b'd', b'a', b't']), Unit::Invalid);
+        assert_eq!(
+            mp4_box(&[0, 0, 0, 0, b'm', b'd', b'a', b't']),
+            Unit::Invalid
+        );
+        assert_eq!(
+            mp4_box(&[0, 0, 0, 4, b'm', b'd', b'a', b't']),
+            Unit::Invalid
+        );
         assert_eq!(mp4_box(&[0, 0, 0, 9, 0xff, 0, 1, 2]), Unit::Invalid);
         assert_eq!(mp4_box(&[0, 0, 0]), Unit::Incomplete);
     }
