@@ -540,11 +540,7 @@ fn stream_headers_reach_late_joiners_and_forged_ones_are_refused() {
             .set_stream_header(now, channel, second.clone())
             .unwrap()
     );
-    assert!(
-        !engine
-            .set_stream_header(now, channel, first.clone())
-            .unwrap()
-    );
+    assert!(!engine.set_stream_header(now, channel, first).unwrap());
     grid.run(Duration::from_secs(2));
     for (i, played) in grid.played.iter().enumerate() {
         assert_eq!(played.headers.last(), Some(&second), "peer {i}");
