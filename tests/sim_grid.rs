@@ -554,3 +554,75 @@ fn stream_headers_reach_late_joiners_and_forged_ones_are_refused() {
     }
     grid.assert_perfect("stream-headers");
 }
+
+#[test]
+fn a_draining_supernode_sends_its_children_away_before_it_stops() {
+    let mut grid = Grid::new(11, 4, Grid::relay_config);
+    grid.run(Duration::from_secs(2));
+    // Peers know supernodes 0..3; supernode 3 is named only in supernode 0's go-away.
+    let known: Vec<_> = (0..3).map(|i| grid.candidate(grid.supernodes[i])).collect();
+    for _ in 0..6 {
+        grid.add_policy_peer(EngineConfig::default(), known.clone());
+    }
+    let channel = grid.source.channel;
+    let spare = grid.candidate(grid.supernodes[3]);
+    let draining = grid.supernodes[0];
+    grid.sim
+        .node_mut(draining)
+        .engine
+        .set_alternatives(channel, vec![spare]);
+    grid.run(Duration::from_secs(6));
+    let before = grid.sim.node(draining).engine.served_subscriptions();
+    assert!(before >= 6, "supernode 0 serves every peer: {before}");
+    let now = grid.sim.now();
+    grid.sim.node_mut(draining).engine.drain(now);
+    grid.run(Duration::from_secs(2));
+    let engine = &grid.sim.node(draining).engine;
+    assert_eq!(engine.served_subscriptions(), 0, "children still attached");
+    assert_eq!(engine.stats().go_aways_sent as usize, before);
+    for &p in &grid.peers {
+        let engine = &grid.sim.node(p).engine;
+        assert_eq!(engine.stats().go_aways_received, 1);
+        assert_eq!(engine.upstream_status(&channel), Some((12, 3)));
+    }
+    // The alternative took children.
+    assert!(
+        grid.sim
+            .node(grid.supernodes[3])
+            .engine
+            .served_subscriptions()
+            > 0
+    );
+    // Then it exits; nobody notices.
+    grid.sim.kill(draining);
+    grid.run(Duration::from_secs(6));
+    grid.assert_perfect("drain");
+}
+
+#[test]
+fn connection_and_subscriber_limits_send_peers_elsewhere_without_a_gap() {
+    let mut grid = Grid::new(12, 4, |i| EngineConfig {
+        max_subscribers: (i == 0).then_some(4),
+        // The source's connection plus three peers.
+        max_connections: (i == 1).then_some(4),
+        ..Grid::relay_config(i)
+    });
+    grid.run(Duration::from_secs(2));
+    // Six peers want 18 parents; the four supernodes take 4 + 3 + 6 + 6.
+    grid.add_policy_peers(6, 0);
+    grid.run(Duration::from_secs(10));
+    let full = &grid.sim.node(grid.supernodes[0]).engine;
+    assert!(full.served_subscriptions() <= 4);
+    assert!(full.stats().subscriptions_turned_away >= 1);
+    let crowded = &grid.sim.node(grid.supernodes[1]).engine;
+    assert!(crowded.connection_count() <= 4);
+    assert!(crowded.stats().connections_refused >= 1);
+    let channel = grid.source.channel;
+    // Standby connections take slots too, so not every peer finds three parents; every one
+    // still draws at least K substreams from parents that took it.
+    for (i, &p) in grid.peers.iter().enumerate() {
+        let (held, parents) = grid.sim.node(p).engine.upstream_status(&channel).unwrap();
+        assert!(held >= 8 && parents >= 2, "peer {i}: {held} from {parents}");
+    }
+    grid.assert_perfect("limits");
+}

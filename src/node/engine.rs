@@ -50,8 +50,9 @@ use super::upstream::{
 use crate::keys::{ChannelId, NodeId, NodeKey};
 use crate::stream::{ChunkFlags, CodedChunk, CodingParams, Payload, ShardCoder, SignedChunkHeader};
 use crate::wire::{
-    ChannelInfo, DecodeError, Hello, Message, PROTOCOL_VERSION, Role, ShardFrame,
-    SignedStreamHeader, StartAt, Subscribe, SubstreamSet, encode_shard_frame_head,
+    ChannelInfo, DecodeError, GoAway, GoAwayReason, Hello, MAX_PARENTS, Message, PROTOCOL_VERSION,
+    ParentCandidate, Role, ShardFrame, SignedStreamHeader, StartAt, Subscribe, SubstreamSet,
+    encode_shard_frame_head,
 };
 
 /// QUIC application close codes.
@@ -101,6 +102,11 @@ pub struct EngineConfig {
     /// other peers sets its owner's cap here; a node that must upload nothing sets
     /// `serve: false` instead and accepts no subscribers at all.
     pub upload_cap: Option<u64>,
+    /// Most connections at once; more are refused at the handshake (`None`: no limit).
+    pub max_connections: Option<usize>,
+    /// Most subscriptions served at once; more are answered with a go-away naming the
+    /// alternatives (`None`: no limit).
+    pub max_subscribers: Option<usize>,
     /// Parent selection and failover for channels given candidates with
     /// [`Engine::set_upstream`].
     pub upstream: UpstreamConfig,
@@ -137,6 +143,8 @@ impl Default for EngineConfig {
             corrupt_outgoing_shards: false,
             upstream: UpstreamConfig::default(),
             upload_cap: None,
+            max_connections: None,
+            max_subscribers: None,
             worker: None,
             export_shards: false,
             mtu_discovery: true,
@@ -242,6 +250,31 @@ fn channel_info(ch: &Channel, params: CodingParams, corrupt: bool) -> Message {
     })
 }
 
+/// A go-away naming the alternatives for `channels` (each node once, at most the message's
+/// limit).
+fn go_away(
+    reason: GoAwayReason,
+    alternatives: &HashMap<ChannelId, Vec<Candidate>>,
+    channels: impl IntoIterator<Item = ChannelId>,
+) -> Message {
+    let mut list: Vec<ParentCandidate> = Vec::new();
+    for channel in channels {
+        for c in alternatives.get(&channel).into_iter().flatten() {
+            if list.len() < MAX_PARENTS && !list.iter().any(|p| p.node == c.node) {
+                list.push(ParentCandidate {
+                    node: c.node,
+                    addrs: vec![c.addr],
+                    load_permille: 0,
+                });
+            }
+        }
+    }
+    Message::GoAway(GoAway {
+        reason,
+        alternatives: list,
+    })
+}
+
 /// Counters for the whole node.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct EngineStats {
@@ -269,6 +302,14 @@ pub struct EngineStats {
     pub stream_bytes_copied: u64,
     /// Shards taken from sibling workers with [`Engine::import`].
     pub shards_imported: u64,
+    /// Incoming connections refused (connection limit, draining).
+    pub connections_refused: u64,
+    /// Subscriptions turned away with a go-away (subscriber limit, draining).
+    pub subscriptions_turned_away: u64,
+    /// Go-aways sent to subscribers by [`Engine::drain`].
+    pub go_aways_sent: u64,
+    /// Go-aways received from parents.
+    pub go_aways_received: u64,
 }
 
 /// A subscription a neighbour holds on us.
@@ -473,6 +514,10 @@ pub struct Engine {
     refused: HashSet<NodeId>,
     upstreams: HashMap<ChannelId, Upstream>,
     lost_conns: Vec<ConnectionHandle>,
+    /// Set by [`Engine::drain`]: subscribers are sent away and no new ones are taken.
+    draining: bool,
+    /// Per channel, other nodes that carry it, named in go-aways.
+    alternatives: HashMap<ChannelId, Vec<Candidate>>,
     reading: bool,
     upload_tokens: f64,
     upload_refilled: Option<Instant>,
@@ -544,6 +589,8 @@ impl Engine {
             refused: HashSet::new(),
             upstreams: HashMap::new(),
             lost_conns: Vec::new(),
+            draining: false,
+            alternatives: HashMap::new(),
             reading: true,
             upload_tokens,
             upload_refilled: None,
@@ -726,6 +773,40 @@ impl Engine {
             }
         }
         true
+    }
+
+    /// Other nodes that carry `channel`, named as alternatives in go-aways.
+    pub fn set_alternatives(&mut self, channel: ChannelId, nodes: Vec<Candidate>) {
+        self.alternatives.insert(channel, nodes);
+    }
+
+    /// Starts a graceful drain: every subscriber gets a go-away naming the alternatives, new
+    /// connections and subscriptions are refused, and serving goes on until the subscribers
+    /// have moved (watch [`Engine::served_subscriptions`]).
+    pub fn drain(&mut self, now: Instant) {
+        self.draining = true;
+        let mut per_conn: HashMap<ConnectionHandle, Vec<ChannelId>> = HashMap::new();
+        for (channel, listed) in &self.subscribers {
+            for &(handle, _) in listed {
+                let channels = per_conn.entry(handle).or_default();
+                if !channels.contains(channel) {
+                    channels.push(*channel);
+                }
+            }
+        }
+        for (handle, channels) in per_conn {
+            let go = go_away(GoAwayReason::Shutdown, &self.alternatives, channels);
+            if let Some(conn) = self.conns.get_mut(&handle) {
+                conn.send_control(&go);
+                self.stats.go_aways_sent += 1;
+            }
+        }
+        self.drive(now);
+    }
+
+    /// Subscriptions served now (a draining node is done when this reaches 0).
+    pub fn served_subscriptions(&self) -> usize {
+        self.subscribers.values().map(Vec::len).sum()
     }
 
     /// The settings this engine runs with.
@@ -1171,6 +1252,17 @@ impl Engine {
                     mark(&mut self.dirty, conn, handle);
                 }
             }
+            Some(DatagramEvent::NewConnection(incoming))
+                if self.draining
+                    || self
+                        .config
+                        .max_connections
+                        .is_some_and(|max| self.conns.len() >= max) =>
+            {
+                self.stats.connections_refused += 1;
+                let t = self.endpoint.refuse(incoming, &mut buf);
+                self.responses.push_back((t, buf));
+            }
             Some(DatagramEvent::NewConnection(incoming)) => {
                 match self.endpoint.accept(incoming, now, &mut buf, None) {
                     Ok((handle, quic)) => {
@@ -1455,6 +1547,24 @@ impl Engine {
                 let Some(channel) = self.channels.get(&sub.channel) else {
                     return;
                 };
+                let known = self
+                    .subscribers
+                    .get(&sub.channel)
+                    .is_some_and(|l| l.contains(&(handle, sub.sub)));
+                let full = self.config.max_subscribers.is_some_and(|max| {
+                    self.subscribers.values().map(Vec::len).sum::<usize>() >= max
+                });
+                if !known && (self.draining || full) {
+                    self.stats.subscriptions_turned_away += 1;
+                    let reason = if self.draining {
+                        GoAwayReason::Shutdown
+                    } else {
+                        GoAwayReason::Overloaded
+                    };
+                    let go = go_away(reason, &self.alternatives, [sub.channel]);
+                    conn.send_control(&go);
+                    return;
+                }
                 let listed = self.subscribers.entry(sub.channel).or_default();
                 if !listed.contains(&(handle, sub.sub)) {
                     listed.push((handle, sub.sub));
@@ -1546,10 +1656,34 @@ impl Engine {
                     self.upstream_fill(now, info.channel);
                 }
             }
-            Message::Have(_)
-            | Message::ParentQuery(_)
-            | Message::ParentAnswer(_)
-            | Message::GoAway(_) => {}
+            Message::GoAway(go) => {
+                // A parent leaving (or full): move off it now, while it still serves, rather
+                // than after it has gone; its alternatives become candidates.
+                self.stats.go_aways_received += 1;
+                let from = conn.node;
+                let channels: Vec<ChannelId> = conn.taken.values().copied().collect();
+                for channel in channels {
+                    if let Some(up) = self.upstreams.get_mut(&channel) {
+                        for alt in &go.alternatives {
+                            if Some(alt.node) != from
+                                && let Some(&addr) = alt.addrs.first()
+                                && !up.candidates.iter().any(|(c, _)| c.node == alt.node)
+                            {
+                                up.candidates.push((
+                                    Candidate {
+                                        addr,
+                                        node: alt.node,
+                                    },
+                                    Slot::Idle,
+                                ));
+                            }
+                        }
+                        up.next_check = Some(now);
+                    }
+                }
+                self.lost_conns.push(handle);
+            }
+            Message::Have(_) | Message::ParentQuery(_) | Message::ParentAnswer(_) => {}
             Message::Shard(_) => {
                 self.stats.protocol_errors += 1;
                 conn.close(now, close_code::PROTOCOL, "shard on the control stream");
