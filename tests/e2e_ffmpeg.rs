@@ -137,6 +137,10 @@ fn run(fault: Fault, dir: &Path) {
                 "127.0.0.1:0",
                 "--workers",
                 "2",
+                // Long enough that a relay waiting for it (children that never moved) fails
+                // the bound below.
+                "--drain-timeout",
+                "60",
             ]))
         })
         .collect();
@@ -163,6 +167,7 @@ fn run(fault: Fault, dir: &Path) {
         Fault::Kill => signal(&relays[0], "-KILL"),
         Fault::Term => signal(&relays[0], "-TERM"),
     }
+    let signalled = std::time::Instant::now();
     let reference = tee.join().unwrap();
     assert!(ffmpeg.wait().unwrap().success());
     assert!(source.wait().unwrap().success(), "broadcast failed");
@@ -173,6 +178,21 @@ fn run(fault: Fault, dir: &Path) {
     }
     for p in &mut peers {
         assert!(p.wait().unwrap().success(), "play failed");
+    }
+    if let Fault::Term = fault {
+        // The drained relay exits by itself once its children have moved, well before its
+        // 60 s drain deadline.
+        let status = loop {
+            if let Some(status) = relays[0].try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                signalled.elapsed() < Duration::from_secs(30),
+                "the relay sent SIGTERM has not finished draining"
+            );
+            thread::sleep(Duration::from_millis(100));
+        };
+        assert!(status.success(), "the drained relay failed: {status}");
     }
     for r in &mut relays {
         let _ = r.kill();

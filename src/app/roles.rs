@@ -572,20 +572,30 @@ pub fn relay(config: &RelayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
         &EngineConfig {
             role: Role::Supernode,
             serve: true,
+            // Limits are per node; each worker takes its share (steering spreads connections
+            // evenly over the workers).
+            upload_cap: config
+                .max_upload_bps
+                .map(|bps| (bps / 8).div_ceil(config.workers as u64)),
+            max_connections: config.max_connections.map(|m| m.div_ceil(config.workers)),
+            max_subscribers: config.max_subscribers.map(|m| m.div_ceil(config.workers)),
             ..Default::default()
         },
     )?;
     for link in &config.join {
         let channel = link.channel;
-        let upstream = link
-            .candidates()?
-            .into_iter()
-            .next()
-            .context("the link names no node")?;
+        let mut candidates = link.candidates()?.into_iter();
+        let upstream = candidates.next().context("the link names no node")?;
+        // The link's other nodes carry the channel too: a drain sends children there.
+        let alternatives: Vec<_> = candidates.filter(|c| c.node != key.node_id()).collect();
         for w in 0..node.workers() {
+            let alternatives = alternatives.clone();
             node.command(
                 w,
-                Box::new(move |e, _| e.add_channel(channel, ChannelMode::Relay)),
+                Box::new(move |e, _| {
+                    e.add_channel(channel, ChannelMode::Relay);
+                    e.set_alternatives(channel, alternatives);
+                }),
             );
         }
         // One worker draws the channel from upstream; its siblings get it by import.
@@ -630,9 +640,53 @@ pub fn relay(config: &RelayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
             Err(RecvTimeoutError::Disconnected) => break,
         }
     }
-    tracing::info!("stopping");
+    drain(&node, config.drain_timeout);
     node.stop()?;
     Ok(())
+}
+
+/// Sends every subscriber away and waits until all have moved or `timeout` passes.
+#[allow(clippy::disallowed_methods)] // the drain deadline reads the clock
+fn drain(node: &Node, timeout: Duration) {
+    let started = Instant::now();
+    let served = |node: &Node| {
+        let (tx, rx) = mpsc::channel();
+        let mut asked = 0;
+        for w in 0..node.workers() {
+            let tx = tx.clone();
+            if node.command(
+                w,
+                Box::new(move |e, _| {
+                    let _ = tx.send(e.served_subscriptions());
+                }),
+            ) {
+                asked += 1;
+            }
+        }
+        (0..asked)
+            // A worker that does not answer counts as still serving.
+            .map(|_| rx.recv_timeout(Duration::from_secs(1)).unwrap_or(1))
+            .sum::<usize>()
+    };
+    let before = served(node);
+    tracing::info!(subscriptions = before, deadline = ?timeout, "draining");
+    for w in 0..node.workers() {
+        node.command(w, Box::new(|e, now| e.drain(now)));
+    }
+    let mut left = before;
+    while left > 0 && started.elapsed() < timeout {
+        thread::sleep(Duration::from_millis(100));
+        left = served(node);
+    }
+    if left == 0 {
+        tracing::info!(moved = before, took = ?started.elapsed(), "drained; stopping");
+    } else {
+        tracing::warn!(
+            left,
+            moved = before - left,
+            "drain deadline passed; stopping"
+        );
+    }
 }
 
 /// Where a peer's chunks go.
