@@ -202,4 +202,32 @@ fn role_commands_name_bad_input() {
         &out,
         &format!("no node of the link answered within 2s: {port}"),
     );
+
+    // Config files: garbage, an unknown key, a bad value; each named with the file.
+    let garbage = dir.path().join("garbage.toml");
+    std::fs::write(&garbage, [0xff, 0x00, 0x13, b'[', b'[', 0x9c, b'\n']).unwrap();
+    let out = gridcast(&["relay", "--config", path_str(&garbage)]);
+    assert_clean_failure(&out, "garbage.toml");
+    let typo = dir.path().join("typo.toml");
+    std::fs::write(&typo, "max_uplaod = \"1M\"\n").unwrap();
+    let out = gridcast(&["relay", "--config", path_str(&typo)]);
+    assert_clean_failure(&out, "unknown field `max_uplaod`");
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, format!("link = \"{link}\"\nupload = \"lots\"\n")).unwrap();
+    let out = gridcast(&["play", "--config", path_str(&bad)]);
+    assert_clean_failure(&out, "upload");
+    let out = gridcast(&["relay", "--config", path_str(&dir.path().join("none.toml"))]);
+    assert_clean_failure(&out, "none.toml");
+
+    // An Icecast input without a password.
+    let out = gridcast(&[
+        "broadcast",
+        "--key",
+        path_str(&key),
+        "--listen",
+        "127.0.0.1:0",
+        "--input",
+        "icecast://127.0.0.1:0/live",
+    ]);
+    assert_clean_failure(&out, "--source-password");
 }
