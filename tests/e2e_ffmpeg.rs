@@ -40,14 +40,23 @@ fn gridcast(args: &[&str]) -> Command {
 }
 
 /// Starts a gridcast process whose first stdout line is a channel link; returns both.
-fn spawn_with_link(mut cmd: Command) -> (Child, String) {
-    let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+fn spawn_with_link(cmd: Command) -> (Child, String) {
+    let (child, line) = spawn_with_line(cmd);
     assert!(line.starts_with("gridcast://"), "no link: {line:?}");
-    (child, line.trim().to_owned())
+    (child, line)
+}
+
+/// Creates a channel key in `dir` and returns its path.
+fn keygen(dir: &Path) -> std::path::PathBuf {
+    let key = dir.join("channel.key");
+    assert!(
+        gridcast(&["keygen", "--out", key.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+    );
+    key
 }
 
 fn signal(child: &Child, sig: &str) {
@@ -72,14 +81,7 @@ enum Fault {
 }
 
 fn run(fault: Fault, dir: &Path) {
-    let key = dir.join("channel.key");
-    assert!(
-        gridcast(&["keygen", "--out", key.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .status()
-            .unwrap()
-            .success()
-    );
+    let key = keygen(dir);
     let mut ffmpeg = Command::new("ffmpeg")
         .args(["-v", "error", "-re", "-f", "lavfi", "-i"])
         .arg(format!(
@@ -216,15 +218,7 @@ fn run(fault: Fault, dir: &Path) {
             "{}: not the tail of the source",
             out.display()
         );
-        let decode = Command::new("ffmpeg")
-            .args(["-v", "error", "-i"])
-            .arg(out)
-            .args(["-f", "null", "-"])
-            .output()
-            .unwrap();
-        assert!(decode.status.success());
-        let errors = String::from_utf8_lossy(&decode.stderr);
-        assert!(errors.trim().is_empty(), "{}: {errors}", out.display());
+        decodes_cleanly(out);
         println!(
             "{}: {} bytes from offset {start} of {}, decodes cleanly",
             out.display(),
@@ -328,14 +322,7 @@ fn an_icecast_push_reaches_http_players_and_late_ones_get_the_header_first() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("channel.key");
-    assert!(
-        gridcast(&["keygen", "--out", key.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .status()
-            .unwrap()
-            .success()
-    );
+    let key = keygen(dir.path());
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -182,8 +182,7 @@ impl HttpOutput {
             hub.backlog_bytes = 0;
         } else if flags.contains(ChunkFlags::RANDOM_ACCESS) {
             hub.backlog.clear();
-            hub.backlog_bytes = 0;
-            hub.backlog_bytes += chunk.len();
+            hub.backlog_bytes = chunk.len();
             hub.backlog.push((flags, chunk.clone()));
         } else if !hub.backlog.is_empty() && hub.backlog_bytes + chunk.len() <= MAX_BACKLOG {
             hub.backlog_bytes += chunk.len();
