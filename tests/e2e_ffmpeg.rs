@@ -2,7 +2,9 @@
 //! with a tone as MPEG-TS in real time into `gridcast broadcast` on stdin; two `relay`s carry
 //! it; two `play` peers draw from both relays and write files. Each file must be a byte-exact
 //! run of what ffmpeg produced, up to its end, and must decode with no errors. Once with every
-//! process alive, once with a relay SIGKILLed mid-stream, once with a relay sent SIGTERM.
+//! process alive, once with a relay SIGKILLed mid-stream, once with a relay sent SIGTERM. Also:
+//! every chunk the chunker flags random-access in a real stream decodes from its start, and an
+//! Icecast push reaches HTTP players.
 //!
 //! Skipped (with a message) where ffmpeg is missing, unless `GRIDCAST_REQUIRE_FFMPEG=1` (CI)
 //! makes that a failure.
@@ -443,4 +445,59 @@ fn an_icecast_push_reaches_http_players_and_late_ones_get_the_header_first() {
     let file = dir.path().join("early.ogg");
     std::fs::write(&file, &early).unwrap();
     decodes_cleanly(&file);
+}
+
+/// Every chunk the chunker flags random-access in a real ffmpeg MPEG-TS stream (video with a
+/// keyframe each second, and audio whose every frame is a random-access point) must be a place a
+/// player can start: the stream from there decodes with no errors.
+#[test]
+fn every_random_access_chunk_of_a_real_stream_is_a_clean_start() {
+    use gridcast::stream::{ChunkFlags, Chunker, ChunkerConfig};
+    use std::time::Instant;
+    if !have_ffmpeg() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new("ffmpeg")
+        .args(["-v", "error", "-f", "lavfi", "-i"])
+        .arg("testsrc=size=320x240:rate=25:duration=4")
+        .args(["-f", "lavfi", "-i", "sine=frequency=440:duration=4"])
+        .args([
+            "-c:v",
+            "mpeg2video",
+            "-g",
+            "25",
+            "-b:v",
+            "800k",
+            "-c:a",
+            "mp2",
+        ])
+        .args(["-f", "mpegts", "-"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stream = out.stdout;
+    // Fed as if it arrived over 4 s, in pieces of 7 packets.
+    let t0 = Instant::now();
+    let mut chunker = Chunker::new(ChunkerConfig::default()).unwrap();
+    let (mut fed, mut at, mut starts) = (0, 0, Vec::new());
+    for piece in stream.chunks(7 * 188) {
+        let now = t0 + Duration::from_micros(fed as u64 * 4_000_000 / stream.len() as u64);
+        chunker.handle_timeout(now);
+        chunker.handle_input(now, piece);
+        fed += piece.len();
+        while let Some(chunk) = chunker.poll_chunk() {
+            if chunk.flags.contains(ChunkFlags::RANDOM_ACCESS) {
+                starts.push(at);
+            }
+            at += chunk.payload.len();
+        }
+    }
+    // One per group of pictures, give or take the last.
+    assert!((4..=5).contains(&starts.len()), "{starts:?}");
+    for start in starts {
+        let tail = dir.path().join(format!("from{start}.ts"));
+        std::fs::write(&tail, &stream[start..]).unwrap();
+        decodes_cleanly(&tail);
+    }
 }

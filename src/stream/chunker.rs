@@ -25,6 +25,11 @@
 //!   chunk once the current one is at least half its duration old and does not already start at a
 //!   random-access point, so audio-only streams keep chunks near their configured duration.
 //!
+//! Once a PMT names a video stream (MPEG-1/2, MPEG-4, H.264, HEVC, VVC, ...), only that video's
+//! random-access points count: a decoder joining at an audio frame in the middle of a group of
+//! pictures would see pictures it cannot decode. Audio random-access points then neither cut
+//! nor flag a chunk.
+//!
 //! # Ogg and fragmented MP4
 //!
 //! An input that starts with an Ogg page (`OggS`) or an `ftyp` box is walked page by page or box
@@ -185,6 +190,9 @@ pub struct Chunker {
     rap_seen: Vec<(u16, Instant)>,
     /// PMT PIDs named by the last PAT.
     pmt_pids: Vec<u16>,
+    /// Video PIDs named by the last PMT: when there are any, only their random-access points
+    /// make a chunk random-access.
+    video_pids: Vec<u16>,
     ready: VecDeque<Chunk>,
     stats: ChunkerStats,
 }
@@ -219,6 +227,7 @@ impl Chunker {
             starts_at_rap: false,
             rap_seen: Vec::new(),
             pmt_pids: Vec::new(),
+            video_pids: Vec::new(),
             ready: VecDeque::new(),
             stats: ChunkerStats::default(),
         })
@@ -375,11 +384,18 @@ impl Chunker {
             let packet = &self.buf[self.scan..self.scan + TS_PACKET];
             let pid = u16::from_be_bytes([packet[1], packet[2]]) & 0x1fff;
             let payload_start = packet[1] & 0x40 != 0;
-            if is_random_access(packet) {
+            // With video in the programme, a decoder can start only at a video keyframe: an
+            // audio random-access point in the middle of a group of pictures is not one.
+            let counts = self.video_pids.is_empty() || self.video_pids.contains(&pid);
+            if is_random_access(packet) && counts {
                 self.at_random_access(now, pid);
             } else if pid == 0 || self.pmt_pids.contains(&pid) {
-                if pid == 0 && payload_start {
-                    self.pmt_pids = pat_pmt_pids(packet);
+                if payload_start {
+                    if pid == 0 {
+                        self.pmt_pids = pat_pmt_pids(packet);
+                    } else if let Some(video) = pmt_video_pids(packet) {
+                        self.video_pids = video;
+                    }
                 }
                 if self.psi_run.is_none() {
                     self.psi_run = Some(self.scan);
@@ -577,37 +593,65 @@ fn is_random_access(packet: &[u8]) -> bool {
 }
 
 /// The PMT PIDs listed in a PAT section that starts in this packet.
-fn pat_pmt_pids(packet: &[u8]) -> Vec<u16> {
+/// The PSI section that starts in a packet with `payload_unit_start_indicator` set, if its table
+/// id is `table_id`: the bytes after its 8-byte header up to its CRC (or the packet's end, for a
+/// section longer than one packet).
+fn psi_section(packet: &[u8], table_id: u8) -> Option<&[u8]> {
     let mut at = 4;
     if packet[3] & 0x20 != 0 {
         at += 1 + packet[4] as usize;
     }
-    let Some(&pointer) = packet.get(at) else {
-        return Vec::new();
-    };
-    let section = at + 1 + pointer as usize;
-    let Some(head) = packet.get(section..section + 8) else {
-        return Vec::new();
-    };
-    if head[0] != 0x00 {
-        return Vec::new();
+    let section = at + 1 + *packet.get(at)? as usize;
+    let head = packet.get(section..section + 8)?;
+    if head[0] != table_id {
+        return None;
     }
     let section_len = (u16::from_be_bytes([head[1], head[2]]) & 0x0fff) as usize;
-    // Programs run from after the 8-byte header to before the 4-byte CRC.
     let end = (section + 3 + section_len)
         .saturating_sub(4)
         .min(packet.len());
-    let mut pids = Vec::new();
-    let mut p = section + 8;
-    while p + 4 <= end && pids.len() < MAX_PMT_PIDS {
-        let program = u16::from_be_bytes([packet[p], packet[p + 1]]);
-        let pid = u16::from_be_bytes([packet[p + 2], packet[p + 3]]) & 0x1fff;
-        if program != 0 {
-            pids.push(pid);
+    packet.get(section + 8..end.max(section + 8))
+}
+
+/// The PMT PIDs a PAT names (program 0, the network PID, left out).
+fn pat_pmt_pids(packet: &[u8]) -> Vec<u16> {
+    let Some(programs) = psi_section(packet, 0x00) else {
+        return Vec::new();
+    };
+    programs
+        .chunks_exact(4)
+        .filter(|p| p[0] != 0 || p[1] != 0)
+        .map(|p| u16::from_be_bytes([p[2], p[3]]) & 0x1fff)
+        .take(MAX_PMT_PIDS)
+        .collect()
+}
+
+/// The elementary PIDs a PMT names with a video stream type, or `None` if the packet does not
+/// start a PMT.
+fn pmt_video_pids(packet: &[u8]) -> Option<Vec<u16>> {
+    let body = psi_section(packet, 0x02)?;
+    // PCR PID (2 bytes), then the programme descriptors, then the stream loop.
+    let info_len = (u16::from_be_bytes([*body.get(2)?, *body.get(3)?]) & 0x0fff) as usize;
+    let mut streams = body.get(4 + info_len..)?;
+    let mut video = Vec::new();
+    while streams.len() >= 5 && video.len() < MAX_TRACKED_PIDS {
+        let pid = u16::from_be_bytes([streams[1], streams[2]]) & 0x1fff;
+        if is_video_stream_type(streams[0]) {
+            video.push(pid);
         }
-        p += 4;
+        let es_info = (u16::from_be_bytes([streams[3], streams[4]]) & 0x0fff) as usize;
+        streams = streams.get(5 + es_info..).unwrap_or(&[]);
     }
-    pids
+    Some(video)
+}
+
+/// ISO/IEC 13818-1 stream types that carry video: MPEG-1/2, MPEG-4 part 2, H.264 (with SVC and
+/// MVC), HEVC, VVC, and the registered VC-1, Dirac and AVS types.
+fn is_video_stream_type(stream_type: u8) -> bool {
+    matches!(
+        stream_type,
+        0x01 | 0x02 | 0x10 | 0x1b | 0x1f | 0x20 | 0x24 | 0x33 | 0x42 | 0xd1 | 0xea
+    )
 }
 
 #[cfg(test)]
@@ -752,6 +796,62 @@ mod tests {
                 .iter()
                 .all(|c| c.flags.contains(ChunkFlags::RANDOM_ACCESS))
         );
+    }
+
+    /// A PMT on PID `pid` naming each `(stream_type, pid)`.
+    fn pmt(pid: u16, streams: &[(u8, u16)]) -> Vec<u8> {
+        let mut section = vec![
+            0x02, 0xb0, 0, 0x00, 0x01, 0xc1, 0x00, 0x00, 0xe1, 0x00, 0xf0, 0,
+        ];
+        for &(stream_type, es) in streams {
+            section.extend([stream_type, 0xe0 | (es >> 8) as u8, es as u8, 0xf0, 0]);
+        }
+        section.extend([0; 4]); // CRC, not checked
+        section[2] = (section.len() - 3) as u8;
+        let mut p = vec![0xff; TS_PACKET];
+        p[..4].copy_from_slice(&[TS_SYNC, 0x40 | (pid >> 8) as u8, pid as u8, 0x10]);
+        p[4] = 0;
+        p[5..5 + section.len()].copy_from_slice(&section);
+        p
+    }
+
+    #[test]
+    fn with_video_in_the_programme_only_video_keyframes_are_random_access() {
+        // MPEG-2 video on 0x100 with a keyframe each second, MP2 audio on 0x101 with a
+        // random-access packet every 20 ms: 4 s of it.
+        let t0 = Instant::now();
+        let mut c = Chunker::new(ChunkerConfig::default()).unwrap();
+        let mut keyframes = 0;
+        for i in 0..200u64 {
+            let now = t0 + Duration::from_millis(20 * i);
+            c.handle_timeout(now);
+            let mut input = Vec::new();
+            if i % 50 == 0 {
+                input.extend(pat(0x1000));
+                input.extend(pmt(0x1000, &[(0x02, 0x100), (0x03, 0x101)]));
+                input.extend(ts_packet(0x100, true, 1));
+                keyframes += 1;
+            } else {
+                input.extend(ts_packet(0x100, false, 2));
+            }
+            input.extend(ts_packet(0x101, true, 3));
+            c.handle_input(now, &input);
+        }
+        c.finish(t0 + Duration::from_secs(4));
+        let chunks = drain(&mut c);
+        // Still cut by time between keyframes.
+        assert!(chunks.len() >= 16, "{} chunks", chunks.len());
+        let random_access: Vec<_> = chunks
+            .iter()
+            .filter(|c| c.flags.contains(ChunkFlags::RANDOM_ACCESS))
+            .collect();
+        assert_eq!(random_access.len(), keyframes);
+        for chunk in random_access {
+            // PAT, PMT, then the video keyframe.
+            assert_eq!(chunk.payload[..4], pat(0x1000)[..4]);
+            let third = &chunk.payload[2 * TS_PACKET..3 * TS_PACKET];
+            assert_eq!(third, &ts_packet(0x100, true, 1)[..]);
+        }
     }
 
     #[test]
