@@ -19,7 +19,7 @@
 //! floor). RSS is the whole process (node and subscribers). Prints one
 //! `fanout backend=… subscribers=… egress_gbps=… cpu_ns_per_byte=… rss_mb=…` line per run and
 //! the ratios. `--quick`: M = 10 and 100, shorter windows. `--only <configuration>`: that one
-//! alone (for profiling; no ratios).
+//! alone (for profiling; no ratios). `--subscribers <M>`: that M alone.
 
 #![allow(
     clippy::unwrap_used,
@@ -500,7 +500,17 @@ fn main() {
         .position(|a| a == "--only")
         .and_then(|i| args.get(i + 1))
         .cloned();
-    let sizes: &[usize] = if quick { &[10, 100] } else { &[10, 100, 1000] };
+    // `--subscribers <M>`: that size alone.
+    let one: Option<usize> = args
+        .iter()
+        .position(|a| a == "--subscribers")
+        .and_then(|i| args.get(i + 1))
+        .map(|m| m.parse().expect("--subscribers: a number"));
+    let sizes: &[usize] = match &one {
+        Some(m) => std::slice::from_ref(m),
+        None if quick => &[10, 100],
+        None => &[10, 100, 1000],
+    };
     // Total egress the subscribers' core keeps up with: 200 Mbit/s.
     let total_bps = 200e6;
     pin(1);

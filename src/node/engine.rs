@@ -1343,10 +1343,10 @@ impl Engine {
             } else {
                 conn.queued_tx = false;
             }
-            // Sending arms loss-detection timers.
+            // Sending arms loss-detection timers. (It produces no endpoint or application
+            // events in quinn-proto 0.11, so the connection is not marked for driving: doing
+            // that kept every connection that ever sent dirty on every loop turn.)
             self.rearm(handle);
-            // Sending can also produce endpoint events (new connection ids).
-            self.touch(handle);
             if sent.is_some() {
                 return sent;
             }
