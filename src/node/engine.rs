@@ -51,8 +51,8 @@ use crate::keys::{ChannelId, NodeId, NodeKey};
 use crate::stream::{ChunkFlags, CodedChunk, CodingParams, Payload, ShardCoder, SignedChunkHeader};
 use crate::wire::{
     ChannelInfo, DecodeError, GoAway, GoAwayReason, Hello, MAX_PARENTS, Message, PROTOCOL_VERSION,
-    ParentCandidate, Role, ShardFrame, SignedStreamHeader, StartAt, Subscribe, SubstreamSet,
-    encode_shard_frame_head,
+    ParentCandidate, Role, SHARD_FRAME_PREFIX_MAX, ShardFrame, SignedStreamHeader, StartAt,
+    Subscribe, SubstreamSet, encode_shard_frame_prefix,
 };
 
 /// QUIC application close codes.
@@ -360,6 +360,24 @@ struct Conn {
 }
 
 /// Queues a connection for driving, once.
+/// `header`'s encoding, made once and shared by every subscriber's frame.
+fn encoded_header(
+    cache: &mut VecDeque<(Arc<SignedChunkHeader>, Bytes)>,
+    header: &Arc<SignedChunkHeader>,
+) -> Bytes {
+    if let Some((_, bytes)) = cache.iter().rev().find(|(h, _)| Arc::ptr_eq(h, header)) {
+        return bytes.clone();
+    }
+    let mut buf = BytesMut::with_capacity(header.encoded_len());
+    header.encode(&mut buf);
+    let bytes = buf.freeze();
+    if cache.len() == ENCODED_HEADERS {
+        cache.pop_front();
+    }
+    cache.push_back((Arc::clone(header), bytes.clone()));
+    bytes
+}
+
 fn mark(dirty: &mut VecDeque<ConnectionHandle>, conn: &mut Conn, handle: ConnectionHandle) {
     if !conn.dirty {
         conn.dirty = true;
@@ -523,8 +541,17 @@ pub struct Engine {
     upload_refilled: Option<Instant>,
     /// Newly stored shards for sibling workers (`export_shards`).
     exports: Vec<(ChannelId, Vec<StoredShard>)>,
+    /// Signed chunk headers encoded once for every subscriber (the newest few chunks).
+    encoded_headers: VecDeque<(Arc<SignedChunkHeader>, Bytes)>,
+    /// Shard frame prefixes are cut from this block: one allocation per many frames.
+    prefixes: BytesMut,
     stats: EngineStats,
 }
+
+/// Chunks whose encoded header is kept for fan-out.
+const ENCODED_HEADERS: usize = 16;
+/// Size of one block that shard frame prefixes are cut from.
+const PREFIX_BLOCK: usize = 16 * 1024;
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -595,6 +622,8 @@ impl Engine {
             upload_tokens,
             upload_refilled: None,
             exports: Vec::new(),
+            encoded_headers: VecDeque::new(),
+            prefixes: BytesMut::new(),
             stats: EngineStats::default(),
         })
     }
@@ -1858,20 +1887,25 @@ impl Engine {
                 },
             );
         }
-        let mut head = BytesMut::new();
-        encode_shard_frame_head(
-            &mut head,
+        let header = first.then(|| encoded_header(&mut self.encoded_headers, &shard.header));
+        if self.prefixes.capacity() < SHARD_FRAME_PREFIX_MAX {
+            self.prefixes = BytesMut::with_capacity(PREFIX_BLOCK);
+        }
+        encode_shard_frame_prefix(
+            &mut self.prefixes,
             sub,
             seq,
             shard.index as u8,
-            first.then_some(&*shard.header),
+            header.as_ref().map(Bytes::len),
             shard.shard.len(),
         );
+        let prefix = self.prefixes.split().freeze();
         let Some(out) = conn.out_streams.get_mut(&key) else {
             return;
         };
-        let added = head.len() + shard.shard.len();
-        out.pending.push_back(head.freeze());
+        let added = prefix.len() + header.as_ref().map_or(0, Bytes::len) + shard.shard.len();
+        out.pending.push_back(prefix);
+        out.pending.extend(header);
         out.pending.push_back(payload);
         out.sent += 1;
         conn.backlog += added;

@@ -761,36 +761,29 @@ impl Codec for ShardFrame {
     }
 }
 
-/// Writes a whole [`ShardFrame`] frame except the shard bytes themselves: frame type, length and
-/// the body up to the shard. A sender then hands the shard to QUIC as a shared buffer, so the
-/// shard is never copied into a frame.
-pub fn encode_shard_frame_head(
+/// Writes the front of a [`ShardFrame`] frame: frame type, length and the body up to the chunk
+/// header (if `header_len` says one follows) or the shard. The sender then hands QUIC the signed
+/// header, encoded once per chunk, and the shard as shared buffers: neither is copied into a
+/// frame, and the per-subscriber part is at most 24 bytes.
+pub fn encode_shard_frame_prefix(
     buf: &mut impl BufMut,
     sub: u32,
     seq: u64,
     index: u8,
-    header: Option<&SignedChunkHeader>,
+    header_len: Option<usize>,
     shard_len: usize,
 ) {
-    let body = varint_len(u64::from(sub))
-        + 8
-        + 1
-        + 1
-        + header.map_or(0, SignedChunkHeader::encoded_len)
-        + shard_len;
+    let body = varint_len(u64::from(sub)) + 8 + 1 + 1 + header_len.unwrap_or(0) + shard_len;
     put_varint(buf, TYPE_SHARD);
     put_varint(buf, body as u64);
     put_varint(buf, u64::from(sub));
     buf.put_u64(seq);
     buf.put_u8(index);
-    match header {
-        Some(h) => {
-            buf.put_u8(1);
-            h.encode(buf);
-        }
-        None => buf.put_u8(0),
-    }
+    buf.put_u8(u8::from(header_len.is_some()));
 }
+
+/// The most bytes [`encode_shard_frame_prefix`] writes.
+pub const SHARD_FRAME_PREFIX_MAX: usize = 8 + 8 + 8 + 8 + 1 + 1;
 
 /// Any message, as carried in a frame.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -973,7 +966,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn shard_frame_head_plus_shard_is_the_frame() {
+    fn shard_frame_prefix_plus_shard_is_the_frame() {
         let frame = ShardFrame {
             sub: 300,
             seq: 9,
@@ -982,8 +975,47 @@ mod tests {
             shard: Bytes::from_static(b"shard bytes"),
         };
         let mut split = BytesMut::new();
-        encode_shard_frame_head(&mut split, 300, 9, 3, None, frame.shard.len());
+        encode_shard_frame_prefix(&mut split, 300, 9, 3, None, frame.shard.len());
         split.extend_from_slice(&frame.shard);
+        assert_eq!(split.freeze(), Message::Shard(frame).to_bytes());
+    }
+
+    #[test]
+    fn shard_frame_prefix_plus_header_plus_shard_is_the_frame() {
+        let key = crate::keys::ChannelKey::from_seed(&[5; 32]);
+        let mut publisher =
+            crate::stream::ChunkPublisher::new(key, crate::stream::CodingParams::DEFAULT);
+        let coded = publisher
+            .publish(
+                7,
+                0,
+                crate::stream::ChunkFlags::empty(),
+                &Bytes::from(vec![9u8; 3000]),
+            )
+            .unwrap();
+        let header = (*coded.header).clone();
+        let shard = coded.shards[2].clone();
+        let mut encoded_header = BytesMut::new();
+        header.encode(&mut encoded_header);
+        let mut split = BytesMut::new();
+        encode_shard_frame_prefix(
+            &mut split,
+            u32::MAX,
+            7,
+            2,
+            Some(encoded_header.len()),
+            shard.len(),
+        );
+        assert!(split.len() <= SHARD_FRAME_PREFIX_MAX);
+        split.extend_from_slice(&encoded_header);
+        split.extend_from_slice(&shard);
+        let frame = ShardFrame {
+            sub: u32::MAX,
+            seq: 7,
+            index: 2,
+            header: Some(header),
+            shard,
+        };
         assert_eq!(split.freeze(), Message::Shard(frame).to_bytes());
     }
 }
