@@ -108,6 +108,8 @@ pub struct SimNode {
     uplink_free: Instant,
     /// UDP payload bytes this node sent.
     pub bytes_sent: u64,
+    /// Datagrams this node sent.
+    pub datagrams_sent: u64,
     events: Vec<(Instant, NodeEvent)>,
 }
 
@@ -178,6 +180,7 @@ impl Sim {
             uplink: None,
             uplink_free: self.now,
             bytes_sent: 0,
+            datagrams_sent: 0,
             events: Vec::new(),
         });
         Ok(ix)
@@ -280,6 +283,7 @@ impl Sim {
         self.stats.bytes += data.len() as u64;
         let node = &mut self.nodes[from];
         node.bytes_sent += data.len() as u64;
+        node.datagrams_sent += 1;
         let depart = match node.uplink {
             Some(rate) => {
                 let start = node.uplink_free.max(self.now);

@@ -626,3 +626,41 @@ fn connection_and_subscriber_limits_send_peers_elsewhere_without_a_gap() {
     }
     grid.assert_perfect("limits");
 }
+
+/// Datagrams the peers of a 3-supernode grid send (their ACKs and control messages) in 6 s,
+/// with the supernodes asking them for an ACK every `threshold + 1` packets.
+fn peer_upload_with_ack_threshold(threshold: u32) -> (u64, u64) {
+    let mut grid = Grid::new(23, 3, |i| EngineConfig {
+        ack_eliciting_threshold: threshold,
+        ..Grid::relay_config(i)
+    });
+    // A 16 Mbit/s uplink each: a supernode's packets reach a peer spread out in time, as on a
+    // real path, not in one burst.
+    for sn in grid.supernodes.clone() {
+        grid.sim.set_uplink(sn, Some(2_000_000));
+    }
+    grid.add_peers(4);
+    grid.run(Duration::from_secs(6));
+    let upload = grid
+        .peers
+        .iter()
+        .map(|&p| grid.sim.node(p).datagrams_sent)
+        .sum();
+    let delivered = grid.assert_perfect(&format!("ack-threshold-{threshold}"));
+    (upload, delivered)
+}
+
+#[test]
+fn supernodes_ask_their_children_for_fewer_acks() {
+    let (every_other, delivered_before) = peer_upload_with_ack_threshold(0);
+    let (thinned, delivered_after) = peer_upload_with_ack_threshold(9);
+    println!(
+        "acks: peer_datagrams_quic_default={every_other} peer_datagrams_threshold_9={thinned} \
+         delivered={delivered_before}/{delivered_after}"
+    );
+    assert_eq!(delivered_before, delivered_after);
+    assert!(
+        thinned * 2 < every_other,
+        "peers sent {thinned} datagrams with ACK frequency, {every_other} without"
+    );
+}
