@@ -14,6 +14,11 @@
 //! - `raw_floor`: no protocol: AES-256-GCM sealing of 1200-byte datagrams and GSO `sendmsg`
 //!   (10 per call) of the same payload to every subscriber.
 //!
+//! Every configuration's subscribers receive with GRO, as real gridcast and quinn peers do. On
+//! loopback the receiving socket's work runs on the sending thread, so a receiver without GRO
+//! would charge the node for cutting each GSO batch back into datagrams: work a real network
+//! card or a remote host does.
+//!
 //! CPU is the node thread's on-CPU time (user + system, /proc/self/task/TID/schedstat) over
 //! the measured window, divided by payload bytes the subscribers received in it (sent, for the
 //! floor). RSS is the whole process (node and subscribers). Prints one
@@ -394,6 +399,8 @@ fn raw_floor(plan: Plan) -> Measured {
         .map(|_| {
             let s = UdpSocket::bind("127.0.0.1:0").unwrap();
             s.set_nonblocking(true).unwrap();
+            // GRO on, like every other configuration's receivers (quinn-udp sets it).
+            quinn_udp::UdpSocketState::new((&s).into()).unwrap();
             s
         })
         .collect();

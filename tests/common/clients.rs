@@ -1,7 +1,9 @@
 //! Many client engines on their own UDP sockets, driven round-robin by one thread: an audience
-//! of hundreds without hundreds of driver threads.
+//! of hundreds without hundreds of driver threads. Each socket receives with GRO where the
+//! kernel has it (through quinn-udp), as a gridcast peer's does: a relay's GSO batches then
+//! reach a client whole, instead of being cut into datagrams at the receiving socket.
 
-use std::io::ErrorKind;
+use std::io::{ErrorKind, IoSliceMut};
 use std::net::{SocketAddr, UdpSocket};
 use std::time::Instant;
 
@@ -14,6 +16,7 @@ use gridcast::wire::{StartAt, SubstreamSet};
 /// One client: its socket, engine and the chunks it played.
 pub struct Client {
     pub socket: UdpSocket,
+    state: quinn_udp::UdpSocketState,
     pub engine: Engine,
     pub played: Vec<u64>,
     pub rebound_at: Option<usize>,
@@ -39,6 +42,7 @@ impl Clients {
             .map(|i| {
                 let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
                 socket.set_nonblocking(true).unwrap();
+                let state = quinn_udp::UdpSocketState::new((&socket).into()).unwrap();
                 let seed = [(i % 251) as u8, (i / 251) as u8 + 1, 0x5c, 7].repeat(8);
                 let key = NodeKey::from_seed(&seed.try_into().unwrap());
                 let mut engine = Engine::new(&key, EngineConfig::default()).unwrap();
@@ -55,6 +59,7 @@ impl Clients {
                     .unwrap();
                 Client {
                     socket,
+                    state,
                     engine,
                     played: Vec::new(),
                     rebound_at: None,
@@ -74,16 +79,25 @@ impl Clients {
         let mut busy = false;
         for c in &mut self.clients {
             loop {
-                match c.socket.recv_from(&mut self.buf) {
-                    Ok((n, from)) => {
+                let mut meta = [quinn_udp::RecvMeta::default()];
+                let received = c.state.recv(
+                    (&c.socket).into(),
+                    &mut [IoSliceMut::new(&mut self.buf)],
+                    &mut meta,
+                );
+                match received {
+                    Ok(_) => {
                         busy = true;
-                        c.engine.handle_datagram(
-                            now,
-                            from,
-                            None,
-                            None,
-                            BytesMut::from(&self.buf[..n]),
-                        );
+                        let [meta] = meta;
+                        for datagram in self.buf[..meta.len].chunks(meta.stride.max(1)) {
+                            c.engine.handle_datagram(
+                                now,
+                                meta.addr,
+                                None,
+                                None,
+                                BytesMut::from(datagram),
+                            );
+                        }
                     }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == ErrorKind::ConnectionRefused => {}
@@ -114,6 +128,7 @@ impl Clients {
         let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
         socket.set_nonblocking(true).unwrap();
         let c = &mut self.clients[i];
+        c.state = quinn_udp::UdpSocketState::new((&socket).into()).unwrap();
         c.socket = socket;
         c.rebound_at = Some(c.played.len());
     }
