@@ -577,7 +577,7 @@ impl Worker {
                 None
             };
             self.stats.enters += 1;
-            self.ring.submit_and_wait(wait)?;
+            self.ring.submit_and_wait_past_sends(wait)?;
         }
         let clean = self.quiesce();
         let Self {

@@ -28,6 +28,8 @@ pub(crate) struct RingFeatures {
 pub(crate) struct Ring {
     ring: IoUring,
     pub(crate) features: RingFeatures,
+    /// Sends queued since completions were last taken: each will post one completion.
+    sends_unreaped: usize,
 }
 
 impl std::fmt::Debug for Ring {
@@ -54,10 +56,12 @@ impl Ring {
                 features: RingFeatures {
                     defer_taskrun: true,
                 },
+                sends_unreaped: 0,
             }),
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(Self {
                 ring: IoUring::builder().setup_cqsize(cq).build(entries)?,
                 features: RingFeatures::default(),
+                sends_unreaped: 0,
             }),
             Err(e) => Err(e),
         }
@@ -101,7 +105,9 @@ impl Ring {
         let entry = opcode::SendMsg::new(Fd(fd), &raw const *slot.msg)
             .build()
             .user_data(user_data);
-        self.push(&entry)
+        self.push(&entry)?;
+        self.sends_unreaped += 1;
+        Ok(())
     }
 
     /// Arms a multishot readiness poll on `fd` (the worker's eventfd).
@@ -124,16 +130,28 @@ impl Ring {
     /// Submits everything queued and waits for one completion, at most `timeout`
     /// (`None`: do not wait). One `io_uring_enter`.
     pub(crate) fn submit_and_wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        self.enter(timeout, 1)
+    }
+
+    /// Like [`Ring::submit_and_wait`], but the completions of the sends queued since
+    /// completions were last taken do not count: they mostly arrive at once (UDP sends finish
+    /// during submission), and waking for them would cost a second trip round the loop, and a
+    /// second `io_uring_enter`, for every one that sends.
+    pub(crate) fn submit_and_wait_past_sends(
+        &mut self,
+        timeout: Option<Duration>,
+    ) -> io::Result<()> {
+        self.enter(timeout, self.sends_unreaped + 1)
+    }
+
+    fn enter(&mut self, timeout: Option<Duration>, want: usize) -> io::Result<()> {
         let result = match timeout {
             None => self.ring.submit(),
-            Some(t) if !self.ring.completion().is_empty() => {
-                let _ = t;
-                self.ring.submit()
-            }
+            Some(_) if self.ring.completion().len() >= want => self.ring.submit(),
             Some(t) => {
                 let ts = Timespec::new().sec(t.as_secs()).nsec(t.subsec_nanos());
                 let args = SubmitArgs::new().timespec(&ts);
-                self.ring.submitter().submit_with_args(1, &args)
+                self.ring.submitter().submit_with_args(want, &args)
             }
         };
         match result {
@@ -152,6 +170,7 @@ impl Ring {
 
     /// Takes every completion now available: `(user_data, result, flags)`.
     pub(crate) fn completions(&mut self, out: &mut Vec<(u64, i32, u32)>) {
+        self.sends_unreaped = 0;
         let mut cq = self.ring.completion();
         cq.sync();
         for cqe in &mut cq {
