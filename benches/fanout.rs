@@ -285,8 +285,20 @@ fn quinn_tokio(plan: Plan) -> Measured {
                 let mut config =
                     quinn::ServerConfig::with_crypto(tls::server_crypto(&key).unwrap());
                 config.transport_config(transport());
-                let endpoint =
-                    quinn::Endpoint::server(config, "127.0.0.1:0".parse().unwrap()).unwrap();
+                // The same 4 MiB socket buffers as gridcast's drivers: with the kernel's
+                // default, a thousand subscribers' ACKs overflow it and the relay falls short
+                // of the load, which would be measured as a different workload.
+                let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+                let sock = socket2::SockRef::from(&socket);
+                sock.set_recv_buffer_size(4 << 20).unwrap();
+                sock.set_send_buffer_size(4 << 20).unwrap();
+                let endpoint = quinn::Endpoint::new(
+                    quinn::EndpointConfig::default(),
+                    Some(config),
+                    socket,
+                    Arc::new(quinn::TokioRuntime),
+                )
+                .unwrap();
                 ready_tx
                     .send((endpoint.local_addr().unwrap(), this_thread_id()))
                     .unwrap();

@@ -42,6 +42,11 @@ impl PortableDriver {
         // quinn-udp leaves the socket non-blocking (it is made for async runtimes); this loop
         // blocks in recv with a timeout instead, so it must not spin.
         socket.set_nonblocking(false)?;
+        // Large kernel buffers absorb bursts (a thousand children's ACKs) between loop turns,
+        // as in the io_uring driver; the kernel caps them at rmem_max / wmem_max.
+        let sock = socket2::SockRef::from(&socket);
+        let _ = sock.set_recv_buffer_size(4 << 20);
+        let _ = sock.set_send_buffer_size(4 << 20);
         if state.may_fragment() && engine.config().mtu_discovery {
             // Probes would pass as IP fragments and prove nothing about the path.
             tracing::warn!(
