@@ -126,7 +126,8 @@ pub struct CodingStats {
     pub encoded: u64,
     /// Chunks rebuilt by reed-solomon decoding (some original shard was missing).
     pub decoded: u64,
-    /// Chunks rebuilt by concatenation because all K originals were present.
+    /// Chunks rebuilt by concatenation because every original holding payload bytes was
+    /// present (the originals after them are pure padding).
     pub decode_skipped: u64,
     /// Shards computed by regeneration.
     pub regenerated_shards: u64,
@@ -492,6 +493,22 @@ mod tests {
         assert!(CodingParams::new(0, 1).is_err());
         assert!(CodingParams::new(1, 0).is_err());
         assert!(CodingParams::new(65, 1).is_err());
+    }
+
+    #[test]
+    fn missing_padding_originals_skip_decoding() {
+        // A 1-byte chunk lives in original 0; originals 1..5 are padding, so losing one of
+        // them costs no decode (the case proptest found).
+        let p = CodingParams::new(5, 1).unwrap();
+        let mut coder = ShardCoder::new();
+        let payload = Bytes::from_static(&[0x5a]);
+        let all = coder.encode(p, &payload).unwrap();
+        let mut shards = split(&all);
+        shards[1] = None;
+        let rebuilt = coder.rebuild(p, payload.len(), &shards).unwrap();
+        assert_eq!(rebuilt.to_bytes(), payload);
+        assert_eq!(coder.stats().decode_skipped, 1);
+        assert_eq!(coder.stats().decoded, 0);
     }
 
     #[test]
