@@ -22,7 +22,15 @@ use io_uring::{IoUring, cqueue, opcode, squeue};
 pub(crate) struct RingFeatures {
     /// `IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN` (kernel 6.1+).
     pub(crate) defer_taskrun: bool,
+    /// `IORING_FEAT_MIN_TIMEOUT` (kernel 6.12+): a wait can ask for several completions but
+    /// settle for one after a short while.
+    pub(crate) min_timeout: bool,
 }
+
+/// Completions a busy worker's wait gathers before its loop runs (past its own sends).
+const BATCH_WAKE: usize = 64;
+/// How long, from the start of a wait, it may gather them.
+const BATCH_WINDOW: Duration = Duration::from_micros(500);
 
 /// One worker's ring.
 pub(crate) struct Ring {
@@ -52,17 +60,24 @@ impl Ring {
             .build(entries);
         match tuned {
             Ok(ring) => Ok(Self {
-                ring,
                 features: RingFeatures {
                     defer_taskrun: true,
+                    min_timeout: ring.params().is_feature_min_timeout(),
                 },
+                ring,
                 sends_unreaped: 0,
             }),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(Self {
-                ring: IoUring::builder().setup_cqsize(cq).build(entries)?,
-                features: RingFeatures::default(),
-                sends_unreaped: 0,
-            }),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                let ring = IoUring::builder().setup_cqsize(cq).build(entries)?;
+                Ok(Self {
+                    features: RingFeatures {
+                        defer_taskrun: false,
+                        min_timeout: ring.params().is_feature_min_timeout(),
+                    },
+                    ring,
+                    sends_unreaped: 0,
+                })
+            }
             Err(e) => Err(e),
         }
     }
@@ -130,27 +145,51 @@ impl Ring {
     /// Submits everything queued and waits for one completion, at most `timeout`
     /// (`None`: do not wait). One `io_uring_enter`.
     pub(crate) fn submit_and_wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
-        self.enter(timeout, 1)
+        self.enter(timeout, 1, None)
     }
 
     /// Like [`Ring::submit_and_wait`], but the completions of the sends queued since
     /// completions were last taken do not count: they mostly arrive at once (UDP sends finish
     /// during submission), and waking for them would cost a second trip round the loop, and a
     /// second `io_uring_enter`, for every one that sends.
+    ///
+    /// Where the kernel has minimum-wait timeouts, a wait that starts while input is flowing
+    /// gathers up to [`BATCH_WAKE`] completions for at most [`BATCH_WINDOW`] before the loop
+    /// runs: a busy node then handles several children's ACKs per turn and sends in larger
+    /// batches, while an idle one still wakes at the first completion (the window counts from
+    /// the start of the wait).
     pub(crate) fn submit_and_wait_past_sends(
         &mut self,
         timeout: Option<Duration>,
     ) -> io::Result<()> {
-        self.enter(timeout, self.sends_unreaped + 1)
+        if self.features.min_timeout {
+            self.enter(
+                timeout,
+                self.sends_unreaped + BATCH_WAKE,
+                Some(BATCH_WINDOW),
+            )
+        } else {
+            self.enter(timeout, self.sends_unreaped + 1, None)
+        }
     }
 
-    fn enter(&mut self, timeout: Option<Duration>, want: usize) -> io::Result<()> {
+    fn enter(
+        &mut self,
+        timeout: Option<Duration>,
+        want: usize,
+        min_wait: Option<Duration>,
+    ) -> io::Result<()> {
+        let ready = self.ring.completion().len();
         let result = match timeout {
             None => self.ring.submit(),
-            Some(_) if self.ring.completion().len() >= want => self.ring.submit(),
+            Some(_) if ready >= want => self.ring.submit(),
             Some(t) => {
                 let ts = Timespec::new().sec(t.as_secs()).nsec(t.subsec_nanos());
-                let args = SubmitArgs::new().timespec(&ts);
+                let mut args = SubmitArgs::new();
+                if let Some(w) = min_wait {
+                    args = args.min_wait_usec(u32::try_from(w.as_micros()).unwrap_or(u32::MAX));
+                }
+                let args = args.timespec(&ts);
                 self.ring.submitter().submit_with_args(want, &args)
             }
         };
