@@ -61,6 +61,33 @@ fn keygen(dir: &Path) -> std::path::PathBuf {
     key
 }
 
+/// ffmpeg encoding `secs` of test pattern (a keyframe each second) and a tone as MPEG-TS on
+/// stdout; in real time if `realtime`.
+fn test_pattern_ts(secs: u64, realtime: bool) -> Command {
+    let mut ffmpeg = Command::new("ffmpeg");
+    ffmpeg.args(["-v", "error"]);
+    if realtime {
+        ffmpeg.arg("-re");
+    }
+    ffmpeg
+        .args(["-f", "lavfi", "-i"])
+        .arg(format!("testsrc=size=320x240:rate=25:duration={secs}"))
+        .args(["-f", "lavfi", "-i"])
+        .arg(format!("sine=frequency=440:duration={secs}"))
+        .args([
+            "-c:v",
+            "mpeg2video",
+            "-g",
+            "25",
+            "-b:v",
+            "800k",
+            "-c:a",
+            "mp2",
+        ])
+        .args(["-f", "mpegts", "-"]);
+    ffmpeg
+}
+
 fn signal(child: &Child, sig: &str) {
     let ok = Command::new("kill")
         .args([sig, &child.id().to_string()])
@@ -84,24 +111,7 @@ enum Fault {
 
 fn run(fault: Fault, dir: &Path) {
     let key = keygen(dir);
-    let mut ffmpeg = Command::new("ffmpeg")
-        .args(["-v", "error", "-re", "-f", "lavfi", "-i"])
-        .arg(format!(
-            "testsrc=size=320x240:rate=25:duration={STREAM_SECS}"
-        ))
-        .args(["-f", "lavfi", "-i"])
-        .arg(format!("sine=frequency=440:duration={STREAM_SECS}"))
-        .args([
-            "-c:v",
-            "mpeg2video",
-            "-g",
-            "25",
-            "-b:v",
-            "800k",
-            "-c:a",
-            "mp2",
-        ])
-        .args(["-f", "mpegts", "-"])
+    let mut ffmpeg = test_pattern_ts(STREAM_SECS, true)
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -458,23 +468,7 @@ fn every_random_access_chunk_of_a_real_stream_is_a_clean_start() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new("ffmpeg")
-        .args(["-v", "error", "-f", "lavfi", "-i"])
-        .arg("testsrc=size=320x240:rate=25:duration=4")
-        .args(["-f", "lavfi", "-i", "sine=frequency=440:duration=4"])
-        .args([
-            "-c:v",
-            "mpeg2video",
-            "-g",
-            "25",
-            "-b:v",
-            "800k",
-            "-c:a",
-            "mp2",
-        ])
-        .args(["-f", "mpegts", "-"])
-        .output()
-        .unwrap();
+    let out = test_pattern_ts(4, false).output().unwrap();
     assert!(out.status.success());
     let stream = out.stdout;
     // Fed as if it arrived over 4 s, in pieces of 7 packets.
