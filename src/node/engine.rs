@@ -364,7 +364,6 @@ struct Conn {
     timer: Option<Instant>,
 }
 
-/// Queues a connection for driving, once.
 /// `header`'s encoding, made once and shared by every subscriber's frame.
 fn encoded_header(
     cache: &mut VecDeque<(Arc<SignedChunkHeader>, Bytes)>,
@@ -383,6 +382,7 @@ fn encoded_header(
     bytes
 }
 
+/// Queues a connection for driving, once.
 fn mark(dirty: &mut VecDeque<ConnectionHandle>, conn: &mut Conn, handle: ConnectionHandle) {
     if !conn.dirty {
         conn.dirty = true;
@@ -586,7 +586,7 @@ impl Engine {
                 .send_window(config.send_window);
             transport
         };
-        let transport = base();
+        let transport = Arc::new(base());
         // Connections this node accepts come from children: shards flow only towards them, on
         // streams this node opens. Allowing them no streams of their own saves the per-stream
         // state quinn-proto sets up front for every stream a peer may open (with 4096 of them,
@@ -600,7 +600,6 @@ impl Engine {
             ack.ack_eliciting_threshold(VarInt::from_u32(config.ack_eliciting_threshold));
             serving.ack_frequency_config(Some(ack));
         }
-        let transport = Arc::new(transport);
         let server = if config.serve {
             let mut server = ServerConfig::with_crypto(tls::server_crypto(key)?);
             server.transport_config(Arc::new(serving));
