@@ -48,8 +48,16 @@ pub enum TlsError {
     Quic(String),
 }
 
+/// ring's provider with AES-128-GCM first: node-to-node connections use it (both ends are
+/// ours, and a client's order decides). It is QUIC's mandatory suite and costs a relay about a
+/// quarter less per byte than ring's default first choice, AES-256-GCM (10 AES rounds instead
+/// of 14); the other suites stay acceptable.
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider
+        .cipher_suites
+        .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    Arc::new(provider)
 }
 
 fn spki(node: &NodeId) -> Vec<u8> {
@@ -60,6 +68,19 @@ fn spki(node: &NodeId) -> Vec<u8> {
 
 /// QUIC server crypto presenting a self-signed certificate for `key`.
 pub fn server_crypto(key: &NodeKey) -> Result<Arc<QuicServerConfig>, TlsError> {
+    let quic = QuicServerConfig::try_from(server_config(key)?)
+        .map_err(|e| TlsError::Quic(e.to_string()))?;
+    Ok(Arc::new(quic))
+}
+
+/// QUIC client crypto that completes a handshake only with the holder of `expected`'s key.
+pub fn client_crypto(expected: NodeId) -> Result<Arc<QuicClientConfig>, TlsError> {
+    let quic = QuicClientConfig::try_from(client_config(expected)?)
+        .map_err(|e| TlsError::Quic(e.to_string()))?;
+    Ok(Arc::new(quic))
+}
+
+fn server_config(key: &NodeKey) -> Result<rustls::ServerConfig, TlsError> {
     let pair = rcgen::KeyPair::try_from(key.pkcs8_der())?;
     let cert = rcgen::CertificateParams::new(vec![SERVER_NAME.to_owned()])?.self_signed(&pair)?;
     let private = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.pkcs8_der().to_vec()));
@@ -68,12 +89,10 @@ pub fn server_crypto(key: &NodeKey) -> Result<Arc<QuicServerConfig>, TlsError> {
         .with_no_client_auth()
         .with_single_cert(vec![cert.der().clone()], private)?;
     config.alpn_protocols = vec![ALPN.to_vec()];
-    let quic = QuicServerConfig::try_from(config).map_err(|e| TlsError::Quic(e.to_string()))?;
-    Ok(Arc::new(quic))
+    Ok(config)
 }
 
-/// QUIC client crypto that completes a handshake only with the holder of `expected`'s key.
-pub fn client_crypto(expected: NodeId) -> Result<Arc<QuicClientConfig>, TlsError> {
+fn client_config(expected: NodeId) -> Result<rustls::ClientConfig, TlsError> {
     let provider = provider();
     let verifier = Arc::new(NodeIdVerifier {
         expected,
@@ -86,8 +105,7 @@ pub fn client_crypto(expected: NodeId) -> Result<Arc<QuicClientConfig>, TlsError
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
     config.alpn_protocols = vec![ALPN.to_vec()];
-    let quic = QuicClientConfig::try_from(config).map_err(|e| TlsError::Quic(e.to_string()))?;
-    Ok(Arc::new(quic))
+    Ok(config)
 }
 
 /// Accepts the server only if it proves possession of the expected node key.
@@ -147,5 +165,69 @@ impl ServerCertVerifier for NodeIdVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         vec![SignatureScheme::ED25519]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::quic::{ClientConnection, Connection, ServerConnection, Version};
+
+    /// Runs a QUIC-style TLS handshake in memory between a client expecting `expected` and a
+    /// server holding `key`; the client's connection when it completes.
+    fn handshake(key: &NodeKey, expected: NodeId) -> Result<ClientConnection, rustls::Error> {
+        let name = ServerName::try_from(SERVER_NAME).expect("valid name");
+        let mut client = Connection::Client(ClientConnection::new(
+            Arc::new(client_config(expected).expect("client config")),
+            Version::V1,
+            name,
+            b"client params".to_vec(),
+        )?);
+        let mut server = Connection::Server(ServerConnection::new(
+            Arc::new(server_config(key).expect("server config")),
+            Version::V1,
+            b"server params".to_vec(),
+        )?);
+        // A `write_hs` call writes one encryption level's messages; each goes to the other
+        // side on its own, as QUIC carries each level in its own packets.
+        fn flight(from: &mut Connection, to: &mut Connection) -> Result<(), rustls::Error> {
+            for _ in 0..4 {
+                let mut bytes = Vec::new();
+                let _ = from.write_hs(&mut bytes);
+                if bytes.is_empty() {
+                    break;
+                }
+                to.read_hs(&bytes)?;
+            }
+            Ok(())
+        }
+        for _ in 0..10 {
+            flight(&mut client, &mut server)?;
+            flight(&mut server, &mut client)?;
+            if !client.is_handshaking() && !server.is_handshaking() {
+                break;
+            }
+        }
+        match client {
+            Connection::Client(c) if !c.is_handshaking() => Ok(c),
+            _ => Err(rustls::Error::General("handshake did not finish".into())),
+        }
+    }
+
+    #[test]
+    fn nodes_agree_on_aes_128_gcm_with_the_expected_node() {
+        let key = NodeKey::from_seed(&[9; 32]);
+        let client = handshake(&key, key.node_id()).expect("handshake with the expected node");
+        let suite = client.negotiated_cipher_suite().expect("a suite").suite();
+        assert_eq!(suite, rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+        assert_eq!(client.alpn_protocol(), Some(ALPN));
+    }
+
+    #[test]
+    fn a_node_other_than_the_expected_one_is_refused() {
+        let key = NodeKey::from_seed(&[9; 32]);
+        let other = NodeKey::from_seed(&[10; 32]).node_id();
+        let err = handshake(&key, other).expect_err("the wrong node must not pass");
+        assert!(err.to_string().contains("is not"), "{err}");
     }
 }
