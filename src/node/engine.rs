@@ -664,6 +664,11 @@ impl Engine {
         self.channels.get(id)
     }
 
+    /// quinn-proto's counters of every open connection (frames and datagrams each way).
+    pub fn quic_stats(&self) -> impl Iterator<Item = quinn_proto::ConnectionStats> + '_ {
+        self.conns.values().map(|c| c.quic.stats())
+    }
+
     /// Open connections.
     pub fn connection_count(&self) -> usize {
         self.conns.len()

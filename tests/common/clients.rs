@@ -75,9 +75,13 @@ impl Clients {
 
     /// One pass over every client. Returns whether anything happened.
     pub fn turn(&mut self) -> bool {
-        let now = Instant::now();
         let mut busy = false;
         for c in &mut self.clients {
+            // Each client reads the clock itself, as a peer on its own host does: with one
+            // reading per round over hundreds of clients, late rounds would stamp datagrams
+            // and fire ACK timers milliseconds late, and the relay would see peers slower
+            // than any real one.
+            let now = Instant::now();
             loop {
                 let mut meta = [quinn_udp::RecvMeta::default()];
                 let received = c.state.recv(
