@@ -366,7 +366,18 @@ fn quinn_tokio(plan: Plan) -> Measured {
                 .build()
                 .unwrap();
             rt.block_on(async move {
-                let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+                // The subscribers' socket gets the receive buffer gridcast's peers have.
+                let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+                socket2::SockRef::from(&socket)
+                    .set_recv_buffer_size(4 << 20)
+                    .unwrap();
+                let mut endpoint = quinn::Endpoint::new(
+                    quinn::EndpointConfig::default(),
+                    None,
+                    socket,
+                    Arc::new(quinn::TokioRuntime),
+                )
+                .unwrap();
                 let mut config = quinn::ClientConfig::new(tls::client_crypto(node_id).unwrap());
                 config.transport_config(transport());
                 endpoint.set_default_client_config(config);

@@ -1,7 +1,8 @@
 //! Many client engines on their own UDP sockets, driven round-robin by one thread: an audience
 //! of hundreds without hundreds of driver threads. Each socket receives with GRO where the
-//! kernel has it (through quinn-udp), as a gridcast peer's does: a relay's GSO batches then
-//! reach a client whole, instead of being cut into datagrams at the receiving socket.
+//! kernel has it (through quinn-udp), and with the 4 MiB receive buffer, as a gridcast peer's
+//! does: a relay's GSO batches then reach a client whole, instead of being cut into datagrams
+//! at the receiving socket.
 
 use std::io::{ErrorKind, IoSliceMut};
 use std::net::{SocketAddr, UdpSocket};
@@ -42,6 +43,10 @@ impl Clients {
             .map(|i| {
                 let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
                 socket.set_nonblocking(true).unwrap();
+                // The receive buffer gridcast's own drivers ask for: with the kernel's default
+                // a relay's burst overflows it, and the relay would be measured retransmitting
+                // what a real peer's socket never dropped.
+                let _ = socket2::SockRef::from(&socket).set_recv_buffer_size(4 << 20);
                 let state = quinn_udp::UdpSocketState::new((&socket).into()).unwrap();
                 let seed = [(i % 251) as u8, (i / 251) as u8 + 1, 0x5c, 7].repeat(8);
                 let key = NodeKey::from_seed(&seed.try_into().unwrap());
