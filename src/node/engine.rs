@@ -67,6 +67,9 @@ pub mod close_code {
     pub const VERSION: u32 = 3;
 }
 
+/// The control stream's send priority; shard streams keep quinn-proto's default, 0.
+const CONTROL_PRIORITY: i32 = 1;
+
 /// Most bytes in one GSO batch: a UDP datagram's 16-bit length, less the IPv6 and UDP
 /// headers.
 const MAX_GSO_BYTES: usize = 65_535 - 40 - 8;
@@ -382,6 +385,13 @@ fn encoded_header(
     bytes
 }
 
+/// Control messages (go-away, have, subscribe) go before any shard data waiting on the same
+/// connection: with fair queueing off, a stream of equal priority would wait behind every
+/// chunk written before it.
+fn control_first(quic: &mut Connection, id: StreamId) {
+    let _ = quic.send_stream(id).set_priority(CONTROL_PRIORITY);
+}
+
 /// Queues a connection for driving, once.
 fn mark(dirty: &mut VecDeque<ConnectionHandle>, conn: &mut Conn, handle: ConnectionHandle) {
     if !conn.dirty {
@@ -422,6 +432,9 @@ impl Conn {
             // The dialler opens the control stream; QUIC allows it once the handshake has told
             // us the peer's stream limits, so this is retried until it succeeds.
             self.control = self.quic.streams().open(Dir::Bi);
+            if let Some(id) = self.control {
+                control_first(&mut self.quic, id);
+            }
         }
         let Some(id) = self.control else { return };
         while let Some(front) = self.control_tx.front_mut() {
@@ -583,7 +596,11 @@ impl Engine {
                 ))
                 .stream_receive_window(VarInt::from_u32(config.stream_window))
                 .receive_window(VarInt::from_u32(config.connection_window))
-                .send_window(config.send_window);
+                .send_window(config.send_window)
+                // Streams go out in the order they were written (oldest chunk first, which is
+                // also the one due first), each filling whole packets, instead of round-robin
+                // slices of every open stream in each packet.
+                .send_fairness(false);
             transport
         };
         let transport = Arc::new(base());
@@ -1507,6 +1524,7 @@ impl Engine {
                                     Dir::Bi => {
                                         if conn.control.is_none() {
                                             conn.control = Some(id);
+                                            control_first(&mut conn.quic, id);
                                             conn.send_control(&Message::Hello(Hello {
                                                 version: PROTOCOL_VERSION,
                                                 role: self.config.role,
