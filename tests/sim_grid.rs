@@ -9,6 +9,7 @@ use std::time::Duration;
 use common::grid::Grid;
 use gridcast::node::{Candidate, ChannelMode, EngineConfig, NodeEvent};
 use gridcast::sim::NodeIx;
+use gridcast::stream::ChunkFlags;
 use gridcast::wire::{StartAt, SubstreamSet};
 
 #[test]
@@ -662,5 +663,72 @@ fn supernodes_ask_their_children_for_fewer_acks() {
     assert!(
         thinned * 2 < every_other,
         "peers sent {thinned} datagrams with ACK frequency, {every_other} without"
+    );
+}
+
+#[test]
+fn a_go_away_overtakes_the_chunks_queued_before_it() {
+    let mut grid = Grid::new(29, 0, Grid::relay_config);
+    let (source, channel) = (grid.source.node, grid.source.channel);
+    let (addr, id) = (grid.sim.node(source).addr, grid.sim.node(source).id);
+    let peer = grid.sim.add_node(EngineConfig::default()).unwrap();
+    let now = grid.sim.now();
+    let engine = &mut grid.sim.node_mut(peer).engine;
+    engine.add_channel(channel, ChannelMode::Play);
+    engine
+        .subscribe(
+            now,
+            addr,
+            id,
+            channel,
+            SubstreamSet::first(16),
+            StartAt::Live,
+        )
+        .unwrap();
+    grid.run(Duration::from_secs(2));
+    let bytes_in = |grid: &Grid| {
+        grid.sim
+            .node(peer)
+            .engine
+            .channel(&channel)
+            .unwrap()
+            .stats()
+            .bytes_in
+    };
+    let before = bytes_in(&grid);
+    assert!(before > 0, "the peer is subscribed and receiving");
+
+    // A 1 MB chunk (2 MB of shards to this peer, far beyond its congestion window) is queued,
+    // then the source drains: its go-away is written after every byte of that chunk.
+    let seq = grid.source.published.keys().next_back().unwrap() + 1;
+    let body: bytes::Bytes = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+    let coded = grid
+        .source
+        .publisher
+        .publish(seq, 10_000_000, ChunkFlags::empty(), &body)
+        .unwrap();
+    let queued: u64 = coded.shards.iter().map(|s| s.len() as u64).sum();
+    let now = grid.sim.now();
+    let engine = &mut grid.sim.node_mut(source).engine;
+    engine.publish(now, channel, &coded).unwrap();
+    engine.drain(now);
+
+    // Control goes first: the go-away reaches the peer while most of the chunk is still
+    // on its way.
+    let mut at_go_away = None;
+    for _ in 0..5000 {
+        grid.sim.run_for(Duration::from_millis(1)).unwrap();
+        if grid.sim.node(peer).engine.stats().go_aways_received > 0 {
+            at_go_away = Some(bytes_in(&grid) - before);
+            break;
+        }
+    }
+    let received = at_go_away.expect("the go-away arrives");
+    println!("go-away after {received} of {queued} queued shard bytes");
+    // Without the control stream's priority it arrives after the chunk (1 MB counted, the
+    // eight shards that rebuild it); with it, before any shard byte.
+    assert!(
+        received * 4 < queued,
+        "the go-away waited behind {received} of {queued} shard bytes"
     );
 }
