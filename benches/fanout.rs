@@ -19,7 +19,9 @@
 //! Every configuration's subscribers receive with GRO, as real gridcast and quinn peers do. On
 //! loopback the receiving socket's work runs on the sending thread, so a receiver without GRO
 //! would charge the node for cutting each GSO batch back into datagrams: work a real network
-//! card or a remote host does.
+//! card or a remote host does. The gridcast and quinn subscribers' sockets also get the 4 MiB
+//! receive buffer a gridcast peer asks for; with the kernel's default they dropped part of
+//! every burst, and the relay was measured retransmitting it.
 //!
 //! CPU is the node thread's on-CPU time (user + system, /proc/self/task/TID/schedstat) over
 //! the measured window, divided by payload bytes the subscribers received in it (sent, for the
