@@ -245,6 +245,31 @@ fn gridcast(plan: Plan, backend: IoBackend) -> Measured {
             Box::new(move |e, now| e.publish(now, channel, &coded).unwrap()),
         );
     });
+    // The node's side of its connections, read on its own worker: what the subscribers'
+    // pace looks like from the node (smoothed RTT, congestion window), and whether anything
+    // was lost. On loopback a round trip is the subscribers' thread's lag; past a few ms it
+    // limits how much the node sends per round trip, not the node's own cost.
+    let (stats_tx, stats_rx) = mpsc::channel();
+    node.command(
+        0,
+        Box::new(move |e, _| {
+            let _ = stats_tx.send(e.quic_stats().collect::<Vec<_>>());
+        }),
+    );
+    if let Ok(stats) = stats_rx.recv_timeout(Duration::from_secs(5)) {
+        let n = stats.len().max(1) as f64;
+        let sum =
+            |f: &dyn Fn(&quinn_proto::ConnectionStats) -> f64| stats.iter().map(f).sum::<f64>();
+        println!(
+            "fanout detail backend={backend:?} subscribers={} node_paths: rtt_ms={:.1} cwnd_kb={:.0} sent_packets={:.0} lost_packets={:.0} congestion_events={:.0}",
+            plan.subscribers,
+            sum(&|s| s.path.rtt.as_secs_f64() * 1e3) / n,
+            sum(&|s| s.path.cwnd as f64) / n / 1e3,
+            sum(&|s| s.path.sent_packets as f64),
+            sum(&|s| s.path.lost_packets as f64),
+            sum(&|s| s.path.congestion_events as f64),
+        );
+    }
     stop.store(true, Ordering::Relaxed);
     let clients = client_thread.join().unwrap();
     let total = delivered.load(Ordering::Relaxed).max(1) as f64 / f64::from(1 << 20);
