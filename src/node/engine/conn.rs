@@ -1,0 +1,291 @@
+//! One connection's state and the table that holds them all: the QUIC connection, its control
+//! stream, the subscriptions it holds on us and we hold on it, and its chunk streams each way.
+
+use std::collections::VecDeque;
+
+use rustc_hash::FxHashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use quinn_proto::{Connection, ConnectionHandle, Dir, ReadError, StreamId, VarInt};
+
+use crate::keys::{ChannelId, NodeId};
+use crate::stream::SignedChunkHeader;
+use crate::wire::{DecodeError, Hello, Message, ShardFrame, SubstreamSet};
+
+/// The control stream's send priority; shard streams keep quinn-proto's default, 0.
+const CONTROL_PRIORITY: i32 = 1;
+
+/// A subscription a neighbour holds on us.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Served {
+    pub(super) channel: ChannelId,
+    pub(super) substreams: SubstreamSet,
+}
+
+/// A chunk stream we are sending on one connection.
+#[derive(Debug)]
+pub(super) struct OutStream {
+    pub(super) id: StreamId,
+    pub(super) sent: usize,
+    pub(super) want: usize,
+    /// Bytes QUIC has not taken yet.
+    pub(super) pending: VecDeque<Bytes>,
+}
+
+/// A chunk stream we are receiving.
+#[derive(Debug, Default)]
+pub(super) struct InStream {
+    pub(super) buf: BytesMut,
+    pub(super) header: Option<Arc<SignedChunkHeader>>,
+}
+
+#[derive(Debug)]
+pub(super) struct Conn {
+    pub(super) quic: Connection,
+    pub(super) remote: SocketAddr,
+    pub(super) node: Option<NodeId>,
+    pub(super) control: Option<StreamId>,
+    pub(super) control_rx: BytesMut,
+    pub(super) control_tx: VecDeque<Bytes>,
+    pub(super) hello: Option<Hello>,
+    pub(super) served: FxHashMap<u32, Served>,
+    pub(super) taken: FxHashMap<u32, ChannelId>,
+    pub(super) in_streams: FxHashMap<StreamId, InStream>,
+    pub(super) out_streams: FxHashMap<(u32, u64), OutStream>,
+    pub(super) backlog: usize,
+    pub(super) closed: bool,
+    /// Queued in `Engine::dirty`.
+    pub(super) dirty: bool,
+    /// Queued in `Engine::tx_queue`.
+    pub(super) queued_tx: bool,
+    /// The deadline this connection holds in `Engine::timers`.
+    pub(super) timer: Option<Instant>,
+}
+
+/// Control messages (go-away, have, subscribe) go before any shard data waiting on the same
+/// connection: with fair queueing off, a stream of equal priority would wait behind every
+/// chunk written before it.
+pub(super) fn control_first(quic: &mut Connection, id: StreamId) {
+    let _ = quic.send_stream(id).set_priority(CONTROL_PRIORITY);
+}
+
+/// Queues a connection for driving, once.
+pub(super) fn mark(
+    dirty: &mut VecDeque<ConnectionHandle>,
+    conn: &mut Conn,
+    handle: ConnectionHandle,
+) {
+    if !conn.dirty {
+        conn.dirty = true;
+        dirty.push_back(handle);
+    }
+}
+
+impl Conn {
+    pub(super) fn new(quic: Connection, remote: SocketAddr, node: Option<NodeId>) -> Self {
+        Self {
+            quic,
+            remote,
+            node,
+            control: None,
+            control_rx: BytesMut::new(),
+            control_tx: VecDeque::new(),
+            hello: None,
+            served: FxHashMap::default(),
+            taken: FxHashMap::default(),
+            in_streams: FxHashMap::default(),
+            out_streams: FxHashMap::default(),
+            backlog: 0,
+            closed: false,
+            dirty: false,
+            queued_tx: false,
+            timer: None,
+        }
+    }
+
+    pub(super) fn send_control(&mut self, msg: &Message) {
+        self.control_tx.push_back(msg.to_bytes());
+        self.flush_control();
+    }
+
+    pub(super) fn flush_control(&mut self) {
+        if self.control.is_none() && self.node.is_some() {
+            // The dialler opens the control stream; QUIC allows it once the handshake has told
+            // us the peer's stream limits, so this is retried until it succeeds.
+            self.control = self.quic.streams().open(Dir::Bi);
+            if let Some(id) = self.control {
+                control_first(&mut self.quic, id);
+            }
+        }
+        let Some(id) = self.control else { return };
+        while let Some(front) = self.control_tx.front_mut() {
+            match self.quic.send_stream(id).write(front) {
+                Ok(n) if n == front.len() => {
+                    self.control_tx.pop_front();
+                }
+                Ok(n) => {
+                    let _ = front.split_to(n);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+    }
+
+    pub(super) fn close(&mut self, now: Instant, code: u32, reason: &str) {
+        if !self.closed {
+            self.closed = true;
+            self.quic.close(
+                now,
+                VarInt::from_u32(code),
+                Bytes::copy_from_slice(reason.as_bytes()),
+            );
+        }
+    }
+}
+
+/// Work found while reading a connection, applied afterwards with the whole engine in hand.
+pub(super) enum Input {
+    Control(Message),
+    Shard(StreamId, ShardFrame),
+    /// The stream ended; its state goes once the frames read before are applied.
+    StreamDone(StreamId),
+    Undecodable(DecodeError),
+}
+
+/// The connections, indexed by quinn-proto's handle (a slab index it reuses after a
+/// connection is drained): a lookup per datagram, per send and per timer costs an index,
+/// not a hash.
+#[derive(Debug, Default)]
+pub(super) struct ConnTable {
+    pub(super) slots: Vec<Option<Conn>>,
+    pub(super) len: usize,
+}
+
+impl ConnTable {
+    pub(super) fn get(&self, handle: &ConnectionHandle) -> Option<&Conn> {
+        self.slots.get(handle.0).and_then(Option::as_ref)
+    }
+
+    pub(super) fn get_mut(&mut self, handle: &ConnectionHandle) -> Option<&mut Conn> {
+        self.slots.get_mut(handle.0).and_then(Option::as_mut)
+    }
+
+    pub(super) fn insert(&mut self, handle: ConnectionHandle, conn: Conn) {
+        if self.slots.len() <= handle.0 {
+            self.slots.resize_with(handle.0 + 1, || None);
+        }
+        if self.slots[handle.0].replace(conn).is_none() {
+            self.len += 1;
+        }
+    }
+
+    pub(super) fn remove(&mut self, handle: &ConnectionHandle) -> Option<Conn> {
+        let conn = self.slots.get_mut(handle.0).and_then(Option::take);
+        if conn.is_some() {
+            self.len -= 1;
+        }
+        conn
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(super) fn values(&self) -> impl Iterator<Item = &Conn> {
+        self.slots.iter().flatten()
+    }
+
+    pub(super) fn iter(&self) -> impl Iterator<Item = (ConnectionHandle, &Conn)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| Some((ConnectionHandle(i), c.as_ref()?)))
+    }
+}
+
+/// Reads what arrived on stream `id` and decodes every complete frame.
+pub(super) fn read_stream(
+    conn: &mut Conn,
+    id: StreamId,
+    inputs: &mut Vec<Input>,
+    copied: &mut u64,
+) {
+    let is_control = conn.control == Some(id);
+    if !is_control && !conn.in_streams.contains_key(&id) {
+        return;
+    }
+    let Conn {
+        quic,
+        control_rx,
+        in_streams,
+        ..
+    } = conn;
+    let buf = if is_control {
+        control_rx
+    } else {
+        match in_streams.get_mut(&id) {
+            Some(s) => &mut s.buf,
+            None => return,
+        }
+    };
+    let mut finished = false;
+    {
+        let mut stream = quic.recv_stream(id);
+        let Ok(mut chunks) = stream.read(true) else {
+            return;
+        };
+        loop {
+            match chunks.next(usize::MAX) {
+                // The one copy of received stream bytes: out of the packet buffer quinn
+                // decrypted in place, into this stream's reassembly buffer. Frames decoded
+                // from it are shared slices, never copied again.
+                Ok(Some(chunk)) => {
+                    if !is_control {
+                        *copied += chunk.bytes.len() as u64;
+                    }
+                    buf.extend_from_slice(&chunk.bytes);
+                }
+                Ok(None) => {
+                    finished = true;
+                    break;
+                }
+                Err(ReadError::Blocked) => break,
+                Err(ReadError::Reset(_)) => {
+                    finished = true;
+                    break;
+                }
+            }
+        }
+        let _ = chunks.finalize();
+    }
+    loop {
+        match Message::decode_frame(buf) {
+            Ok(Some(Message::Shard(frame))) if !is_control => inputs.push(Input::Shard(id, frame)),
+            Ok(Some(Message::Shard(_))) => {
+                inputs.push(Input::Undecodable(DecodeError::Invalid(
+                    "shard on control stream",
+                )));
+                break;
+            }
+            Ok(Some(msg)) if is_control => inputs.push(Input::Control(msg)),
+            Ok(Some(_)) => {
+                inputs.push(Input::Undecodable(DecodeError::Invalid(
+                    "control message on a shard stream",
+                )));
+                break;
+            }
+            Ok(None) => break,
+            Err(e) => {
+                inputs.push(Input::Undecodable(e));
+                break;
+            }
+        }
+    }
+    if finished && !is_control {
+        inputs.push(Input::StreamDone(id));
+    }
+}

@@ -1,0 +1,357 @@
+//! The control protocol: subscriptions made and served, channel information, go-aways and
+//! drain, and what happens to a neighbour that misbehaves.
+
+use std::collections::HashMap;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use quinn_proto::ConnectionHandle;
+
+use crate::keys::{ChannelId, NodeId};
+use crate::node::channel::{Channel, Rejected, StoredShard};
+use crate::node::upstream::{Candidate, Slot};
+use crate::stream::CodingParams;
+use crate::wire::{
+    ChannelInfo, GoAway, GoAwayReason, MAX_PARENTS, Message, PROTOCOL_VERSION, ParentCandidate,
+    StartAt, Subscribe, SubstreamSet,
+};
+
+use super::conn::{Input, Served, mark};
+use super::{Engine, EngineError, NodeEvent, close_code};
+
+/// The channel information a parent sends its subscribers (`corrupt`: fault injection, see
+/// [`EngineConfig::corrupt_outgoing_shards`]).
+pub(super) fn channel_info(ch: &Channel, params: CodingParams, corrupt: bool) -> Message {
+    let mut stream_header = ch.stream_header().cloned();
+    if corrupt && let Some(header) = &mut stream_header {
+        let mut bad = header.data.to_vec();
+        if let Some(b) = bad.first_mut() {
+            *b ^= 0x5a;
+        }
+        header.data = bad.into();
+    }
+    Message::ChannelInfo(ChannelInfo {
+        channel: ch.id(),
+        params,
+        chunk_ms: ch.chunk_ms_estimate(),
+        latest: ch.range().map(|(_, newest)| newest),
+        stream_header,
+    })
+}
+
+/// A go-away naming the alternatives for `channels` (each node once, at most the message's
+/// limit).
+pub(super) fn go_away(
+    reason: GoAwayReason,
+    alternatives: &HashMap<ChannelId, Vec<Candidate>>,
+    channels: impl IntoIterator<Item = ChannelId>,
+) -> Message {
+    let mut list: Vec<ParentCandidate> = Vec::new();
+    for channel in channels {
+        for c in alternatives.get(&channel).into_iter().flatten() {
+            if list.len() < MAX_PARENTS && !list.iter().any(|p| p.node == c.node) {
+                list.push(ParentCandidate {
+                    node: c.node,
+                    addrs: vec![c.addr],
+                    load_permille: 0,
+                });
+            }
+        }
+    }
+    Message::GoAway(GoAway {
+        reason,
+        alternatives: list,
+    })
+}
+
+impl Engine {
+    pub fn set_alternatives(&mut self, channel: ChannelId, nodes: Vec<Candidate>) {
+        self.alternatives.insert(channel, nodes);
+    }
+
+    /// Starts a graceful drain: every subscriber gets a go-away naming the alternatives, new
+    /// connections and subscriptions are refused, and serving goes on until the subscribers
+    /// have moved (watch [`Engine::served_subscriptions`]).
+    pub fn drain(&mut self, now: Instant) {
+        self.draining = true;
+        let mut per_conn: HashMap<ConnectionHandle, Vec<ChannelId>> = HashMap::new();
+        for (channel, listed) in &self.subscribers {
+            for &(handle, _) in listed {
+                let channels = per_conn.entry(handle).or_default();
+                if !channels.contains(channel) {
+                    channels.push(*channel);
+                }
+            }
+        }
+        for (handle, channels) in per_conn {
+            let go = go_away(GoAwayReason::Shutdown, &self.alternatives, channels);
+            if let Some(conn) = self.conns.get_mut(&handle) {
+                conn.send_control(&go);
+                self.stats.go_aways_sent += 1;
+            }
+        }
+        self.drive(now);
+    }
+
+    /// Subscriptions served now (a draining node is done when this reaches 0).
+    pub fn served_subscriptions(&self) -> usize {
+        self.subscribers.values().map(Vec::len).sum()
+    }
+
+    /// Subscribes to `substreams` of `channel` at the node `parent_id` reachable at `parent`,
+    /// reusing an open connection to it. Returns the connection.
+    pub fn subscribe(
+        &mut self,
+        now: Instant,
+        parent: SocketAddr,
+        parent_id: NodeId,
+        channel: ChannelId,
+        substreams: SubstreamSet,
+        start: StartAt,
+    ) -> Result<ConnectionHandle, EngineError> {
+        let (handle, _) =
+            self.subscribe_inner(now, parent, parent_id, channel, substreams, start, None)?;
+        self.drive(now);
+        Ok(handle)
+    }
+
+    /// Subscribes (or, with `sub`, changes an existing subscription). Does not drive.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn subscribe_inner(
+        &mut self,
+        now: Instant,
+        parent: SocketAddr,
+        parent_id: NodeId,
+        channel: ChannelId,
+        substreams: SubstreamSet,
+        start: StartAt,
+        sub: Option<u32>,
+    ) -> Result<(ConnectionHandle, u32), EngineError> {
+        let Some(ch) = self.channels.get_mut(&channel) else {
+            return Err(EngineError::UnknownChannel(channel));
+        };
+        ch.mark_joined(now);
+        if self.refused.contains(&parent_id) {
+            return Err(EngineError::Refused(parent_id));
+        }
+        let existing = self
+            .conns
+            .iter()
+            .find(|(_, c)| !c.closed && c.node == Some(parent_id) && c.remote == parent)
+            .map(|(h, _)| h);
+        let handle = match existing {
+            Some(h) => h,
+            None => self.connect(now, parent, parent_id)?,
+        };
+        let sub = sub.unwrap_or_else(|| {
+            self.next_sub += 1;
+            self.next_sub - 1
+        });
+        if let Some(conn) = self.conns.get_mut(&handle) {
+            conn.taken.insert(sub, channel);
+            conn.send_control(&Message::Subscribe(Subscribe {
+                sub,
+                channel,
+                substreams,
+                start,
+            }));
+            mark(&mut self.dirty, conn, handle);
+        }
+        Ok((handle, sub))
+    }
+
+    pub(super) fn apply(&mut self, now: Instant, handle: ConnectionHandle, input: Input) {
+        match input {
+            Input::Undecodable(e) => {
+                self.stats.protocol_errors += 1;
+                if let Some(conn) = self.conns.get_mut(&handle) {
+                    conn.close(now, close_code::PROTOCOL, &e.to_string());
+                }
+            }
+            Input::Control(msg) => self.apply_control(now, handle, msg),
+            Input::Shard(stream, frame) => self.apply_shard(now, handle, stream, frame),
+            Input::StreamDone(stream) => {
+                if let Some(conn) = self.conns.get_mut(&handle) {
+                    conn.in_streams.remove(&stream);
+                }
+            }
+        }
+    }
+
+    pub(super) fn apply_control(&mut self, now: Instant, handle: ConnectionHandle, msg: Message) {
+        let Some(conn) = self.conns.get_mut(&handle) else {
+            return;
+        };
+        match msg {
+            Message::Hello(hello) => {
+                if hello.version != PROTOCOL_VERSION {
+                    conn.close(now, close_code::VERSION, "unsupported protocol version");
+                } else {
+                    conn.hello = Some(hello);
+                }
+            }
+            Message::Subscribe(sub) => {
+                let Some(channel) = self.channels.get(&sub.channel) else {
+                    return;
+                };
+                let known = self
+                    .subscribers
+                    .get(&sub.channel)
+                    .is_some_and(|l| l.contains(&(handle, sub.sub)));
+                let full = self.config.max_subscribers.is_some_and(|max| {
+                    self.subscribers.values().map(Vec::len).sum::<usize>() >= max
+                });
+                if !known && (self.draining || full) {
+                    self.stats.subscriptions_turned_away += 1;
+                    let reason = if self.draining {
+                        GoAwayReason::Shutdown
+                    } else {
+                        GoAwayReason::Overloaded
+                    };
+                    let go = go_away(reason, &self.alternatives, [sub.channel]);
+                    conn.send_control(&go);
+                    return;
+                }
+                let listed = self.subscribers.entry(sub.channel).or_default();
+                if !listed.contains(&(handle, sub.sub)) {
+                    listed.push((handle, sub.sub));
+                }
+                let Some(params) = channel.params() else {
+                    // Nothing received yet; serve what arrives from now on.
+                    conn.served.insert(
+                        sub.sub,
+                        Served {
+                            channel: sub.channel,
+                            substreams: sub.substreams,
+                        },
+                    );
+                    return;
+                };
+                conn.served.insert(
+                    sub.sub,
+                    Served {
+                        channel: sub.channel,
+                        substreams: sub.substreams,
+                    },
+                );
+                let info = channel_info(channel, params, self.config.corrupt_outgoing_shards);
+                conn.send_control(&info);
+                // Backlog: from the requested point, everything still held.
+                let from = match sub.start {
+                    StartAt::Live => channel.newest_random_access(),
+                    StartAt::Seq(seq) => Some(seq),
+                };
+                let mut backlog = Vec::new();
+                if let Some(from) = from {
+                    for seq in channel.seqs_from(from) {
+                        if let Some(chunk) = channel.chunk(seq) {
+                            for index in sub.substreams.iter() {
+                                if let Some(shard) = chunk.shard(index) {
+                                    backlog.push(StoredShard {
+                                        header: Arc::clone(chunk.header()),
+                                        index,
+                                        shard: shard.clone(),
+                                    });
+                                }
+                            }
+                        }
+                    }
+                }
+                for shard in &backlog {
+                    self.send_shard(now, handle, sub.sub, sub.substreams, shard);
+                }
+            }
+            Message::Unsubscribe(unsub) => {
+                if unsub.substreams.is_empty() {
+                    if let Some(served) = conn.served.remove(&unsub.sub)
+                        && let Some(listed) = self.subscribers.get_mut(&served.channel)
+                    {
+                        listed.retain(|entry| *entry != (handle, unsub.sub));
+                    }
+                } else if let Some(served) = conn.served.get_mut(&unsub.sub) {
+                    served.substreams = SubstreamSet::from_bits(
+                        served.substreams.bits() & !unsub.substreams.bits(),
+                    );
+                }
+            }
+            Message::ChannelInfo(info) => {
+                if let Some(header) = &info.stream_header
+                    && self.channels.contains_key(&info.channel)
+                {
+                    if !header.signature_valid(&info.channel) {
+                        self.misbehaved(now, handle, &Rejected::StreamHeader(header.serial));
+                        return;
+                    }
+                    if self.store_stream_header(info.channel, header.clone(), info.params) {
+                        self.events.push_back(NodeEvent::StreamHeader {
+                            channel: info.channel,
+                            header: header.clone(),
+                        });
+                    }
+                }
+                if let Some(up) = self.upstreams.get_mut(&info.channel)
+                    && up.params.is_none()
+                {
+                    // Hints for assignment and the starting point only: every header is still
+                    // verified.
+                    up.params = Some(info.params);
+                    let behind = u64::from(self.config.channel.target_delay.as_millis() as u32)
+                        .div_ceil(u64::from(info.chunk_ms.max(1)));
+                    up.first_start = info.latest.map_or(StartAt::Live, |latest| {
+                        StartAt::Seq(latest.saturating_sub(behind))
+                    });
+                    self.upstream_fill(now, info.channel);
+                }
+            }
+            Message::GoAway(go) => {
+                // A parent leaving (or full): move off it now, while it still serves, rather
+                // than after it has gone; its alternatives become candidates.
+                self.stats.go_aways_received += 1;
+                let from = conn.node;
+                let channels: Vec<ChannelId> = conn.taken.values().copied().collect();
+                for channel in channels {
+                    if let Some(up) = self.upstreams.get_mut(&channel) {
+                        for alt in &go.alternatives {
+                            if Some(alt.node) != from
+                                && let Some(&addr) = alt.addrs.first()
+                                && !up.candidates.iter().any(|(c, _)| c.node == alt.node)
+                            {
+                                up.candidates.push((
+                                    Candidate {
+                                        addr,
+                                        node: alt.node,
+                                    },
+                                    Slot::Idle,
+                                ));
+                            }
+                        }
+                        up.next_check = Some(now);
+                    }
+                }
+                self.lost_conns.push(handle);
+            }
+            Message::Have(_) | Message::ParentQuery(_) | Message::ParentAnswer(_) => {}
+            Message::Shard(_) => {
+                self.stats.protocol_errors += 1;
+                conn.close(now, close_code::PROTOCOL, "shard on the control stream");
+            }
+        }
+    }
+
+    pub(super) fn misbehaved(&mut self, now: Instant, handle: ConnectionHandle, why: &Rejected) {
+        self.stats.misbehaving_closed += 1;
+        if let Some(conn) = self.conns.get_mut(&handle) {
+            if let Some(node) = conn.node {
+                self.refused.insert(node);
+            }
+            self.events.push_back(NodeEvent::Misbehaved {
+                remote: conn.remote,
+                node: conn.node,
+                reason: why.to_string(),
+            });
+            conn.close(now, close_code::BAD_DATA, "bad shard or header");
+        }
+    }
+}

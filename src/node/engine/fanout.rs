@@ -1,0 +1,443 @@
+//! Chunks in and out: publishing and importing, verifying received shards, fan-out to every
+//! subscriber on its own chunk streams, the upload cap and the per-connection backlog bound.
+
+use std::collections::VecDeque;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use quinn_proto::{ConnectionHandle, Dir, StreamId, VarInt, WriteError};
+
+use crate::keys::ChannelId;
+use crate::node::channel::{Channel, StoredShard};
+use crate::node::upstream::Slot;
+use crate::stream::{CodedChunk, CodingParams, SignedChunkHeader};
+use crate::wire::{
+    SHARD_FRAME_PREFIX_MAX, ShardFrame, SignedStreamHeader, SubstreamSet, encode_shard_frame_prefix,
+};
+
+use super::conn::{OutStream, mark};
+use super::control::channel_info;
+use super::{Engine, EngineError, close_code};
+
+/// Chunks whose encoded header is kept for fan-out.
+const ENCODED_HEADERS: usize = 16;
+/// Size of one block that shard frame prefixes are cut from.
+const PREFIX_BLOCK: usize = 16 * 1024;
+
+/// `header`'s encoding, made once and shared by every subscriber's frame.
+pub(super) fn encoded_header(
+    cache: &mut VecDeque<(Arc<SignedChunkHeader>, Bytes)>,
+    header: &Arc<SignedChunkHeader>,
+) -> Bytes {
+    if let Some((_, bytes)) = cache.iter().rev().find(|(h, _)| Arc::ptr_eq(h, header)) {
+        return bytes.clone();
+    }
+    let mut buf = BytesMut::with_capacity(header.encoded_len());
+    header.encode(&mut buf);
+    let bytes = buf.freeze();
+    if cache.len() == ENCODED_HEADERS {
+        cache.pop_front();
+    }
+    cache.push_back((Arc::clone(header), bytes.clone()));
+    bytes
+}
+
+impl Engine {
+    /// The largest queue of unsent shard bytes on any one connection.
+    pub fn max_connection_backlog(&self) -> usize {
+        self.conns.values().map(|c| c.backlog).max().unwrap_or(0)
+    }
+
+    /// Source: publishes a coded chunk on `channel`.
+    pub fn publish(
+        &mut self,
+        now: Instant,
+        channel: ChannelId,
+        coded: &CodedChunk,
+    ) -> Result<(), EngineError> {
+        let ch = self
+            .channels
+            .get_mut(&channel)
+            .ok_or(EngineError::UnknownChannel(channel))?;
+        let shards = ch.publish(coded);
+        self.fan_out(now, channel, &shards);
+        self.export(channel, &shards);
+        self.drive(now);
+        Ok(())
+    }
+
+    /// Multi-worker nodes: stores shards a sibling worker verified and stored (shared buffers,
+    /// nothing copied or hashed again) and sends them to this worker's subscribers.
+    pub fn import(
+        &mut self,
+        now: Instant,
+        channel: ChannelId,
+        shards: &[StoredShard],
+    ) -> Result<(), EngineError> {
+        let ch = self
+            .channels
+            .get_mut(&channel)
+            .ok_or(EngineError::UnknownChannel(channel))?;
+        let fresh = ch.import(shards);
+        self.stats.shards_imported += fresh.len() as u64;
+        self.fan_out(now, channel, &fresh);
+        self.drive(now);
+        Ok(())
+    }
+
+    /// Multi-worker nodes: the shards stored since the last call (with `export_shards`), for
+    /// the sibling workers' [`Engine::import`].
+    pub fn take_exports(&mut self) -> Vec<(ChannelId, Vec<StoredShard>)> {
+        std::mem::take(&mut self.exports)
+    }
+
+    pub(super) fn export(&mut self, channel: ChannelId, shards: &[StoredShard]) {
+        if self.config.export_shards && !shards.is_empty() {
+            match self.exports.last_mut() {
+                Some((last, list)) if *last == channel => list.extend_from_slice(shards),
+                _ => self.exports.push((channel, shards.to_vec())),
+            }
+        }
+    }
+
+    /// Sets `channel`'s stream header, if `header` is newer than the one held, and sends it to
+    /// every subscriber of the channel. For the source (which signed it) and for a multi-worker
+    /// relay passing on a [`NodeEvent::StreamHeader`] from a sibling worker (which checked it).
+    /// Returns whether it was newer.
+    pub fn set_stream_header(
+        &mut self,
+        now: Instant,
+        channel: ChannelId,
+        header: SignedStreamHeader,
+    ) -> Result<bool, EngineError> {
+        let params = self
+            .channels
+            .get(&channel)
+            .ok_or(EngineError::UnknownChannel(channel))?
+            .params();
+        let Some(params) = params else {
+            // Nobody can be told before the first chunk fixes the parameters; keep it for the
+            // subscriptions to come.
+            return Ok(self
+                .channels
+                .get_mut(&channel)
+                .is_some_and(|ch| ch.set_stream_header(header)));
+        };
+        let newer = self.store_stream_header(channel, header, params);
+        self.drive(now);
+        Ok(newer)
+    }
+
+    /// Keeps a newer stream header and tells the channel's subscribers, with `params` when the
+    /// channel has none of its own yet.
+    pub(super) fn store_stream_header(
+        &mut self,
+        channel: ChannelId,
+        header: SignedStreamHeader,
+        params: CodingParams,
+    ) -> bool {
+        let Some(ch) = self.channels.get_mut(&channel) else {
+            return false;
+        };
+        if !ch.set_stream_header(header) {
+            return false;
+        }
+        let info = channel_info(
+            ch,
+            ch.params().unwrap_or(params),
+            self.config.corrupt_outgoing_shards,
+        );
+        let mut told = Vec::new();
+        for &(handle, _) in self.subscribers.get(&channel).into_iter().flatten() {
+            if !told.contains(&handle) {
+                told.push(handle);
+                if let Some(conn) = self.conns.get_mut(&handle) {
+                    conn.send_control(&info);
+                }
+            }
+        }
+        true
+    }
+
+    /// Other nodes that carry `channel`, named as alternatives in go-aways.
+    pub(super) fn apply_shard(
+        &mut self,
+        now: Instant,
+        handle: ConnectionHandle,
+        stream: StreamId,
+        frame: ShardFrame,
+    ) {
+        let Some(conn) = self.conns.get_mut(&handle) else {
+            return;
+        };
+        let Some(channel_id) = conn.taken.get(&frame.sub).copied() else {
+            // A subscription we did not make (or already dropped): ignore.
+            return;
+        };
+        let Some(channel) = self.channels.get_mut(&channel_id) else {
+            return;
+        };
+        let state = conn.in_streams.entry(stream).or_default();
+        let header = match (frame.header, &state.header) {
+            (Some(h), _) => match channel.verify_header(h) {
+                Ok(h) => {
+                    state.header = Some(Arc::clone(&h));
+                    h
+                }
+                Err(e) => return self.misbehaved(now, handle, &e),
+            },
+            (None, Some(h)) if h.header.seq == frame.seq => Arc::clone(h),
+            (None, _) => {
+                self.stats.protocol_errors += 1;
+                conn.close(now, close_code::PROTOCOL, "shard without its chunk header");
+                return;
+            }
+        };
+        let seq = header.header.seq;
+        match channel.insert_shard(
+            &header,
+            usize::from(frame.index),
+            frame.shard,
+            &mut self.coder,
+        ) {
+            Ok(stored) => {
+                if let Some(up) = self.upstreams.get_mut(&channel_id)
+                    && let Some(i) = up.slot_of(handle)
+                    && let Slot::Active {
+                        newest,
+                        last_shard,
+                        tally,
+                        ..
+                    } = &mut up.candidates[i].1
+                {
+                    *newest = Some(newest.map_or(seq, |n| n.max(seq)));
+                    *last_shard = now;
+                    tally.count(seq, now);
+                }
+                self.fan_out(now, channel_id, &stored);
+                self.export(channel_id, &stored);
+            }
+            Err(e) => self.misbehaved(now, handle, &e),
+        }
+    }
+
+    /// Sends newly stored shards to every subscriber that wants them.
+    pub(super) fn fan_out(&mut self, now: Instant, channel: ChannelId, shards: &[StoredShard]) {
+        if shards.is_empty() {
+            return;
+        }
+        let listed = self.subscribers.remove(&channel).unwrap_or_default();
+        for &(handle, sub) in &listed {
+            let substreams = match self.conns.get(&handle) {
+                Some(conn) if !conn.closed => match conn.served.get(&sub) {
+                    Some(served) => served.substreams,
+                    None => continue,
+                },
+                _ => continue,
+            };
+            for shard in shards {
+                if substreams.contains(shard.index) {
+                    self.send_shard(now, handle, sub, substreams, shard);
+                }
+            }
+        }
+        // Sending never subscribes anyone, so putting the list back loses nothing.
+        self.subscribers.entry(channel).or_default().extend(listed);
+    }
+
+    /// Takes `bytes` from the upload budget; false if the cap does not allow them now.
+    pub(super) fn upload_allowed(&mut self, now: Instant, bytes: usize) -> bool {
+        let Some(cap) = self.config.upload_cap else {
+            return true;
+        };
+        let cap = cap as f64;
+        let elapsed = self
+            .upload_refilled
+            .map_or(0.0, |t| now.saturating_duration_since(t).as_secs_f64());
+        // One second of burst.
+        self.upload_tokens = (self.upload_tokens + cap * elapsed).min(cap);
+        self.upload_refilled = Some(now);
+        if self.upload_tokens >= bytes as f64 {
+            self.upload_tokens -= bytes as f64;
+            true
+        } else {
+            false
+        }
+    }
+
+    pub(super) fn send_shard(
+        &mut self,
+        now: Instant,
+        handle: ConnectionHandle,
+        sub: u32,
+        substreams: SubstreamSet,
+        shard: &StoredShard,
+    ) {
+        if !self.upload_allowed(now, shard.shard.len()) {
+            self.stats.upload_cap_drops += 1;
+            return;
+        }
+        let max_backlog = self.config.max_backlog_bytes;
+        let payload = if self.config.corrupt_outgoing_shards {
+            let mut bad = shard.shard.to_vec();
+            if let Some(b) = bad.last_mut() {
+                *b ^= 0x5a;
+            }
+            Bytes::from(bad)
+        } else {
+            shard.shard.clone()
+        };
+        let Some(conn) = self.conns.get_mut(&handle) else {
+            return;
+        };
+        let seq = shard.header.header.seq;
+        let key = (sub, seq);
+        let first = !conn.out_streams.contains_key(&key);
+        if first {
+            let Some(id) = conn.quic.streams().open(Dir::Uni) else {
+                self.stats.backlog_drops += 1;
+                return;
+            };
+            let want = substreams
+                .iter()
+                .filter(|&i| i < shard.header.header.params.total())
+                .count();
+            conn.out_streams.insert(
+                key,
+                OutStream {
+                    id,
+                    sent: 0,
+                    want,
+                    pending: VecDeque::new(),
+                },
+            );
+        }
+        let header = first.then(|| encoded_header(&mut self.encoded_headers, &shard.header));
+        if self.prefixes.capacity() < SHARD_FRAME_PREFIX_MAX {
+            self.prefixes = BytesMut::with_capacity(PREFIX_BLOCK);
+        }
+        encode_shard_frame_prefix(
+            &mut self.prefixes,
+            sub,
+            seq,
+            shard.index as u8,
+            header.as_ref().map(Bytes::len),
+            shard.shard.len(),
+        );
+        let prefix = self.prefixes.split().freeze();
+        let Some(out) = conn.out_streams.get_mut(&key) else {
+            return;
+        };
+        let added = prefix.len() + header.as_ref().map_or(0, Bytes::len) + shard.shard.len();
+        out.pending.push_back(prefix);
+        out.pending.extend(header);
+        out.pending.push_back(payload);
+        out.sent += 1;
+        conn.backlog += added;
+        mark(&mut self.dirty, conn, handle);
+        self.stats.shards_out += 1;
+        self.stats.shard_bytes_out += shard.shard.len() as u64;
+        // Over the backlog bound: drop this subscriber's oldest chunk streams.
+        while conn.backlog > max_backlog {
+            let Some(oldest) = conn
+                .out_streams
+                .iter()
+                .filter(|(_, o)| !o.pending.is_empty())
+                .map(|(k, _)| *k)
+                .min_by_key(|(_, seq)| *seq)
+            else {
+                break;
+            };
+            if let Some(o) = conn.out_streams.remove(&oldest) {
+                let dropped: usize = o.pending.iter().map(Bytes::len).sum();
+                conn.backlog = conn.backlog.saturating_sub(dropped);
+                let _ = conn.quic.send_stream(o.id).reset(VarInt::from_u32(0));
+                self.stats.backlog_drops += 1;
+            }
+        }
+    }
+
+    pub(super) fn flush_out_streams(&mut self, handle: ConnectionHandle) {
+        let Some(conn) = self.conns.get_mut(&handle) else {
+            return;
+        };
+        conn.flush_control();
+        let mut keys: Vec<(u32, u64)> = conn
+            .out_streams
+            .iter()
+            .filter(|(_, o)| !o.pending.is_empty() || o.sent >= o.want)
+            .map(|(k, _)| *k)
+            .collect();
+        keys.sort_by_key(|(_, seq)| *seq);
+        let mut finished = Vec::new();
+        for key in keys {
+            let Some(out) = conn.out_streams.get_mut(&key) else {
+                continue;
+            };
+            let mut stream = conn.quic.send_stream(out.id);
+            let mut blocked = false;
+            while !out.pending.is_empty() {
+                let mut batch: Vec<Bytes> = out.pending.drain(..).collect();
+                match stream.write_chunks(&mut batch) {
+                    Ok(written) => {
+                        conn.backlog = conn.backlog.saturating_sub(written.bytes);
+                        // Whatever QUIC did not take goes back to the front.
+                        for rest in batch.into_iter().rev().filter(|b| !b.is_empty()) {
+                            out.pending.push_front(rest);
+                        }
+                        if !out.pending.is_empty() {
+                            blocked = true;
+                            break;
+                        }
+                    }
+                    Err(WriteError::Blocked) => {
+                        for rest in batch.into_iter().rev() {
+                            out.pending.push_front(rest);
+                        }
+                        blocked = true;
+                        break;
+                    }
+                    Err(_) => {
+                        out.pending.clear();
+                        break;
+                    }
+                }
+            }
+            if blocked {
+                break;
+            }
+            if out.sent >= out.want && out.pending.is_empty() {
+                let _ = stream.finish();
+                finished.push(key);
+            }
+        }
+        for key in finished {
+            conn.out_streams.remove(&key);
+        }
+    }
+
+    /// Finishes one connection's chunk streams whose chunk has left the window.
+    pub(super) fn retire_streams_of(&mut self, handle: ConnectionHandle) {
+        if let Some(conn) = self.conns.get_mut(&handle) {
+            let mut stale = Vec::new();
+            for (key, out) in &conn.out_streams {
+                let oldest = conn
+                    .served
+                    .get(&key.0)
+                    .and_then(|s| self.channels.get(&s.channel))
+                    .and_then(Channel::range)
+                    .map(|(oldest, _)| oldest);
+                if oldest.is_none_or(|o| key.1 < o) && out.pending.is_empty() {
+                    stale.push(*key);
+                }
+            }
+            for key in stale {
+                if let Some(out) = conn.out_streams.remove(&key) {
+                    let _ = conn.quic.send_stream(out.id).finish();
+                }
+            }
+        }
+    }
+}

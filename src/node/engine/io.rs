@@ -1,0 +1,372 @@
+//! The QUIC side of the engine: datagrams in, transmits out, timers, dialling, and the
+//! per-connection event loop that turns quinn-proto events into protocol inputs.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::BytesMut;
+use quinn_proto::{
+    ClientConfig, ConnectionHandle, DatagramEvent, Dir, EcnCodepoint, Event, StreamEvent, StreamId,
+    Transmit,
+};
+
+use crate::keys::NodeId;
+use crate::node::channel::Channel;
+use crate::node::tls::{self, SERVER_NAME};
+use crate::wire::{Hello, Message, PROTOCOL_VERSION};
+
+use super::conn::{Conn, InStream, control_first, mark, read_stream};
+use super::{Engine, EngineError, MAX_GSO_BYTES, NodeEvent, close_code};
+
+impl Engine {
+    /// Stops (or resumes) consuming shard streams, as a paused or stuck player does. QUIC flow
+    /// control then pushes back on the parents, whose bounded backlogs drop the oldest chunks.
+    pub fn set_reading(&mut self, now: Instant, reading: bool) {
+        self.reading = reading;
+        if reading {
+            let mut inputs = Vec::new();
+            let handles: Vec<ConnectionHandle> = self.order.clone();
+            for handle in handles {
+                if let Some(conn) = self.conns.get_mut(&handle) {
+                    let ids: Vec<StreamId> = conn.in_streams.keys().copied().collect();
+                    for id in ids {
+                        read_stream(conn, id, &mut inputs, &mut self.stats.stream_bytes_copied);
+                    }
+                    for input in inputs.drain(..) {
+                        self.apply(now, handle, input);
+                    }
+                }
+                self.touch(handle);
+            }
+        }
+        self.drive(now);
+    }
+
+    /// Queues a connection for driving.
+    pub(super) fn touch(&mut self, handle: ConnectionHandle) {
+        if let Some(conn) = self.conns.get_mut(&handle) {
+            mark(&mut self.dirty, conn, handle);
+        }
+    }
+
+    pub(super) fn connect(
+        &mut self,
+        now: Instant,
+        remote: SocketAddr,
+        node: NodeId,
+    ) -> Result<ConnectionHandle, EngineError> {
+        let mut client = ClientConfig::new(tls::client_crypto(node)?);
+        client.transport_config(Arc::clone(&self.transport));
+        let (handle, quic) = self
+            .endpoint
+            .connect(now, client, remote, SERVER_NAME)
+            .map_err(|e| EngineError::Connect(remote, e.to_string()))?;
+        let mut conn = Conn::new(quic, remote, Some(node));
+        conn.send_control(&self.hello());
+        self.conns.insert(handle, conn);
+        self.order.push(handle);
+        self.touch(handle);
+        Ok(handle)
+    }
+
+    /// Closes the connection to `handle` (a parent the application gave up on).
+    pub fn disconnect(&mut self, now: Instant, handle: ConnectionHandle) {
+        if let Some(conn) = self.conns.get_mut(&handle) {
+            conn.close(now, close_code::DONE, "unsubscribed");
+        }
+        self.touch(handle);
+        self.drive(now);
+    }
+
+    pub(super) fn hello(&self) -> Message {
+        Message::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            role: self.config.role,
+            agent: self.config.agent.clone(),
+        })
+    }
+
+    /// Feeds one received UDP datagram (or GRO batch: one call per datagram).
+    pub fn handle_datagram(
+        &mut self,
+        now: Instant,
+        remote: SocketAddr,
+        local_ip: Option<IpAddr>,
+        ecn: Option<EcnCodepoint>,
+        data: BytesMut,
+    ) {
+        self.stats.udp_bytes_in += data.len() as u64;
+        let mut buf = Vec::new();
+        match self
+            .endpoint
+            .handle(now, remote, local_ip, ecn, data, &mut buf)
+        {
+            Some(DatagramEvent::ConnectionEvent(handle, event)) => {
+                if let Some(conn) = self.conns.get_mut(&handle) {
+                    conn.quic.handle_event(event);
+                    mark(&mut self.dirty, conn, handle);
+                }
+            }
+            Some(DatagramEvent::NewConnection(incoming))
+                if self.draining
+                    || self
+                        .config
+                        .max_connections
+                        .is_some_and(|max| self.conns.len() >= max) =>
+            {
+                self.stats.connections_refused += 1;
+                let t = self.endpoint.refuse(incoming, &mut buf);
+                self.responses.push_back((t, buf));
+            }
+            Some(DatagramEvent::NewConnection(incoming)) => {
+                match self.endpoint.accept(incoming, now, &mut buf, None) {
+                    Ok((handle, quic)) => {
+                        self.stats.accepted += 1;
+                        self.conns.insert(handle, Conn::new(quic, remote, None));
+                        self.order.push(handle);
+                        self.touch(handle);
+                    }
+                    Err(e) => {
+                        if let Some(t) = e.response {
+                            self.responses.push_back((t, std::mem::take(&mut buf)));
+                        }
+                    }
+                }
+            }
+            Some(DatagramEvent::Response(t)) => self.responses.push_back((t, buf)),
+            None => {}
+        }
+        self.drive(now);
+    }
+
+    /// Handles expired timers.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(&(at, handle)) = self.timers.first() {
+            if at > now {
+                break;
+            }
+            self.timers.pop_first();
+            if let Some(conn) = self.conns.get_mut(&handle) {
+                conn.timer = None;
+                conn.quic.handle_timeout(now);
+                mark(&mut self.dirty, conn, handle);
+            }
+        }
+        self.drive(now);
+        if self
+            .upstreams
+            .values()
+            .any(|u| u.next_check.is_some_and(|t| t <= now))
+        {
+            self.upstream_check(now);
+            self.drive(now);
+        }
+    }
+
+    /// The next instant [`Engine::handle_timeout`] must run.
+    pub fn poll_timeout(&mut self) -> Option<Instant> {
+        let conns = self.timers.first().map(|(t, _)| *t);
+        let channels = self.channels.values().filter_map(Channel::poll_timeout);
+        let upstream = self.upstreams.values().filter_map(|u| u.next_check);
+        conns.into_iter().chain(channels).chain(upstream).min()
+    }
+
+    /// The next datagram(s) to send. The bytes are written to `buf`; with `segment_size` set,
+    /// `buf` holds several datagrams of that size (the last may be shorter).
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
+        if let Some((t, data)) = self.responses.pop_front() {
+            buf.clear();
+            buf.extend_from_slice(&data);
+            return Some(t);
+        }
+        while let Some(handle) = self.tx_queue.pop_front() {
+            let Some(conn) = self.conns.get_mut(&handle) else {
+                continue;
+            };
+            buf.clear();
+            // A GSO send carries at most 64 KiB (the UDP length field): fewer, full-size
+            // segments rather than a batch the kernel refuses.
+            let segments = self
+                .config
+                .max_gso_segments
+                .min(MAX_GSO_BYTES / usize::from(conn.quic.current_mtu()))
+                .max(1);
+            let sent = conn.quic.poll_transmit(now, segments, buf);
+            if sent.is_some() {
+                // It may have more; round-robin behind the others.
+                self.tx_queue.push_back(handle);
+            } else {
+                conn.queued_tx = false;
+            }
+            // Sending arms loss-detection timers. (It produces no endpoint or application
+            // events in quinn-proto 0.11, so the connection is not marked for driving: doing
+            // that kept every connection that ever sent dirty on every loop turn.)
+            self.rearm(handle);
+            if sent.is_some() {
+                return sent;
+            }
+        }
+        None
+    }
+
+    /// Re-files a connection's QUIC deadline in the timer set.
+    pub(super) fn rearm(&mut self, handle: ConnectionHandle) {
+        let Some(conn) = self.conns.get_mut(&handle) else {
+            return;
+        };
+        let next = conn.quic.poll_timeout();
+        if next != conn.timer {
+            if let Some(old) = conn.timer {
+                self.timers.remove(&(old, handle));
+            }
+            if let Some(new) = next {
+                self.timers.insert((new, handle));
+            }
+            conn.timer = next;
+        }
+    }
+
+    /// The next event for the application.
+    pub fn poll_event(&mut self) -> Option<NodeEvent> {
+        self.events.pop_front()
+    }
+
+    /// Runs everything that follows from new input: QUIC events, protocol messages, fan-out,
+    /// playout.
+    pub(super) fn drive(&mut self, now: Instant) {
+        while let Some(handle) = self.dirty.pop_front() {
+            let Some(conn) = self.conns.get_mut(&handle) else {
+                continue;
+            };
+            conn.dirty = false;
+            self.drive_conn(now, handle);
+            self.retire_streams_of(handle);
+            if let Some(conn) = self.conns.get_mut(&handle)
+                && !conn.queued_tx
+            {
+                conn.queued_tx = true;
+                self.tx_queue.push_back(handle);
+            }
+            self.rearm(handle);
+        }
+        // Playout.
+        let mut out = Vec::new();
+        for (id, channel) in &mut self.channels {
+            for (seq, flags, payload) in channel.poll_playout(now, &mut self.coder) {
+                out.push(NodeEvent::Chunk {
+                    channel: *id,
+                    seq,
+                    flags,
+                    payload,
+                });
+            }
+        }
+        self.events.extend(out);
+    }
+
+    pub(super) fn drive_conn(&mut self, now: Instant, handle: ConnectionHandle) {
+        let mut inputs = Vec::new();
+        let mut drained = false;
+        {
+            let Some(conn) = self.conns.get_mut(&handle) else {
+                return;
+            };
+            loop {
+                let mut progressed = false;
+                while let Some(ev) = conn.quic.poll_endpoint_events() {
+                    progressed = true;
+                    drained |= ev.is_drained();
+                    if let Some(back) = self.endpoint.handle_event(handle, ev) {
+                        conn.quic.handle_event(back);
+                    }
+                }
+                while let Some(ev) = conn.quic.poll() {
+                    progressed = true;
+                    match ev {
+                        Event::Connected => {
+                            conn.flush_control();
+                            self.events.push_back(NodeEvent::Connected {
+                                conn: handle,
+                                remote: conn.remote,
+                            });
+                        }
+                        Event::Stream(StreamEvent::Available { dir: Dir::Bi }) => {
+                            conn.flush_control();
+                        }
+                        Event::ConnectionLost { reason } => {
+                            self.lost_conns.push(handle);
+                            self.events.push_back(NodeEvent::ConnectionLost {
+                                conn: handle,
+                                remote: conn.remote,
+                                reason: reason.to_string(),
+                            });
+                        }
+                        Event::Stream(StreamEvent::Opened { dir }) => {
+                            while let Some(id) = conn.quic.streams().accept(dir) {
+                                match dir {
+                                    Dir::Bi => {
+                                        if conn.control.is_none() {
+                                            conn.control = Some(id);
+                                            control_first(&mut conn.quic, id);
+                                            conn.send_control(&Message::Hello(Hello {
+                                                version: PROTOCOL_VERSION,
+                                                role: self.config.role,
+                                                agent: self.config.agent.clone(),
+                                            }));
+                                        }
+                                    }
+                                    Dir::Uni => {
+                                        conn.in_streams.insert(id, InStream::default());
+                                    }
+                                }
+                                if self.reading || conn.control == Some(id) {
+                                    read_stream(
+                                        conn,
+                                        id,
+                                        &mut inputs,
+                                        &mut self.stats.stream_bytes_copied,
+                                    );
+                                }
+                            }
+                        }
+                        Event::Stream(StreamEvent::Readable { id }) => {
+                            if self.reading || conn.control == Some(id) {
+                                read_stream(
+                                    conn,
+                                    id,
+                                    &mut inputs,
+                                    &mut self.stats.stream_bytes_copied,
+                                );
+                            }
+                        }
+                        Event::Stream(StreamEvent::Writable { .. }) => {
+                            conn.flush_control();
+                        }
+                        Event::Stream(_) | Event::HandshakeDataReady => {}
+                        Event::DatagramReceived | Event::DatagramsUnblocked => {}
+                    }
+                }
+                if !progressed {
+                    break;
+                }
+            }
+        }
+        if drained {
+            if let Some(conn) = self.conns.remove(&handle)
+                && let Some(t) = conn.timer
+            {
+                self.timers.remove(&(t, handle));
+            }
+            self.order.retain(|h| *h != handle);
+            for listed in self.subscribers.values_mut() {
+                listed.retain(|(h, _)| *h != handle);
+            }
+            return;
+        }
+        for input in inputs {
+            self.apply(now, handle, input);
+        }
+        self.flush_out_streams(handle);
+    }
+}

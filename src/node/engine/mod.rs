@@ -1,0 +1,478 @@
+//! The sans-IO node engine: one quinn-proto endpoint, its connections, and the gridcast protocol
+//! over them. Sources, supernodes and peers are the same engine with different channel modes.
+//!
+//! # Driving the engine
+//!
+//! The engine reads no clock, opens no socket and spawns nothing. A driver (the simulator, the
+//! io_uring or portable backends) must, in each loop turn, with `now` read once:
+//!
+//! 1. feed every received datagram to [`Engine::handle_datagram`];
+//! 2. call [`Engine::handle_timeout`] if the instant from [`Engine::poll_timeout`] has passed;
+//! 3. issue commands ([`Engine::publish`], [`Engine::subscribe`], …);
+//! 4. send everything [`Engine::poll_transmit`] returns until it returns `None`
+//!    (`segment_size` set means the buffer holds several datagrams of that size: GSO);
+//! 5. drain [`Engine::poll_event`];
+//! 6. sleep until the next datagram or [`Engine::poll_timeout`].
+//!
+//! # Protocol
+//!
+//! The dialling side opens one bidirectional control stream; both sides send
+//! [`Hello`](crate::wire::Hello) first. A subscriber sends
+//! [`Subscribe`](crate::wire::Subscribe); the parent answers with
+//! [`ChannelInfo`](crate::wire::ChannelInfo) and then sends, per chunk, one unidirectional
+//! stream carrying the signed header with the first shard and the other requested shards of that
+//! chunk after it. Every shard is verified before it is stored, served or played; a neighbour
+//! that sends a bad header or shard is disconnected and its node id is refused from then on.
+//!
+//! A subscriber whose connection cannot take more data loses its oldest chunk streams (reset,
+//! counted in [`EngineStats::backlog_drops`]); nothing queues without bound.
+//!
+//! # Layout
+//!
+//! One `Engine` struct (here, with its settings, events and counters), its methods grouped by
+//! concern, each file one job:
+//!
+//! - `conn`: one connection's state (control stream, subscriptions each way, chunk streams)
+//!   and the slab-indexed table of all of them; reading a stream into protocol inputs.
+//! - `io`: the QUIC side: datagrams in, transmits out, timers, dialling, and the
+//!   per-connection event loop that turns quinn-proto events into inputs.
+//! - `control`: the control protocol: subscriptions made and served, channel information,
+//!   refusals, go-aways and drain, misbehaving neighbours.
+//! - `fanout`: chunks in and out: publish and import, shard verification, fan-out on per-chunk
+//!   streams, the upload cap and the backlog bound.
+//! - `parents`: the upstream policy ([`crate::node::upstream`]) put to work: candidates,
+//!   standbys, assignment and failover.
+
+mod conn;
+mod control;
+mod fanout;
+mod io;
+mod parents;
+
+use conn::ConnTable;
+
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use quinn_proto::{
+    AckFrequencyConfig, ConnectionHandle, Endpoint, EndpointConfig, IdleTimeout, ServerConfig,
+    Transmit, TransportConfig, VarInt,
+};
+
+use super::channel::{Channel, ChannelConfig, ChannelMode, StoredShard};
+use super::cid::{WorkerCids, WorkerTag};
+use super::tls::{self, TlsError};
+use super::upstream::{Candidate, Upstream, UpstreamConfig};
+use crate::keys::{ChannelId, NodeId, NodeKey};
+use crate::stream::{ChunkFlags, Payload, ShardCoder, SignedChunkHeader};
+use crate::wire::{Role, SignedStreamHeader};
+
+/// QUIC application close codes.
+pub mod close_code {
+    /// Normal close.
+    pub const DONE: u32 = 0;
+    /// The peer sent bytes that do not decode.
+    pub const PROTOCOL: u32 = 1;
+    /// The peer sent a forged or corrupted header or shard.
+    pub const BAD_DATA: u32 = 2;
+    /// The peer speaks another protocol version.
+    pub const VERSION: u32 = 3;
+}
+
+/// Most bytes in one GSO batch: a UDP datagram's 16-bit length, less the IPv6 and UDP
+/// headers.
+const MAX_GSO_BYTES: usize = 65_535 - 40 - 8;
+
+/// Engine settings.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Role announced in Hello.
+    pub role: Role,
+    /// Window and playout settings for every channel.
+    pub channel: ChannelConfig,
+    /// Accept incoming connections (sources and supernodes; peers that upload).
+    pub serve: bool,
+    /// Most datagrams per GSO batch returned by [`Engine::poll_transmit`].
+    pub max_gso_segments: usize,
+    /// QUIC idle timeout.
+    pub idle_timeout: Duration,
+    /// QUIC keep-alive interval (keeps NAT bindings and detects dead neighbours early).
+    pub keep_alive: Duration,
+    /// Most unsent bytes queued on one connection before its oldest chunk streams are dropped.
+    pub max_backlog_bytes: usize,
+    /// QUIC receive window per stream (one chunk's shards for one subscriber).
+    pub stream_window: u32,
+    /// QUIC receive window per connection: what a neighbour that stops reading can pin here.
+    pub connection_window: u32,
+    /// QUIC send buffer per connection: what a subscriber that stops reading can pin at us.
+    pub send_window: u64,
+    /// Seed for quinn's connection-id and packet-number randomness (simulations).
+    pub rng_seed: Option<[u8; 32]>,
+    /// Agent string for Hello.
+    pub agent: String,
+    /// Most shard bytes per second sent to subscribers (`None`: no cap). A peer relaying to
+    /// other peers sets its owner's cap here; a node that must upload nothing sets
+    /// `serve: false` instead and accepts no subscribers at all.
+    pub upload_cap: Option<u64>,
+    /// Most connections at once; more are refused at the handshake (`None`: no limit).
+    pub max_connections: Option<usize>,
+    /// Most subscriptions served at once; more are answered with a go-away naming the
+    /// alternatives (`None`: no limit).
+    pub max_subscribers: Option<usize>,
+    /// Parent selection and failover for channels given candidates with
+    /// [`Engine::set_upstream`].
+    pub upstream: UpstreamConfig,
+    /// Fault injection for the simulator: flip a byte in every shard and stream header this
+    /// node sends, to prove that its neighbours catch it. Never set outside tests.
+    pub corrupt_outgoing_shards: bool,
+    /// Set when this engine is one of several workers sharing a UDP port: the connection ids
+    /// it issues then steer packets back to it (see [`crate::node::cid`]).
+    pub worker: Option<WorkerTag>,
+    /// Keep every newly stored shard for [`Engine::take_exports`], so a driver can hand it to
+    /// sibling workers (multi-worker supernodes).
+    pub export_shards: bool,
+    /// Path MTU discovery (quinn-proto's DPLPMTUD, from 1200 up to 1452 bytes). Only valid
+    /// where the socket sets the don't-fragment bit, as both drivers do; without it every
+    /// stream byte goes in 1200-byte packets, about a quarter more packets per byte.
+    pub mtu_discovery: bool,
+    /// How many ack-eliciting packets a child may receive before it must acknowledge (the
+    /// QUIC ACK-frequency extension; the child acknowledges anyway after its `max_ack_delay`,
+    /// 25 ms). 0 leaves QUIC's default of an ACK for every second packet.
+    pub ack_eliciting_threshold: u32,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            role: Role::Peer,
+            channel: ChannelConfig::default(),
+            serve: false,
+            max_gso_segments: 64,
+            idle_timeout: Duration::from_secs(10),
+            keep_alive: Duration::from_secs(1),
+            max_backlog_bytes: 4 * 1024 * 1024,
+            stream_window: 2 * 1024 * 1024,
+            connection_window: 8 * 1024 * 1024,
+            send_window: 8 * 1024 * 1024,
+            rng_seed: None,
+            agent: concat!("gridcast/", env!("CARGO_PKG_VERSION")).to_owned(),
+            corrupt_outgoing_shards: false,
+            upstream: UpstreamConfig::default(),
+            upload_cap: None,
+            max_connections: None,
+            max_subscribers: None,
+            worker: None,
+            export_shards: false,
+            mtu_discovery: true,
+            ack_eliciting_threshold: 9,
+        }
+    }
+}
+
+/// Why an engine command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// TLS setup failed.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// quinn refused to start a connection.
+    #[error("connect to {0}: {1}")]
+    Connect(SocketAddr, String),
+    /// The channel is not carried by this node.
+    #[error("channel {0} is not carried by this node")]
+    UnknownChannel(ChannelId),
+    /// The node refuses this neighbour (it sent bad data before).
+    #[error("node {0} sent bad data before and is refused")]
+    Refused(NodeId),
+}
+
+/// Something the driver or the application should know.
+#[derive(Debug, Clone)]
+pub enum NodeEvent {
+    /// A player channel's next chunk, complete and in order.
+    Chunk {
+        /// Channel.
+        channel: ChannelId,
+        /// Sequence number.
+        seq: u64,
+        /// The chunk's flags (random access, stream header, end of stream).
+        flags: ChunkFlags,
+        /// The chunk's bytes.
+        payload: Payload,
+    },
+    /// A channel's stream header (Ogg, fragmented MP4) arrived or changed, signature checked.
+    /// A player writes it before the first chunk it plays; a multi-worker relay hands it to its
+    /// other workers with [`Engine::set_stream_header`].
+    StreamHeader {
+        /// Channel.
+        channel: ChannelId,
+        /// The header.
+        header: SignedStreamHeader,
+    },
+    /// A connection completed its handshake.
+    Connected {
+        /// Connection.
+        conn: ConnectionHandle,
+        /// Remote address.
+        remote: SocketAddr,
+    },
+    /// A connection ended.
+    ConnectionLost {
+        /// Connection.
+        conn: ConnectionHandle,
+        /// Remote address.
+        remote: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+    /// A parent was lost or lagged, and its substreams moved.
+    Failover {
+        /// Channel.
+        channel: ChannelId,
+        /// The parent given up on.
+        lost: SocketAddr,
+        /// The parent that took over its substreams, if one was ready.
+        replacement: Option<SocketAddr>,
+        /// The chunk the replacement resumes at.
+        resume: u64,
+    },
+    /// A neighbour sent bad data and was disconnected.
+    Misbehaved {
+        /// Remote address.
+        remote: SocketAddr,
+        /// Its node id, if we dialled it.
+        node: Option<NodeId>,
+        /// What it did.
+        reason: String,
+    },
+}
+
+/// Counters for the whole node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Shards handed to QUIC for subscribers.
+    pub shards_out: u64,
+    /// Shard bytes handed to QUIC for subscribers.
+    pub shard_bytes_out: u64,
+    /// Chunk streams reset because a subscriber could not keep up.
+    pub backlog_drops: u64,
+    /// Connections closed for bad data.
+    pub misbehaving_closed: u64,
+    /// Connections closed for undecodable bytes.
+    pub protocol_errors: u64,
+    /// Incoming connections accepted.
+    pub accepted: u64,
+    /// UDP payload bytes received.
+    pub udp_bytes_in: u64,
+    /// Parents replaced after loss or lag.
+    pub failovers: u64,
+    /// Shards not sent to a subscriber because the upload cap was spent.
+    pub upload_cap_drops: u64,
+    /// Chunk-stream bytes copied out of received packets while reassembling shards. Each
+    /// received stream byte is copied exactly once, here; fan-out, cross-worker hand-off and
+    /// storage share that copy.
+    pub stream_bytes_copied: u64,
+    /// Shards taken from sibling workers with [`Engine::import`].
+    pub shards_imported: u64,
+    /// Incoming connections refused (connection limit, draining).
+    pub connections_refused: u64,
+    /// Subscriptions turned away with a go-away (subscriber limit, draining).
+    pub subscriptions_turned_away: u64,
+    /// Go-aways sent to subscribers by [`Engine::drain`].
+    pub go_aways_sent: u64,
+    /// Go-aways received from parents.
+    pub go_aways_received: u64,
+}
+
+/// The engine. See the module documentation for the call order.
+pub struct Engine {
+    config: EngineConfig,
+    node: NodeId,
+    endpoint: Endpoint,
+    transport: Arc<TransportConfig>,
+    conns: ConnTable,
+    /// Every connection, in creation order (fan-out and policy walk it).
+    order: Vec<ConnectionHandle>,
+    /// Connections with work to do: only these are driven, so a datagram costs O(1)
+    /// connections, not O(all).
+    dirty: VecDeque<ConnectionHandle>,
+    /// Connections that may have datagrams to send.
+    tx_queue: VecDeque<ConnectionHandle>,
+    /// Every connection's next QUIC deadline.
+    timers: BTreeSet<(Instant, ConnectionHandle)>,
+    /// Per channel, the (connection, subscription) pairs that receive its shards: fan-out
+    /// touches only these, never every connection.
+    subscribers: HashMap<ChannelId, Vec<(ConnectionHandle, u32)>>,
+    channels: HashMap<ChannelId, Channel>,
+    coder: ShardCoder,
+    events: VecDeque<NodeEvent>,
+    responses: VecDeque<(Transmit, Vec<u8>)>,
+    next_sub: u32,
+    refused: HashSet<NodeId>,
+    upstreams: HashMap<ChannelId, Upstream>,
+    lost_conns: Vec<ConnectionHandle>,
+    /// Set by [`Engine::drain`]: subscribers are sent away and no new ones are taken.
+    draining: bool,
+    /// Per channel, other nodes that carry it, named in go-aways.
+    alternatives: HashMap<ChannelId, Vec<Candidate>>,
+    reading: bool,
+    upload_tokens: f64,
+    upload_refilled: Option<Instant>,
+    /// Newly stored shards for sibling workers (`export_shards`).
+    exports: Vec<(ChannelId, Vec<StoredShard>)>,
+    /// Signed chunk headers encoded once for every subscriber (the newest few chunks).
+    encoded_headers: VecDeque<(Arc<SignedChunkHeader>, Bytes)>,
+    /// Shard frame prefixes are cut from this block: one allocation per many frames.
+    prefixes: BytesMut,
+    stats: EngineStats,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("node", &self.node)
+            .field("connections", &self.conns.len())
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// An engine for the node holding `key`.
+    pub fn new(key: &NodeKey, config: EngineConfig) -> Result<Self, EngineError> {
+        let base = || {
+            let mut transport = TransportConfig::default();
+            transport
+                .max_concurrent_uni_streams(VarInt::from_u32(4096))
+                .max_concurrent_bidi_streams(VarInt::from_u32(4))
+                .keep_alive_interval(Some(config.keep_alive))
+                .max_idle_timeout(Some(
+                    IdleTimeout::try_from(config.idle_timeout)
+                        .unwrap_or_else(|_| IdleTimeout::from(VarInt::from_u32(10_000))),
+                ))
+                .stream_receive_window(VarInt::from_u32(config.stream_window))
+                .receive_window(VarInt::from_u32(config.connection_window))
+                .send_window(config.send_window)
+                // Streams go out in the order they were written (oldest chunk first, which is
+                // also the one due first), each filling whole packets, instead of round-robin
+                // slices of every open stream in each packet.
+                .send_fairness(false);
+            transport
+        };
+        let transport = Arc::new(base());
+        // Connections this node accepts come from children: shards flow only towards them, on
+        // streams this node opens. Allowing them no streams of their own saves the per-stream
+        // state quinn-proto sets up front for every stream a peer may open (with 4096 of them,
+        // the fan-out benchmark's process was 170 MB larger at 1000 children), and asking them
+        // to acknowledge less often (the QUIC ACK-frequency extension) saves the serving node
+        // most of the ACKs it would process.
+        let mut serving = base();
+        serving.max_concurrent_uni_streams(VarInt::from_u32(0));
+        if config.ack_eliciting_threshold > 0 {
+            let mut ack = AckFrequencyConfig::default();
+            ack.ack_eliciting_threshold(VarInt::from_u32(config.ack_eliciting_threshold));
+            serving.ack_frequency_config(Some(ack));
+        }
+        let server = if config.serve {
+            let mut server = ServerConfig::with_crypto(tls::server_crypto(key)?);
+            server.transport_config(Arc::new(serving));
+            Some(Arc::new(server))
+        } else {
+            None
+        };
+        let mut endpoint_config = EndpointConfig::default();
+        if let Some(tag) = config.worker {
+            endpoint_config.cid_generator(move || Box::new(WorkerCids::new(tag)));
+        }
+        let endpoint = Endpoint::new(
+            Arc::new(endpoint_config),
+            server,
+            config.mtu_discovery,
+            config.rng_seed,
+        );
+        let upload_tokens = config_upload_burst(&config);
+        Ok(Self {
+            node: key.node_id(),
+            config,
+            endpoint,
+            transport,
+            conns: ConnTable::default(),
+            order: Vec::new(),
+            dirty: VecDeque::new(),
+            tx_queue: VecDeque::new(),
+            timers: BTreeSet::new(),
+            subscribers: HashMap::new(),
+            channels: HashMap::new(),
+            coder: ShardCoder::new(),
+            events: VecDeque::new(),
+            responses: VecDeque::new(),
+            next_sub: 1,
+            refused: HashSet::new(),
+            upstreams: HashMap::new(),
+            lost_conns: Vec::new(),
+            draining: false,
+            alternatives: HashMap::new(),
+            reading: true,
+            upload_tokens,
+            upload_refilled: None,
+            exports: Vec::new(),
+            encoded_headers: VecDeque::new(),
+            prefixes: BytesMut::new(),
+            stats: EngineStats::default(),
+        })
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> NodeId {
+        self.node
+    }
+
+    /// Node-wide counters.
+    pub fn stats(&self) -> EngineStats {
+        self.stats
+    }
+
+    /// A carried channel's state.
+    pub fn channel(&self, id: &ChannelId) -> Option<&Channel> {
+        self.channels.get(id)
+    }
+
+    /// quinn-proto's counters of every open connection (frames and datagrams each way).
+    pub fn quic_stats(&self) -> impl Iterator<Item = quinn_proto::ConnectionStats> + '_ {
+        self.conns.values().map(|c| c.quic.stats())
+    }
+
+    /// Open connections.
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Starts carrying a channel in `mode`.
+    pub fn add_channel(&mut self, id: ChannelId, mode: ChannelMode) {
+        let config = self.config.channel.clone();
+        let serve = self.config.serve;
+        self.channels
+            .entry(id)
+            .or_insert_with(|| Channel::new(id, mode, config))
+            .set_regenerate(serve);
+    }
+
+    /// The settings this engine runs with.
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// Caps GSO batches (1 turns GSO off; a driver whose kernel refuses GSO does that).
+    pub fn set_max_gso_segments(&mut self, segments: usize) {
+        self.config.max_gso_segments = segments.max(1);
+    }
+}
+
+/// The upload budget a node starts with: one second at its cap.
+fn config_upload_burst(config: &EngineConfig) -> f64 {
+    config.upload_cap.map_or(0.0, |cap| cap as f64)
+}

@@ -1,0 +1,328 @@
+//! The upstream policy put to work: dialling candidates and standbys, handing substream sets
+//! to parents, and replacing a parent that is lost, lagging or short (the arithmetic and state
+//! are in [`crate::node::upstream`]).
+
+use std::time::Instant;
+
+use crate::keys::ChannelId;
+use crate::node::channel::Channel;
+use crate::node::upstream::{Candidate, HEALTHY_RATIO, SHORT_RATIO, Slot, Tally, Upstream, assign};
+use crate::wire::{StartAt, SubstreamSet};
+
+use super::conn::mark;
+use super::{Engine, EngineError, NodeEvent, close_code};
+
+impl Engine {
+    /// Lets the engine choose parents for `channel` among `candidates` and keep them: draws
+    /// substreams so that losing any [`UpstreamConfig::tolerate`] parents still leaves K, keeps
+    /// warm standbys, and replaces a lost or lagging parent without waiting for a QUIC timeout.
+    pub fn set_upstream(
+        &mut self,
+        now: Instant,
+        channel: ChannelId,
+        candidates: Vec<Candidate>,
+    ) -> Result<(), EngineError> {
+        if !self.channels.contains_key(&channel) {
+            return Err(EngineError::UnknownChannel(channel));
+        }
+        let rotation = usize::from(self.node.as_bytes()[0]);
+        let candidates = candidates
+            .into_iter()
+            .filter(|c| c.node != self.node)
+            .collect();
+        self.upstreams.insert(
+            channel,
+            Upstream::new(self.config.upstream.clone(), candidates, rotation),
+        );
+        self.upstream_fill(now, channel);
+        self.drive(now);
+        Ok(())
+    }
+
+    /// Substreams drawn for `channel` by the upstream policy, and from how many parents.
+    pub fn upstream_status(&self, channel: &ChannelId) -> Option<(usize, usize)> {
+        self.upstreams
+            .get(channel)
+            .map(|u| (u.substreams_held(), u.active()))
+    }
+
+    /// Connects standbys and hands unassigned substream sets to them.
+    pub(super) fn upstream_fill(&mut self, now: Instant, channel: ChannelId) {
+        let Some(mut up) = self.upstreams.remove(&channel) else {
+            return;
+        };
+        // Failed candidates become eligible again after their back-off.
+        for (_, slot) in &mut up.candidates {
+            if let Slot::Failed { until } = slot
+                && *until <= now
+            {
+                *slot = Slot::Idle;
+            }
+        }
+        // Keep parents + standby connections.
+        let want = up.config.parents + up.config.standby;
+        let mut connected = up
+            .candidates
+            .iter()
+            .filter(|(_, s)| matches!(s, Slot::Active { .. } | Slot::Standby { .. }))
+            .count();
+        for i in 0..up.candidates.len() {
+            if connected >= want {
+                break;
+            }
+            let (cand, slot) = up.candidates[i].clone();
+            if slot != Slot::Idle || self.refused.contains(&cand.node) {
+                continue;
+            }
+            // Probe: an empty subscription makes the parent answer with ChannelInfo.
+            match self.subscribe_inner(
+                now,
+                cand.addr,
+                cand.node,
+                channel,
+                SubstreamSet::EMPTY,
+                StartAt::Live,
+                None,
+            ) {
+                Ok((conn, sub)) => {
+                    up.candidates[i].1 = Slot::Standby { conn, sub };
+                    connected += 1;
+                }
+                Err(_) => {
+                    up.candidates[i].1 = Slot::Failed {
+                        until: now + up.config.retry_after,
+                    }
+                }
+            }
+        }
+        // First assignment once K and N are known.
+        if let Some(params) = up.params
+            && up.active() == 0
+            && up.unassigned.is_empty()
+        {
+            let parents = up.config.parents.min(connected).max(1);
+            let start = up.first_start;
+            up.unassigned = assign(params, parents, up.config.tolerate, up.rotation)
+                .into_iter()
+                .map(|set| (set, start))
+                .collect();
+        }
+        // Hand sets to standbys.
+        while let Some(&(set, start)) = up.unassigned.first() {
+            let Some(i) = up
+                .candidates
+                .iter()
+                .position(|(_, s)| matches!(s, Slot::Standby { .. }))
+            else {
+                break;
+            };
+            let (cand, slot) = up.candidates[i].clone();
+            let Slot::Standby { conn, sub } = slot else {
+                break;
+            };
+            match self.subscribe_inner(now, cand.addr, cand.node, channel, set, start, Some(sub)) {
+                Ok(_) => {
+                    up.unassigned.remove(0);
+                    up.candidates[i].1 = Slot::Active {
+                        conn,
+                        sub,
+                        set,
+                        newest: None,
+                        last_shard: now,
+                        tally: Tally::default(),
+                    };
+                }
+                Err(_) => {
+                    up.candidates[i].1 = Slot::Failed {
+                        until: now + up.config.retry_after,
+                    }
+                }
+            }
+        }
+        // No parent left to take them: the surviving parents share the orphaned substreams, so
+        // the node keeps K while any path to the source remains (with less redundancy).
+        let spare = up.candidates.iter().any(|(c, s)| {
+            matches!(s, Slot::Standby { .. })
+                || (*s == Slot::Idle && !self.refused.contains(&c.node))
+        });
+        let actives: Vec<usize> = (0..up.candidates.len())
+            .filter(|&i| matches!(up.candidates[i].1, Slot::Active { .. }))
+            .collect();
+        if !spare && !actives.is_empty() && !up.unassigned.is_empty() {
+            let mut extra = vec![SubstreamSet::EMPTY; actives.len()];
+            let mut resume: Option<u64> = None;
+            let mut n = 0;
+            for (set, start) in up.unassigned.drain(..) {
+                if let StartAt::Seq(s) = start {
+                    resume = Some(resume.map_or(s, |r| r.min(s)));
+                }
+                for index in set.iter() {
+                    extra[n % actives.len()].insert(index);
+                    n += 1;
+                }
+            }
+            for (slot_ix, add) in actives.into_iter().zip(extra) {
+                if add.is_empty() {
+                    continue;
+                }
+                let (cand, slot) = up.candidates[slot_ix].clone();
+                let Slot::Active {
+                    conn,
+                    sub,
+                    set,
+                    newest,
+                    last_shard,
+                    ..
+                } = slot
+                else {
+                    continue;
+                };
+                let union = SubstreamSet::from_bits(set.bits() | add.bits());
+                let start = resume.map_or(StartAt::Live, StartAt::Seq);
+                if self
+                    .subscribe_inner(now, cand.addr, cand.node, channel, union, start, Some(sub))
+                    .is_ok()
+                {
+                    up.candidates[slot_ix].1 = Slot::Active {
+                        conn,
+                        sub,
+                        set: union,
+                        newest,
+                        last_shard,
+                        // A larger set: count afresh.
+                        tally: Tally::default(),
+                    };
+                }
+            }
+        }
+        if up.next_check.is_none() {
+            up.next_check = Some(now + up.config.check_every);
+        }
+        self.upstreams.insert(channel, up);
+    }
+
+    /// Finds lost and lagging parents and moves their substreams.
+    pub(super) fn upstream_check(&mut self, now: Instant) {
+        let channels: Vec<ChannelId> = self.upstreams.keys().copied().collect();
+        for channel in channels {
+            let Some(up) = self.upstreams.get_mut(&channel) else {
+                continue;
+            };
+            let lost_conns = &self.lost_conns;
+            let best = up
+                .candidates
+                .iter()
+                .filter_map(|(_, s)| match s {
+                    Slot::Active { newest, .. } => *newest,
+                    _ => None,
+                })
+                .max();
+            let someone_fresh = up.candidates.iter().any(|(_, s)| match s {
+                Slot::Active { last_shard, .. } => {
+                    now.saturating_duration_since(*last_shard) < up.config.stall_timeout
+                }
+                _ => false,
+            });
+            // Delivery ratios: a parent is short only if another one is healthy (otherwise the
+            // bottleneck is our own link), and only the worst short parent moves per check.
+            let ratios: Vec<Option<f64>> = up
+                .candidates
+                .iter()
+                .map(|(_, s)| match s {
+                    Slot::Active { set, tally, .. } => tally.ratio(set.len(), best, now),
+                    _ => None,
+                })
+                .collect();
+            let healthy = ratios.iter().flatten().any(|&r| r >= HEALTHY_RATIO);
+            let shortest = ratios
+                .iter()
+                .enumerate()
+                .filter_map(|(i, r)| r.map(|r| (i, r)))
+                .filter(|&(_, r)| healthy && r < SHORT_RATIO)
+                .min_by(|a, b| a.1.total_cmp(&b.1))
+                .map(|(i, _)| i);
+            let mut failed = Vec::new();
+            for (i, (_, slot)) in up.candidates.iter().enumerate() {
+                match slot {
+                    Slot::Active {
+                        conn,
+                        newest,
+                        last_shard,
+                        set,
+                        ..
+                    } => {
+                        let gone = lost_conns.contains(conn)
+                            || self.conns.get(conn).is_none_or(|c| c.closed);
+                        let behind = match (best, newest) {
+                            (Some(b), Some(n)) => b.saturating_sub(*n) >= up.config.lag_chunks,
+                            _ => false,
+                        };
+                        let silent = now.saturating_duration_since(*last_shard)
+                            >= up.config.stall_timeout
+                            && someone_fresh;
+                        let short = shortest == Some(i);
+                        if gone || behind || silent || short {
+                            // Resume where the lost parent stopped, or earlier: a player resumes
+                            // at its next chunk to play, so nothing not yet output is missed.
+                            let mut resume = newest.or(best).unwrap_or(0).saturating_sub(1);
+                            if let Some(next) =
+                                self.channels.get(&channel).and_then(Channel::next_play)
+                            {
+                                resume = resume.min(next);
+                            }
+                            failed.push((i, *conn, *set, resume));
+                        }
+                    }
+                    Slot::Standby { conn, .. }
+                        if lost_conns.contains(conn)
+                            || self.conns.get(conn).is_none_or(|c| c.closed) =>
+                    {
+                        failed.push((i, *conn, SubstreamSet::EMPTY, 0));
+                    }
+                    _ => {}
+                }
+            }
+            for (_, slot) in &mut up.candidates {
+                if let Slot::Active { tally, .. } = slot {
+                    tally.roll(best);
+                }
+            }
+            let retry = up.config.retry_after;
+            let mut moved = Vec::new();
+            for (i, conn, set, resume) in failed {
+                up.candidates[i].1 = Slot::Failed { until: now + retry };
+                if !set.is_empty() {
+                    up.unassigned.push((set, StartAt::Seq(resume)));
+                    up.failovers += 1;
+                    moved.push((up.candidates[i].0.addr, resume));
+                }
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.close(now, close_code::DONE, "parent replaced");
+                    mark(&mut self.dirty, c, conn);
+                }
+            }
+            self.upstream_fill(now, channel);
+            for (lost, resume) in moved {
+                self.stats.failovers += 1;
+                let replacement = self.upstreams.get(&channel).and_then(|u| {
+                    u.candidates.iter().find_map(|(c, s)| match s {
+                        Slot::Active {
+                            set, newest: None, ..
+                        } if !set.is_empty() => Some(c.addr),
+                        _ => None,
+                    })
+                });
+                self.events.push_back(NodeEvent::Failover {
+                    channel,
+                    lost,
+                    replacement,
+                    resume,
+                });
+            }
+            if let Some(up) = self.upstreams.get_mut(&channel) {
+                up.next_check = Some(now + up.config.check_every);
+            }
+        }
+        self.lost_conns.clear();
+    }
+}
