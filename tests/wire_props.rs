@@ -186,6 +186,24 @@ fn message() -> impl Strategy<Value = Message> {
                 reason,
                 alternatives
             })),
+        (
+            any::<u32>(),
+            channel(),
+            prop_oneof![
+                Just(RefuseReason::NotCarried),
+                Just(RefuseReason::Full),
+                Just(RefuseReason::Draining)
+            ],
+            prop::collection::vec(candidate(), 0..8)
+        )
+            .prop_map(
+                |(sub, channel, reason, alternatives)| Message::Refused(Refused {
+                    sub,
+                    channel,
+                    reason,
+                    alternatives
+                })
+            ),
         shard_frame().prop_map(Message::Shard),
     ]
 }

@@ -5,7 +5,10 @@
 //!   expected.
 //! - [`channel`]: per-channel window, verification, regeneration and playout (pure).
 //! - [`engine`]: quinn-proto endpoint and connections, the control protocol, chunk streams,
-//!   fan-out. Read its module doc for the driver call order.
+//!   fan-out, the upstream policy at work; one file per concern under `engine/`. Read its
+//!   module doc for the driver call order.
+//! - [`upstream`]: the parent policy's state and arithmetic (assignment, back-off, tallies).
+//! - [`cid`]: connection ids that steer packets to the worker that owns the connection.
 
 pub mod channel;
 pub mod cid;
@@ -16,4 +19,4 @@ pub mod upstream;
 pub use channel::{Channel, ChannelConfig, ChannelMode, ChannelStats, StoredShard};
 pub use cid::WorkerTag;
 pub use engine::{Engine, EngineConfig, EngineError, EngineStats, NodeEvent};
-pub use upstream::{Candidate, UpstreamConfig, assign};
+pub use upstream::{Candidate, UpstreamConfig, assign, assign_all_from_one};

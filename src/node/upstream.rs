@@ -9,10 +9,14 @@
 //!        or silent for stall_timeout while others deliver)
 //!        ─▶ p's set moves to a warm standby (Subscribe, StartAt::Seq(resume)) ─▶ one round trip
 //!        ─▶ a new standby is dialled to keep the reserve
+//!        ─▶ no standby left: the survivors' sets are topped up until losing any f of them
+//!           still leaves K again (rebalance)
+//!  every parent lost: an outage, announced once; candidates are redialled with back-off
 //! ```
 //!
 //! This module holds the state and the pure arithmetic; [`super::engine`] executes the moves.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -20,7 +24,7 @@ use quinn_proto::ConnectionHandle;
 
 use crate::keys::NodeId;
 use crate::stream::CodingParams;
-use crate::wire::{StartAt, SubstreamSet};
+use crate::wire::{ParentCandidate, StartAt, SubstreamSet};
 
 /// Settings of the upstream policy.
 #[derive(Clone, Debug)]
@@ -35,8 +39,17 @@ pub struct UpstreamConfig {
     pub lag_chunks: u64,
     /// A parent silent this long while others deliver is lagging.
     pub stall_timeout: Duration,
-    /// A failed candidate is not tried again for this long.
+    /// A parent from which not a single datagram arrived for this long (no shard, no
+    /// acknowledgement, no keep-alive) is unreachable, and lost even when every other parent
+    /// is silent too. Must exceed the QUIC keep-alive interval.
+    pub unreachable_after: Duration,
+    /// The first back-off after a candidate fails; it doubles with every failure in a row.
+    pub retry_min: Duration,
+    /// The longest back-off: a failed candidate is tried again at least this often.
     pub retry_after: Duration,
+    /// With a single parent, draw all N substreams from it rather than K (a relay, which then
+    /// needs to regenerate nothing; a peer keeps K to spare its parent's upload).
+    pub all_from_one: bool,
     /// How often the policy checks its parents.
     pub check_every: Duration,
 }
@@ -49,8 +62,22 @@ impl Default for UpstreamConfig {
             standby: 2,
             lag_chunks: 3,
             stall_timeout: Duration::from_millis(1000),
+            unreachable_after: Duration::from_millis(1500),
+            retry_min: Duration::from_millis(500),
             retry_after: Duration::from_secs(10),
+            all_from_one: false,
             check_every: Duration::from_millis(100),
+        }
+    }
+}
+
+impl UpstreamConfig {
+    /// A supernode's policy: the peer's, except that a relay with a single upstream (a first
+    /// tier under the source) draws all N substreams from it, so it regenerates nothing.
+    pub fn relay() -> Self {
+        Self {
+            all_from_one: true,
+            ..Self::default()
         }
     }
 }
@@ -144,6 +171,9 @@ pub(crate) enum Slot {
         newest: Option<u64>,
         /// When it last delivered a shard (or was activated).
         last_shard: Instant,
+        /// When its set was last given or changed: a parent still sending the backlog it was
+        /// asked for is not judged behind before the stall timeout has passed.
+        since: Instant,
         /// Shards delivered over the current window.
         tally: Tally,
     },
@@ -166,10 +196,24 @@ pub(crate) struct Upstream {
     pub(crate) failovers: u64,
     /// Node-specific rotation so that peers spread load over all N substreams.
     pub(crate) rotation: usize,
+    /// Failures in a row per candidate (the back-off doubles with each); cleared when the
+    /// candidate delivers.
+    pub(crate) strikes: HashMap<NodeId, u32>,
+    /// Since when no parent has delivered (every one lost or unreachable).
+    pub(crate) outage: Option<Instant>,
+    /// Times every parent was lost at once.
+    pub(crate) outages: u64,
+    /// When the policy started (a young channel's first parents get time to deliver).
+    pub(crate) since: Instant,
 }
 
 impl Upstream {
-    pub(crate) fn new(config: UpstreamConfig, candidates: Vec<Candidate>, rotation: usize) -> Self {
+    pub(crate) fn new(
+        config: UpstreamConfig,
+        candidates: Vec<Candidate>,
+        rotation: usize,
+        now: Instant,
+    ) -> Self {
         Self {
             config,
             candidates: candidates.into_iter().map(|c| (c, Slot::Idle)).collect(),
@@ -179,7 +223,49 @@ impl Upstream {
             first_start: StartAt::Live,
             failovers: 0,
             rotation,
+            strikes: HashMap::new(),
+            outage: None,
+            outages: 0,
+            since: now,
         }
+    }
+
+    /// Adds the nodes a parent named (in a go-away or refusal) as idle candidates, except the
+    /// naming node itself, this node, and candidates already known.
+    pub(crate) fn add_alternatives(
+        &mut self,
+        alternatives: &[ParentCandidate],
+        from: Option<NodeId>,
+        me: NodeId,
+    ) {
+        for alt in alternatives {
+            if Some(alt.node) != from
+                && alt.node != me
+                && let Some(&addr) = alt.addrs.first()
+                && !self.candidates.iter().any(|(c, _)| c.node == alt.node)
+            {
+                self.candidates.push((
+                    Candidate {
+                        addr,
+                        node: alt.node,
+                    },
+                    Slot::Idle,
+                ));
+            }
+        }
+    }
+
+    /// Records a failure of `node` and returns when it may be tried again: `retry_min`,
+    /// doubled with each failure in a row, at most `retry_after`.
+    pub(crate) fn strike(&mut self, node: NodeId, now: Instant) -> Instant {
+        let strikes = self.strikes.entry(node).or_insert(0);
+        let backoff = self
+            .config
+            .retry_min
+            .saturating_mul(1u32 << (*strikes).min(16))
+            .min(self.config.retry_after);
+        *strikes += 1;
+        now + backoff
     }
 
     /// The active parent on `conn`, if any.
@@ -210,36 +296,100 @@ impl Upstream {
     }
 }
 
+/// Substreams each of `parents` parents carries so that losing any `tolerate` of them leaves at
+/// least K: `ceil(K / (parents - tolerate))`, or as many as N allows when that is too many; all
+/// N spread over them when they cannot tolerate a loss at all and `all_from_one` asks for it.
+fn per_parent(params: CodingParams, parents: usize, tolerate: usize, all_from_one: bool) -> usize {
+    let k = params.original();
+    let n = params.total();
+    if parents == 0 {
+        return 0;
+    }
+    if parents <= tolerate && all_from_one {
+        return n / parents;
+    }
+    let survivors = parents.saturating_sub(tolerate).max(1);
+    let per = k.div_ceil(survivors);
+    if per * parents > n {
+        // Not enough substreams for the redundancy asked: spread all N as evenly as possible.
+        return (n / parents).max(1);
+    }
+    per
+}
+
 /// Splits substreams among `parents` parents so that losing any `tolerate` of them leaves at
 /// least K: each parent gets `c = ceil(K / (parents - tolerate))` distinct substreams, starting
-/// at `rotation` so that different nodes load different substreams. With one parent (or too few
-/// substreams for the rule) the sets are as large as N allows. Returns one set per parent used
-/// (never more than N parents).
+/// at `rotation` so that different nodes load different substreams. With too few substreams
+/// for the rule the sets are as large as N allows; with one parent it carries K
+/// ([`assign_all_from_one`] for all N). Returns one set per parent used (never more than N).
 pub fn assign(
     params: CodingParams,
     parents: usize,
     tolerate: usize,
     rotation: usize,
 ) -> Vec<SubstreamSet> {
-    let k = params.original();
+    assign_with(params, parents, tolerate, rotation, false)
+}
+
+/// [`assign`], except that parents too few to tolerate a loss carry all N between them.
+pub fn assign_all_from_one(
+    params: CodingParams,
+    parents: usize,
+    tolerate: usize,
+    rotation: usize,
+) -> Vec<SubstreamSet> {
+    assign_with(params, parents, tolerate, rotation, true)
+}
+
+pub(crate) fn assign_with(
+    params: CodingParams,
+    parents: usize,
+    tolerate: usize,
+    rotation: usize,
+    all_from_one: bool,
+) -> Vec<SubstreamSet> {
     let n = params.total();
     // More parents than substreams cannot all get a distinct one.
     let parents = parents.min(n);
-    if parents == 0 {
-        return Vec::new();
-    }
-    let survivors = parents.saturating_sub(tolerate).max(1);
-    let mut per = k.div_ceil(survivors);
-    if per * parents > n {
-        // Not enough substreams for the redundancy asked: spread all N as evenly as possible.
-        per = n / parents;
-    }
-    let per = per.max(1);
+    let per = per_parent(params, parents, tolerate, all_from_one);
     (0..parents)
         .map(|p| {
             let mut set = SubstreamSet::EMPTY;
             for j in 0..per {
                 set.insert((rotation + p * per + j) % n);
+            }
+            set
+        })
+        .collect()
+}
+
+/// Tops up the sets of the parents that are left (disjoint, as [`assign`] made them) with
+/// substreams nobody carries, until each has as many as the invariant asks for their number:
+/// after a loss with no standby to take over, losing any `tolerate` of the survivors again
+/// leaves K. A set never shrinks, so no parent restarts what it already sends. Returns the new
+/// sets in the same order.
+pub(crate) fn rebalance(
+    params: CodingParams,
+    sets: &[SubstreamSet],
+    tolerate: usize,
+    rotation: usize,
+    all_from_one: bool,
+) -> Vec<SubstreamSet> {
+    let n = params.total();
+    let per = per_parent(params, sets.len(), tolerate, all_from_one);
+    let mut held = sets.iter().fold(0u128, |acc, s| acc | s.bits());
+    let mut free = (0..n)
+        .map(|j| (rotation + j) % n)
+        .filter(|&i| held & (1u128 << i) == 0)
+        .collect::<Vec<_>>()
+        .into_iter();
+    sets.iter()
+        .map(|set| {
+            let mut set = *set;
+            while set.len() < per {
+                let Some(i) = free.next() else { break };
+                set.insert(i);
+                held |= 1u128 << i;
             }
             set
         })
@@ -280,6 +430,77 @@ mod tests {
         let mut rolled = partial;
         rolled.roll(Some(140));
         assert_eq!(rolled, Tally::default());
+    }
+
+    #[test]
+    fn a_single_parent_carries_k_for_a_peer_and_all_n_for_a_relay() {
+        assert_eq!(assign(p(8, 8), 1, 1, 3)[0].len(), 8);
+        assert_eq!(assign_all_from_one(p(8, 8), 1, 1, 3)[0].len(), 16);
+        // Two parents tolerate one loss either way: K each.
+        assert_eq!(
+            assign_all_from_one(p(8, 8), 2, 1, 0),
+            assign(p(8, 8), 2, 1, 0)
+        );
+    }
+
+    #[test]
+    fn rebalance_restores_the_invariant_for_the_survivors_without_shrinking_a_set() {
+        for k in 1..=12u8 {
+            for r in 1..=12u8 {
+                let params = p(k, r);
+                for parents in 2..=6 {
+                    let sets = assign(params, parents, 1, 7);
+                    for lost in 0..parents {
+                        let left: Vec<SubstreamSet> = sets
+                            .iter()
+                            .enumerate()
+                            .filter(|(i, _)| *i != lost)
+                            .map(|(_, s)| *s)
+                            .collect();
+                        let grown = rebalance(params, &left, 1, 7, false);
+                        let mut union = 0u128;
+                        for (old, new) in left.iter().zip(&grown) {
+                            assert_eq!(old.bits() & !new.bits(), 0, "a set shrank");
+                            assert_eq!(union & new.bits(), 0, "overlap");
+                            union |= new.bits();
+                        }
+                        let feasible = left.len() > 1
+                            && (k as usize).div_ceil(left.len() - 1) * left.len() <= params.total();
+                        if feasible {
+                            for again in 0..left.len() {
+                                let still: usize = grown
+                                    .iter()
+                                    .enumerate()
+                                    .filter(|(i, _)| *i != again)
+                                    .map(|(_, s)| s.len())
+                                    .sum();
+                                assert!(still >= k as usize, "k={k} r={r} parents={parents}");
+                            }
+                        }
+                        // One survivor: K for a peer, all N for a relay.
+                        if left.len() == 1 {
+                            assert!(grown[0].len() >= k as usize);
+                            let relay = rebalance(params, &left, 1, 7, true);
+                            assert_eq!(relay[0].len(), params.total());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn back_off_doubles_up_to_the_longest_and_starts_over_after_delivery() {
+        let t0 = Instant::now();
+        let mut up = Upstream::new(UpstreamConfig::default(), Vec::new(), 0, t0);
+        let node = crate::keys::NodeKey::generate().unwrap().node_id();
+        let waits: Vec<Duration> = (0..8).map(|_| up.strike(node, t0) - t0).collect();
+        assert_eq!(waits[0], Duration::from_millis(500));
+        assert_eq!(waits[1], Duration::from_secs(1));
+        assert_eq!(waits[2], Duration::from_secs(2));
+        assert_eq!(waits[7], Duration::from_secs(10));
+        up.strikes.remove(&node);
+        assert_eq!(up.strike(node, t0) - t0, Duration::from_millis(500));
     }
 
     #[test]

@@ -680,6 +680,78 @@ impl Codec for GoAway {
     }
 }
 
+/// Why a node refuses a subscription.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RefuseReason {
+    /// The node does not carry the channel.
+    NotCarried,
+    /// The node serves as many subscriptions as it may.
+    Full,
+    /// The node is draining before shutdown.
+    Draining,
+}
+
+impl std::fmt::Display for RefuseReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::NotCarried => "does not carry the channel",
+            Self::Full => "is full",
+            Self::Draining => "is draining",
+        })
+    }
+}
+
+/// The answer to a [`Subscribe`] the node will not serve, sent at once so that the asker never
+/// waits in silence; it names other nodes that carry the channel when the refusing node
+/// knows some.
+///
+/// Body: `sub (varint) | channel | reason u8 | parents`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refused {
+    /// The refused subscription.
+    pub sub: u32,
+    /// Its channel.
+    pub channel: ChannelId,
+    /// Why.
+    pub reason: RefuseReason,
+    /// Nodes to ask instead (at most [`MAX_PARENTS`]).
+    pub alternatives: Vec<ParentCandidate>,
+}
+
+impl Codec for Refused {
+    fn encoded_len(&self) -> usize {
+        varint_len(u64::from(self.sub)) + PUBLIC_KEY_LEN + 1 + parents_len(&self.alternatives)
+    }
+
+    fn encode(&self, buf: &mut impl BufMut) {
+        put_varint(buf, u64::from(self.sub));
+        self.channel.encode(buf);
+        buf.put_u8(match self.reason {
+            RefuseReason::NotCarried => 0,
+            RefuseReason::Full => 1,
+            RefuseReason::Draining => 2,
+        });
+        put_parents(buf, &self.alternatives);
+    }
+
+    fn decode(buf: &mut Bytes) -> Result<Self, DecodeError> {
+        let sub = get_sub(buf, "refused.sub")?;
+        let channel = ChannelId::decode(buf)?;
+        let reason = match get_u8(buf, "refused.reason")? {
+            0 => RefuseReason::NotCarried,
+            1 => RefuseReason::Full,
+            2 => RefuseReason::Draining,
+            _ => return Err(DecodeError::Invalid("refused.reason")),
+        };
+        Ok(Self {
+            sub,
+            channel,
+            reason,
+            alternatives: get_parents(buf, "refused.alternatives")?,
+        })
+    }
+}
+
 /// One shard of one chunk on a subscription.
 ///
 /// Body: `sub (varint) | seq u64 | index u8 | has_header u8 | [signed chunk header] | shard`.
@@ -804,6 +876,8 @@ pub enum Message {
     ParentAnswer(ParentAnswer),
     /// 0x08
     GoAway(GoAway),
+    /// 0x09
+    Refused(Refused),
     /// 0x10
     Shard(ShardFrame),
 }
@@ -816,6 +890,7 @@ const TYPE_HAVE: u64 = 0x05;
 const TYPE_PARENT_QUERY: u64 = 0x06;
 const TYPE_PARENT_ANSWER: u64 = 0x07;
 const TYPE_GO_AWAY: u64 = 0x08;
+const TYPE_REFUSED: u64 = 0x09;
 const TYPE_SHARD: u64 = 0x10;
 
 impl Message {
@@ -829,6 +904,7 @@ impl Message {
             Message::ParentQuery(_) => TYPE_PARENT_QUERY,
             Message::ParentAnswer(_) => TYPE_PARENT_ANSWER,
             Message::GoAway(_) => TYPE_GO_AWAY,
+            Message::Refused(_) => TYPE_REFUSED,
             Message::Shard(_) => TYPE_SHARD,
         }
     }
@@ -843,6 +919,7 @@ impl Message {
             Message::ParentQuery(m) => m.encoded_len(),
             Message::ParentAnswer(m) => m.encoded_len(),
             Message::GoAway(m) => m.encoded_len(),
+            Message::Refused(m) => m.encoded_len(),
             Message::Shard(m) => m.encoded_len(),
         }
     }
@@ -866,6 +943,7 @@ impl Message {
             Message::ParentQuery(m) => m.encode(buf),
             Message::ParentAnswer(m) => m.encode(buf),
             Message::GoAway(m) => m.encode(buf),
+            Message::Refused(m) => m.encode(buf),
             Message::Shard(m) => m.encode(buf),
         }
     }
@@ -886,7 +964,7 @@ impl Message {
         };
         let max = match kind {
             TYPE_SHARD => MAX_SHARD_BODY,
-            TYPE_HELLO..=TYPE_GO_AWAY => MAX_CONTROL_BODY,
+            TYPE_HELLO..=TYPE_REFUSED => MAX_CONTROL_BODY,
             other => return Err(DecodeError::UnknownMessage(other)),
         };
         let Some((len, len_len)) = peek_varint(&buf[type_len..]) else {
@@ -935,6 +1013,7 @@ impl Message {
                 "parent_answer",
             ),
             TYPE_GO_AWAY => (Message::GoAway(GoAway::decode(&mut body)?), "go_away"),
+            TYPE_REFUSED => (Message::Refused(Refused::decode(&mut body)?), "refused"),
             TYPE_SHARD => (Message::Shard(ShardFrame::decode(&mut body)?), "shard"),
             other => return Err(DecodeError::UnknownMessage(other)),
         };

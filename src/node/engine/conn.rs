@@ -63,6 +63,11 @@ pub(super) struct Conn {
     pub(super) queued_tx: bool,
     /// The deadline this connection holds in `Engine::timers`.
     pub(super) timer: Option<Instant>,
+    /// When a datagram of this connection last arrived (or it was created): a parent that
+    /// sends nothing at all, not even the keep-alive's acknowledgements, is unreachable.
+    pub(super) last_rx: Instant,
+    /// The handshake completed.
+    pub(super) established: bool,
 }
 
 /// Control messages (go-away, have, subscribe) go before any shard data waiting on the same
@@ -85,7 +90,12 @@ pub(super) fn mark(
 }
 
 impl Conn {
-    pub(super) fn new(quic: Connection, remote: SocketAddr, node: Option<NodeId>) -> Self {
+    pub(super) fn new(
+        now: Instant,
+        quic: Connection,
+        remote: SocketAddr,
+        node: Option<NodeId>,
+    ) -> Self {
         Self {
             quic,
             remote,
@@ -103,6 +113,8 @@ impl Conn {
             dirty: false,
             queued_tx: false,
             timer: None,
+            last_rx: now,
+            established: false,
         }
     }
 

@@ -11,11 +11,11 @@ use quinn_proto::ConnectionHandle;
 
 use crate::keys::{ChannelId, NodeId};
 use crate::node::channel::{Channel, Rejected, StoredShard};
-use crate::node::upstream::{Candidate, Slot};
+use crate::node::upstream::Candidate;
 use crate::stream::CodingParams;
 use crate::wire::{
     ChannelInfo, GoAway, GoAwayReason, MAX_PARENTS, Message, PROTOCOL_VERSION, ParentCandidate,
-    StartAt, Subscribe, SubstreamSet,
+    RefuseReason, Refused, StartAt, Subscribe, SubstreamSet,
 };
 
 use super::conn::{Input, Served, mark};
@@ -194,6 +194,15 @@ impl Engine {
             }
             Message::Subscribe(sub) => {
                 let Some(channel) = self.channels.get(&sub.channel) else {
+                    // Say so at once: the asker moves on instead of waiting for shards that
+                    // never come.
+                    self.stats.unknown_channel_refusals += 1;
+                    conn.send_control(&Message::Refused(Refused {
+                        sub: sub.sub,
+                        channel: sub.channel,
+                        reason: RefuseReason::NotCarried,
+                        alternatives: Vec::new(),
+                    }));
                     return;
                 };
                 let known = self
@@ -219,7 +228,13 @@ impl Engine {
                     listed.push((handle, sub.sub));
                 }
                 let Some(params) = channel.params() else {
-                    // Nothing received yet; serve what arrives from now on.
+                    // Nothing received yet: serve what arrives from now on, and send the
+                    // channel information with the first chunk (the asker waits for it to
+                    // choose its substreams).
+                    let waiting = self.awaiting_info.entry(sub.channel).or_default();
+                    if !waiting.contains(&handle) {
+                        waiting.push(handle);
+                    }
                     conn.served.insert(
                         sub.sub,
                         Served {
@@ -312,25 +327,28 @@ impl Engine {
                 let from = conn.node;
                 let channels: Vec<ChannelId> = conn.taken.values().copied().collect();
                 for channel in channels {
+                    let me = self.node;
                     if let Some(up) = self.upstreams.get_mut(&channel) {
-                        for alt in &go.alternatives {
-                            if Some(alt.node) != from
-                                && let Some(&addr) = alt.addrs.first()
-                                && !up.candidates.iter().any(|(c, _)| c.node == alt.node)
-                            {
-                                up.candidates.push((
-                                    Candidate {
-                                        addr,
-                                        node: alt.node,
-                                    },
-                                    Slot::Idle,
-                                ));
-                            }
-                        }
+                        up.add_alternatives(&go.alternatives, from, me);
                         up.next_check = Some(now);
                     }
                 }
                 self.lost_conns.push(handle);
+            }
+            Message::Refused(refused) => {
+                if conn.taken.get(&refused.sub) != Some(&refused.channel) {
+                    return;
+                }
+                self.stats.refusals_received += 1;
+                conn.taken.remove(&refused.sub);
+                let remote = conn.remote;
+                let from = conn.node;
+                self.events.push_back(NodeEvent::SubscriptionRefused {
+                    channel: refused.channel,
+                    remote,
+                    reason: refused.reason,
+                });
+                self.upstream_refused(now, refused.channel, handle, from, &refused.alternatives);
             }
             Message::Have(_) | Message::ParentQuery(_) | Message::ParentAnswer(_) => {}
             Message::Shard(_) => {

@@ -205,16 +205,23 @@ impl Engine {
             Ok(stored) => {
                 if let Some(up) = self.upstreams.get_mut(&channel_id)
                     && let Some(i) = up.slot_of(handle)
-                    && let Slot::Active {
+                {
+                    let (cand, slot) = &mut up.candidates[i];
+                    if let Slot::Active {
                         newest,
                         last_shard,
                         tally,
                         ..
-                    } = &mut up.candidates[i].1
-                {
-                    *newest = Some(newest.map_or(seq, |n| n.max(seq)));
-                    *last_shard = now;
-                    tally.count(seq, now);
+                    } = slot
+                    {
+                        if newest.is_none() {
+                            // It delivers: its back-off starts over.
+                            up.strikes.remove(&cand.node);
+                        }
+                        *newest = Some(newest.map_or(seq, |n| n.max(seq)));
+                        *last_shard = now;
+                        tally.count(seq, now);
+                    }
                 }
                 self.fan_out(now, channel_id, &stored);
                 self.export(channel_id, &stored);
@@ -227,6 +234,17 @@ impl Engine {
     pub(super) fn fan_out(&mut self, now: Instant, channel: ChannelId, shards: &[StoredShard]) {
         if shards.is_empty() {
             return;
+        }
+        if let Some(waiting) = self.awaiting_info.remove(&channel)
+            && let Some(ch) = self.channels.get(&channel)
+            && let Some(params) = ch.params()
+        {
+            let info = channel_info(ch, params, self.config.corrupt_outgoing_shards);
+            for handle in waiting {
+                if let Some(conn) = self.conns.get_mut(&handle) {
+                    conn.send_control(&info);
+                }
+            }
         }
         let listed = self.subscribers.remove(&channel).unwrap_or_default();
         for &(handle, sub) in &listed {

@@ -7,8 +7,8 @@ use std::time::Instant;
 
 use bytes::BytesMut;
 use quinn_proto::{
-    ClientConfig, ConnectionHandle, DatagramEvent, Dir, EcnCodepoint, Event, StreamEvent, StreamId,
-    Transmit,
+    ClientConfig, ConnectionError, ConnectionHandle, DatagramEvent, Dir, EcnCodepoint, Event,
+    StreamEvent, StreamId, Transmit,
 };
 
 use crate::keys::NodeId;
@@ -62,7 +62,7 @@ impl Engine {
             .endpoint
             .connect(now, client, remote, SERVER_NAME)
             .map_err(|e| EngineError::Connect(remote, e.to_string()))?;
-        let mut conn = Conn::new(quic, remote, Some(node));
+        let mut conn = Conn::new(now, quic, remote, Some(node));
         conn.send_control(&self.hello());
         self.conns.insert(handle, conn);
         self.order.push(handle);
@@ -104,6 +104,7 @@ impl Engine {
         {
             Some(DatagramEvent::ConnectionEvent(handle, event)) => {
                 if let Some(conn) = self.conns.get_mut(&handle) {
+                    conn.last_rx = now;
                     conn.quic.handle_event(event);
                     mark(&mut self.dirty, conn, handle);
                 }
@@ -123,7 +124,8 @@ impl Engine {
                 match self.endpoint.accept(incoming, now, &mut buf, None) {
                     Ok((handle, quic)) => {
                         self.stats.accepted += 1;
-                        self.conns.insert(handle, Conn::new(quic, remote, None));
+                        self.conns
+                            .insert(handle, Conn::new(now, quic, remote, None));
                         self.order.push(handle);
                         self.touch(handle);
                     }
@@ -285,6 +287,7 @@ impl Engine {
                     progressed = true;
                     match ev {
                         Event::Connected => {
+                            conn.established = true;
                             conn.flush_control();
                             self.events.push_back(NodeEvent::Connected {
                                 conn: handle,
@@ -296,6 +299,16 @@ impl Engine {
                         }
                         Event::ConnectionLost { reason } => {
                             self.lost_conns.push(handle);
+                            if let Some(node) = conn.node
+                                && !conn.established
+                                && handshake_refused(&reason)
+                            {
+                                self.events.push_back(NodeEvent::ProofFailed {
+                                    remote: conn.remote,
+                                    node,
+                                    reason: reason.to_string(),
+                                });
+                            }
                             self.events.push_back(NodeEvent::ConnectionLost {
                                 conn: handle,
                                 remote: conn.remote,
@@ -369,4 +382,11 @@ impl Engine {
         }
         self.flush_out_streams(handle);
     }
+}
+
+/// Whether a connection we dialled ended in its TLS handshake on our side's verdict: the node
+/// that answered did not prove the id we expected (a QUIC crypto error, 0x100-0x1ff).
+fn handshake_refused(reason: &ConnectionError) -> bool {
+    matches!(reason, ConnectionError::TransportError(e)
+        if (0x100..0x200).contains(&u64::from(e.code)))
 }

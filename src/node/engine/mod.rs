@@ -69,7 +69,7 @@ use super::tls::{self, TlsError};
 use super::upstream::{Candidate, Upstream, UpstreamConfig};
 use crate::keys::{ChannelId, NodeId, NodeKey};
 use crate::stream::{ChunkFlags, Payload, ShardCoder, SignedChunkHeader};
-use crate::wire::{Role, SignedStreamHeader};
+use crate::wire::{RefuseReason, Role, SignedStreamHeader};
 
 /// QUIC application close codes.
 pub mod close_code {
@@ -240,6 +240,42 @@ pub enum NodeEvent {
         /// The chunk the replacement resumes at.
         resume: u64,
     },
+    /// No parent has delivered `channel` for the stall timeout: every one is lost,
+    /// unreachable or silent. The policy keeps redialling its candidates with back-off.
+    UpstreamLost {
+        /// Channel.
+        channel: ChannelId,
+        /// Candidates the policy knows.
+        candidates: usize,
+        /// Of them, connected or being dialled.
+        connected: usize,
+    },
+    /// A parent delivers `channel` again after an [`NodeEvent::UpstreamLost`].
+    UpstreamRestored {
+        /// Channel.
+        channel: ChannelId,
+        /// How long nothing arrived.
+        after: Duration,
+    },
+    /// A parent refused a subscription (it does not carry the channel, or is full or
+    /// draining); the policy tries its other candidates and the alternatives named.
+    SubscriptionRefused {
+        /// Channel.
+        channel: ChannelId,
+        /// The refusing node's address.
+        remote: SocketAddr,
+        /// Why.
+        reason: RefuseReason,
+    },
+    /// A node we dialled did not prove the node id its link or answer named (TLS).
+    ProofFailed {
+        /// Where we dialled.
+        remote: SocketAddr,
+        /// The id it should have proved.
+        node: NodeId,
+        /// The handshake's error.
+        reason: String,
+    },
     /// A neighbour sent bad data and was disconnected.
     Misbehaved {
         /// Remote address.
@@ -286,6 +322,12 @@ pub struct EngineStats {
     pub go_aways_sent: u64,
     /// Go-aways received from parents.
     pub go_aways_received: u64,
+    /// Times no parent of a channel delivered (every one lost, unreachable or silent).
+    pub upstream_outages: u64,
+    /// Subscriptions refused because this node does not carry the channel.
+    pub unknown_channel_refusals: u64,
+    /// Subscriptions a parent refused us.
+    pub refusals_received: u64,
 }
 
 /// The engine. See the module documentation for the call order.
@@ -317,6 +359,9 @@ pub struct Engine {
     lost_conns: Vec<ConnectionHandle>,
     /// Set by [`Engine::drain`]: subscribers are sent away and no new ones are taken.
     draining: bool,
+    /// Per channel, subscribers that asked before the channel had a chunk: they get the
+    /// channel information with the first one.
+    awaiting_info: HashMap<ChannelId, Vec<ConnectionHandle>>,
     /// Per channel, other nodes that carry it, named in go-aways.
     alternatives: HashMap<ChannelId, Vec<Candidate>>,
     reading: bool,
@@ -416,6 +461,7 @@ impl Engine {
             lost_conns: Vec::new(),
             draining: false,
             alternatives: HashMap::new(),
+            awaiting_info: HashMap::new(),
             reading: true,
             upload_tokens,
             upload_refilled: None,

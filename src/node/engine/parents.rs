@@ -4,10 +4,14 @@
 
 use std::time::Instant;
 
-use crate::keys::ChannelId;
+use quinn_proto::ConnectionHandle;
+
+use crate::keys::{ChannelId, NodeId};
 use crate::node::channel::Channel;
-use crate::node::upstream::{Candidate, HEALTHY_RATIO, SHORT_RATIO, Slot, Tally, Upstream, assign};
-use crate::wire::{StartAt, SubstreamSet};
+use crate::node::upstream::{
+    Candidate, HEALTHY_RATIO, SHORT_RATIO, Slot, Tally, Upstream, assign_with, rebalance,
+};
+use crate::wire::{ParentCandidate, StartAt, SubstreamSet};
 
 use super::conn::mark;
 use super::{Engine, EngineError, NodeEvent, close_code};
@@ -32,7 +36,7 @@ impl Engine {
             .collect();
         self.upstreams.insert(
             channel,
-            Upstream::new(self.config.upstream.clone(), candidates, rotation),
+            Upstream::new(self.config.upstream.clone(), candidates, rotation, now),
         );
         self.upstream_fill(now, channel);
         self.drive(now);
@@ -44,6 +48,12 @@ impl Engine {
         self.upstreams
             .get(channel)
             .map(|u| (u.substreams_held(), u.active()))
+    }
+
+    /// Whether some parent delivered `channel` within the stall timeout (`None`: the channel
+    /// has no upstream policy).
+    pub fn upstream_delivering(&self, channel: &ChannelId) -> Option<bool> {
+        self.upstreams.get(channel).map(|u| u.outage.is_none())
     }
 
     /// Connects standbys and hands unassigned substream sets to them.
@@ -89,9 +99,8 @@ impl Engine {
                     connected += 1;
                 }
                 Err(_) => {
-                    up.candidates[i].1 = Slot::Failed {
-                        until: now + up.config.retry_after,
-                    }
+                    let until = up.strike(cand.node, now);
+                    up.candidates[i].1 = Slot::Failed { until };
                 }
             }
         }
@@ -102,10 +111,16 @@ impl Engine {
         {
             let parents = up.config.parents.min(connected).max(1);
             let start = up.first_start;
-            up.unassigned = assign(params, parents, up.config.tolerate, up.rotation)
-                .into_iter()
-                .map(|set| (set, start))
-                .collect();
+            up.unassigned = assign_with(
+                params,
+                parents,
+                up.config.tolerate,
+                up.rotation,
+                up.config.all_from_one,
+            )
+            .into_iter()
+            .map(|set| (set, start))
+            .collect();
         }
         // Hand sets to standbys.
         while let Some(&(set, start)) = up.unassigned.first() {
@@ -129,18 +144,19 @@ impl Engine {
                         set,
                         newest: None,
                         last_shard: now,
+                        since: now,
                         tally: Tally::default(),
                     };
                 }
                 Err(_) => {
-                    up.candidates[i].1 = Slot::Failed {
-                        until: now + up.config.retry_after,
-                    }
+                    let until = up.strike(cand.node, now);
+                    up.candidates[i].1 = Slot::Failed { until };
                 }
             }
         }
-        // No parent left to take them: the surviving parents share the orphaned substreams, so
-        // the node keeps K while any path to the source remains (with less redundancy).
+        // No parent left to take them: the surviving parents' sets grow until losing any
+        // `tolerate` of them again leaves K (with two survivors of K = 8, eight each), so the
+        // node keeps K through the next loss too while any path to the source remains.
         let spare = up.candidates.iter().any(|(c, s)| {
             matches!(s, Slot::Standby { .. })
                 || (*s == Slot::Idle && !self.refused.contains(&c.node))
@@ -148,28 +164,41 @@ impl Engine {
         let actives: Vec<usize> = (0..up.candidates.len())
             .filter(|&i| matches!(up.candidates[i].1, Slot::Active { .. }))
             .collect();
-        if !spare && !actives.is_empty() && !up.unassigned.is_empty() {
-            let mut extra = vec![SubstreamSet::EMPTY; actives.len()];
-            let mut resume: Option<u64> = None;
-            let mut n = 0;
-            for (set, start) in up.unassigned.drain(..) {
-                if let StartAt::Seq(s) = start {
-                    resume = Some(resume.map_or(s, |r| r.min(s)));
-                }
-                for index in set.iter() {
-                    extra[n % actives.len()].insert(index);
-                    n += 1;
-                }
-            }
-            for (slot_ix, add) in actives.into_iter().zip(extra) {
-                if add.is_empty() {
+        if !spare
+            && !actives.is_empty()
+            && !up.unassigned.is_empty()
+            && let Some(params) = up.params
+        {
+            let resume = up
+                .unassigned
+                .drain(..)
+                .filter_map(|(_, start)| match start {
+                    StartAt::Seq(s) => Some(s),
+                    StartAt::Live => None,
+                })
+                .min();
+            let sets: Vec<SubstreamSet> = actives
+                .iter()
+                .map(|&i| match &up.candidates[i].1 {
+                    Slot::Active { set, .. } => *set,
+                    _ => SubstreamSet::EMPTY,
+                })
+                .collect();
+            let grown = rebalance(
+                params,
+                &sets,
+                up.config.tolerate,
+                up.rotation,
+                up.config.all_from_one,
+            );
+            for ((slot_ix, old), union) in actives.into_iter().zip(sets).zip(grown) {
+                if union == old {
                     continue;
                 }
                 let (cand, slot) = up.candidates[slot_ix].clone();
                 let Slot::Active {
                     conn,
                     sub,
-                    set,
                     newest,
                     last_shard,
                     ..
@@ -177,7 +206,6 @@ impl Engine {
                 else {
                     continue;
                 };
-                let union = SubstreamSet::from_bits(set.bits() | add.bits());
                 let start = resume.map_or(StartAt::Live, StartAt::Seq);
                 if self
                     .subscribe_inner(now, cand.addr, cand.node, channel, union, start, Some(sub))
@@ -189,6 +217,7 @@ impl Engine {
                         set: union,
                         newest,
                         last_shard,
+                        since: now,
                         // A larger set: count afresh.
                         tally: Tally::default(),
                     };
@@ -201,7 +230,8 @@ impl Engine {
         self.upstreams.insert(channel, up);
     }
 
-    /// Finds lost and lagging parents and moves their substreams.
+    /// Finds lost, lagging, short and unreachable parents and moves their substreams; notices
+    /// when no parent delivers at all (and when one does again).
     pub(super) fn upstream_check(&mut self, now: Instant) {
         let channels: Vec<ChannelId> = self.upstreams.keys().copied().collect();
         for channel in channels {
@@ -209,6 +239,17 @@ impl Engine {
                 continue;
             };
             let lost_conns = &self.lost_conns;
+            let conns = &self.conns;
+            let gone = |conn: &quinn_proto::ConnectionHandle| {
+                lost_conns.contains(conn) || conns.get(conn).is_none_or(|c| c.closed)
+            };
+            // Not one datagram for a while, not even an acknowledgement of a keep-alive: the
+            // path is cut, whatever the other parents do.
+            let unreachable = |conn: &quinn_proto::ConnectionHandle| {
+                conns.get(conn).is_some_and(|c| {
+                    now.saturating_duration_since(c.last_rx) >= up.config.unreachable_after
+                })
+            };
             let best = up
                 .candidates
                 .iter()
@@ -249,19 +290,22 @@ impl Engine {
                         newest,
                         last_shard,
                         set,
+                        since,
                         ..
                     } => {
-                        let gone = lost_conns.contains(conn)
-                            || self.conns.get(conn).is_none_or(|c| c.closed);
+                        let settled =
+                            now.saturating_duration_since(*since) >= up.config.stall_timeout;
                         let behind = match (best, newest) {
-                            (Some(b), Some(n)) => b.saturating_sub(*n) >= up.config.lag_chunks,
+                            (Some(b), Some(n)) => {
+                                settled && b.saturating_sub(*n) >= up.config.lag_chunks
+                            }
                             _ => false,
                         };
-                        let silent = now.saturating_duration_since(*last_shard)
-                            >= up.config.stall_timeout
-                            && someone_fresh;
+                        let quiet =
+                            now.saturating_duration_since(*last_shard) >= up.config.stall_timeout;
+                        let silent = quiet && (someone_fresh || unreachable(conn));
                         let short = shortest == Some(i);
-                        if gone || behind || silent || short {
+                        if gone(conn) || behind || silent || short {
                             // Resume where the lost parent stopped, or earlier: a player resumes
                             // at its next chunk to play, so nothing not yet output is missed.
                             let mut resume = newest.or(best).unwrap_or(0).saturating_sub(1);
@@ -273,10 +317,7 @@ impl Engine {
                             failed.push((i, *conn, *set, resume));
                         }
                     }
-                    Slot::Standby { conn, .. }
-                        if lost_conns.contains(conn)
-                            || self.conns.get(conn).is_none_or(|c| c.closed) =>
-                    {
+                    Slot::Standby { conn, .. } if gone(conn) || unreachable(conn) => {
                         failed.push((i, *conn, SubstreamSet::EMPTY, 0));
                     }
                     _ => {}
@@ -287,10 +328,11 @@ impl Engine {
                     tally.roll(best);
                 }
             }
-            let retry = up.config.retry_after;
             let mut moved = Vec::new();
             for (i, conn, set, resume) in failed {
-                up.candidates[i].1 = Slot::Failed { until: now + retry };
+                let node = up.candidates[i].0.node;
+                let until = up.strike(node, now);
+                up.candidates[i].1 = Slot::Failed { until };
                 if !set.is_empty() {
                     up.unassigned.push((set, StartAt::Seq(resume)));
                     up.failovers += 1;
@@ -319,10 +361,97 @@ impl Engine {
                     resume,
                 });
             }
+            self.upstream_outage(now, channel);
             if let Some(up) = self.upstreams.get_mut(&channel) {
                 up.next_check = Some(now + up.config.check_every);
             }
         }
         self.lost_conns.clear();
+    }
+
+    /// A parent refused our subscription to `channel` on `handle`: that candidate fails (with
+    /// back-off), its substreams, if it had any, go to another, and the nodes it named become
+    /// candidates.
+    pub(super) fn upstream_refused(
+        &mut self,
+        now: Instant,
+        channel: ChannelId,
+        handle: ConnectionHandle,
+        from: Option<NodeId>,
+        alternatives: &[ParentCandidate],
+    ) {
+        let next_play = self.channels.get(&channel).and_then(Channel::next_play);
+        let me = self.node;
+        let Some(up) = self.upstreams.get_mut(&channel) else {
+            return;
+        };
+        up.add_alternatives(alternatives, from, me);
+        if let Some(i) = up.slot_of(handle) {
+            let node = up.candidates[i].0.node;
+            if let Slot::Active { set, newest, .. } = up.candidates[i].1.clone()
+                && !set.is_empty()
+            {
+                let start = match newest {
+                    Some(n) => {
+                        let resume = n.saturating_sub(1);
+                        StartAt::Seq(next_play.map_or(resume, |p| p.min(resume)))
+                    }
+                    None => up.first_start,
+                };
+                up.unassigned.push((set, start));
+            }
+            let until = up.strike(node, now);
+            up.candidates[i].1 = Slot::Failed { until };
+        }
+        if let Some(c) = self.conns.get_mut(&handle)
+            && c.taken.is_empty()
+        {
+            c.close(now, close_code::DONE, "refused");
+            mark(&mut self.dirty, c, handle);
+        }
+        self.upstream_fill(now, channel);
+    }
+
+    /// Tells the application once when no parent has delivered `channel` for the stall
+    /// timeout (every one lost, unreachable or silent), and once when one delivers again.
+    fn upstream_outage(&mut self, now: Instant, channel: ChannelId) {
+        let Some(up) = self.upstreams.get_mut(&channel) else {
+            return;
+        };
+        let delivering = up.candidates.iter().any(|(_, s)| match s {
+            Slot::Active {
+                newest, last_shard, ..
+            } => {
+                newest.is_some()
+                    && now.saturating_duration_since(*last_shard) < up.config.stall_timeout
+            }
+            _ => false,
+        });
+        let grace = up.config.stall_timeout * 2;
+        match up.outage {
+            None if !delivering && now.saturating_duration_since(up.since) >= grace => {
+                up.outage = Some(now);
+                up.outages += 1;
+                self.stats.upstream_outages += 1;
+                let connected = up
+                    .candidates
+                    .iter()
+                    .filter(|(_, s)| matches!(s, Slot::Active { .. } | Slot::Standby { .. }))
+                    .count();
+                self.events.push_back(NodeEvent::UpstreamLost {
+                    channel,
+                    candidates: up.candidates.len(),
+                    connected,
+                });
+            }
+            Some(since) if delivering => {
+                up.outage = None;
+                self.events.push_back(NodeEvent::UpstreamRestored {
+                    channel,
+                    after: now.saturating_duration_since(since),
+                });
+            }
+            _ => {}
+        }
     }
 }
