@@ -1,6 +1,7 @@
 //! The built `gridcast` binary: `keygen` and `channel-id`, and their error messages.
 
 #![allow(clippy::unwrap_used)] // test helpers: a panic here is a test failure, which is what we want
+#![allow(clippy::disallowed_methods)] // the tests time real processes
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -198,10 +199,8 @@ fn role_commands_name_bad_input() {
         "--connect-timeout",
         "2",
     ]);
-    assert_clean_failure(
-        &out,
-        &format!("no node of the link answered within 2s: {port}"),
-    );
+    assert_clean_failure(&out, "no node of the link answered within 2s for channel");
+    assert_clean_failure(&out, &port);
 
     // Config files: garbage, an unknown key, a bad value; each named with the file.
     let garbage = dir.path().join("garbage.toml");
@@ -230,4 +229,105 @@ fn role_commands_name_bad_input() {
         "icecast://127.0.0.1:0/live",
     ]);
     assert_clean_failure(&out, "--source-password");
+}
+
+/// Starts `gridcast broadcast` on stdin (kept open, no bytes) on an ephemeral loopback port;
+/// returns it, its stdin and its link.
+fn idle_source(key: &Path) -> (std::process::Child, std::process::ChildStdin, String) {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gridcast"))
+        .args([
+            "broadcast",
+            "--key",
+            path_str(key),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--log-level", "warn"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdin = child.stdin.take().unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("gridcast://"), "{line}");
+    (child, stdin, line.trim().to_owned())
+}
+
+#[test]
+fn a_player_asking_for_a_channel_nobody_carries_names_it_and_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("channel.key");
+    assert!(
+        gridcast(&["keygen", "--out", path_str(&key)])
+            .status
+            .success()
+    );
+    let (mut source, _stdin, link) = idle_source(&key);
+    // A valid id of another channel, at the live source's address and node id.
+    let other = gridcast::keys::ChannelKey::from_seed(&[42; 32]).channel_id();
+    let nodes = link.split_once('@').unwrap().1;
+    let wrong = format!("gridcast://{other}@{nodes}");
+    let started = std::time::Instant::now();
+    let out = gridcast(&[
+        "play",
+        &wrong,
+        "--output",
+        path_str(&dir.path().join("o.ts")),
+        "--connect-timeout",
+        "3",
+    ]);
+    let took = started.elapsed();
+    let _ = source.kill();
+    let _ = source.wait();
+    assert_clean_failure(&out, &format!("nobody serves channel {other}"));
+    assert_clean_failure(&out, "does not carry the channel");
+    // It gives up at its timeout, not later (generous: the machine is shared).
+    assert!(took < std::time::Duration::from_secs(20), "{took:?}");
+}
+
+#[test]
+fn a_relay_given_the_wrong_node_id_says_the_proof_failed_and_keeps_trying() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("channel.key");
+    assert!(
+        gridcast(&["keygen", "--out", path_str(&key)])
+            .status
+            .success()
+    );
+    let (mut source, _stdin, link) = idle_source(&key);
+    let impostor = gridcast::keys::NodeKey::from_seed(&[7; 32]).node_id();
+    let (channel, nodes) = link.split_once('@').unwrap();
+    let host = nodes.rsplit_once('/').unwrap().0;
+    let wrong = format!("{channel}@{host}/{impostor}");
+    let mut relay = Command::new(env!("CARGO_BIN_EXE_gridcast"))
+        .args(["relay", "--join", &wrong, "--listen", "127.0.0.1:0"])
+        .args(["--workers", "1", "--log-level", "warn"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    let still_running = relay.try_wait().unwrap().is_none();
+    let _ = relay.kill();
+    let _ = relay.wait();
+    let _ = source.kill();
+    let _ = source.wait();
+    let mut err = String::new();
+    relay
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(still_running, "the relay gave up: {err}");
+    let proofs = err
+        .matches(&format!("did not prove node id {impostor}"))
+        .count();
+    assert!(proofs >= 2, "tried {proofs} times in 4 s: {err}");
+    assert!(!err.contains("panicked"), "{err}");
 }

@@ -11,96 +11,17 @@
 
 #![allow(clippy::unwrap_used, clippy::disallowed_methods, clippy::print_stdout)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use common::procs::*;
+
+use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::Duration;
 
 const STREAM_SECS: u64 = 10;
-
-fn have_ffmpeg() -> bool {
-    let found = Command::new("ffmpeg")
-        .arg("-version")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        assert!(
-            !std::env::var("GRIDCAST_REQUIRE_FFMPEG").is_ok_and(|v| v == "1"),
-            "ffmpeg is required (GRIDCAST_REQUIRE_FFMPEG=1) but not installed"
-        );
-        println!("ffmpeg not installed: skipping");
-    }
-    found
-}
-
-fn gridcast(args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_gridcast"));
-    c.args(args).arg("--log-level").arg("warn");
-    c
-}
-
-/// Starts a gridcast process whose first stdout line is a channel link; returns both.
-fn spawn_with_link(cmd: Command) -> (Child, String) {
-    let (child, line) = spawn_with_line(cmd);
-    assert!(line.starts_with("gridcast://"), "no link: {line:?}");
-    (child, line)
-}
-
-/// Creates a channel key in `dir` and returns its path.
-fn keygen(dir: &Path) -> std::path::PathBuf {
-    let key = dir.join("channel.key");
-    assert!(
-        gridcast(&["keygen", "--out", key.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .status()
-            .unwrap()
-            .success()
-    );
-    key
-}
-
-/// ffmpeg encoding `secs` of test pattern (a keyframe each second) and a tone as MPEG-TS on
-/// stdout; in real time if `realtime`.
-fn test_pattern_ts(secs: u64, realtime: bool) -> Command {
-    let mut ffmpeg = Command::new("ffmpeg");
-    ffmpeg.args(["-v", "error"]);
-    if realtime {
-        ffmpeg.arg("-re");
-    }
-    ffmpeg
-        .args(["-f", "lavfi", "-i"])
-        .arg(format!("testsrc=size=320x240:rate=25:duration={secs}"))
-        .args(["-f", "lavfi", "-i"])
-        .arg(format!("sine=frequency=440:duration={secs}"))
-        .args([
-            "-c:v",
-            "mpeg2video",
-            "-g",
-            "25",
-            "-b:v",
-            "800k",
-            "-c:a",
-            "mp2",
-        ])
-        .args(["-f", "mpegts", "-"]);
-    ffmpeg
-}
-
-fn signal(child: &Child, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
-}
-
-/// The link's node entries (after the '@').
-fn nodes_of(link: &str) -> &str {
-    link.split_once('@').unwrap().1
-}
 
 #[derive(Clone, Copy)]
 enum Fault {
@@ -127,20 +48,7 @@ fn run(fault: Fault, dir: &Path) {
     source.stdin(Stdio::piped());
     let (mut source, source_link) = spawn_with_link(source);
     // Tee ffmpeg's bytes into the broadcast and into memory: the reference.
-    let mut into_source = source.stdin.take().unwrap();
-    let mut from_ffmpeg = ffmpeg.stdout.take().unwrap();
-    let tee = thread::spawn(move || {
-        let mut all = Vec::new();
-        let mut buf = vec![0u8; 16 * 1024];
-        loop {
-            let n = from_ffmpeg.read(&mut buf).unwrap();
-            if n == 0 {
-                return all;
-            }
-            all.extend_from_slice(&buf[..n]);
-            into_source.write_all(&buf[..n]).unwrap();
-        }
-    });
+    let tee = tee(ffmpeg.stdout.take().unwrap(), source.stdin.take().unwrap());
     let relays: Vec<(Child, String)> = (0..2)
         .map(|_| {
             spawn_with_link(gridcast(&[
@@ -214,29 +122,7 @@ fn run(fault: Fault, dir: &Path) {
     }
 
     for out in &outputs {
-        let played = std::fs::read(out).unwrap();
-        assert!(
-            played.len() > reference.len() / 2,
-            "{}: {} of {} bytes",
-            out.display(),
-            played.len(),
-            reference.len()
-        );
-        // A run of the reference from where the peer joined to the very end: no gap, no
-        // repeat, no wrong byte.
-        let start = reference.len() - played.len();
-        assert!(
-            reference[start..] == played[..],
-            "{}: not the tail of the source",
-            out.display()
-        );
-        decodes_cleanly(out);
-        println!(
-            "{}: {} bytes from offset {start} of {}, decodes cleanly",
-            out.display(),
-            played.len(),
-            reference.len()
-        );
+        assert_tail(out, &reference, 0.5);
     }
 }
 
@@ -259,16 +145,6 @@ fn a_relay_stopped_by_sigterm_costs_the_players_nothing() {
     if have_ffmpeg() {
         run(Fault::Term, tempfile::tempdir().unwrap().path());
     }
-}
-
-/// Starts a gridcast process and returns it with the first line it prints on stdout.
-fn spawn_with_line(mut cmd: Command) -> (Child, String) {
-    let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    (child, line.trim().to_owned())
 }
 
 /// An HTTP player: GETs `url` and keeps the response until the server closes it.
@@ -311,21 +187,6 @@ fn ogg_header_len(ogg: &[u8]) -> usize {
         at += 27 + segments + body;
     }
     at
-}
-
-fn decodes_cleanly(path: &Path) {
-    let decode = Command::new("ffmpeg")
-        .args(["-v", "error", "-i"])
-        .arg(path)
-        .args(["-f", "null", "-"])
-        .output()
-        .unwrap();
-    let errors = String::from_utf8_lossy(&decode.stderr);
-    assert!(
-        decode.status.success() && errors.trim().is_empty(),
-        "{}: {errors}",
-        path.display()
-    );
 }
 
 #[test]

@@ -57,6 +57,38 @@ macro_rules! deserialize_from_str {
 }
 deserialize_from_str!(Input, Output, ChannelLink, IoBackend);
 
+/// Parses a channel link argument. clap's own error would quote the whole value, which for a
+/// pasted blob is pages of text; this quotes its start only.
+#[derive(Clone, Copy, Debug)]
+pub struct LinkParser;
+
+impl clap::builder::TypedValueParser for LinkParser {
+    type Value = ChannelLink;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<ChannelLink, clap::Error> {
+        let text = value.to_string_lossy();
+        text.parse().map_err(|e: super::link::LinkError| {
+            let shown: String = text.chars().take(60).collect();
+            let more = if shown.len() < text.len() {
+                format!("… ({} characters)", text.chars().count())
+            } else {
+                String::new()
+            };
+            let name = arg.map_or_else(|| "link".to_owned(), ToString::to_string);
+            clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                format!("invalid value '{shown}{more}' for '{name}': {e}\n"),
+            )
+            .with_cmd(cmd)
+        })
+    }
+}
+
 /// Reads a role's TOML file; unknown keys and bad values are errors naming the file and key.
 fn load<T: for<'de> Deserialize<'de> + Default>(path: Option<&Path>) -> anyhow::Result<T> {
     let Some(path) = path else {
@@ -95,6 +127,10 @@ pub struct BroadcastArgs {
     /// The password icecast:// encoders must give (any user name).
     #[arg(long, env = "GRIDCAST_SOURCE_PASSWORD", hide_env_values = true)]
     pub source_password: Option<String>,
+    /// Node key file, created if missing, so the source's node id (and its link) survives
+    /// restarts [default: a fresh key each run].
+    #[arg(long, env = "GRIDCAST_NODE_KEY")]
+    pub node_key: Option<PathBuf>,
     /// auto, uring or portable [default: auto].
     #[arg(long, env = "GRIDCAST_IO_BACKEND")]
     pub io_backend: Option<IoBackend>,
@@ -126,6 +162,7 @@ impl BroadcastArgs {
                 .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 4433))),
             linger: Duration::from_secs(self.linger.or(file.linger).unwrap_or(5)),
             source_password: self.source_password.or(file.source_password),
+            node_key: self.node_key.or(file.node_key),
             backend: self.io_backend.or(file.io_backend).unwrap_or_default(),
         })
     }
@@ -141,7 +178,7 @@ pub struct RelayArgs {
     pub config: Option<PathBuf>,
     /// A channel link to carry (repeat for more). The relay carries these channels and no
     /// other.
-    #[arg(long)]
+    #[arg(long, value_parser = LinkParser)]
     #[serde(default)]
     pub join: Vec<ChannelLink>,
     /// UDP address to serve on [default: 0.0.0.0:4434].
@@ -219,6 +256,7 @@ pub struct PlayArgs {
     #[serde(skip)]
     pub config: Option<PathBuf>,
     /// The channel link.
+    #[arg(value_parser = LinkParser)]
     pub link: Option<ChannelLink>,
     /// - (stdout), a file path, or http://127.0.0.1:port/ to serve local players [default: -].
     #[arg(long, short)]
@@ -226,7 +264,9 @@ pub struct PlayArgs {
     /// Local UDP address [default: 0.0.0.0:0].
     #[arg(long)]
     pub listen: Option<SocketAddr>,
-    /// Seconds to wait for any node of the link to answer [default: 10].
+    /// Seconds to wait for the first chunk; a player nobody serves by then exits with the
+    /// reason (the channel is not carried, a node failed its proof, nobody answered)
+    /// [default: 10].
     #[arg(long)]
     pub connect_timeout: Option<u64>,
     /// Most bits per second relayed to other peers, like 1M; 0 relays nothing

@@ -63,6 +63,9 @@ pub enum LinkError {
     /// A host lacks a port.
     #[error("node entry {0:?} needs host:port")]
     Port(String),
+    /// The link is longer than any real one.
+    #[error("a channel link of {0} characters is too long (at most {MAX_LINK_LEN})")]
+    TooLong(usize),
     /// A host did not resolve.
     #[error("cannot resolve {host}: {source}")]
     Resolve {
@@ -73,10 +76,26 @@ pub enum LinkError {
     },
 }
 
+/// The longest link accepted: room for dozens of nodes, far less than a pasted file.
+pub const MAX_LINK_LEN: usize = 4096;
+
+/// An entry as quoted in an error: whole if short, else its start (never the whole of a
+/// pasted blob).
+fn clip(entry: &str) -> String {
+    const SHOWN: usize = 80;
+    match entry.char_indices().nth(SHOWN) {
+        Some((cut, _)) => format!("{}…", &entry[..cut]),
+        None => entry.to_owned(),
+    }
+}
+
 impl FromStr for ChannelLink {
     type Err = LinkError;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
+        if text.len() > MAX_LINK_LEN {
+            return Err(LinkError::TooLong(text.len()));
+        }
         let rest = text.trim().strip_prefix(SCHEME).ok_or(LinkError::Scheme)?;
         let (channel, nodes) = rest.split_once('@').ok_or(LinkError::Shape)?;
         let channel: ChannelId = channel.parse()?;
@@ -85,14 +104,14 @@ impl FromStr for ChannelLink {
             .map(|entry| {
                 let (host, id) = entry
                     .rsplit_once('/')
-                    .ok_or_else(|| LinkError::MissingNodeId(entry.to_owned()))?;
+                    .ok_or_else(|| LinkError::MissingNodeId(clip(entry)))?;
                 let node = id.parse().map_err(|source| LinkError::NodeId {
-                    entry: entry.to_owned(),
+                    entry: clip(entry),
                     source,
                 })?;
                 let port = host.rsplit_once(':').map(|(_, p)| p);
                 if port.is_none_or(|p| p.parse::<u16>().is_err()) {
-                    return Err(LinkError::Port(entry.to_owned()));
+                    return Err(LinkError::Port(clip(entry)));
                 }
                 Ok(LinkNode {
                     host: host.to_owned(),
@@ -156,6 +175,19 @@ impl ChannelLink {
 mod tests {
     use super::*;
     use crate::keys::{ChannelKey, NodeKey};
+
+    #[test]
+    fn an_over_long_link_or_entry_is_not_echoed_whole() {
+        let huge = format!("gridcast://{}", "x".repeat(100_000));
+        let err = huge.parse::<ChannelLink>().unwrap_err().to_string();
+        assert!(err.len() < 200, "{err}");
+        assert!(err.contains("too long"));
+        let channel = ChannelKey::from_seed(&[1; 32]).channel_id();
+        let entry = format!("gridcast://{channel}@{}:1", "h".repeat(1000));
+        let err = entry.parse::<ChannelLink>().unwrap_err().to_string();
+        assert!(err.len() < 200, "{err}");
+        assert!(err.contains("has no /<node-id>"), "{err}");
+    }
 
     fn sample() -> ChannelLink {
         ChannelLink {

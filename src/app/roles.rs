@@ -23,11 +23,11 @@ use super::link::ChannelLink;
 use super::output::{Gate, HttpOutput};
 use crate::driver::{IoBackend, Node, StartError};
 use crate::keys::{ChannelId, ChannelKey, NodeKey};
-use crate::node::{ChannelMode, Engine, EngineConfig, NodeEvent};
+use crate::node::{Candidate, ChannelMode, Engine, EngineConfig, NodeEvent, UpstreamConfig};
 use crate::stream::{
     Chunk, ChunkFlags, ChunkPublisher, Chunker, ChunkerConfig, CodingError, CodingParams,
 };
-use crate::wire::{Role, SignedStreamHeader, StartAt, SubstreamSet};
+use crate::wire::{Role, SignedStreamHeader};
 
 /// Where a broadcast's bytes come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,6 +107,9 @@ pub struct BroadcastConfig {
     pub linger: Duration,
     /// The password encoders give to an `icecast://` input.
     pub source_password: Option<String>,
+    /// A node key file (the source's node id, and so its link, survive restarts); a fresh
+    /// key if `None`.
+    pub node_key: Option<PathBuf>,
     /// Data plane.
     pub backend: IoBackend,
 }
@@ -116,7 +119,7 @@ pub struct BroadcastConfig {
 pub struct RelayConfig {
     /// UDP address to serve on.
     pub listen: SocketAddr,
-    /// Channels to carry, each from the first node of its link.
+    /// Channels to carry; every node a channel's links name is a candidate upstream.
     pub join: Vec<ChannelLink>,
     /// io_uring workers (one per core by default).
     pub workers: usize,
@@ -197,7 +200,7 @@ pub struct PlayConfig {
     pub listen: SocketAddr,
     /// Data plane.
     pub backend: IoBackend,
-    /// Give up if no node of the link answers within this long.
+    /// Give up if no chunk has arrived within this long (saying why).
     pub connect_timeout: Duration,
     /// Most bits per second relayed to other peers (`None`: no cap; `Some(0)`: relay nothing).
     pub upload_bps: Option<u64>,
@@ -481,7 +484,7 @@ fn pump(
 pub fn broadcast(config: &BroadcastConfig, stop: &AtomicBool) -> anyhow::Result<()> {
     let channel_key = ChannelKey::load(&config.key)?;
     let channel = channel_key.channel_id();
-    let node_key = NodeKey::generate()?;
+    let node_key = node_key(config.node_key.as_deref())?;
     let (node, _events) = serve(
         config.backend,
         config.listen,
@@ -549,10 +552,9 @@ pub fn broadcast(config: &BroadcastConfig, stop: &AtomicBool) -> anyhow::Result<
     Ok(())
 }
 
-/// Runs a supernode until a signal arrives.
-#[allow(clippy::disallowed_methods)] // the relay reads the clock
-pub fn relay(config: &RelayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
-    let key = match &config.node_key {
+/// The node key in `path` (created there if missing), or a fresh one.
+fn node_key(path: Option<&std::path::Path>) -> anyhow::Result<NodeKey> {
+    Ok(match path {
         Some(path) if path.exists() => NodeKey::load(path)?,
         Some(path) => {
             let key = NodeKey::generate()?;
@@ -560,10 +562,89 @@ pub fn relay(config: &RelayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
             key
         }
         None => NodeKey::generate()?,
-    };
+    })
+}
+
+/// Every candidate upstream per channel, over all the links given for it (a channel may be
+/// joined with several links), each node once and never this node itself.
+fn upstreams(
+    links: &[ChannelLink],
+    me: crate::keys::NodeId,
+) -> anyhow::Result<Vec<(ChannelId, Vec<Candidate>)>> {
+    let mut out: Vec<(ChannelId, Vec<Candidate>)> = Vec::new();
+    for link in links {
+        let candidates = link.candidates()?;
+        let entry = match out.iter_mut().position(|(c, _)| *c == link.channel) {
+            Some(i) => &mut out[i].1,
+            None => {
+                out.push((link.channel, Vec::new()));
+                &mut out.last_mut().context("just pushed")?.1
+            }
+        };
+        for c in candidates {
+            if c.node != me && !entry.iter().any(|e| e.node == c.node) {
+                entry.push(c);
+            }
+        }
+    }
+    for (channel, candidates) in &out {
+        if candidates.is_empty() {
+            anyhow::bail!("the links for channel {channel} name no node but this one");
+        }
+    }
+    Ok(out)
+}
+
+/// Logs what the application should hear about a node's upstreams and neighbours.
+fn log_event(event: &NodeEvent) {
+    match event {
+        NodeEvent::Failover {
+            lost,
+            replacement,
+            resume,
+            ..
+        } => tracing::info!(%lost, ?replacement, resume, "parent replaced"),
+        NodeEvent::UpstreamLost {
+            channel,
+            candidates,
+            connected,
+        } => tracing::warn!(
+            %channel,
+            candidates,
+            connected,
+            "nothing of the channel arrives from any parent (upstreams lost, unreachable or quiet); lost ones are redialled with back-off"
+        ),
+        NodeEvent::UpstreamRestored { channel, after } => {
+            tracing::info!(%channel, ?after, "a parent delivers the channel again");
+        }
+        NodeEvent::SubscriptionRefused {
+            channel,
+            remote,
+            reason,
+        } => tracing::warn!(%channel, %remote, "refused: the node {reason}"),
+        NodeEvent::ProofFailed {
+            remote,
+            node,
+            reason,
+        } => tracing::warn!(%remote, expected = %node, %reason, "did not prove node id {node}"),
+        NodeEvent::Misbehaved { remote, reason, .. } => {
+            tracing::warn!(%remote, %reason, "neighbour sent bad data; disconnected")
+        }
+        NodeEvent::ConnectionLost { remote, reason, .. } => {
+            tracing::debug!(%remote, %reason, "connection closed");
+        }
+        _ => {}
+    }
+}
+
+/// Runs a supernode until a signal arrives.
+#[allow(clippy::disallowed_methods)] // the relay reads the clock
+pub fn relay(config: &RelayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
+    let key = node_key(config.node_key.as_deref())?;
     if config.join.is_empty() {
         anyhow::bail!("nothing to carry: give at least one --join <channel link>");
     }
+    let upstreams = upstreams(&config.join, key.node_id())?;
     let (node, events) = serve(
         config.backend,
         config.listen,
@@ -572,6 +653,7 @@ pub fn relay(config: &RelayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
         &EngineConfig {
             role: Role::Supernode,
             serve: true,
+            upstream: UpstreamConfig::relay(),
             // Limits are per node; each worker takes its share (steering spreads connections
             // evenly over the workers).
             upload_cap: config
@@ -582,14 +664,10 @@ pub fn relay(config: &RelayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
             ..Default::default()
         },
     )?;
-    for link in &config.join {
-        let channel = link.channel;
-        let mut candidates = link.candidates()?.into_iter();
-        let upstream = candidates.next().context("the link names no node")?;
-        // The link's other nodes carry the channel too: a drain sends children there.
-        let alternatives: Vec<_> = candidates.filter(|c| c.node != key.node_id()).collect();
+    for (channel, candidates) in upstreams {
+        // The same nodes carry the channel too: a drain sends children there.
         for w in 0..node.workers() {
-            let alternatives = alternatives.clone();
+            let alternatives = candidates.clone();
             node.command(
                 w,
                 Box::new(move |e, _| {
@@ -598,19 +676,14 @@ pub fn relay(config: &RelayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
                 }),
             );
         }
-        // One worker draws the channel from upstream; its siblings get it by import.
+        // One worker draws the channel from upstream, with the parent policy (from every
+        // candidate, failing over, redialling with back-off); its siblings get it by import.
+        let parents: Vec<String> = candidates.iter().map(|c| c.addr.to_string()).collect();
         node.command(
             0,
             Box::new(move |e, now| {
-                if let Err(err) = e.subscribe(
-                    now,
-                    upstream.addr,
-                    upstream.node,
-                    channel,
-                    SubstreamSet::first(16),
-                    StartAt::Live,
-                ) {
-                    tracing::error!(%err, "subscribing upstream");
+                if let Err(err) = e.set_upstream(now, channel, candidates) {
+                    tracing::error!(%err, "choosing upstreams");
                 }
             }),
         );
@@ -619,7 +692,7 @@ pub fn relay(config: &RelayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
         {
             println!("{own}");
         }
-        tracing::info!(link = %own, upstream = %upstream.addr, "carrying");
+        tracing::info!(link = %own, upstreams = %parents.join(","), "carrying");
     }
     while !stop.load(Ordering::Relaxed) {
         match events.recv_timeout(Duration::from_millis(50)) {
@@ -636,7 +709,8 @@ pub fn relay(config: &RelayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
                     );
                 }
             }
-            Ok(_) | Err(RecvTimeoutError::Timeout) => {}
+            Ok(event) => log_event(&event),
+            Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => break,
         }
     }
@@ -822,7 +896,11 @@ pub fn play(config: &PlayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
     }
     tracing::info!(%channel, backend = %node.backend(), "playing");
     let started = Instant::now();
+    // Served once the first chunk plays; until then every refusal and failed proof is kept,
+    // so that a player nobody serves can say why when it gives up.
+    let mut served = false;
     let mut connected = false;
+    let mut why: Vec<(SocketAddr, String)> = Vec::new();
     let (status_tx, status_rx) = mpsc::channel();
     let mut last_status = Instant::now();
     let mut bytes_since = 0u64;
@@ -830,13 +908,8 @@ pub fn play(config: &PlayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
         if stop.load(Ordering::Relaxed) {
             break Ok(());
         }
-        if !connected && started.elapsed() >= config.connect_timeout {
-            let hosts: Vec<&str> = config.link.nodes.iter().map(|n| n.host.as_str()).collect();
-            break Err(anyhow::anyhow!(
-                "no node of the link answered within {:?}: {}",
-                config.connect_timeout,
-                hosts.join(", ")
-            ));
+        if !served && started.elapsed() >= config.connect_timeout {
+            break Err(not_served(config, connected, &why));
         }
         if config.status && last_status.elapsed() >= Duration::from_secs(1) {
             let bps = bytes_since as f64 * 8.0 / last_status.elapsed().as_secs_f64();
@@ -857,6 +930,7 @@ pub fn play(config: &PlayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
             Ok(NodeEvent::Connected { .. }) => connected = true,
             Ok(NodeEvent::StreamHeader { header, .. }) => sink.header(header.data),
             Ok(NodeEvent::Chunk { flags, payload, .. }) => {
+                served = true;
                 bytes_since += payload.len() as u64;
                 if let Err(e) = sink.chunk(flags, payload.to_bytes()) {
                     // A player that quits closes the pipe: that ends playback, not an error.
@@ -866,15 +940,23 @@ pub fn play(config: &PlayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
                     break Err(e).context("writing the output");
                 }
             }
-            Ok(NodeEvent::Failover {
-                lost,
-                replacement,
-                resume,
-                ..
-            }) => {
-                tracing::info!(%lost, ?replacement, resume, "parent replaced");
+            Ok(event) => {
+                match &event {
+                    NodeEvent::SubscriptionRefused { remote, reason, .. } => {
+                        note(&mut why, *remote, format!("{remote} {reason}"));
+                    }
+                    NodeEvent::ProofFailed { remote, node, .. } => {
+                        note(
+                            &mut why,
+                            *remote,
+                            format!("{remote} did not prove node id {node}"),
+                        );
+                    }
+                    _ => {}
+                }
+                log_event(&event);
             }
-            Ok(_) | Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => break Err(anyhow::anyhow!("the node stopped")),
         }
     };
@@ -883,6 +965,37 @@ pub fn play(config: &PlayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
     }
     node.stop()?;
     result
+}
+
+/// Keeps the newest reason per node.
+fn note(why: &mut Vec<(SocketAddr, String)>, remote: SocketAddr, reason: String) {
+    why.retain(|(r, _)| *r != remote);
+    why.push((remote, reason));
+}
+
+/// The error of a player that nobody served within its connect timeout: which channel, and
+/// what each node said (refused it, failed its proof), or that none answered at all.
+fn not_served(config: &PlayConfig, connected: bool, why: &[(SocketAddr, String)]) -> anyhow::Error {
+    let channel = config.link.channel;
+    let waited = config.connect_timeout;
+    if !why.is_empty() {
+        let said: Vec<&str> = why.iter().map(|(_, w)| w.as_str()).collect();
+        anyhow::anyhow!(
+            "nobody serves channel {channel} (waited {waited:?}): {}",
+            said.join("; ")
+        )
+    } else if connected {
+        anyhow::anyhow!(
+            "no chunk of channel {channel} arrived within {waited:?}: the nodes answered, but \
+             have nothing of the channel yet (is its source running?)"
+        )
+    } else {
+        let hosts: Vec<&str> = config.link.nodes.iter().map(|n| n.host.as_str()).collect();
+        anyhow::anyhow!(
+            "no node of the link answered within {waited:?} for channel {channel}: {}",
+            hosts.join(", ")
+        )
+    }
 }
 
 #[cfg(test)]

@@ -270,6 +270,9 @@ fn bind_member(addr: SocketAddr) -> io::Result<Socket> {
     Ok(socket)
 }
 
+/// Ephemeral ports tried before giving up when each one turns out shared.
+const EPHEMERAL_TRIES: usize = 32;
+
 impl UringNode {
     /// Binds `addr` with `config.workers` sockets in one reuseport group, makes each worker's
     /// engine with `make` (given its [`WorkerTag`]; set [`crate::node::EngineConfig::worker`]
@@ -302,14 +305,37 @@ impl UringNode {
         } else {
             Some(lock_port(addr.port())?)
         };
-        let first = bind_member(addr)?;
-        let local = first
-            .local_addr()?
-            .as_socket()
-            .ok_or_else(|| io::Error::other("bound socket has no IP address"))?;
-        let lock = match early {
-            Some(lock) => lock,
-            None => lock_port(local.port())?,
+        let bound = |socket: &Socket| -> Result<SocketAddr, StartError> {
+            Ok(socket
+                .local_addr()?
+                .as_socket()
+                .ok_or_else(|| io::Error::other("bound socket has no IP address"))?)
+        };
+        let (first, local, lock) = match early {
+            Some(lock) => {
+                let first = bind_member(addr)?;
+                let local = bound(&first)?;
+                (first, local, lock)
+            }
+            None => {
+                // With SO_REUSEPORT the kernel may hand out an ephemeral port that another
+                // gridcast process's group already holds: that is no conflict of the user's
+                // making, so take another port (a bounded number of times).
+                // Shared ones are held until a free one is found, so none comes back twice.
+                let mut shared = Vec::new();
+                loop {
+                    let first = bind_member(addr)?;
+                    let local = bound(&first)?;
+                    match lock_port(local.port()) {
+                        Ok(lock) => break (first, local, lock),
+                        Err(StartError::PortShared(_)) if shared.len() < EPHEMERAL_TRIES => {
+                            tracing::debug!(port = local.port(), "ephemeral port shared; another");
+                            shared.push(first);
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
         };
         let mut sockets = vec![first];
         for _ in 1..count {

@@ -1,0 +1,186 @@
+//! Real processes for the end-to-end tests: the built binary, ffmpeg test streams, signals,
+//! and the checks every such test makes (a player's file is a byte-exact tail of what ffmpeg
+//! produced, and decodes with no errors).
+//!
+//! Tests that need ffmpeg skip (with a message) where it is missing, unless
+//! `GRIDCAST_REQUIRE_FFMPEG=1` (CI) makes that a failure.
+
+#![allow(clippy::unwrap_used, clippy::print_stdout)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::Path;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::thread;
+
+pub fn have_ffmpeg() -> bool {
+    let found = Command::new("ffmpeg")
+        .arg("-version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        assert!(
+            !std::env::var("GRIDCAST_REQUIRE_FFMPEG").is_ok_and(|v| v == "1"),
+            "ffmpeg is required (GRIDCAST_REQUIRE_FFMPEG=1) but not installed"
+        );
+        println!("ffmpeg not installed: skipping");
+    }
+    found
+}
+
+pub fn gridcast(args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_gridcast"));
+    c.args(args).arg("--log-level").arg("warn");
+    c
+}
+
+/// Starts a gridcast process whose first stdout line is a channel link; returns both.
+pub fn spawn_with_link(cmd: Command) -> (Child, String) {
+    let (child, line) = spawn_with_line(cmd);
+    assert!(line.starts_with("gridcast://"), "no link: {line:?}");
+    (child, line)
+}
+
+/// Creates a channel key in `dir` and returns its path.
+pub fn keygen(dir: &Path) -> std::path::PathBuf {
+    let key = dir.join("channel.key");
+    assert!(
+        gridcast(&["keygen", "--out", key.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+    );
+    key
+}
+
+/// ffmpeg encoding `secs` of test pattern (a keyframe each second) and a tone as MPEG-TS on
+/// stdout; in real time if `realtime`.
+pub fn test_pattern_ts(secs: u64, realtime: bool) -> Command {
+    let mut ffmpeg = Command::new("ffmpeg");
+    ffmpeg.args(["-v", "error"]);
+    if realtime {
+        ffmpeg.arg("-re");
+    }
+    ffmpeg
+        .args(["-f", "lavfi", "-i"])
+        .arg(format!("testsrc=size=320x240:rate=25:duration={secs}"))
+        .args(["-f", "lavfi", "-i"])
+        .arg(format!("sine=frequency=440:duration={secs}"))
+        .args([
+            "-c:v",
+            "mpeg2video",
+            "-g",
+            "25",
+            "-b:v",
+            "800k",
+            "-c:a",
+            "mp2",
+        ])
+        .args(["-f", "mpegts", "-"]);
+    ffmpeg
+}
+
+pub fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+}
+
+/// The link's node entries (after the '@').
+pub fn nodes_of(link: &str) -> &str {
+    link.split_once('@').unwrap().1
+}
+
+/// Starts a gridcast process and returns it with the first line it prints on stdout.
+pub fn spawn_with_line(mut cmd: Command) -> (Child, String) {
+    let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    (child, line.trim().to_owned())
+}
+
+pub fn decodes_cleanly(path: &Path) {
+    let decode = Command::new("ffmpeg")
+        .args(["-v", "error", "-i"])
+        .arg(path)
+        .args(["-f", "null", "-"])
+        .output()
+        .unwrap();
+    let errors = String::from_utf8_lossy(&decode.stderr);
+    assert!(
+        decode.status.success() && errors.trim().is_empty(),
+        "{}: {errors}",
+        path.display()
+    );
+}
+
+/// Copies ffmpeg's output into `into` and keeps every byte: the reference a player's file
+/// must be a tail of.
+pub fn tee(mut from: ChildStdout, mut into: ChildStdin) -> thread::JoinHandle<Vec<u8>> {
+    thread::spawn(move || {
+        let mut all = Vec::new();
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = from.read(&mut buf).unwrap();
+            if n == 0 {
+                return all;
+            }
+            all.extend_from_slice(&buf[..n]);
+            // A source that went away ends the copy; the reference so far stands.
+            if into.write_all(&buf[..n]).is_err() {
+                return all;
+            }
+        }
+    })
+}
+
+/// Asserts that `out` holds a byte-exact run of `reference` from where the player joined to
+/// the very end (no gap, no repeat, no wrong byte), at least `min_share` of it, and that it
+/// decodes cleanly.
+pub fn assert_tail(out: &Path, reference: &[u8], min_share: f64) {
+    let played = std::fs::read(out).unwrap();
+    assert!(
+        played.len() as f64 > reference.len() as f64 * min_share,
+        "{}: {} of {} bytes",
+        out.display(),
+        played.len(),
+        reference.len()
+    );
+    let start = reference.len() - played.len();
+    assert!(
+        reference[start..] == played[..],
+        "{}: not the tail of the source",
+        out.display()
+    );
+    decodes_cleanly(out);
+    println!(
+        "{}: {} bytes from offset {start} of {}, decodes cleanly",
+        out.display(),
+        played.len(),
+        reference.len()
+    );
+}
+
+/// A UDP port on 127.0.0.1 that was free a moment ago (for a node restarted on the same
+/// address).
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Kills and reaps every child left.
+pub fn reap(children: &mut [Child]) {
+    for c in children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
