@@ -472,8 +472,18 @@ impl Channel {
                     }
                     let since = *self.stalled_since.get_or_insert(now);
                     if now.saturating_duration_since(since) >= self.config.playout_delay {
-                        self.stats.chunks_skipped += 1;
-                        self.next_play = Some(next + 1);
+                        // Give up on every chunk up to the next one held (a run of chunks
+                        // none of whose shards came costs one wait, not one each; a restarted
+                        // source's jump in numbering costs one wait and is counted as at most
+                        // a window's worth of chunks).
+                        let held = self
+                            .window
+                            .range(next + 1..)
+                            .next()
+                            .map_or(next + 1, |(s, _)| *s);
+                        self.stats.chunks_skipped +=
+                            (held - next).min(self.config.window_chunks as u64);
+                        self.next_play = Some(held);
                         self.stalled_since = None;
                     } else {
                         break;
@@ -515,5 +525,56 @@ impl Channel {
     /// Player: the next chunk it will emit.
     pub fn next_play(&self) -> Option<u64> {
         self.next_play
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::disallowed_methods)] // one base instant; time moves by hand
+    use super::*;
+    use crate::keys::ChannelKey;
+    use crate::stream::ChunkPublisher;
+
+    #[test]
+    fn a_jump_in_numbering_costs_one_wait_not_one_per_missing_chunk() {
+        // A restarted source numbers its chunks from its new start (the wall clock in ms):
+        // the player must carry on at the new numbers after one playout delay.
+        let key = ChannelKey::from_seed(&[3; 32]);
+        let id = key.channel_id();
+        let mut publisher = ChunkPublisher::new(key, CodingParams::DEFAULT);
+        let config = ChannelConfig::default();
+        let delay = config.playout_delay;
+        let mut ch = Channel::new(id, ChannelMode::Play, config);
+        let mut coder = ShardCoder::new();
+        let t0 = Instant::now();
+        let data = Bytes::from(vec![7u8; 4000]);
+        let ra = ChunkFlags::RANDOM_ACCESS;
+        let none = ChunkFlags::empty();
+        for (seq, ts, flags) in [
+            (100, 0, ra),
+            (101, 250_000, none),
+            (5_000_000, 3_000_000, ra),
+        ] {
+            let coded = publisher.publish(seq, ts, flags, &data).unwrap();
+            ch.publish(&coded);
+            if seq == 101 {
+                let played: Vec<u64> = ch
+                    .poll_playout(t0, &mut coder)
+                    .iter()
+                    .map(|c| c.0)
+                    .collect();
+                assert_eq!(played, [100, 101]);
+            }
+        }
+        assert!(ch.poll_playout(t0, &mut coder).is_empty(), "waits first");
+        let later = t0 + delay;
+        let played: Vec<u64> = ch
+            .poll_playout(later, &mut coder)
+            .iter()
+            .map(|c| c.0)
+            .collect();
+        assert_eq!(played, [5_000_000]);
+        let skipped = ch.stats().chunks_skipped;
+        assert!((1..=40).contains(&skipped), "{skipped}");
     }
 }
