@@ -911,3 +911,39 @@ fn peers_that_ask_a_relay_before_it_has_a_chunk_play_from_its_first() {
     grid.run(Duration::from_secs(8));
     grid.assert_perfect("before-first-chunk");
 }
+
+#[test]
+fn a_parent_starved_by_its_own_upstream_is_left_for_a_standby_that_has_the_chunks() {
+    // The peer draws everything from X and keeps Y as a standby. X's own upstream path is cut:
+    // X lives on and answers keep-alives but delivers nothing, so no other parent shows it up.
+    // Y's announcements of the chunks it holds do.
+    let mut grid = Grid::new(25, 0, Grid::relay_config);
+    let source = grid.candidate(grid.source.node);
+    let x = policy_relay(&mut grid, vec![source]);
+    let y = policy_relay(&mut grid, vec![source]);
+    grid.run(Duration::from_secs(2));
+    let mut config = EngineConfig::default();
+    config.upstream.parents = 1;
+    config.upstream.standby = 1;
+    let (cx, cy) = (grid.candidate(x), grid.candidate(y));
+    grid.add_policy_peer(config, vec![cx, cy]);
+    grid.run(Duration::from_secs(5));
+    let channel = grid.source.channel;
+    let peer = grid.peers[0];
+    assert_eq!(
+        grid.sim.node(peer).engine.upstream_status(&channel),
+        Some((8, 1))
+    );
+    let cut_at = grid.sim.now();
+    let src = grid.source.node;
+    grid.sim.partition(x, src, true);
+    grid.run(Duration::from_secs(8));
+    let (at, _) = grid.played[0]
+        .failovers
+        .first()
+        .copied()
+        .expect("a failover");
+    println!("starved parent left after {:?}", at - cut_at);
+    assert!(at - cut_at <= Duration::from_secs(3), "{:?}", at - cut_at);
+    grid.assert_perfect("starved-parent");
+}

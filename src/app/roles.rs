@@ -606,8 +606,14 @@ fn log_event(event: &NodeEvent) {
         } => tracing::info!(%lost, ?replacement, resume, "parent replaced"),
         NodeEvent::UpstreamLost {
             channel,
+            ended: true,
+            ..
+        } => tracing::info!(%channel, "the stream ended: its source finished it"),
+        NodeEvent::UpstreamLost {
+            channel,
             candidates,
             connected,
+            ..
         } => tracing::warn!(
             %channel,
             candidates,

@@ -160,8 +160,13 @@ impl Tally {
 pub(crate) enum Slot {
     /// Not connected.
     Idle,
-    /// Connected (or connecting), not drawing substreams: a warm standby.
-    Standby { conn: ConnectionHandle, sub: u32 },
+    /// Connected (or connecting), not drawing substreams: a warm standby. `latest` is the
+    /// newest chunk it said it holds (Have), so starved parents show against it.
+    Standby {
+        conn: ConnectionHandle,
+        sub: u32,
+        latest: Option<u64>,
+    },
     /// Drawing `set`.
     Active {
         conn: ConnectionHandle,

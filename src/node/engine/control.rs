@@ -350,7 +350,8 @@ impl Engine {
                 });
                 self.upstream_refused(now, refused.channel, handle, from, &refused.alternatives);
             }
-            Message::Have(_) | Message::ParentQuery(_) | Message::ParentAnswer(_) => {}
+            Message::Have(have) => self.upstream_have(have.channel, handle, have.latest),
+            Message::ParentQuery(_) | Message::ParentAnswer(_) => {}
             Message::Shard(_) => {
                 self.stats.protocol_errors += 1;
                 conn.close(now, close_code::PROTOCOL, "shard on the control stream");

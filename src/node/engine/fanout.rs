@@ -14,7 +14,8 @@ use crate::node::channel::{Channel, StoredShard};
 use crate::node::upstream::Slot;
 use crate::stream::{CodedChunk, CodingParams, SignedChunkHeader};
 use crate::wire::{
-    SHARD_FRAME_PREFIX_MAX, ShardFrame, SignedStreamHeader, SubstreamSet, encode_shard_frame_prefix,
+    Have, Message, SHARD_FRAME_PREFIX_MAX, ShardFrame, SignedStreamHeader, SubstreamSet,
+    encode_shard_frame_prefix,
 };
 
 use super::conn::{OutStream, mark};
@@ -247,6 +248,38 @@ impl Engine {
             }
         }
         let listed = self.subscribers.remove(&channel).unwrap_or_default();
+        // Standbys (subscriptions to nothing) hear of each new chunk once, so a child can
+        // tell starved parents from a quiet source.
+        let newest = shards.iter().map(|s| s.header.header.seq).max();
+        let announce = match (newest, self.announced.get(&channel)) {
+            (Some(n), Some(&a)) => n > a,
+            (Some(_), None) => true,
+            _ => false,
+        };
+        if announce && let Some(n) = newest {
+            self.announced.insert(channel, n);
+            let oldest = self
+                .channels
+                .get(&channel)
+                .and_then(Channel::range)
+                .map_or(n, |(o, _)| o);
+            let have = Message::Have(Have {
+                channel,
+                oldest,
+                latest: n,
+            });
+            for &(handle, sub) in &listed {
+                if let Some(conn) = self.conns.get_mut(&handle)
+                    && !conn.closed
+                    && conn
+                        .served
+                        .get(&sub)
+                        .is_some_and(|s| s.substreams.is_empty())
+                {
+                    conn.send_control(&have);
+                }
+            }
+        }
         for &(handle, sub) in &listed {
             let substreams = match self.conns.get(&handle) {
                 Some(conn) if !conn.closed => match conn.served.get(&sub) {

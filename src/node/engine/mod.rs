@@ -249,6 +249,8 @@ pub enum NodeEvent {
         candidates: usize,
         /// Of them, connected or being dialled.
         connected: usize,
+        /// The newest chunk held ends the stream: its source finished, nothing is lost.
+        ended: bool,
     },
     /// A parent delivers `channel` again after an [`NodeEvent::UpstreamLost`].
     UpstreamRestored {
@@ -362,6 +364,8 @@ pub struct Engine {
     /// Per channel, subscribers that asked before the channel had a chunk: they get the
     /// channel information with the first one.
     awaiting_info: HashMap<ChannelId, Vec<ConnectionHandle>>,
+    /// Per channel, the newest chunk announced to standbys with a Have.
+    announced: HashMap<ChannelId, u64>,
     /// Per channel, other nodes that carry it, named in go-aways.
     alternatives: HashMap<ChannelId, Vec<Candidate>>,
     reading: bool,
@@ -462,6 +466,7 @@ impl Engine {
             draining: false,
             alternatives: HashMap::new(),
             awaiting_info: HashMap::new(),
+            announced: HashMap::new(),
             reading: true,
             upload_tokens,
             upload_refilled: None,

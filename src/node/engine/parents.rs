@@ -11,6 +11,7 @@ use crate::node::channel::Channel;
 use crate::node::upstream::{
     Candidate, HEALTHY_RATIO, SHORT_RATIO, Slot, Tally, Upstream, assign_with, rebalance,
 };
+use crate::stream::ChunkFlags;
 use crate::wire::{ParentCandidate, StartAt, SubstreamSet};
 
 use super::conn::mark;
@@ -95,7 +96,11 @@ impl Engine {
                 None,
             ) {
                 Ok((conn, sub)) => {
-                    up.candidates[i].1 = Slot::Standby { conn, sub };
+                    up.candidates[i].1 = Slot::Standby {
+                        conn,
+                        sub,
+                        latest: None,
+                    };
                     connected += 1;
                 }
                 Err(_) => {
@@ -132,7 +137,7 @@ impl Engine {
                 break;
             };
             let (cand, slot) = up.candidates[i].clone();
-            let Slot::Standby { conn, sub } = slot else {
+            let Slot::Standby { conn, sub, .. } = slot else {
                 break;
             };
             match self.subscribe_inner(now, cand.addr, cand.node, channel, set, start, Some(sub)) {
@@ -258,6 +263,24 @@ impl Engine {
                     _ => None,
                 })
                 .max();
+            // A standby that holds chunks well past what the parents deliver proves there is
+            // something to deliver: quiet parents are starved, not waiting on a quiet source.
+            let standby_latest = up
+                .candidates
+                .iter()
+                .filter_map(|(_, s)| match s {
+                    Slot::Standby { latest, .. } => *latest,
+                    _ => None,
+                })
+                .max();
+            let outrun = |newest: Option<u64>| {
+                standby_latest.is_some_and(|l| {
+                    l >= newest
+                        .or(best)
+                        .unwrap_or(0)
+                        .saturating_add(up.config.lag_chunks)
+                })
+            };
             let someone_fresh = up.candidates.iter().any(|(_, s)| match s {
                 Slot::Active { last_shard, .. } => {
                     now.saturating_duration_since(*last_shard) < up.config.stall_timeout
@@ -303,7 +326,8 @@ impl Engine {
                         };
                         let quiet =
                             now.saturating_duration_since(*last_shard) >= up.config.stall_timeout;
-                        let silent = quiet && (someone_fresh || unreachable(conn));
+                        let silent =
+                            quiet && (someone_fresh || unreachable(conn) || outrun(*newest));
                         let short = shortest == Some(i);
                         if gone(conn) || behind || silent || short {
                             // Resume where the lost parent stopped, or earlier: a player resumes
@@ -369,6 +393,16 @@ impl Engine {
         self.lost_conns.clear();
     }
 
+    /// A standby told us the newest chunk it holds.
+    pub(super) fn upstream_have(&mut self, channel: ChannelId, handle: ConnectionHandle, at: u64) {
+        if let Some(up) = self.upstreams.get_mut(&channel)
+            && let Some(i) = up.slot_of(handle)
+            && let Slot::Standby { latest, .. } = &mut up.candidates[i].1
+        {
+            *latest = Some(latest.map_or(at, |l| l.max(at)));
+        }
+    }
+
     /// A parent refused our subscription to `channel` on `handle`: that candidate fails (with
     /// back-off), its substreams, if it had any, go to another, and the nodes it named become
     /// candidates.
@@ -415,6 +449,12 @@ impl Engine {
     /// Tells the application once when no parent has delivered `channel` for the stall
     /// timeout (every one lost, unreachable or silent), and once when one delivers again.
     fn upstream_outage(&mut self, now: Instant, channel: ChannelId) {
+        // A source that finished flags its last chunk: silence after it is no fault.
+        let ended = self.channels.get(&channel).is_some_and(|ch| {
+            ch.range()
+                .and_then(|(_, newest)| ch.chunk(newest))
+                .is_some_and(|c| c.header().header.flags.contains(ChunkFlags::END_OF_STREAM))
+        });
         let Some(up) = self.upstreams.get_mut(&channel) else {
             return;
         };
@@ -442,6 +482,7 @@ impl Engine {
                     channel,
                     candidates: up.candidates.len(),
                     connected,
+                    ended,
                 });
             }
             Some(since) if delivering => {
