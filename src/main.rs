@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 
 use gridcast::app::{config, demo, roles};
 use gridcast::driver::{self, Chosen, IoBackend};
-use gridcast::keys::ChannelKey;
+use gridcast::keys::{ChannelKey, NodeKey};
 
 /// mimalloc: fast, low-fragmentation allocation for long-running relays with many buffers.
 #[global_allocator]
@@ -53,6 +53,15 @@ enum Command {
     ///   gridcast channel-id channel.key
     ChannelId {
         /// The key file.
+        key: PathBuf,
+    },
+    /// Print the node id of a node key file (a relay's or source's `--node-key`): what a link
+    /// names after the node's address.
+    ///
+    /// Example:
+    ///   gridcast node-id relay.key
+    NodeId {
+        /// The node key file.
         key: PathBuf,
     },
     /// Put a live stream on the grid: read bytes, cut, sign, encode and serve them.
@@ -161,6 +170,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             #[allow(clippy::print_stdout)]
             {
                 println!("{}", key.channel_id());
+            }
+        }
+        Command::NodeId { key } => {
+            let key = NodeKey::load(&key)?;
+            #[allow(clippy::print_stdout)]
+            {
+                println!("{}", key.node_id());
             }
         }
         Command::Broadcast(args) => {

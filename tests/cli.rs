@@ -331,3 +331,19 @@ fn a_relay_given_the_wrong_node_id_says_the_proof_failed_and_keeps_trying() {
     assert!(proofs >= 2, "tried {proofs} times in 4 s: {err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn node_id_prints_the_id_a_link_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("relay.key");
+    let key = gridcast::keys::NodeKey::generate().unwrap();
+    key.save(&path, false).unwrap();
+    let out = gridcast(&["node-id", path_str(&path)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap().trim(),
+        key.node_id().to_string()
+    );
+    let out = gridcast(&["node-id", path_str(&dir.path().join("missing.key"))]);
+    assert_clean_failure(&out, "missing.key");
+}

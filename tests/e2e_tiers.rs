@@ -191,3 +191,69 @@ fn players_that_ask_a_relay_before_it_has_the_channel_play_from_their_first_chun
         assert_tail(out, &reference, 0.7);
     }
 }
+
+#[test]
+fn relays_and_players_given_only_the_source_link_find_each_other() {
+    // Three relays and two players know only the source. The source serves the relays and
+    // sends the players to them; a relay SIGKILLed mid-stream costs the players nothing.
+    if !have_ffmpeg() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let key = keygen(dir);
+    let mut ffmpeg = test_pattern_ts(12, true)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut source = gridcast(&[
+        "broadcast",
+        "--key",
+        key.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--linger",
+        "4",
+        "--max-children",
+        "3",
+    ]);
+    source.stdin(Stdio::piped());
+    let (mut source, source_link) = spawn_with_link(source);
+    let tee = tee(ffmpeg.stdout.take().unwrap(), source.stdin.take().unwrap());
+    let mut relays: Vec<Child> = (0..3)
+        .map(|i| {
+            relay(
+                &source_link,
+                free_udp_port(),
+                &dir.join(format!("r{i}.key")),
+            )
+            .0
+        })
+        .collect();
+    thread::sleep(Duration::from_secs(1));
+    let outputs: Vec<_> = (0..2).map(|i| dir.join(format!("only{i}.ts"))).collect();
+    let mut players: Vec<Child> = outputs
+        .iter()
+        .map(|out| {
+            gridcast(&["play", &source_link, "--output", out.to_str().unwrap()])
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    thread::sleep(Duration::from_secs(5));
+    signal(&relays[0], "-KILL");
+    let reference = tee.join().unwrap();
+    assert!(ffmpeg.wait().unwrap().success());
+    assert!(source.wait().unwrap().success(), "broadcast failed");
+    thread::sleep(Duration::from_secs(3));
+    for p in &players {
+        signal(p, "-TERM");
+    }
+    for p in &mut players {
+        assert!(p.wait().unwrap().success(), "play failed");
+    }
+    reap(&mut relays);
+    for out in &outputs {
+        assert_tail(out, &reference, 0.5);
+    }
+}

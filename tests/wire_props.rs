@@ -26,12 +26,14 @@ fn hello() -> impl Strategy<Value = Hello> {
         any::<u16>(),
         prop_oneof![Just(Role::Source), Just(Role::Supernode), Just(Role::Peer)],
         "\\PC{0,16}",
+        prop::option::of(any::<[u8; 32]>()),
     )
-        .prop_filter("agent fits", |(_, _, a)| a.len() <= MAX_AGENT_LEN)
-        .prop_map(|(version, role, agent)| Hello {
+        .prop_filter("agent fits", |(_, _, a, _)| a.len() <= MAX_AGENT_LEN)
+        .prop_map(|(version, role, agent, node)| Hello {
             version,
             role,
             agent,
+            node: node.map(gridcast::keys::NodeId::from_bytes),
         })
 }
 
@@ -315,6 +317,7 @@ fn limits_inside_bodies_are_enforced() {
         version: 1,
         role: Role::Peer,
         agent: "x".repeat(MAX_AGENT_LEN + 1),
+        node: None,
     };
     let frame = Message::Hello(hello).to_bytes();
     let err = Message::decode_frame(&mut BytesMut::from(&frame[..])).unwrap_err();

@@ -131,6 +131,10 @@ pub struct BroadcastArgs {
     /// restarts [default: a fresh key each run].
     #[arg(long, env = "GRIDCAST_NODE_KEY")]
     pub node_key: Option<PathBuf>,
+    /// The first tier: at most this many child connections; once a relay carries the channel,
+    /// viewers asking the source are sent to the relays [default: 8].
+    #[arg(long)]
+    pub max_children: Option<usize>,
     /// auto, uring or portable [default: auto].
     #[arg(long, env = "GRIDCAST_IO_BACKEND")]
     pub io_backend: Option<IoBackend>,
@@ -153,6 +157,11 @@ impl BroadcastArgs {
             (_, Some(_)) => anyhow::bail!("rate paces a file input only"),
             (input, None) => input,
         };
+        if self.max_children.or(file.max_children) == Some(0) {
+            anyhow::bail!(
+                "max_children must be at least 1: a source that serves nobody reaches nobody"
+            );
+        }
         Ok(BroadcastConfig {
             key,
             input,
@@ -163,6 +172,7 @@ impl BroadcastArgs {
             linger: Duration::from_secs(self.linger.or(file.linger).unwrap_or(5)),
             source_password: self.source_password.or(file.source_password),
             node_key: self.node_key.or(file.node_key),
+            max_children: self.max_children.or(file.max_children).unwrap_or(8),
             backend: self.io_backend.or(file.io_backend).unwrap_or_default(),
         })
     }

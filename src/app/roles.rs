@@ -27,7 +27,7 @@ use crate::node::{Candidate, ChannelMode, Engine, EngineConfig, NodeEvent, Upstr
 use crate::stream::{
     Chunk, ChunkFlags, ChunkPublisher, Chunker, ChunkerConfig, CodingError, CodingParams,
 };
-use crate::wire::{Role, SignedStreamHeader};
+use crate::wire::{RefuseReason, Role, SignedStreamHeader};
 
 /// Where a broadcast's bytes come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,6 +110,8 @@ pub struct BroadcastConfig {
     /// A node key file (the source's node id, and so its link, survive restarts); a fresh
     /// key if `None`.
     pub node_key: Option<PathBuf>,
+    /// The first tier's size (see [`crate::node::EngineConfig::max_children`]).
+    pub max_children: usize,
     /// Data plane.
     pub backend: IoBackend,
 }
@@ -493,6 +495,7 @@ pub fn broadcast(config: &BroadcastConfig, stop: &AtomicBool) -> anyhow::Result<
         &EngineConfig {
             role: Role::Source,
             serve: true,
+            max_children: Some(config.max_children),
             ..Default::default()
         },
     )?;
@@ -626,8 +629,14 @@ fn log_event(event: &NodeEvent) {
         NodeEvent::SubscriptionRefused {
             channel,
             remote,
+            reason: RefuseReason::NotCarried,
+        } => tracing::warn!(%channel, %remote, "refused: the node does not carry the channel"),
+        // Full or draining: routine, the node named others to ask.
+        NodeEvent::SubscriptionRefused {
+            channel,
+            remote,
             reason,
-        } => tracing::warn!(%channel, %remote, "refused: the node {reason}"),
+        } => tracing::debug!(%channel, %remote, "refused: the node {reason}; asking others"),
         NodeEvent::ProofFailed {
             remote,
             node,

@@ -103,6 +103,9 @@ pub(crate) struct Tally {
     pub(crate) shards: u64,
 }
 
+/// Most candidates a policy keeps: what neighbours name can never make a node dial more.
+pub(crate) const MAX_CANDIDATES: usize = 64;
+
 /// Chunks a tally must span before it is judged.
 const TALLY_MIN_CHUNKS: u64 = 8;
 /// Chunks after which a tally starts over, so later degradation shows too.
@@ -244,6 +247,9 @@ impl Upstream {
         me: NodeId,
     ) {
         for alt in alternatives {
+            if self.candidates.len() >= MAX_CANDIDATES {
+                break;
+            }
             if Some(alt.node) != from
                 && alt.node != me
                 && let Some(&addr) = alt.addrs.first()

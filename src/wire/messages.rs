@@ -55,6 +55,8 @@ impl Role {
 }
 
 /// First message on the control stream, in each direction.
+///
+/// Body: `version u16 | role u8 | agent | has_node u8 | [node id]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Hello {
     /// [`super::PROTOCOL_VERSION`] of the sender.
@@ -63,17 +65,28 @@ pub struct Hello {
     pub role: Role,
     /// Software name and version, for logs (at most [`MAX_AGENT_LEN`] bytes).
     pub agent: String,
+    /// The node id a child that serves others accepts connections under, so that its parent
+    /// can name it to other nodes (peer exchange, parent answers). A claim only: whoever dials
+    /// it on the strength of an answer checks it in the TLS handshake.
+    pub node: Option<NodeId>,
 }
 
 impl Codec for Hello {
     fn encoded_len(&self) -> usize {
-        2 + 1 + bytes_len(self.agent.as_bytes())
+        2 + 1 + bytes_len(self.agent.as_bytes()) + 1 + self.node.map_or(0, |_| PUBLIC_KEY_LEN)
     }
 
     fn encode(&self, buf: &mut impl BufMut) {
         buf.put_u16(self.version);
         buf.put_u8(self.role.to_u8());
         put_bytes(buf, self.agent.as_bytes());
+        match &self.node {
+            Some(node) => {
+                buf.put_u8(1);
+                buf.put_slice(node.as_bytes());
+            }
+            None => buf.put_u8(0),
+        }
     }
 
     fn decode(buf: &mut Bytes) -> Result<Self, DecodeError> {
@@ -82,10 +95,16 @@ impl Codec for Hello {
         let agent = get_bytes(buf, MAX_AGENT_LEN, "hello.agent")?;
         let agent =
             String::from_utf8(agent.to_vec()).map_err(|_| DecodeError::Invalid("hello.agent"))?;
+        let node = match get_u8(buf, "hello.has_node")? {
+            0 => None,
+            1 => Some(NodeId::from_bytes(get_array(buf, "hello.node")?)),
+            _ => return Err(DecodeError::Invalid("hello.has_node")),
+        };
         Ok(Self {
             version,
             role,
             agent,
+            node,
         })
     }
 }

@@ -68,6 +68,8 @@ pub(super) struct Conn {
     pub(super) last_rx: Instant,
     /// The handshake completed.
     pub(super) established: bool,
+    /// The parent query sent on this connection, and for which channel.
+    pub(super) asked: Option<(u32, ChannelId)>,
 }
 
 /// Control messages (go-away, have, subscribe) go before any shard data waiting on the same
@@ -115,6 +117,7 @@ impl Conn {
             timer: None,
             last_rx: now,
             established: false,
+            asked: None,
         }
     }
 

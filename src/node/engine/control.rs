@@ -193,7 +193,7 @@ impl Engine {
                 }
             }
             Message::Subscribe(sub) => {
-                let Some(channel) = self.channels.get(&sub.channel) else {
+                if !self.channels.contains_key(&sub.channel) {
                     // Say so at once: the asker moves on instead of waiting for shards that
                     // never come.
                     self.stats.unknown_channel_refusals += 1;
@@ -204,7 +204,7 @@ impl Engine {
                         alternatives: Vec::new(),
                     }));
                     return;
-                };
+                }
                 let known = self
                     .subscribers
                     .get(&sub.channel)
@@ -212,6 +212,27 @@ impl Engine {
                 let full = self.config.max_subscribers.is_some_and(|max| {
                     self.subscribers.values().map(Vec::len).sum::<usize>() >= max
                 });
+                if !known && !self.draining && self.over_first_tier(handle, sub.channel) {
+                    // The first tier is full (or this is a peer and relays carry the channel):
+                    // name the relays instead.
+                    let alternatives = self.candidates_for(handle, sub.channel, MAX_PARENTS);
+                    self.stats.subscriptions_turned_away += 1;
+                    if let Some(conn) = self.conns.get_mut(&handle) {
+                        conn.send_control(&Message::Refused(Refused {
+                            sub: sub.sub,
+                            channel: sub.channel,
+                            reason: RefuseReason::Full,
+                            alternatives,
+                        }));
+                    }
+                    return;
+                }
+                let Some(conn) = self.conns.get_mut(&handle) else {
+                    return;
+                };
+                let Some(channel) = self.channels.get(&sub.channel) else {
+                    return;
+                };
                 if !known && (self.draining || full) {
                     self.stats.subscriptions_turned_away += 1;
                     let reason = if self.draining {
@@ -292,6 +313,8 @@ impl Engine {
                 }
             }
             Message::ChannelInfo(info) => {
+                // A parent that answers may know others: ask it once.
+                self.ask_for_parents(handle, info.channel);
                 if let Some(header) = &info.stream_header
                     && self.channels.contains_key(&info.channel)
                 {
@@ -351,7 +374,8 @@ impl Engine {
                 self.upstream_refused(now, refused.channel, handle, from, &refused.alternatives);
             }
             Message::Have(have) => self.upstream_have(have.channel, handle, have.latest),
-            Message::ParentQuery(_) | Message::ParentAnswer(_) => {}
+            Message::ParentQuery(query) => self.answer_parent_query(handle, &query),
+            Message::ParentAnswer(answer) => self.take_parent_answer(handle, &answer),
             Message::Shard(_) => {
                 self.stats.protocol_errors += 1;
                 conn.close(now, close_code::PROTOCOL, "shard on the control stream");

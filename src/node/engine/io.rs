@@ -14,7 +14,7 @@ use quinn_proto::{
 use crate::keys::NodeId;
 use crate::node::channel::Channel;
 use crate::node::tls::{self, SERVER_NAME};
-use crate::wire::{Hello, Message, PROTOCOL_VERSION};
+use crate::wire::Message;
 
 use super::conn::{Conn, InStream, control_first, mark, read_stream};
 use super::{Engine, EngineError, MAX_GSO_BYTES, NodeEvent, close_code};
@@ -80,11 +80,7 @@ impl Engine {
     }
 
     pub(super) fn hello(&self) -> Message {
-        Message::Hello(Hello {
-            version: PROTOCOL_VERSION,
-            role: self.config.role,
-            agent: self.config.agent.clone(),
-        })
+        self.hello.clone()
     }
 
     /// Feeds one received UDP datagram (or GRO batch: one call per datagram).
@@ -322,11 +318,7 @@ impl Engine {
                                         if conn.control.is_none() {
                                             conn.control = Some(id);
                                             control_first(&mut conn.quic, id);
-                                            conn.send_control(&Message::Hello(Hello {
-                                                version: PROTOCOL_VERSION,
-                                                role: self.config.role,
-                                                agent: self.config.agent.clone(),
-                                            }));
+                                            conn.send_control(&self.hello);
                                         }
                                     }
                                     Dir::Uni => {

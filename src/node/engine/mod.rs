@@ -40,11 +40,14 @@
 //!   refusals, go-aways and drain, misbehaving neighbours.
 //! - `fanout`: chunks in and out: publish and import, shard verification, fan-out on per-chunk
 //!   streams, the upload cap and the backlog bound.
+//! - `discovery`: parent queries and answers, and the first-tier limit that sends peers to
+//!   relays.
 //! - `parents`: the upstream policy ([`crate::node::upstream`]) put to work: candidates,
 //!   standbys, assignment and failover.
 
 mod conn;
 mod control;
+mod discovery;
 mod fanout;
 mod io;
 mod parents;
@@ -69,7 +72,7 @@ use super::tls::{self, TlsError};
 use super::upstream::{Candidate, Upstream, UpstreamConfig};
 use crate::keys::{ChannelId, NodeId, NodeKey};
 use crate::stream::{ChunkFlags, Payload, ShardCoder, SignedChunkHeader};
-use crate::wire::{RefuseReason, Role, SignedStreamHeader};
+use crate::wire::{Hello, Message, PROTOCOL_VERSION, RefuseReason, Role, SignedStreamHeader};
 
 /// QUIC application close codes.
 pub mod close_code {
@@ -123,6 +126,10 @@ pub struct EngineConfig {
     /// Most subscriptions served at once; more are answered with a go-away naming the
     /// alternatives (`None`: no limit).
     pub max_subscribers: Option<usize>,
+    /// The first tier a source serves: at most this many child connections, and no peer
+    /// once a relay child carries the channel; others are refused with candidates (the relays
+    /// among its children) so that tiers form by themselves (`None`: serve everyone).
+    pub max_children: Option<usize>,
     /// Parent selection and failover for channels given candidates with
     /// [`Engine::set_upstream`].
     pub upstream: UpstreamConfig,
@@ -165,6 +172,7 @@ impl Default for EngineConfig {
             upload_cap: None,
             max_connections: None,
             max_subscribers: None,
+            max_children: None,
             worker: None,
             export_shards: false,
             mtu_discovery: true,
@@ -364,6 +372,8 @@ pub struct Engine {
     /// Per channel, subscribers that asked before the channel had a chunk: they get the
     /// channel information with the first one.
     awaiting_info: HashMap<ChannelId, Vec<ConnectionHandle>>,
+    /// This node's Hello, made once.
+    hello: Message,
     /// Per channel, the newest chunk announced to standbys with a Have.
     announced: HashMap<ChannelId, u64>,
     /// Per channel, other nodes that carry it, named in go-aways.
@@ -444,7 +454,15 @@ impl Engine {
             config.rng_seed,
         );
         let upload_tokens = config_upload_burst(&config);
+        let hello = Message::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            role: config.role,
+            agent: config.agent.clone(),
+            // Only a node that accepts connections can be named to others.
+            node: config.serve.then(|| key.node_id()),
+        });
         Ok(Self {
+            hello,
             node: key.node_id(),
             config,
             endpoint,

@@ -1,0 +1,189 @@
+//! Parent discovery on the control stream: a node names the nodes it knows carry a channel
+//! (its own serving children, which announced their node id in Hello, and the alternatives the
+//! application gave it), and a node drawing a channel asks each parent it connects to and adds
+//! the answer to its candidates. Also the first-tier limit (`EngineConfig::max_children`):
+//! beyond it, or for a peer once a relay child carries the channel, a subscription is refused
+//! with those candidates, so that tiers form by themselves.
+//!
+//! Everything here is a hint: answers are bounded ([`MAX_PARENTS`] candidates, the first
+//! address of each), never trusted for identity (every dial proves the node id it was told),
+//! and a node that lies only costs the asker one failed subscription.
+
+use quinn_proto::ConnectionHandle;
+
+use crate::keys::ChannelId;
+use crate::wire::{MAX_PARENTS, Message, ParentAnswer, ParentCandidate, ParentQuery, Role};
+
+use super::Engine;
+
+/// Candidates a node asks each parent for.
+const ASK_FOR: u8 = 8;
+
+impl Engine {
+    /// Sets the first-tier limit ([`super::EngineConfig::max_children`]).
+    pub fn set_max_children(&mut self, max: Option<usize>) {
+        self.config.max_children = max;
+    }
+
+    /// The nodes this node would name to `asker` for `channel`, at most `max`: serving
+    /// children that draw the channel (supernodes before peers; to a relay, supernodes
+    /// only), then the alternatives the
+    /// application set, each node once and never the asker itself. The children are rotated
+    /// by the asker's connection so that not every asker gets the same few.
+    pub(super) fn candidates_for(
+        &self,
+        asker: ConnectionHandle,
+        channel: ChannelId,
+        max: usize,
+    ) -> Vec<ParentCandidate> {
+        let asker_hello = self.conns.get(&asker).and_then(|c| c.hello.as_ref());
+        let asker_node = asker_hello.and_then(|h| h.node);
+        // A relay is never sent to a peer: peers' uploads are capped and they come and go.
+        let asker_is_relay = asker_hello.is_some_and(|h| h.role != Role::Peer);
+        let mut relays = Vec::new();
+        let mut peers = Vec::new();
+        for &(handle, sub) in self.subscribers.get(&channel).into_iter().flatten() {
+            let Some(conn) = self.conns.get(&handle) else {
+                continue;
+            };
+            let Some(hello) = &conn.hello else { continue };
+            let Some(node) = hello.node else { continue };
+            if handle == asker
+                || conn.closed
+                || Some(node) == asker_node
+                || conn
+                    .served
+                    .get(&sub)
+                    .is_none_or(|s| s.substreams.is_empty())
+            {
+                continue;
+            }
+            let list = if hello.role == Role::Peer {
+                &mut peers
+            } else {
+                &mut relays
+            };
+            if !list.iter().any(|c: &ParentCandidate| c.node == node) {
+                list.push(ParentCandidate {
+                    node,
+                    addrs: vec![conn.remote],
+                    load_permille: 0,
+                });
+            }
+        }
+        let spread = asker.0;
+        for list in [&mut relays, &mut peers] {
+            if !list.is_empty() {
+                let by = spread % list.len();
+                list.rotate_left(by);
+            }
+        }
+        let mut out: Vec<ParentCandidate> = Vec::new();
+        let alternatives = self.alternatives.get(&channel).into_iter().flatten();
+        let named = alternatives.map(|c| ParentCandidate {
+            node: c.node,
+            addrs: vec![c.addr],
+            load_permille: 0,
+        });
+        if asker_is_relay {
+            peers.clear();
+        }
+        for c in relays.into_iter().chain(peers).chain(named) {
+            if out.len() >= max.min(MAX_PARENTS) {
+                break;
+            }
+            if Some(c.node) != asker_node
+                && c.node != self.node
+                && !out.iter().any(|o| o.node == c.node)
+            {
+                out.push(c);
+            }
+        }
+        out
+    }
+
+    /// Whether a new subscription from `asker` on `channel` is over the first-tier limit:
+    /// the node serves `max_children` connections already, or the asker is a peer and a relay
+    /// child carries the channel (peers go to the relays; the first tier is for relays).
+    pub(super) fn over_first_tier(&self, asker: ConnectionHandle, channel: ChannelId) -> bool {
+        let Some(max) = self.config.max_children else {
+            return false;
+        };
+        if self.conns.get(&asker).is_some_and(|c| !c.served.is_empty()) {
+            // Already a child: a changed subscription is no newcomer.
+            return false;
+        }
+        let children = self.conns.values().filter(|c| !c.served.is_empty()).count();
+        let asker_is_peer = self
+            .conns
+            .get(&asker)
+            .and_then(|c| c.hello.as_ref())
+            .is_none_or(|h| h.role == Role::Peer);
+        let relay_carries = self
+            .subscribers
+            .get(&channel)
+            .into_iter()
+            .flatten()
+            .any(|(h, sub)| {
+                self.conns.get(h).is_some_and(|c| {
+                    c.hello
+                        .as_ref()
+                        .is_some_and(|h| h.role == Role::Supernode && h.node.is_some())
+                        && c.served.get(sub).is_some_and(|s| !s.substreams.is_empty())
+                })
+            });
+        children >= max || (asker_is_peer && relay_carries)
+    }
+
+    /// Asks the parent on `handle` for more candidates for `channel`, once per connection.
+    pub(super) fn ask_for_parents(&mut self, handle: ConnectionHandle, channel: ChannelId) {
+        if self
+            .upstreams
+            .get(&channel)
+            .is_none_or(|u| u.slot_of(handle).is_none())
+        {
+            return;
+        }
+        self.next_sub += 1;
+        let query = self.next_sub;
+        if let Some(conn) = self.conns.get_mut(&handle)
+            && conn.asked.is_none()
+        {
+            conn.asked = Some((query, channel));
+            conn.send_control(&Message::ParentQuery(ParentQuery {
+                query,
+                channel,
+                max: ASK_FOR,
+            }));
+        }
+    }
+
+    /// Answers a parent query with what [`Engine::candidates_for`] knows.
+    pub(super) fn answer_parent_query(&mut self, handle: ConnectionHandle, query: &ParentQuery) {
+        let parents = self.candidates_for(handle, query.channel, usize::from(query.max));
+        if let Some(conn) = self.conns.get_mut(&handle) {
+            conn.send_control(&Message::ParentAnswer(ParentAnswer {
+                query: query.query,
+                parents,
+            }));
+        }
+    }
+
+    /// Adds the candidates a parent named, for the channel it was asked about.
+    pub(super) fn take_parent_answer(&mut self, handle: ConnectionHandle, answer: &ParentAnswer) {
+        let Some(conn) = self.conns.get(&handle) else {
+            return;
+        };
+        let Some((query, channel)) = conn.asked else {
+            return;
+        };
+        if query != answer.query {
+            return;
+        }
+        let from = conn.node;
+        let me = self.node;
+        if let Some(up) = self.upstreams.get_mut(&channel) {
+            up.add_alternatives(&answer.parents, from, me);
+        }
+    }
+}
