@@ -997,3 +997,85 @@ fn relays_and_peers_given_only_the_source_form_tiers_by_themselves() {
     grid.run(Duration::from_secs(6));
     grid.assert_perfect("tiers-from-the-source-link");
 }
+
+#[test]
+fn a_hundred_peers_that_know_only_the_source_spread_over_ten_relays() {
+    hundred_peers_from_the_source(27, 0.0);
+}
+
+#[test]
+fn a_hundred_peers_from_the_source_with_five_percent_loss_everywhere() {
+    hundred_peers_from_the_source(28, 0.05);
+}
+
+/// 1 source serving a first tier of 10, 10 relays and 100 peers given only the source, with
+/// `loss` on every link.
+fn hundred_peers_from_the_source(seed: u64, loss: f64) {
+    let mut grid = Grid::new(seed, 0, Grid::relay_config);
+    grid.sim.set_loss_everywhere(loss);
+    let source_ix = grid.source.node;
+    grid.sim
+        .node_mut(source_ix)
+        .engine
+        .set_max_children(Some(10));
+    let source = grid.candidate(source_ix);
+    let relays: Vec<NodeIx> = (0..10)
+        .map(|_| policy_relay(&mut grid, vec![source]))
+        .collect();
+    grid.run(Duration::from_secs(2));
+    grid.supernodes = relays.clone();
+    let joined = grid.sim.now();
+    for _ in 0..100 {
+        grid.add_policy_peer(EngineConfig::default(), vec![source]);
+    }
+    // Lossless, every peer has its invariant within 1 s. With 5% loss a lost handshake
+    // packet alone costs QUIC's first retransmission timeout (about 1 s, from its initial RTT
+    // guess of 333 ms), and a peer sent from the source to the relays makes two handshakes:
+    // 3 s then.
+    let deadline = if loss > 0.0 { 3 } else { 1 };
+    grid.run(Duration::from_secs(deadline));
+    let channel = grid.source.channel;
+    let mut late = 0;
+    for &p in &grid.peers {
+        let (held, parents) = grid.sim.node(p).engine.upstream_status(&channel).unwrap();
+        if !(parents >= 2 && held >= parents * 8usize.div_ceil(parents - 1)) {
+            late += 1;
+        }
+    }
+    println!(
+        "100 peers: {late} without their invariant {:?} after joining",
+        grid.sim.now() - joined
+    );
+    assert_eq!(late, 0, "peers without their invariant after {deadline} s");
+    grid.run(Duration::from_secs(5 - deadline));
+    assert!(grid.sim.node(source_ix).engine.served_subscriptions() <= 10);
+    let children: Vec<usize> = relays
+        .iter()
+        .map(|&r| grid.sim.node(r).engine.connection_count())
+        .collect();
+    let mean = children.iter().sum::<usize>() as f64 / children.len() as f64;
+    println!("children per relay (connections): {children:?}, mean {mean:.1}");
+    assert!(
+        children.iter().all(|&c| (c as f64) <= 2.0 * mean),
+        "{children:?}"
+    );
+    // Three relays die: within 5 s the source names none of them.
+    for &r in &relays[..3] {
+        grid.sim.kill(r);
+    }
+    let dead: Vec<_> = relays[..3].iter().map(|&r| grid.sim.node(r).id).collect();
+    grid.run(Duration::from_secs(5));
+    let now = grid.sim.now();
+    let named = grid
+        .sim
+        .node(source_ix)
+        .engine
+        .named_parents(now, channel, 32);
+    assert!(!named.is_empty());
+    assert!(
+        named.iter().all(|c| !dead.contains(&c.node)),
+        "a dead relay is still named"
+    );
+    grid.run(Duration::from_secs(4));
+    grid.assert_perfect(&format!("hundred-peers-from-the-source loss={loss}"));
+}

@@ -215,7 +215,7 @@ impl Engine {
                 if !known && !self.draining && self.over_first_tier(handle, sub.channel) {
                     // The first tier is full (or this is a peer and relays carry the channel):
                     // name the relays instead.
-                    let alternatives = self.candidates_for(handle, sub.channel, MAX_PARENTS);
+                    let alternatives = self.candidates_for(now, handle, sub.channel, MAX_PARENTS);
                     self.stats.subscriptions_turned_away += 1;
                     if let Some(conn) = self.conns.get_mut(&handle) {
                         conn.send_control(&Message::Refused(Refused {
@@ -374,7 +374,7 @@ impl Engine {
                 self.upstream_refused(now, refused.channel, handle, from, &refused.alternatives);
             }
             Message::Have(have) => self.upstream_have(have.channel, handle, have.latest),
-            Message::ParentQuery(query) => self.answer_parent_query(handle, &query),
+            Message::ParentQuery(query) => self.answer_parent_query(now, handle, &query),
             Message::ParentAnswer(answer) => self.take_parent_answer(handle, &answer),
             Message::Shard(_) => {
                 self.stats.protocol_errors += 1;

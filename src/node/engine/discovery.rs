@@ -9,6 +9,8 @@
 //! address of each), never trusted for identity (every dial proves the node id it was told),
 //! and a node that lies only costs the asker one failed subscription.
 
+use std::time::{Duration, Instant};
+
 use quinn_proto::ConnectionHandle;
 
 use crate::keys::ChannelId;
@@ -16,10 +18,25 @@ use crate::wire::{MAX_PARENTS, Message, ParentAnswer, ParentCandidate, ParentQue
 
 use super::Engine;
 
+/// A child silent this long is left out of answers (it acknowledges every burst it gets and
+/// answers keep-alives every second while alive).
+const CHILD_SILENT: Duration = Duration::from_secs(3);
+
 /// Candidates a node asks each parent for.
 const ASK_FOR: u8 = 8;
 
 impl Engine {
+    /// The nodes this node names for `channel` to a newcomer that asks (its live serving
+    /// children, relays first, then the alternatives set), at most `max`.
+    pub fn named_parents(
+        &self,
+        now: Instant,
+        channel: ChannelId,
+        max: usize,
+    ) -> Vec<ParentCandidate> {
+        self.candidates_for(now, ConnectionHandle(usize::MAX), channel, max)
+    }
+
     /// Sets the first-tier limit ([`super::EngineConfig::max_children`]).
     pub fn set_max_children(&mut self, max: Option<usize>) {
         self.config.max_children = max;
@@ -32,6 +49,7 @@ impl Engine {
     /// by the asker's connection so that not every asker gets the same few.
     pub(super) fn candidates_for(
         &self,
+        now: Instant,
         asker: ConnectionHandle,
         channel: ChannelId,
         max: usize,
@@ -50,6 +68,9 @@ impl Engine {
             let Some(node) = hello.node else { continue };
             if handle == asker
                 || conn.closed
+                // A child not heard from (not even an acknowledgement) for a while is dead or
+                // cut off: never named, long before its connection times out.
+                || now.saturating_duration_since(conn.last_rx) >= CHILD_SILENT
                 || Some(node) == asker_node
                 || conn
                     .served
@@ -159,8 +180,13 @@ impl Engine {
     }
 
     /// Answers a parent query with what [`Engine::candidates_for`] knows.
-    pub(super) fn answer_parent_query(&mut self, handle: ConnectionHandle, query: &ParentQuery) {
-        let parents = self.candidates_for(handle, query.channel, usize::from(query.max));
+    pub(super) fn answer_parent_query(
+        &mut self,
+        now: Instant,
+        handle: ConnectionHandle,
+        query: &ParentQuery,
+    ) {
+        let parents = self.candidates_for(now, handle, query.channel, usize::from(query.max));
         if let Some(conn) = self.conns.get_mut(&handle) {
             conn.send_control(&Message::ParentAnswer(ParentAnswer {
                 query: query.query,
