@@ -1079,3 +1079,51 @@ fn hundred_peers_from_the_source(seed: u64, loss: f64) {
     grid.run(Duration::from_secs(4));
     grid.assert_perfect(&format!("hundred-peers-from-the-source loss={loss}"));
 }
+
+#[test]
+fn relays_added_later_attach_below_a_full_first_tier_and_new_peers_find_them() {
+    // The source serves a first tier of two. Four relays that come later are sent to the
+    // first tier; peers that come after them hear of them from the first tier's answers.
+    let mut grid = Grid::new(29, 0, Grid::relay_config);
+    let source_ix = grid.source.node;
+    grid.sim
+        .node_mut(source_ix)
+        .engine
+        .set_max_children(Some(2));
+    let source = grid.candidate(source_ix);
+    let mut relays: Vec<NodeIx> = (0..2)
+        .map(|_| policy_relay(&mut grid, vec![source]))
+        .collect();
+    grid.run(Duration::from_secs(2));
+    grid.supernodes = relays.clone();
+    for _ in 0..6 {
+        grid.add_policy_peer(EngineConfig::default(), vec![source]);
+    }
+    grid.run(Duration::from_secs(3));
+    let later: Vec<NodeIx> = (0..4)
+        .map(|_| policy_relay(&mut grid, vec![source]))
+        .collect();
+    grid.run(Duration::from_secs(3));
+    relays.extend(&later);
+    grid.supernodes = relays.clone();
+    for _ in 0..12 {
+        grid.add_policy_peer(EngineConfig::default(), vec![source]);
+    }
+    grid.run(Duration::from_secs(6));
+    let channel = grid.source.channel;
+    assert!(grid.sim.node(source_ix).engine.served_subscriptions() <= 2);
+    for &r in &later {
+        let (held, parents) = grid.sim.node(r).engine.upstream_status(&channel).unwrap();
+        assert!(held >= 8 && parents >= 1, "a later relay holds {held}");
+    }
+    let served: Vec<usize> = later
+        .iter()
+        .map(|&r| grid.sim.node(r).engine.served_subscriptions())
+        .collect();
+    println!("later relays serve {served:?} subscriptions");
+    assert!(
+        served.iter().filter(|&&s| s > 0).count() >= 3,
+        "new peers did not find the later relays: {served:?}"
+    );
+    grid.assert_perfect("later-relays");
+}

@@ -68,8 +68,8 @@ pub(super) struct Conn {
     pub(super) last_rx: Instant,
     /// The handshake completed.
     pub(super) established: bool,
-    /// The parent query sent on this connection, and for which channel.
-    pub(super) asked: Option<(u32, ChannelId)>,
+    /// The last parent query sent on this connection: its id, channel and when.
+    pub(super) asked: Option<(u32, ChannelId, Instant)>,
 }
 
 /// Control messages (go-away, have, subscribe) go before any shard data waiting on the same

@@ -314,7 +314,7 @@ impl Engine {
             }
             Message::ChannelInfo(info) => {
                 // A parent that answers may know others: ask it once.
-                self.ask_for_parents(handle, info.channel);
+                self.ask_for_parents(now, handle, info.channel);
                 if let Some(header) = &info.stream_header
                     && self.channels.contains_key(&info.channel)
                 {

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use quinn_proto::ConnectionHandle;
 
 use crate::keys::ChannelId;
+use crate::node::upstream::Slot;
 use crate::wire::{MAX_PARENTS, Message, ParentAnswer, ParentCandidate, ParentQuery, Role};
 
 use super::Engine;
@@ -21,6 +22,9 @@ use super::Engine;
 /// A child silent this long is left out of answers (it acknowledges every burst it gets and
 /// answers keep-alives every second while alive).
 const CHILD_SILENT: Duration = Duration::from_secs(3);
+
+/// How often a node asks its parents again.
+const ASK_AGAIN: Duration = Duration::from_secs(10);
 
 /// Candidates a node asks each parent for.
 const ASK_FOR: u8 = 8;
@@ -156,8 +160,15 @@ impl Engine {
         children >= max || (asker_is_peer && relay_carries)
     }
 
-    /// Asks the parent on `handle` for more candidates for `channel`, once per connection.
-    pub(super) fn ask_for_parents(&mut self, handle: ConnectionHandle, channel: ChannelId) {
+    /// Asks the parent on `handle` for more candidates for `channel`: when it first answers,
+    /// and again every [`ASK_AGAIN`] while it stays a parent or standby (peer exchange: what
+    /// it names changes as its children come and go).
+    pub(super) fn ask_for_parents(
+        &mut self,
+        now: Instant,
+        handle: ConnectionHandle,
+        channel: ChannelId,
+    ) {
         if self
             .upstreams
             .get(&channel)
@@ -165,17 +176,43 @@ impl Engine {
         {
             return;
         }
+        let due = self.conns.get(&handle).is_some_and(|c| {
+            c.asked
+                .is_none_or(|(_, _, at)| now.saturating_duration_since(at) >= ASK_AGAIN)
+        });
+        if !due {
+            return;
+        }
         self.next_sub += 1;
         let query = self.next_sub;
-        if let Some(conn) = self.conns.get_mut(&handle)
-            && conn.asked.is_none()
-        {
-            conn.asked = Some((query, channel));
+        if let Some(conn) = self.conns.get_mut(&handle) {
+            conn.asked = Some((query, channel, now));
             conn.send_control(&Message::ParentQuery(ParentQuery {
                 query,
                 channel,
                 max: ASK_FOR,
             }));
+        }
+    }
+
+    /// Asks every parent and standby of every channel whose last question is old.
+    pub(super) fn ask_again(&mut self, now: Instant) {
+        let due: Vec<(ConnectionHandle, ChannelId)> = self
+            .upstreams
+            .iter()
+            .flat_map(|(channel, up)| {
+                up.candidates
+                    .iter()
+                    .filter_map(move |(_, slot)| match slot {
+                        Slot::Active { conn, .. } | Slot::Standby { conn, .. } => {
+                            Some((*conn, *channel))
+                        }
+                        _ => None,
+                    })
+            })
+            .collect();
+        for (conn, channel) in due {
+            self.ask_for_parents(now, conn, channel);
         }
     }
 
@@ -200,7 +237,7 @@ impl Engine {
         let Some(conn) = self.conns.get(&handle) else {
             return;
         };
-        let Some((query, channel)) = conn.asked else {
+        let Some((query, channel, _)) = conn.asked else {
             return;
         };
         if query != answer.query {

@@ -391,6 +391,7 @@ impl Engine {
             }
         }
         self.lost_conns.clear();
+        self.ask_again(now);
     }
 
     /// A standby told us the newest chunk it holds.
