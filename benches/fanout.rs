@@ -327,8 +327,9 @@ fn quinn_tokio(plan: Plan) -> Measured {
                 .build()
                 .unwrap();
             rt.block_on(async move {
-                let mut config =
-                    quinn::ServerConfig::with_crypto(tls::server_crypto(&key).unwrap());
+                let mut config = quinn::ServerConfig::with_crypto(
+                    tls::server_crypto(&tls::Identity::new(&key).unwrap()).unwrap(),
+                );
                 config.transport_config(transport());
                 // The same 4 MiB socket buffers as gridcast's drivers: with the kernel's
                 // default, a thousand subscribers' ACKs overflow it and the relay falls short
@@ -405,7 +406,10 @@ fn quinn_tokio(plan: Plan) -> Measured {
                     Arc::new(quinn::TokioRuntime),
                 )
                 .unwrap();
-                let mut config = quinn::ClientConfig::new(tls::client_crypto(node_id).unwrap());
+                // The subscribers present a certificate, as gridcast's do.
+                let me = tls::Identity::new(&NodeKey::generate().unwrap()).unwrap();
+                let mut config =
+                    quinn::ClientConfig::new(tls::client_crypto(node_id, &me).unwrap());
                 config.transport_config(transport());
                 endpoint.set_default_client_config(config);
                 let conns = Arc::new(std::sync::Mutex::new(Vec::new()));

@@ -26,14 +26,14 @@ fn hello() -> impl Strategy<Value = Hello> {
         any::<u16>(),
         prop_oneof![Just(Role::Source), Just(Role::Supernode), Just(Role::Peer)],
         "\\PC{0,16}",
-        prop::option::of(any::<[u8; 32]>()),
+        any::<bool>(),
     )
         .prop_filter("agent fits", |(_, _, a, _)| a.len() <= MAX_AGENT_LEN)
-        .prop_map(|(version, role, agent, node)| Hello {
+        .prop_map(|(version, role, agent, serves)| Hello {
             version,
             role,
             agent,
-            node: node.map(gridcast::keys::NodeId::from_bytes),
+            serves,
         })
 }
 
@@ -317,7 +317,7 @@ fn limits_inside_bodies_are_enforced() {
         version: 1,
         role: Role::Peer,
         agent: "x".repeat(MAX_AGENT_LEN + 1),
-        node: None,
+        serves: false,
     };
     let frame = Message::Hello(hello).to_bytes();
     let err = Message::decode_frame(&mut BytesMut::from(&frame[..])).unwrap_err();

@@ -9,8 +9,10 @@
 //! give a clear error when the wrong node answers.
 //!
 //! TLS 1.3 only, Ed25519 only, ring as the crypto provider, ALPN [`crate::wire::ALPN`]. Clients
-//! present no certificate: a server learns nothing about who dialled it, which is all version 1
-//! needs (parents judge children by behaviour, children judge parents by node id).
+//! present their own self-signed certificate too, and the server checks the handshake signature
+//! against the key in it ([`AnyNodeVerifier`]): that proves which node dialled (any node may),
+//! so a parent can name its children to others by proven id and supernodes can take each
+//! other's gossip from connections in either direction ([`peer_node`] reads the proven id).
 
 use std::sync::Arc;
 
@@ -21,7 +23,8 @@ use rustls::pki_types::{
     CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, SubjectPublicKeyInfoDer,
     UnixTime,
 };
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
 use crate::keys::{NodeId, NodeKey};
 use crate::wire::ALPN;
@@ -66,33 +69,78 @@ fn spki(node: &NodeId) -> Vec<u8> {
     out
 }
 
-/// QUIC server crypto presenting a self-signed certificate for `key`.
-pub fn server_crypto(key: &NodeKey) -> Result<Arc<QuicServerConfig>, TlsError> {
-    let quic = QuicServerConfig::try_from(server_config(key)?)
+/// A node's own certificate and key, made once and presented in every handshake (as the
+/// server, and as the client since dialled nodes check who dials them).
+#[derive(Debug)]
+pub struct Identity {
+    cert: CertificateDer<'static>,
+    pkcs8: Vec<u8>,
+}
+
+impl Identity {
+    /// Self-signs a certificate for `key`.
+    pub fn new(key: &NodeKey) -> Result<Self, TlsError> {
+        let pair = rcgen::KeyPair::try_from(key.pkcs8_der())?;
+        let cert =
+            rcgen::CertificateParams::new(vec![SERVER_NAME.to_owned()])?.self_signed(&pair)?;
+        Ok(Self {
+            cert: cert.der().clone(),
+            pkcs8: key.pkcs8_der().to_vec(),
+        })
+    }
+
+    fn key(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.pkcs8.clone()))
+    }
+}
+
+/// QUIC server crypto presenting `identity`'s certificate, and learning the dialler's.
+pub fn server_crypto(identity: &Identity) -> Result<Arc<QuicServerConfig>, TlsError> {
+    let quic = QuicServerConfig::try_from(server_config(identity)?)
         .map_err(|e| TlsError::Quic(e.to_string()))?;
     Ok(Arc::new(quic))
 }
 
-/// QUIC client crypto that completes a handshake only with the holder of `expected`'s key.
-pub fn client_crypto(expected: NodeId) -> Result<Arc<QuicClientConfig>, TlsError> {
-    let quic = QuicClientConfig::try_from(client_config(expected)?)
+/// QUIC client crypto that completes a handshake only with the holder of `expected`'s key,
+/// presenting `identity`'s certificate.
+pub fn client_crypto(
+    expected: NodeId,
+    identity: &Identity,
+) -> Result<Arc<QuicClientConfig>, TlsError> {
+    let quic = QuicClientConfig::try_from(client_config(expected, identity)?)
         .map_err(|e| TlsError::Quic(e.to_string()))?;
     Ok(Arc::new(quic))
 }
 
-fn server_config(key: &NodeKey) -> Result<rustls::ServerConfig, TlsError> {
-    let pair = rcgen::KeyPair::try_from(key.pkcs8_der())?;
-    let cert = rcgen::CertificateParams::new(vec![SERVER_NAME.to_owned()])?.self_signed(&pair)?;
-    let private = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.pkcs8_der().to_vec()));
-    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+/// The node id a peer's certificate chain (as quinn-proto's `peer_identity` gives it) proved
+/// in the handshake: the key its `CertificateVerify` was checked against.
+pub fn peer_node(chain: &[CertificateDer<'_>]) -> Option<NodeId> {
+    chain.first().and_then(|c| key_in(c.as_ref()))
+}
+
+/// The Ed25519 key in a certificate's SubjectPublicKeyInfo.
+fn key_in(der: &[u8]) -> Option<NodeId> {
+    let at = der
+        .windows(ED25519_SPKI_PREFIX.len())
+        .position(|w| w == ED25519_SPKI_PREFIX)?;
+    let key = der.get(at + ED25519_SPKI_PREFIX.len()..at + ED25519_SPKI_PREFIX.len() + 32)?;
+    Some(NodeId::from_bytes(key.try_into().ok()?))
+}
+
+fn server_config(identity: &Identity) -> Result<rustls::ServerConfig, TlsError> {
+    let provider = provider();
+    let verifier = Arc::new(AnyNodeVerifier {
+        algorithms: provider.signature_verification_algorithms,
+    });
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
-        .with_single_cert(vec![cert.der().clone()], private)?;
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(vec![identity.cert.clone()], identity.key())?;
     config.alpn_protocols = vec![ALPN.to_vec()];
     Ok(config)
 }
 
-fn client_config(expected: NodeId) -> Result<rustls::ClientConfig, TlsError> {
+fn client_config(expected: NodeId, identity: &Identity) -> Result<rustls::ClientConfig, TlsError> {
     let provider = provider();
     let verifier = Arc::new(NodeIdVerifier {
         expected,
@@ -103,9 +151,79 @@ fn client_config(expected: NodeId) -> Result<rustls::ClientConfig, TlsError> {
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth();
+        .with_client_auth_cert(vec![identity.cert.clone()], identity.key())?;
     config.alpn_protocols = vec![ALPN.to_vec()];
     Ok(config)
+}
+
+/// Accepts any dialler that proves possession of the key in its certificate: which node it
+/// is, not whether it may connect (that is the engine's business).
+#[derive(Debug)]
+struct AnyNodeVerifier {
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ClientCertVerifier for AnyNodeVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        // An old or foreign client without a certificate is still served; it is just not
+        // known by id.
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        // The proof is the handshake signature below, against the key found here.
+        match key_in(end_entity.as_ref()) {
+            Some(_) => Ok(ClientCertVerified::assertion()),
+            None => Err(rustls::Error::General(
+                "the dialling node's certificate has no Ed25519 key".into(),
+            )),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General(
+            "gridcast speaks TLS 1.3 only".into(),
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        let node = key_in(cert.as_ref()).ok_or_else(|| {
+            rustls::Error::General("the dialling node's certificate has no Ed25519 key".into())
+        })?;
+        rustls::crypto::verify_tls13_signature_with_raw_key(
+            message,
+            &SubjectPublicKeyInfoDer::from(spki(&node).as_slice()),
+            dss,
+            &self.algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        vec![SignatureScheme::ED25519]
+    }
 }
 
 /// Accepts the server only if it proves possession of the expected node key.
@@ -176,15 +294,27 @@ mod tests {
     /// Runs a QUIC-style TLS handshake in memory between a client expecting `expected` and a
     /// server holding `key`; the client's connection when it completes.
     fn handshake(key: &NodeKey, expected: NodeId) -> Result<ClientConnection, rustls::Error> {
+        handshake_as(&NodeKey::from_seed(&[3; 32]), key, expected).map(|(c, _)| c)
+    }
+
+    /// [`handshake`] with the dialler holding `dialler`; also the node id the server proved
+    /// for the dialler.
+    fn handshake_as(
+        dialler: &NodeKey,
+        key: &NodeKey,
+        expected: NodeId,
+    ) -> Result<(ClientConnection, Option<NodeId>), rustls::Error> {
         let name = ServerName::try_from(SERVER_NAME).expect("valid name");
+        let mine = Identity::new(dialler).expect("identity");
+        let theirs = Identity::new(key).expect("identity");
         let mut client = Connection::Client(ClientConnection::new(
-            Arc::new(client_config(expected).expect("client config")),
+            Arc::new(client_config(expected, &mine).expect("client config")),
             Version::V1,
             name,
             b"client params".to_vec(),
         )?);
         let mut server = Connection::Server(ServerConnection::new(
-            Arc::new(server_config(key).expect("server config")),
+            Arc::new(server_config(&theirs).expect("server config")),
             Version::V1,
             b"server params".to_vec(),
         )?);
@@ -208,10 +338,22 @@ mod tests {
                 break;
             }
         }
+        let proven = match &server {
+            Connection::Server(s) => s.peer_certificates().and_then(peer_node),
+            Connection::Client(_) => None,
+        };
         match client {
-            Connection::Client(c) if !c.is_handshaking() => Ok(c),
+            Connection::Client(c) if !c.is_handshaking() => Ok((c, proven)),
             _ => Err(rustls::Error::General("handshake did not finish".into())),
         }
+    }
+
+    #[test]
+    fn the_server_learns_which_node_dialled() {
+        let dialler = NodeKey::from_seed(&[11; 32]);
+        let key = NodeKey::from_seed(&[9; 32]);
+        let (_, proven) = handshake_as(&dialler, &key, key.node_id()).expect("handshake");
+        assert_eq!(proven, Some(dialler.node_id()));
     }
 
     #[test]

@@ -55,8 +55,6 @@ impl Role {
 }
 
 /// First message on the control stream, in each direction.
-///
-/// Body: `version u16 | role u8 | agent | has_node u8 | [node id]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Hello {
     /// [`super::PROTOCOL_VERSION`] of the sender.
@@ -65,28 +63,21 @@ pub struct Hello {
     pub role: Role,
     /// Software name and version, for logs (at most [`MAX_AGENT_LEN`] bytes).
     pub agent: String,
-    /// The node id a child that serves others accepts connections under, so that its parent
-    /// can name it to other nodes (peer exchange, parent answers). A claim only: whoever dials
-    /// it on the strength of an answer checks it in the TLS handshake.
-    pub node: Option<NodeId>,
+    /// The sender accepts connections (serves subscribers), so its parent may name it to
+    /// other nodes; its node id is what it proved in the TLS handshake.
+    pub serves: bool,
 }
 
 impl Codec for Hello {
     fn encoded_len(&self) -> usize {
-        2 + 1 + bytes_len(self.agent.as_bytes()) + 1 + self.node.map_or(0, |_| PUBLIC_KEY_LEN)
+        2 + 1 + bytes_len(self.agent.as_bytes()) + 1
     }
 
     fn encode(&self, buf: &mut impl BufMut) {
         buf.put_u16(self.version);
         buf.put_u8(self.role.to_u8());
         put_bytes(buf, self.agent.as_bytes());
-        match &self.node {
-            Some(node) => {
-                buf.put_u8(1);
-                buf.put_slice(node.as_bytes());
-            }
-            None => buf.put_u8(0),
-        }
+        buf.put_u8(u8::from(self.serves));
     }
 
     fn decode(buf: &mut Bytes) -> Result<Self, DecodeError> {
@@ -95,16 +86,16 @@ impl Codec for Hello {
         let agent = get_bytes(buf, MAX_AGENT_LEN, "hello.agent")?;
         let agent =
             String::from_utf8(agent.to_vec()).map_err(|_| DecodeError::Invalid("hello.agent"))?;
-        let node = match get_u8(buf, "hello.has_node")? {
-            0 => None,
-            1 => Some(NodeId::from_bytes(get_array(buf, "hello.node")?)),
-            _ => return Err(DecodeError::Invalid("hello.has_node")),
+        let serves = match get_u8(buf, "hello.serves")? {
+            0 => false,
+            1 => true,
+            _ => return Err(DecodeError::Invalid("hello.serves")),
         };
         Ok(Self {
             version,
             role,
             agent,
-            node,
+            serves,
         })
     }
 }

@@ -68,6 +68,9 @@ pub(super) struct Conn {
     pub(super) last_rx: Instant,
     /// The handshake completed.
     pub(super) established: bool,
+    /// The node at the other end, proven in the TLS handshake: the one we dialled, or the
+    /// dialler's certificate key on a connection we accepted.
+    pub(super) peer: Option<NodeId>,
     /// The last parent query sent on this connection: its id, channel and when.
     pub(super) asked: Option<(u32, ChannelId, Instant)>,
 }
@@ -118,6 +121,7 @@ impl Conn {
             last_rx: now,
             established: false,
             asked: None,
+            peer: node,
         }
     }
 

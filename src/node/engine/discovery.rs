@@ -59,7 +59,7 @@ impl Engine {
         max: usize,
     ) -> Vec<ParentCandidate> {
         let asker_hello = self.conns.get(&asker).and_then(|c| c.hello.as_ref());
-        let asker_node = asker_hello.and_then(|h| h.node);
+        let asker_node = self.conns.get(&asker).and_then(|c| c.peer);
         // A relay is never sent to a peer: peers' uploads are capped and they come and go.
         let asker_is_relay = asker_hello.is_some_and(|h| h.role != Role::Peer);
         let mut relays = Vec::new();
@@ -68,8 +68,11 @@ impl Engine {
             let Some(conn) = self.conns.get(&handle) else {
                 continue;
             };
-            let Some(hello) = &conn.hello else { continue };
-            let Some(node) = hello.node else { continue };
+            // Named by the id it proved in the handshake, and only if it accepts connections.
+            let Some(hello) = conn.hello.as_ref().filter(|h| h.serves) else {
+                continue;
+            };
+            let Some(node) = conn.peer else { continue };
             if handle == asker
                 || conn.closed
                 // A child not heard from (not even an acknowledgement) for a while is dead or
@@ -151,9 +154,10 @@ impl Engine {
             .flatten()
             .any(|(h, sub)| {
                 self.conns.get(h).is_some_and(|c| {
-                    c.hello
-                        .as_ref()
-                        .is_some_and(|h| h.role == Role::Supernode && h.node.is_some())
+                    c.peer.is_some()
+                        && c.hello
+                            .as_ref()
+                            .is_some_and(|h| h.role == Role::Supernode && h.serves)
                         && c.served.get(sub).is_some_and(|s| !s.substreams.is_empty())
                 })
             });

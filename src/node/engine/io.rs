@@ -15,6 +15,7 @@ use crate::keys::NodeId;
 use crate::node::channel::Channel;
 use crate::node::tls::{self, SERVER_NAME};
 use crate::wire::Message;
+use rustls::pki_types::CertificateDer;
 
 use super::conn::{Conn, InStream, control_first, mark, read_stream};
 use super::{Engine, EngineError, MAX_GSO_BYTES, NodeEvent, close_code};
@@ -56,7 +57,7 @@ impl Engine {
         remote: SocketAddr,
         node: NodeId,
     ) -> Result<ConnectionHandle, EngineError> {
-        let mut client = ClientConfig::new(tls::client_crypto(node)?);
+        let mut client = ClientConfig::new(tls::client_crypto(node, &self.identity)?);
         client.transport_config(Arc::clone(&self.transport));
         let (handle, quic) = self
             .endpoint
@@ -284,6 +285,18 @@ impl Engine {
                     match ev {
                         Event::Connected => {
                             conn.established = true;
+                            if conn.node.is_none() {
+                                // An accepted connection: the dialler proved its node id with
+                                // its certificate (see `tls::AnyNodeVerifier`).
+                                conn.peer = conn
+                                    .quic
+                                    .crypto_session()
+                                    .peer_identity()
+                                    .and_then(|any| {
+                                        any.downcast::<Vec<CertificateDer<'static>>>().ok()
+                                    })
+                                    .and_then(|chain| tls::peer_node(&chain));
+                            }
                             conn.flush_control();
                             self.events.push_back(NodeEvent::Connected {
                                 conn: handle,

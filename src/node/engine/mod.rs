@@ -372,6 +372,8 @@ pub struct Engine {
     /// Per channel, subscribers that asked before the channel had a chunk: they get the
     /// channel information with the first one.
     awaiting_info: HashMap<ChannelId, Vec<ConnectionHandle>>,
+    /// This node's certificate and key, presented in every handshake.
+    identity: tls::Identity,
     /// This node's Hello, made once.
     hello: Message,
     /// Per channel, the newest chunk announced to standbys with a Have.
@@ -436,8 +438,9 @@ impl Engine {
             ack.ack_eliciting_threshold(VarInt::from_u32(config.ack_eliciting_threshold));
             serving.ack_frequency_config(Some(ack));
         }
+        let identity = tls::Identity::new(key)?;
         let server = if config.serve {
-            let mut server = ServerConfig::with_crypto(tls::server_crypto(key)?);
+            let mut server = ServerConfig::with_crypto(tls::server_crypto(&identity)?);
             server.transport_config(Arc::new(serving));
             Some(Arc::new(server))
         } else {
@@ -458,10 +461,10 @@ impl Engine {
             version: PROTOCOL_VERSION,
             role: config.role,
             agent: config.agent.clone(),
-            // Only a node that accepts connections can be named to others.
-            node: config.serve.then(|| key.node_id()),
+            serves: config.serve,
         });
         Ok(Self {
+            identity,
             hello,
             node: key.node_id(),
             config,
