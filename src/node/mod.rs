@@ -13,6 +13,7 @@
 pub mod channel;
 pub mod cid;
 pub mod engine;
+pub mod membership;
 pub mod tls;
 pub mod upstream;
 
