@@ -158,7 +158,8 @@ impl Sim {
         }
     }
 
-    /// Adds a node with a key derived from its index; its address is 10.0.x.y:4433.
+    /// Adds a node with a key derived from its index; its address is 10.0.x.y:4433 (and what it
+    /// advertises, unless its config says otherwise).
     pub fn add_node(&mut self, mut config: EngineConfig) -> Result<NodeIx, EngineError> {
         let ix = self.nodes.len();
         let mut seed = [0u8; 32];
@@ -166,11 +167,13 @@ impl Sim {
         seed[8..16].copy_from_slice(&self.config.seed.to_le_bytes());
         let key = NodeKey::from_seed(&seed);
         config.rng_seed.get_or_insert(seed);
-        let engine = Engine::new(&key, config)?;
         let addr = SocketAddr::from((
             Ipv4Addr::new(10, 0, (ix >> 8) as u8, (ix & 0xff) as u8 + 1),
             4433,
         ));
+        // Supernodes and sources know where others dial them, so they join the membership.
+        config.advertise.get_or_insert(addr);
+        let engine = Engine::new(&key, config)?;
         self.by_addr.insert(addr, ix);
         self.nodes.push(SimNode {
             id: engine.node_id(),

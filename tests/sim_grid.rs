@@ -1127,3 +1127,78 @@ fn relays_added_later_attach_below_a_full_first_tier_and_new_peers_find_them() {
     );
     grid.assert_perfect("later-relays");
 }
+
+#[test]
+fn supernodes_know_each_other_and_forget_the_dead_and_the_draining_within_seconds() {
+    // A source with a first tier of three, six relays joined to it (three end up below the
+    // first tier), membership gossip among all seven supernodes, and peers that know one
+    // second-tier relay only.
+    let mut grid = Grid::new(30, 0, Grid::relay_config);
+    let source_ix = grid.source.node;
+    grid.sim
+        .node_mut(source_ix)
+        .engine
+        .set_max_children(Some(3));
+    let source = grid.candidate(source_ix);
+    let relays: Vec<NodeIx> = (0..6)
+        .map(|_| policy_relay(&mut grid, vec![source]))
+        .collect();
+    grid.run(Duration::from_secs(4));
+    let channel = grid.source.channel;
+    for &r in relays.iter().chain([&source_ix]) {
+        assert_eq!(
+            grid.sim.node(r).engine.members(),
+            6,
+            "everyone knows everyone"
+        );
+    }
+    // A peer given one relay draws from relays it was never told of.
+    grid.supernodes = relays.clone();
+    let only = grid.candidate(relays[5]);
+    for _ in 0..4 {
+        grid.add_policy_peer(EngineConfig::default(), vec![only]);
+    }
+    grid.run(Duration::from_secs(4));
+    for &p in &grid.peers {
+        let (_, parents) = grid.sim.node(p).engine.upstream_status(&channel).unwrap();
+        assert!(parents >= 2, "a peer draws from {parents} parent(s)");
+    }
+    // One relay drains; a few seconds later another dies (one at a time: a node tolerates
+    // losing one parent at once).
+    let drainer = relays[1];
+    let now = grid.sim.now();
+    grid.sim.node_mut(drainer).engine.drain(now);
+    grid.run(Duration::from_secs(3));
+    grid.sim.kill(relays[3]);
+    let gone: Vec<_> = [relays[1], relays[3]]
+        .iter()
+        .map(|&r| grid.sim.node(r).id)
+        .collect();
+    let live = [source_ix, relays[0], relays[2], relays[4], relays[5]];
+    let t0 = grid.sim.now();
+    let mut forgotten = None;
+    for _ in 0..12 {
+        grid.run(Duration::from_millis(500));
+        let now = grid.sim.now();
+        let named = live.iter().any(|&n| {
+            grid.sim
+                .node(n)
+                .engine
+                .named_parents(now, channel, 32)
+                .iter()
+                .any(|c| gone.contains(&c.node))
+        });
+        if !named {
+            forgotten = Some(now - t0);
+            break;
+        }
+    }
+    let forgotten = forgotten.expect("a dead or draining relay still named after 6 s");
+    println!("membership: dead and draining relays left every answer after {forgotten:?}");
+    assert!(forgotten <= Duration::from_secs(5), "{forgotten:?}");
+    grid.run(Duration::from_secs(4));
+    let stats = grid.sim.node(relays[0]).engine.membership_stats().unwrap();
+    println!("membership at one relay: {stats:?}");
+    assert_eq!(stats.rejected, 0);
+    grid.assert_perfect("membership");
+}

@@ -376,6 +376,23 @@ impl Membership {
             .collect()
     }
 
+    /// Whether `node` should be named to nobody: it is draining, or a member foca suspects
+    /// or has declared down.
+    pub fn shunned(&self, node: &NodeId) -> bool {
+        let draining = self
+            .infos
+            .by_node
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(node.as_bytes())
+            .is_some_and(|i| i.draining);
+        draining
+            || self
+                .foca
+                .iter_membership_state()
+                .any(|m| m.id().node == *node.as_bytes() && m.state() != State::Alive)
+    }
+
     /// Whether foca lists `node` as up (alive or suspected).
     pub fn is_member(&self, node: &NodeId) -> bool {
         self.foca

@@ -68,6 +68,8 @@ pub(super) struct Conn {
     pub(super) last_rx: Instant,
     /// The handshake completed.
     pub(super) established: bool,
+    /// Gossip packets waiting for the handshake to complete.
+    pub(super) gossip_out: Vec<Bytes>,
     /// The node at the other end, proven in the TLS handshake: the one we dialled, or the
     /// dialler's certificate key on a connection we accepted.
     pub(super) peer: Option<NodeId>,
@@ -122,6 +124,7 @@ impl Conn {
             established: false,
             asked: None,
             peer: node,
+            gossip_out: Vec::new(),
         }
     }
 
@@ -169,6 +172,8 @@ impl Conn {
 /// Work found while reading a connection, applied afterwards with the whole engine in hand.
 pub(super) enum Input {
     Control(Message),
+    /// A QUIC datagram: membership gossip.
+    Gossip(Bytes),
     Shard(StreamId, ShardFrame),
     /// The stream ended; its state goes once the frames read before are applied.
     StreamDone(StreamId),

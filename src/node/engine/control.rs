@@ -76,6 +76,8 @@ impl Engine {
     /// have moved (watch [`Engine::served_subscriptions`]).
     pub fn drain(&mut self, now: Instant) {
         self.draining = true;
+        // Members stop naming this node at once.
+        self.gossip_info(now);
         let mut per_conn: HashMap<ConnectionHandle, Vec<ChannelId>> = HashMap::new();
         for (channel, listed) in &self.subscribers {
             for &(handle, _) in listed {
@@ -171,6 +173,7 @@ impl Engine {
                 }
             }
             Input::Control(msg) => self.apply_control(now, handle, msg),
+            Input::Gossip(data) => self.gossip_received(now, handle, &data),
             Input::Shard(stream, frame) => self.apply_shard(now, handle, stream, frame),
             Input::StreamDone(stream) => {
                 if let Some(conn) = self.conns.get_mut(&handle) {

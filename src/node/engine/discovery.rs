@@ -62,6 +62,14 @@ impl Engine {
         let asker_node = self.conns.get(&asker).and_then(|c| c.peer);
         // A relay is never sent to a peer: peers' uploads are capped and they come and go.
         let asker_is_relay = asker_hello.is_some_and(|h| h.role != Role::Peer);
+        // A source keeps the relays of its first tier to itself: it names other relays to a
+        // relay only when it turns that relay away.
+        if self.config.role == Role::Source
+            && asker_is_relay
+            && !self.over_first_tier(asker, channel)
+        {
+            return Vec::new();
+        }
         let mut relays = Vec::new();
         let mut peers = Vec::new();
         for &(handle, sub) in self.subscribers.get(&channel).into_iter().flatten() {
@@ -78,6 +86,8 @@ impl Engine {
                 // A child not heard from (not even an acknowledgement) for a while is dead or
                 // cut off: never named, long before its connection times out.
                 || now.saturating_duration_since(conn.last_rx) >= CHILD_SILENT
+                // Membership knows it drains, or suspects it is dead.
+                || self.membership.as_ref().is_some_and(|m| m.shunned(&node))
                 || Some(node) == asker_node
                 || conn
                     .served
@@ -106,6 +116,22 @@ impl Engine {
                 list.rotate_left(by);
             }
         }
+        // Then the supernodes membership knows to carry it (up, not draining, not full),
+        // rotated the same way.
+        let mut members: Vec<ParentCandidate> = self
+            .gossip_carriers(&channel)
+            .into_iter()
+            .filter(|c| c.load_permille < 1000)
+            .map(|c| ParentCandidate {
+                node: c.node,
+                addrs: vec![c.addr],
+                load_permille: c.load_permille,
+            })
+            .collect();
+        if !members.is_empty() {
+            let by = spread % members.len();
+            members.rotate_left(by);
+        }
         let mut out: Vec<ParentCandidate> = Vec::new();
         let alternatives = self.alternatives.get(&channel).into_iter().flatten();
         let named = alternatives.map(|c| ParentCandidate {
@@ -116,7 +142,7 @@ impl Engine {
         if asker_is_relay {
             peers.clear();
         }
-        for c in relays.into_iter().chain(peers).chain(named) {
+        for c in relays.into_iter().chain(members).chain(peers).chain(named) {
             if out.len() >= max.min(MAX_PARENTS) {
                 break;
             }

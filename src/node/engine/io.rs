@@ -17,7 +17,7 @@ use crate::node::tls::{self, SERVER_NAME};
 use crate::wire::Message;
 use rustls::pki_types::CertificateDer;
 
-use super::conn::{Conn, InStream, control_first, mark, read_stream};
+use super::conn::{Conn, InStream, Input, control_first, mark, read_stream};
 use super::{Engine, EngineError, MAX_GSO_BYTES, NodeEvent, close_code};
 
 impl Engine {
@@ -161,6 +161,12 @@ impl Engine {
             self.upstream_check(now);
             self.drive(now);
         }
+        if self.membership.is_some()
+            && (self.info_stale || self.gossip_poll_timeout().is_some_and(|t| t <= now))
+        {
+            self.gossip_timeout(now);
+            self.drive(now);
+        }
     }
 
     /// The next instant [`Engine::handle_timeout`] must run.
@@ -168,7 +174,13 @@ impl Engine {
         let conns = self.timers.first().map(|(t, _)| *t);
         let channels = self.channels.values().filter_map(Channel::poll_timeout);
         let upstream = self.upstreams.values().filter_map(|u| u.next_check);
-        conns.into_iter().chain(channels).chain(upstream).min()
+        let gossip = self.gossip_poll_timeout();
+        conns
+            .into_iter()
+            .chain(channels)
+            .chain(upstream)
+            .chain(gossip)
+            .min()
     }
 
     /// The next datagram(s) to send. The bytes are written to `buf`; with `segment_size` set,
@@ -297,6 +309,9 @@ impl Engine {
                                     })
                                     .and_then(|chain| tls::peer_node(&chain));
                             }
+                            for data in std::mem::take(&mut conn.gossip_out) {
+                                let _ = conn.quic.datagrams().send(data, true);
+                            }
                             conn.flush_control();
                             self.events.push_back(NodeEvent::Connected {
                                 conn: handle,
@@ -362,7 +377,12 @@ impl Engine {
                             conn.flush_control();
                         }
                         Event::Stream(_) | Event::HandshakeDataReady => {}
-                        Event::DatagramReceived | Event::DatagramsUnblocked => {}
+                        Event::DatagramReceived => {
+                            while let Some(data) = conn.quic.datagrams().recv() {
+                                inputs.push(Input::Gossip(data));
+                            }
+                        }
+                        Event::DatagramsUnblocked => {}
                     }
                 }
                 if !progressed {

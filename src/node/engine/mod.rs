@@ -42,6 +42,7 @@
 //!   streams, the upload cap and the backlog bound.
 //! - `discovery`: parent queries and answers, and the first-tier limit that sends peers to
 //!   relays.
+//! - `gossip`: membership among supernodes (foca over QUIC datagrams) and this node's info.
 //! - `parents`: the upstream policy ([`crate::node::upstream`]) put to work: candidates,
 //!   standbys, assignment and failover.
 
@@ -49,6 +50,7 @@ mod conn;
 mod control;
 mod discovery;
 mod fanout;
+mod gossip;
 mod io;
 mod parents;
 
@@ -126,6 +128,9 @@ pub struct EngineConfig {
     /// Most subscriptions served at once; more are answered with a go-away naming the
     /// alternatives (`None`: no limit).
     pub max_subscribers: Option<usize>,
+    /// The address other nodes dial this node at. With it, a serving supernode or source
+    /// joins the membership among supernodes ([`crate::node::membership`]).
+    pub advertise: Option<SocketAddr>,
     /// The first tier a source serves: at most this many child connections, and no peer
     /// once a relay child carries the channel; others are refused with candidates (the relays
     /// among its children) so that tiers form by themselves (`None`: serve everyone).
@@ -173,6 +178,7 @@ impl Default for EngineConfig {
             max_connections: None,
             max_subscribers: None,
             max_children: None,
+            advertise: None,
             worker: None,
             export_shards: false,
             mtu_discovery: true,
@@ -338,6 +344,8 @@ pub struct EngineStats {
     pub unknown_channel_refusals: u64,
     /// Subscriptions a parent refused us.
     pub refusals_received: u64,
+    /// Gossip datagrams dropped (from a peer or an unproven sender, or not sendable).
+    pub gossip_dropped: u64,
 }
 
 /// The engine. See the module documentation for the call order.
@@ -372,6 +380,10 @@ pub struct Engine {
     /// Per channel, subscribers that asked before the channel had a chunk: they get the
     /// channel information with the first one.
     awaiting_info: HashMap<ChannelId, Vec<ConnectionHandle>>,
+    /// Membership among supernodes, if this node is one (see `gossip`).
+    membership: Option<crate::node::membership::Membership>,
+    /// This node's info changed (a channel was added) and goes out at the next timer.
+    info_stale: bool,
     /// This node's certificate and key, presented in every handshake.
     identity: tls::Identity,
     /// This node's Hello, made once.
@@ -463,7 +475,9 @@ impl Engine {
             agent: config.agent.clone(),
             serves: config.serve,
         });
-        Ok(Self {
+        let mut engine = Self {
+            membership: None,
+            info_stale: true,
             identity,
             hello,
             node: key.node_id(),
@@ -495,7 +509,9 @@ impl Engine {
             encoded_headers: VecDeque::new(),
             prefixes: BytesMut::new(),
             stats: EngineStats::default(),
-        })
+        };
+        engine.membership = engine.new_membership();
+        Ok(engine)
     }
 
     /// This node's id.
@@ -525,6 +541,7 @@ impl Engine {
 
     /// Starts carrying a channel in `mode`.
     pub fn add_channel(&mut self, id: ChannelId, mode: ChannelMode) {
+        self.info_stale = true;
         let config = self.config.channel.clone();
         let serve = self.config.serve;
         self.channels

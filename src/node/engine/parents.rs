@@ -39,6 +39,13 @@ impl Engine {
             channel,
             Upstream::new(self.config.upstream.clone(), candidates, rotation, now),
         );
+        let known: Vec<Candidate> = self
+            .upstreams
+            .get(&channel)
+            .map(|u| u.candidates.iter().map(|(c, _)| *c).collect())
+            .unwrap_or_default();
+        // A supernode joins the membership through the nodes it was told of.
+        self.gossip_join(now, &known);
         self.upstream_fill(now, channel);
         self.drive(now);
         Ok(())
@@ -229,10 +236,80 @@ impl Engine {
                 }
             }
         }
+        self.upstream_grow(now, channel, &mut up);
         if up.next_check.is_none() {
             up.next_check = Some(now + up.config.check_every);
         }
         self.upstreams.insert(channel, up);
+    }
+
+    /// When the parents drawn from cannot lose one without leaving fewer than K (the node
+    /// started with the one candidate it knew, and answers named more since), a ready standby
+    /// becomes a parent for substreams nobody carries yet: one more parent per call, until the
+    /// invariant holds or `parents` is reached.
+    fn upstream_grow(&mut self, now: Instant, channel: ChannelId, up: &mut Upstream) {
+        let Some(params) = up.params else { return };
+        if !up.unassigned.is_empty() {
+            return;
+        }
+        let sets: Vec<SubstreamSet> = up
+            .candidates
+            .iter()
+            .filter_map(|(_, s)| match s {
+                Slot::Active { set, .. } => Some(*set),
+                _ => None,
+            })
+            .collect();
+        let held: usize = sets.iter().map(|s| s.len()).sum();
+        let biggest = sets.iter().map(|s| s.len()).max().unwrap_or(0);
+        if sets.is_empty() || sets.len() >= up.config.parents || held - biggest >= params.original()
+        {
+            return;
+        }
+        let ready = up.candidates.iter().position(|(_, s)| match s {
+            Slot::Standby { conn, .. } => self.conns.get(conn).is_some_and(|c| c.established),
+            _ => false,
+        });
+        let Some(i) = ready else { return };
+        let mut with = sets;
+        with.push(SubstreamSet::EMPTY);
+        let grown = rebalance(
+            params,
+            &with,
+            up.config.tolerate,
+            up.rotation,
+            up.config.all_from_one,
+        );
+        let Some(&set) = grown.last().filter(|s| !s.is_empty()) else {
+            return;
+        };
+        let best = up
+            .candidates
+            .iter()
+            .filter_map(|(_, s)| match s {
+                Slot::Active { newest, .. } => *newest,
+                _ => None,
+            })
+            .max();
+        let start = best.map_or(up.first_start, |b| StartAt::Seq(b.saturating_sub(1)));
+        let (cand, slot) = up.candidates[i].clone();
+        let Slot::Standby { conn, sub, .. } = slot else {
+            return;
+        };
+        if self
+            .subscribe_inner(now, cand.addr, cand.node, channel, set, start, Some(sub))
+            .is_ok()
+        {
+            up.candidates[i].1 = Slot::Active {
+                conn,
+                sub,
+                set,
+                newest: None,
+                last_shard: now,
+                since: now,
+                tally: Tally::default(),
+            };
+        }
     }
 
     /// Finds lost, lagging, short and unreachable parents and moves their substreams; notices

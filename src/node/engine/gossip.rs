@@ -1,0 +1,164 @@
+//! Membership put to work (see [`crate::node::membership`]): a supernode or source with an
+//! advertised address runs foca; its packets travel as QUIC datagrams on a connection to the
+//! member, dialled when there is none, and are taken only from connections whose far end
+//! proved its node id and is not a plain peer. What membership knows feeds the parent
+//! answers ([`super::discovery`]); this node's own info (channels carried, draining, load)
+//! goes out when it changes and every few seconds.
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use quinn_proto::ConnectionHandle;
+
+use crate::keys::NodeId;
+use crate::node::channel::ChannelMode;
+use crate::node::membership::{Carrier, MemberId, Membership, MembershipStats};
+use crate::node::upstream::Candidate;
+use crate::wire::Role;
+
+use super::Engine;
+
+/// Gossip packets held for a member whose connection is still being set up.
+const GOSSIP_BACKLOG: usize = 16;
+
+impl Engine {
+    /// Membership for this node, if its settings make it a member (a serving supernode or
+    /// source with an advertised address).
+    pub(super) fn new_membership(&self) -> Option<Membership> {
+        let addr = self.config.advertise?;
+        if !self.config.serve || self.config.role == Role::Peer {
+            return None;
+        }
+        let seed = self.config.rng_seed.map_or_else(
+            || u64::from_le_bytes(self.node.as_bytes()[..8].try_into().unwrap_or([0; 8])),
+            |s| u64::from_le_bytes(s[..8].try_into().unwrap_or([0; 8])),
+        );
+        Some(Membership::new(self.node, addr, seed))
+    }
+
+    /// Membership counters (`None`: this node is not a member).
+    pub fn membership_stats(&self) -> Option<MembershipStats> {
+        self.membership.as_ref().map(Membership::stats)
+    }
+
+    /// Members known (this node excluded; 0 when it is not a member).
+    pub fn members(&self) -> usize {
+        self.membership.as_ref().map_or(0, Membership::members)
+    }
+
+    /// Joins the membership through `candidates` (any of them that is a member answers).
+    pub(super) fn gossip_join(&mut self, now: Instant, candidates: &[Candidate]) {
+        let Some(m) = &mut self.membership else {
+            return;
+        };
+        for c in candidates {
+            m.announce(now, MemberId::new(c.node, c.addr));
+        }
+        self.gossip_flush(now);
+    }
+
+    /// Tells the members what this node carries now.
+    pub(super) fn gossip_info(&mut self, now: Instant) {
+        let channels: Vec<_> = self
+            .channels
+            .iter()
+            .filter(|(_, ch)| ch.mode() != ChannelMode::Play)
+            .map(|(id, _)| *id)
+            .collect();
+        let load = match self.config.max_subscribers {
+            Some(max) if max > 0 => (self.served_subscriptions() * 1000 / max).min(1000) as u16,
+            _ => 0,
+        };
+        let draining = self.draining;
+        if let Some(m) = &mut self.membership {
+            m.set_info(now, channels, draining, load);
+        }
+        self.info_stale = false;
+        self.gossip_flush(now);
+    }
+
+    /// Runs membership timers and sends what it produced.
+    pub(super) fn gossip_timeout(&mut self, now: Instant) {
+        if self.info_stale {
+            self.gossip_info(now);
+        }
+        let due = self
+            .membership
+            .as_ref()
+            .and_then(Membership::poll_timeout)
+            .is_some_and(|t| t <= now);
+        if due && let Some(m) = &mut self.membership {
+            m.handle_timeout(now);
+        }
+        self.gossip_flush(now);
+    }
+
+    /// When membership must run next.
+    pub(super) fn gossip_poll_timeout(&self) -> Option<Instant> {
+        self.membership.as_ref().and_then(Membership::poll_timeout)
+    }
+
+    /// A datagram arrived on `handle`: gossip, if its sender is a proven non-peer node.
+    pub(super) fn gossip_received(&mut self, now: Instant, handle: ConnectionHandle, data: &[u8]) {
+        let Some(conn) = self.conns.get(&handle) else {
+            return;
+        };
+        let from = conn.peer;
+        let role_ok = conn.hello.as_ref().is_none_or(|h| h.role != Role::Peer);
+        match (&mut self.membership, from) {
+            (Some(m), Some(from)) if role_ok => m.handle_data(now, from, data),
+            _ => self.stats.gossip_dropped += 1,
+        }
+        self.gossip_flush(now);
+    }
+
+    /// Sends every queued gossip packet: on a connection to the member, dialling it if none.
+    pub(super) fn gossip_flush(&mut self, now: Instant) {
+        let mut out = Vec::new();
+        if let Some(m) = &mut self.membership {
+            while let Some(packet) = m.poll_send() {
+                out.push(packet);
+            }
+        }
+        for (node, addr, data) in out {
+            self.gossip_send(now, node, addr, data);
+        }
+    }
+
+    fn gossip_send(&mut self, now: Instant, node: NodeId, addr: std::net::SocketAddr, data: Bytes) {
+        if node == self.node {
+            return;
+        }
+        let existing = self
+            .conns
+            .iter()
+            .filter(|(_, c)| !c.closed && c.peer == Some(node))
+            .max_by_key(|(_, c)| c.established)
+            .map(|(h, _)| h);
+        let handle = match existing {
+            Some(h) => h,
+            None => match self.connect(now, addr, node) {
+                Ok(h) => h,
+                Err(_) => return,
+            },
+        };
+        if let Some(conn) = self.conns.get_mut(&handle) {
+            if conn.established {
+                if conn.quic.datagrams().send(data, true).is_err() {
+                    self.stats.gossip_dropped += 1;
+                }
+            } else if conn.gossip_out.len() < GOSSIP_BACKLOG {
+                conn.gossip_out.push(data);
+            }
+        }
+        self.touch(handle);
+    }
+
+    /// Members that carry `channel`, as candidates (see [`Membership::carriers`]).
+    pub(super) fn gossip_carriers(&self, channel: &crate::keys::ChannelId) -> Vec<Carrier> {
+        self.membership
+            .as_ref()
+            .map(|m| m.carriers(channel))
+            .unwrap_or_default()
+    }
+}
