@@ -257,3 +257,52 @@ fn relays_and_players_given_only_the_source_link_find_each_other() {
         assert_tail(out, &reference, 0.5);
     }
 }
+
+#[test]
+fn a_relay_that_knew_only_its_dead_parent_finds_another_through_the_supernodes() {
+    // C knows only A; the player knows only C. When A is SIGKILLed, C must already know of
+    // B (or the source) from what the supernodes told each other: its link named nobody else.
+    if !have_ffmpeg() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let key = keygen(dir);
+    let mut ffmpeg = test_pattern_ts(12, true)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut source = gridcast(&[
+        "broadcast",
+        "--key",
+        key.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--linger",
+        "4",
+    ]);
+    source.stdin(Stdio::piped());
+    let (mut source, source_link) = spawn_with_link(source);
+    let tee = tee(ffmpeg.stdout.take().unwrap(), source.stdin.take().unwrap());
+    let (a, a_link) = relay(&source_link, free_udp_port(), &dir.join("a.key"));
+    let (b, _) = relay(&source_link, free_udp_port(), &dir.join("b.key"));
+    thread::sleep(Duration::from_millis(500));
+    let (c, c_link) = relay(&a_link, free_udp_port(), &dir.join("c.key"));
+    thread::sleep(Duration::from_secs(1));
+    let out = dir.join("via-c.ts");
+    let mut player = gridcast(&["play", &c_link, "--output", out.to_str().unwrap()])
+        .spawn()
+        .unwrap();
+    let mut relays = vec![a, b, c];
+    // Long enough for the membership to spread and C to ask its parent again.
+    thread::sleep(Duration::from_secs(5));
+    signal(&relays[0], "-KILL");
+    let reference = tee.join().unwrap();
+    assert!(ffmpeg.wait().unwrap().success());
+    assert!(source.wait().unwrap().success(), "broadcast failed");
+    thread::sleep(Duration::from_secs(3));
+    signal(&player, "-TERM");
+    assert!(player.wait().unwrap().success(), "play failed");
+    reap(&mut relays);
+    assert_tail(&out, &reference, 0.5);
+}

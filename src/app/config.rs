@@ -135,6 +135,10 @@ pub struct BroadcastArgs {
     /// viewers asking the source are sent to the relays [default: 8].
     #[arg(long)]
     pub max_children: Option<usize>,
+    /// The address relays dial this source at, announced to the supernodes [default: the
+    /// listening address, 127.0.0.1 when that is unspecified].
+    #[arg(long, env = "GRIDCAST_ADVERTISE")]
+    pub advertise: Option<SocketAddr>,
     /// auto, uring or portable [default: auto].
     #[arg(long, env = "GRIDCAST_IO_BACKEND")]
     pub io_backend: Option<IoBackend>,
@@ -173,6 +177,7 @@ impl BroadcastArgs {
             source_password: self.source_password.or(file.source_password),
             node_key: self.node_key.or(file.node_key),
             max_children: self.max_children.or(file.max_children).unwrap_or(8),
+            advertise: self.advertise.or(file.advertise),
             backend: self.io_backend.or(file.io_backend).unwrap_or_default(),
         })
     }
@@ -200,6 +205,10 @@ pub struct RelayArgs {
     /// Node key file, created if missing, so the node id survives restarts.
     #[arg(long, env = "GRIDCAST_NODE_KEY")]
     pub node_key: Option<PathBuf>,
+    /// The address other nodes dial this relay at, announced to the other supernodes
+    /// [default: the listening address, 127.0.0.1 when that is unspecified].
+    #[arg(long, env = "GRIDCAST_ADVERTISE")]
+    pub advertise: Option<SocketAddr>,
     /// Most bits per second sent to subscribers, like 500M [default: no limit].
     #[arg(long)]
     pub max_upload: Option<Rate>,
@@ -246,6 +255,7 @@ impl RelayArgs {
             join,
             workers,
             node_key: self.node_key.or(file.node_key),
+            advertise: self.advertise.or(file.advertise),
             max_upload_bps: self.max_upload.or(file.max_upload).map(|r| r.0),
             max_connections: self.max_connections.or(file.max_connections),
             max_subscribers: self.max_subscribers.or(file.max_subscribers),

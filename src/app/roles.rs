@@ -112,6 +112,8 @@ pub struct BroadcastConfig {
     pub node_key: Option<PathBuf>,
     /// The first tier's size (see [`crate::node::EngineConfig::max_children`]).
     pub max_children: usize,
+    /// The address announced to supernodes (`None`: the link's).
+    pub advertise: Option<SocketAddr>,
     /// Data plane.
     pub backend: IoBackend,
 }
@@ -127,6 +129,8 @@ pub struct RelayConfig {
     pub workers: usize,
     /// A node key file (the node id stays the same across restarts); a fresh key if `None`.
     pub node_key: Option<PathBuf>,
+    /// The address announced to the other supernodes (`None`: the link's).
+    pub advertise: Option<SocketAddr>,
     /// Most bits per second sent to subscribers (`None`: no limit).
     pub max_upload_bps: Option<u64>,
     /// Most connections at once (`None`: no limit).
@@ -499,9 +503,13 @@ pub fn broadcast(config: &BroadcastConfig, stop: &AtomicBool) -> anyhow::Result<
             ..Default::default()
         },
     )?;
+    let advertise = config.advertise.unwrap_or_else(|| link_addr(&node));
     node.command(
         0,
-        Box::new(move |e, _| e.add_channel(channel, ChannelMode::Source)),
+        Box::new(move |e, _| {
+            e.set_advertise(advertise);
+            e.add_channel(channel, ChannelMode::Source);
+        }),
     );
     let link = ChannelLink::single(channel, link_addr(&node), node_key.node_id());
     #[allow(clippy::print_stdout)]
@@ -679,6 +687,14 @@ pub fn relay(config: &RelayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
             ..Default::default()
         },
     )?;
+    // Worker 0 is this node's member of the supernodes' membership; the others hand it the
+    // gossip they receive.
+    let advertise = config.advertise.unwrap_or_else(|| link_addr(&node));
+    node.command(0, Box::new(move |e, _| e.set_advertise(advertise)));
+    for w in 1..node.workers() {
+        node.command(w, Box::new(|e, _| e.set_forward_gossip(true)));
+    }
+    let link_nodes: Vec<(ChannelId, Vec<Candidate>)> = upstreams.clone();
     for (channel, candidates) in upstreams {
         // The same nodes carry the channel too: a drain sends children there.
         for w in 0..node.workers() {
@@ -709,6 +725,7 @@ pub fn relay(config: &RelayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
         }
         tracing::info!(link = %own, upstreams = %parents.join(","), "carrying");
     }
+    let mut last_share = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         match events.recv_timeout(Duration::from_millis(50)) {
             // The worker that draws the channel got a new stream header: its siblings serve
@@ -724,14 +741,72 @@ pub fn relay(config: &RelayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
                     );
                 }
             }
+            Ok(NodeEvent::Gossip { from, data }) => {
+                node.command(0, Box::new(move |e, now| e.handle_gossip(now, from, &data)));
+            }
             Ok(event) => log_event(&event),
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => break,
+        }
+        if node.workers() > 1 && last_share.elapsed() >= Duration::from_secs(1) {
+            last_share = Instant::now();
+            share_carriers(&node, &link_nodes);
         }
     }
     drain(&node, config.drain_timeout);
     node.stop()?;
     Ok(())
+}
+
+/// Hands what worker 0 (the member) knows of each channel's carriers to the other workers
+/// as alternatives, beside the nodes the links name, so that every worker's answers and
+/// go-aways name the grid's supernodes.
+fn share_carriers(node: &Node, link_nodes: &[(ChannelId, Vec<Candidate>)]) {
+    let (tx, rx) = mpsc::channel();
+    let channels: Vec<ChannelId> = link_nodes.iter().map(|(c, _)| *c).collect();
+    let asked = node.command(
+        0,
+        Box::new(move |e, now| {
+            let known: Vec<(ChannelId, Vec<Candidate>)> = channels
+                .iter()
+                .map(|&c| {
+                    let named = e.named_parents(now, c, 32);
+                    let list = named
+                        .into_iter()
+                        .filter_map(|p| {
+                            Some(Candidate {
+                                addr: *p.addrs.first()?,
+                                node: p.node,
+                            })
+                        })
+                        .collect();
+                    (c, list)
+                })
+                .collect();
+            let _ = tx.send(known);
+        }),
+    );
+    if !asked {
+        return;
+    }
+    let Ok(known) = rx.recv_timeout(Duration::from_secs(1)) else {
+        return;
+    };
+    for (channel, mut list) in known {
+        for (c, linked) in link_nodes {
+            if *c == channel {
+                for l in linked {
+                    if !list.iter().any(|k| k.node == l.node) {
+                        list.push(*l);
+                    }
+                }
+            }
+        }
+        for w in 1..node.workers() {
+            let list = list.clone();
+            node.command(w, Box::new(move |e, _| e.set_alternatives(channel, list)));
+        }
+    }
 }
 
 /// Sends every subscriber away and waits until all have moved or `timeout` passes.

@@ -16,7 +16,7 @@ use crate::node::membership::{Carrier, MemberId, Membership, MembershipStats};
 use crate::node::upstream::Candidate;
 use crate::wire::Role;
 
-use super::Engine;
+use super::{Engine, NodeEvent};
 
 /// Gossip packets held for a member whose connection is still being set up.
 const GOSSIP_BACKLOG: usize = 16;
@@ -34,6 +34,32 @@ impl Engine {
             |s| u64::from_le_bytes(s[..8].try_into().unwrap_or([0; 8])),
         );
         Some(Membership::new(self.node, addr, seed))
+    }
+
+    /// Makes this node a member, reachable at `addr` (a driver learns its address only once
+    /// bound). Ignored for peers and nodes that do not serve, and when already a member.
+    pub fn set_advertise(&mut self, addr: std::net::SocketAddr) {
+        if self.membership.is_none() {
+            self.config.advertise = Some(addr);
+            self.membership = self.new_membership();
+            self.info_stale = true;
+        }
+    }
+
+    /// A worker of a multi-worker node that is not the member itself hands the gossip it
+    /// receives to the application ([`NodeEvent::Gossip`]) for the worker that is.
+    pub fn set_forward_gossip(&mut self, forward: bool) {
+        self.forward_gossip = forward;
+    }
+
+    /// Gossip another worker of this node received from `from` (see
+    /// [`Engine::set_forward_gossip`]).
+    pub fn handle_gossip(&mut self, now: Instant, from: NodeId, data: &[u8]) {
+        if let Some(m) = &mut self.membership {
+            m.handle_data(now, from, data);
+        }
+        self.gossip_flush(now);
+        self.drive(now);
     }
 
     /// Membership counters (`None`: this node is not a member).
@@ -107,6 +133,12 @@ impl Engine {
         let role_ok = conn.hello.as_ref().is_none_or(|h| h.role != Role::Peer);
         match (&mut self.membership, from) {
             (Some(m), Some(from)) if role_ok => m.handle_data(now, from, data),
+            (None, Some(from)) if role_ok && self.forward_gossip => {
+                self.events.push_back(NodeEvent::Gossip {
+                    from,
+                    data: Bytes::copy_from_slice(data),
+                });
+            }
             _ => self.stats.gossip_dropped += 1,
         }
         self.gossip_flush(now);

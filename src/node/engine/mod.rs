@@ -292,6 +292,14 @@ pub enum NodeEvent {
         /// The handshake's error.
         reason: String,
     },
+    /// Membership gossip that a worker which is not the member received; the application
+    /// hands it to the worker that is ([`Engine::handle_gossip`]).
+    Gossip {
+        /// The proven sender.
+        from: NodeId,
+        /// The packet.
+        data: Bytes,
+    },
     /// A neighbour sent bad data and was disconnected.
     Misbehaved {
         /// Remote address.
@@ -384,6 +392,8 @@ pub struct Engine {
     membership: Option<crate::node::membership::Membership>,
     /// This node's info changed (a channel was added) and goes out at the next timer.
     info_stale: bool,
+    /// Hand received gossip to the application (`set_forward_gossip`).
+    forward_gossip: bool,
     /// This node's certificate and key, presented in every handshake.
     identity: tls::Identity,
     /// This node's Hello, made once.
@@ -478,6 +488,7 @@ impl Engine {
         let mut engine = Self {
             membership: None,
             info_stale: true,
+            forward_gossip: false,
             identity,
             hello,
             node: key.node_id(),
