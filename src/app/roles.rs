@@ -653,6 +653,20 @@ fn log_event(event: &NodeEvent) {
         NodeEvent::Misbehaved { remote, reason, .. } => {
             tracing::warn!(%remote, %reason, "neighbour sent bad data; disconnected")
         }
+        NodeEvent::Membership {
+            node,
+            addr,
+            up: true,
+        } => {
+            tracing::info!(%node, %addr, "supernode joined");
+        }
+        NodeEvent::Membership {
+            node,
+            addr,
+            up: false,
+        } => {
+            tracing::info!(%node, %addr, "supernode left");
+        }
         NodeEvent::ConnectionLost { remote, reason, .. } => {
             tracing::debug!(%remote, %reason, "connection closed");
         }

@@ -201,6 +201,8 @@ pub struct Membership {
     me: NodeInfo,
     refresh_at: Option<Instant>,
     stats: MembershipStats,
+    /// Members that came up (`true`) or went down since the last poll.
+    changes: Vec<(MemberId, bool)>,
 }
 
 impl std::fmt::Debug for Membership {
@@ -253,6 +255,7 @@ impl Membership {
             me,
             refresh_at: None,
             stats: MembershipStats::default(),
+            changes: Vec::new(),
         }
     }
 
@@ -317,6 +320,15 @@ impl Membership {
         self.outbox
             .pop()
             .map(|(to, data)| (to.node(), to.addr, data))
+    }
+
+    /// The next member that came up (`true`) or went down.
+    pub fn poll_change(&mut self) -> Option<(NodeId, SocketAddr, bool)> {
+        if self.changes.is_empty() {
+            return None;
+        }
+        let (m, up) = self.changes.remove(0);
+        Some((m.node(), m.addr, up))
     }
 
     /// Tells the others what this node carries now (a new version of its info, at once).
@@ -410,7 +422,13 @@ impl Membership {
             self.stats.packets_out += 1;
             self.outbox.push((to, data));
         }
-        while self.runtime.to_notify().is_some() {}
+        while let Some(n) = self.runtime.to_notify() {
+            match n {
+                foca::OwnedNotification::MemberUp(m) => self.changes.push((m, true)),
+                foca::OwnedNotification::MemberDown(m) => self.changes.push((m, false)),
+                _ => {}
+            }
+        }
     }
 }
 

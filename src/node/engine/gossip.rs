@@ -151,6 +151,10 @@ impl Engine {
             while let Some(packet) = m.poll_send() {
                 out.push(packet);
             }
+            while let Some((node, addr, up)) = m.poll_change() {
+                self.events
+                    .push_back(NodeEvent::Membership { node, addr, up });
+            }
         }
         for (node, addr, data) in out {
             self.gossip_send(now, node, addr, data);

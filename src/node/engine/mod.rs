@@ -292,6 +292,15 @@ pub enum NodeEvent {
         /// The handshake's error.
         reason: String,
     },
+    /// A supernode joined (`up`) or left the membership.
+    Membership {
+        /// Its node id.
+        node: NodeId,
+        /// Where it is dialled.
+        addr: SocketAddr,
+        /// Joined, or left.
+        up: bool,
+    },
     /// Membership gossip that a worker which is not the member received; the application
     /// hands it to the worker that is ([`Engine::handle_gossip`]).
     Gossip {
