@@ -5,6 +5,12 @@
 //!
 //! Prints one line per audience size:
 //! `grid peers=<n> stream_s=<s> wall_s=<w> speedup_vs_realtime=<x> shards_per_wall_s=<y>`.
+//!
+//! Then a grid that forms itself: a source with a first tier of 10, 30 relays and 1,000 peers
+//! that know only the source (discovery, membership and peer exchange at work), for 60 s of
+//! stream (`--quick`: 10 relays, 100 peers, 20 s):
+//! `grid-discovery supernodes=<n> peers=<n> stream_s=<s> wall_s=<w> speedup_vs_realtime=<x>
+//! continuity_min=<c> source_upload_bytes=<b> delivered_bytes=<d>`.
 
 #![allow(clippy::unwrap_used, clippy::print_stdout, clippy::disallowed_methods)]
 
@@ -14,9 +20,22 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::grid::Grid;
+use gridcast::node::EngineConfig;
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
+    if !std::env::args().any(|a| a == "--discovery-only") {
+        fixed(quick);
+    }
+    if quick {
+        discovery(10, 100, 20);
+    } else {
+        discovery(30, 1000, 60);
+    }
+}
+
+/// A grid wired by hand: 4 supernodes, peers drawing from 3 of them.
+fn fixed(quick: bool) {
     let (stream, sizes): (u64, &[usize]) = if quick {
         (10, &[10])
     } else {
@@ -41,4 +60,42 @@ fn main() {
             shards as f64 / wall_s
         );
     }
+}
+
+/// A grid that forms itself from the source's link alone.
+fn discovery(relays: usize, peers: usize, stream: u64) {
+    let mut grid = Grid::new(2, 0, Grid::relay_config);
+    let source_ix = grid.source.node;
+    grid.sim
+        .node_mut(source_ix)
+        .engine
+        .set_max_children(Some(10));
+    let source = grid.candidate(source_ix);
+    let supernodes: Vec<_> = (0..relays)
+        .map(|_| grid.add_policy_relay(vec![source]))
+        .collect();
+    grid.run(Duration::from_secs(3));
+    grid.supernodes = supernodes;
+    for _ in 0..peers {
+        grid.add_policy_peer(EngineConfig::default(), vec![source]);
+    }
+    let wall = Instant::now();
+    grid.run(Duration::from_secs(stream));
+    let wall_s = wall.elapsed().as_secs_f64();
+    let continuity_min = grid
+        .peers
+        .iter()
+        .map(|&p| {
+            let s = grid.peer_stats(p);
+            s.chunks_played as f64 / (s.chunks_played + s.chunks_skipped).max(1) as f64
+        })
+        .fold(1.0f64, f64::min);
+    let delivered = grid.assert_perfect(&format!("bench-discovery-{peers}"));
+    println!(
+        "grid-discovery supernodes={relays} peers={peers} stream_s={stream} wall_s={wall_s:.1} \
+         speedup_vs_realtime={:.2} continuity_min={continuity_min:.4} source_upload_bytes={} \
+         delivered_bytes={delivered}",
+        stream as f64 / wall_s,
+        grid.sim.node(source_ix).bytes_sent,
+    );
 }

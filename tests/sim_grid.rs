@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::grid::Grid;
-use gridcast::node::{Candidate, ChannelMode, EngineConfig, NodeEvent, UpstreamConfig};
+use gridcast::node::{Candidate, ChannelMode, EngineConfig, NodeEvent};
 use gridcast::sim::NodeIx;
 use gridcast::stream::ChunkFlags;
 use gridcast::wire::{RefuseReason, Role, StartAt, SubstreamSet};
@@ -735,25 +735,6 @@ fn a_go_away_overtakes_the_chunks_queued_before_it() {
     );
 }
 
-/// A supernode that draws its channel with the relay's upstream policy.
-fn policy_relay(grid: &mut Grid, candidates: Vec<Candidate>) -> NodeIx {
-    let sn = grid
-        .sim
-        .add_node(EngineConfig {
-            role: Role::Supernode,
-            serve: true,
-            upstream: UpstreamConfig::relay(),
-            ..Default::default()
-        })
-        .unwrap();
-    let now = grid.sim.now();
-    let channel = grid.source.channel;
-    let engine = &mut grid.sim.node_mut(sn).engine;
-    engine.add_channel(channel, ChannelMode::Relay);
-    engine.set_upstream(now, channel, candidates).unwrap();
-    sn
-}
-
 #[test]
 fn first_tier_supernodes_killed_one_by_one_until_one_remains_cost_no_peer_a_chunk() {
     // Source → three first-tier relays (each all 16 substreams from the source) → two
@@ -761,7 +742,7 @@ fn first_tier_supernodes_killed_one_by_one_until_one_remains_cost_no_peer_a_chun
     let mut grid = Grid::new(21, 0, Grid::relay_config);
     let source = grid.candidate(grid.source.node);
     let first: Vec<NodeIx> = (0..3)
-        .map(|_| policy_relay(&mut grid, vec![source]))
+        .map(|_| grid.add_policy_relay(vec![source]))
         .collect();
     grid.run(Duration::from_secs(2));
     let channel = grid.source.channel;
@@ -774,7 +755,7 @@ fn first_tier_supernodes_killed_one_by_one_until_one_remains_cost_no_peer_a_chun
     }
     let first_tier: Vec<Candidate> = first.iter().map(|&sn| grid.candidate(sn)).collect();
     let second: Vec<NodeIx> = (0..2)
-        .map(|_| policy_relay(&mut grid, first_tier.clone()))
+        .map(|_| grid.add_policy_relay(first_tier.clone()))
         .collect();
     grid.run(Duration::from_secs(3));
     for &sn in &second {
@@ -907,7 +888,7 @@ fn peers_that_ask_a_relay_before_it_has_a_chunk_play_from_its_first() {
     // either. Peers subscribe to the relay at once and must be served when the chunks come.
     let mut grid = Grid::new(24, 0, Grid::relay_config);
     let source = grid.candidate(grid.source.node);
-    let relay = policy_relay(&mut grid, vec![source]);
+    let relay = grid.add_policy_relay(vec![source]);
     let cand = grid.candidate(relay);
     for _ in 0..4 {
         grid.add_policy_peer(EngineConfig::default(), vec![cand]);
@@ -924,8 +905,8 @@ fn a_parent_starved_by_its_own_upstream_is_left_for_a_standby_that_has_the_chunk
     // Y's announcements of the chunks it holds do.
     let mut grid = Grid::new(25, 0, Grid::relay_config);
     let source = grid.candidate(grid.source.node);
-    let x = policy_relay(&mut grid, vec![source]);
-    let y = policy_relay(&mut grid, vec![source]);
+    let x = grid.add_policy_relay(vec![source]);
+    let y = grid.add_policy_relay(vec![source]);
     grid.run(Duration::from_secs(2));
     let mut config = EngineConfig::default();
     config.upstream.parents = 1;
@@ -970,7 +951,7 @@ fn relays_and_peers_given_only_the_source_form_tiers_by_themselves() {
         .set_max_children(Some(3));
     let source = grid.candidate(source_ix);
     let relays: Vec<NodeIx> = (0..3)
-        .map(|_| policy_relay(&mut grid, vec![source]))
+        .map(|_| grid.add_policy_relay(vec![source]))
         .collect();
     grid.run(Duration::from_secs(2));
     grid.supernodes = relays.clone();
@@ -1020,7 +1001,7 @@ fn hundred_peers_from_the_source(seed: u64, loss: f64) {
         .set_max_children(Some(10));
     let source = grid.candidate(source_ix);
     let relays: Vec<NodeIx> = (0..10)
-        .map(|_| policy_relay(&mut grid, vec![source]))
+        .map(|_| grid.add_policy_relay(vec![source]))
         .collect();
     grid.run(Duration::from_secs(2));
     grid.supernodes = relays.clone();
@@ -1092,7 +1073,7 @@ fn relays_added_later_attach_below_a_full_first_tier_and_new_peers_find_them() {
         .set_max_children(Some(2));
     let source = grid.candidate(source_ix);
     let mut relays: Vec<NodeIx> = (0..2)
-        .map(|_| policy_relay(&mut grid, vec![source]))
+        .map(|_| grid.add_policy_relay(vec![source]))
         .collect();
     grid.run(Duration::from_secs(2));
     grid.supernodes = relays.clone();
@@ -1101,7 +1082,7 @@ fn relays_added_later_attach_below_a_full_first_tier_and_new_peers_find_them() {
     }
     grid.run(Duration::from_secs(3));
     let later: Vec<NodeIx> = (0..4)
-        .map(|_| policy_relay(&mut grid, vec![source]))
+        .map(|_| grid.add_policy_relay(vec![source]))
         .collect();
     grid.run(Duration::from_secs(3));
     relays.extend(&later);
@@ -1141,7 +1122,7 @@ fn supernodes_know_each_other_and_forget_the_dead_and_the_draining_within_second
         .set_max_children(Some(3));
     let source = grid.candidate(source_ix);
     let relays: Vec<NodeIx> = (0..6)
-        .map(|_| policy_relay(&mut grid, vec![source]))
+        .map(|_| grid.add_policy_relay(vec![source]))
         .collect();
     grid.run(Duration::from_secs(4));
     let channel = grid.source.channel;

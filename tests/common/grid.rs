@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use gridcast::keys::{ChannelId, ChannelKey};
-use gridcast::node::{Candidate, ChannelMode, ChannelStats, EngineConfig, NodeEvent};
+use gridcast::node::{
+    Candidate, ChannelMode, ChannelStats, EngineConfig, NodeEvent, UpstreamConfig,
+};
 use gridcast::sim::{NodeIx, Sim, SimConfig};
 use gridcast::stream::{ChunkPublisher, Chunker, ChunkerConfig, CodingParams, InputFormat};
 use gridcast::wire::{Role, SignedStreamHeader, StartAt, SubstreamSet};
@@ -247,6 +249,26 @@ impl Grid {
         self.peers.push(p);
         self.played.push(Played::default());
         p
+    }
+
+    /// Adds a supernode that draws the channel with the relay's upstream policy among
+    /// `candidates`, and returns it.
+    pub fn add_policy_relay(&mut self, candidates: Vec<Candidate>) -> NodeIx {
+        let sn = self
+            .sim
+            .add_node(EngineConfig {
+                role: Role::Supernode,
+                serve: true,
+                upstream: UpstreamConfig::relay(),
+                ..Default::default()
+            })
+            .unwrap();
+        let now = self.sim.now();
+        let channel = self.source.channel;
+        let engine = &mut self.sim.node_mut(sn).engine;
+        engine.add_channel(channel, ChannelMode::Relay);
+        engine.set_upstream(now, channel, candidates).unwrap();
+        sn
     }
 
     pub fn run(&mut self, d: Duration) {
