@@ -221,6 +221,11 @@ pub struct RelayArgs {
     /// Seconds a drain (SIGTERM, SIGINT) may take before the relay exits [default: 10].
     #[arg(long)]
     pub drain_timeout: Option<u64>,
+    /// Announce this relay on the local network (mDNS), so that players there find it by
+    /// channel id alone (`gridcast play <channel id>`).
+    #[arg(long)]
+    #[serde(default)]
+    pub mdns: bool,
     /// auto, uring or portable [default: auto].
     #[arg(long, env = "GRIDCAST_IO_BACKEND")]
     pub io_backend: Option<IoBackend>,
@@ -262,6 +267,7 @@ impl RelayArgs {
             drain_timeout: Duration::from_secs(
                 self.drain_timeout.or(file.drain_timeout).unwrap_or(10),
             ),
+            mdns: self.mdns || file.mdns,
             backend: self.io_backend.or(file.io_backend).unwrap_or_default(),
         })
     }
@@ -275,7 +281,7 @@ pub struct PlayArgs {
     #[arg(long, env = "GRIDCAST_CONFIG")]
     #[serde(skip)]
     pub config: Option<PathBuf>,
-    /// The channel link.
+    /// The channel link, or a bare channel id to find a node on the local network (mDNS).
     #[arg(value_parser = LinkParser)]
     pub link: Option<ChannelLink>,
     /// - (stdout), a file path, or http://127.0.0.1:port/ to serve local players [default: -].

@@ -96,6 +96,15 @@ impl FromStr for ChannelLink {
         if text.len() > MAX_LINK_LEN {
             return Err(LinkError::TooLong(text.len()));
         }
+        // A bare channel id names no node: the nodes are found on the local network.
+        if !text.contains("://")
+            && let Ok(channel) = text.trim().parse::<ChannelId>()
+        {
+            return Ok(Self {
+                channel,
+                nodes: Vec::new(),
+            });
+        }
         let rest = text.trim().strip_prefix(SCHEME).ok_or(LinkError::Scheme)?;
         let (channel, nodes) = rest.split_once('@').ok_or(LinkError::Shape)?;
         let channel: ChannelId = channel.parse()?;
@@ -175,6 +184,16 @@ impl ChannelLink {
 mod tests {
     use super::*;
     use crate::keys::{ChannelKey, NodeKey};
+
+    #[test]
+    fn a_bare_channel_id_is_a_link_naming_no_node() {
+        let channel = ChannelKey::from_seed(&[2; 32]).channel_id();
+        let link: ChannelLink = channel.to_string().parse().unwrap();
+        assert_eq!(link.channel, channel);
+        assert!(link.nodes.is_empty());
+        let typo = format!("{}x", &channel.to_string()[1..]);
+        assert!(typo.parse::<ChannelLink>().is_err());
+    }
 
     #[test]
     fn an_over_long_link_or_entry_is_not_echoed_whole() {

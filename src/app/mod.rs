@@ -4,6 +4,7 @@
 pub mod config;
 pub mod demo;
 pub mod icecast;
+pub mod lan;
 pub mod link;
 pub mod output;
 pub mod roles;

@@ -139,6 +139,8 @@ pub struct RelayConfig {
     pub max_subscribers: Option<usize>,
     /// How long a drain may take before the relay exits.
     pub drain_timeout: Duration,
+    /// Announce the relay on the local network (mDNS).
+    pub mdns: bool,
     /// Data plane.
     pub backend: IoBackend,
 }
@@ -739,6 +741,21 @@ pub fn relay(config: &RelayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
         }
         tracing::info!(link = %own, upstreams = %parents.join(","), "carrying");
     }
+    // On the local network, players find this relay by channel id alone.
+    let _lan = if config.mdns {
+        let channels: Vec<ChannelId> = link_nodes.iter().map(|(c, _)| *c).collect();
+        let bound = node.local_addr();
+        let ip = (!bound.ip().is_unspecified()).then(|| bound.ip());
+        match super::lan::LanAnnouncer::start(key.node_id(), ip, bound.port(), &channels) {
+            Ok(lan) => Some(lan),
+            Err(err) => {
+                tracing::warn!(%err, "not announced on the local network");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let mut last_share = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         match events.recv_timeout(Duration::from_millis(50)) {
@@ -975,7 +992,25 @@ fn status_line(s: &PlayStatus, bps: f64) -> String {
 /// Runs a peer until a signal arrives or the output is closed.
 #[allow(clippy::disallowed_methods)] // the connect timeout and the status line read the clock
 pub fn play(config: &PlayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
-    let candidates = config.link.candidates()?;
+    let channel = config.link.channel;
+    let candidates = if config.link.nodes.is_empty() {
+        // A bare channel id: a node on the local network that carries it (a hint until its
+        // handshake proves the node id the record names).
+        let wait = config.connect_timeout.min(Duration::from_secs(3));
+        let found = super::lan::find(channel, wait, Duration::from_millis(300))?;
+        if found.is_empty() {
+            anyhow::bail!(
+                "no node on the local network carries channel {channel} (mDNS, {wait:?}); \
+                 give a link with a node's address"
+            );
+        }
+        for c in &found {
+            tracing::info!(addr = %c.addr, node = %c.node, "found on the local network");
+        }
+        found
+    } else {
+        config.link.candidates()?
+    };
     let mut sink = Sink::open(&config.output)?;
     let key = NodeKey::generate()?;
     let engine_config = EngineConfig {
@@ -984,7 +1019,6 @@ pub fn play(config: &PlayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
         ..Default::default()
     };
     let (node, events) = serve(config.backend, config.listen, 1, &key, &engine_config)?;
-    let channel = config.link.channel;
     node.command(
         0,
         Box::new(move |e, now| {

@@ -1,0 +1,166 @@
+//! LAN discovery by mDNS across two network namespaces this test creates: a source and a
+//! relay announcing with `--mdns` on one host, a player on the other given nothing but the
+//! channel id. The veth pair between them is all the "local network" there is; the player's
+//! file must be a byte-exact tail of ffmpeg's output and decode cleanly. Both namespaces are
+//! removed at the end, also when the test fails.
+//!
+//! Needs root, `ip` (iproute2) and ffmpeg; skipped (with a message) without them unless
+//! `GRIDCAST_REQUIRE_NETNS=1` (CI) makes that a failure.
+
+#![allow(clippy::unwrap_used, clippy::disallowed_methods, clippy::print_stdout)]
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::Duration;
+
+use common::procs::*;
+
+/// Two namespaces joined by a veth pair, removed on drop.
+struct Lan {
+    names: [String; 2],
+}
+
+fn ip(args: &[&str]) -> bool {
+    Command::new("ip")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+impl Lan {
+    /// `ns-a` at 10.77.<n>.1/24 and `ns-b` at 10.77.<n>.2/24, `n` from the process id so
+    /// that runs side by side do not collide.
+    fn new() -> Option<Self> {
+        let tag = std::process::id() % 200;
+        let names = [format!("gc-lan-a{tag}"), format!("gc-lan-b{tag}")];
+        let lan = Self { names };
+        let [a, b] = &lan.names;
+        let (va, vb) = (format!("gcva{tag}"), format!("gcvb{tag}"));
+        let net = format!("10.77.{tag}");
+        let ok = ip(&["netns", "add", a])
+            && ip(&["netns", "add", b])
+            && ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb])
+            && ip(&["link", "set", &va, "netns", a])
+            && ip(&["link", "set", &vb, "netns", b])
+            && ip(&["-n", a, "addr", "add", &format!("{net}.1/24"), "dev", &va])
+            && ip(&["-n", b, "addr", "add", &format!("{net}.2/24"), "dev", &vb])
+            && ip(&["-n", a, "link", "set", &va, "up", "multicast", "on"])
+            && ip(&["-n", b, "link", "set", &vb, "up", "multicast", "on"])
+            && ip(&["-n", a, "link", "set", "lo", "up"])
+            && ip(&["-n", b, "link", "set", "lo", "up"]);
+        ok.then_some(lan)
+    }
+
+    fn addr(&self, host: usize) -> String {
+        format!("10.77.{}.{}", std::process::id() % 200, host + 1)
+    }
+
+    /// `gridcast args…` inside namespace `host`.
+    fn gridcast(&self, host: usize, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.names[host]])
+            .arg(env!("CARGO_BIN_EXE_gridcast"))
+            .args(args)
+            .args(["--log-level", "warn"]);
+        c
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        for name in &self.names {
+            ip(&["netns", "del", name]);
+        }
+    }
+}
+
+fn can_run() -> bool {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    let tools = ip(&["-V"]);
+    let found = root && tools;
+    if !found {
+        assert!(
+            !std::env::var("GRIDCAST_REQUIRE_NETNS").is_ok_and(|v| v == "1"),
+            "network namespaces are required (GRIDCAST_REQUIRE_NETNS=1) but this is not root \
+             or iproute2 is missing"
+        );
+        println!("not root or no iproute2: skipping");
+    }
+    found
+}
+
+#[test]
+fn a_player_given_only_the_channel_id_finds_a_relay_on_the_local_network() {
+    if !can_run() || !have_ffmpeg() {
+        return;
+    }
+    let lan = Lan::new().expect("creating the network namespaces");
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let key = keygen(dir);
+    let channel = String::from_utf8(
+        gridcast(&["channel-id", key.to_str().unwrap()])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap()
+    .trim()
+    .to_owned();
+    let mut ffmpeg = test_pattern_ts(10, true)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let host_a = lan.addr(0);
+    let mut source = lan.gridcast(
+        0,
+        &[
+            "broadcast",
+            "--key",
+            key.to_str().unwrap(),
+            "--listen",
+            &format!("{host_a}:4433"),
+            "--linger",
+            "4",
+        ],
+    );
+    source.stdin(Stdio::piped());
+    let (mut source, source_link) = spawn_with_link(source);
+    let tee = tee(ffmpeg.stdout.take().unwrap(), source.stdin.take().unwrap());
+    let (relay, _) = spawn_with_link(lan.gridcast(
+        0,
+        &[
+            "relay",
+            "--join",
+            &source_link,
+            "--listen",
+            &format!("{host_a}:4434"),
+            "--workers",
+            "1",
+            "--mdns",
+        ],
+    ));
+    thread::sleep(Duration::from_secs(1));
+    let out = dir.join("lan.ts");
+    let mut player = lan
+        .gridcast(1, &["play", &channel, "--output", out.to_str().unwrap()])
+        .spawn()
+        .unwrap();
+    let reference = tee.join().unwrap();
+    assert!(ffmpeg.wait().unwrap().success());
+    assert!(source.wait().unwrap().success(), "broadcast failed");
+    thread::sleep(Duration::from_secs(3));
+    signal(&player, "-TERM");
+    let played = player.wait().unwrap();
+    let mut rest: Vec<Child> = vec![relay];
+    reap(&mut rest);
+    assert!(played.success(), "play failed: {played}");
+    assert_tail(&out, &reference, 0.5);
+}
