@@ -306,3 +306,60 @@ fn a_relay_that_knew_only_its_dead_parent_finds_another_through_the_supernodes()
     reap(&mut relays);
     assert_tail(&out, &reference, 0.5);
 }
+
+#[test]
+fn an_open_relay_carries_the_channel_a_player_asks_it_for() {
+    // The relay is given no channel, only a node of the grid to ask (the source); a player
+    // asks the relay for the channel and plays it.
+    if !have_ffmpeg() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let key = keygen(dir);
+    let mut ffmpeg = test_pattern_ts(10, true)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut source = gridcast(&[
+        "broadcast",
+        "--key",
+        key.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--linger",
+        "4",
+    ]);
+    source.stdin(Stdio::piped());
+    let (mut source, source_link) = spawn_with_link(source);
+    let tee = tee(ffmpeg.stdout.take().unwrap(), source.stdin.take().unwrap());
+    let (channel, source_node) = source_link.split_once('@').unwrap();
+    let (relay, relay_node) = spawn_with_line(gridcast(&[
+        "relay",
+        "--open",
+        "--bootstrap",
+        source_node,
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+    ]));
+    assert!(!relay_node.starts_with("gridcast://"), "{relay_node}");
+    let out = dir.join("open.ts");
+    let mut player = gridcast(&[
+        "play",
+        &format!("{channel}@{relay_node}"),
+        "--output",
+        out.to_str().unwrap(),
+    ])
+    .spawn()
+    .unwrap();
+    let reference = tee.join().unwrap();
+    assert!(ffmpeg.wait().unwrap().success());
+    assert!(source.wait().unwrap().success(), "broadcast failed");
+    thread::sleep(Duration::from_secs(3));
+    signal(&player, "-TERM");
+    assert!(player.wait().unwrap().success(), "play failed");
+    reap(&mut [relay]);
+    assert_tail(&out, &reference, 0.5);
+}

@@ -1183,3 +1183,60 @@ fn supernodes_know_each_other_and_forget_the_dead_and_the_draining_within_second
     assert_eq!(stats.rejected, 0);
     grid.assert_perfect("membership");
 }
+
+#[test]
+fn an_open_relay_carries_a_channel_when_asked_and_drops_it_when_nobody_watches() {
+    let mut grid = Grid::new(31, 0, Grid::relay_config);
+    let source = grid.candidate(grid.source.node);
+    let open = grid
+        .sim
+        .add_node(EngineConfig {
+            role: Role::Supernode,
+            serve: true,
+            upstream: gridcast::node::UpstreamConfig::relay(),
+            open: Some(gridcast::node::OpenChannels {
+                bootstrap: vec![source],
+                max_channels: 1,
+                idle_after: Duration::from_secs(5),
+            }),
+            ..Default::default()
+        })
+        .unwrap();
+    grid.run(Duration::from_secs(1));
+    let channel = grid.source.channel;
+    assert!(grid.sim.node(open).engine.channel(&channel).is_none());
+    grid.supernodes = vec![open];
+    let relay = grid.candidate(open);
+    let peer = grid.add_policy_peer(EngineConfig::default(), vec![relay]);
+    grid.run(Duration::from_secs(6));
+    assert!(grid.sim.node(open).engine.channel(&channel).is_some());
+    // One channel is all it may carry: another is refused at once.
+    let other = gridcast::keys::ChannelKey::from_seed(&[5; 32]).channel_id();
+    let asker = grid.sim.add_node(EngineConfig::default()).unwrap();
+    let now = grid.sim.now();
+    let engine = &mut grid.sim.node_mut(asker).engine;
+    engine.add_channel(other, ChannelMode::Play);
+    engine.set_upstream(now, other, vec![relay]).unwrap();
+    grid.run(Duration::from_secs(1));
+    let refused = grid.sim.take_events(asker).into_iter().any(|(_, e)| {
+        matches!(
+            e,
+            NodeEvent::SubscriptionRefused {
+                reason: RefuseReason::NotCarried,
+                ..
+            }
+        )
+    });
+    assert!(refused, "a channel past --max-channels was not refused");
+    grid.assert_perfect("open-relay");
+    // The viewer goes; a few seconds later so does the channel.
+    grid.sim.kill(peer);
+    grid.sim.kill(asker);
+    grid.peers.clear();
+    grid.played.clear();
+    grid.run(Duration::from_secs(8));
+    assert!(
+        grid.sim.node(open).engine.channel(&channel).is_none(),
+        "an unwatched channel is still carried"
+    );
+}

@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::Deserialize;
 
-use super::link::ChannelLink;
+use super::link::{ChannelLink, LinkNode};
 use super::roles::{BroadcastConfig, Input, Output, PlayConfig, RelayConfig, parse_rate};
 use crate::driver::IoBackend;
 
@@ -55,7 +55,7 @@ macro_rules! deserialize_from_str {
         }
     )*};
 }
-deserialize_from_str!(Input, Output, ChannelLink, IoBackend);
+deserialize_from_str!(Input, Output, ChannelLink, LinkNode, IoBackend);
 
 /// Parses a channel link argument. clap's own error would quote the whole value, which for a
 /// pasted blob is pages of text; this quotes its start only.
@@ -226,6 +226,22 @@ pub struct RelayArgs {
     #[arg(long)]
     #[serde(default)]
     pub mdns: bool,
+    /// Carry any channel a player or relay asks for, finding its upstream through the grid
+    /// (with `--bootstrap`), besides the channels joined.
+    #[arg(long)]
+    #[serde(default)]
+    pub open: bool,
+    /// A node of the grid (host:port/node-id, any kind) an open relay asks for a channel's
+    /// upstream (repeat for more).
+    #[arg(long)]
+    #[serde(default)]
+    pub bootstrap: Vec<LinkNode>,
+    /// Most channels an open relay carries at once [default: 16].
+    #[arg(long)]
+    pub max_channels: Option<usize>,
+    /// Seconds an open relay keeps a channel nobody watches [default: 60].
+    #[arg(long)]
+    pub idle_timeout: Option<u64>,
     /// auto, uring or portable [default: auto].
     #[arg(long, env = "GRIDCAST_IO_BACKEND")]
     pub io_backend: Option<IoBackend>,
@@ -240,10 +256,27 @@ impl RelayArgs {
         } else {
             self.join
         };
-        if join.is_empty() {
+        let open = self.open || file.open;
+        let bootstrap = if self.bootstrap.is_empty() {
+            file.bootstrap
+        } else {
+            self.bootstrap
+        };
+        if join.is_empty() && !open {
             anyhow::bail!(
-                "nothing to carry: give --join <channel link> or `join = [...]` in the config file"
+                "nothing to carry: give --join <channel link> or `join = [...]` in the config \
+                 file, or --open with --bootstrap <host:port/node-id>"
             );
+        }
+        if open && bootstrap.is_empty() && join.is_empty() {
+            anyhow::bail!(
+                "an open relay needs a node of the grid to ask: give --bootstrap \
+                 <host:port/node-id> (or a --join link)"
+            );
+        }
+        let max_channels = self.max_channels.or(file.max_channels).unwrap_or(16);
+        if max_channels == 0 {
+            anyhow::bail!("max_channels must be at least 1");
         }
         let workers = self
             .workers
@@ -268,6 +301,11 @@ impl RelayArgs {
                 self.drain_timeout.or(file.drain_timeout).unwrap_or(10),
             ),
             mdns: self.mdns || file.mdns,
+            open: open.then(|| super::roles::OpenRelay {
+                bootstrap,
+                max_channels,
+                idle: Duration::from_secs(self.idle_timeout.or(file.idle_timeout).unwrap_or(60)),
+            }),
             backend: self.io_backend.or(file.io_backend).unwrap_or_default(),
         })
     }

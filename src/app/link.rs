@@ -110,25 +110,57 @@ impl FromStr for ChannelLink {
         let channel: ChannelId = channel.parse()?;
         let nodes = nodes
             .split(',')
-            .map(|entry| {
-                let (host, id) = entry
-                    .rsplit_once('/')
-                    .ok_or_else(|| LinkError::MissingNodeId(clip(entry)))?;
-                let node = id.parse().map_err(|source| LinkError::NodeId {
-                    entry: clip(entry),
-                    source,
-                })?;
-                let port = host.rsplit_once(':').map(|(_, p)| p);
-                if port.is_none_or(|p| p.parse::<u16>().is_err()) {
-                    return Err(LinkError::Port(clip(entry)));
-                }
-                Ok(LinkNode {
-                    host: host.to_owned(),
-                    node,
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(str::parse)
+            .collect::<Result<Vec<LinkNode>, _>>()?;
         Ok(Self { channel, nodes })
+    }
+}
+
+impl FromStr for LinkNode {
+    type Err = LinkError;
+
+    /// `host:port/node-id`, one node of a link (and a relay's `--bootstrap`).
+    fn from_str(entry: &str) -> Result<Self, Self::Err> {
+        if entry.len() > MAX_LINK_LEN {
+            return Err(LinkError::TooLong(entry.len()));
+        }
+        let (host, id) = entry
+            .rsplit_once('/')
+            .ok_or_else(|| LinkError::MissingNodeId(clip(entry)))?;
+        let node = id.parse().map_err(|source| LinkError::NodeId {
+            entry: clip(entry),
+            source,
+        })?;
+        let port = host.rsplit_once(':').map(|(_, p)| p);
+        if port.is_none_or(|p| p.parse::<u16>().is_err()) {
+            return Err(LinkError::Port(clip(entry)));
+        }
+        Ok(LinkNode {
+            host: host.to_owned(),
+            node,
+        })
+    }
+}
+
+impl LinkNode {
+    /// The node as a dialling candidate (its host resolved, first address).
+    pub fn candidate(&self) -> Result<Candidate, LinkError> {
+        let addr = self
+            .host
+            .to_socket_addrs()
+            .map_err(|source| LinkError::Resolve {
+                host: self.host.clone(),
+                source,
+            })?
+            .next()
+            .ok_or_else(|| LinkError::Resolve {
+                host: self.host.clone(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
+            })?;
+        Ok(Candidate {
+            addr,
+            node: self.node,
+        })
     }
 }
 
@@ -159,24 +191,7 @@ impl ChannelLink {
 
     /// The nodes as dialling candidates (DNS names resolved, first address each).
     pub fn candidates(&self) -> Result<Vec<Candidate>, LinkError> {
-        self.nodes
-            .iter()
-            .map(|n| {
-                let addr = n
-                    .host
-                    .to_socket_addrs()
-                    .map_err(|source| LinkError::Resolve {
-                        host: n.host.clone(),
-                        source,
-                    })?
-                    .next()
-                    .ok_or_else(|| LinkError::Resolve {
-                        host: n.host.clone(),
-                        source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
-                    })?;
-                Ok(Candidate { addr, node: n.node })
-            })
-            .collect()
+        self.nodes.iter().map(LinkNode::candidate).collect()
     }
 }
 

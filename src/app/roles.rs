@@ -23,7 +23,9 @@ use super::link::ChannelLink;
 use super::output::{Gate, HttpOutput};
 use crate::driver::{IoBackend, Node, StartError};
 use crate::keys::{ChannelId, ChannelKey, NodeKey};
-use crate::node::{Candidate, ChannelMode, Engine, EngineConfig, NodeEvent, UpstreamConfig};
+use crate::node::{
+    Candidate, ChannelMode, Engine, EngineConfig, NodeEvent, OpenChannels, UpstreamConfig,
+};
 use crate::stream::{
     Chunk, ChunkFlags, ChunkPublisher, Chunker, ChunkerConfig, CodingError, CodingParams,
 };
@@ -141,8 +143,21 @@ pub struct RelayConfig {
     pub drain_timeout: Duration,
     /// Announce the relay on the local network (mDNS).
     pub mdns: bool,
+    /// Carry any channel asked for (`--open`).
+    pub open: Option<OpenRelay>,
     /// Data plane.
     pub backend: IoBackend,
+}
+
+/// An open relay's settings.
+#[derive(Debug, Clone)]
+pub struct OpenRelay {
+    /// Nodes to ask for a channel's upstream.
+    pub bootstrap: Vec<super::link::LinkNode>,
+    /// Most channels at once.
+    pub max_channels: usize,
+    /// How long a channel nobody watches is kept.
+    pub idle: Duration,
 }
 
 /// Where `play` writes the stream.
@@ -341,6 +356,14 @@ impl<'a> Publishing<'a> {
     }
 }
 
+/// Prints a line for whoever reads this process's output (a link, a URL). A reader that
+/// took what it wanted and closed the pipe is no error: the node goes on serving.
+fn say(line: &dyn std::fmt::Display) {
+    let mut out = io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
 /// The address to print in a link: the bound one, or loopback where it is unspecified.
 fn link_addr(node: &Node) -> SocketAddr {
     let mut addr = node.local_addr();
@@ -514,10 +537,7 @@ pub fn broadcast(config: &BroadcastConfig, stop: &AtomicBool) -> anyhow::Result<
         }),
     );
     let link = ChannelLink::single(channel, link_addr(&node), node_key.node_id());
-    #[allow(clippy::print_stdout)]
-    {
-        println!("{link}");
-    }
+    say(&link);
     tracing::info!(%link, backend = %node.backend(), "broadcasting");
 
     // Sequence numbers start at the wall clock in milliseconds, so a restarted source never
@@ -680,10 +700,32 @@ fn log_event(event: &NodeEvent) {
 #[allow(clippy::disallowed_methods)] // the relay reads the clock
 pub fn relay(config: &RelayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
     let key = node_key(config.node_key.as_deref())?;
-    if config.join.is_empty() {
-        anyhow::bail!("nothing to carry: give at least one --join <channel link>");
+    if config.join.is_empty() && config.open.is_none() {
+        anyhow::bail!("nothing to carry: give at least one --join <channel link>, or --open");
     }
     let upstreams = upstreams(&config.join, key.node_id())?;
+    let open = match &config.open {
+        Some(open) => {
+            let mut bootstrap = Vec::new();
+            for n in &open.bootstrap {
+                bootstrap.push(n.candidate()?);
+            }
+            // The joined channels' nodes are nodes of the grid too.
+            for (_, list) in &upstreams {
+                for c in list {
+                    if !bootstrap.iter().any(|b: &Candidate| b.node == c.node) {
+                        bootstrap.push(*c);
+                    }
+                }
+            }
+            Some(OpenChannels {
+                bootstrap,
+                max_channels: open.max_channels,
+                idle_after: open.idle,
+            })
+        }
+        None => None,
+    };
     let (node, events) = serve(
         config.backend,
         config.listen,
@@ -700,9 +742,11 @@ pub fn relay(config: &RelayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
                 .map(|bps| (bps / 8).div_ceil(config.workers as u64)),
             max_connections: config.max_connections.map(|m| m.div_ceil(config.workers)),
             max_subscribers: config.max_subscribers.map(|m| m.div_ceil(config.workers)),
+            open,
             ..Default::default()
         },
     )?;
+
     // Worker 0 is this node's member of the supernodes' membership; the others hand it the
     // gossip they receive.
     let advertise = config.advertise.unwrap_or_else(|| link_addr(&node));
@@ -735,12 +779,13 @@ pub fn relay(config: &RelayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
             }),
         );
         let own = ChannelLink::single(channel, link_addr(&node), key.node_id());
-        #[allow(clippy::print_stdout)]
-        {
-            println!("{own}");
-        }
+        say(&own);
         tracing::info!(link = %own, upstreams = %parents.join(","), "carrying");
     }
+    // Then this node, whatever it carries: `host:port/node-id`, what others' links and
+    // `--bootstrap` name (after the channel links, so that the first line is still a link
+    // when there is one).
+    say(&format!("{}/{}", link_addr(&node), key.node_id()));
     // On the local network, players find this relay by channel id alone.
     let _lan = if config.mdns {
         let channels: Vec<ChannelId> = link_nodes.iter().map(|(c, _)| *c).collect();
@@ -770,6 +815,26 @@ pub fn relay(config: &RelayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
                             let _ = e.set_stream_header(now, channel, header);
                         }),
                     );
+                }
+            }
+            // A worker opened a channel on demand: its siblings carry it too (by import).
+            Ok(NodeEvent::ChannelOpened { channel }) => {
+                tracing::info!(%channel, "carrying a channel on demand");
+                for w in 0..node.workers() {
+                    node.command(
+                        w,
+                        Box::new(move |e, _| {
+                            if e.channel(&channel).is_none() {
+                                e.add_channel(channel, ChannelMode::Relay);
+                            }
+                        }),
+                    );
+                }
+            }
+            Ok(NodeEvent::ChannelClosed { channel }) => {
+                tracing::info!(%channel, "dropped a channel nobody watches");
+                for w in 0..node.workers() {
+                    node.command(w, Box::new(move |e, now| e.drop_channel(now, channel)));
                 }
             }
             Ok(NodeEvent::Gossip { from, data }) => {
@@ -905,10 +970,7 @@ impl Sink {
                 let http = HttpOutput::bind(*addr)
                     .with_context(|| format!("cannot serve HTTP on {addr}"))?;
                 let url = format!("http://{}/", http.local_addr());
-                #[allow(clippy::print_stdout)]
-                {
-                    println!("{url}");
-                }
+                say(&url);
                 tracing::info!(%url, "players can open the stream here");
                 Self::Http(http)
             }

@@ -19,5 +19,5 @@ pub mod upstream;
 
 pub use channel::{Channel, ChannelConfig, ChannelMode, ChannelStats, StoredShard};
 pub use cid::WorkerTag;
-pub use engine::{Engine, EngineConfig, EngineError, EngineStats, NodeEvent};
+pub use engine::{Engine, EngineConfig, EngineError, EngineStats, NodeEvent, OpenChannels};
 pub use upstream::{Candidate, UpstreamConfig, assign, assign_all_from_one};

@@ -196,16 +196,20 @@ impl Engine {
                 }
             }
             Message::Subscribe(sub) => {
-                if !self.channels.contains_key(&sub.channel) {
-                    // Say so at once: the asker moves on instead of waiting for shards that
-                    // never come.
+                if !self.channels.contains_key(&sub.channel) && !self.open_channel(now, sub.channel)
+                {
+                    // Say so at once, naming the nodes membership knows to carry it: the
+                    // asker moves on instead of waiting for shards that never come.
                     self.stats.unknown_channel_refusals += 1;
-                    conn.send_control(&Message::Refused(Refused {
-                        sub: sub.sub,
-                        channel: sub.channel,
-                        reason: RefuseReason::NotCarried,
-                        alternatives: Vec::new(),
-                    }));
+                    let alternatives = self.candidates_for(now, handle, sub.channel, MAX_PARENTS);
+                    if let Some(conn) = self.conns.get_mut(&handle) {
+                        conn.send_control(&Message::Refused(Refused {
+                            sub: sub.sub,
+                            channel: sub.channel,
+                            reason: RefuseReason::NotCarried,
+                            alternatives,
+                        }));
+                    }
                     return;
                 }
                 let known = self

@@ -14,10 +14,12 @@ use std::time::{Duration, Instant};
 use quinn_proto::ConnectionHandle;
 
 use crate::keys::ChannelId;
+use crate::node::channel::ChannelMode;
+use crate::node::upstream::Candidate;
 use crate::node::upstream::Slot;
 use crate::wire::{MAX_PARENTS, Message, ParentAnswer, ParentCandidate, ParentQuery, Role};
 
-use super::Engine;
+use super::{Engine, NodeEvent};
 
 /// A child silent this long is left out of answers (it acknowledges every burst it gets and
 /// answers keep-alives every second while alive).
@@ -277,6 +279,88 @@ impl Engine {
         let me = self.node;
         if let Some(up) = self.upstreams.get_mut(&channel) {
             up.add_alternatives(&answer.parents, from, me);
+        }
+    }
+
+    /// An open relay ([`super::EngineConfig::open`]) starts carrying a channel a subscriber
+    /// asks for: it draws it with the relay policy from the members that carry it and the
+    /// bootstrap nodes (which name carriers in their answers or refusals). False when the
+    /// node is not open, is draining, or carries as many channels as it may.
+    pub(super) fn open_channel(&mut self, now: Instant, channel: ChannelId) -> bool {
+        let Some(open) = &self.config.open else {
+            return false;
+        };
+        if self.draining || self.channels.len() >= open.max_channels {
+            return false;
+        }
+        let mut candidates: Vec<Candidate> = self
+            .gossip_carriers(&channel)
+            .into_iter()
+            .map(|c| Candidate {
+                addr: c.addr,
+                node: c.node,
+            })
+            .collect();
+        for b in &open.bootstrap {
+            if !candidates.iter().any(|c| c.node == b.node) {
+                candidates.push(*b);
+            }
+        }
+        self.add_channel(channel, ChannelMode::Relay);
+        self.opened.insert(channel, None);
+        self.upstream_start(now, channel, candidates);
+        self.events.push_back(NodeEvent::ChannelOpened { channel });
+        true
+    }
+
+    /// Drops the channels an open relay opened once nobody has subscribed to them for
+    /// `idle_after`.
+    pub(super) fn drop_idle_channels(&mut self, now: Instant) {
+        let Some(idle_after) = self.config.open.as_ref().map(|o| o.idle_after) else {
+            return;
+        };
+        let mut idle = Vec::new();
+        for (channel, since) in &mut self.opened {
+            // Watched: some subscriber heard from lately (a dead one still holds its
+            // subscription until its connection times out).
+            let watched = self.subscribers.get(channel).is_some_and(|l| {
+                l.iter().any(|(h, _)| {
+                    self.conns.get(h).is_some_and(|c| {
+                        !c.closed && now.saturating_duration_since(c.last_rx) < CHILD_SILENT
+                    })
+                })
+            });
+            if watched {
+                *since = None;
+            } else if now.saturating_duration_since(*since.get_or_insert(now)) >= idle_after {
+                idle.push(*channel);
+            }
+        }
+        for channel in idle {
+            self.drop_channel(now, channel);
+        }
+    }
+
+    /// Stops carrying `channel`: its upstream connections close, its window goes, and the
+    /// members hear of it.
+    pub fn drop_channel(&mut self, now: Instant, channel: ChannelId) {
+        if let Some(up) = self.upstreams.remove(&channel) {
+            for (_, slot) in up.candidates {
+                if let Slot::Active { conn, .. } | Slot::Standby { conn, .. } = slot
+                    && let Some(c) = self.conns.get_mut(&conn)
+                {
+                    c.close(now, super::close_code::DONE, "channel dropped");
+                    super::conn::mark(&mut self.dirty, c, conn);
+                }
+            }
+        }
+        let was = self.channels.remove(&channel).is_some();
+        self.subscribers.remove(&channel);
+        self.awaiting_info.remove(&channel);
+        self.opened.remove(&channel);
+        self.info_stale = true;
+        if was {
+            self.events.push_back(NodeEvent::ChannelClosed { channel });
         }
     }
 }

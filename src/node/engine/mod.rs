@@ -128,6 +128,9 @@ pub struct EngineConfig {
     /// Most subscriptions served at once; more are answered with a go-away naming the
     /// alternatives (`None`: no limit).
     pub max_subscribers: Option<usize>,
+    /// Carry any channel a subscriber asks for (an open relay), finding its upstream through
+    /// the grid (`None`: only the channels added).
+    pub open: Option<OpenChannels>,
     /// The address other nodes dial this node at. With it, a serving supernode or source
     /// joins the membership among supernodes ([`crate::node::membership`]).
     pub advertise: Option<SocketAddr>,
@@ -179,12 +182,24 @@ impl Default for EngineConfig {
             max_subscribers: None,
             max_children: None,
             advertise: None,
+            open: None,
             worker: None,
             export_shards: false,
             mtu_discovery: true,
             ack_eliciting_threshold: 9,
         }
     }
+}
+
+/// An open relay's settings ([`EngineConfig::open`]).
+#[derive(Clone, Debug)]
+pub struct OpenChannels {
+    /// Nodes of the grid to ask for a channel's upstream (any kind of node).
+    pub bootstrap: Vec<Candidate>,
+    /// Most channels carried at once; a subscription to one more is refused.
+    pub max_channels: usize,
+    /// A channel nobody has subscribed to for this long is dropped.
+    pub idle_after: Duration,
 }
 
 /// Why an engine command failed.
@@ -291,6 +306,17 @@ pub enum NodeEvent {
         node: NodeId,
         /// The handshake's error.
         reason: String,
+    },
+    /// An open relay started carrying a channel a subscriber asked for (a multi-worker
+    /// relay adds it on its other workers, which get it by import).
+    ChannelOpened {
+        /// Channel.
+        channel: ChannelId,
+    },
+    /// An open relay dropped a channel nobody watched.
+    ChannelClosed {
+        /// Channel.
+        channel: ChannelId,
     },
     /// A supernode joined (`up`) or left the membership.
     Membership {
@@ -407,6 +433,8 @@ pub struct Engine {
     identity: tls::Identity,
     /// This node's Hello, made once.
     hello: Message,
+    /// Channels an open relay opened on demand, and since when nobody watches them.
+    opened: HashMap<ChannelId, Option<Instant>>,
     /// Per channel, the newest chunk announced to standbys with a Have.
     announced: HashMap<ChannelId, u64>,
     /// Per channel, other nodes that carry it, named in go-aways.
@@ -522,6 +550,7 @@ impl Engine {
             alternatives: HashMap::new(),
             awaiting_info: HashMap::new(),
             announced: HashMap::new(),
+            opened: HashMap::new(),
             reading: true,
             upload_tokens,
             upload_refilled: None,

@@ -51,6 +51,26 @@ impl Engine {
         Ok(())
     }
 
+    /// [`Engine::set_upstream`] from inside the engine (while a connection's input is being
+    /// applied): the same, except that it does not drive; the caller's loop does.
+    pub(super) fn upstream_start(
+        &mut self,
+        now: Instant,
+        channel: ChannelId,
+        candidates: Vec<Candidate>,
+    ) {
+        let rotation = usize::from(self.node.as_bytes()[0]);
+        let candidates = candidates
+            .into_iter()
+            .filter(|c| c.node != self.node)
+            .collect();
+        self.upstreams.insert(
+            channel,
+            Upstream::new(self.config.upstream.clone(), candidates, rotation, now),
+        );
+        self.upstream_fill(now, channel);
+    }
+
     /// Substreams drawn for `channel` by the upstream policy, and from how many parents.
     pub fn upstream_status(&self, channel: &ChannelId) -> Option<(usize, usize)> {
         self.upstreams
@@ -469,6 +489,7 @@ impl Engine {
         }
         self.lost_conns.clear();
         self.ask_again(now);
+        self.drop_idle_channels(now);
     }
 
     /// A standby told us the newest chunk it holds.
