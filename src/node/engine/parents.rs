@@ -154,12 +154,26 @@ impl Engine {
             .map(|set| (set, start))
             .collect();
         }
-        // Hand sets to standbys.
+        // Hand sets to standbys: the nearest first (lowest measured round trip among those
+        // whose handshake is done; one still connecting only when none is ready).
         while let Some(&(set, start)) = up.unassigned.first() {
+            let conns = &self.conns;
             let Some(i) = up
                 .candidates
                 .iter()
-                .position(|(_, s)| matches!(s, Slot::Standby { .. }))
+                .enumerate()
+                .filter_map(|(i, (_, s))| match s {
+                    Slot::Standby { conn, .. } => {
+                        let rtt = conns
+                            .get(conn)
+                            .filter(|c| c.established)
+                            .map(|c| c.quic.rtt());
+                        Some((i, rtt.is_none(), rtt))
+                    }
+                    _ => None,
+                })
+                .min_by_key(|&(i, connecting, rtt)| (connecting, rtt, i))
+                .map(|(i, _, _)| i)
             else {
                 break;
             };
