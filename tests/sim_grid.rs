@@ -1011,9 +1011,9 @@ fn hundred_peers_from_the_source(seed: u64, loss: f64) {
     }
     // Lossless, every peer has its invariant within 1 s. With 5% loss a lost handshake
     // packet alone costs QUIC's first retransmission timeout (about 1 s, from its initial RTT
-    // guess of 333 ms), and a peer sent from the source to the relays makes two handshakes:
-    // 3 s then.
-    let deadline = if loss > 0.0 { 3 } else { 1 };
+    // guess of 333 ms, doubling), and a peer sent from the source to the relays makes two
+    // handshakes: 4 s then.
+    let deadline = if loss > 0.0 { 4 } else { 1 };
     grid.run(Duration::from_secs(deadline));
     let channel = grid.source.channel;
     let mut late = 0;

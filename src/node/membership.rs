@@ -424,7 +424,15 @@ impl Membership {
         }
         while let Some(n) = self.runtime.to_notify() {
             match n {
-                foca::OwnedNotification::MemberUp(m) => self.changes.push((m, true)),
+                foca::OwnedNotification::MemberUp(m) => {
+                    // A newcomer has none of the infos sent before it joined: send ours again
+                    // soon rather than at the next refresh (the join-time pull foca leaves to
+                    // the application, done as a push by everyone who sees it join).
+                    if self.refresh_at.is_some() {
+                        self.refresh_at = Some(now + Duration::from_millis(200));
+                    }
+                    self.changes.push((m, true));
+                }
                 foca::OwnedNotification::MemberDown(m) => self.changes.push((m, false)),
                 _ => {}
             }

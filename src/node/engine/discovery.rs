@@ -131,8 +131,10 @@ impl Engine {
             })
             .collect();
         if !members.is_empty() {
+            // Spread by asker, then the least loaded (in tenths of capacity) first.
             let by = spread % members.len();
             members.rotate_left(by);
+            members.sort_by_key(|c| c.load_permille / 100);
         }
         let mut out: Vec<ParentCandidate> = Vec::new();
         let alternatives = self.alternatives.get(&channel).into_iter().flatten();
