@@ -147,7 +147,7 @@ impl Engine {
             peers.clear();
         }
         for c in relays.into_iter().chain(members).chain(peers).chain(named) {
-            if out.len() >= max.min(MAX_PARENTS) {
+            if out.len() >= 4 * MAX_PARENTS {
                 break;
             }
             if Some(c.node) != asker_node
@@ -157,6 +157,16 @@ impl Engine {
                 out.push(c);
             }
         }
+        // Nodes on the asker's own network first (the order above kept within each group):
+        // traffic that can stay local does.
+        if let Some(asker_addr) = self.conns.get(&asker).map(|c| c.remote.ip()) {
+            out.sort_by_key(|c| {
+                c.addrs
+                    .first()
+                    .is_none_or(|a| !same_network(asker_addr, a.ip()))
+            });
+        }
+        out.truncate(max.min(MAX_PARENTS));
         out
     }
 
@@ -364,5 +374,30 @@ impl Engine {
         if was {
             self.events.push_back(NodeEvent::ChannelClosed { channel });
         }
+    }
+}
+
+/// Whether two addresses are on one network: the same /24 (IPv4) or /64 (IPv6).
+fn same_network(a: std::net::IpAddr, b: std::net::IpAddr) -> bool {
+    use std::net::IpAddr;
+    match (a, b) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => a.octets()[..3] == b.octets()[..3],
+        (IpAddr::V6(a), IpAddr::V6(b)) => a.octets()[..8] == b.octets()[..8],
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_network;
+
+    #[test]
+    fn networks_are_slash_24_and_slash_64() {
+        let ip = |s: &str| s.parse().unwrap();
+        assert!(same_network(ip("192.0.2.7"), ip("192.0.2.200")));
+        assert!(!same_network(ip("192.0.2.7"), ip("192.0.3.7")));
+        assert!(same_network(ip("2001:db8:1:2::1"), ip("2001:db8:1:2::ff")));
+        assert!(!same_network(ip("2001:db8:1:2::1"), ip("2001:db8:1:3::1")));
+        assert!(!same_network(ip("192.0.2.7"), ip("::ffff:192.0.2.7")));
     }
 }
