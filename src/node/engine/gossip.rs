@@ -18,6 +18,9 @@ use crate::wire::Role;
 
 use super::{Engine, NodeEvent};
 
+/// How often this node's load is measured and, if it changed, announced.
+const LOAD_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Gossip packets held for a member whose connection is still being set up.
 const GOSSIP_BACKLOG: usize = 16;
 
@@ -91,10 +94,24 @@ impl Engine {
             .filter(|(_, ch)| ch.mode() != ChannelMode::Play)
             .map(|(id, _)| *id)
             .collect();
-        let load = match self.config.max_subscribers {
+        // Load: the larger of the upload used against the cap (since the last info) and the
+        // subscriptions against their limit; 0 when neither is bounded.
+        let sent = self.stats.shard_bytes_out;
+        let by_upload = match (self.config.upload_cap, self.load_mark) {
+            (Some(cap), Some((at, before))) if cap > 0 => {
+                let secs = now.saturating_duration_since(at).as_secs_f64().max(0.001);
+                let rate = sent.saturating_sub(before) as f64 / secs;
+                (rate / cap as f64 * 1000.0).min(1000.0) as u16
+            }
+            _ => 0,
+        };
+        self.load_mark = Some((now, sent));
+        let by_subscriptions = match self.config.max_subscribers {
             Some(max) if max > 0 => (self.served_subscriptions() * 1000 / max).min(1000) as u16,
             _ => 0,
         };
+        let load = by_upload.max(by_subscriptions);
+        self.info_due = Some(now + LOAD_EVERY);
         let draining = self.draining;
         if let Some(m) = &mut self.membership {
             m.set_info(now, channels, draining, load);
@@ -105,7 +122,7 @@ impl Engine {
 
     /// Runs membership timers and sends what it produced.
     pub(super) fn gossip_timeout(&mut self, now: Instant) {
-        if self.info_stale {
+        if self.info_stale || self.info_due.is_some_and(|t| t <= now) {
             self.gossip_info(now);
         }
         let due = self
@@ -121,7 +138,8 @@ impl Engine {
 
     /// When membership must run next.
     pub(super) fn gossip_poll_timeout(&self) -> Option<Instant> {
-        self.membership.as_ref().and_then(Membership::poll_timeout)
+        let m = self.membership.as_ref()?;
+        m.poll_timeout().into_iter().chain(self.info_due).min()
     }
 
     /// A datagram arrived on `handle`: gossip, if its sender is a proven non-peer node.

@@ -429,6 +429,10 @@ pub struct Engine {
     info_stale: bool,
     /// Hand received gossip to the application (`set_forward_gossip`).
     forward_gossip: bool,
+    /// When this node's load was last measured, and its shard bytes out then.
+    load_mark: Option<(Instant, u64)>,
+    /// When the load is measured and announced next.
+    info_due: Option<Instant>,
     /// This node's certificate and key, presented in every handshake.
     identity: tls::Identity,
     /// This node's Hello, made once.
@@ -526,6 +530,8 @@ impl Engine {
             membership: None,
             info_stale: true,
             forward_gossip: false,
+            load_mark: None,
+            info_due: None,
             identity,
             hello,
             node: key.node_id(),
