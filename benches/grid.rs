@@ -64,18 +64,9 @@ fn fixed(quick: bool) {
 
 /// A grid that forms itself from the source's link alone.
 fn discovery(relays: usize, peers: usize, stream: u64) {
-    let mut grid = Grid::new(2, 0, Grid::relay_config);
+    let mut grid = Grid::self_forming(2, 10, relays, Duration::from_secs(3));
     let source_ix = grid.source.node;
-    grid.sim
-        .node_mut(source_ix)
-        .engine
-        .set_max_children(Some(10));
-    let source = grid.candidate(source_ix);
-    let supernodes: Vec<_> = (0..relays)
-        .map(|_| grid.add_policy_relay(vec![source]))
-        .collect();
-    grid.run(Duration::from_secs(3));
-    grid.supernodes = supernodes;
+    let source = grid.source_candidate();
     for _ in 0..peers {
         grid.add_policy_peer(EngineConfig::default(), vec![source]);
     }

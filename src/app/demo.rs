@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde::Serialize;
 
-use super::roles::{Publishing, start_node};
+use super::roles::start_node;
+use super::source::Publishing;
 use super::teststream::TestStream;
 use crate::driver::{IoBackend, Node, StartError};
 use crate::keys::{ChannelKey, KeyError, NodeId, NodeKey};

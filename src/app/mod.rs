@@ -7,5 +7,8 @@ pub mod icecast;
 pub mod lan;
 pub mod link;
 pub mod output;
+pub mod play;
+pub mod relay;
 pub mod roles;
+pub mod source;
 pub mod teststream;

@@ -251,6 +251,29 @@ impl Grid {
         p
     }
 
+    /// A grid that forms itself: a source serving a first tier of `first_tier`, and
+    /// `relays` relays that know only the source, run for `settle`; the relays are the
+    /// grid's supernodes.
+    pub fn self_forming(seed: u64, first_tier: usize, relays: usize, settle: Duration) -> Self {
+        let mut grid = Self::new(seed, 0, Self::relay_config);
+        let source_ix = grid.source.node;
+        grid.sim
+            .node_mut(source_ix)
+            .engine
+            .set_max_children(Some(first_tier));
+        let source = grid.candidate(source_ix);
+        grid.supernodes = (0..relays)
+            .map(|_| grid.add_policy_relay(vec![source]))
+            .collect();
+        grid.run(settle);
+        grid
+    }
+
+    /// The source as a candidate parent.
+    pub fn source_candidate(&self) -> Candidate {
+        self.candidate(self.source.node)
+    }
+
     /// Adds a supernode that draws the channel with the relay's upstream policy among
     /// `candidates`, and returns it.
     pub fn add_policy_relay(&mut self, candidates: Vec<Candidate>) -> NodeIx {

@@ -1,0 +1,323 @@
+//! `gridcast play`: a peer. Draws a channel from several parents (found from its link, the
+//! grid or the local network), writes it in order to stdout, a file or local HTTP players,
+//! and relays to other peers within its upload cap.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::Bytes;
+
+use super::link::ChannelLink;
+use super::output::{Gate, HttpOutput};
+use crate::driver::IoBackend;
+use crate::keys::{ChannelId, NodeKey};
+use crate::node::{ChannelMode, Engine, EngineConfig, NodeEvent};
+use crate::stream::ChunkFlags;
+
+use super::roles::{link_addr, log_event, say, serve};
+
+/// Where `play` writes the stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// Standard output (`| mpv -`).
+    Stdout,
+    /// A file (created or truncated).
+    File(PathBuf),
+    /// A local HTTP server any number of players can open (`http://127.0.0.1:8080/`).
+    Http(SocketAddr),
+}
+
+impl std::str::FromStr for Output {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "-" {
+            Ok(Self::Stdout)
+        } else if let Some(rest) = s.strip_prefix("http://") {
+            let host = rest.trim_end_matches('/');
+            host.parse()
+                .map(Self::Http)
+                .map_err(|e| format!("output {s:?}: bad address {host:?}: {e}"))
+        } else if s.contains("://") {
+            Err(format!(
+                "output {s:?}: use -, a file path or http://127.0.0.1:port/"
+            ))
+        } else {
+            Ok(Self::File(s.into()))
+        }
+    }
+}
+
+/// `gridcast play` settings.
+#[derive(Debug, Clone)]
+pub struct PlayConfig {
+    /// The channel and the nodes to start from.
+    pub link: ChannelLink,
+    /// Output.
+    pub output: Output,
+    /// Local UDP address (port 0: any).
+    pub listen: SocketAddr,
+    /// Data plane.
+    pub backend: IoBackend,
+    /// Give up if no chunk has arrived within this long (saying why).
+    pub connect_timeout: Duration,
+    /// Most bits per second relayed to other peers (`None`: no cap; `Some(0)`: relay nothing).
+    pub upload_bps: Option<u64>,
+    /// Print a one-line live status on stderr (for a terminal).
+    pub status: bool,
+}
+
+/// Where a peer's chunks go.
+enum Sink {
+    Writer(Box<dyn Write>, Gate),
+    Http(HttpOutput),
+}
+
+impl Sink {
+    fn open(output: &Output) -> anyhow::Result<Self> {
+        Ok(match output {
+            Output::Stdout => Self::Writer(Box::new(io::stdout().lock()), Gate::new()),
+            Output::File(path) => Self::Writer(
+                Box::new(
+                    File::create(path)
+                        .with_context(|| format!("cannot create {}", path.display()))?,
+                ),
+                Gate::new(),
+            ),
+            Output::Http(addr) => {
+                let http = HttpOutput::bind(*addr)
+                    .with_context(|| format!("cannot serve HTTP on {addr}"))?;
+                let url = format!("http://{}/", http.local_addr());
+                say(&url);
+                tracing::info!(%url, "players can open the stream here");
+                Self::Http(http)
+            }
+        })
+    }
+
+    fn header(&mut self, data: Bytes) {
+        match self {
+            Self::Writer(_, gate) => gate.set_header(data),
+            Self::Http(http) => http.set_header(data),
+        }
+    }
+
+    fn chunk(&mut self, flags: ChunkFlags, payload: Bytes) -> io::Result<()> {
+        match self {
+            Self::Writer(out, gate) => {
+                for part in gate.admit(flags, payload) {
+                    out.write_all(&part)?;
+                }
+                out.flush()
+            }
+            Self::Http(http) => {
+                http.chunk(flags, &payload);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// What the status line shows, read from the engine.
+#[derive(Debug, Default, Clone, Copy)]
+struct PlayStatus {
+    parents: usize,
+    substreams: usize,
+    needed: usize,
+    buffer: Duration,
+    played: u64,
+    skipped: u64,
+    uploaded: u64,
+}
+
+fn read_status(e: &Engine, channel: &ChannelId) -> PlayStatus {
+    let (substreams, parents) = e.upstream_status(channel).unwrap_or((0, 0));
+    let mut status = PlayStatus {
+        parents,
+        substreams,
+        uploaded: e.stats().shard_bytes_out,
+        ..Default::default()
+    };
+    if let Some(ch) = e.channel(channel) {
+        status.needed = ch.params().map_or(0, |p| p.original());
+        let stats = ch.stats();
+        status.played = stats.chunks_played;
+        status.skipped = stats.chunks_skipped;
+        if let (Some(next), Some((_, newest))) = (ch.next_play(), ch.range()) {
+            let ahead = newest.saturating_sub(next) + 1;
+            status.buffer = Duration::from_millis(ahead * u64::from(ch.chunk_ms_estimate()));
+        }
+    }
+    status
+}
+
+fn status_line(s: &PlayStatus, bps: f64) -> String {
+    let continuity = if s.played + s.skipped == 0 {
+        100.0
+    } else {
+        100.0 * s.played as f64 / (s.played + s.skipped) as f64
+    };
+    format!(
+        "parents {} | substreams {}/{} | buffer {:.1}s | {:.2} Mbit/s | continuity {:.2}% | up {:.1} MB",
+        s.parents,
+        s.substreams,
+        s.needed,
+        s.buffer.as_secs_f64(),
+        bps / 1e6,
+        continuity,
+        s.uploaded as f64 / 1e6
+    )
+}
+
+/// Runs a peer until a signal arrives or the output is closed.
+#[allow(clippy::disallowed_methods)] // the connect timeout and the status line read the clock
+pub fn play(config: &PlayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
+    let channel = config.link.channel;
+    let candidates = if config.link.nodes.is_empty() {
+        // A bare channel id: a node on the local network that carries it (a hint until its
+        // handshake proves the node id the record names).
+        let wait = config.connect_timeout.min(Duration::from_secs(3));
+        let found = super::lan::find(channel, wait, Duration::from_millis(300))?;
+        if found.is_empty() {
+            anyhow::bail!(
+                "no node on the local network carries channel {channel} (mDNS, {wait:?}); \
+                 give a link with a node's address"
+            );
+        }
+        for c in &found {
+            tracing::info!(addr = %c.addr, node = %c.node, "found on the local network");
+        }
+        found
+    } else {
+        config.link.candidates()?
+    };
+    let mut sink = Sink::open(&config.output)?;
+    let key = NodeKey::generate()?;
+    let engine_config = EngineConfig {
+        serve: config.upload_bps != Some(0),
+        upload_cap: config.upload_bps.filter(|&b| b > 0).map(|b| b.div_ceil(8)),
+        ..Default::default()
+    };
+    let (node, events) = serve(config.backend, config.listen, 1, &key, &engine_config)?;
+    node.command(
+        0,
+        Box::new(move |e, now| {
+            e.add_channel(channel, ChannelMode::Play);
+            if let Err(err) = e.set_upstream(now, channel, candidates) {
+                tracing::error!(%err, "choosing parents");
+            }
+        }),
+    );
+    if engine_config.serve {
+        let own = ChannelLink::single(channel, link_addr(&node), key.node_id());
+        tracing::info!(link = %own, upload_bps = ?config.upload_bps, "relaying to other peers");
+    }
+    tracing::info!(%channel, backend = %node.backend(), "playing");
+    let started = Instant::now();
+    // Served once the first chunk plays; until then every refusal and failed proof is kept,
+    // so that a player nobody serves can say why when it gives up.
+    let mut served = false;
+    let mut connected = false;
+    let mut why: Vec<(SocketAddr, String)> = Vec::new();
+    let (status_tx, status_rx) = mpsc::channel();
+    let mut last_status = Instant::now();
+    let mut bytes_since = 0u64;
+    let result = loop {
+        if stop.load(Ordering::Relaxed) {
+            break Ok(());
+        }
+        if !served && started.elapsed() >= config.connect_timeout {
+            break Err(not_served(config, connected, &why));
+        }
+        if config.status && last_status.elapsed() >= Duration::from_secs(1) {
+            let bps = bytes_since as f64 * 8.0 / last_status.elapsed().as_secs_f64();
+            last_status = Instant::now();
+            bytes_since = 0;
+            let tx = status_tx.clone();
+            node.command(
+                0,
+                Box::new(move |e, _| {
+                    let _ = tx.send((read_status(e, &channel), bps));
+                }),
+            );
+        }
+        while let Ok((status, bps)) = status_rx.try_recv() {
+            eprint!("\r\x1b[2K{}", status_line(&status, bps));
+        }
+        match events.recv_timeout(Duration::from_millis(100)) {
+            Ok(NodeEvent::Connected { .. }) => connected = true,
+            Ok(NodeEvent::StreamHeader { header, .. }) => sink.header(header.data),
+            Ok(NodeEvent::Chunk { flags, payload, .. }) => {
+                served = true;
+                bytes_since += payload.len() as u64;
+                if let Err(e) = sink.chunk(flags, payload.to_bytes()) {
+                    // A player that quits closes the pipe: that ends playback, not an error.
+                    if e.kind() == io::ErrorKind::BrokenPipe {
+                        break Ok(());
+                    }
+                    break Err(e).context("writing the output");
+                }
+            }
+            Ok(event) => {
+                match &event {
+                    NodeEvent::SubscriptionRefused { remote, reason, .. } => {
+                        note(&mut why, *remote, format!("{remote} {reason}"));
+                    }
+                    NodeEvent::ProofFailed { remote, node, .. } => {
+                        note(
+                            &mut why,
+                            *remote,
+                            format!("{remote} did not prove node id {node}"),
+                        );
+                    }
+                    _ => {}
+                }
+                log_event(&event);
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break Err(anyhow::anyhow!("the node stopped")),
+        }
+    };
+    if config.status {
+        eprintln!();
+    }
+    node.stop()?;
+    result
+}
+
+/// Keeps the newest reason per node.
+fn note(why: &mut Vec<(SocketAddr, String)>, remote: SocketAddr, reason: String) {
+    why.retain(|(r, _)| *r != remote);
+    why.push((remote, reason));
+}
+
+/// The error of a player that nobody served within its connect timeout: which channel, and
+/// what each node said (refused it, failed its proof), or that none answered at all.
+fn not_served(config: &PlayConfig, connected: bool, why: &[(SocketAddr, String)]) -> anyhow::Error {
+    let channel = config.link.channel;
+    let waited = config.connect_timeout;
+    if !why.is_empty() {
+        let said: Vec<&str> = why.iter().map(|(_, w)| w.as_str()).collect();
+        anyhow::anyhow!(
+            "nobody serves channel {channel} (waited {waited:?}): {}",
+            said.join("; ")
+        )
+    } else if connected {
+        anyhow::anyhow!(
+            "no chunk of channel {channel} arrived within {waited:?}: the nodes answered, but \
+             have nothing of the channel yet (is its source running?)"
+        )
+    } else {
+        let hosts: Vec<&str> = config.link.nodes.iter().map(|n| n.host.as_str()).collect();
+        anyhow::anyhow!(
+            "no node of the link answered within {waited:?} for channel {channel}: {}",
+            hosts.join(", ")
+        )
+    }
+}

@@ -1,0 +1,398 @@
+//! `gridcast broadcast`: the source. Reads a live byte stream (stdin, a file, TCP, UDP, an
+//! Icecast source endpoint), cuts it into chunks, signs and encodes them and serves them.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+
+use super::icecast::{self, SourceEndpoint};
+use super::link::ChannelLink;
+use crate::driver::{IoBackend, Node};
+use crate::keys::{ChannelId, ChannelKey};
+use crate::node::{ChannelMode, EngineConfig};
+use crate::stream::{Chunk, ChunkPublisher, Chunker, ChunkerConfig, CodingError, CodingParams};
+use crate::wire::{Role, SignedStreamHeader};
+
+use super::roles::{link_addr, node_key, say, serve};
+
+/// Where a broadcast's bytes come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    /// Standard input.
+    Stdin,
+    /// A file, paced at `rate_bps` or read as fast as the grid takes it (`None`).
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Pace (bits per second).
+        rate_bps: Option<u64>,
+    },
+    /// A TCP listener: one sender at a time (ffmpeg `-f mpegts tcp://host:port`).
+    Tcp(SocketAddr),
+    /// UDP datagrams, unicast or multicast (the broadcast industry's MPEG-TS hand-off).
+    Udp(SocketAddr),
+    /// An Icecast-compatible source endpoint: encoders `PUT` (or `SOURCE`) to this address and
+    /// mount point with the source password.
+    Icecast {
+        /// Listening address.
+        addr: SocketAddr,
+        /// Mount point, starting with `/`.
+        mount: String,
+    },
+}
+
+impl std::str::FromStr for Input {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let addr = |rest: &str| {
+            rest.parse::<SocketAddr>()
+                .map_err(|e| format!("input {s:?}: bad address {rest:?}: {e}"))
+        };
+        if s == "-" {
+            Ok(Self::Stdin)
+        } else if let Some(rest) = s.strip_prefix("tcp://") {
+            Ok(Self::Tcp(addr(rest)?))
+        } else if let Some(rest) = s.strip_prefix("udp://") {
+            Ok(Self::Udp(addr(rest)?))
+        } else if let Some(rest) = s.strip_prefix("icecast://") {
+            let (host, mount) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            if host.contains('@') {
+                return Err(format!(
+                    "input {s:?}: give the password with --source-password, not in the URL"
+                ));
+            }
+            Ok(Self::Icecast {
+                addr: addr(host)?,
+                mount: if mount.is_empty() { "/" } else { mount }.to_owned(),
+            })
+        } else if s.contains("://") {
+            Err(format!(
+                "input {s:?}: use -, a file path, tcp://host:port, udp://host:port or \
+                 icecast://host:port/mount"
+            ))
+        } else {
+            Ok(Self::File {
+                path: s.into(),
+                rate_bps: None,
+            })
+        }
+    }
+}
+
+/// `gridcast broadcast` settings.
+#[derive(Debug, Clone)]
+pub struct BroadcastConfig {
+    /// The channel key file.
+    pub key: PathBuf,
+    /// The input.
+    pub input: Input,
+    /// UDP address the source serves supernodes on.
+    pub listen: SocketAddr,
+    /// Seconds to keep serving after the input ends, so subscribers fetch the last chunks.
+    pub linger: Duration,
+    /// The password encoders give to an `icecast://` input.
+    pub source_password: Option<String>,
+    /// A node key file (the source's node id, and so its link, survive restarts); a fresh
+    /// key if `None`.
+    pub node_key: Option<PathBuf>,
+    /// The first tier's size (see [`crate::node::EngineConfig::max_children`]).
+    pub max_children: usize,
+    /// The address announced to supernodes (`None`: the link's).
+    pub advertise: Option<SocketAddr>,
+    /// Data plane.
+    pub backend: IoBackend,
+}
+
+/// A source's publishing half: signs and encodes every chunk the chunker has closed and hands
+/// it to worker 0 of the node, and signs and hands over every stream header it captured.
+pub(crate) struct Publishing<'a> {
+    node: &'a Node,
+    channel: ChannelId,
+    publisher: ChunkPublisher,
+    /// Chunk timestamps count from here.
+    start: Instant,
+    /// Serial of the last stream header published.
+    header_serial: u32,
+}
+
+impl<'a> Publishing<'a> {
+    pub(crate) fn new(node: &'a Node, key: ChannelKey, start: Instant) -> Self {
+        Self {
+            node,
+            channel: key.channel_id(),
+            publisher: ChunkPublisher::new(key, CodingParams::DEFAULT),
+            start,
+            header_serial: 0,
+        }
+    }
+
+    /// Publishes every closed chunk and then every captured stream header (so the header's
+    /// own chunk, which fixes the coding parameters, goes first); `each` sees each chunk first.
+    #[allow(clippy::disallowed_methods)] // header serials follow the wall clock
+    pub(crate) fn drain(
+        &mut self,
+        chunker: &mut Chunker,
+        mut each: impl FnMut(&Chunk),
+    ) -> Result<(), CodingError> {
+        let channel = self.channel;
+        while let Some(chunk) = chunker.poll_chunk() {
+            let ts = (chunk.started - self.start).as_micros() as u64;
+            let coded = self
+                .publisher
+                .publish(chunk.seq, ts, chunk.flags, &chunk.payload)?;
+            each(&chunk);
+            // A stopped node ignores commands; the caller notices it stopped elsewhere.
+            let _ = self.node.command(
+                0,
+                Box::new(move |e, now| {
+                    if let Err(err) = e.publish(now, channel, &coded) {
+                        tracing::warn!(%err, "publish");
+                    }
+                }),
+            );
+        }
+        while let Some(data) = chunker.poll_stream_header() {
+            // Serials follow the wall clock, so a restarted source's header is newer than
+            // whatever relays still hold from before.
+            let now_s = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as u32);
+            self.header_serial = now_s.max(self.header_serial + 1);
+            tracing::info!(
+                bytes = data.len(),
+                serial = self.header_serial,
+                "stream header captured"
+            );
+            let header = SignedStreamHeader::sign(self.publisher.key(), self.header_serial, data);
+            let _ = self.node.command(
+                0,
+                Box::new(move |e, now| {
+                    if let Err(err) = e.set_stream_header(now, channel, header) {
+                        tracing::warn!(%err, "stream header");
+                    }
+                }),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Starts a reader thread for `input`; byte blocks arrive on the returned channel, which
+/// closes when the input ends.
+fn read_input(
+    input: &Input,
+    source_password: Option<&str>,
+) -> anyhow::Result<Receiver<io::Result<Vec<u8>>>> {
+    let (tx, rx) = mpsc::sync_channel(64);
+    match input.clone() {
+        Input::Icecast { addr, mount } => {
+            let password = source_password
+                .filter(|p| !p.is_empty())
+                .context(
+                    "an icecast:// input needs --source-password (or GRIDCAST_SOURCE_PASSWORD)",
+                )?
+                .to_owned();
+            let listener = TcpListener::bind(addr)
+                .with_context(|| format!("cannot listen for icecast sources on {addr}"))?;
+            let endpoint = SourceEndpoint { mount, password };
+            thread::spawn(move || icecast::serve(&listener, endpoint, &tx));
+        }
+        Input::Stdin => spawn_reader(tx, io::stdin(), None),
+        Input::File { path, rate_bps } => {
+            let file =
+                File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+            spawn_reader(tx, file, rate_bps);
+        }
+        Input::Tcp(addr) => {
+            let listener =
+                TcpListener::bind(addr).with_context(|| format!("cannot listen on tcp {addr}"))?;
+            thread::spawn(move || {
+                // One sender at a time; the stream goes on when the next one connects.
+                for conn in listener.incoming() {
+                    let Ok(mut conn) = conn else { continue };
+                    if !pump(&tx, &mut conn, None) {
+                        return;
+                    }
+                }
+            });
+        }
+        Input::Udp(addr) => {
+            let socket = bind_udp_input(addr)?;
+            thread::spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                loop {
+                    match socket.recv(&mut buf) {
+                        Ok(n) => {
+                            if tx.send(Ok(buf[..n].to_vec())).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    }
+    Ok(rx)
+}
+
+fn bind_udp_input(addr: SocketAddr) -> anyhow::Result<UdpSocket> {
+    let ip = addr.ip();
+    if ip.is_multicast() {
+        let any: SocketAddr = match ip {
+            std::net::IpAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, addr.port()).into(),
+            std::net::IpAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, addr.port()).into(),
+        };
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(any),
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )?;
+        socket.set_reuse_address(true)?;
+        socket.bind(&any.into())?;
+        match ip {
+            std::net::IpAddr::V4(group) => {
+                socket.join_multicast_v4(&group, &std::net::Ipv4Addr::UNSPECIFIED)?;
+            }
+            std::net::IpAddr::V6(group) => socket.join_multicast_v6(&group, 0)?,
+        }
+        Ok(socket.into())
+    } else {
+        UdpSocket::bind(addr).with_context(|| format!("cannot listen on udp {addr}"))
+    }
+}
+
+fn spawn_reader<R: Read + Send + 'static>(
+    tx: SyncSender<io::Result<Vec<u8>>>,
+    mut reader: R,
+    rate_bps: Option<u64>,
+) {
+    thread::spawn(move || {
+        pump(&tx, &mut reader, rate_bps);
+    });
+}
+
+/// Copies `reader` into `tx` until it ends; false once nobody listens any more.
+#[allow(clippy::disallowed_methods)] // pacing reads the clock
+fn pump(
+    tx: &SyncSender<io::Result<Vec<u8>>>,
+    reader: &mut impl Read,
+    rate_bps: Option<u64>,
+) -> bool {
+    let start = Instant::now();
+    let mut sent = 0u64;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let want = match rate_bps {
+            // Pace in 20 ms slices.
+            Some(bps) => ((bps / 8 / 50) as usize).clamp(188, buf.len()),
+            None => buf.len(),
+        };
+        match reader.read(&mut buf[..want]) {
+            Ok(0) => return true,
+            Ok(n) => {
+                if tx.send(Ok(buf[..n].to_vec())).is_err() {
+                    return false;
+                }
+                sent += n as u64;
+                if let Some(bps) = rate_bps {
+                    let due = Duration::from_secs_f64(sent as f64 * 8.0 / bps as f64);
+                    if let Some(wait) = due.checked_sub(start.elapsed()) {
+                        thread::sleep(wait);
+                    }
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                let _ = tx.send(Err(e));
+                return true;
+            }
+        }
+    }
+}
+
+/// Runs a source until its input ends (then lingers) or a signal arrives.
+#[allow(clippy::disallowed_methods)] // the source reads the clock
+pub fn broadcast(config: &BroadcastConfig, stop: &AtomicBool) -> anyhow::Result<()> {
+    let channel_key = ChannelKey::load(&config.key)?;
+    let channel = channel_key.channel_id();
+    let node_key = node_key(config.node_key.as_deref())?;
+    let (node, _events) = serve(
+        config.backend,
+        config.listen,
+        1,
+        &node_key,
+        &EngineConfig {
+            role: Role::Source,
+            serve: true,
+            max_children: Some(config.max_children),
+            ..Default::default()
+        },
+    )?;
+    let advertise = config.advertise.unwrap_or_else(|| link_addr(&node));
+    node.command(
+        0,
+        Box::new(move |e, _| {
+            e.set_advertise(advertise);
+            e.add_channel(channel, ChannelMode::Source);
+        }),
+    );
+    let link = ChannelLink::single(channel, link_addr(&node), node_key.node_id());
+    say(&link);
+    tracing::info!(%link, backend = %node.backend(), "broadcasting");
+
+    // Sequence numbers start at the wall clock in milliseconds, so a restarted source never
+    // reuses a number that caches still hold.
+    let first_seq = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(1, |d| d.as_millis() as u64);
+    let mut chunker = Chunker::new(ChunkerConfig {
+        first_seq,
+        ..Default::default()
+    })?;
+    let input = read_input(&config.input, config.source_password.as_deref())?;
+    let mut publishing = Publishing::new(&node, channel_key, Instant::now());
+    let mut publish = |chunker: &mut Chunker| publishing.drain(chunker, |_| {});
+    let mut ended = None;
+    while !stop.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        let wait = chunker
+            .poll_timeout()
+            .map_or(Duration::from_millis(100), |t| {
+                t.saturating_duration_since(now)
+            })
+            .min(Duration::from_millis(100));
+        match input.recv_timeout(wait) {
+            Ok(Ok(bytes)) => chunker.handle_input(Instant::now(), &bytes),
+            Ok(Err(e)) => return Err(e).context("reading the input"),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => {
+                chunker.finish(Instant::now());
+                publish(&mut chunker)?;
+                ended = Some(Instant::now());
+                break;
+            }
+        }
+        chunker.handle_timeout(Instant::now());
+        publish(&mut chunker)?;
+    }
+    if let Some(at) = ended {
+        tracing::info!(linger = ?config.linger, "input ended; serving the last chunks");
+        while at.elapsed() < config.linger && !stop.load(Ordering::Relaxed) {
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+    node.stop()?;
+    Ok(())
+}
