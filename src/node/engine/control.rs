@@ -201,15 +201,7 @@ impl Engine {
                     // Say so at once, naming the nodes membership knows to carry it: the
                     // asker moves on instead of waiting for shards that never come.
                     self.stats.unknown_channel_refusals += 1;
-                    let alternatives = self.candidates_for(now, handle, sub.channel, MAX_PARENTS);
-                    if let Some(conn) = self.conns.get_mut(&handle) {
-                        conn.send_control(&Message::Refused(Refused {
-                            sub: sub.sub,
-                            channel: sub.channel,
-                            reason: RefuseReason::NotCarried,
-                            alternatives,
-                        }));
-                    }
+                    self.refuse(now, handle, &sub, RefuseReason::NotCarried);
                     return;
                 }
                 let known = self
@@ -222,16 +214,8 @@ impl Engine {
                 if !known && !self.draining && self.over_first_tier(handle, sub.channel) {
                     // The first tier is full (or this is a peer and relays carry the channel):
                     // name the relays instead.
-                    let alternatives = self.candidates_for(now, handle, sub.channel, MAX_PARENTS);
                     self.stats.subscriptions_turned_away += 1;
-                    if let Some(conn) = self.conns.get_mut(&handle) {
-                        conn.send_control(&Message::Refused(Refused {
-                            sub: sub.sub,
-                            channel: sub.channel,
-                            reason: RefuseReason::Full,
-                            alternatives,
-                        }));
-                    }
+                    self.refuse(now, handle, &sub, RefuseReason::Full);
                     return;
                 }
                 let Some(conn) = self.conns.get_mut(&handle) else {
@@ -387,6 +371,25 @@ impl Engine {
                 self.stats.protocol_errors += 1;
                 conn.close(now, close_code::PROTOCOL, "shard on the control stream");
             }
+        }
+    }
+
+    /// Refuses a subscription, naming the nodes this one knows to carry its channel.
+    fn refuse(
+        &mut self,
+        now: Instant,
+        handle: ConnectionHandle,
+        sub: &Subscribe,
+        reason: RefuseReason,
+    ) {
+        let alternatives = self.candidates_for(now, handle, sub.channel, MAX_PARENTS);
+        if let Some(conn) = self.conns.get_mut(&handle) {
+            conn.send_control(&Message::Refused(Refused {
+                sub: sub.sub,
+                channel: sub.channel,
+                reason,
+                alternatives,
+            }));
         }
     }
 

@@ -30,23 +30,11 @@ impl Engine {
         if !self.channels.contains_key(&channel) {
             return Err(EngineError::UnknownChannel(channel));
         }
-        let rotation = usize::from(self.node.as_bytes()[0]);
-        let candidates = candidates
-            .into_iter()
-            .filter(|c| c.node != self.node)
-            .collect();
-        self.upstreams.insert(
-            channel,
-            Upstream::new(self.config.upstream.clone(), candidates, rotation, now),
-        );
-        let known: Vec<Candidate> = self
-            .upstreams
-            .get(&channel)
-            .map(|u| u.candidates.iter().map(|(c, _)| *c).collect())
-            .unwrap_or_default();
+        let me = self.node;
+        let candidates: Vec<Candidate> = candidates.into_iter().filter(|c| c.node != me).collect();
         // A supernode joins the membership through the nodes it was told of.
-        self.gossip_join(now, &known);
-        self.upstream_fill(now, channel);
+        self.gossip_join(now, &candidates);
+        self.upstream_start(now, channel, candidates);
         self.drive(now);
         Ok(())
     }
