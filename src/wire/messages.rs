@@ -1,4 +1,6 @@
 //! The messages of protocol version 1, and [`Message`], the frame that carries any of them.
+//! The messages that name other parents live in [`super::parents`], the shard frame in
+//! [`super::shard`].
 //!
 //! | type | message | stream |
 //! | --- | --- | --- |
@@ -10,19 +12,18 @@
 //! | 0x06 | [`ParentQuery`] | control |
 //! | 0x07 | [`ParentAnswer`] | control |
 //! | 0x08 | [`GoAway`] | control |
+//! | 0x09 | [`Refused`] | control |
 //! | 0x10 | [`ShardFrame`] | unidirectional shard streams |
-
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use super::{
-    Codec, DecodeError, MAX_ADDRS_PER_PARENT, MAX_AGENT_LEN, MAX_CONTROL_BODY, MAX_PARENTS,
-    MAX_SHARD_BODY, MAX_STREAM_HEADER_LEN, bytes_len, get_array, get_bytes, get_len, get_u8,
-    get_u16, get_u64, get_varint, need, peek_varint, put_bytes, put_varint, varint_len,
+    Codec, DecodeError, MAX_AGENT_LEN, MAX_CONTROL_BODY, MAX_SHARD_BODY, MAX_STREAM_HEADER_LEN,
+    bytes_len, get_array, get_bytes, get_u8, get_u16, get_u64, get_varint, need, peek_varint,
+    put_bytes, put_varint, varint_len,
 };
-use crate::keys::{ChannelId, ChannelKey, NodeId, PUBLIC_KEY_LEN, SIGNATURE_LEN};
-use crate::stream::{CodingParams, MAX_SHARDS, SignedChunkHeader};
+use crate::keys::{ChannelId, ChannelKey, PUBLIC_KEY_LEN, SIGNATURE_LEN};
+use crate::stream::{CodingParams, MAX_SHARDS};
 
 /// What a node is, announced in [`Hello`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -260,7 +261,7 @@ impl Codec for Subscribe {
     }
 }
 
-fn get_sub(buf: &mut Bytes, what: &'static str) -> Result<u32, DecodeError> {
+pub(super) fn get_sub(buf: &mut Bytes, what: &'static str) -> Result<u32, DecodeError> {
     let v = get_varint(buf, what)?;
     u32::try_from(v).map_err(|_| DecodeError::TooLong {
         what,
@@ -477,395 +478,8 @@ impl Codec for Have {
     }
 }
 
-/// Ask a node for candidate parents carrying a channel.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ParentQuery {
-    /// Query id, echoed in the answer.
-    pub query: u32,
-    /// The channel.
-    pub channel: ChannelId,
-    /// Most candidates wanted (at most [`MAX_PARENTS`]).
-    pub max: u8,
-}
-
-impl Codec for ParentQuery {
-    fn encoded_len(&self) -> usize {
-        varint_len(u64::from(self.query)) + PUBLIC_KEY_LEN + 1
-    }
-
-    fn encode(&self, buf: &mut impl BufMut) {
-        put_varint(buf, u64::from(self.query));
-        self.channel.encode(buf);
-        buf.put_u8(self.max);
-    }
-
-    fn decode(buf: &mut Bytes) -> Result<Self, DecodeError> {
-        let query = get_sub(buf, "parent_query.query")?;
-        let channel = ChannelId::decode(buf)?;
-        let max = get_u8(buf, "parent_query.max")?;
-        if max == 0 || usize::from(max) > MAX_PARENTS {
-            return Err(DecodeError::Invalid("parent_query.max"));
-        }
-        Ok(Self {
-            query,
-            channel,
-            max,
-        })
-    }
-}
-
-/// A node that can serve substreams, as named in answers and go-aways.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ParentCandidate {
-    /// Its node id, checked against its TLS certificate when dialled.
-    pub node: NodeId,
-    /// Addresses to dial (1 to [`MAX_ADDRS_PER_PARENT`]).
-    pub addrs: Vec<SocketAddr>,
-    /// Load in permille of its capacity (0 idle ..= 1000 full).
-    pub load_permille: u16,
-}
-
-fn addr_len(addr: &SocketAddr) -> usize {
-    match addr {
-        SocketAddr::V4(_) => 1 + 4 + 2,
-        SocketAddr::V6(_) => 1 + 16 + 2,
-    }
-}
-
-fn put_addr(buf: &mut impl BufMut, addr: &SocketAddr) {
-    match addr.ip() {
-        IpAddr::V4(ip) => {
-            buf.put_u8(4);
-            buf.put_slice(&ip.octets());
-        }
-        IpAddr::V6(ip) => {
-            buf.put_u8(6);
-            buf.put_slice(&ip.octets());
-        }
-    }
-    buf.put_u16(addr.port());
-}
-
-fn get_addr(buf: &mut Bytes) -> Result<SocketAddr, DecodeError> {
-    let ip = match get_u8(buf, "parent.addr")? {
-        4 => IpAddr::V4(Ipv4Addr::from(get_array::<4>(buf, "parent.addr")?)),
-        6 => IpAddr::V6(Ipv6Addr::from(get_array::<16>(buf, "parent.addr")?)),
-        _ => return Err(DecodeError::Invalid("parent.addr")),
-    };
-    let port = get_u16(buf, "parent.addr")?;
-    Ok(SocketAddr::new(ip, port))
-}
-
-impl Codec for ParentCandidate {
-    fn encoded_len(&self) -> usize {
-        PUBLIC_KEY_LEN
-            + varint_len(self.addrs.len() as u64)
-            + self.addrs.iter().map(addr_len).sum::<usize>()
-            + 2
-    }
-
-    fn encode(&self, buf: &mut impl BufMut) {
-        buf.put_slice(self.node.as_bytes());
-        put_varint(buf, self.addrs.len() as u64);
-        for addr in &self.addrs {
-            put_addr(buf, addr);
-        }
-        buf.put_u16(self.load_permille);
-    }
-
-    fn decode(buf: &mut Bytes) -> Result<Self, DecodeError> {
-        let node = NodeId::from_bytes(get_array(buf, "parent.node")?);
-        let count = get_len(buf, MAX_ADDRS_PER_PARENT, "parent.addrs")?;
-        if count == 0 {
-            return Err(DecodeError::Invalid("parent.addrs"));
-        }
-        let mut addrs = Vec::with_capacity(count);
-        for _ in 0..count {
-            addrs.push(get_addr(buf)?);
-        }
-        let load_permille = get_u16(buf, "parent.load")?;
-        if load_permille > 1000 {
-            return Err(DecodeError::Invalid("parent.load"));
-        }
-        Ok(Self {
-            node,
-            addrs,
-            load_permille,
-        })
-    }
-}
-
-fn parents_len(parents: &[ParentCandidate]) -> usize {
-    varint_len(parents.len() as u64) + parents.iter().map(Codec::encoded_len).sum::<usize>()
-}
-
-fn put_parents(buf: &mut impl BufMut, parents: &[ParentCandidate]) {
-    put_varint(buf, parents.len() as u64);
-    for p in parents {
-        p.encode(buf);
-    }
-}
-
-fn get_parents(buf: &mut Bytes, what: &'static str) -> Result<Vec<ParentCandidate>, DecodeError> {
-    let count = get_len(buf, MAX_PARENTS, what)?;
-    let mut parents = Vec::with_capacity(count);
-    for _ in 0..count {
-        parents.push(ParentCandidate::decode(buf)?);
-    }
-    Ok(parents)
-}
-
-/// Candidate parents for a channel, best first.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ParentAnswer {
-    /// The query answered.
-    pub query: u32,
-    /// Candidates (at most [`MAX_PARENTS`]).
-    pub parents: Vec<ParentCandidate>,
-}
-
-impl Codec for ParentAnswer {
-    fn encoded_len(&self) -> usize {
-        varint_len(u64::from(self.query)) + parents_len(&self.parents)
-    }
-
-    fn encode(&self, buf: &mut impl BufMut) {
-        put_varint(buf, u64::from(self.query));
-        put_parents(buf, &self.parents);
-    }
-
-    fn decode(buf: &mut Bytes) -> Result<Self, DecodeError> {
-        Ok(Self {
-            query: get_sub(buf, "parent_answer.query")?,
-            parents: get_parents(buf, "parent_answer.parents")?,
-        })
-    }
-}
-
-/// Why a node is asking its neighbours to leave.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum GoAwayReason {
-    /// The node is draining before shutdown.
-    Shutdown,
-    /// The node is over capacity.
-    Overloaded,
-    /// The node stopped carrying the channel(s).
-    ChannelGone,
-}
-
-/// Leave this node soon; here are alternatives. Sent on drain, before the connection closes.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct GoAway {
-    /// Why.
-    pub reason: GoAwayReason,
-    /// Parents to move to (at most [`MAX_PARENTS`]).
-    pub alternatives: Vec<ParentCandidate>,
-}
-
-impl Codec for GoAway {
-    fn encoded_len(&self) -> usize {
-        1 + parents_len(&self.alternatives)
-    }
-
-    fn encode(&self, buf: &mut impl BufMut) {
-        buf.put_u8(match self.reason {
-            GoAwayReason::Shutdown => 0,
-            GoAwayReason::Overloaded => 1,
-            GoAwayReason::ChannelGone => 2,
-        });
-        put_parents(buf, &self.alternatives);
-    }
-
-    fn decode(buf: &mut Bytes) -> Result<Self, DecodeError> {
-        let reason = match get_u8(buf, "go_away.reason")? {
-            0 => GoAwayReason::Shutdown,
-            1 => GoAwayReason::Overloaded,
-            2 => GoAwayReason::ChannelGone,
-            _ => return Err(DecodeError::Invalid("go_away.reason")),
-        };
-        Ok(Self {
-            reason,
-            alternatives: get_parents(buf, "go_away.alternatives")?,
-        })
-    }
-}
-
-/// Why a node refuses a subscription.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum RefuseReason {
-    /// The node does not carry the channel.
-    NotCarried,
-    /// The node serves as many subscriptions as it may.
-    Full,
-    /// The node is draining before shutdown.
-    Draining,
-}
-
-impl std::fmt::Display for RefuseReason {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::NotCarried => "does not carry the channel",
-            Self::Full => "is full",
-            Self::Draining => "is draining",
-        })
-    }
-}
-
-/// The answer to a [`Subscribe`] the node will not serve, sent at once so that the asker never
-/// waits in silence; it names other nodes that carry the channel when the refusing node
-/// knows some.
-///
-/// Body: `sub (varint) | channel | reason u8 | parents`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Refused {
-    /// The refused subscription.
-    pub sub: u32,
-    /// Its channel.
-    pub channel: ChannelId,
-    /// Why.
-    pub reason: RefuseReason,
-    /// Nodes to ask instead (at most [`MAX_PARENTS`]).
-    pub alternatives: Vec<ParentCandidate>,
-}
-
-impl Codec for Refused {
-    fn encoded_len(&self) -> usize {
-        varint_len(u64::from(self.sub)) + PUBLIC_KEY_LEN + 1 + parents_len(&self.alternatives)
-    }
-
-    fn encode(&self, buf: &mut impl BufMut) {
-        put_varint(buf, u64::from(self.sub));
-        self.channel.encode(buf);
-        buf.put_u8(match self.reason {
-            RefuseReason::NotCarried => 0,
-            RefuseReason::Full => 1,
-            RefuseReason::Draining => 2,
-        });
-        put_parents(buf, &self.alternatives);
-    }
-
-    fn decode(buf: &mut Bytes) -> Result<Self, DecodeError> {
-        let sub = get_sub(buf, "refused.sub")?;
-        let channel = ChannelId::decode(buf)?;
-        let reason = match get_u8(buf, "refused.reason")? {
-            0 => RefuseReason::NotCarried,
-            1 => RefuseReason::Full,
-            2 => RefuseReason::Draining,
-            _ => return Err(DecodeError::Invalid("refused.reason")),
-        };
-        Ok(Self {
-            sub,
-            channel,
-            reason,
-            alternatives: get_parents(buf, "refused.alternatives")?,
-        })
-    }
-}
-
-/// One shard of one chunk on a subscription.
-///
-/// Body: `sub (varint) | seq u64 | index u8 | has_header u8 | [signed chunk header] | shard`.
-/// The shard runs to the end of the frame. A sender attaches the signed header to the first
-/// shard of each chunk it sends on a connection; later shards of that chunk may omit it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ShardFrame {
-    /// The subscription this shard belongs to.
-    pub sub: u32,
-    /// The chunk.
-    pub seq: u64,
-    /// The substream (shard index), below [`MAX_SHARDS`].
-    pub index: u8,
-    /// The chunk's signed header, if attached; its `seq` must equal [`ShardFrame::seq`].
-    pub header: Option<SignedChunkHeader>,
-    /// The shard bytes.
-    pub shard: Bytes,
-}
-
-impl Codec for ShardFrame {
-    fn encoded_len(&self) -> usize {
-        varint_len(u64::from(self.sub))
-            + 8
-            + 1
-            + 1
-            + self
-                .header
-                .as_ref()
-                .map_or(0, SignedChunkHeader::encoded_len)
-            + self.shard.len()
-    }
-
-    fn encode(&self, buf: &mut impl BufMut) {
-        put_varint(buf, u64::from(self.sub));
-        buf.put_u64(self.seq);
-        buf.put_u8(self.index);
-        match &self.header {
-            Some(h) => {
-                buf.put_u8(1);
-                h.encode(buf);
-            }
-            None => buf.put_u8(0),
-        }
-        buf.put_slice(&self.shard);
-    }
-
-    fn decode(buf: &mut Bytes) -> Result<Self, DecodeError> {
-        let sub = get_sub(buf, "shard.sub")?;
-        let seq = get_u64(buf, "shard.seq")?;
-        let index = get_u8(buf, "shard.index")?;
-        if usize::from(index) >= MAX_SHARDS {
-            return Err(DecodeError::Invalid("shard.index"));
-        }
-        let header = match get_u8(buf, "shard.has_header")? {
-            0 => None,
-            1 => {
-                let h = SignedChunkHeader::decode(buf)?;
-                if h.header.seq != seq {
-                    return Err(DecodeError::Invalid("shard.header.seq"));
-                }
-                if usize::from(index) >= h.header.params.total() {
-                    return Err(DecodeError::Invalid("shard.index"));
-                }
-                Some(h)
-            }
-            _ => return Err(DecodeError::Invalid("shard.has_header")),
-        };
-        let shard = buf.split_to(buf.len());
-        if shard.is_empty() {
-            return Err(DecodeError::Truncated("shard.data"));
-        }
-        Ok(Self {
-            sub,
-            seq,
-            index,
-            header,
-            shard,
-        })
-    }
-}
-
-/// Writes the front of a [`ShardFrame`] frame: frame type, length and the body up to the chunk
-/// header (if `header_len` says one follows) or the shard. The sender then hands QUIC the signed
-/// header, encoded once per chunk, and the shard as shared buffers: neither is copied into a
-/// frame, and the per-subscriber part is at most 24 bytes.
-pub fn encode_shard_frame_prefix(
-    buf: &mut impl BufMut,
-    sub: u32,
-    seq: u64,
-    index: u8,
-    header_len: Option<usize>,
-    shard_len: usize,
-) {
-    let body = varint_len(u64::from(sub)) + 8 + 1 + 1 + header_len.unwrap_or(0) + shard_len;
-    put_varint(buf, TYPE_SHARD);
-    put_varint(buf, body as u64);
-    put_varint(buf, u64::from(sub));
-    buf.put_u64(seq);
-    buf.put_u8(index);
-    buf.put_u8(u8::from(header_len.is_some()));
-}
-
-/// The most bytes [`encode_shard_frame_prefix`] writes.
-pub const SHARD_FRAME_PREFIX_MAX: usize = 8 + 8 + 8 + 8 + 1 + 1;
+use super::parents::{GoAway, ParentAnswer, ParentQuery, Refused};
+use super::shard::ShardFrame;
 
 /// Any message, as carried in a frame.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -901,7 +515,7 @@ const TYPE_PARENT_QUERY: u64 = 0x06;
 const TYPE_PARENT_ANSWER: u64 = 0x07;
 const TYPE_GO_AWAY: u64 = 0x08;
 const TYPE_REFUSED: u64 = 0x09;
-const TYPE_SHARD: u64 = 0x10;
+pub(super) const TYPE_SHARD: u64 = 0x10;
 
 impl Message {
     fn type_id(&self) -> u64 {
@@ -1048,63 +662,4 @@ pub fn decode_all_frames(data: &[u8]) -> Result<usize, DecodeError> {
         frames += 1;
     }
     Ok(frames)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn shard_frame_prefix_plus_shard_is_the_frame() {
-        let frame = ShardFrame {
-            sub: 300,
-            seq: 9,
-            index: 3,
-            header: None,
-            shard: Bytes::from_static(b"shard bytes"),
-        };
-        let mut split = BytesMut::new();
-        encode_shard_frame_prefix(&mut split, 300, 9, 3, None, frame.shard.len());
-        split.extend_from_slice(&frame.shard);
-        assert_eq!(split.freeze(), Message::Shard(frame).to_bytes());
-    }
-
-    #[test]
-    fn shard_frame_prefix_plus_header_plus_shard_is_the_frame() {
-        let key = crate::keys::ChannelKey::from_seed(&[5; 32]);
-        let mut publisher =
-            crate::stream::ChunkPublisher::new(key, crate::stream::CodingParams::DEFAULT);
-        let coded = publisher
-            .publish(
-                7,
-                0,
-                crate::stream::ChunkFlags::empty(),
-                &Bytes::from(vec![9u8; 3000]),
-            )
-            .unwrap();
-        let header = (*coded.header).clone();
-        let shard = coded.shards[2].clone();
-        let mut encoded_header = BytesMut::new();
-        header.encode(&mut encoded_header);
-        let mut split = BytesMut::new();
-        encode_shard_frame_prefix(
-            &mut split,
-            u32::MAX,
-            7,
-            2,
-            Some(encoded_header.len()),
-            shard.len(),
-        );
-        assert!(split.len() <= SHARD_FRAME_PREFIX_MAX);
-        split.extend_from_slice(&encoded_header);
-        split.extend_from_slice(&shard);
-        let frame = ShardFrame {
-            sub: u32::MAX,
-            seq: 7,
-            index: 2,
-            header: Some(header),
-            shard,
-        };
-        assert_eq!(split.freeze(), Message::Shard(frame).to_bytes());
-    }
 }

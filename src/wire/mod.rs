@@ -39,8 +39,12 @@
 //! reserved.
 
 mod messages;
+mod parents;
+mod shard;
 
 pub use messages::*;
+pub use parents::*;
+pub use shard::*;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
