@@ -50,22 +50,19 @@ fn tiers(plan: Plan) {
         Plan::KillA => 12,
         Plan::RestartAThenKillB => 20,
     };
-    let mut ffmpeg = test_pattern_ts(secs, true)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut source = gridcast(&[
-        "broadcast",
-        "--key",
-        key.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-        "--linger",
-        "4",
-    ]);
-    source.stdin(Stdio::piped());
-    let (mut source, source_link) = spawn_with_link(source);
-    let tee = tee(ffmpeg.stdout.take().unwrap(), source.stdin.take().unwrap());
+    let live = Live::start(
+        gridcast(&[
+            "broadcast",
+            "--key",
+            key.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--linger",
+            "4",
+        ]),
+        secs,
+    );
+    let source_link = live.link.clone();
     let channel = source_link.split_once('@').unwrap().0.to_owned();
     let ports: Vec<u16> = (0..4).map(|_| free_udp_port()).collect();
     let keys: Vec<_> = (0..4).map(|i| dir.join(format!("relay{i}.key"))).collect();
@@ -103,9 +100,7 @@ fn tiers(plan: Plan) {
         signal(&relays[1], "-KILL");
         println!("first-tier relay B killed");
     }
-    let reference = tee.join().unwrap();
-    assert!(ffmpeg.wait().unwrap().success());
-    assert!(source.wait().unwrap().success(), "broadcast failed");
+    let reference = live.finish();
     thread::sleep(Duration::from_secs(3));
     for p in &players {
         signal(p, "-TERM");
@@ -202,24 +197,21 @@ fn relays_and_players_given_only_the_source_link_find_each_other() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
     let key = keygen(dir);
-    let mut ffmpeg = test_pattern_ts(12, true)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut source = gridcast(&[
-        "broadcast",
-        "--key",
-        key.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-        "--linger",
-        "4",
-        "--max-children",
-        "3",
-    ]);
-    source.stdin(Stdio::piped());
-    let (mut source, source_link) = spawn_with_link(source);
-    let tee = tee(ffmpeg.stdout.take().unwrap(), source.stdin.take().unwrap());
+    let live = Live::start(
+        gridcast(&[
+            "broadcast",
+            "--key",
+            key.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--linger",
+            "4",
+            "--max-children",
+            "3",
+        ]),
+        12,
+    );
+    let source_link = live.link.clone();
     let mut relays: Vec<Child> = (0..3)
         .map(|i| {
             relay(
@@ -242,9 +234,7 @@ fn relays_and_players_given_only_the_source_link_find_each_other() {
         .collect();
     thread::sleep(Duration::from_secs(5));
     signal(&relays[0], "-KILL");
-    let reference = tee.join().unwrap();
-    assert!(ffmpeg.wait().unwrap().success());
-    assert!(source.wait().unwrap().success(), "broadcast failed");
+    let reference = live.finish();
     thread::sleep(Duration::from_secs(3));
     for p in &players {
         signal(p, "-TERM");
@@ -268,22 +258,19 @@ fn a_relay_that_knew_only_its_dead_parent_finds_another_through_the_supernodes()
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
     let key = keygen(dir);
-    let mut ffmpeg = test_pattern_ts(12, true)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut source = gridcast(&[
-        "broadcast",
-        "--key",
-        key.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-        "--linger",
-        "4",
-    ]);
-    source.stdin(Stdio::piped());
-    let (mut source, source_link) = spawn_with_link(source);
-    let tee = tee(ffmpeg.stdout.take().unwrap(), source.stdin.take().unwrap());
+    let live = Live::start(
+        gridcast(&[
+            "broadcast",
+            "--key",
+            key.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--linger",
+            "4",
+        ]),
+        12,
+    );
+    let source_link = live.link.clone();
     let (a, a_link) = relay(&source_link, free_udp_port(), &dir.join("a.key"));
     let (b, _) = relay(&source_link, free_udp_port(), &dir.join("b.key"));
     thread::sleep(Duration::from_millis(500));
@@ -297,9 +284,7 @@ fn a_relay_that_knew_only_its_dead_parent_finds_another_through_the_supernodes()
     // Long enough for the membership to spread and C to ask its parent again.
     thread::sleep(Duration::from_secs(5));
     signal(&relays[0], "-KILL");
-    let reference = tee.join().unwrap();
-    assert!(ffmpeg.wait().unwrap().success());
-    assert!(source.wait().unwrap().success(), "broadcast failed");
+    let reference = live.finish();
     thread::sleep(Duration::from_secs(3));
     signal(&player, "-TERM");
     assert!(player.wait().unwrap().success(), "play failed");
@@ -317,22 +302,19 @@ fn an_open_relay_carries_the_channel_a_player_asks_it_for() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
     let key = keygen(dir);
-    let mut ffmpeg = test_pattern_ts(10, true)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut source = gridcast(&[
-        "broadcast",
-        "--key",
-        key.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-        "--linger",
-        "4",
-    ]);
-    source.stdin(Stdio::piped());
-    let (mut source, source_link) = spawn_with_link(source);
-    let tee = tee(ffmpeg.stdout.take().unwrap(), source.stdin.take().unwrap());
+    let live = Live::start(
+        gridcast(&[
+            "broadcast",
+            "--key",
+            key.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--linger",
+            "4",
+        ]),
+        10,
+    );
+    let source_link = live.link.clone();
     let (channel, source_node) = source_link.split_once('@').unwrap();
     let (relay, relay_node) = spawn_with_line(gridcast(&[
         "relay",
@@ -354,9 +336,7 @@ fn an_open_relay_carries_the_channel_a_player_asks_it_for() {
     ])
     .spawn()
     .unwrap();
-    let reference = tee.join().unwrap();
-    assert!(ffmpeg.wait().unwrap().success());
-    assert!(source.wait().unwrap().success(), "broadcast failed");
+    let reference = live.finish();
     thread::sleep(Duration::from_secs(3));
     signal(&player, "-TERM");
     assert!(player.wait().unwrap().success(), "play failed");

@@ -114,26 +114,23 @@ fn a_player_given_only_the_channel_id_finds_a_relay_on_the_local_network() {
     .unwrap()
     .trim()
     .to_owned();
-    let mut ffmpeg = test_pattern_ts(10, true)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
     let host_a = lan.addr(0);
-    let mut source = lan.gridcast(
-        0,
-        &[
-            "broadcast",
-            "--key",
-            key.to_str().unwrap(),
-            "--listen",
-            &format!("{host_a}:4433"),
-            "--linger",
-            "4",
-        ],
+    let live = Live::start(
+        lan.gridcast(
+            0,
+            &[
+                "broadcast",
+                "--key",
+                key.to_str().unwrap(),
+                "--listen",
+                &format!("{host_a}:4433"),
+                "--linger",
+                "4",
+            ],
+        ),
+        10,
     );
-    source.stdin(Stdio::piped());
-    let (mut source, source_link) = spawn_with_link(source);
-    let tee = tee(ffmpeg.stdout.take().unwrap(), source.stdin.take().unwrap());
+    let source_link = live.link.clone();
     let (relay, _) = spawn_with_link(lan.gridcast(
         0,
         &[
@@ -153,9 +150,7 @@ fn a_player_given_only_the_channel_id_finds_a_relay_on_the_local_network() {
         .gridcast(1, &["play", &channel, "--output", out.to_str().unwrap()])
         .spawn()
         .unwrap();
-    let reference = tee.join().unwrap();
-    assert!(ffmpeg.wait().unwrap().success());
-    assert!(source.wait().unwrap().success(), "broadcast failed");
+    let reference = live.finish();
     thread::sleep(Duration::from_secs(3));
     signal(&player, "-TERM");
     let played = player.wait().unwrap();

@@ -184,3 +184,41 @@ pub fn reap(children: &mut [Child]) {
         let _ = c.wait();
     }
 }
+
+/// A live stream into a source: ffmpeg encoding `secs` of test pattern in real time into
+/// `source` (a `gridcast broadcast` command reading stdin), the bytes teed off as the
+/// reference.
+pub struct Live {
+    ffmpeg: Child,
+    source: Child,
+    /// The source's channel link.
+    pub link: String,
+    tee: thread::JoinHandle<Vec<u8>>,
+}
+
+impl Live {
+    /// Starts ffmpeg and `source`, and waits for the source's link.
+    pub fn start(mut source: Command, secs: u64) -> Self {
+        let mut ffmpeg = test_pattern_ts(secs, true)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        source.stdin(Stdio::piped());
+        let (mut source, link) = spawn_with_link(source);
+        let tee = tee(ffmpeg.stdout.take().unwrap(), source.stdin.take().unwrap());
+        Self {
+            ffmpeg,
+            source,
+            link,
+            tee,
+        }
+    }
+
+    /// Waits for the stream to end and the source to exit (both successfully); the reference.
+    pub fn finish(mut self) -> Vec<u8> {
+        let reference = self.tee.join().unwrap();
+        assert!(self.ffmpeg.wait().unwrap().success(), "ffmpeg failed");
+        assert!(self.source.wait().unwrap().success(), "broadcast failed");
+        reference
+    }
+}
