@@ -110,6 +110,13 @@ impl NodeId {
     }
 }
 
+impl NodeId {
+    /// Checks `signature` over `message` against this node's key (see [`NodeKey::sign`]).
+    pub fn verify(&self, message: &[u8], signature: &[u8; SIGNATURE_LEN]) -> bool {
+        ChannelId(self.0).verify(message, signature)
+    }
+}
+
 impl fmt::Display for NodeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let text = data_encoding::BASE32_NOPAD
@@ -452,8 +459,26 @@ impl NodeKey {
         NodeId(*self.0.channel_id().as_bytes())
     }
 
+    /// Signs `message` with this node's key: what it says about itself in gossip, so that
+    /// no other node can speak for it.
+    pub fn sign(&self, message: &[u8]) -> [u8; SIGNATURE_LEN] {
+        self.0.sign(message)
+    }
+
     pub(crate) fn pkcs8_der(&self) -> &[u8] {
         self.0.pkcs8_der()
+    }
+}
+
+impl Clone for NodeKey {
+    fn clone(&self) -> Self {
+        // The document parsed once already; parsing it again cannot fail.
+        let pair = Ed25519KeyPair::from_pkcs8_maybe_unchecked(&self.0.pkcs8)
+            .expect("a key pair's own PKCS#8 document parses");
+        Self(ChannelKey {
+            pair,
+            pkcs8: self.0.pkcs8.clone(),
+        })
     }
 }
 

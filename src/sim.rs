@@ -55,6 +55,9 @@ pub struct SimConfig {
     pub link: LinkConfig,
     /// Most steps before the simulation declares a livelock.
     pub max_steps: u64,
+    /// Membership among the supernodes through one shared in-memory table instead of gossip
+    /// (see [`crate::node::directory`]); `None`: the real gossip over the simulated network.
+    pub directory: Option<crate::node::directory::Board>,
 }
 
 impl Default for SimConfig {
@@ -63,6 +66,7 @@ impl Default for SimConfig {
             seed: 1,
             link: LinkConfig::default(),
             max_steps: 50_000_000,
+            directory: None,
         }
     }
 }
@@ -173,6 +177,9 @@ impl Sim {
         ));
         // Supernodes and sources know where others dial them, so they join the membership.
         config.advertise.get_or_insert(addr);
+        if config.directory.is_none() {
+            config.directory.clone_from(&self.config.directory);
+        }
         let engine = Engine::new(&key, config)?;
         self.by_addr.insert(addr, ix);
         self.nodes.push(SimNode {

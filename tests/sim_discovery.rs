@@ -10,8 +10,9 @@ mod common;
 use std::time::Duration;
 
 use common::grid::Grid;
+use gridcast::node::directory::Board;
 use gridcast::node::{ChannelMode, EngineConfig, NodeEvent};
-use gridcast::sim::NodeIx;
+use gridcast::sim::{NodeIx, SimConfig};
 use gridcast::wire::{RefuseReason, Role};
 
 #[test]
@@ -49,18 +50,29 @@ fn relays_and_peers_given_only_the_source_form_tiers_by_themselves() {
 
 #[test]
 fn a_hundred_peers_that_know_only_the_source_spread_over_ten_relays() {
-    hundred_peers_from_the_source(27, 0.0);
+    hundred_peers_from_the_source(27, 0.0, None);
+}
+
+#[test]
+fn the_same_hundred_peers_with_the_in_memory_directory_instead_of_gossip() {
+    // The discovery rules alone: membership from the simulator's shared board.
+    hundred_peers_from_the_source(31, 0.0, Some(Board::new()));
 }
 
 #[test]
 fn a_hundred_peers_from_the_source_with_five_percent_loss_everywhere() {
-    hundred_peers_from_the_source(28, 0.05);
+    hundred_peers_from_the_source(28, 0.05, None);
 }
 
 /// 1 source serving a first tier of 10, 10 relays and 100 peers given only the source, with
-/// `loss` on every link.
-fn hundred_peers_from_the_source(seed: u64, loss: f64) {
-    let mut grid = Grid::self_forming(seed, 10, 10, Duration::from_secs(2));
+/// `loss` on every link, membership by gossip or from `directory`.
+fn hundred_peers_from_the_source(seed: u64, loss: f64, directory: Option<Board>) {
+    let config = SimConfig {
+        seed,
+        directory,
+        ..Default::default()
+    };
+    let mut grid = Grid::self_forming_with(config, 10, 10, Duration::from_secs(2));
     grid.sim.set_loss_everywhere(loss);
     let source_ix = grid.source.node;
     let source = grid.source_candidate();

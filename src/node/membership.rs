@@ -6,9 +6,16 @@
 //! ```text
 //!  engine datagram from a proven supernode ─▶ handle_data ─▶ foca ─▶ sends, timers, members
 //!  handle_timeout(now) ─▶ foca timers due ─▶ sends
-//!  set_info(channels, draining, load) ─▶ a new version of this node's NodeInfo, broadcast
+//!  set_info(advert) ─▶ a new version of this node's NodeInfo, signed, broadcast
 //!  carriers(channel) ─▶ up members (neither suspect nor down) that carry it, not draining
 //! ```
+//!
+//! It is the [`Directory`] every real node runs. The foca packets ride connections that
+//! proved the sender's node id, and a packet whose header names another sender is dropped.
+//! An info, though, is relayed from member to member, so each is signed with its node's key
+//! and names the address the node is dialled at: a member can pass another's info on but
+//! cannot forge one (mark a rival as draining, or claim a channel in its name), and a member
+//! that foca lists at an address other than its own info's is never named.
 //!
 //! Each node's [`NodeInfo`] is a foca custom broadcast, versioned, so a newer one replaces an
 //! older one everywhere; it is re-broadcast every [`REFRESH`] so that nodes that joined since
@@ -33,7 +40,8 @@ use rand::SeedableRng;
 use rand::rngs::SmallRng;
 use serde::{Deserialize, Serialize};
 
-use crate::keys::{ChannelId, NodeId};
+use crate::keys::{ChannelId, NodeId, NodeKey};
+pub use crate::node::directory::{Advert, Carrier, Directory, MembershipStats};
 
 /// How often a node re-broadcasts its info, so that nodes that joined since learn it.
 pub const REFRESH: Duration = Duration::from_secs(10);
@@ -93,19 +101,45 @@ impl Identity for MemberId {
     }
 }
 
-/// What a supernode tells the others about itself.
+/// What a supernode tells the others about itself. It travels signed by the node's key
+/// ([`SignedInfo`]), so a member can relay another's info but never forge or alter it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeInfo {
     node: [u8; 32],
     /// Newer replaces older.
     version: u64,
+    /// Where it is dialled: a member that foca lists at another address is not named.
+    addr: SocketAddr,
     /// Channels carried.
     channels: Vec<[u8; 32]>,
     /// Draining: name it to nobody.
     draining: bool,
     /// Load in permille of its capacity.
     load_permille: u16,
+    /// Declared upload capacity in bits per second (0: not declared).
+    capacity_bps: u64,
 }
+
+/// A [`NodeInfo`] as gossiped: its encoding and the node's Ed25519 signature over it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct SignedInfo {
+    body: Vec<u8>,
+    /// 64 bytes (serde derives arrays up to 32 only).
+    signature: Vec<u8>,
+}
+
+/// What the signature covers: a context string, then the info's encoding.
+fn signed_message(body: &[u8]) -> Vec<u8> {
+    let mut message = Vec::with_capacity(INFO_CONTEXT.len() + body.len());
+    message.extend_from_slice(INFO_CONTEXT);
+    message.extend_from_slice(body);
+    message
+}
+
+const INFO_CONTEXT: &[u8] = b"gridcast node info v1\0";
+
+/// Largest encoded info accepted: every channel listed and some room.
+const MAX_INFO_BYTES: usize = MAX_INFO_CHANNELS * 33 + 128;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct InfoKey {
@@ -128,6 +162,12 @@ pub enum InfoError {
     /// It lists more channels than allowed.
     #[error("node info lists {0} channels (at most {MAX_INFO_CHANNELS})")]
     TooManyChannels(usize),
+    /// It is larger than any honest info.
+    #[error("node info of {0} bytes (at most {MAX_INFO_BYTES})")]
+    TooLarge(usize),
+    /// Its signature is not its node's.
+    #[error("node info not signed by its node")]
+    BadSignature,
 }
 
 /// The infos received, newest per node. foca owns its broadcast handler and lends it to
@@ -147,7 +187,11 @@ impl BroadcastHandler<MemberId> for Infos {
         data: &[u8],
         _sender: Option<&MemberId>,
     ) -> Result<Option<InfoKey>, InfoError> {
-        let info: NodeInfo = postcard::from_bytes(data)?;
+        let signed: SignedInfo = postcard::from_bytes(data)?;
+        if signed.body.len() > MAX_INFO_BYTES {
+            return Err(InfoError::TooLarge(signed.body.len()));
+        }
+        let info: NodeInfo = postcard::from_bytes(&signed.body)?;
         if info.channels.len() > MAX_INFO_CHANNELS {
             return Err(InfoError::TooManyChannels(info.channels.len()));
         }
@@ -158,6 +202,15 @@ impl BroadcastHandler<MemberId> for Infos {
         if !newer || (by_node.len() >= MAX_MEMBERS && !by_node.contains_key(&info.node)) {
             return Ok(None);
         }
+        // Checked only for an info that would be kept: one verification per new version.
+        let signature: &[u8; 64] = signed
+            .signature
+            .as_slice()
+            .try_into()
+            .map_err(|_| InfoError::BadSignature)?;
+        if !NodeId::from_bytes(info.node).verify(&signed_message(&signed.body), signature) {
+            return Err(InfoError::BadSignature);
+        }
         let key = InfoKey {
             node: info.node,
             version: info.version,
@@ -165,29 +218,6 @@ impl BroadcastHandler<MemberId> for Infos {
         by_node.insert(info.node, info);
         Ok(Some(key))
     }
-}
-
-/// A supernode that carries a channel, as membership knows it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Carrier {
-    /// Its node id.
-    pub node: NodeId,
-    /// Where to dial it.
-    pub addr: SocketAddr,
-    /// Its load in permille.
-    pub load_permille: u16,
-}
-
-/// Counters.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct MembershipStats {
-    /// Gossip packets handed to foca.
-    pub packets_in: u64,
-    /// Gossip packets foca wanted sent.
-    pub packets_out: u64,
-    /// Packets foca refused (undecodable, bad info), or whose sender was not the node that
-    /// carried them.
-    pub rejected: u64,
 }
 
 /// foca with this node's info, virtual time and a send queue.
@@ -199,6 +229,7 @@ pub struct Membership {
     outbox: Vec<(MemberId, Bytes)>,
     infos: Infos,
     me: NodeInfo,
+    key: NodeKey,
     refresh_at: Option<Instant>,
     stats: MembershipStats,
     /// Members that came up (`true`) or went down since the last poll.
@@ -229,14 +260,18 @@ fn config() -> Config {
 }
 
 impl Membership {
-    /// Membership for the node `node` reachable at `addr`; `seed` makes it deterministic.
-    pub fn new(node: NodeId, addr: SocketAddr, seed: u64) -> Self {
+    /// Membership for the node holding `key`, reachable at `addr`; `seed` makes it
+    /// deterministic.
+    pub fn new(key: &NodeKey, addr: SocketAddr, seed: u64) -> Self {
+        let node = key.node_id();
         let me = NodeInfo {
             node: *node.as_bytes(),
             version: 0,
+            addr,
             channels: Vec::new(),
             draining: false,
             load_permille: 0,
+            capacity_bps: 0,
         };
         let infos = Infos::default();
         Self {
@@ -253,163 +288,26 @@ impl Membership {
             timer_seq: 0,
             outbox: Vec::new(),
             me,
+            key: key.clone(),
             refresh_at: None,
             stats: MembershipStats::default(),
             changes: Vec::new(),
         }
     }
 
-    /// Counters.
-    pub fn stats(&self) -> MembershipStats {
-        self.stats
-    }
-
-    /// Members foca lists as active, this node excluded.
-    pub fn members(&self) -> usize {
-        self.foca.num_members()
-    }
-
-    /// Joins through `to` (any member): it answers with what it knows.
-    pub fn announce(&mut self, now: Instant, to: MemberId) {
-        let _ = self.foca.announce(to, &mut self.runtime);
-        self.settle(now);
-    }
-
-    /// A gossip packet from `from` (the node id its connection proved). A packet whose foca
-    /// header names another sender is dropped: nobody speaks for another node.
-    pub fn handle_data(&mut self, now: Instant, from: NodeId, data: &[u8]) {
-        let sender = PostcardCodec
-            .decode_header(data)
-            .ok()
-            .map(|h: foca::Header<MemberId>| h.src.node);
-        if sender != Some(*from.as_bytes()) {
-            self.stats.rejected += 1;
-            return;
-        }
-        self.stats.packets_in += 1;
-        if self.foca.handle_data(data, &mut self.runtime).is_err() {
-            self.stats.rejected += 1;
-        }
-        self.settle(now);
-    }
-
-    /// Fires the timers that are due, and the periodic refresh of this node's info.
-    pub fn handle_timeout(&mut self, now: Instant) {
-        while let Some((&(at, seq), _)) = self.timers.first_key_value() {
-            if at > now {
-                break;
-            }
-            if let Some(timer) = self.timers.remove(&(at, seq)) {
-                let _ = self.foca.handle_timer(timer, &mut self.runtime);
-            }
-        }
-        if self.refresh_at.is_some_and(|t| t <= now) {
-            self.publish(now);
-        }
-        self.settle(now);
-    }
-
-    /// When [`Membership::handle_timeout`] must run next.
-    pub fn poll_timeout(&self) -> Option<Instant> {
-        let timer = self.timers.first_key_value().map(|(&(at, _), _)| at);
-        timer.into_iter().chain(self.refresh_at).min()
-    }
-
-    /// The next gossip packet to send: to whom, where, what.
-    pub fn poll_send(&mut self) -> Option<(NodeId, SocketAddr, Bytes)> {
-        self.outbox
-            .pop()
-            .map(|(to, data)| (to.node(), to.addr, data))
-    }
-
-    /// The next member that came up (`true`) or went down.
-    pub fn poll_change(&mut self) -> Option<(NodeId, SocketAddr, bool)> {
-        if self.changes.is_empty() {
-            return None;
-        }
-        let (m, up) = self.changes.remove(0);
-        Some((m.node(), m.addr, up))
-    }
-
-    /// Tells the others what this node carries now (a new version of its info, at once).
-    pub fn set_info(
-        &mut self,
-        now: Instant,
-        channels: impl IntoIterator<Item = ChannelId>,
-        draining: bool,
-        load_permille: u16,
-    ) {
-        let mut list: Vec<[u8; 32]> = channels.into_iter().map(|c| *c.as_bytes()).collect();
-        list.sort_unstable();
-        list.truncate(MAX_INFO_CHANNELS);
-        let same = list == self.me.channels
-            && draining == self.me.draining
-            && load_permille == self.me.load_permille;
-        if same && self.refresh_at.is_some() {
-            return;
-        }
-        self.me.channels = list;
-        self.me.draining = draining;
-        self.me.load_permille = load_permille.min(1000);
-        self.publish(now);
-    }
-
     fn publish(&mut self, now: Instant) {
         self.me.version += 1;
-        if let Ok(data) = postcard::to_allocvec(&self.me) {
-            let _ = self.foca.add_broadcast(&data);
+        if let Ok(body) = postcard::to_allocvec(&self.me) {
+            let signature = self.key.sign(&signed_message(&body)).to_vec();
+            if let Ok(data) = postcard::to_allocvec(&SignedInfo { body, signature }) {
+                let _ = self.foca.add_broadcast(&data);
+            }
         }
         self.refresh_at = Some(now + REFRESH);
         // Broadcasts ride the next messages; gossip now so that a change (a drain, a new
         // channel) spreads at once rather than at the next probe.
         let _ = self.foca.gossip(&mut self.runtime);
         self.settle(now);
-    }
-
-    /// Up members (neither suspected nor down) that carry `channel` and are not draining.
-    pub fn carriers(&self, channel: &ChannelId) -> Vec<Carrier> {
-        let infos = self
-            .infos
-            .by_node
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        self.foca
-            .iter_members()
-            .filter(|m| m.state() == State::Alive)
-            .filter_map(|m| {
-                let id = m.id();
-                let info = infos.get(&id.node)?;
-                (!info.draining && info.channels.contains(channel.as_bytes())).then(|| Carrier {
-                    node: id.node(),
-                    addr: id.addr,
-                    load_permille: info.load_permille,
-                })
-            })
-            .collect()
-    }
-
-    /// Whether `node` should be named to nobody: it is draining, or a member foca suspects
-    /// or has declared down.
-    pub fn shunned(&self, node: &NodeId) -> bool {
-        let draining = self
-            .infos
-            .by_node
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(node.as_bytes())
-            .is_some_and(|i| i.draining);
-        draining
-            || self
-                .foca
-                .iter_membership_state()
-                .any(|m| m.id().node == *node.as_bytes() && m.state() != State::Alive)
-    }
-
-    /// Whether foca lists `node` as up (alive or suspected).
-    pub fn is_member(&self, node: &NodeId) -> bool {
-        self.foca
-            .iter_members()
-            .any(|m| m.id().node == *node.as_bytes())
     }
 
     /// Moves what foca produced into the timer set and the send queue.
@@ -440,6 +338,143 @@ impl Membership {
     }
 }
 
+impl Directory for Membership {
+    fn announce(&mut self, now: Instant, node: NodeId, addr: SocketAddr) {
+        let _ = self
+            .foca
+            .announce(MemberId::new(node, addr), &mut self.runtime);
+        self.settle(now);
+    }
+
+    /// A packet whose foca header names another sender than the proven `from` is dropped:
+    /// nobody speaks for another node.
+    fn handle_data(&mut self, now: Instant, from: NodeId, data: &[u8]) {
+        let sender = PostcardCodec
+            .decode_header(data)
+            .ok()
+            .map(|h: foca::Header<MemberId>| h.src.node);
+        if sender != Some(*from.as_bytes()) {
+            self.stats.rejected += 1;
+            return;
+        }
+        self.stats.packets_in += 1;
+        if self.foca.handle_data(data, &mut self.runtime).is_err() {
+            self.stats.rejected += 1;
+        }
+        self.settle(now);
+    }
+
+    /// Fires the timers that are due, and the periodic refresh of this node's info.
+    fn handle_timeout(&mut self, now: Instant) {
+        while let Some((&(at, seq), _)) = self.timers.first_key_value() {
+            if at > now {
+                break;
+            }
+            if let Some(timer) = self.timers.remove(&(at, seq)) {
+                let _ = self.foca.handle_timer(timer, &mut self.runtime);
+            }
+        }
+        if self.refresh_at.is_some_and(|t| t <= now) {
+            self.publish(now);
+        }
+        self.settle(now);
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        let timer = self.timers.first_key_value().map(|(&(at, _), _)| at);
+        timer.into_iter().chain(self.refresh_at).min()
+    }
+
+    fn poll_send(&mut self) -> Option<(NodeId, SocketAddr, Bytes)> {
+        self.outbox
+            .pop()
+            .map(|(to, data)| (to.node(), to.addr, data))
+    }
+
+    fn poll_change(&mut self) -> Option<(NodeId, SocketAddr, bool)> {
+        if self.changes.is_empty() {
+            return None;
+        }
+        let (m, up) = self.changes.remove(0);
+        Some((m.node(), m.addr, up))
+    }
+
+    /// A new version of this node's info goes out at once when anything changed.
+    fn set_info(&mut self, now: Instant, advert: Advert) {
+        let mut list: Vec<[u8; 32]> = advert.channels.iter().map(|c| *c.as_bytes()).collect();
+        list.sort_unstable();
+        list.truncate(MAX_INFO_CHANNELS);
+        let load_permille = advert.load_permille.min(1000);
+        let same = list == self.me.channels
+            && advert.draining == self.me.draining
+            && load_permille == self.me.load_permille
+            && advert.capacity_bps == self.me.capacity_bps;
+        if same && self.refresh_at.is_some() {
+            return;
+        }
+        self.me.channels = list;
+        self.me.draining = advert.draining;
+        self.me.load_permille = load_permille;
+        self.me.capacity_bps = advert.capacity_bps;
+        self.publish(now);
+    }
+
+    /// A member counts when foca lists it alive at the address its own signed info gives.
+    fn carriers(&self, channel: &ChannelId) -> Vec<Carrier> {
+        let infos = self
+            .infos
+            .by_node
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.foca
+            .iter_members()
+            .filter(|m| m.state() == State::Alive)
+            .filter_map(|m| {
+                let id = m.id();
+                let info = infos.get(&id.node)?;
+                (info.addr == id.addr
+                    && !info.draining
+                    && info.channels.contains(channel.as_bytes()))
+                .then(|| Carrier {
+                    node: id.node(),
+                    addr: id.addr,
+                    load_permille: info.load_permille,
+                    capacity_bps: info.capacity_bps,
+                })
+            })
+            .collect()
+    }
+
+    fn shunned(&self, node: &NodeId) -> bool {
+        let draining = self
+            .infos
+            .by_node
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(node.as_bytes())
+            .is_some_and(|i| i.draining);
+        draining
+            || self
+                .foca
+                .iter_membership_state()
+                .any(|m| m.id().node == *node.as_bytes() && m.state() != State::Alive)
+    }
+
+    fn is_member(&self, node: &NodeId) -> bool {
+        self.foca
+            .iter_members()
+            .any(|m| m.id().node == *node.as_bytes())
+    }
+
+    fn members(&self) -> usize {
+        self.foca.num_members()
+    }
+
+    fn stats(&self) -> MembershipStats {
+        self.stats
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::disallowed_methods)] // one base instant; time moves by hand
@@ -451,9 +486,9 @@ mod tests {
         let t0 = Instant::now();
         let mut nodes: Vec<Membership> = (0..n)
             .map(|i| {
-                let node = NodeKey::from_seed(&[i as u8 + 1; 32]).node_id();
+                let key = NodeKey::from_seed(&[i as u8 + 1; 32]);
                 let addr = SocketAddr::from(([127, 0, 0, 1], 5000 + i as u16));
-                Membership::new(node, addr, i as u64)
+                Membership::new(&key, addr, i as u64)
             })
             .collect();
         let first = MemberId::new(
@@ -461,7 +496,7 @@ mod tests {
             SocketAddr::from(([127, 0, 0, 1], 5000)),
         );
         for m in nodes.iter_mut().skip(1) {
-            m.announce(t0, first);
+            m.announce(t0, first.node(), first.addr());
         }
         (nodes, t0)
     }
@@ -504,22 +539,33 @@ mod tests {
         now
     }
 
+    fn advert(channel: ChannelId, draining: bool) -> Advert {
+        Advert {
+            channels: vec![channel],
+            draining,
+            load_permille: 100,
+            capacity_bps: 50_000_000,
+        }
+    }
+
     #[test]
     fn members_learn_each_other_and_what_they_carry_and_lose_the_dead_within_five_seconds() {
         let (mut nodes, t0) = cluster(6);
         let channel = ChannelKey::from_seed(&[7; 32]).channel_id();
         for m in nodes.iter_mut().skip(2) {
-            m.set_info(t0, [channel], false, 100);
+            m.set_info(t0, advert(channel, false));
         }
         let mut alive = vec![true; 6];
         let now = run(&mut nodes, &alive, t0, Duration::from_secs(3));
         for m in &nodes {
             assert_eq!(m.members(), 5, "everyone knows everyone");
         }
-        assert_eq!(nodes[0].carriers(&channel).len(), 4);
+        let carriers = nodes[0].carriers(&channel);
+        assert_eq!(carriers.len(), 4);
+        assert!(carriers.iter().all(|c| c.capacity_bps == 50_000_000));
         // Node 5 dies; node 4 drains.
         alive[5] = false;
-        nodes[4].set_info(now, [channel], true, 100);
+        nodes[4].set_info(now, advert(channel, true));
         let after = run(&mut nodes, &alive, now, Duration::from_millis(500));
         let carriers: Vec<NodeId> = nodes[0].carriers(&channel).iter().map(|c| c.node).collect();
         assert!(
@@ -552,5 +598,44 @@ mod tests {
         let honest = NodeId::from_bytes(nodes[1].me.node);
         nodes[0].handle_data(t0, honest, b"garbage");
         assert_eq!(nodes[0].stats().rejected, 2);
+    }
+
+    #[test]
+    fn an_info_is_kept_only_when_its_own_node_signed_it() {
+        let key = NodeKey::from_seed(&[1; 32]);
+        let other = NodeKey::from_seed(&[2; 32]);
+        let info = NodeInfo {
+            node: *key.node_id().as_bytes(),
+            version: 1,
+            addr: SocketAddr::from(([127, 0, 0, 1], 5000)),
+            channels: vec![[7; 32]],
+            draining: true,
+            load_permille: 0,
+            capacity_bps: 0,
+        };
+        let encode = |info: &NodeInfo, signer: &NodeKey, flip: bool| {
+            let mut body = postcard::to_allocvec(info).unwrap();
+            let signature = signer.sign(&signed_message(&body)).to_vec();
+            if flip {
+                let last = body.len() - 1;
+                body[last] ^= 1;
+            }
+            postcard::to_allocvec(&SignedInfo { body, signature }).unwrap()
+        };
+        let mut infos = Infos::default();
+        // Another member speaking for this node (marking it as draining), or an honest info
+        // altered on the way: both refused.
+        let forged = encode(&info, &other, false);
+        assert!(matches!(
+            infos.receive_item(&forged, None),
+            Err(InfoError::BadSignature)
+        ));
+        let altered = encode(&info, &key, true);
+        assert!(infos.receive_item(&altered, None).is_err());
+        assert!(infos.by_node.lock().unwrap().is_empty());
+        let honest = encode(&info, &key, false);
+        assert!(matches!(infos.receive_item(&honest, None), Ok(Some(_))));
+        // The same version again is not news.
+        assert!(matches!(infos.receive_item(&honest, None), Ok(None)));
     }
 }

@@ -12,6 +12,7 @@
 
 pub mod channel;
 pub mod cid;
+pub mod directory;
 pub mod engine;
 pub mod membership;
 pub mod tls;

@@ -137,14 +137,20 @@ pub struct Grid {
 
 impl Grid {
     pub fn new(seed: u64, n_super: usize, super_config: impl Fn(usize) -> EngineConfig) -> Self {
+        let config = SimConfig {
+            seed,
+            ..Default::default()
+        };
+        Self::with_sim_config(config, n_super, super_config)
+    }
+
+    pub fn with_sim_config(
+        config: SimConfig,
+        n_super: usize,
+        super_config: impl Fn(usize) -> EngineConfig,
+    ) -> Self {
         let t0 = Instant::now();
-        let mut sim = Sim::new(
-            t0,
-            SimConfig {
-                seed,
-                ..Default::default()
-            },
-        );
+        let mut sim = Sim::new(t0, config);
         let source = Broadcast::new(&mut sim, 500_000);
         let (src_addr, src_id) = (sim.node(source.node).addr, sim.node(source.node).id);
         let supernodes = (0..n_super)
@@ -255,7 +261,22 @@ impl Grid {
     /// `relays` relays that know only the source, run for `settle`; the relays are the
     /// grid's supernodes.
     pub fn self_forming(seed: u64, first_tier: usize, relays: usize, settle: Duration) -> Self {
-        let mut grid = Self::new(seed, 0, Self::relay_config);
+        let config = SimConfig {
+            seed,
+            ..Default::default()
+        };
+        Self::self_forming_with(config, first_tier, relays, settle)
+    }
+
+    /// [`Grid::self_forming`] on a given simulator configuration (for example with the
+    /// in-memory directory instead of gossip).
+    pub fn self_forming_with(
+        config: SimConfig,
+        first_tier: usize,
+        relays: usize,
+        settle: Duration,
+    ) -> Self {
+        let mut grid = Self::with_sim_config(config, 0, Self::relay_config);
         let source_ix = grid.source.node;
         grid.sim
             .node_mut(source_ix)

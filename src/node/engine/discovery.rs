@@ -15,6 +15,7 @@ use quinn_proto::ConnectionHandle;
 
 use crate::keys::ChannelId;
 use crate::node::channel::ChannelMode;
+use crate::node::directory::Carrier;
 use crate::node::upstream::Candidate;
 use crate::node::upstream::Slot;
 use crate::wire::{MAX_PARENTS, Message, ParentAnswer, ParentCandidate, ParentQuery, Role};
@@ -119,23 +120,22 @@ impl Engine {
             }
         }
         // Then the supernodes membership knows to carry it (up, not draining, not full),
-        // rotated the same way.
-        let mut members: Vec<ParentCandidate> = self
+        // rotated the same way, then ranked by spare capacity.
+        let mut carriers: Vec<_> = self
             .gossip_carriers(&channel)
             .into_iter()
             .filter(|c| c.load_permille < 1000)
-            .map(|c| ParentCandidate {
-                node: c.node,
-                addrs: vec![c.addr],
-                load_permille: c.load_permille,
-            })
             .collect();
-        if !members.is_empty() {
-            // Spread by asker, then the least loaded (in tenths of capacity) first.
-            let by = spread % members.len();
-            members.rotate_left(by);
-            members.sort_by_key(|c| c.load_permille / 100);
+        if !carriers.is_empty() {
+            let by = spread % carriers.len();
+            carriers.rotate_left(by);
+            rank_by_spare_capacity(&mut carriers);
         }
+        let members = carriers.into_iter().map(|c| ParentCandidate {
+            node: c.node,
+            addrs: vec![c.addr],
+            load_permille: c.load_permille,
+        });
         let mut out: Vec<ParentCandidate> = Vec::new();
         let alternatives = self.alternatives.get(&channel).into_iter().flatten();
         let named = alternatives.map(|c| ParentCandidate {
@@ -387,9 +387,22 @@ fn same_network(a: std::net::IpAddr, b: std::net::IpAddr) -> bool {
     }
 }
 
+/// Orders carriers by the upload they have left, most first, in steps of a tenth of the
+/// largest capacity among them, so that the order they came in (spread by asker) holds
+/// among those alike. A carrier that declared no capacity counts as large as the largest
+/// that did; when none did, this is the order of their load in tenths.
+fn rank_by_spare_capacity(carriers: &mut [Carrier]) {
+    let largest = carriers.iter().map(|c| c.capacity_bps).max().unwrap_or(0);
+    let assumed = if largest == 0 { 1_000_000_000 } else { largest };
+    let step = (assumed / 10).max(1);
+    carriers.sort_by_key(|c| std::cmp::Reverse(c.spare_bps(assumed) / step));
+}
+
 #[cfg(test)]
 mod tests {
-    use super::same_network;
+    use super::{rank_by_spare_capacity, same_network};
+    use crate::keys::NodeKey;
+    use crate::node::directory::Carrier;
 
     #[test]
     fn networks_are_slash_24_and_slash_64() {
@@ -399,5 +412,34 @@ mod tests {
         assert!(same_network(ip("2001:db8:1:2::1"), ip("2001:db8:1:2::ff")));
         assert!(!same_network(ip("2001:db8:1:2::1"), ip("2001:db8:1:3::1")));
         assert!(!same_network(ip("192.0.2.7"), ip("::ffff:192.0.2.7")));
+    }
+
+    #[test]
+    fn carriers_with_more_upload_left_come_first_and_alike_keep_their_order() {
+        let carrier = |i: u8, load_permille: u16, capacity_bps: u64| Carrier {
+            node: NodeKey::from_seed(&[i; 32]).node_id(),
+            addr: std::net::SocketAddr::from(([127, 0, 0, 1], 5000 + u16::from(i))),
+            load_permille,
+            capacity_bps,
+        };
+        // 10 Gbit/s half used has far more left than 1 Gbit/s idle; two alike keep the
+        // order they came in (the per-asker spread); the undeclared counts as 10 Gbit/s.
+        let mut list = vec![
+            carrier(1, 0, 1_000_000_000),
+            carrier(2, 500, 10_000_000_000),
+            carrier(3, 900, 0),
+            carrier(4, 520, 10_000_000_000),
+        ];
+        rank_by_spare_capacity(&mut list);
+        let order: Vec<u8> = list
+            .iter()
+            .map(|c| (1..=4).find(|&i| carrier(i, 0, 0).node == c.node).unwrap())
+            .collect();
+        assert_eq!(order, vec![2, 4, 1, 3]);
+        // None declared: the least loaded first, in tenths.
+        let mut list = vec![carrier(1, 350, 0), carrier(2, 120, 0), carrier(3, 150, 0)];
+        rank_by_spare_capacity(&mut list);
+        assert_eq!(list[0].load_permille, 120);
+        assert_eq!(list[2].load_permille, 350);
     }
 }

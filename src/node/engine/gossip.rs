@@ -2,8 +2,9 @@
 //! advertised address runs foca; its packets travel as QUIC datagrams on a connection to the
 //! member, dialled when there is none, and are taken only from connections whose far end
 //! proved its node id and is not a plain peer. What membership knows feeds the parent
-//! answers ([`super::discovery`]); this node's own info (channels carried, draining, load)
-//! goes out when it changes and every few seconds.
+//! answers ([`super::discovery`]); this node's own info (channels carried, draining, load,
+//! declared capacity) goes out when it changes and every few seconds. In the simulator a
+//! shared [`crate::node::directory::Board`] may stand in for the gossip.
 
 use std::time::Instant;
 
@@ -12,7 +13,8 @@ use quinn_proto::ConnectionHandle;
 
 use crate::keys::NodeId;
 use crate::node::channel::ChannelMode;
-use crate::node::membership::{Carrier, MemberId, Membership, MembershipStats};
+use crate::node::directory::{Advert, Carrier, Directory, MembershipStats};
+use crate::node::membership::Membership;
 use crate::node::upstream::Candidate;
 use crate::wire::Role;
 
@@ -27,7 +29,7 @@ const GOSSIP_BACKLOG: usize = 16;
 impl Engine {
     /// Membership for this node, if its settings make it a member (a serving supernode or
     /// source with an advertised address).
-    pub(super) fn new_membership(&self) -> Option<Membership> {
+    pub(super) fn new_membership(&self) -> Option<Box<dyn Directory>> {
         let addr = self.config.advertise?;
         if !self.config.serve || self.config.role == Role::Peer {
             return None;
@@ -36,7 +38,10 @@ impl Engine {
             || u64::from_le_bytes(self.node.as_bytes()[..8].try_into().unwrap_or([0; 8])),
             |s| u64::from_le_bytes(s[..8].try_into().unwrap_or([0; 8])),
         );
-        Some(Membership::new(self.node, addr, seed))
+        if let Some(board) = &self.config.directory {
+            return Some(Box::new(board.member(self.node, addr)));
+        }
+        Some(Box::new(Membership::new(&self.key, addr, seed)))
     }
 
     /// Makes this node a member, reachable at `addr` (a driver learns its address only once
@@ -67,12 +72,12 @@ impl Engine {
 
     /// Membership counters (`None`: this node is not a member).
     pub fn membership_stats(&self) -> Option<MembershipStats> {
-        self.membership.as_ref().map(Membership::stats)
+        self.membership.as_ref().map(|m| m.stats())
     }
 
     /// Members known (this node excluded; 0 when it is not a member).
     pub fn members(&self) -> usize {
-        self.membership.as_ref().map_or(0, Membership::members)
+        self.membership.as_ref().map_or(0, |m| m.members())
     }
 
     /// Joins the membership through `candidates` (any of them that is a member answers).
@@ -81,7 +86,7 @@ impl Engine {
             return;
         };
         for c in candidates {
-            m.announce(now, MemberId::new(c.node, c.addr));
+            m.announce(now, c.node, c.addr);
         }
         self.gossip_flush(now);
     }
@@ -112,9 +117,15 @@ impl Engine {
         };
         let load = by_upload.max(by_subscriptions);
         self.info_due = Some(now + LOAD_EVERY);
-        let draining = self.draining;
+        let advert = Advert {
+            channels,
+            draining: self.draining,
+            load_permille: load,
+            // The upload cap is what this node declares it can send.
+            capacity_bps: self.config.upload_cap.map_or(0, |c| c.saturating_mul(8)),
+        };
         if let Some(m) = &mut self.membership {
-            m.set_info(now, channels, draining, load);
+            m.set_info(now, advert);
         }
         self.info_stale = false;
         self.gossip_flush(now);
@@ -128,7 +139,7 @@ impl Engine {
         let due = self
             .membership
             .as_ref()
-            .and_then(Membership::poll_timeout)
+            .and_then(|m| m.poll_timeout())
             .is_some_and(|t| t <= now);
         if due && let Some(m) = &mut self.membership {
             m.handle_timeout(now);
@@ -208,7 +219,7 @@ impl Engine {
         self.touch(handle);
     }
 
-    /// Members that carry `channel`, as candidates (see [`Membership::carriers`]).
+    /// Members that carry `channel`, as candidates (see [`Directory::carriers`]).
     pub(super) fn gossip_carriers(&self, channel: &crate::keys::ChannelId) -> Vec<Carrier> {
         self.membership
             .as_ref()

@@ -42,7 +42,8 @@
 //!   streams, the upload cap and the backlog bound.
 //! - `discovery`: parent queries and answers, and the first-tier limit that sends peers to
 //!   relays.
-//! - `gossip`: membership among supernodes (foca over QUIC datagrams) and this node's info.
+//! - `gossip`: membership among supernodes (a [`crate::node::directory::Directory`]: foca over
+//!   QUIC datagrams, or the simulator's board) and this node's info.
 //! - `parents`: the upstream policy ([`crate::node::upstream`]) put to work: candidates,
 //!   standbys, assignment and failover.
 
@@ -134,6 +135,9 @@ pub struct EngineConfig {
     /// The address other nodes dial this node at. With it, a serving supernode or source
     /// joins the membership among supernodes ([`crate::node::membership`]).
     pub advertise: Option<SocketAddr>,
+    /// The in-memory directory shared by the nodes of one simulation, used instead of gossip
+    /// when set ([`crate::node::directory::Board`]).
+    pub directory: Option<crate::node::directory::Board>,
     /// The first tier a source serves: at most this many child connections, and no peer
     /// once a relay child carries the channel; others are refused with candidates (the relays
     /// among its children) so that tiers form by themselves (`None`: serve everyone).
@@ -182,6 +186,7 @@ impl Default for EngineConfig {
             max_subscribers: None,
             max_children: None,
             advertise: None,
+            directory: None,
             open: None,
             worker: None,
             export_shards: false,
@@ -424,7 +429,9 @@ pub struct Engine {
     /// channel information with the first one.
     awaiting_info: HashMap<ChannelId, Vec<ConnectionHandle>>,
     /// Membership among supernodes, if this node is one (see `gossip`).
-    membership: Option<crate::node::membership::Membership>,
+    membership: Option<Box<dyn crate::node::directory::Directory>>,
+    /// This node's key, for what it signs about itself in gossip.
+    key: NodeKey,
     /// This node's info changed (a channel was added) and goes out at the next timer.
     info_stale: bool,
     /// Hand received gossip to the application (`set_forward_gossip`).
@@ -535,6 +542,7 @@ impl Engine {
             identity,
             hello,
             node: key.node_id(),
+            key: key.clone(),
             config,
             endpoint,
             transport,
