@@ -8,8 +8,9 @@
 //!
 //! Then a grid that forms itself: a source with a first tier of 10, 30 relays and 1,000 peers
 //! that know only the source (discovery, membership and peer exchange at work), for 60 s of
-//! stream (`--quick`: 10 relays, 100 peers, 20 s):
-//! `grid-discovery supernodes=<n> peers=<n> stream_s=<s> wall_s=<w> speedup_vs_realtime=<x>
+//! stream (`--quick`: 10 relays, 100 peers, 20 s; `--relays`, `--peers` and `--stream` set
+//! them, `--board` puts the simulator's in-memory directory in place of gossip):
+//! `grid-discovery membership=<gossip|board> supernodes=<n> peers=<n> stream_s=<s> wall_s=<w> speedup_vs_realtime=<x>
 //! continuity_min=<c> source_upload_bytes=<b> delivered_bytes=<d>`.
 
 #![allow(clippy::unwrap_used, clippy::print_stdout, clippy::disallowed_methods)]
@@ -21,17 +22,29 @@ use std::time::{Duration, Instant};
 
 use common::grid::Grid;
 use gridcast::node::EngineConfig;
+use gridcast::node::directory::Board;
+use gridcast::sim::SimConfig;
 
 fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
-    if !std::env::args().any(|a| a == "--discovery-only") {
+    let args: Vec<String> = std::env::args().collect();
+    let flag = |name: &str| args.iter().any(|a| a == name);
+    let value = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .map(|v| v.parse::<usize>().expect("a number"))
+    };
+    let quick = flag("--quick");
+    if !flag("--discovery-only") {
         fixed(quick);
     }
-    if quick {
-        discovery(10, 100, 20);
-    } else {
-        discovery(30, 1000, 60);
-    }
+    let (relays, peers, stream) = if quick { (10, 100, 20) } else { (30, 1000, 60) };
+    discovery(
+        value("--relays").unwrap_or(relays),
+        value("--peers").unwrap_or(peers),
+        value("--stream").unwrap_or(stream) as u64,
+        flag("--board"),
+    );
 }
 
 /// A grid wired by hand: 4 supernodes, peers drawing from 3 of them.
@@ -63,8 +76,14 @@ fn fixed(quick: bool) {
 }
 
 /// A grid that forms itself from the source's link alone.
-fn discovery(relays: usize, peers: usize, stream: u64) {
-    let mut grid = Grid::self_forming(2, 10, relays, Duration::from_secs(3));
+/// With `board`, membership comes from the simulator's in-memory directory, not gossip.
+fn discovery(relays: usize, peers: usize, stream: u64, board: bool) {
+    let config = SimConfig {
+        seed: 2,
+        directory: board.then(Board::new),
+        ..Default::default()
+    };
+    let mut grid = Grid::self_forming_with(config, 10, relays, Duration::from_secs(3));
     let source_ix = grid.source.node;
     let source = grid.source_candidate();
     for _ in 0..peers {
@@ -83,9 +102,10 @@ fn discovery(relays: usize, peers: usize, stream: u64) {
         .fold(1.0f64, f64::min);
     let delivered = grid.assert_perfect(&format!("bench-discovery-{peers}"));
     println!(
-        "grid-discovery supernodes={relays} peers={peers} stream_s={stream} wall_s={wall_s:.1} \
+        "grid-discovery membership={} supernodes={relays} peers={peers} stream_s={stream} wall_s={wall_s:.1} \
          speedup_vs_realtime={:.2} continuity_min={continuity_min:.4} source_upload_bytes={} \
          delivered_bytes={delivered}",
+        if board { "board" } else { "gossip" },
         stream as f64 / wall_s,
         grid.sim.node(source_ix).bytes_sent,
     );

@@ -1,8 +1,8 @@
-//! LAN discovery by mDNS across two network namespaces this test creates: a source and a
-//! relay announcing with `--mdns` on one host, a player on the other given nothing but the
-//! channel id. The veth pair between them is all the "local network" there is; the player's
-//! file must be a byte-exact tail of ffmpeg's output and decode cleanly. Both namespaces are
-//! removed at the end, also when the test fails.
+//! LAN discovery by mDNS across two network namespaces each test creates: a source and a
+//! relay announcing with `--mdns` on one host, players on the other given nothing but the
+//! channel id, or a link and `--mdns`. The veth pair between them is all the "local
+//! network" there is; every player's file must be a byte-exact tail of ffmpeg's output and
+//! decode cleanly. The namespaces are removed at the end, also when a test fails.
 //!
 //! Needs root, `ip` (iproute2) and ffmpeg; skipped (with a message) without them unless
 //! `GRIDCAST_REQUIRE_NETNS=1` (CI) makes that a failure.
@@ -20,6 +20,7 @@ use common::procs::*;
 /// Two namespaces joined by a veth pair, removed on drop.
 struct Lan {
     names: [String; 2],
+    tag: u32,
 }
 
 fn ip(args: &[&str]) -> bool {
@@ -32,12 +33,12 @@ fn ip(args: &[&str]) -> bool {
 }
 
 impl Lan {
-    /// `ns-a` at 10.77.<n>.1/24 and `ns-b` at 10.77.<n>.2/24, `n` from the process id so
-    /// that runs side by side do not collide.
-    fn new() -> Option<Self> {
-        let tag = std::process::id() % 200;
+    /// `ns-a` at 10.77.<n>.1/24 and `ns-b` at 10.77.<n>.2/24, `n` from the process id and
+    /// the test's `slot` (0 or 1) so that tests and runs side by side do not collide.
+    fn new(slot: u32) -> Option<Self> {
+        let tag = std::process::id() % 100 * 2 + slot;
         let names = [format!("gc-lan-a{tag}"), format!("gc-lan-b{tag}")];
-        let lan = Self { names };
+        let lan = Self { names, tag };
         let [a, b] = &lan.names;
         let (va, vb) = (format!("gcva{tag}"), format!("gcvb{tag}"));
         let net = format!("10.77.{tag}");
@@ -56,7 +57,7 @@ impl Lan {
     }
 
     fn addr(&self, host: usize) -> String {
-        format!("10.77.{}.{}", std::process::id() % 200, host + 1)
+        format!("10.77.{}.{}", self.tag, host + 1)
     }
 
     /// `gridcast args…` inside namespace `host`.
@@ -76,6 +77,56 @@ impl Drop for Lan {
             ip(&["netns", "del", name]);
         }
     }
+}
+
+/// On host 0: a source fed `secs` of live ffmpeg and a relay joined to it that announces
+/// itself by mDNS. Returns the stream, the channel id and the relay.
+fn source_and_announced_relay(
+    lan: &Lan,
+    dir: &std::path::Path,
+    secs: u64,
+) -> (Live, String, Child) {
+    let key = keygen(dir);
+    let channel = String::from_utf8(
+        gridcast(&["channel-id", key.to_str().unwrap()])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap()
+    .trim()
+    .to_owned();
+    let host_a = lan.addr(0);
+    let live = Live::start(
+        lan.gridcast(
+            0,
+            &[
+                "broadcast",
+                "--key",
+                key.to_str().unwrap(),
+                "--listen",
+                &format!("{host_a}:4433"),
+                "--linger",
+                "4",
+            ],
+        ),
+        secs,
+    );
+    let source_link = live.link.clone();
+    let (relay, _) = spawn_with_link(lan.gridcast(
+        0,
+        &[
+            "relay",
+            "--join",
+            &source_link,
+            "--listen",
+            &format!("{host_a}:4434"),
+            "--workers",
+            "1",
+            "--mdns",
+        ],
+    ));
+    (live, channel, relay)
 }
 
 fn can_run() -> bool {
@@ -101,49 +152,10 @@ fn a_player_given_only_the_channel_id_finds_a_relay_on_the_local_network() {
     if !can_run() || !have_ffmpeg() {
         return;
     }
-    let lan = Lan::new().expect("creating the network namespaces");
+    let lan = Lan::new(0).expect("creating the network namespaces");
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
-    let key = keygen(dir);
-    let channel = String::from_utf8(
-        gridcast(&["channel-id", key.to_str().unwrap()])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap()
-    .trim()
-    .to_owned();
-    let host_a = lan.addr(0);
-    let live = Live::start(
-        lan.gridcast(
-            0,
-            &[
-                "broadcast",
-                "--key",
-                key.to_str().unwrap(),
-                "--listen",
-                &format!("{host_a}:4433"),
-                "--linger",
-                "4",
-            ],
-        ),
-        10,
-    );
-    let source_link = live.link.clone();
-    let (relay, _) = spawn_with_link(lan.gridcast(
-        0,
-        &[
-            "relay",
-            "--join",
-            &source_link,
-            "--listen",
-            &format!("{host_a}:4434"),
-            "--workers",
-            "1",
-            "--mdns",
-        ],
-    ));
+    let (live, channel, relay) = source_and_announced_relay(&lan, dir, 10);
     thread::sleep(Duration::from_secs(1));
     let out = dir.join("lan.ts");
     let mut player = lan
@@ -158,4 +170,47 @@ fn a_player_given_only_the_channel_id_finds_a_relay_on_the_local_network() {
     reap(&mut rest);
     assert!(played.success(), "play failed: {played}");
     assert_tail(&out, &reference, 0.5);
+}
+
+#[test]
+fn a_relaying_peer_found_on_the_local_network_carries_a_player_when_the_relay_dies() {
+    // Host 1 has two players. The first has the source's link and `--mdns`: it prefers the
+    // relay it finds on the local network, keeps the source as a candidate, and announces
+    // itself since it relays. The second has only the channel id and finds both the relay
+    // and the first player. The relay is then killed: the first player goes on from the
+    // source, the second from the first player (or what it learnt from it), neither with a
+    // gap.
+    if !can_run() || !have_ffmpeg() {
+        return;
+    }
+    let lan = Lan::new(1).expect("creating the network namespaces");
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let (live, channel, mut relay) = source_and_announced_relay(&lan, dir, 14);
+    thread::sleep(Duration::from_secs(1));
+    let (out1, out2) = (dir.join("linked.ts"), dir.join("bare.ts"));
+    let link = live.link.clone();
+    let mut first = lan
+        .gridcast(
+            1,
+            &["play", &link, "--mdns", "--output", out1.to_str().unwrap()],
+        )
+        .spawn()
+        .unwrap();
+    thread::sleep(Duration::from_secs(2));
+    let mut second = lan
+        .gridcast(1, &["play", &channel, "--output", out2.to_str().unwrap()])
+        .spawn()
+        .unwrap();
+    thread::sleep(Duration::from_secs(4));
+    relay.kill().unwrap();
+    relay.wait().unwrap();
+    let reference = live.finish();
+    thread::sleep(Duration::from_secs(3));
+    signal(&first, "-TERM");
+    signal(&second, "-TERM");
+    let (a, b) = (first.wait().unwrap(), second.wait().unwrap());
+    assert!(a.success() && b.success(), "play failed: {a}, {b}");
+    assert_tail(&out1, &reference, 0.6);
+    assert_tail(&out2, &reference, 0.4);
 }

@@ -341,6 +341,12 @@ pub struct PlayArgs {
     #[arg(long)]
     #[serde(default)]
     pub no_status: bool,
+    /// Also look on the local network (mDNS) for nodes that carry the channel and prefer
+    /// them to the link's, and announce this peer there while it relays. Implied by a bare
+    /// channel id.
+    #[arg(long)]
+    #[serde(default)]
+    pub mdns: bool,
     /// auto, uring or portable [default: auto].
     #[arg(long, env = "GRIDCAST_IO_BACKEND")]
     pub io_backend: Option<IoBackend>,
@@ -367,6 +373,7 @@ impl PlayArgs {
                 self.connect_timeout.or(file.connect_timeout).unwrap_or(10),
             ),
             upload_bps: self.upload.or(file.upload).map(|r| r.0),
+            mdns: self.mdns || file.mdns,
             status: !(self.no_status || file.no_status) && std::io::stderr().is_terminal(),
         })
     }

@@ -71,6 +71,9 @@ pub struct PlayConfig {
     pub upload_bps: Option<u64>,
     /// Print a one-line live status on stderr (for a terminal).
     pub status: bool,
+    /// Look for nodes on the local network too (preferring them) and announce this peer
+    /// there while it relays; always so with a bare channel id.
+    pub mdns: bool,
 }
 
 /// Where a peer's chunks go.
@@ -179,7 +182,8 @@ fn status_line(s: &PlayStatus, bps: f64) -> String {
 #[allow(clippy::disallowed_methods)] // the connect timeout and the status line read the clock
 pub fn play(config: &PlayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
     let channel = config.link.channel;
-    let candidates = if config.link.nodes.is_empty() {
+    let bare = config.link.nodes.is_empty();
+    let candidates = if bare {
         // A bare channel id: a node on the local network that carries it (a hint until its
         // handshake proves the node id the record names).
         let wait = config.connect_timeout.min(Duration::from_secs(3));
@@ -190,10 +194,19 @@ pub fn play(config: &PlayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
                  give a link with a node's address"
             );
         }
-        for c in &found {
-            tracing::info!(addr = %c.addr, node = %c.node, "found on the local network");
-        }
+        log_found(&found);
         found
+    } else if config.mdns {
+        // The link's nodes, behind any that the local network offers: those are dialled
+        // first and, being nearest, are given substreams first.
+        let link = config.link.candidates()?;
+        let found = super::lan::find(channel, Duration::from_secs(1), Duration::from_millis(300))
+            .unwrap_or_else(|err| {
+                tracing::warn!(%err, "not looking on the local network");
+                Vec::new()
+            });
+        log_found(&found);
+        local_first(found, link)
     } else {
         config.link.candidates()?
     };
@@ -214,9 +227,20 @@ pub fn play(config: &PlayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
             }
         }),
     );
+    // A peer that relays, where the local network is looked at, is announced there too, so
+    // that players nearby draw from it (withdrawn when dropped).
+    let mut _lan = None;
     if engine_config.serve {
         let own = ChannelLink::single(channel, link_addr(&node), key.node_id());
         tracing::info!(link = %own, upload_bps = ?config.upload_bps, "relaying to other peers");
+        if bare || config.mdns {
+            let bound = node.local_addr();
+            let ip = (!bound.ip().is_unspecified()).then(|| bound.ip());
+            match super::lan::LanAnnouncer::start(key.node_id(), ip, bound.port(), &[channel]) {
+                Ok(lan) => _lan = Some(lan),
+                Err(err) => tracing::warn!(%err, "not announced on the local network"),
+            }
+        }
     }
     tracing::info!(%channel, backend = %node.backend(), "playing");
     let started = Instant::now();
@@ -291,6 +315,26 @@ pub fn play(config: &PlayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
     result
 }
 
+fn log_found(found: &[crate::node::Candidate]) {
+    for c in found {
+        tracing::info!(addr = %c.addr, node = %c.node, "found on the local network");
+    }
+}
+
+/// The nodes found on the local network, then the link's nodes that are not among them.
+fn local_first(
+    found: Vec<crate::node::Candidate>,
+    link: Vec<crate::node::Candidate>,
+) -> Vec<crate::node::Candidate> {
+    let mut out = found;
+    for c in link {
+        if !out.iter().any(|o| o.node == c.node) {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Keeps the newest reason per node.
 fn note(why: &mut Vec<(SocketAddr, String)>, remote: SocketAddr, reason: String) {
     why.retain(|(r, _)| *r != remote);
@@ -319,5 +363,22 @@ fn not_served(config: &PlayConfig, connected: bool, why: &[(SocketAddr, String)]
             "no node of the link answered within {waited:?} for channel {channel}: {}",
             hosts.join(", ")
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::local_first;
+    use crate::keys::NodeKey;
+    use crate::node::Candidate;
+
+    #[test]
+    fn nodes_on_the_local_network_come_before_the_links_and_none_twice() {
+        let c = |i: u8, port: u16| Candidate {
+            addr: std::net::SocketAddr::from(([10, 0, 0, i], port)),
+            node: NodeKey::from_seed(&[i; 32]).node_id(),
+        };
+        let merged = local_first(vec![c(2, 7000), c(3, 7000)], vec![c(1, 4433), c(2, 4434)]);
+        assert_eq!(merged, vec![c(2, 7000), c(3, 7000), c(1, 4433)]);
     }
 }
