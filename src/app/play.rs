@@ -112,6 +112,9 @@ impl Sink {
     }
 
     fn chunk(&mut self, flags: ChunkFlags, payload: Bytes) -> io::Result<()> {
+        if flags.contains(ChunkFlags::NO_DATA) {
+            return Ok(());
+        }
         match self {
             Self::Writer(out, gate) => {
                 for part in gate.admit(flags, payload) {
@@ -178,7 +181,8 @@ fn status_line(s: &PlayStatus, bps: f64) -> String {
     )
 }
 
-/// Runs a peer until a signal arrives or the output is closed.
+/// Runs a peer until a signal arrives, the output is closed, or (writing to a file or a
+/// pipe) the broadcast ends.
 #[allow(clippy::disallowed_methods)] // the connect timeout and the status line read the clock
 pub fn play(config: &PlayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
     let channel = config.link.channel;
@@ -286,6 +290,15 @@ pub fn play(config: &PlayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
                         break Ok(());
                     }
                     break Err(e).context("writing the output");
+                }
+                // The broadcast is over: a file or pipe is complete, so the player at its
+                // other end sees the end too. Local HTTP players keep what they were sent;
+                // the server stays up for them until stopped.
+                if flags.contains(ChunkFlags::END_OF_STREAM) {
+                    tracing::info!(%channel, "the stream ended: its source finished it");
+                    if matches!(sink, Sink::Writer(..)) {
+                        break Ok(());
+                    }
                 }
             }
             Ok(event) => {

@@ -41,7 +41,11 @@ impl ChunkFlags {
     /// The chunk is exactly the stream header (Ogg header pages, an fMP4 initialisation
     /// segment) that late joiners also get with the channel information.
     pub const STREAM_HEADER: Self = Self(8);
-    const KNOWN: u8 = 15;
+    /// The chunk carries no stream bytes: its one-byte payload only makes it codable. It
+    /// ends a broadcast (with [`ChunkFlags::END_OF_STREAM`]) whose last bytes had already
+    /// gone out in a chunk the timer closed; outputs write nothing of it.
+    pub const NO_DATA: Self = Self(16);
+    const KNOWN: u8 = 31;
 
     /// No flags.
     pub const fn empty() -> Self {
