@@ -226,7 +226,7 @@ fn a_late_joiner_plays_within_a_second() {
     grid.add_policy_peers(1, 2);
     grid.run(Duration::from_secs(3));
     let late = grid.played.last().unwrap();
-    let (first_seq, _, first) = late
+    let (first_seq, _, _, first) = late
         .chunks
         .first()
         .cloned()

@@ -102,10 +102,11 @@ impl Broadcast {
     }
 }
 
-/// What a peer played, and when it failed over.
+/// What a peer played (each chunk's sequence number, BLAKE3 hash and length rather than its
+/// bytes, so that a grid of thousands of peers fits in memory), and when it failed over.
 #[derive(Default)]
 pub struct Played {
-    pub chunks: Vec<(u64, Bytes, Instant)>,
+    pub chunks: Vec<(u64, blake3::Hash, usize, Instant)>,
     pub failovers: Vec<(Instant, u64)>,
     /// Stream headers received, in order.
     pub headers: Vec<SignedStreamHeader>,
@@ -115,7 +116,10 @@ pub fn collect(sim: &mut Sim, peer: NodeIx, played: &mut Played) {
     for (at, ev) in sim.take_events(peer) {
         match ev {
             NodeEvent::Chunk { seq, payload, .. } => {
-                played.chunks.push((seq, payload.to_bytes(), at));
+                let bytes = payload.to_bytes();
+                played
+                    .chunks
+                    .push((seq, blake3::hash(&bytes), bytes.len(), at));
             }
             NodeEvent::Failover { resume, .. } => played.failovers.push((at, resume)),
             NodeEvent::StreamHeader { header, .. } => played.headers.push(header),
@@ -327,6 +331,12 @@ impl Grid {
     pub fn assert_perfect(&self, scenario: &str) -> u64 {
         let last_published = *self.source.published.keys().next_back().unwrap();
         let mut delivered = 0;
+        let published: BTreeMap<u64, blake3::Hash> = self
+            .source
+            .published
+            .iter()
+            .map(|(seq, bytes)| (*seq, blake3::hash(bytes)))
+            .collect();
         for (i, p) in self.played.iter().enumerate() {
             let seqs: Vec<u64> = p.chunks.iter().map(|c| c.0).collect();
             assert!(!seqs.is_empty(), "{scenario}: peer {i} played nothing");
@@ -343,12 +353,13 @@ impl Grid {
                 last + 4 >= last_published,
                 "{scenario}: peer {i} ends at {last}, source at {last_published}"
             );
-            for (seq, bytes, _) in &p.chunks {
+            for (seq, hash, len, _) in &p.chunks {
                 assert_eq!(
-                    bytes, &self.source.published[seq],
+                    Some(hash),
+                    published.get(seq),
                     "{scenario}: peer {i} chunk {seq} differs"
                 );
-                delivered += bytes.len() as u64;
+                delivered += *len as u64;
             }
             let stats = self.peer_stats(self.peers[i]);
             assert_eq!(stats.chunks_skipped, 0, "{scenario}: peer {i}");
@@ -356,7 +367,7 @@ impl Grid {
         let startup = self
             .played
             .iter()
-            .map(|p| p.chunks[0].2 - self.t0)
+            .map(|p| p.chunks[0].3 - self.t0)
             .max()
             .unwrap();
         let failovers: usize = self.played.iter().map(|p| p.failovers.len()).sum();
