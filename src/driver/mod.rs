@@ -10,6 +10,7 @@
 //! [`Node::start`] picks one by [`IoBackend`] and gives both the same handle.
 
 pub mod portable;
+pub mod pulse;
 #[cfg(target_os = "linux")]
 pub mod uring;
 
@@ -37,8 +38,19 @@ pub struct DriverStats {
     pub sends: u64,
     /// Datagrams sent.
     pub datagrams_out: u64,
-    /// Sends the kernel refused (the datagram is lost; QUIC recovers).
+    /// Bytes received (UDP payload).
+    pub bytes_in: u64,
+    /// Bytes sent (UDP payload).
+    pub bytes_out: u64,
+    /// Sends the kernel refused (the datagram is lost; QUIC recovers), all reasons.
     pub send_errors: u64,
+    /// Of those, refused for a full socket buffer (EAGAIN, ENOBUFS).
+    pub send_errors_buffer_full: u64,
+    /// Of those, refused because the destination is unreachable (ECONNREFUSED, EHOSTUNREACH,
+    /// ENETUNREACH).
+    pub send_errors_unreachable: u64,
+    /// Of those, refused as too large for the path (EMSGSIZE).
+    pub send_errors_too_large: u64,
     /// Loop turns.
     pub turns: u64,
     /// Received bytes copied out of the socket buffers into engine buffers: every byte with
@@ -54,6 +66,8 @@ pub struct DriverStats {
     /// io_uring: times the receive stopped because every provided buffer was in use (it is
     /// re-armed at once).
     pub rx_buffers_exhausted: u64,
+    /// io_uring: completions the kernel dropped because the completion queue was full.
+    pub cq_overflows: u64,
     /// io_uring: datagrams dropped because they did not fit a receive buffer.
     pub rx_truncated: u64,
     /// io_uring: receive completions with an error.
@@ -173,6 +187,7 @@ enum Running {
         commands: Sender<Command>,
         stop: Arc<AtomicBool>,
         thread: JoinHandle<io::Result<(Engine, DriverStats)>>,
+        pulse: Arc<pulse::Pulse>,
     },
 }
 
@@ -191,6 +206,21 @@ impl std::fmt::Debug for Node {
             .field("local", &self.local)
             .field("workers", &self.workers)
             .finish()
+    }
+}
+
+impl DriverStats {
+    /// Counts a refused send by its OS error number.
+    pub(crate) fn send_refused(&mut self, errno: i32) {
+        self.send_errors += 1;
+        match errno {
+            libc::EAGAIN | libc::ENOBUFS => self.send_errors_buffer_full += 1,
+            libc::ECONNREFUSED | libc::EHOSTUNREACH | libc::ENETUNREACH => {
+                self.send_errors_unreachable += 1;
+            }
+            libc::EMSGSIZE => self.send_errors_too_large += 1,
+            _ => {}
+        }
     }
 }
 
@@ -231,9 +261,17 @@ impl Node {
                 let stop = Arc::new(AtomicBool::new(false));
                 let events = events.clone();
                 let flag = Arc::clone(&stop);
-                let thread = thread::Builder::new()
-                    .name("gridcast-io".into())
-                    .spawn(move || driver.run(&inbox, &events, &flag))?;
+                #[allow(clippy::disallowed_methods)] // the pulse starts now
+                let pulse = pulse::Pulse::new(Instant::now());
+                let beat = Arc::clone(&pulse);
+                let thread =
+                    thread::Builder::new()
+                        .name("gridcast-io".into())
+                        .spawn(move || {
+                            let result = driver.run(&inbox, &events, &flag, &beat);
+                            beat.mark_stopped();
+                            result
+                        })?;
                 Ok(Self {
                     chosen: Chosen::Portable,
                     local,
@@ -242,6 +280,7 @@ impl Node {
                         commands,
                         stop,
                         thread,
+                        pulse,
                     },
                 })
             }
@@ -261,6 +300,15 @@ impl Node {
     /// Number of engines (workers).
     pub fn workers(&self) -> usize {
         self.workers
+    }
+
+    /// Every worker's pulse, in worker order (see [`pulse`]).
+    pub fn pulses(&self) -> Vec<Arc<pulse::Pulse>> {
+        match &self.running {
+            #[cfg(target_os = "linux")]
+            Running::Uring(node) => node.pulses(),
+            Running::Portable { pulse, .. } => vec![Arc::clone(pulse)],
+        }
     }
 
     /// Runs `command` on worker `worker`'s engine (0 for the portable backend). False if it

@@ -87,6 +87,7 @@ impl PortableDriver {
         commands: &Receiver<Command>,
         events: &Sender<NodeEvent>,
         stop: &Arc<AtomicBool>,
+        pulse: &Arc<super::pulse::Pulse>,
     ) -> io::Result<(Engine, DriverStats)> {
         let mut bufs: Vec<Vec<u8>> = (0..quinn_udp::BATCH_SIZE.min(8))
             .map(|_| vec![0u8; RECV_BUF])
@@ -95,8 +96,12 @@ impl PortableDriver {
         let mut tx = Vec::with_capacity(RECV_BUF);
         #[allow(clippy::disallowed_methods)] // the driver owns the clock
         let mut now = Instant::now();
+        let mut beat = super::pulse::Beat::new(Arc::clone(pulse), now);
         while !stop.load(Ordering::Relaxed) {
             self.stats.turns += 1;
+            // Work of the previous turn ends where this wait begins.
+            #[allow(clippy::disallowed_methods)] // twice per turn: busy time is measured
+            beat.worked(now, Instant::now());
             // Wait for input, no longer than the next timer.
             let wait = self
                 .engine
@@ -114,11 +119,13 @@ impl PortableDriver {
             {
                 now = Instant::now();
             }
+            beat.turn(now, &self.stats);
             match received {
                 Ok(n) => {
                     for (m, buf) in meta.iter().zip(&bufs).take(n) {
                         let stride = m.stride.max(1);
                         self.stats.gro_batches += 1;
+                        self.stats.bytes_in += m.len as u64;
                         for datagram in buf[..m.len].chunks(stride) {
                             self.stats.datagrams_in += 1;
                             self.stats.rx_bytes_copied += datagram.len() as u64;
@@ -172,18 +179,17 @@ impl PortableDriver {
                 self.stats.sends += 1;
                 self.stats.datagrams_out +=
                     t.segment_size.map_or(1, |s| t.size.div_ceil(s.max(1))) as u64;
-                if self
-                    .state
-                    .try_send((&self.socket).into(), &transmit)
-                    .is_err()
-                {
-                    self.stats.send_errors += 1;
+                self.stats.bytes_out += t.size as u64;
+                if let Err(e) = self.state.try_send((&self.socket).into(), &transmit) {
+                    self.stats
+                        .send_refused(e.raw_os_error().unwrap_or(libc::EAGAIN));
                 }
             }
             while let Some(event) = self.engine.poll_event() {
                 let _ = events.send(event);
             }
         }
+        beat.flush(now, &self.stats);
         Ok((self.engine, self.stats))
     }
 }

@@ -84,6 +84,22 @@ pub struct ChannelStats {
     pub startup: Option<Duration>,
 }
 
+impl ChannelStats {
+    /// Adds `other`'s counters to these (a start-up time is kept, not added).
+    pub fn absorb(&mut self, other: &Self) {
+        self.shards_in += other.shards_in;
+        self.bytes_in += other.bytes_in;
+        self.duplicates += other.duplicates;
+        self.duplicate_bytes += other.duplicate_bytes;
+        self.verify_failures += other.verify_failures;
+        self.regenerated += other.regenerated;
+        self.chunks_played += other.chunks_played;
+        self.chunks_skipped += other.chunks_skipped;
+        self.evicted += other.evicted;
+        self.startup = self.startup.or(other.startup);
+    }
+}
+
 /// A verified shard ready to be served.
 #[derive(Debug, Clone)]
 pub struct StoredShard {

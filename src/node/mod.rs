@@ -20,5 +20,8 @@ pub mod upstream;
 
 pub use channel::{Channel, ChannelConfig, ChannelMode, ChannelStats, StoredShard};
 pub use cid::WorkerTag;
-pub use engine::{Engine, EngineConfig, EngineError, EngineStats, NodeEvent, OpenChannels};
+pub use engine::{
+    ChannelReport, CloseReasons, ConnectionsByRole, Engine, EngineConfig, EngineError,
+    EngineReport, EngineStats, NodeEvent, OpenChannels, QuicTotals,
+};
 pub use upstream::{Candidate, UpstreamConfig, assign, assign_all_from_one};

@@ -37,6 +37,8 @@ use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use super::pulse::{Beat, Pulse};
+
 use bytes::{Buf, BytesMut};
 use quinn_proto::EcnCodepoint;
 use socket2::{Domain, Protocol, Socket, Type};
@@ -219,6 +221,7 @@ pub struct UringNode {
     local: SocketAddr,
     mailboxes: Vec<Mailbox>,
     threads: Vec<JoinHandle<io::Result<(Engine, DriverStats)>>>,
+    pulses: Vec<Arc<Pulse>>,
     stop: Arc<AtomicBool>,
     _lock: UnixDatagram,
 }
@@ -356,6 +359,7 @@ impl UringNode {
             inboxes.push(inbox);
         }
         let mut threads = Vec::with_capacity(count);
+        let mut pulses = Vec::with_capacity(count);
         let (ready_tx, ready_rx) = mpsc::channel::<io::Result<()>>();
         for (index, (socket, inbox)) in sockets.into_iter().zip(inboxes).enumerate() {
             let tag = WorkerTag {
@@ -374,14 +378,18 @@ impl UringNode {
             let stop = Arc::clone(&stop);
             let config = config.clone();
             let ready = ready_tx.clone();
+            #[allow(clippy::disallowed_methods)] // the pulse starts now
+            let pulse = Pulse::new(Instant::now());
+            pulses.push(Arc::clone(&pulse));
             let thread = thread::Builder::new()
                 .name(format!("gridcast-io-{index}"))
                 .spawn(move || {
                     if config.pin_cores {
                         let _ = sys::pin_to_cpu(index);
                     }
+                    let beat = Arc::clone(&pulse);
                     let worker = match Worker::new(
-                        tag, &config, socket, engine, inbox, wake, siblings, events, stop,
+                        tag, &config, socket, engine, inbox, wake, siblings, events, stop, beat,
                     ) {
                         Ok(w) => {
                             let _ = ready.send(Ok(()));
@@ -392,7 +400,9 @@ impl UringNode {
                             return Err(e);
                         }
                     };
-                    worker.run()
+                    let result = worker.run();
+                    pulse.mark_stopped();
+                    result
                 })?;
             threads.push(thread);
         }
@@ -401,6 +411,7 @@ impl UringNode {
             local,
             mailboxes,
             threads,
+            pulses,
             stop,
             _lock: lock,
         };
@@ -428,6 +439,11 @@ impl UringNode {
     /// Number of workers.
     pub fn workers(&self) -> usize {
         self.mailboxes.len()
+    }
+
+    /// Every worker's pulse, in worker order.
+    pub fn pulses(&self) -> Vec<Arc<Pulse>> {
+        self.pulses.clone()
     }
 
     /// Runs `command` on worker `worker`'s engine. False if that worker has stopped.
@@ -496,6 +512,7 @@ struct Worker {
     recv_armed: bool,
     gso: bool,
     stats: DriverStats,
+    beat: Beat,
 }
 
 impl Worker {
@@ -510,7 +527,10 @@ impl Worker {
         siblings: Vec<Mailbox>,
         events: Sender<NodeEvent>,
         stop: Arc<AtomicBool>,
+        pulse: Arc<Pulse>,
     ) -> io::Result<Self> {
+        #[allow(clippy::disallowed_methods)] // the pulse starts now
+        let beat = Beat::new(pulse, Instant::now());
         let mut ring = Ring::new(config.ring_entries)?;
         if tag.index == 0 {
             tracing::info!(
@@ -548,6 +568,7 @@ impl Worker {
             recv_armed: false,
             gso: true,
             stats: DriverStats::default(),
+            beat,
         };
         worker.arm_recv()?;
         let wake_fd = sys::raw(&*worker.wake);
@@ -570,6 +591,8 @@ impl Worker {
             self.reap()?;
             #[allow(clippy::disallowed_methods)] // the driver owns the clock: once per turn
             let now = Instant::now();
+            self.stats.cq_overflows = self.ring.overflows();
+            self.beat.turn(now, &self.stats);
             for r in std::mem::take(&mut self.received) {
                 self.deliver(now, r);
             }
@@ -603,8 +626,12 @@ impl Worker {
                 None
             };
             self.stats.enters += 1;
+            #[allow(clippy::disallowed_methods)] // and once more: where the work ends
+            self.beat.worked(now, Instant::now());
             self.ring.submit_and_wait_past_sends(wait)?;
         }
+        #[allow(clippy::disallowed_methods)] // the final counters
+        self.beat.flush(Instant::now(), &self.stats);
         let clean = self.quiesce();
         let Self {
             ring,
@@ -742,6 +769,7 @@ impl Worker {
                 std::mem::take(&mut rest)
             };
             self.stats.datagrams_in += 1;
+            self.stats.bytes_in += datagram.len() as u64;
             if self.tag.count > 1 && steered_to(&datagram, self.tag.count) != Some(self.tag.index) {
                 self.stats.misrouted += 1;
             }
@@ -793,6 +821,7 @@ impl Worker {
             self.ring.push_send(fd, slot, TAG_SEND | i as u64)?;
             self.stats.sends += 1;
             self.stats.datagrams_out += 1;
+            self.stats.bytes_out += bytes.len() as u64;
         }
         while let Some(i) = self.take_slot()? {
             let slot = &mut self.slots[i];
@@ -813,6 +842,7 @@ impl Worker {
             self.ring.push_send(fd, slot, TAG_SEND | i as u64)?;
             self.stats.sends += 1;
             self.stats.datagrams_out += segment.map_or(1, |s| t.size.div_ceil(s)) as u64;
+            self.stats.bytes_out += t.size as u64;
         }
         Ok(())
     }
@@ -854,7 +884,7 @@ impl Worker {
             } else {
                 // Full socket buffer, unreachable host: the datagram is lost and QUIC
                 // recovers it like any other loss.
-                self.stats.send_errors += 1;
+                self.stats.send_refused(-res);
             }
         }
         self.free.push(index);

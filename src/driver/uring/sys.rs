@@ -207,6 +207,11 @@ impl Ring {
         }
     }
 
+    /// Completions the kernel dropped so far because the completion queue was full.
+    pub(crate) fn overflows(&mut self) -> u64 {
+        u64::from(self.ring.completion().overflow())
+    }
+
     /// Takes every completion now available: `(user_data, result, flags)`.
     pub(crate) fn completions(&mut self, out: &mut Vec<(u64, i32, u32)>) {
         self.sends_unreaped = 0;

@@ -366,7 +366,11 @@ impl Engine {
                 }
             }
         }
-        let was = self.channels.remove(&channel).is_some();
+        let removed = self.channels.remove(&channel);
+        if let Some(ch) = &removed {
+            self.retired_channels.absorb(&ch.stats());
+        }
+        let was = removed.is_some();
         self.subscribers.remove(&channel);
         self.awaiting_info.remove(&channel);
         self.opened.remove(&channel);

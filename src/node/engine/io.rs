@@ -297,6 +297,7 @@ impl Engine {
                     match ev {
                         Event::Connected => {
                             conn.established = true;
+                            self.stats.handshakes_ok += 1;
                             if conn.node.is_none() {
                                 // An accepted connection: the dialler proved its node id with
                                 // its certificate (see `tls::AnyNodeVerifier`).
@@ -323,10 +324,15 @@ impl Engine {
                         }
                         Event::ConnectionLost { reason } => {
                             self.lost_conns.push(handle);
+                            count_close(&mut self.stats.closed, &reason);
+                            if !conn.established {
+                                self.stats.handshakes_failed += 1;
+                            }
                             if let Some(node) = conn.node
                                 && !conn.established
                                 && handshake_refused(&reason)
                             {
+                                self.stats.handshakes_proof_failed += 1;
                                 self.events.push_back(NodeEvent::ProofFailed {
                                     remote: conn.remote,
                                     node,
@@ -391,10 +397,11 @@ impl Engine {
             }
         }
         if drained {
-            if let Some(conn) = self.conns.remove(&handle)
-                && let Some(t) = conn.timer
-            {
-                self.timers.remove(&(t, handle));
+            if let Some(conn) = self.conns.remove(&handle) {
+                self.stats.retired_quic.add(&conn.quic.stats().path);
+                if let Some(t) = conn.timer {
+                    self.timers.remove(&(t, handle));
+                }
             }
             self.order.retain(|h| *h != handle);
             for listed in self.subscribers.values_mut() {
@@ -406,6 +413,19 @@ impl Engine {
             self.apply(now, handle, input);
         }
         self.flush_out_streams(handle);
+    }
+}
+
+/// Counts why a connection ended.
+fn count_close(closed: &mut super::CloseReasons, reason: &ConnectionError) {
+    match reason {
+        ConnectionError::TimedOut => closed.idle_timeout += 1,
+        ConnectionError::ApplicationClosed(_) => closed.application += 1,
+        ConnectionError::TransportError(_) | ConnectionError::ConnectionClosed(_) => {
+            closed.transport_error += 1;
+        }
+        ConnectionError::Reset => closed.reset += 1,
+        _ => closed.other += 1,
     }
 }
 

@@ -42,6 +42,7 @@
 //!   streams, the upload cap and the backlog bound.
 //! - `discovery`: parent queries and answers, and the first-tier limit that sends peers to
 //!   relays.
+//! - `report`: the snapshot an operator's metrics and health checks read.
 //! - `gossip`: membership among supernodes (a [`crate::node::directory::Directory`]: foca over
 //!   QUIC datagrams, or the simulator's board) and this node's info.
 //! - `parents`: the upstream policy ([`crate::node::upstream`]) put to work: candidates,
@@ -54,6 +55,8 @@ mod fanout;
 mod gossip;
 mod io;
 mod parents;
+mod report;
+pub use report::{ChannelReport, ConnectionsByRole, EngineReport};
 
 use conn::ConnTable;
 
@@ -394,6 +397,56 @@ pub struct EngineStats {
     pub refusals_received: u64,
     /// Gossip datagrams dropped (from a peer or an unproven sender, or not sendable).
     pub gossip_dropped: u64,
+    /// QUIC handshakes completed.
+    pub handshakes_ok: u64,
+    /// QUIC connections lost before their handshake completed (timed out, refused), the
+    /// failed proofs among them.
+    pub handshakes_failed: u64,
+    /// Of those, dialled nodes that did not prove the node id expected.
+    pub handshakes_proof_failed: u64,
+    /// Connections that ended, by why (see [`CloseReasons`]).
+    pub closed: CloseReasons,
+    /// QUIC counters of connections that are gone (live ones are added by
+    /// [`Engine::report`]).
+    pub retired_quic: QuicTotals,
+}
+
+/// Why connections ended.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CloseReasons {
+    /// Nothing heard within the idle timeout.
+    pub idle_timeout: u64,
+    /// Closed by the application, either side (drain, channel dropped, misbehaviour).
+    pub application: u64,
+    /// Closed by a QUIC transport error, either side (a failed TLS proof among them).
+    pub transport_error: u64,
+    /// Reset by the far end (stateless reset).
+    pub reset: u64,
+    /// Closed here, or otherwise.
+    pub other: u64,
+}
+
+/// QUIC path counters summed over connections.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QuicTotals {
+    /// Packets sent.
+    pub sent_packets: u64,
+    /// Packets declared lost.
+    pub lost_packets: u64,
+    /// Bytes declared lost.
+    pub lost_bytes: u64,
+    /// Congestion events (the window cut).
+    pub congestion_events: u64,
+}
+
+impl QuicTotals {
+    /// Adds one connection's path counters.
+    pub fn add(&mut self, path: &quinn_proto::PathStats) {
+        self.sent_packets += path.sent_packets;
+        self.lost_packets += path.lost_packets;
+        self.lost_bytes += path.lost_bytes;
+        self.congestion_events += path.congestion_events;
+    }
 }
 
 /// The engine. See the module documentation for the call order.
@@ -432,6 +485,8 @@ pub struct Engine {
     membership: Option<Box<dyn crate::node::directory::Directory>>,
     /// This node's key, for what it signs about itself in gossip.
     key: NodeKey,
+    /// Counters of channels no longer carried (their totals stay monotonic).
+    retired_channels: crate::node::channel::ChannelStats,
     /// This node's info changed (a channel was added) and goes out at the next timer.
     info_stale: bool,
     /// Hand received gossip to the application (`set_forward_gossip`).
@@ -543,6 +598,7 @@ impl Engine {
             hello,
             node: key.node_id(),
             key: key.clone(),
+            retired_channels: crate::node::channel::ChannelStats::default(),
             config,
             endpoint,
             transport,
