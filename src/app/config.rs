@@ -14,6 +14,7 @@ use anyhow::Context;
 use serde::Deserialize;
 
 use super::link::{ChannelLink, LinkNode};
+use super::ops::AdminListen;
 use super::roles::{BroadcastConfig, Input, Output, PlayConfig, RelayConfig, parse_rate};
 use crate::driver::IoBackend;
 
@@ -142,6 +143,10 @@ pub struct BroadcastArgs {
     /// auto, uring or portable [default: auto].
     #[arg(long, env = "GRIDCAST_IO_BACKEND")]
     pub io_backend: Option<IoBackend>,
+    /// Admin listener (/metrics, /livez, /readyz, /debug/channels): host:port or off
+    /// [default: off].
+    #[arg(long, env = "GRIDCAST_ADMIN")]
+    pub admin: Option<AdminListen>,
 }
 
 impl BroadcastArgs {
@@ -179,6 +184,7 @@ impl BroadcastArgs {
             max_children: self.max_children.or(file.max_children).unwrap_or(8),
             advertise: self.advertise.or(file.advertise),
             backend: self.io_backend.or(file.io_backend).unwrap_or_default(),
+            admin: self.admin.or(file.admin),
         })
     }
 }
@@ -245,6 +251,10 @@ pub struct RelayArgs {
     /// auto, uring or portable [default: auto].
     #[arg(long, env = "GRIDCAST_IO_BACKEND")]
     pub io_backend: Option<IoBackend>,
+    /// Admin listener (/metrics, /livez, /readyz, /debug/channels): host:port or off
+    /// [default: 127.0.0.1:9464].
+    #[arg(long, env = "GRIDCAST_ADMIN")]
+    pub admin: Option<AdminListen>,
 }
 
 impl RelayArgs {
@@ -307,6 +317,7 @@ impl RelayArgs {
                 idle: Duration::from_secs(self.idle_timeout.or(file.idle_timeout).unwrap_or(60)),
             }),
             backend: self.io_backend.or(file.io_backend).unwrap_or_default(),
+            admin: self.admin.or(file.admin),
         })
     }
 }
@@ -350,6 +361,10 @@ pub struct PlayArgs {
     /// auto, uring or portable [default: auto].
     #[arg(long, env = "GRIDCAST_IO_BACKEND")]
     pub io_backend: Option<IoBackend>,
+    /// Admin listener (/metrics, /livez, /readyz, /debug/channels): host:port or off
+    /// [default: off].
+    #[arg(long, env = "GRIDCAST_ADMIN")]
+    pub admin: Option<AdminListen>,
 }
 
 impl PlayArgs {
@@ -369,6 +384,7 @@ impl PlayArgs {
                 .or(file.listen)
                 .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
             backend: self.io_backend.or(file.io_backend).unwrap_or_default(),
+            admin: self.admin.or(file.admin),
             connect_timeout: Duration::from_secs(
                 self.connect_timeout.or(file.connect_timeout).unwrap_or(10),
             ),

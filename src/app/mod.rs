@@ -3,9 +3,11 @@
 
 pub mod config;
 pub mod demo;
+pub mod http;
 pub mod icecast;
 pub mod lan;
 pub mod link;
+pub mod ops;
 pub mod output;
 pub mod play;
 pub mod relay;

@@ -57,6 +57,8 @@ impl std::str::FromStr for Output {
 /// `gridcast play` settings.
 #[derive(Debug, Clone)]
 pub struct PlayConfig {
+    /// The admin listener (`None`: the command's default).
+    pub admin: Option<super::ops::AdminListen>,
     /// The channel and the nodes to start from.
     pub link: ChannelLink,
     /// Output.
@@ -222,6 +224,13 @@ pub fn play(config: &PlayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
         ..Default::default()
     };
     let (node, events) = serve(config.backend, config.listen, 1, &key, &engine_config)?;
+    let _ops = super::ops::Ops::start(
+        &node,
+        super::ops::NodeRole::Peer,
+        config.admin.unwrap_or(super::ops::AdminListen::Off),
+        false,
+        None,
+    )?;
     node.command(
         0,
         Box::new(move |e, now| {

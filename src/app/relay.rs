@@ -19,9 +19,15 @@ use crate::wire::Role;
 
 use super::roles::{link_addr, log_event, node_key, say, serve};
 
+/// Where a relay's admin listener listens unless told otherwise.
+pub const DEFAULT_ADMIN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9464);
+
 /// `gridcast relay` settings.
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
+    /// The admin listener (`None`: the command's default).
+    pub admin: Option<super::ops::AdminListen>,
     /// UDP address to serve on.
     pub listen: SocketAddr,
     /// Channels to carry; every node a channel's links name is a candidate upstream.
@@ -140,6 +146,15 @@ pub fn relay(config: &RelayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
         },
     )?;
 
+    let _ops = super::ops::Ops::start(
+        &node,
+        super::ops::NodeRole::Relay,
+        config
+            .admin
+            .unwrap_or(super::ops::AdminListen::At(DEFAULT_ADMIN)),
+        config.admin.is_none(),
+        None,
+    )?;
     // Worker 0 is this node's member of the supernodes' membership; the others hand it the
     // gossip they receive.
     let advertise = config.advertise.unwrap_or_else(|| link_addr(&node));
@@ -323,6 +338,7 @@ fn drain(node: &Node, timeout: Duration) {
     };
     let before = served(node);
     tracing::info!(subscriptions = before, deadline = ?timeout, "draining");
+    super::ops::notify::stopping();
     for w in 0..node.workers() {
         node.command(w, Box::new(|e, now| e.drain(now)));
     }

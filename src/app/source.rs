@@ -5,6 +5,7 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
 use std::thread;
@@ -14,6 +15,7 @@ use anyhow::Context;
 
 use super::icecast::{self, SourceEndpoint};
 use super::link::ChannelLink;
+use super::ops::{AdminListen, NodeRole, Ops, SourceCounters};
 use crate::driver::{IoBackend, Node};
 use crate::keys::{ChannelId, ChannelKey};
 use crate::node::{ChannelMode, EngineConfig};
@@ -90,6 +92,8 @@ impl std::str::FromStr for Input {
 /// `gridcast broadcast` settings.
 #[derive(Debug, Clone)]
 pub struct BroadcastConfig {
+    /// The admin listener (`None`: the command's default).
+    pub admin: Option<super::ops::AdminListen>,
     /// The channel key file.
     pub key: PathBuf,
     /// The input.
@@ -322,6 +326,9 @@ fn pump(
     }
 }
 
+/// An input silent this long no longer counts as connected.
+const INPUT_QUIET: Duration = Duration::from_secs(2);
+
 /// Runs a source until its input ends (then lingers) or a signal arrives.
 #[allow(clippy::disallowed_methods)] // the source reads the clock
 pub fn broadcast(config: &BroadcastConfig, stop: &AtomicBool) -> anyhow::Result<()> {
@@ -351,6 +358,14 @@ pub fn broadcast(config: &BroadcastConfig, stop: &AtomicBool) -> anyhow::Result<
     let link = ChannelLink::single(channel, link_addr(&node), node_key.node_id());
     say(&link);
     tracing::info!(%link, backend = %node.backend(), "broadcasting");
+    let counters = Arc::new(SourceCounters::default());
+    let _ops = Ops::start(
+        &node,
+        NodeRole::Source,
+        config.admin.unwrap_or(AdminListen::Off),
+        false,
+        Some(Arc::clone(&counters)),
+    )?;
 
     // Sequence numbers start at the wall clock in milliseconds, so a restarted source never
     // reuses a number that caches still hold.
@@ -363,10 +378,22 @@ pub fn broadcast(config: &BroadcastConfig, stop: &AtomicBool) -> anyhow::Result<
     })?;
     let input = read_input(&config.input, config.source_password.as_deref())?;
     let mut publishing = Publishing::new(&node, channel_key, Instant::now());
-    let mut publish = |chunker: &mut Chunker| publishing.drain(chunker, |_| {});
+    let published = Arc::clone(&counters);
+    let mut publish = |chunker: &mut Chunker| {
+        publishing.drain(chunker, |_| {
+            published.chunks_published.fetch_add(1, Ordering::Relaxed);
+        })
+    };
     let mut ended = None;
+    // The input counts as connected while bytes arrive (an encoder may connect late, or
+    // stall).
+    let mut last_input: Option<Instant> = None;
     while !stop.load(Ordering::Relaxed) {
         let now = Instant::now();
+        counters.encoder_connected.store(
+            last_input.is_some_and(|t| now.duration_since(t) < INPUT_QUIET),
+            Ordering::Relaxed,
+        );
         let wait = chunker
             .poll_timeout()
             .map_or(Duration::from_millis(100), |t| {
@@ -374,13 +401,20 @@ pub fn broadcast(config: &BroadcastConfig, stop: &AtomicBool) -> anyhow::Result<
             })
             .min(Duration::from_millis(100));
         match input.recv_timeout(wait) {
-            Ok(Ok(bytes)) => chunker.handle_input(Instant::now(), &bytes),
+            Ok(Ok(bytes)) => {
+                last_input = Some(Instant::now());
+                counters
+                    .ingest_bytes
+                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                chunker.handle_input(Instant::now(), &bytes);
+            }
             Ok(Err(e)) => return Err(e).context("reading the input"),
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => {
                 chunker.finish(Instant::now());
                 publish(&mut chunker)?;
                 ended = Some(Instant::now());
+                counters.encoder_connected.store(false, Ordering::Relaxed);
                 break;
             }
         }

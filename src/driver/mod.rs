@@ -191,6 +191,45 @@ enum Running {
     },
 }
 
+/// Runs commands on a node's workers from another thread (see [`Node::commander`]).
+#[derive(Clone)]
+pub struct Commander(CommanderInner);
+
+#[derive(Clone)]
+enum CommanderInner {
+    #[cfg(target_os = "linux")]
+    Uring(Vec<uring::Mailbox>),
+    Portable(Sender<Command>),
+}
+
+impl std::fmt::Debug for Commander {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Commander")
+            .field("workers", &self.workers())
+            .finish()
+    }
+}
+
+impl Commander {
+    /// Number of workers.
+    pub fn workers(&self) -> usize {
+        match &self.0 {
+            #[cfg(target_os = "linux")]
+            CommanderInner::Uring(m) => m.len(),
+            CommanderInner::Portable(_) => 1,
+        }
+    }
+
+    /// Runs `command` on worker `worker`'s engine. False if it has stopped or does not exist.
+    pub fn command(&self, worker: usize, command: Command) -> bool {
+        match &self.0 {
+            #[cfg(target_os = "linux")]
+            CommanderInner::Uring(m) => m.get(worker).is_some_and(|m| m.command(command)),
+            CommanderInner::Portable(tx) => worker == 0 && tx.send(command).is_ok(),
+        }
+    }
+}
+
 /// A node's engines running on a backend.
 pub struct Node {
     chosen: Chosen,
@@ -300,6 +339,17 @@ impl Node {
     /// Number of engines (workers).
     pub fn workers(&self) -> usize {
         self.workers
+    }
+
+    /// A handle that runs commands on the workers from any thread, for as long as they run.
+    pub fn commander(&self) -> Commander {
+        match &self.running {
+            #[cfg(target_os = "linux")]
+            Running::Uring(node) => Commander(CommanderInner::Uring(node.mailboxes())),
+            Running::Portable { commands, .. } => {
+                Commander(CommanderInner::Portable(commands.clone()))
+            }
+        }
     }
 
     /// Every worker's pulse, in worker order (see [`pulse`]).

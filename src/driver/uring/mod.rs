@@ -199,12 +199,17 @@ enum Mail {
 
 /// A worker's mailbox: the queue and the eventfd that wakes it.
 #[derive(Clone)]
-struct Mailbox {
+pub(crate) struct Mailbox {
     queue: Sender<Mail>,
     wake: Arc<File>,
 }
 
 impl Mailbox {
+    /// Runs `command` on the worker's engine. False if the worker has stopped.
+    pub(crate) fn command(&self, command: Command) -> bool {
+        self.post(Mail::Command(command))
+    }
+
     fn post(&self, mail: Mail) -> bool {
         let sent = self.queue.send(mail).is_ok();
         self.wake();
@@ -444,6 +449,11 @@ impl UringNode {
     /// Every worker's pulse, in worker order.
     pub fn pulses(&self) -> Vec<Arc<Pulse>> {
         self.pulses.clone()
+    }
+
+    /// Every worker's mailbox, in worker order.
+    pub(crate) fn mailboxes(&self) -> Vec<Mailbox> {
+        self.mailboxes.clone()
     }
 
     /// Runs `command` on worker `worker`'s engine. False if that worker has stopped.

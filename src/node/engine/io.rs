@@ -114,6 +114,9 @@ impl Engine {
                         .is_some_and(|max| self.conns.len() >= max) =>
             {
                 self.stats.connections_refused += 1;
+                if self.draining {
+                    self.stats.connections_refused_draining += 1;
+                }
                 let t = self.endpoint.refuse(incoming, &mut buf);
                 self.responses.push_back((t, buf));
             }

@@ -383,6 +383,8 @@ pub struct EngineStats {
     pub shards_imported: u64,
     /// Incoming connections refused (connection limit, draining).
     pub connections_refused: u64,
+    /// Of those, refused because the node drains.
+    pub connections_refused_draining: u64,
     /// Subscriptions turned away with a go-away (subscriber limit, draining).
     pub subscriptions_turned_away: u64,
     /// Go-aways sent to subscribers by [`Engine::drain`].

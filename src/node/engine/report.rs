@@ -31,6 +31,8 @@ pub struct ChannelReport {
     pub subscribers: usize,
     /// The oldest and newest chunk held.
     pub window: Option<(u64, u64)>,
+    /// A player's buffer: the stream time from the next chunk to play to the newest held.
+    pub buffer: Option<Duration>,
     /// Its counters.
     pub stats: ChannelStats,
 }
@@ -114,6 +116,15 @@ impl Engine {
                     delivering: self.upstream_delivering(id),
                     subscribers: self.subscribers.get(id).map_or(0, Vec::len),
                     window: ch.range(),
+                    buffer: match (ch.next_play(), ch.range()) {
+                        (Some(next), Some((_, newest))) if ch.mode() == ChannelMode::Play => {
+                            let ahead = newest.saturating_sub(next) + 1;
+                            Some(Duration::from_millis(
+                                ahead * u64::from(ch.chunk_ms_estimate()),
+                            ))
+                        }
+                        _ => None,
+                    },
                     stats,
                 }
             })
