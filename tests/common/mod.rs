@@ -4,4 +4,5 @@
 
 pub mod clients;
 pub mod grid;
+pub mod http;
 pub mod procs;
