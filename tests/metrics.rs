@@ -15,55 +15,12 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::catalog::{Family, catalog};
 use common::http::{free_tcp_port, get, poll};
 use common::procs::*;
-
-/// One family as the catalog or a scrape gives it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Family {
-    kind: String,
-    labels: BTreeSet<String>,
-}
-
-/// `docs/metrics.md`: name → (family, roles).
-fn catalog() -> BTreeMap<String, (Family, BTreeSet<String>)> {
-    let text =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/metrics.md")).unwrap();
-    let mut out = BTreeMap::new();
-    for line in text.lines().filter(|l| l.starts_with("| `")) {
-        let cells: Vec<&str> = line.split(" | ").collect();
-        let name = cells[0]
-            .trim_start_matches("| ")
-            .trim_matches('`')
-            .to_owned();
-        let labels = if cells[3] == "-" {
-            BTreeSet::new()
-        } else {
-            cells[3]
-                .split(", ")
-                .map(|l| l.trim_matches('`').to_owned())
-                .collect()
-        };
-        let roles: BTreeSet<String> = if cells[4] == "all" {
-            ["source", "relay", "peer"].map(str::to_owned).into()
-        } else {
-            cells[4].split(", ").map(str::to_owned).collect()
-        };
-        let family = Family {
-            kind: cells[1].to_owned(),
-            labels,
-        };
-        assert!(
-            out.insert(name.clone(), (family, roles)).is_none(),
-            "{name} twice in the catalog"
-        );
-    }
-    assert!(out.len() > 40, "the catalog table did not parse");
-    out
-}
 
 /// A scrape's families; also checks that every family has HELP and TYPE.
 fn families(scrape: &str) -> BTreeMap<String, Family> {
@@ -214,7 +171,7 @@ fn every_role_exports_exactly_the_catalog_and_health_tells_the_truth() {
     ])
     .spawn()
     .unwrap();
-    let mut children: Vec<Child> = vec![relay, player];
+    let children = Reaper(vec![relay, player]);
     // Served: the player has played chunks.
     let played = |_: u16, body: &str| {
         body.lines().any(|l| {
@@ -302,5 +259,5 @@ fn every_role_exports_exactly_the_catalog_and_health_tells_the_truth() {
     );
     assert!(why.contains("no parent delivers"), "{why}");
     assert_eq!(get(relay_admin, "/livez").unwrap().0, 200, "still live");
-    reap(&mut children);
+    drop(children);
 }

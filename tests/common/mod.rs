@@ -2,6 +2,7 @@
 
 #![allow(unreachable_pub, dead_code)]
 
+pub mod catalog;
 pub mod clients;
 pub mod grid;
 pub mod http;

@@ -188,12 +188,13 @@ pub fn reap(children: &mut [Child]) {
 /// A live stream into a source: ffmpeg encoding `secs` of test pattern in real time into
 /// `source` (a `gridcast broadcast` command reading stdin), the bytes teed off as the
 /// reference.
+/// Dropped before [`Live::finish`] (a test that failed), it kills both.
 pub struct Live {
     ffmpeg: Child,
     source: Child,
     /// The source's channel link.
     pub link: String,
-    tee: thread::JoinHandle<Vec<u8>>,
+    tee: Option<thread::JoinHandle<Vec<u8>>>,
 }
 
 impl Live {
@@ -210,15 +211,36 @@ impl Live {
             ffmpeg,
             source,
             link,
-            tee,
+            tee: Some(tee),
         }
     }
 
     /// Waits for the stream to end and the source to exit (both successfully); the reference.
     pub fn finish(mut self) -> Vec<u8> {
-        let reference = self.tee.join().unwrap();
+        let reference = self.tee.take().unwrap().join().unwrap();
         assert!(self.ffmpeg.wait().unwrap().success(), "ffmpeg failed");
         assert!(self.source.wait().unwrap().success(), "broadcast failed");
         reference
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        if self.tee.is_some() {
+            for c in [&mut self.ffmpeg, &mut self.source] {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+/// Children killed and reaped when dropped, so that a failing test leaves no process behind
+/// (one would keep the test harness's output pipe open).
+pub struct Reaper(pub Vec<Child>);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        reap(&mut self.0);
     }
 }
