@@ -7,6 +7,8 @@
 //! is measured, not ingest. Configurations:
 //!
 //! - `uring`: gridcast's io_uring backend, one worker.
+//! - `uring_metrics`: the same with its admin listener scraped every second, as Prometheus
+//!   would (the `metrics_on_vs_off` ratio; the workers' pulse is in both).
 //! - `portable`: gridcast's quinn-udp backend.
 //! - `quinn_tokio`: the relay a Rust developer would write today: quinn on a current-thread
 //!   tokio runtime, one uni stream per chunk per subscriber, `write_chunk` of shared `Bytes`,
@@ -55,6 +57,8 @@ use bytes::Bytes;
 use ring::aead::{AES_128_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 
 use common::clients::Clients;
+use gridcast::app::http::HttpServer;
+use gridcast::app::ops::{Metrics, NodeRole, Watched, admin};
 use gridcast::driver::{IoBackend, Node};
 use gridcast::keys::{ChannelKey, NodeKey};
 use gridcast::node::tls;
@@ -166,7 +170,52 @@ fn measure(plan: Plan, tid: u32, delivered: &AtomicU64, mut feed: impl FnMut(u64
     }
 }
 
-fn gridcast(plan: Plan, backend: IoBackend) -> Measured {
+/// A scraper of the node's admin listener, the way Prometheus would use it (every second),
+/// while it runs: the HTTP thread and the scraper run on the subscribers' core, so what the
+/// node's core pays is the report each scrape asks its worker for.
+struct Scraping {
+    _http: HttpServer,
+    stop: Arc<AtomicBool>,
+    thread: thread::JoinHandle<u64>,
+}
+
+impl Scraping {
+    fn start(node: &Node) -> Self {
+        let http = HttpServer::start().unwrap();
+        let watched = Watched {
+            commander: node.commander(),
+            pulses: node.pulses(),
+            source: None,
+        };
+        let metrics = Arc::new(Metrics::new(NodeRole::Relay, node.workers(), "bench"));
+        let (addr, _) =
+            admin::start(&http, "127.0.0.1:0".parse().unwrap(), watched, metrics).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = thread::spawn(move || {
+            let mut scrapes = 0;
+            while !flag.load(Ordering::Relaxed) {
+                if common::http::get(addr, "/metrics").is_some_and(|(s, _)| s == 200) {
+                    scrapes += 1;
+                }
+                thread::sleep(Duration::from_secs(1));
+            }
+            scrapes
+        });
+        Self {
+            _http: http,
+            stop,
+            thread,
+        }
+    }
+
+    fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
+fn gridcast(plan: Plan, backend: IoBackend, scraped: bool) -> Measured {
     let key = NodeKey::from_seed(&[71; 32]);
     let channel_key = ChannelKey::from_seed(&[72; 32]);
     let channel = channel_key.channel_id();
@@ -200,6 +249,7 @@ fn gridcast(plan: Plan, backend: IoBackend) -> Measured {
         }),
     );
     let tid = tid_rx.recv().unwrap();
+    let scraping = scraped.then(|| Scraping::start(&node));
 
     let delivered = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
@@ -269,6 +319,10 @@ fn gridcast(plan: Plan, backend: IoBackend) -> Measured {
             sum(&|s| s.path.lost_packets as f64),
             sum(&|s| s.path.congestion_events as f64),
         );
+    }
+    if let Some(s) = scraping {
+        let scrapes = s.stop();
+        assert!(scrapes > 0, "the admin listener answered no scrape");
     }
     stop.store(true, Ordering::Relaxed);
     let clients = client_thread.join().unwrap();
@@ -572,8 +626,9 @@ fn print(what: &str, name: &str, plan: Plan, m: &Measured) {
 
 fn run(name: &str, plan: Plan) -> Measured {
     match name {
-        "uring" => gridcast(plan, IoBackend::Uring),
-        "portable" => gridcast(plan, IoBackend::Portable),
+        "uring" => gridcast(plan, IoBackend::Uring, false),
+        "uring_metrics" => gridcast(plan, IoBackend::Uring, true),
+        "portable" => gridcast(plan, IoBackend::Portable, false),
         "quinn_tokio" => quinn_tokio(plan),
         "raw_floor" => raw_floor(plan),
         other => panic!("--only: no configuration named {other:?}"),
@@ -620,10 +675,16 @@ fn main() {
     }
     let configurations: Vec<&str> = match only.as_deref() {
         Some(name) => vec![name],
-        None => ["uring", "portable", "quinn_tokio", "raw_floor"]
-            .into_iter()
-            .filter(|&c| uring || c != "uring")
-            .collect(),
+        None => [
+            "uring",
+            "uring_metrics",
+            "portable",
+            "quinn_tokio",
+            "raw_floor",
+        ]
+        .into_iter()
+        .filter(|&c| uring || !c.starts_with("uring"))
+        .collect(),
     };
     for &subscribers in sizes {
         let per_chunk = (total_bps / 8.0 * CHUNK.as_secs_f64() / subscribers as f64) as usize;
@@ -664,6 +725,12 @@ fn main() {
                 r(u, q),
                 r(u, f),
                 r(u, p)
+            );
+        }
+        if let (Some(u), Some(m)) = (get("uring"), get("uring_metrics")) {
+            println!(
+                "fanout ratio subscribers={subscribers} metrics_on_vs_off={:.3} (target < 1.01)",
+                r(m, u)
             );
         }
         if let (Some(p), Some(q), Some(f)) = (get("portable"), get("quinn_tokio"), get("raw_floor"))
