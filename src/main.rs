@@ -179,6 +179,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", key.node_id());
             }
         }
+        Command::Broadcast(args) if args.check_config => {
+            let mut config = args.resolve()?;
+            // Never printed: say only that it is set.
+            if config.source_password.is_some() {
+                config.source_password = Some("(set, not shown)".to_owned());
+            }
+            checked(&config);
+        }
+        Command::Relay(args) if args.check_config => checked(&args.resolve()?),
+        Command::Play(args) if args.check_config => checked(&args.resolve()?),
         Command::Broadcast(args) => {
             roles::broadcast(&args.resolve()?, &*roles::stop_flag()?)?;
         }
@@ -255,4 +265,10 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `--check-config`: the settings resolved without error; print them.
+fn checked(config: &dyn std::fmt::Debug) {
+    println!("{config:#?}");
+    println!("config ok");
 }

@@ -109,6 +109,11 @@ pub struct BroadcastArgs {
     #[arg(long, env = "GRIDCAST_CONFIG")]
     #[serde(skip)]
     pub config: Option<PathBuf>,
+    /// Resolve and check the settings (file, environment, command line), print them, and
+    /// exit: non-zero, naming the bad setting, if one is wrong.
+    #[arg(long)]
+    #[serde(skip)]
+    pub check_config: bool,
     /// The channel key file (from `gridcast keygen`).
     #[arg(long, env = "GRIDCAST_KEY")]
     pub key: Option<PathBuf>,
@@ -197,6 +202,11 @@ pub struct RelayArgs {
     #[arg(long, env = "GRIDCAST_CONFIG")]
     #[serde(skip)]
     pub config: Option<PathBuf>,
+    /// Resolve and check the settings (file, environment, command line), print them, and
+    /// exit: non-zero, naming the bad setting, if one is wrong.
+    #[arg(long)]
+    #[serde(skip)]
+    pub check_config: bool,
     /// A channel link to carry (repeat for more). The relay carries these channels and no
     /// other.
     #[arg(long, value_parser = LinkParser)]
@@ -330,6 +340,11 @@ pub struct PlayArgs {
     #[arg(long, env = "GRIDCAST_CONFIG")]
     #[serde(skip)]
     pub config: Option<PathBuf>,
+    /// Resolve and check the settings (file, environment, command line), print them, and
+    /// exit: non-zero, naming the bad setting, if one is wrong.
+    #[arg(long)]
+    #[serde(skip)]
+    pub check_config: bool,
     /// The channel link, or a bare channel id to find a node on the local network (mDNS).
     #[arg(value_parser = LinkParser)]
     pub link: Option<ChannelLink>,
