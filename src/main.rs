@@ -268,6 +268,7 @@ fn main() -> ExitCode {
 }
 
 /// `--check-config`: the settings resolved without error; print them.
+#[allow(clippy::print_stdout)]
 fn checked(config: &dyn std::fmt::Debug) {
     println!("{config:#?}");
     println!("config ok");
