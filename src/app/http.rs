@@ -222,3 +222,52 @@ impl http_body::Body for ChannelBody {
             .map(|next| next.map(|data| Ok(Frame::data(data))))
     }
 }
+
+/// A request head parsed by `httparse` (the parser hyper uses), for the two endpoints whose
+/// requests carry an unframed body or want an unframed answer (see [`crate::app::icecast`]
+/// and [`crate::app::output`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestHead {
+    /// The method, as sent (`GET`, `PUT`, `SOURCE`).
+    pub method: String,
+    /// The path, without its query.
+    pub path: String,
+    /// The headers: lower-case names, values as sent (those that are not UTF-8 are left
+    /// out).
+    pub headers: Vec<(String, String)>,
+}
+
+impl RequestHead {
+    /// Parses a complete head (request line and headers up to the blank line).
+    pub fn parse(head: &[u8]) -> io::Result<Self> {
+        let bad = |why: String| io::Error::new(io::ErrorKind::InvalidData, why);
+        let mut slots = [httparse::EMPTY_HEADER; 64];
+        let mut request = httparse::Request::new(&mut slots);
+        match request.parse(head) {
+            Ok(httparse::Status::Complete(_)) => {}
+            Ok(httparse::Status::Partial) => return Err(bad("an unfinished request head".into())),
+            Err(e) => return Err(bad(format!("a malformed request head: {e}"))),
+        }
+        let path = request.path.unwrap_or("");
+        Ok(Self {
+            method: request.method.unwrap_or("").to_owned(),
+            path: path.split('?').next().unwrap_or("").to_owned(),
+            headers: request
+                .headers
+                .iter()
+                .filter_map(|h| {
+                    let value = std::str::from_utf8(h.value).ok()?;
+                    Some((h.name.to_ascii_lowercase(), value.trim().to_owned()))
+                })
+                .collect(),
+        })
+    }
+
+    /// The first value of header `name` (lower case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}

@@ -9,6 +9,11 @@
 //!   the request body is then the stream, until the encoder disconnects;
 //! - one source per mount at a time: a second one gets `403` while the first is live; after the
 //!   first leaves, the next one carries the stream on (a new Ogg header is captured then).
+//!
+//! The head is parsed by `httparse` and the credentials decoded by `data-encoding`; the
+//! connection itself is not handed to hyper, because an Icecast source sends its stream as
+//! an unframed request body (no `Content-Length`, no chunking), which HTTP/1.1 and so hyper
+//! read as an empty one.
 
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -18,6 +23,7 @@ use std::sync::mpsc::SyncSender;
 use std::thread;
 use std::time::Duration;
 
+use super::http::RequestHead;
 use super::output::read_request_head;
 
 /// Where encoders push, and the password they must give.
@@ -59,6 +65,7 @@ pub(crate) fn serve(
 /// Why a source request is turned away.
 #[derive(Debug, PartialEq, Eq)]
 enum Refusal {
+    Malformed,
     Method,
     Mount,
     Auth,
@@ -68,45 +75,34 @@ enum Refusal {
 /// Checks a request head against the endpoint. Returns whether the client expects
 /// `100 Continue`.
 fn check(head: &str, endpoint: &SourceEndpoint) -> Result<bool, Refusal> {
-    let mut lines = head.lines();
-    let mut words = lines.next().unwrap_or("").split_whitespace();
-    let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
-    if method != "PUT" && method != "SOURCE" {
+    let head = RequestHead::parse(head.as_bytes()).map_err(|_| Refusal::Malformed)?;
+    if head.method != "PUT" && head.method != "SOURCE" {
         return Err(Refusal::Method);
     }
-    let path = path.split('?').next().unwrap_or("");
-    if path != endpoint.mount {
+    if head.path != endpoint.mount {
         return Err(Refusal::Mount);
     }
-    let mut authorised = false;
-    let mut expect_continue = false;
-    for line in lines {
-        let Some((name, value)) = line.split_once(':') else {
-            continue;
-        };
-        let value = value.trim();
-        match name.trim().to_ascii_lowercase().as_str() {
-            "authorization" => {
-                authorised = value
-                    .strip_prefix("Basic ")
-                    .and_then(base64_decode)
-                    .and_then(|cred| {
-                        let colon = cred.iter().position(|&b| b == b':')?;
-                        Some(same(&cred[colon + 1..], endpoint.password.as_bytes()))
-                    })
-                    .unwrap_or(false);
-            }
-            "expect" => expect_continue = value.eq_ignore_ascii_case("100-continue"),
-            "transfer-encoding" if !value.eq_ignore_ascii_case("identity") => {
-                return Err(Refusal::Chunked);
-            }
-            _ => {}
-        }
+    if head
+        .header("transfer-encoding")
+        .is_some_and(|v| !v.eq_ignore_ascii_case("identity"))
+    {
+        return Err(Refusal::Chunked);
     }
+    let authorised = head
+        .header("authorization")
+        .and_then(|v| v.strip_prefix("Basic "))
+        .and_then(|b64| data_encoding::BASE64.decode(b64.trim().as_bytes()).ok())
+        .and_then(|cred| {
+            let colon = cred.iter().position(|&b| b == b':')?;
+            Some(same(&cred[colon + 1..], endpoint.password.as_bytes()))
+        })
+        .unwrap_or(false);
     if !authorised {
         return Err(Refusal::Auth);
     }
-    Ok(expect_continue)
+    Ok(head
+        .header("expect")
+        .is_some_and(|v| v.eq_ignore_ascii_case("100-continue")))
 }
 
 fn source(
@@ -123,6 +119,7 @@ fn source(
         Ok(expect) => expect,
         Err(refusal) => {
             let answer: &[u8] = match refusal {
+                Refusal::Malformed => b"HTTP/1.0 400 Bad Request\r\n\r\n",
                 Refusal::Method => b"HTTP/1.0 405 Method Not Allowed\r\nAllow: PUT, SOURCE\r\n\r\n",
                 Refusal::Mount => b"HTTP/1.0 404 Not Found\r\n\r\n",
                 Refusal::Auth => {
@@ -169,31 +166,6 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Standard base64 with padding, as HTTP Basic authentication uses it.
-fn base64_decode(text: &str) -> Option<Vec<u8>> {
-    let text = text.trim().trim_end_matches('=');
-    let mut out = Vec::with_capacity(text.len() * 3 / 4);
-    let mut acc = 0u32;
-    let mut bits = 0;
-    for c in text.bytes() {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        };
-        acc = (acc << 6) | u32::from(v);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-        }
-    }
-    Some(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,16 +175,6 @@ mod tests {
             mount: "/live".into(),
             password: "hackme".into(),
         }
-    }
-
-    #[test]
-    fn base64_decodes_basic_credentials() {
-        assert_eq!(
-            base64_decode("c291cmNlOmhhY2ttZQ==").as_deref(),
-            Some(&b"source:hackme"[..])
-        );
-        assert_eq!(base64_decode("YQ").as_deref(), Some(&b"a"[..]));
-        assert_eq!(base64_decode("!!"), None);
     }
 
     #[test]
@@ -236,5 +198,7 @@ mod tests {
         let chunked = "PUT /live HTTP/1.1\r\nAuthorization: Basic c291cmNlOmhhY2ttZQ==\r\n\
                        Transfer-Encoding: chunked\r\n\r\n";
         assert_eq!(check(chunked, &endpoint()), Err(Refusal::Chunked));
+        let garbage = "PUT /live HTTP/1.1\r\nno colon here\r\n\r\n";
+        assert_eq!(check(garbage, &endpoint()), Err(Refusal::Malformed));
     }
 }

@@ -4,6 +4,12 @@
 //! Every output goes through a [`Gate`]: it starts a player at a random-access chunk and puts
 //! the stream header (Ogg header pages, an fMP4 initialisation segment) in front of it, exactly
 //! once, whether the header came with the channel information or in-band as a chunk.
+//!
+//! The HTTP server answers the way an Icecast server answers its listeners: `HTTP/1.0 200`
+//! and the stream until the connection closes, which every player and old hardware radio
+//! reads. Its request heads are parsed by `httparse`; it does not run on hyper (as the admin
+//! listener does) because hyper answers an HTTP/1.1 request without a length in chunked
+//! encoding. A thread serves each player.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -218,8 +224,8 @@ fn serve_player(hub: &Mutex<Hub>, conn: TcpStream) {
 fn serve_player_inner(hub: &Mutex<Hub>, mut conn: TcpStream) -> io::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(10)))?;
     let request = read_request_head(&mut BufReader::new(&mut conn))?;
-    let mut words = request.lines().next().unwrap_or("").split_whitespace();
-    let method = words.next().unwrap_or("");
+    let request = super::http::RequestHead::parse(request.as_bytes())?;
+    let method = request.method.as_str();
     if method != "GET" && method != "HEAD" {
         conn.write_all(
             b"HTTP/1.0 405 Method Not Allowed\r\nAllow: GET, HEAD\r\nContent-Length: 0\r\n\r\n",
