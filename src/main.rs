@@ -258,6 +258,7 @@ fn main() -> ExitCode {
     } else {
         logs.init();
     }
+    raise_file_limit();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -272,4 +273,18 @@ fn main() -> ExitCode {
 fn checked(config: &dyn std::fmt::Debug) {
     println!("{config:#?}");
     println!("config ok");
+}
+
+/// Raises the soft limit on open files to the hard one, as network daemons do: a node holds a
+/// socket per HTTP client (players, scrapes, idle ones) besides its UDP sockets and rings,
+/// and the usual soft default of 1024 would refuse new ones long before the machine must.
+fn raise_file_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        limit.current = limit.maximum;
+        if let Err(err) = setrlimit(Resource::Nofile, limit) {
+            tracing::debug!(%err, "open-file limit not raised");
+        }
+    }
 }
