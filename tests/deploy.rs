@@ -13,7 +13,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use common::procs::gridcast;
 
@@ -25,20 +25,7 @@ fn deploy(path: &str) -> PathBuf {
 
 /// Whether `tool` runs; if not, a failure in CI, else a skip.
 fn have(tool: &str, probe: &[&str]) -> bool {
-    let found = Command::new(tool)
-        .args(probe)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        assert!(
-            !std::env::var("GRIDCAST_REQUIRE_DEPLOY_TOOLS").is_ok_and(|v| v == "1"),
-            "{tool} is required (GRIDCAST_REQUIRE_DEPLOY_TOOLS=1) but does not run"
-        );
-        println!("{tool} not installed: skipping its check");
-    }
-    found
+    common::procs::have_tool(tool, probe, "GRIDCAST_REQUIRE_DEPLOY_TOOLS")
 }
 
 fn text(out: &Output) -> String {

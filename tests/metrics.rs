@@ -81,20 +81,7 @@ fn value(scrape: &str, name: &str, filter: &str) -> f64 {
 }
 
 fn have_promtool() -> bool {
-    let found = Command::new("promtool")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        assert!(
-            !std::env::var("GRIDCAST_REQUIRE_PROMETHEUS").is_ok_and(|v| v == "1"),
-            "promtool is required (GRIDCAST_REQUIRE_PROMETHEUS=1) but not installed"
-        );
-        println!("promtool not installed: not linting the scrapes");
-    }
-    found
+    have_tool("promtool", &["--version"], "GRIDCAST_REQUIRE_PROMETHEUS")
 }
 
 fn promtool_accepts(scrape: &str, who: &str) {

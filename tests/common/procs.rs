@@ -244,3 +244,22 @@ impl Drop for Reaper {
         reap(&mut self.0);
     }
 }
+
+/// Whether `tool` runs (`tool probe…` succeeds). When it does not, a failure if the
+/// environment variable `require` is `1` (CI), else a skip with a message.
+pub fn have_tool(tool: &str, probe: &[&str], require: &str) -> bool {
+    let found = Command::new(tool)
+        .args(probe)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        assert!(
+            !std::env::var(require).is_ok_and(|v| v == "1"),
+            "{tool} is required ({require}=1) but does not run"
+        );
+        println!("{tool} not installed: skipping what needs it");
+    }
+    found
+}
