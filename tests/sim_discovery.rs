@@ -134,6 +134,38 @@ fn hundred_peers_from_the_source(seed: u64, loss: f64, directory: Option<Board>)
 }
 
 #[test]
+fn the_peers_of_a_first_tier_relay_killed_fall_back_to_the_source_at_once() {
+    // A source with room for eight serves one relay, and sends its six peers to it. The
+    // relay is killed: the source must stop counting it long before its connection times
+    // out (10 s), take the peers itself, and none of them may miss a chunk.
+    let mut grid = Grid::self_forming(33, 8, 1, Duration::from_secs(2));
+    let source_ix = grid.source.node;
+    let source = grid.source_candidate();
+    let relay = grid.supernodes[0];
+    for _ in 0..6 {
+        grid.add_policy_peer(EngineConfig::default(), vec![source]);
+    }
+    grid.run(Duration::from_secs(4));
+    assert_eq!(
+        grid.sim.node(source_ix).engine.served_subscriptions(),
+        1,
+        "the source serves only its relay"
+    );
+    grid.sim.kill(relay);
+    grid.supernodes.clear();
+    grid.run(Duration::from_secs(6));
+    let channel = grid.source.channel;
+    for &p in &grid.peers {
+        let (held, parents) = grid.sim.node(p).engine.upstream_status(&channel).unwrap();
+        assert!(
+            held >= 8 && parents >= 1,
+            "a peer holds {held} from {parents}"
+        );
+    }
+    grid.assert_perfect("first-tier-relay-killed");
+}
+
+#[test]
 fn relays_added_later_attach_below_a_full_first_tier_and_new_peers_find_them() {
     // The source serves a first tier of two. Five relays that come later are sent to the
     // first tier; peers that come after them hear of them from the first tier's answers.

@@ -155,8 +155,9 @@ pub fn assert_tail(out: &Path, reference: &[u8], min_share: f64) {
     let start = reference.len() - played.len();
     assert!(
         reference[start..] == played[..],
-        "{}: not the tail of the source",
-        out.display()
+        "{}: not the tail of the source: {}",
+        out.display(),
+        tail_mismatch(&played, reference)
     );
     decodes_cleanly(out);
     println!(
@@ -165,6 +166,34 @@ pub fn assert_tail(out: &Path, reference: &[u8], min_share: f64) {
         played.len(),
         reference.len()
     );
+}
+
+/// Says how `played` departs from being a tail of `reference`: where its first bytes sit in
+/// the source, and the first byte after them that differs (a gap, a repeat or a wrong byte)
+/// or how far short of the end it stops.
+fn tail_mismatch(played: &[u8], reference: &[u8]) -> String {
+    let head = &played[..played.len().min(4096)];
+    let Some(at) = reference.windows(head.len().max(1)).position(|w| w == head) else {
+        return format!("its first {} bytes are nowhere in the source", head.len());
+    };
+    let same = reference[at..]
+        .iter()
+        .zip(played)
+        .take_while(|(a, b)| a == b)
+        .count();
+    if same == played.len() {
+        format!(
+            "it is the source's bytes {at}..{} but stops {} bytes before the end",
+            at + same,
+            reference.len() - at - same
+        )
+    } else {
+        format!(
+            "it starts at the source's byte {at} and departs from it after {same} bytes \
+             (of {} played)",
+            played.len()
+        )
+    }
 }
 
 /// A UDP port on 127.0.0.1 that was free a moment ago (for a node restarted on the same

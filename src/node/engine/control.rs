@@ -211,7 +211,7 @@ impl Engine {
                 let full = self.config.max_subscribers.is_some_and(|max| {
                     self.subscribers.values().map(Vec::len).sum::<usize>() >= max
                 });
-                if !known && !self.draining && self.over_first_tier(handle, sub.channel) {
+                if !known && !self.draining && self.over_first_tier(now, handle, sub.channel) {
                     // The first tier is full (or this is a peer and relays carry the channel):
                     // name the relays instead.
                     self.stats.subscriptions_turned_away += 1;

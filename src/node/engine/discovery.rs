@@ -69,7 +69,7 @@ impl Engine {
         // relay only when it turns that relay away.
         if self.config.role == Role::Source
             && asker_is_relay
-            && !self.over_first_tier(asker, channel)
+            && !self.over_first_tier(now, asker, channel)
         {
             return Vec::new();
         }
@@ -171,9 +171,17 @@ impl Engine {
     }
 
     /// Whether a new subscription from `asker` on `channel` is over the first-tier limit:
-    /// the node serves `max_children` connections already, or the asker is a peer and a relay
-    /// child carries the channel (peers go to the relays; the first tier is for relays).
-    pub(super) fn over_first_tier(&self, asker: ConnectionHandle, channel: ChannelId) -> bool {
+    /// the node serves `max_children` live children already, or the asker is a peer and a
+    /// live relay child carries the channel (peers go to the relays; the first tier is for
+    /// relays). A child that went silent or that membership shuns is not counted: a relay
+    /// killed or cut off frees its place long before its connection times out, so the peers
+    /// it served can fall back to this node.
+    pub(super) fn over_first_tier(
+        &self,
+        now: Instant,
+        asker: ConnectionHandle,
+        channel: ChannelId,
+    ) -> bool {
         let Some(max) = self.config.max_children else {
             return false;
         };
@@ -181,7 +189,11 @@ impl Engine {
             // Already a child: a changed subscription is no newcomer.
             return false;
         }
-        let children = self.conns.values().filter(|c| !c.served.is_empty()).count();
+        let children = self
+            .conns
+            .values()
+            .filter(|c| !c.served.is_empty() && self.live_child(now, c))
+            .count();
         let asker_is_peer = self
             .conns
             .get(&asker)
@@ -194,7 +206,7 @@ impl Engine {
             .flatten()
             .any(|(h, sub)| {
                 self.conns.get(h).is_some_and(|c| {
-                    c.peer.is_some()
+                    self.live_child(now, c)
                         && c.hello
                             .as_ref()
                             .is_some_and(|h| h.role == Role::Supernode && h.serves)
@@ -202,6 +214,16 @@ impl Engine {
                 })
             });
         children >= max || (asker_is_peer && relay_carries)
+    }
+
+    /// A child that is still there: open, heard from (at least an acknowledgement)
+    /// within [`CHILD_SILENT`], and not shunned by membership (draining or suspected dead).
+    fn live_child(&self, now: Instant, conn: &super::conn::Conn) -> bool {
+        !conn.closed
+            && now.saturating_duration_since(conn.last_rx) < CHILD_SILENT
+            && conn
+                .peer
+                .is_none_or(|node| !self.membership.as_ref().is_some_and(|m| m.shunned(&node)))
     }
 
     /// Asks the parent on `handle` for more candidates for `channel`: when it first answers,
