@@ -148,6 +148,21 @@ fn a_relay_stopped_by_sigterm_costs_the_players_nothing() {
 }
 
 /// An HTTP player: GETs `url` and keeps the response until the server closes it.
+/// `n` connections to `addr` that never send a byte (file descriptors raised to the hard
+/// limit first: the test process holds them all).
+fn idle_connections(addr: &str, n: usize) -> Vec<std::net::TcpStream> {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    limit.current = limit.maximum;
+    let _ = setrlimit(Resource::Nofile, limit);
+    (0..n)
+        .map(|i| {
+            std::net::TcpStream::connect(addr)
+                .unwrap_or_else(|e| panic!("idle connection {i} to {addr}: {e}"))
+        })
+        .collect()
+}
+
 fn http_player(url: &str) -> thread::JoinHandle<(String, Vec<u8>)> {
     let addr = url
         .strip_prefix("http://")
@@ -237,6 +252,8 @@ fn an_icecast_push_reaches_http_players_and_late_ones_get_the_header_first() {
         .status()
         .unwrap();
     assert!(!refused.success(), "a wrong source password was accepted");
+    // A thousand idle connections to the Icecast port stop no encoder.
+    let idle_source = idle_connections(&format!("127.0.0.1:{port}"), 1000);
     let mut ffmpeg = Command::new("ffmpeg")
         .args(["-v", "error", "-re", "-f", "lavfi", "-i"])
         .arg(format!("sine=frequency=440:duration={STREAM_SECS}"))
@@ -256,10 +273,16 @@ fn an_icecast_push_reaches_http_players_and_late_ones_get_the_header_first() {
     thread::sleep(Duration::from_secs(STREAM_SECS / 2));
     // A late player on peer A (the header from peer A's memory) and a late peer B (the
     // header from the channel information).
+    // Nor do a thousand idle connections to a player output stop a player.
+    let idle_output = idle_connections(
+        url_a.trim_start_matches("http://").trim_end_matches('/'),
+        1000,
+    );
     let late_a = http_player(&url_a);
     let (mut peer_b, url_b) = play(&relay_link);
     let late_b = http_player(&url_b);
     assert!(ffmpeg.wait().unwrap().success(), "ffmpeg push failed");
+    drop((idle_source, idle_output));
     thread::sleep(Duration::from_secs(3));
     for p in [&peer_a, &peer_b] {
         signal(p, "-TERM");

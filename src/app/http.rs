@@ -1,6 +1,8 @@
 //! The one HTTP layer every listener of a node shares: hyper 1 (HTTP/1.1) on a
 //! current-thread tokio runtime of its own thread, off the data-plane cores. The admin
-//! listener, the Icecast source endpoint and the players' HTTP output are handlers on it.
+//! listener is a handler on it. The Icecast source endpoint and the players' HTTP output
+//! parse their request heads with [`RequestHead`] (httparse, hyper's parser) on threads of
+//! their own, bounded by `app::accept` (why they are not on hyper: ARCHITECTURE.md).
 //!
 //! Bad input is bounded here, once for all of them: a request head must arrive within
 //! [`HttpLimits::header_timeout`] and fit [`HttpLimits::max_head_bytes`] (hyper answers 431

@@ -20,7 +20,6 @@ use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::SyncSender;
-use std::thread;
 use std::time::Duration;
 
 use super::http::RequestHead;
@@ -35,8 +34,8 @@ pub struct SourceEndpoint {
     pub password: String,
 }
 
-/// Accepts encoders on `listener` and passes each one's stream bytes to `tx`, until nobody
-/// listens on `tx` any more.
+/// Accepts encoders on `listener`, for as long as the process runs, and passes each one's
+/// stream bytes to `tx` (an encoder whose bytes nobody takes any more is let go).
 pub(crate) fn serve(
     listener: &TcpListener,
     endpoint: SourceEndpoint,
@@ -44,23 +43,31 @@ pub(crate) fn serve(
 ) {
     let endpoint = Arc::new(endpoint);
     let busy = Arc::new(AtomicBool::new(false));
-    for conn in listener.incoming() {
-        let Ok(conn) = conn else { continue };
-        let (endpoint, busy, tx) = (Arc::clone(&endpoint), Arc::clone(&busy), tx.clone());
-        let spawned = thread::Builder::new()
-            .name("icecast-source".into())
-            .spawn(move || {
-                let peer = conn.peer_addr().ok();
-                match source(conn, &endpoint, &busy, &tx) {
-                    Ok(()) => tracing::info!(?peer, "icecast source left"),
-                    Err(e) => tracing::warn!(?peer, %e, "icecast source refused or failed"),
-                }
-            });
-        if spawned.is_err() {
-            tracing::warn!("cannot start a thread for an icecast source");
+    let tx = tx.clone();
+    // One encoder is served at a time; the places beyond it are for those turned away
+    // (and for idle connections, each closed by the head timeout).
+    crate::app::accept::serve_threaded(listener, "icecast-source", MAX_CONNECTIONS, move |conn| {
+        let peer = conn.peer_addr().ok();
+        match source(conn, &endpoint, &busy, &tx) {
+            Ok(()) => tracing::info!(?peer, "icecast source left"),
+            // Idle and abandoned connections (no head before the timeout) are routine.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::TimedOut | io::ErrorKind::UnexpectedEof
+                ) =>
+            {
+                tracing::debug!(?peer, %e, "icecast connection without a request")
+            }
+            Err(e) => tracing::warn!(?peer, %e, "icecast source refused or failed"),
         }
-    }
+    });
 }
+
+/// Connections the endpoint holds at once, as many as the admin listener's: a thousand
+/// idle ones (each closed by the head timeout) leave room for the encoder; more than this
+/// are closed at accept.
+const MAX_CONNECTIONS: usize = 4096;
 
 /// Why a source request is turned away.
 #[derive(Debug, PartialEq, Eq)]

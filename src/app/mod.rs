@@ -1,6 +1,7 @@
 //! The applications over the engine and drivers: channel links, the demo grid and its
 //! built-in test stream. These read the clock and spawn threads; the layers below do not.
 
+mod accept;
 pub mod config;
 pub mod demo;
 pub mod http;

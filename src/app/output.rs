@@ -12,7 +12,7 @@
 //! encoding. A thread serves each player.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
@@ -139,20 +139,19 @@ pub struct HttpOutput {
 impl HttpOutput {
     /// Listens on `addr` and serves players from a background thread.
     pub fn bind(addr: SocketAddr) -> io::Result<Self> {
-        let listener = TcpListener::bind(addr)?;
+        let listener = crate::app::accept::listen(addr)?;
         let addr = listener.local_addr()?;
         let hub = Arc::new(Mutex::new(Hub::default()));
         let accept_hub = Arc::clone(&hub);
         thread::Builder::new()
             .name("http-output".into())
             .spawn(move || {
-                for conn in listener.incoming() {
-                    let Ok(conn) = conn else { continue };
-                    let hub = Arc::clone(&accept_hub);
-                    let _ = thread::Builder::new()
-                        .name("http-player".into())
-                        .spawn(move || serve_player(&hub, conn));
-                }
+                crate::app::accept::serve_threaded(
+                    &listener,
+                    "http-player",
+                    MAX_PLAYERS,
+                    move |conn| serve_player(&accept_hub, conn),
+                );
             })?;
         Ok(Self { hub, addr })
     }
@@ -287,23 +286,42 @@ fn register(hub: &Mutex<Hub>) -> Receiver<(ChunkFlags, Bytes)> {
     rx
 }
 
+/// Connections the output holds at once (players and requests still arriving, each of
+/// those closed by the head timeout), as many as the admin listener's: a thousand idle
+/// connections leave room for players; more than this are closed at accept.
+const MAX_PLAYERS: usize = 4096;
+
 /// Longest request head accepted.
 const MAX_REQUEST_HEAD: usize = 16 * 1024;
 
 /// The request line and headers, up to the blank line (at most 16 KiB). Reads nothing past it,
-/// so a request body stays in `reader`.
+/// so a request body stays in `reader`. A connection that sends no complete head before its
+/// read timeout fails with `TimedOut`, one that closes first with `UnexpectedEof` (neither
+/// is worth more than a debug line: idle and abandoned connections are routine), an
+/// oversized head with `InvalidData`.
 pub(crate) fn read_request_head(reader: &mut impl BufRead) -> io::Result<String> {
     let mut head = String::new();
     loop {
         let before = head.len();
         let room = (MAX_REQUEST_HEAD - head.len()) as u64;
-        if Read::take(&mut *reader, room).read_line(&mut head)? == 0 {
-            let why = if room == 0 {
-                "the request head is too long"
+        let read = Read::take(&mut *reader, room)
+            .read_line(&mut head)
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no complete request head within the head timeout",
+                ),
+                _ => e,
+            })?;
+        if read == 0 {
+            return Err(if room == 0 {
+                io::Error::new(io::ErrorKind::InvalidData, "the request head is too long")
             } else {
-                "the request ended before its headers did"
-            };
-            return Err(io::Error::new(io::ErrorKind::InvalidData, why));
+                io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the request ended before its headers did",
+                )
+            });
         }
         if head[before..].trim_end_matches(['\r', '\n']).is_empty() {
             return Ok(head);

@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::io::{self, Read};
-use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -204,7 +204,7 @@ fn read_input(
                     "an icecast:// input needs --source-password (or GRIDCAST_SOURCE_PASSWORD)",
                 )?
                 .to_owned();
-            let listener = TcpListener::bind(addr)
+            let listener = crate::app::accept::listen(addr)
                 .with_context(|| format!("cannot listen for icecast sources on {addr}"))?;
             let endpoint = SourceEndpoint { mount, password };
             thread::spawn(move || icecast::serve(&listener, endpoint, &tx));
@@ -216,8 +216,8 @@ fn read_input(
             spawn_reader(tx, file, rate_bps);
         }
         Input::Tcp(addr) => {
-            let listener =
-                TcpListener::bind(addr).with_context(|| format!("cannot listen on tcp {addr}"))?;
+            let listener = crate::app::accept::listen(addr)
+                .with_context(|| format!("cannot listen on tcp {addr}"))?;
             thread::spawn(move || {
                 // One sender at a time; the stream goes on when the next one connects.
                 for conn in listener.incoming() {

@@ -8,7 +8,7 @@
 //! - `GET /debug/channels`: JSON, every channel each worker carries (parents, substreams,
 //!   subscribers, window, counters): the per-channel detail metrics leave out.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use hyper::header::{CONTENT_TYPE, HeaderValue};
@@ -26,7 +26,7 @@ pub fn start(
     watched: Watched,
     metrics: Arc<Metrics>,
 ) -> std::io::Result<(SocketAddr, Arc<HttpStats>)> {
-    let listener = TcpListener::bind(addr)?;
+    let listener = crate::app::accept::listen(addr)?;
     let bound = listener.local_addr()?;
     let handler: http::Handler = Arc::new(move |req, _remote| {
         let watched = watched.clone();
