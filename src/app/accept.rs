@@ -11,6 +11,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::Duration;
 
+/// Connections each endpoint holds at once (requests still arriving, each closed by its
+/// head timeout, and those being served), as many as the admin listener's: a thousand idle
+/// connections leave room for the encoder and the players; more than this are closed at
+/// accept.
+pub(crate) const MAX_CONNECTIONS: usize = 4096;
+
 /// How long a failed accept waits before the next: the usual cause (no file descriptor
 /// left) clears only when connections close.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);

@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::SyncSender;
 use std::time::Duration;
 
+use super::accept;
 use super::http::RequestHead;
 use super::output::read_request_head;
 
@@ -46,28 +47,28 @@ pub(crate) fn serve(
     let tx = tx.clone();
     // One encoder is served at a time; the places beyond it are for those turned away
     // (and for idle connections, each closed by the head timeout).
-    crate::app::accept::serve_threaded(listener, "icecast-source", MAX_CONNECTIONS, move |conn| {
-        let peer = conn.peer_addr().ok();
-        match source(conn, &endpoint, &busy, &tx) {
-            Ok(()) => tracing::info!(?peer, "icecast source left"),
-            // Idle and abandoned connections (no head before the timeout) are routine.
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::TimedOut | io::ErrorKind::UnexpectedEof
-                ) =>
-            {
-                tracing::debug!(?peer, %e, "icecast connection without a request")
+    accept::serve_threaded(
+        listener,
+        "icecast-source",
+        accept::MAX_CONNECTIONS,
+        move |conn| {
+            let peer = conn.peer_addr().ok();
+            match source(conn, &endpoint, &busy, &tx) {
+                Ok(()) => tracing::info!(?peer, "icecast source left"),
+                // Idle and abandoned connections (no head before the timeout) are routine.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::TimedOut | io::ErrorKind::UnexpectedEof
+                    ) =>
+                {
+                    tracing::debug!(?peer, %e, "icecast connection without a request")
+                }
+                Err(e) => tracing::warn!(?peer, %e, "icecast source refused or failed"),
             }
-            Err(e) => tracing::warn!(?peer, %e, "icecast source refused or failed"),
-        }
-    });
+        },
+    );
 }
-
-/// Connections the endpoint holds at once, as many as the admin listener's: a thousand
-/// idle ones (each closed by the head timeout) leave room for the encoder; more than this
-/// are closed at accept.
-const MAX_CONNECTIONS: usize = 4096;
 
 /// Why a source request is turned away.
 #[derive(Debug, PartialEq, Eq)]

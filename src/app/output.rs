@@ -149,7 +149,7 @@ impl HttpOutput {
                 crate::app::accept::serve_threaded(
                     &listener,
                     "http-player",
-                    MAX_PLAYERS,
+                    crate::app::accept::MAX_CONNECTIONS,
                     move |conn| serve_player(&accept_hub, conn),
                 );
             })?;
@@ -285,11 +285,6 @@ fn register(hub: &Mutex<Hub>) -> Receiver<(ChunkFlags, Bytes)> {
     hub.clients.push(tx);
     rx
 }
-
-/// Connections the output holds at once (players and requests still arriving, each of
-/// those closed by the head timeout), as many as the admin listener's: a thousand idle
-/// connections leave room for players; more than this are closed at accept.
-const MAX_PLAYERS: usize = 4096;
 
 /// Longest request head accepted.
 const MAX_REQUEST_HEAD: usize = 16 * 1024;
