@@ -163,7 +163,7 @@ fn idle_connections(addr: &str, n: usize) -> Vec<std::net::TcpStream> {
         .collect()
 }
 
-fn http_player(url: &str) -> thread::JoinHandle<(String, Vec<u8>)> {
+fn http_player(url: &str, version: &'static str) -> thread::JoinHandle<(String, Vec<u8>)> {
     let addr = url
         .strip_prefix("http://")
         .unwrap()
@@ -173,8 +173,11 @@ fn http_player(url: &str) -> thread::JoinHandle<(String, Vec<u8>)> {
         let mut conn = std::net::TcpStream::connect(&addr).unwrap();
         conn.set_read_timeout(Some(Duration::from_secs(30)))
             .unwrap();
-        conn.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nIcy-MetaData: 0\r\n\r\n")
-            .unwrap();
+        write!(
+            conn,
+            "GET / {version}\r\nHost: localhost\r\nIcy-MetaData: 0\r\n\r\n"
+        )
+        .unwrap();
         let mut all = Vec::new();
         let _ = conn.read_to_end(&mut all);
         let split = all
@@ -182,7 +185,14 @@ fn http_player(url: &str) -> thread::JoinHandle<(String, Vec<u8>)> {
             .position(|w| w == b"\r\n\r\n")
             .expect("an HTTP response head");
         let head = String::from_utf8_lossy(&all[..split]).into_owned();
-        (head, all[split + 4..].to_vec())
+        let raw = &all[split + 4..];
+        // An HTTP/1.1 player gets the stream chunked, an HTTP/1.0 one until the close.
+        let body = if head.contains("Transfer-Encoding: chunked") {
+            common::http::dechunk(raw).expect("a well-formed chunked body")
+        } else {
+            raw.to_vec()
+        };
+        (head, body)
     })
 }
 
@@ -243,7 +253,7 @@ fn an_icecast_push_reaches_http_players_and_late_ones_get_the_header_first() {
     // Peer A plays from before the first byte: its header comes in-band.
     let (mut peer_a, url_a) = play(&relay_link);
     assert!(url_a.starts_with("http://127.0.0.1:"), "{url_a}");
-    let early = http_player(&url_a);
+    let early = http_player(&url_a, "HTTP/1.0");
     // A wrong password is refused, and the right one streams.
     let refused = Command::new("ffmpeg")
         .args(["-v", "quiet", "-f", "lavfi", "-i", "sine=duration=1"])
@@ -278,9 +288,9 @@ fn an_icecast_push_reaches_http_players_and_late_ones_get_the_header_first() {
         url_a.trim_start_matches("http://").trim_end_matches('/'),
         1000,
     );
-    let late_a = http_player(&url_a);
+    let late_a = http_player(&url_a, "HTTP/1.1");
     let (mut peer_b, url_b) = play(&relay_link);
-    let late_b = http_player(&url_b);
+    let late_b = http_player(&url_b, "HTTP/1.1");
     assert!(ffmpeg.wait().unwrap().success(), "ffmpeg push failed");
     drop((idle_source, idle_output));
     thread::sleep(Duration::from_secs(3));
@@ -305,6 +315,11 @@ fn an_icecast_push_reaches_http_players_and_late_ones_get_the_header_first() {
     let header = &early[..header_len];
     for (name, player) in [("late on peer A", late_a), ("late on peer B", late_b)] {
         let (head, body) = player.join().unwrap();
+        assert!(head.starts_with("HTTP/1.1 200"), "{name}: {head}");
+        assert!(
+            head.contains("Transfer-Encoding: chunked"),
+            "{name}: {head}"
+        );
         assert!(head.contains("Content-Type: audio/ogg"), "{name}: {head}");
         assert!(
             body.len() > header_len + 4096,

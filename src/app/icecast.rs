@@ -5,26 +5,31 @@
 //! What an Icecast 2 server does for a source, and so what this does:
 //! - `PUT /mount` (Icecast 2.4 and later) or the legacy `SOURCE /mount` (older clients), with
 //!   HTTP Basic authentication (any user name, usually `source`; the password is checked);
-//! - `Expect: 100-continue` is answered with `100 Continue`, anything else with `200 OK`, and
-//!   the request body is then the stream, until the encoder disconnects;
+//! - the source is answered `200 OK`, and the rest of the connection is then the stream,
+//!   until the encoder disconnects;
 //! - one source per mount at a time: a second one gets `403` while the first is live; after the
 //!   first leaves, the next one carries the stream on (a new Ogg header is captured then).
 //!
-//! The head is parsed by `httparse` and the credentials decoded by `data-encoding`; the
-//! connection itself is not handed to hyper, because an Icecast source sends its stream as
-//! an unframed request body (no `Content-Length`, no chunking), which HTTP/1.1 and so hyper
-//! read as an empty one.
+//! It runs on the HTTP layer (hyper) as a takeover listener: hyper reads and bounds the
+//! request head, and writes the answer; then the connection is handed to a thread that reads
+//! the stream, which follows the head unframed (no `Content-Length`, no chunking) and which
+//! HTTP/1.1 would read as an empty body. One difference from Icecast: an encoder that sends
+//! `Expect: 100-continue` (ffmpeg does) gets the final `200 OK` instead of `100 Continue`,
+//! since hyper writes no informational answer for a request without a framed body; a client
+//! that waits for `100` may go on at a final `2xx` (RFC 9110, 10.1.1), and ffmpeg does.
 
-use std::io::{self, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::{self, Read};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::SyncSender;
 use std::time::Duration;
 
-use super::accept;
-use super::http::RequestHead;
-use super::output::read_request_head;
+use bytes::Bytes;
+use hyper::header::{self, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+
+use super::http::{self, HttpLimits, HttpServer, Takeover, TakeoverHandler};
 
 /// Where encoders push, and the password they must give.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -35,71 +40,77 @@ pub struct SourceEndpoint {
     pub password: String,
 }
 
-/// Accepts encoders on `listener`, for as long as the process runs, and passes each one's
-/// stream bytes to `tx` (an encoder whose bytes nobody takes any more is let go).
+/// Accepts encoders on `listener`, on `server`, for as long as it runs, and passes each
+/// one's stream bytes to `tx` (an encoder whose bytes nobody takes any more is let go).
 pub(crate) fn serve(
-    listener: &TcpListener,
+    server: &HttpServer,
+    listener: TcpListener,
     endpoint: SourceEndpoint,
-    tx: &SyncSender<io::Result<Vec<u8>>>,
-) {
+    tx: SyncSender<io::Result<Vec<u8>>>,
+) -> io::Result<()> {
     let endpoint = Arc::new(endpoint);
     let busy = Arc::new(AtomicBool::new(false));
-    let tx = tx.clone();
-    // One encoder is served at a time; the places beyond it are for those turned away
-    // (and for idle connections, each closed by the head timeout).
-    accept::serve_threaded(
-        listener,
-        "icecast-source",
-        accept::MAX_CONNECTIONS,
-        move |conn| {
-            let peer = conn.peer_addr().ok();
-            match source(conn, &endpoint, &busy, &tx) {
-                Ok(()) => tracing::info!(?peer, "icecast source left"),
-                // Idle and abandoned connections (no head before the timeout) are routine.
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::TimedOut | io::ErrorKind::UnexpectedEof
-                    ) =>
-                {
-                    tracing::debug!(?peer, %e, "icecast connection without a request")
-                }
-                Err(e) => tracing::warn!(?peer, %e, "icecast source refused or failed"),
-            }
-        },
-    );
+    let handler: TakeoverHandler = Arc::new(move |request, remote| {
+        let answer = answer(&request, remote, &endpoint, &busy, &tx);
+        Box::pin(async move { answer })
+    });
+    server.serve_takeover(listener, handler, HttpLimits::default())?;
+    Ok(())
 }
 
 /// Why a source request is turned away.
 #[derive(Debug, PartialEq, Eq)]
 enum Refusal {
-    Malformed,
     Method,
     Mount,
     Auth,
     Chunked,
 }
 
-/// Checks a request head against the endpoint. Returns whether the client expects
-/// `100 Continue`.
-fn check(head: &str, endpoint: &SourceEndpoint) -> Result<bool, Refusal> {
-    let head = RequestHead::parse(head.as_bytes()).map_err(|_| Refusal::Malformed)?;
-    if head.method != "PUT" && head.method != "SOURCE" {
+impl Refusal {
+    fn response(&self) -> Response<http::Body> {
+        let mut response = match self {
+            Refusal::Method => {
+                let mut r = http::text(StatusCode::METHOD_NOT_ALLOWED, "PUT or SOURCE only\n");
+                r.headers_mut()
+                    .insert(header::ALLOW, HeaderValue::from_static("PUT, SOURCE"));
+                r
+            }
+            Refusal::Mount => http::text(StatusCode::NOT_FOUND, "no such mount point\n"),
+            Refusal::Auth => {
+                let mut r = http::text(StatusCode::UNAUTHORIZED, "wrong or missing password\n");
+                r.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Basic realm=\"gridcast\""),
+                );
+                r
+            }
+            Refusal::Chunked => http::text(
+                StatusCode::NOT_IMPLEMENTED,
+                "chunked source bodies are not supported\n",
+            ),
+        };
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        response
+    }
+}
+
+/// Checks a source request against the endpoint.
+fn check<B>(request: &Request<B>, endpoint: &SourceEndpoint) -> Result<(), Refusal> {
+    let method = request.method().as_str();
+    if method != "PUT" && method != "SOURCE" {
         return Err(Refusal::Method);
     }
-    if head.path != endpoint.mount {
+    if request.uri().path() != endpoint.mount {
         return Err(Refusal::Mount);
     }
-    if head
-        .header("transfer-encoding")
-        .is_some_and(|v| !v.eq_ignore_ascii_case("identity"))
-    {
-        return Err(Refusal::Chunked);
-    }
-    let authorised = head
-        .header("authorization")
-        .and_then(|v| v.strip_prefix("Basic "))
-        .and_then(|b64| data_encoding::BASE64.decode(b64.trim().as_bytes()).ok())
+    let authorised = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Basic "))
+        .and_then(|b64| data_encoding::BASE64.decode(b64.trim_ascii()).ok())
         .and_then(|cred| {
             let colon = cred.iter().position(|&b| b == b':')?;
             Some(same(&cred[colon + 1..], endpoint.password.as_bytes()))
@@ -108,65 +119,80 @@ fn check(head: &str, endpoint: &SourceEndpoint) -> Result<bool, Refusal> {
     if !authorised {
         return Err(Refusal::Auth);
     }
-    Ok(head
-        .header("expect")
-        .is_some_and(|v| v.eq_ignore_ascii_case("100-continue")))
+    if request
+        .headers()
+        .get(header::TRANSFER_ENCODING)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
+    {
+        return Err(Refusal::Chunked);
+    }
+    Ok(())
 }
 
-fn source(
-    mut conn: TcpStream,
-    endpoint: &SourceEndpoint,
-    busy: &AtomicBool,
-    tx: &SyncSender<io::Result<Vec<u8>>>,
-) -> io::Result<()> {
-    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
-    // The head is read through a buffer; whatever of the body it swallowed is kept.
-    let mut reader = io::BufReader::new(conn.try_clone()?);
-    let head = read_request_head(&mut reader)?;
-    let expect_continue = match check(&head, endpoint) {
-        Ok(expect) => expect,
-        Err(refusal) => {
-            let answer: &[u8] = match refusal {
-                Refusal::Malformed => b"HTTP/1.0 400 Bad Request\r\n\r\n",
-                Refusal::Method => b"HTTP/1.0 405 Method Not Allowed\r\nAllow: PUT, SOURCE\r\n\r\n",
-                Refusal::Mount => b"HTTP/1.0 404 Not Found\r\n\r\n",
-                Refusal::Auth => {
-                    b"HTTP/1.0 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"gridcast\"\r\n\r\n"
-                }
-                Refusal::Chunked => b"HTTP/1.0 501 Not Implemented\r\n\r\n",
-            };
-            conn.write_all(answer)?;
-            return Err(io::Error::other(format!("{refusal:?}")));
-        }
-    };
-    if busy.swap(true, Ordering::AcqRel) {
-        conn.write_all(b"HTTP/1.0 403 Forbidden\r\n\r\nMountpoint in use\r\n")?;
-        return Err(io::Error::other("a source is already connected"));
+/// Marks the mount busy while held; frees it when dropped, also when the takeover holding
+/// it never runs (the answer could not be written).
+struct Live(Arc<AtomicBool>);
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
     }
-    let result = (|| {
-        if expect_continue {
-            conn.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
-        } else {
-            conn.write_all(b"HTTP/1.0 200 OK\r\n\r\n")?;
+}
+
+fn answer(
+    request: &Request<hyper::body::Incoming>,
+    remote: SocketAddr,
+    endpoint: &SourceEndpoint,
+    busy: &Arc<AtomicBool>,
+    tx: &SyncSender<io::Result<Vec<u8>>>,
+) -> (Response<http::Body>, Option<Takeover>) {
+    if let Err(refusal) = check(request, endpoint) {
+        tracing::warn!(%remote, ?refusal, "icecast source refused");
+        return (refusal.response(), None);
+    }
+    if busy.swap(true, Ordering::AcqRel) {
+        tracing::warn!(%remote, "icecast source refused: a source is already connected");
+        return (
+            http::text(StatusCode::FORBIDDEN, "Mountpoint in use\n"),
+            None,
+        );
+    }
+    let live = Live(Arc::clone(busy));
+    let tx = tx.clone();
+    let mount = endpoint.mount.clone();
+    let takeover: Takeover = Box::new(move |conn, early| {
+        tracing::info!(%mount, %remote, "icecast source connected");
+        match pump(conn, &early, &tx) {
+            Ok(()) => tracing::info!(%remote, "icecast source left"),
+            Err(err) => tracing::warn!(%remote, %err, "icecast source failed"),
         }
-        // A live encoder may pause; one that sends nothing for a minute is gone.
-        conn.set_read_timeout(Some(Duration::from_secs(60)))?;
-        tracing::info!(mount = %endpoint.mount, "icecast source connected");
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = match reader.read(&mut buf) {
-                Ok(0) => return Ok(()),
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            if tx.send(Ok(buf[..n].to_vec())).is_err() {
-                return Ok(());
-            }
+        drop(live);
+    });
+    let mut ok = Response::new(http::full(Bytes::new()));
+    ok.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    (ok, Some(takeover))
+}
+
+/// Reads the stream: the bytes read with the head first, then the connection's.
+fn pump(mut conn: TcpStream, early: &[u8], tx: &SyncSender<io::Result<Vec<u8>>>) -> io::Result<()> {
+    if !early.is_empty() && tx.send(Ok(early.to_vec())).is_err() {
+        return Ok(());
+    }
+    // A live encoder may pause; one that sends nothing for a minute is gone.
+    conn.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match conn.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if tx.send(Ok(buf[..n].to_vec())).is_err() {
+            return Ok(());
         }
-    })();
-    busy.store(false, Ordering::Release);
-    result
+    }
 }
 
 /// Compares without stopping at the first difference.
@@ -185,28 +211,36 @@ mod tests {
         }
     }
 
+    fn request(method: &str, uri: &str, headers: &[(&str, &str)]) -> Request<()> {
+        let mut r = Request::builder().method(method).uri(uri);
+        for (name, value) in headers {
+            r = r.header(*name, *value);
+        }
+        r.body(()).unwrap()
+    }
+
     #[test]
     fn source_requests_are_checked() {
-        let ok = "PUT /live HTTP/1.1\r\nAuthorization: Basic c291cmNlOmhhY2ttZQ==\r\n\
-                  Expect: 100-continue\r\nContent-Type: audio/ogg\r\n\r\n";
-        assert_eq!(check(ok, &endpoint()), Ok(true));
-        let legacy =
-            "SOURCE /live?x=1 HTTP/1.0\r\nauthorization: Basic c291cmNlOmhhY2ttZQ==\r\n\r\n";
-        assert_eq!(check(legacy, &endpoint()), Ok(false));
-        let wrong = "PUT /live HTTP/1.1\r\nAuthorization: Basic c291cmNlOmhhY2ttZg==\r\n\r\n";
-        assert_eq!(check(wrong, &endpoint()), Err(Refusal::Auth));
-        let none = "PUT /live HTTP/1.1\r\n\r\n";
-        assert_eq!(check(none, &endpoint()), Err(Refusal::Auth));
-        let other = "PUT /other HTTP/1.1\r\nAuthorization: Basic c291cmNlOmhhY2ttZQ==\r\n\r\n";
-        assert_eq!(check(other, &endpoint()), Err(Refusal::Mount));
-        assert_eq!(
-            check("GET /live HTTP/1.1\r\n\r\n", &endpoint()),
-            Err(Refusal::Method)
+        let good = ("Authorization", "Basic c291cmNlOmhhY2ttZQ==");
+        let ok = request("PUT", "/live", &[good, ("Expect", "100-continue")]);
+        assert_eq!(check(&ok, &endpoint()), Ok(()));
+        let legacy = request("SOURCE", "/live?x=1", &[good]);
+        assert_eq!(check(&legacy, &endpoint()), Ok(()));
+        let wrong = request(
+            "PUT",
+            "/live",
+            &[("Authorization", "Basic c291cmNlOmhhY2ttZg==")],
         );
-        let chunked = "PUT /live HTTP/1.1\r\nAuthorization: Basic c291cmNlOmhhY2ttZQ==\r\n\
-                       Transfer-Encoding: chunked\r\n\r\n";
-        assert_eq!(check(chunked, &endpoint()), Err(Refusal::Chunked));
-        let garbage = "PUT /live HTTP/1.1\r\nno colon here\r\n\r\n";
-        assert_eq!(check(garbage, &endpoint()), Err(Refusal::Malformed));
+        assert_eq!(check(&wrong, &endpoint()), Err(Refusal::Auth));
+        let not_base64 = request("PUT", "/live", &[("Authorization", "Basic !!!")]);
+        assert_eq!(check(&not_base64, &endpoint()), Err(Refusal::Auth));
+        let none = request("PUT", "/live", &[]);
+        assert_eq!(check(&none, &endpoint()), Err(Refusal::Auth));
+        let other = request("PUT", "/other", &[good]);
+        assert_eq!(check(&other, &endpoint()), Err(Refusal::Mount));
+        let get = request("GET", "/live", &[good]);
+        assert_eq!(check(&get, &endpoint()), Err(Refusal::Method));
+        let chunked = request("PUT", "/live", &[good, ("Transfer-Encoding", "chunked")]);
+        assert_eq!(check(&chunked, &endpoint()), Err(Refusal::Chunked));
     }
 }

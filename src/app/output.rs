@@ -5,21 +5,26 @@
 //! the stream header (Ogg header pages, an fMP4 initialisation segment) in front of it, exactly
 //! once, whether the header came with the channel information or in-band as a chunk.
 //!
-//! The HTTP server answers the way an Icecast server answers its listeners: `HTTP/1.0 200`
-//! and the stream until the connection closes, which every player and old hardware radio
-//! reads. Its request heads are parsed by `httparse`; it does not run on hyper (as the admin
-//! listener does) because hyper answers an HTTP/1.1 request without a length in chunked
-//! encoding. A thread serves each player.
+//! The HTTP server is a handler on the HTTP layer (hyper): `GET` (or `HEAD`) on any path
+//! answers `200` and the stream, with no length: chunked to an HTTP/1.1 player, until the
+//! connection closes to an HTTP/1.0 one (old hardware radios), as Icecast answers.
 
-use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::collections::VecDeque;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::thread;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http_body::Frame;
+use http_body_util::BodyExt;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Response, StatusCode};
+use tokio::sync::mpsc::{self, error::TrySendError};
 
+use super::http::{self, Handler, HttpLimits, HttpServer};
 use crate::stream::ChunkFlags;
 
 /// Decides, chunk by chunk, what one player receives.
@@ -124,7 +129,7 @@ struct Hub {
     backlog: Vec<(ChunkFlags, Bytes)>,
     backlog_bytes: usize,
     content_type: Option<&'static str>,
-    clients: Vec<SyncSender<(ChunkFlags, Bytes)>>,
+    clients: Vec<mpsc::Sender<(ChunkFlags, Bytes)>>,
     /// Players dropped for falling a whole queue behind.
     dropped: u64,
 }
@@ -134,26 +139,27 @@ struct Hub {
 pub struct HttpOutput {
     hub: Arc<Mutex<Hub>>,
     addr: SocketAddr,
+    /// Serves the players until the last clone is dropped.
+    _server: Arc<HttpServer>,
 }
 
 impl HttpOutput {
-    /// Listens on `addr` and serves players from a background thread.
+    /// Listens on `addr` and serves players from an HTTP thread.
     pub fn bind(addr: SocketAddr) -> io::Result<Self> {
         let listener = crate::app::accept::listen(addr)?;
         let addr = listener.local_addr()?;
         let hub = Arc::new(Mutex::new(Hub::default()));
-        let accept_hub = Arc::clone(&hub);
-        thread::Builder::new()
-            .name("http-output".into())
-            .spawn(move || {
-                crate::app::accept::serve_threaded(
-                    &listener,
-                    "http-player",
-                    crate::app::accept::MAX_CONNECTIONS,
-                    move |conn| serve_player(&accept_hub, conn),
-                );
-            })?;
-        Ok(Self { hub, addr })
+        let server = HttpServer::start()?;
+        let served = Arc::clone(&hub);
+        let handler: Handler = Arc::new(move |request, _remote| {
+            Box::pin(answer(Arc::clone(&served), request.into_parts().0.method))
+        });
+        server.serve(listener, handler, HttpLimits::default())?;
+        Ok(Self {
+            hub,
+            addr,
+            _server: Arc::new(server),
+        })
     }
 
     /// The address players open.
@@ -201,7 +207,7 @@ impl HttpOutput {
                     tracing::warn!("an HTTP player fell a minute behind; dropping it");
                     false
                 }
-                Err(TrySendError::Disconnected(_)) => false,
+                Err(TrySendError::Closed(_)) => false,
             });
         hub.dropped += (before - hub.clients.len()) as u64;
     }
@@ -211,71 +217,93 @@ impl HttpOutput {
     }
 }
 
-/// One player's connection: reads the request, answers, then writes the stream until the
-/// player goes away.
-fn serve_player(hub: &Mutex<Hub>, conn: TcpStream) {
-    let peer = conn.peer_addr().ok();
-    if let Err(e) = serve_player_inner(hub, conn) {
-        tracing::debug!(?peer, %e, "HTTP player gone");
-    }
+fn lock(hub: &Mutex<Hub>) -> std::sync::MutexGuard<'_, Hub> {
+    hub.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-fn serve_player_inner(hub: &Mutex<Hub>, mut conn: TcpStream) -> io::Result<()> {
-    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let request = read_request_head(&mut BufReader::new(&mut conn))?;
-    let request = super::http::RequestHead::parse(request.as_bytes())?;
-    let method = request.method.as_str();
-    if method != "GET" && method != "HEAD" {
-        conn.write_all(
-            b"HTTP/1.0 405 Method Not Allowed\r\nAllow: GET, HEAD\r\nContent-Length: 0\r\n\r\n",
-        )?;
-        return Ok(());
+/// Answers one player's request: once the content type is known (the first chunk came),
+/// `200` and the stream until the player goes away or falls a whole queue behind.
+async fn answer(hub: Arc<Mutex<Hub>>, method: Method) -> Response<http::Body> {
+    if method != Method::GET && method != Method::HEAD {
+        let mut refused = http::text(StatusCode::METHOD_NOT_ALLOWED, "GET or HEAD only\n");
+        refused
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return refused;
     }
     // Wait for the first chunk, so the content type is known.
-    let mut waited = Duration::ZERO;
-    let content_type = loop {
-        if let Some(ct) = hub
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .content_type
-        {
-            break ct;
+    let known = tokio::time::timeout(FIRST_CHUNK_WAIT, async {
+        loop {
+            if let Some(ct) = lock(&hub).content_type {
+                break ct;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        if waited >= FIRST_CHUNK_WAIT {
-            conn.write_all(
-                b"HTTP/1.0 503 Service Unavailable\r\nRetry-After: 2\r\nContent-Length: 0\r\n\r\n",
-            )?;
-            return Ok(());
-        }
-        thread::sleep(Duration::from_millis(50));
-        waited += Duration::from_millis(50);
+    });
+    let Ok(content_type) = known.await else {
+        let mut unavailable = http::text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no stream data yet; try again\n",
+        );
+        unavailable
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
+        return unavailable;
     };
-    conn.write_all(
-        format!(
-            "HTTP/1.0 200 OK\r\nContent-Type: {content_type}\r\nCache-Control: no-cache, no-store\r\n\
-             Connection: close\r\n\r\n"
-        )
-        .as_bytes(),
-    )?;
-    if method == "HEAD" {
-        return Ok(());
-    }
-    let rx = register(hub);
-    let mut gate = Gate::new();
-    conn.set_nodelay(true)?;
-    for (flags, chunk) in rx {
-        for part in gate.admit(flags, chunk) {
-            conn.write_all(&part)?;
+    let body = if method == Method::HEAD {
+        http::full(Bytes::new())
+    } else {
+        GatedBody {
+            rx: register(&hub),
+            gate: Gate::new(),
+            pending: VecDeque::new(),
+        }
+        .boxed()
+    };
+    let mut response = Response::new(body);
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache, no-store"),
+    );
+    response
+}
+
+/// One player's stream: the chunks queued for it, each through its own [`Gate`].
+struct GatedBody {
+    rx: mpsc::Receiver<(ChunkFlags, Bytes)>,
+    gate: Gate,
+    pending: VecDeque<Bytes>,
+}
+
+impl http_body::Body for GatedBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let this = self.get_mut();
+        loop {
+            if let Some(part) = this.pending.pop_front() {
+                return Poll::Ready(Some(Ok(Frame::data(part))));
+            }
+            match std::task::ready!(this.rx.poll_recv(cx)) {
+                // Dropped from the hub: the stream ends.
+                None => return Poll::Ready(None),
+                Some((flags, chunk)) => this.pending.extend(this.gate.admit(flags, chunk)),
+            }
         }
     }
-    Ok(())
 }
 
 /// Adds a player: it gets the header and the backlog from the newest random-access chunk
 /// first, then every chunk as it comes.
-fn register(hub: &Mutex<Hub>) -> Receiver<(ChunkFlags, Bytes)> {
-    let (tx, rx) = mpsc::sync_channel(CLIENT_QUEUE + 1024);
-    let mut hub = hub.lock().unwrap_or_else(PoisonError::into_inner);
+fn register(hub: &Mutex<Hub>) -> mpsc::Receiver<(ChunkFlags, Bytes)> {
+    let (tx, rx) = mpsc::channel(CLIENT_QUEUE + 1024);
+    let mut hub = lock(hub);
     if let Some(header) = &hub.header {
         let _ = tx.try_send((ChunkFlags::STREAM_HEADER, header.clone()));
     }
@@ -284,44 +312,6 @@ fn register(hub: &Mutex<Hub>) -> Receiver<(ChunkFlags, Bytes)> {
     }
     hub.clients.push(tx);
     rx
-}
-
-/// Longest request head accepted.
-const MAX_REQUEST_HEAD: usize = 16 * 1024;
-
-/// The request line and headers, up to the blank line (at most 16 KiB). Reads nothing past it,
-/// so a request body stays in `reader`. A connection that sends no complete head before its
-/// read timeout fails with `TimedOut`, one that closes first with `UnexpectedEof` (neither
-/// is worth more than a debug line: idle and abandoned connections are routine), an
-/// oversized head with `InvalidData`.
-pub(crate) fn read_request_head(reader: &mut impl BufRead) -> io::Result<String> {
-    let mut head = String::new();
-    loop {
-        let before = head.len();
-        let room = (MAX_REQUEST_HEAD - head.len()) as u64;
-        let read = Read::take(&mut *reader, room)
-            .read_line(&mut head)
-            .map_err(|e| match e.kind() {
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "no complete request head within the head timeout",
-                ),
-                _ => e,
-            })?;
-        if read == 0 {
-            return Err(if room == 0 {
-                io::Error::new(io::ErrorKind::InvalidData, "the request head is too long")
-            } else {
-                io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the request ended before its headers did",
-                )
-            });
-        }
-        if head[before..].trim_end_matches(['\r', '\n']).is_empty() {
-            return Ok(head);
-        }
-    }
 }
 
 #[cfg(test)]
@@ -388,40 +378,38 @@ mod tests {
 
     #[test]
     fn http_players_get_the_header_and_start_at_random_access() {
+        use std::io::{Read, Write};
         let out = HttpOutput::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         out.chunk(HDR, &b("OggS-header|"));
         out.chunk(RA, &b("a|"));
         out.chunk(ChunkFlags::empty(), &b("b|"));
-        let get = |out: &HttpOutput| {
-            let mut c = TcpStream::connect(out.local_addr()).unwrap();
+        let get = |out: &HttpOutput, request: &str| {
+            let mut c = std::net::TcpStream::connect(out.local_addr()).unwrap();
             c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-            c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+            c.write_all(request.as_bytes()).unwrap();
             c
         };
-        let mut early = get(&out);
-        // Wait until it is registered, then more chunks flow.
-        for _ in 0..200 {
-            if out.players() == 1 {
-                break;
+        let wait_for = |out: &HttpOutput, players: usize| {
+            for _ in 0..500 {
+                if out.players() == players {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
             }
-            thread::sleep(Duration::from_millis(10));
-        }
-        assert_eq!(out.players(), 1);
+            assert_eq!(out.players(), players);
+        };
+        // An old radio's HTTP/1.0 request, and a current player's HTTP/1.1 one.
+        let mut early = get(&out, "GET / HTTP/1.0\r\n\r\n");
+        wait_for(&out, 1);
         out.chunk(ChunkFlags::empty(), &b("c|"));
         out.chunk(RA, &b("d|"));
-        let mut late = get(&out);
-        for _ in 0..200 {
-            if out.players() == 2 {
-                break;
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
+        let mut late = get(&out, "GET /any HTTP/1.1\r\nHost: x\r\n\r\n");
+        wait_for(&out, 2);
         out.chunk(ChunkFlags::empty(), &b("e|"));
-        drop(out);
-        let read_upto = |c: &mut TcpStream, end: &str| {
+        let read_upto = |c: &mut std::net::TcpStream, end: &str| {
             let mut got = Vec::new();
             let mut buf = [0u8; 256];
-            while !String::from_utf8_lossy(&got).ends_with(end) {
+            while !String::from_utf8_lossy(&got).contains(end) {
                 let n = c.read(&mut buf).unwrap();
                 assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
                 got.extend_from_slice(&buf[..n]);
@@ -429,14 +417,30 @@ mod tests {
             String::from_utf8(got).unwrap()
         };
         let early = read_upto(&mut early, "e|");
-        let late = read_upto(&mut late, "e|");
-        assert!(early.starts_with("HTTP/1.0 200 OK\r\n"), "{early}");
+        let late = read_upto(&mut late, "e|\r\n");
+        let (early_head, early_body) = early.split_once("\r\n\r\n").unwrap();
+        assert!(early_head.starts_with("HTTP/1.0 200 OK\r\n"), "{early}");
         assert!(
-            early.contains("Content-Type: application/ogg\r\n"),
+            early_head.contains("Content-Type: application/ogg"),
             "{early}"
         );
-        let body = |s: &str| s.split("\r\n\r\n").nth(1).unwrap().to_owned();
-        assert_eq!(body(&early), "OggS-header|a|b|c|d|e|");
-        assert_eq!(body(&late), "OggS-header|d|e|");
+        assert!(!early_head.contains("Transfer-Encoding"), "{early}");
+        // Close-delimited: the body is the stream itself.
+        assert_eq!(early_body, "OggS-header|a|b|c|d|e|");
+        let (late_head, late_body) = late.split_once("\r\n\r\n").unwrap();
+        assert!(late_head.starts_with("HTTP/1.1 200 OK\r\n"), "{late}");
+        assert!(late_head.contains("Transfer-Encoding: chunked"), "{late}");
+        // One HTTP chunk per part the gate let through.
+        assert_eq!(late_body, "C\r\nOggS-header|\r\n2\r\nd|\r\n2\r\ne|\r\n");
+        let mut refused = get(
+            &out,
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+        );
+        let refused = read_upto(&mut refused, "\r\n\r\n");
+        assert!(refused.starts_with("HTTP/1.1 405"), "{refused}");
+        assert!(refused.contains("Allow: GET, HEAD"), "{refused}");
+        let mut malformed = get(&out, "GET / HTTP/1.1\r\nno colon here\r\n\r\n");
+        let malformed = read_upto(&mut malformed, "\r\n");
+        assert!(malformed.starts_with("HTTP/1.1 400"), "{malformed}");
     }
 }

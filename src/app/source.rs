@@ -207,7 +207,11 @@ fn read_input(
             let listener = crate::app::accept::listen(addr)
                 .with_context(|| format!("cannot listen for icecast sources on {addr}"))?;
             let endpoint = SourceEndpoint { mount, password };
-            thread::spawn(move || icecast::serve(&listener, endpoint, &tx));
+            let server = crate::app::http::HttpServer::start()?;
+            icecast::serve(&server, listener, endpoint, tx)
+                .with_context(|| format!("cannot serve icecast sources on {addr}"))?;
+            // It serves encoders as long as the source runs.
+            server.keep_for_process();
         }
         Input::Stdin => spawn_reader(tx, io::stdin(), None),
         Input::File { path, rate_bps } => {
@@ -221,7 +225,15 @@ fn read_input(
             thread::spawn(move || {
                 // One sender at a time; the stream goes on when the next one connects.
                 for conn in listener.incoming() {
-                    let Ok(mut conn) = conn else { continue };
+                    let mut conn = match conn {
+                        Ok(conn) => conn,
+                        Err(err) => {
+                            // Out of descriptors, say: wait for some to close, not spin.
+                            tracing::warn!(%err, "tcp input: accept failed");
+                            thread::sleep(Duration::from_millis(50));
+                            continue;
+                        }
+                    };
                     if !pump(&tx, &mut conn, None) {
                         return;
                     }

@@ -52,3 +52,30 @@ pub fn poll(
     }
     last
 }
+
+/// The body of an HTTP/1.1 chunked message: every chunk's data in order, up to the last
+/// chunk or, for a stream cut short, up to the last whole chunk. `None` if it is not
+/// chunked encoding.
+pub fn dechunk(mut raw: &[u8]) -> Option<Vec<u8>> {
+    let mut body = Vec::new();
+    loop {
+        let Some(line_end) = raw.windows(2).position(|w| w == b"\r\n") else {
+            return Some(body);
+        };
+        let size_field = std::str::from_utf8(&raw[..line_end]).ok()?;
+        let size_hex = size_field.split(';').next()?.trim();
+        let size = usize::from_str_radix(size_hex, 16).ok()?;
+        if size == 0 {
+            return Some(body);
+        }
+        let data = &raw[line_end + 2..];
+        if data.len() < size + 2 {
+            return Some(body);
+        }
+        if &data[size..size + 2] != b"\r\n" {
+            return None;
+        }
+        body.extend_from_slice(&data[..size]);
+        raw = &data[size + 2..];
+    }
+}
