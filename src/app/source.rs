@@ -367,9 +367,6 @@ pub fn broadcast(config: &BroadcastConfig, stop: &AtomicBool) -> anyhow::Result<
             e.add_channel(channel, ChannelMode::Source);
         }),
     );
-    let link = ChannelLink::single(channel, link_addr(&node), node_key.node_id());
-    say(&link);
-    tracing::info!(%link, backend = %node.backend(), "broadcasting");
     let counters = Arc::new(SourceCounters::default());
     let _ops = Ops::start(
         &node,
@@ -389,6 +386,11 @@ pub fn broadcast(config: &BroadcastConfig, stop: &AtomicBool) -> anyhow::Result<
         ..Default::default()
     })?;
     let input = read_input(&config.input, config.source_password.as_deref())?;
+    // The link is printed once every listener is bound (node, admin, input), so whoever
+    // waits for it can connect an encoder, a relay or a scraper at once.
+    let link = ChannelLink::single(channel, link_addr(&node), node_key.node_id());
+    say(&link);
+    tracing::info!(%link, backend = %node.backend(), "broadcasting");
     let mut publishing = Publishing::new(&node, channel_key, Instant::now());
     let published = Arc::clone(&counters);
     let mut publish = |chunker: &mut Chunker| {

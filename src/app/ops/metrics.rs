@@ -715,6 +715,7 @@ impl Metrics {
         }
         metrics::with_local_recorder(&self.recorder, || self.process.collect());
         let mut out = self.recorder.handle().render();
+        precise_cpu_seconds(&mut out);
         // The one family with fractional counter values (the exporter's counters are
         // integers), written by hand in the same format.
         out.push_str(&format!(
@@ -728,5 +729,52 @@ impl Metrics {
             ));
         }
         out
+    }
+}
+
+/// metrics-process records `process_cpu_seconds_total` through the facade, whose counters
+/// are integers, so it would come out in whole seconds (a relay using a tenth of a core
+/// would show 0 for ten seconds at a time, then jump): its sample is rewritten from the
+/// process's CPU clock, to the microsecond.
+fn precise_cpu_seconds(out: &mut String) {
+    let cpu = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+    let seconds = cpu.tv_sec as f64 + cpu.tv_nsec as f64 / 1e9;
+    let sample = "process_cpu_seconds_total ";
+    let start = if out.starts_with(sample) {
+        Some(0)
+    } else {
+        out.find(&format!("\n{sample}")).map(|at| at + 1)
+    };
+    if let Some(start) = start {
+        let value = start + sample.len();
+        let end = out[value..].find('\n').map_or(out.len(), |e| value + e);
+        out.replace_range(value..end, &format!("{seconds:.6}"));
+    }
+}
+
+#[cfg(test)]
+mod cpu_tests {
+    #[test]
+    fn the_cpu_sample_is_rewritten_with_a_fraction_and_nothing_else_changes() {
+        let mut out = "# TYPE process_cpu_seconds_total counter\n\
+                       process_cpu_seconds_total 0\n\
+                       process_open_fds 18\n"
+            .to_owned();
+        // Burn a little CPU, so the clock is past zero.
+        let mut x = 0u64;
+        for i in 0..200_000u64 {
+            x = x.wrapping_mul(31).wrapping_add(std::hint::black_box(i));
+        }
+        std::hint::black_box(x);
+        super::precise_cpu_seconds(&mut out);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[0], "# TYPE process_cpu_seconds_total counter");
+        let value: f64 = lines[1]
+            .strip_prefix("process_cpu_seconds_total ")
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(value > 0.0 && lines[1].contains('.'), "{}", lines[1]);
+        assert_eq!(lines[2], "process_open_fds 18");
     }
 }
