@@ -18,18 +18,16 @@ use std::net::{SocketAddr, TcpListener};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body::Frame;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::Semaphore;
 
 /// A response body: whole, or streamed.
 pub type Body = BoxBody<Bytes, io::Error>;
@@ -125,18 +123,7 @@ impl HttpServer {
         handler: Handler,
         limits: HttpLimits,
     ) -> io::Result<Arc<HttpStats>> {
-        listener.set_nonblocking(true)?;
-        let stats = Arc::new(HttpStats::default());
-        let counters = Arc::clone(&stats);
-        let _guard = self.handle.enter();
-        let listener = tokio::net::TcpListener::from_std(listener)?;
-        self.handle.spawn(accept_loop(
-            listener,
-            Mode::Requests(handler),
-            limits,
-            counters,
-        ));
-        Ok(stats)
+        self.listen(listener, Mode::Requests(handler), limits)
     }
 
     /// Serves `listener` one request per connection with `handler`, whose answer may take
@@ -149,17 +136,21 @@ impl HttpServer {
         handler: TakeoverHandler,
         limits: HttpLimits,
     ) -> io::Result<Arc<HttpStats>> {
+        self.listen(listener, Mode::Takeover(handler), limits)
+    }
+
+    fn listen(
+        &self,
+        listener: TcpListener,
+        mode: Mode,
+        limits: HttpLimits,
+    ) -> io::Result<Arc<HttpStats>> {
         listener.set_nonblocking(true)?;
         let stats = Arc::new(HttpStats::default());
-        let counters = Arc::clone(&stats);
         let _guard = self.handle.enter();
         let listener = tokio::net::TcpListener::from_std(listener)?;
-        self.handle.spawn(accept_loop(
-            listener,
-            Mode::Takeover(handler),
-            limits,
-            counters,
-        ));
+        self.handle
+            .spawn(accept_loop(listener, mode, limits, Arc::clone(&stats)));
         Ok(stats)
     }
 
@@ -330,30 +321,6 @@ pub fn text(status: StatusCode, text: impl Into<String>) -> Response<Body> {
         hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     response
-}
-
-/// A body streamed from a channel: every `Bytes` sent is a data frame; the body ends when
-/// the sender is dropped.
-pub fn streamed(rx: mpsc::Receiver<Bytes>) -> Body {
-    ChannelBody { rx }.boxed()
-}
-
-struct ChannelBody {
-    rx: mpsc::Receiver<Bytes>,
-}
-
-impl http_body::Body for ChannelBody {
-    type Data = Bytes;
-    type Error = io::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
-        self.rx
-            .poll_recv(cx)
-            .map(|next| next.map(|data| Ok(Frame::data(data))))
-    }
 }
 
 #[cfg(test)]

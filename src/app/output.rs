@@ -213,7 +213,7 @@ impl HttpOutput {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Hub> {
-        self.hub.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.hub)
     }
 }
 
