@@ -7,6 +7,8 @@
 //! is measured, not ingest. Configurations:
 //!
 //! - `uring`: gridcast's io_uring backend, one worker.
+//! - `uring_per_chunk`: the same, with one QUIC stream per chunk per subscriber instead of one
+//!   per subscription (`ShardStreams`; the `stream_per_subscription_vs_per_chunk` ratio).
 //! - `uring_metrics`: the same with its admin listener scraped every second, as Prometheus
 //!   would (the `metrics_on_vs_off` ratio; the workers' pulse is in both).
 //! - `portable`: gridcast's quinn-udp backend.
@@ -32,8 +34,8 @@
 //! machine hits all of them, and the run with the median CPU per byte is reported: one
 //! `fanout backend=… subscribers=… egress_gbps=… cpu_ns_per_byte=… rss_mb=…` line per
 //! configuration, then the ratios (each run is printed too, as `fanout run round=…`).
-//! `--quick`: M = 10 and 100, shorter windows. `--only <configuration>`: that one alone (for
-//! profiling; no ratios). `--subscribers <M>`: that M alone.
+//! `--quick`: M = 10 and 100, shorter windows. `--only <configuration>[,…]`: those alone (for
+//! profiling, or one lever on and off; ratios only where both sides ran). `--subscribers <M>`: that M alone.
 
 #![allow(
     clippy::unwrap_used,
@@ -62,7 +64,7 @@ use gridcast::app::ops::{Metrics, NodeRole, Watched, admin};
 use gridcast::driver::{IoBackend, Node};
 use gridcast::keys::{ChannelKey, NodeKey};
 use gridcast::node::tls;
-use gridcast::node::{ChannelMode, Engine, EngineConfig};
+use gridcast::node::{ChannelMode, Engine, EngineConfig, ShardStreams};
 use gridcast::stream::{ChunkFlags, ChunkPublisher, CodingParams};
 use gridcast::wire::Role;
 
@@ -215,7 +217,7 @@ impl Scraping {
     }
 }
 
-fn gridcast(plan: Plan, backend: IoBackend, scraped: bool) -> Measured {
+fn gridcast(plan: Plan, backend: IoBackend, scraped: bool, streams: ShardStreams) -> Measured {
     let key = NodeKey::from_seed(&[71; 32]);
     let channel_key = ChannelKey::from_seed(&[72; 32]);
     let channel = channel_key.channel_id();
@@ -232,6 +234,7 @@ fn gridcast(plan: Plan, backend: IoBackend, scraped: bool) -> Measured {
                     serve: true,
                     worker: Some(tag),
                     max_backlog_bytes: 16 << 20,
+                    shard_streams: streams,
                     ..Default::default()
                 },
             )
@@ -657,9 +660,15 @@ fn print(what: &str, name: &str, plan: Plan, m: &Measured) {
 
 fn run(name: &str, plan: Plan) -> Measured {
     match name {
-        "uring" => gridcast(plan, IoBackend::Uring, false),
-        "uring_metrics" => gridcast(plan, IoBackend::Uring, true),
-        "portable" => gridcast(plan, IoBackend::Portable, false),
+        "uring" => gridcast(plan, IoBackend::Uring, false, ShardStreams::PerSubscription),
+        "uring_per_chunk" => gridcast(plan, IoBackend::Uring, false, ShardStreams::PerChunk),
+        "uring_metrics" => gridcast(plan, IoBackend::Uring, true, ShardStreams::PerSubscription),
+        "portable" => gridcast(
+            plan,
+            IoBackend::Portable,
+            false,
+            ShardStreams::PerSubscription,
+        ),
         "quinn_tokio" => quinn_tokio(plan),
         "raw_floor" => raw_floor(plan),
         other => panic!("--only: no configuration named {other:?}"),
@@ -705,9 +714,10 @@ fn main() {
         println!("fanout: io_uring unavailable here; the uring rows are skipped");
     }
     let configurations: Vec<&str> = match only.as_deref() {
-        Some(name) => vec![name],
+        Some(names) => names.split(',').collect(),
         None => [
             "uring",
+            "uring_per_chunk",
             "uring_metrics",
             "portable",
             "quinn_tokio",
@@ -756,6 +766,12 @@ fn main() {
                 r(u, q),
                 r(u, f),
                 r(u, p)
+            );
+        }
+        if let (Some(u), Some(c)) = (get("uring"), get("uring_per_chunk")) {
+            println!(
+                "fanout ratio subscribers={subscribers} stream_per_subscription_vs_per_chunk={:.3}",
+                r(u, c)
             );
         }
         if let (Some(u), Some(m)) = (get("uring"), get("uring_metrics")) {

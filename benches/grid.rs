@@ -6,6 +6,10 @@
 //! Prints one line per audience size:
 //! `grid peers=<n> stream_s=<s> wall_s=<w> speedup_vs_realtime=<x> shards_per_wall_s=<y>`.
 //!
+//! `--streams`: the two shard stream layouts side by side on a path with 5% loss and 40 ms of
+//! delay (`grid-streams shard_streams=… continuity_min=… startup_ms_p50=… delay_ms_p99=…`), and
+//! nothing else.
+//!
 //! Then a grid that forms itself: a source with a first tier of 10, 30 relays and 1,000 peers
 //! that know only the source (discovery, membership and peer exchange at work), for 60 s of
 //! stream (`--quick`: 10 relays, 100 peers, 20 s; `--relays`, `--peers` and `--stream` set
@@ -21,9 +25,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::grid::Grid;
-use gridcast::node::EngineConfig;
 use gridcast::node::directory::Board;
-use gridcast::sim::SimConfig;
+use gridcast::node::{EngineConfig, ShardStreams};
+use gridcast::sim::{LinkConfig, SimConfig};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -35,6 +39,10 @@ fn main() {
             .map(|v| v.parse::<usize>().expect("a number"))
     };
     let quick = flag("--quick");
+    if flag("--streams") {
+        streams(quick);
+        return;
+    }
     if !flag("--discovery-only") {
         fixed(quick);
     }
@@ -71,6 +79,77 @@ fn fixed(quick: bool) {
             "grid peers={peers} stream_s={stream} wall_s={wall_s:.2} speedup_vs_realtime={:.1} shards_per_wall_s={:.0}",
             stream as f64 / wall_s,
             shards as f64 / wall_s
+        );
+    }
+}
+
+/// The two shard stream layouts on a lossy, delayed path: 5% loss and 40 ms one way on every
+/// link, a source, 4 supernodes and 20 policy peers (3 seeds each). What a viewer would notice:
+/// continuity, start-up (first subscription to first chunk out) and the delay from a chunk's
+/// first byte at the source to its playout (the 1 s target delay is part of it; head-of-line
+/// waits behind a lost packet add to it).
+fn streams(quick: bool) {
+    let (stream_s, seeds): (u64, &[u64]) = if quick {
+        (15, &[5])
+    } else {
+        (30, &[5, 21, 42])
+    };
+    for layout in [ShardStreams::PerChunk, ShardStreams::PerSubscription] {
+        let with = |mut c: EngineConfig| {
+            c.shard_streams = layout;
+            c
+        };
+        let (mut continuity_min, mut startups, mut delays, mut lost) = (1.0f64, vec![], vec![], 0);
+        let wall = Instant::now();
+        for &seed in seeds {
+            let config = SimConfig {
+                seed,
+                link: LinkConfig {
+                    latency: Duration::from_millis(40),
+                    loss: 0.05,
+                },
+                ..Default::default()
+            };
+            let mut grid =
+                Grid::with_configs(config, with(common::grid::Broadcast::config()), 4, |i| {
+                    with(Grid::relay_config(i))
+                });
+            grid.run(Duration::from_secs(2));
+            grid.add_policy_peers_with(20, 0, || with(EngineConfig::default()));
+            grid.run(Duration::from_secs(stream_s));
+            for (i, &p) in grid.peers.iter().enumerate() {
+                let s = grid.peer_stats(p);
+                continuity_min = continuity_min.min(
+                    s.chunks_played as f64 / (s.chunks_played + s.chunks_skipped).max(1) as f64,
+                );
+                if let Some(t) = s.startup {
+                    startups.push(t.as_secs_f64() * 1e3);
+                }
+                for (seq, _, _, at) in &grid.played[i].chunks {
+                    if let Some(&started) = grid.source.started.get(seq) {
+                        delays.push((*at - started).as_secs_f64() * 1e3);
+                    }
+                }
+            }
+            lost += grid.sim.stats().lost;
+        }
+        let pct = |v: &mut Vec<f64>, q: f64| {
+            v.sort_by(f64::total_cmp);
+            v.get(((v.len() as f64 - 1.0) * q).round() as usize)
+                .copied()
+                .unwrap_or(f64::NAN)
+        };
+        println!(
+            "grid-streams shard_streams={layout:?} loss=0.05 latency_ms=40 seeds={} peers=20 stream_s={stream_s} \
+             continuity_min={continuity_min:.4} startup_ms_p50={:.0} startup_ms_max={:.0} \
+             delay_ms_p50={:.0} delay_ms_p99={:.0} delay_ms_max={:.0} datagrams_lost={lost} wall_s={:.1}",
+            seeds.len(),
+            pct(&mut startups, 0.5),
+            pct(&mut startups, 1.0),
+            pct(&mut delays, 0.5),
+            pct(&mut delays, 0.99),
+            pct(&mut delays, 1.0),
+            wall.elapsed().as_secs_f64(),
         );
     }
 }

@@ -8,11 +8,18 @@ use crate::stream::{MAX_SHARDS, SignedChunkHeader};
 
 use super::messages::{TYPE_SHARD, get_sub};
 
+/// How many chunk headers both ends of a shard stream remember: a frame without a header names
+/// one of the last this many chunks whose header came on the same stream.
+pub const STREAM_HEADERS: usize = 4;
+
 /// One shard of one chunk on a subscription.
 ///
 /// Body: `sub (varint) | seq u64 | index u8 | has_header u8 | [signed chunk header] | shard`.
 /// The shard runs to the end of the frame. A sender attaches the signed header to the first
-/// shard of each chunk it sends on a connection; later shards of that chunk may omit it.
+/// shard of each chunk it sends on a stream; a later shard of that chunk on the same stream may
+/// omit it as long as the chunk is among the last [`STREAM_HEADERS`] distinct chunks whose
+/// header that stream carried (both ends keep that list, in the order each header first
+/// came: the stream is read in order, so they agree).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ShardFrame {
     /// The subscription this shard belongs to.

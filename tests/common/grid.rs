@@ -30,6 +30,8 @@ pub struct Broadcast {
     pub publisher: ChunkPublisher,
     /// What the source published, by sequence.
     pub published: BTreeMap<u64, Bytes>,
+    /// When each chunk's first byte reached the source.
+    pub started: BTreeMap<u64, Instant>,
     pub fed: u64,
     pub bytes_per_tick: usize,
     pub t0: Instant,
@@ -38,14 +40,17 @@ pub struct Broadcast {
 impl Broadcast {
     const TICK: Duration = Duration::from_millis(50);
 
-    fn new(sim: &mut Sim, bitrate_bps: usize) -> Self {
-        let node = sim
-            .add_node(EngineConfig {
-                role: Role::Source,
-                serve: true,
-                ..Default::default()
-            })
-            .unwrap();
+    /// The source's engine settings in every grid unless a test gives its own.
+    pub fn config() -> EngineConfig {
+        EngineConfig {
+            role: Role::Source,
+            serve: true,
+            ..Default::default()
+        }
+    }
+
+    fn new(sim: &mut Sim, bitrate_bps: usize, config: EngineConfig) -> Self {
+        let node = sim.add_node(config).unwrap();
         let key = ChannelKey::from_seed(&[77; 32]);
         let channel = key.channel_id();
         sim.node_mut(node)
@@ -62,6 +67,7 @@ impl Broadcast {
             .unwrap(),
             publisher: ChunkPublisher::new(key, CodingParams::DEFAULT),
             published: BTreeMap::new(),
+            started: BTreeMap::new(),
             fed: 0,
             bytes_per_tick: bitrate_bps / 8 / 20,
             t0: sim.now(),
@@ -92,6 +98,7 @@ impl Broadcast {
                     .publish(chunk.seq, ts, chunk.flags, &chunk.payload)
                     .unwrap();
                 self.published.insert(chunk.seq, chunk.payload.clone());
+                self.started.insert(chunk.seq, chunk.started);
                 sim.node_mut(self.node)
                     .engine
                     .publish(now, self.channel, &coded)
@@ -153,9 +160,19 @@ impl Grid {
         n_super: usize,
         super_config: impl Fn(usize) -> EngineConfig,
     ) -> Self {
+        Self::with_configs(config, Broadcast::config(), n_super, super_config)
+    }
+
+    /// A grid whose source runs with `source_config`.
+    pub fn with_configs(
+        config: SimConfig,
+        source_config: EngineConfig,
+        n_super: usize,
+        super_config: impl Fn(usize) -> EngineConfig,
+    ) -> Self {
         let t0 = Instant::now();
         let mut sim = Sim::new(t0, config);
-        let source = Broadcast::new(&mut sim, 500_000);
+        let source = Broadcast::new(&mut sim, 500_000, source_config);
         let (src_addr, src_id) = (sim.node(source.node).addr, sim.node(source.node).id);
         let supernodes = (0..n_super)
             .map(|i| {

@@ -11,6 +11,7 @@ use std::time::Instant;
 use bytes::{Bytes, BytesMut};
 use quinn_proto::{Connection, ConnectionHandle, Dir, ReadError, StreamId, VarInt};
 
+use super::outbound::{OutStream, SubStream};
 use crate::keys::{ChannelId, NodeId};
 use crate::stream::SignedChunkHeader;
 use crate::wire::{DecodeError, Hello, Message, ShardFrame, SubstreamSet};
@@ -25,21 +26,30 @@ pub(super) struct Served {
     pub(super) substreams: SubstreamSet,
 }
 
-/// A chunk stream we are sending on one connection.
-#[derive(Debug)]
-pub(super) struct OutStream {
-    pub(super) id: StreamId,
-    pub(super) sent: usize,
-    pub(super) want: usize,
-    /// Bytes QUIC has not taken yet.
-    pub(super) pending: VecDeque<Bytes>,
-}
-
-/// A chunk stream we are receiving.
+/// A shard stream we are receiving.
 #[derive(Debug, Default)]
 pub(super) struct InStream {
     pub(super) buf: BytesMut,
-    pub(super) header: Option<Arc<SignedChunkHeader>>,
+    /// The last [`crate::wire::STREAM_HEADERS`] chunk headers this stream carried, in the
+    /// order they first came (the sender keeps the same list).
+    pub(super) headers: VecDeque<Arc<SignedChunkHeader>>,
+}
+
+impl InStream {
+    /// The held header of chunk `seq`.
+    pub(super) fn header(&self, seq: u64) -> Option<&Arc<SignedChunkHeader>> {
+        self.headers.iter().rev().find(|h| h.header.seq == seq)
+    }
+
+    /// Holds a header that came on this stream, as the sender's list does.
+    pub(super) fn keep(&mut self, header: Arc<SignedChunkHeader>) {
+        let seq = header.header.seq;
+        self.headers.retain(|h| h.header.seq != seq);
+        self.headers.push_back(header);
+        if self.headers.len() > crate::wire::STREAM_HEADERS {
+            self.headers.pop_front();
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -54,7 +64,10 @@ pub(super) struct Conn {
     pub(super) served: FxHashMap<u32, Served>,
     pub(super) taken: FxHashMap<u32, ChannelId>,
     pub(super) in_streams: FxHashMap<StreamId, InStream>,
+    /// Chunk streams by subscription and chunk ([`super::ShardStreams::PerChunk`]).
     pub(super) out_streams: FxHashMap<(u32, u64), OutStream>,
+    /// One stream per subscription ([`super::ShardStreams::PerSubscription`]).
+    pub(super) sub_streams: FxHashMap<u32, SubStream>,
     pub(super) backlog: usize,
     pub(super) closed: bool,
     /// Queued in `Engine::dirty`.
@@ -115,6 +128,7 @@ impl Conn {
             taken: FxHashMap::default(),
             in_streams: FxHashMap::default(),
             out_streams: FxHashMap::default(),
+            sub_streams: FxHashMap::default(),
             backlog: 0,
             closed: false,
             dirty: false,

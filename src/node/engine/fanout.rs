@@ -1,5 +1,5 @@
 //! Chunks in and out: publishing and importing, verifying received shards, fan-out to every
-//! subscriber on its own chunk streams, the upload cap and the per-connection backlog bound.
+//! subscriber that wants them, and the upload cap. The streams they leave on are `outbound`'s.
 
 use std::collections::VecDeque;
 
@@ -7,25 +7,19 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use quinn_proto::{ConnectionHandle, Dir, StreamId, VarInt, WriteError};
+use quinn_proto::{ConnectionHandle, StreamId};
 
 use crate::keys::ChannelId;
 use crate::node::channel::{Channel, StoredShard};
 use crate::node::upstream::Slot;
 use crate::stream::{CodedChunk, CodingParams, SignedChunkHeader};
-use crate::wire::{
-    Have, Message, SHARD_FRAME_PREFIX_MAX, ShardFrame, SignedStreamHeader, SubstreamSet,
-    encode_shard_frame_prefix,
-};
+use crate::wire::{Have, Message, ShardFrame, SignedStreamHeader, SubstreamSet};
 
-use super::conn::{OutStream, mark};
 use super::control::channel_info;
 use super::{Engine, EngineError, close_code};
 
 /// Chunks whose encoded header is kept for fan-out.
 const ENCODED_HEADERS: usize = 16;
-/// Size of one block that shard frame prefixes are cut from.
-const PREFIX_BLOCK: usize = 16 * 1024;
 
 /// `header`'s encoding, made once and shared by every subscriber's frame.
 pub(super) fn encoded_header(
@@ -46,11 +40,6 @@ pub(super) fn encoded_header(
 }
 
 impl Engine {
-    /// The largest queue of unsent shard bytes on any one connection.
-    pub fn max_connection_backlog(&self) -> usize {
-        self.conns.values().map(|c| c.backlog).max().unwrap_or(0)
-    }
-
     /// Source: publishes a coded chunk on `channel`.
     pub fn publish(
         &mut self,
@@ -181,16 +170,16 @@ impl Engine {
             return;
         };
         let state = conn.in_streams.entry(stream).or_default();
-        let header = match (frame.header, &state.header) {
-            (Some(h), _) => match channel.verify_header(h) {
+        let header = match frame.header {
+            Some(h) => match channel.verify_header(h) {
                 Ok(h) => {
-                    state.header = Some(Arc::clone(&h));
+                    state.keep(Arc::clone(&h));
                     h
                 }
                 Err(e) => return self.misbehaved(now, handle, &e),
             },
-            (None, Some(h)) if h.header.seq == frame.seq => Arc::clone(h),
-            (None, _) => {
+            None if let Some(h) = state.header(frame.seq) => Arc::clone(h),
+            None => {
                 self.stats.protocol_errors += 1;
                 conn.close(now, close_code::PROTOCOL, "shard without its chunk header");
                 return;
@@ -330,7 +319,6 @@ impl Engine {
             self.stats.upload_cap_drops += 1;
             return;
         }
-        let max_backlog = self.config.max_backlog_bytes;
         let payload = if self.config.corrupt_outgoing_shards {
             let mut bad = shard.shard.to_vec();
             if let Some(b) = bad.last_mut() {
@@ -340,155 +328,6 @@ impl Engine {
         } else {
             shard.shard.clone()
         };
-        let Some(conn) = self.conns.get_mut(&handle) else {
-            return;
-        };
-        let seq = shard.header.header.seq;
-        let key = (sub, seq);
-        let first = !conn.out_streams.contains_key(&key);
-        if first {
-            let Some(id) = conn.quic.streams().open(Dir::Uni) else {
-                self.stats.backlog_drops += 1;
-                return;
-            };
-            let want = substreams
-                .iter()
-                .filter(|&i| i < shard.header.header.params.total())
-                .count();
-            conn.out_streams.insert(
-                key,
-                OutStream {
-                    id,
-                    sent: 0,
-                    want,
-                    pending: VecDeque::new(),
-                },
-            );
-        }
-        let header = first.then(|| encoded_header(&mut self.encoded_headers, &shard.header));
-        if self.prefixes.capacity() < SHARD_FRAME_PREFIX_MAX {
-            self.prefixes = BytesMut::with_capacity(PREFIX_BLOCK);
-        }
-        encode_shard_frame_prefix(
-            &mut self.prefixes,
-            sub,
-            seq,
-            shard.index as u8,
-            header.as_ref().map(Bytes::len),
-            shard.shard.len(),
-        );
-        let prefix = self.prefixes.split().freeze();
-        let Some(out) = conn.out_streams.get_mut(&key) else {
-            return;
-        };
-        let added = prefix.len() + header.as_ref().map_or(0, Bytes::len) + shard.shard.len();
-        out.pending.push_back(prefix);
-        out.pending.extend(header);
-        out.pending.push_back(payload);
-        out.sent += 1;
-        conn.backlog += added;
-        mark(&mut self.dirty, conn, handle);
-        self.stats.shards_out += 1;
-        self.stats.shard_bytes_out += shard.shard.len() as u64;
-        // Over the backlog bound: drop this subscriber's oldest chunk streams.
-        while conn.backlog > max_backlog {
-            let Some(oldest) = conn
-                .out_streams
-                .iter()
-                .filter(|(_, o)| !o.pending.is_empty())
-                .map(|(k, _)| *k)
-                .min_by_key(|(_, seq)| *seq)
-            else {
-                break;
-            };
-            if let Some(o) = conn.out_streams.remove(&oldest) {
-                let dropped: usize = o.pending.iter().map(Bytes::len).sum();
-                conn.backlog = conn.backlog.saturating_sub(dropped);
-                let _ = conn.quic.send_stream(o.id).reset(VarInt::from_u32(0));
-                self.stats.backlog_drops += 1;
-            }
-        }
-    }
-
-    pub(super) fn flush_out_streams(&mut self, handle: ConnectionHandle) {
-        let Some(conn) = self.conns.get_mut(&handle) else {
-            return;
-        };
-        conn.flush_control();
-        let mut keys: Vec<(u32, u64)> = conn
-            .out_streams
-            .iter()
-            .filter(|(_, o)| !o.pending.is_empty() || o.sent >= o.want)
-            .map(|(k, _)| *k)
-            .collect();
-        keys.sort_by_key(|(_, seq)| *seq);
-        let mut finished = Vec::new();
-        for key in keys {
-            let Some(out) = conn.out_streams.get_mut(&key) else {
-                continue;
-            };
-            let mut stream = conn.quic.send_stream(out.id);
-            let mut blocked = false;
-            while !out.pending.is_empty() {
-                let mut batch: Vec<Bytes> = out.pending.drain(..).collect();
-                match stream.write_chunks(&mut batch) {
-                    Ok(written) => {
-                        conn.backlog = conn.backlog.saturating_sub(written.bytes);
-                        // Whatever QUIC did not take goes back to the front.
-                        for rest in batch.into_iter().rev().filter(|b| !b.is_empty()) {
-                            out.pending.push_front(rest);
-                        }
-                        if !out.pending.is_empty() {
-                            blocked = true;
-                            break;
-                        }
-                    }
-                    Err(WriteError::Blocked) => {
-                        for rest in batch.into_iter().rev() {
-                            out.pending.push_front(rest);
-                        }
-                        blocked = true;
-                        break;
-                    }
-                    Err(_) => {
-                        out.pending.clear();
-                        break;
-                    }
-                }
-            }
-            if blocked {
-                break;
-            }
-            if out.sent >= out.want && out.pending.is_empty() {
-                let _ = stream.finish();
-                finished.push(key);
-            }
-        }
-        for key in finished {
-            conn.out_streams.remove(&key);
-        }
-    }
-
-    /// Finishes one connection's chunk streams whose chunk has left the window.
-    pub(super) fn retire_streams_of(&mut self, handle: ConnectionHandle) {
-        if let Some(conn) = self.conns.get_mut(&handle) {
-            let mut stale = Vec::new();
-            for (key, out) in &conn.out_streams {
-                let oldest = conn
-                    .served
-                    .get(&key.0)
-                    .and_then(|s| self.channels.get(&s.channel))
-                    .and_then(Channel::range)
-                    .map(|(oldest, _)| oldest);
-                if oldest.is_none_or(|o| key.1 < o) && out.pending.is_empty() {
-                    stale.push(*key);
-                }
-            }
-            for key in stale {
-                if let Some(out) = conn.out_streams.remove(&key) {
-                    let _ = conn.quic.send_stream(out.id).finish();
-                }
-            }
-        }
+        self.queue_shard(handle, sub, substreams, shard, payload);
     }
 }

@@ -19,13 +19,15 @@
 //! The dialling side opens one bidirectional control stream; both sides send
 //! [`Hello`](crate::wire::Hello) first. A subscriber sends
 //! [`Subscribe`](crate::wire::Subscribe); the parent answers with
-//! [`ChannelInfo`](crate::wire::ChannelInfo) and then sends, per chunk, one unidirectional
-//! stream carrying the signed header with the first shard and the other requested shards of that
-//! chunk after it. Every shard is verified before it is stored, served or played; a neighbour
-//! that sends a bad header or shard is disconnected and its node id is refused from then on.
+//! [`ChannelInfo`](crate::wire::ChannelInfo) and then sends the shards of that subscription on
+//! one unidirectional stream that carries every chunk (the default,
+//! [`ShardStreams::PerSubscription`]); a frame carries the chunk's signed header unless the
+//! receiver already holds it for that stream. Every shard is verified before it is stored,
+//! served or played; a neighbour that sends a bad header or shard is disconnected and its node
+//! id is refused from then on.
 //!
-//! A subscriber whose connection cannot take more data loses its oldest chunk streams (reset,
-//! counted in [`EngineStats::backlog_drops`]); nothing queues without bound.
+//! A subscriber whose connection cannot take more data loses its oldest queued chunks (counted
+//! in [`EngineStats::backlog_drops`]); nothing queues without bound.
 //!
 //! # Layout
 //!
@@ -38,8 +40,10 @@
 //!   per-connection event loop that turns quinn-proto events into inputs.
 //! - `control`: the control protocol: subscriptions made and served, channel information,
 //!   refusals, go-aways and drain, misbehaving neighbours.
-//! - `fanout`: chunks in and out: publish and import, shard verification, fan-out on per-chunk
-//!   streams, the upload cap and the backlog bound.
+//! - `fanout`: chunks in and out: publish and import, shard verification, fan-out, the upload
+//!   cap.
+//! - `outbound`: the streams shards leave on ([`ShardStreams`]), the queue in front of QUIC
+//!   and the backlog bound.
 //! - `discovery`: parent queries and answers, and the first-tier limit that sends peers to
 //!   relays.
 //! - `report`: the snapshot an operator's metrics and health checks read.
@@ -54,6 +58,7 @@ mod discovery;
 mod fanout;
 mod gossip;
 mod io;
+mod outbound;
 mod parents;
 mod report;
 pub use report::{ChannelReport, ConnectionsByRole, EngineReport};
@@ -95,6 +100,18 @@ pub mod close_code {
 /// Most bytes in one GSO batch: a UDP datagram's 16-bit length, less the IPv6 and UDP
 /// headers.
 const MAX_GSO_BYTES: usize = 65_535 - 40 - 8;
+
+/// How shards travel to a subscriber.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ShardStreams {
+    /// One QUIC stream per subscription carries every chunk: no stream to open, finish and
+    /// acknowledge per chunk. A lost packet holds back the chunks behind it on that stream
+    /// until it is resent.
+    PerSubscription,
+    /// One QUIC stream per chunk per subscription: a lost packet delays only its own chunk,
+    /// at the cost of a stream's life per chunk per subscriber.
+    PerChunk,
+}
 
 /// Engine settings.
 #[derive(Clone, Debug)]
@@ -165,6 +182,8 @@ pub struct EngineConfig {
     /// QUIC ACK-frequency extension; the child acknowledges anyway after its `max_ack_delay`,
     /// 25 ms). 0 leaves QUIC's default of an ACK for every second packet.
     pub ack_eliciting_threshold: u32,
+    /// The streams shards are sent on.
+    pub shard_streams: ShardStreams,
 }
 
 impl Default for EngineConfig {
@@ -195,6 +214,7 @@ impl Default for EngineConfig {
             export_shards: false,
             mtu_discovery: true,
             ack_eliciting_threshold: 9,
+            shard_streams: ShardStreams::PerSubscription,
         }
     }
 }
@@ -361,7 +381,8 @@ pub struct EngineStats {
     pub shards_out: u64,
     /// Shard bytes handed to QUIC for subscribers.
     pub shard_bytes_out: u64,
-    /// Chunk streams reset because a subscriber could not keep up.
+    /// Chunks dropped from a subscriber's queue (or chunk streams reset) because it could not
+    /// keep up.
     pub backlog_drops: u64,
     /// Connections closed for bad data.
     pub misbehaving_closed: u64,

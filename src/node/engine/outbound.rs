@@ -1,0 +1,464 @@
+//! Shards on their way to one subscriber: the QUIC streams that carry them, the queue in front
+//! of QUIC, and the backlog bound. Two layouts ([`ShardStreams`]):
+//!
+//! - per subscription: one uni stream per subscription carries every chunk. A frame carries
+//!   the chunk's signed header unless the header is among the last [`STREAM_HEADERS`] sent on
+//!   that stream. Shards wait whole in a queue until QUIC takes them, so a subscriber that
+//!   falls behind loses its oldest queued chunks without any reset.
+//! - per chunk: one uni stream per chunk per subscription, finished once its last wanted shard
+//!   is written, reset when the backlog bound drops it.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use quinn_proto::{ConnectionHandle, Dir, StreamId, VarInt, WriteError};
+
+use crate::node::channel::{Channel, StoredShard};
+use crate::stream::SignedChunkHeader;
+use crate::wire::{
+    SHARD_FRAME_PREFIX_MAX, STREAM_HEADERS, SubstreamSet, encode_shard_frame_prefix,
+};
+
+use super::conn::mark;
+use super::fanout::encoded_header;
+use super::{Engine, ShardStreams};
+
+/// Size of one block that shard frame prefixes are cut from.
+const PREFIX_BLOCK: usize = 16 * 1024;
+
+/// A chunk stream we are sending on one connection ([`ShardStreams::PerChunk`]).
+#[derive(Debug)]
+pub(super) struct OutStream {
+    pub(super) id: StreamId,
+    pub(super) sent: usize,
+    pub(super) want: usize,
+    /// Bytes QUIC has not taken yet.
+    pub(super) pending: VecDeque<Bytes>,
+}
+
+/// A shard waiting to be framed and written on a subscription's stream.
+#[derive(Debug)]
+pub(super) struct Queued {
+    header: Arc<SignedChunkHeader>,
+    index: u8,
+    shard: Bytes,
+}
+
+/// The stream one subscription's shards travel on ([`ShardStreams::PerSubscription`]).
+#[derive(Debug)]
+pub(super) struct SubStream {
+    id: StreamId,
+    /// What is left of a frame QUIC took only in part: it goes before anything else.
+    partial: VecDeque<Bytes>,
+    /// Whole shards not yet framed, oldest chunk first as they were stored.
+    queue: VecDeque<Queued>,
+    /// The chunks whose header the receiver holds for this stream, in the order first sent:
+    /// the receiver keeps the same list, since it reads the stream in order.
+    known: VecDeque<u64>,
+}
+
+/// Keeps `seq` in a stream's list of chunk headers the receiver holds, as the receiver does
+/// (see [`STREAM_HEADERS`]).
+pub(super) fn remember(known: &mut VecDeque<u64>, seq: u64) {
+    known.retain(|&s| s != seq);
+    known.push_back(seq);
+    if known.len() > STREAM_HEADERS {
+        known.pop_front();
+    }
+}
+
+impl Engine {
+    /// The largest queue of unsent shard bytes on any one connection.
+    pub fn max_connection_backlog(&self) -> usize {
+        self.conns.values().map(|c| c.backlog).max().unwrap_or(0)
+    }
+
+    /// Queues one shard for one subscription, then bounds the connection's backlog.
+    pub(super) fn queue_shard(
+        &mut self,
+        handle: ConnectionHandle,
+        sub: u32,
+        substreams: SubstreamSet,
+        shard: &StoredShard,
+        payload: Bytes,
+    ) {
+        match self.config.shard_streams {
+            ShardStreams::PerSubscription => {
+                self.queue_on_subscription(handle, sub, shard, payload)
+            }
+            ShardStreams::PerChunk => {
+                self.queue_on_chunk_stream(handle, sub, substreams, shard, payload);
+            }
+        }
+    }
+
+    fn queue_on_subscription(
+        &mut self,
+        handle: ConnectionHandle,
+        sub: u32,
+        shard: &StoredShard,
+        payload: Bytes,
+    ) {
+        let max_backlog = self.config.max_backlog_bytes;
+        let Some(conn) = self.conns.get_mut(&handle) else {
+            return;
+        };
+        if !conn.sub_streams.contains_key(&sub) {
+            let Some(id) = conn.quic.streams().open(Dir::Uni) else {
+                self.stats.backlog_drops += 1;
+                return;
+            };
+            conn.sub_streams.insert(
+                sub,
+                SubStream {
+                    id,
+                    partial: VecDeque::new(),
+                    queue: VecDeque::new(),
+                    known: VecDeque::new(),
+                },
+            );
+        }
+        let Some(out) = conn.sub_streams.get_mut(&sub) else {
+            return;
+        };
+        conn.backlog += payload.len();
+        out.queue.push_back(Queued {
+            header: Arc::clone(&shard.header),
+            index: shard.index as u8,
+            shard: payload,
+        });
+        mark(&mut self.dirty, conn, handle);
+        self.stats.shards_out += 1;
+        self.stats.shard_bytes_out += shard.shard.len() as u64;
+        // Over the backlog bound: the oldest chunk still waiting whole goes, from whichever
+        // subscription holds it. Nothing of it has reached QUIC, so nothing is reset.
+        while conn.backlog > max_backlog {
+            let Some((oldest_sub, oldest)) = conn
+                .sub_streams
+                .iter()
+                .filter_map(|(s, o)| Some((*s, o.queue.front()?.header.header.seq)))
+                .min_by_key(|(_, seq)| *seq)
+            else {
+                break;
+            };
+            let Some(o) = conn.sub_streams.get_mut(&oldest_sub) else {
+                break;
+            };
+            let before = o.queue.len();
+            let mut dropped = 0;
+            o.queue.retain(|q| {
+                let keep = q.header.header.seq != oldest;
+                if !keep {
+                    dropped += q.shard.len();
+                }
+                keep
+            });
+            debug_assert!(o.queue.len() < before);
+            conn.backlog = conn.backlog.saturating_sub(dropped);
+            self.stats.backlog_drops += 1;
+        }
+    }
+
+    fn queue_on_chunk_stream(
+        &mut self,
+        handle: ConnectionHandle,
+        sub: u32,
+        substreams: SubstreamSet,
+        shard: &StoredShard,
+        payload: Bytes,
+    ) {
+        let max_backlog = self.config.max_backlog_bytes;
+        let Some(conn) = self.conns.get_mut(&handle) else {
+            return;
+        };
+        let seq = shard.header.header.seq;
+        let key = (sub, seq);
+        let first = !conn.out_streams.contains_key(&key);
+        if first {
+            let Some(id) = conn.quic.streams().open(Dir::Uni) else {
+                self.stats.backlog_drops += 1;
+                return;
+            };
+            let want = substreams
+                .iter()
+                .filter(|&i| i < shard.header.header.params.total())
+                .count();
+            conn.out_streams.insert(
+                key,
+                OutStream {
+                    id,
+                    sent: 0,
+                    want,
+                    pending: VecDeque::new(),
+                },
+            );
+        }
+        let header = first.then(|| encoded_header(&mut self.encoded_headers, &shard.header));
+        if self.prefixes.capacity() < SHARD_FRAME_PREFIX_MAX {
+            self.prefixes = BytesMut::with_capacity(PREFIX_BLOCK);
+        }
+        encode_shard_frame_prefix(
+            &mut self.prefixes,
+            sub,
+            seq,
+            shard.index as u8,
+            header.as_ref().map(Bytes::len),
+            payload.len(),
+        );
+        let prefix = self.prefixes.split().freeze();
+        let Some(out) = conn.out_streams.get_mut(&key) else {
+            return;
+        };
+        let added = prefix.len() + header.as_ref().map_or(0, Bytes::len) + payload.len();
+        out.pending.push_back(prefix);
+        out.pending.extend(header);
+        out.pending.push_back(payload);
+        out.sent += 1;
+        conn.backlog += added;
+        mark(&mut self.dirty, conn, handle);
+        self.stats.shards_out += 1;
+        self.stats.shard_bytes_out += shard.shard.len() as u64;
+        // Over the backlog bound: drop this subscriber's oldest chunk streams.
+        while conn.backlog > max_backlog {
+            let Some(oldest) = conn
+                .out_streams
+                .iter()
+                .filter(|(_, o)| !o.pending.is_empty())
+                .map(|(k, _)| *k)
+                .min_by_key(|(_, seq)| *seq)
+            else {
+                break;
+            };
+            if let Some(o) = conn.out_streams.remove(&oldest) {
+                let dropped: usize = o.pending.iter().map(Bytes::len).sum();
+                conn.backlog = conn.backlog.saturating_sub(dropped);
+                let _ = conn.quic.send_stream(o.id).reset(VarInt::from_u32(0));
+                self.stats.backlog_drops += 1;
+            }
+        }
+    }
+
+    /// Hands QUIC whatever it takes of one connection's queued control messages and shards.
+    pub(super) fn flush_out_streams(&mut self, handle: ConnectionHandle) {
+        let Some(conn) = self.conns.get_mut(&handle) else {
+            return;
+        };
+        conn.flush_control();
+        if !conn.sub_streams.is_empty() {
+            self.flush_sub_streams(handle);
+        }
+        self.flush_chunk_streams(handle);
+    }
+
+    fn flush_sub_streams(&mut self, handle: ConnectionHandle) {
+        let Engine {
+            conns,
+            encoded_headers,
+            prefixes,
+            ..
+        } = self;
+        let Some(conn) = conns.get_mut(&handle) else {
+            return;
+        };
+        let mut ended = Vec::new();
+        for (&sub, out) in &mut conn.sub_streams {
+            let served = conn.served.contains_key(&sub);
+            if !served {
+                // Unsubscribed: what is still whole is not sent.
+                let dropped: usize = out.queue.drain(..).map(|q| q.shard.len()).sum();
+                conn.backlog = conn.backlog.saturating_sub(dropped);
+            }
+            let mut stream = conn.quic.send_stream(out.id);
+            let mut failed = false;
+            // The rest of a frame already begun.
+            while !out.partial.is_empty() {
+                let mut batch: Vec<Bytes> = out.partial.drain(..).collect();
+                match stream.write_chunks(&mut batch) {
+                    Ok(written) => {
+                        conn.backlog = conn.backlog.saturating_sub(written.bytes);
+                        for rest in batch.into_iter().rev().filter(|b| !b.is_empty()) {
+                            out.partial.push_front(rest);
+                        }
+                        if !out.partial.is_empty() {
+                            break;
+                        }
+                    }
+                    Err(WriteError::Blocked) => {
+                        for rest in batch.into_iter().rev() {
+                            out.partial.push_front(rest);
+                        }
+                        break;
+                    }
+                    Err(_) => {
+                        failed = true;
+                        break;
+                    }
+                }
+            }
+            while !failed && out.partial.is_empty() {
+                let Some(next) = out.queue.pop_front() else {
+                    break;
+                };
+                let seq = next.header.header.seq;
+                let header = (!out.known.contains(&seq))
+                    .then(|| encoded_header(encoded_headers, &next.header));
+                if prefixes.capacity() < SHARD_FRAME_PREFIX_MAX {
+                    *prefixes = BytesMut::with_capacity(PREFIX_BLOCK);
+                }
+                encode_shard_frame_prefix(
+                    prefixes,
+                    sub,
+                    seq,
+                    next.index,
+                    header.as_ref().map(Bytes::len),
+                    next.shard.len(),
+                );
+                let prefix = prefixes.split().freeze();
+                let shard_len = next.shard.len();
+                let mut batch: Vec<Bytes> = Vec::with_capacity(3);
+                batch.push(prefix);
+                batch.extend(header.clone());
+                batch.push(next.shard.clone());
+                match stream.write_chunks(&mut batch) {
+                    Ok(_) => {
+                        // The frame has begun: the receiver will see its header.
+                        conn.backlog = conn.backlog.saturating_sub(shard_len);
+                        if header.is_some() {
+                            remember(&mut out.known, seq);
+                        }
+                        for rest in batch.into_iter().filter(|b| !b.is_empty()) {
+                            conn.backlog += rest.len();
+                            out.partial.push_back(rest);
+                        }
+                    }
+                    Err(WriteError::Blocked) => {
+                        out.queue.push_front(next);
+                        break;
+                    }
+                    Err(_) => {
+                        out.queue.push_front(next);
+                        failed = true;
+                    }
+                }
+            }
+            if failed {
+                // Stopped by the receiver or closed: a later shard opens a new stream.
+                let dropped: usize = out.queue.iter().map(|q| q.shard.len()).sum::<usize>()
+                    + out.partial.iter().map(Bytes::len).sum::<usize>();
+                conn.backlog = conn.backlog.saturating_sub(dropped);
+                ended.push(sub);
+            } else if !served && out.partial.is_empty() {
+                let _ = stream.finish();
+                ended.push(sub);
+            }
+        }
+        for sub in ended {
+            conn.sub_streams.remove(&sub);
+        }
+    }
+
+    fn flush_chunk_streams(&mut self, handle: ConnectionHandle) {
+        let Some(conn) = self.conns.get_mut(&handle) else {
+            return;
+        };
+        if conn.out_streams.is_empty() {
+            return;
+        }
+        let mut keys: Vec<(u32, u64)> = conn
+            .out_streams
+            .iter()
+            .filter(|(_, o)| !o.pending.is_empty() || o.sent >= o.want)
+            .map(|(k, _)| *k)
+            .collect();
+        keys.sort_by_key(|(_, seq)| *seq);
+        let mut finished = Vec::new();
+        for key in keys {
+            let Some(out) = conn.out_streams.get_mut(&key) else {
+                continue;
+            };
+            let mut stream = conn.quic.send_stream(out.id);
+            let mut blocked = false;
+            while !out.pending.is_empty() {
+                let mut batch: Vec<Bytes> = out.pending.drain(..).collect();
+                match stream.write_chunks(&mut batch) {
+                    Ok(written) => {
+                        conn.backlog = conn.backlog.saturating_sub(written.bytes);
+                        // Whatever QUIC did not take goes back to the front.
+                        for rest in batch.into_iter().rev().filter(|b| !b.is_empty()) {
+                            out.pending.push_front(rest);
+                        }
+                        if !out.pending.is_empty() {
+                            blocked = true;
+                            break;
+                        }
+                    }
+                    Err(WriteError::Blocked) => {
+                        for rest in batch.into_iter().rev() {
+                            out.pending.push_front(rest);
+                        }
+                        blocked = true;
+                        break;
+                    }
+                    Err(_) => {
+                        out.pending.clear();
+                        break;
+                    }
+                }
+            }
+            if blocked {
+                break;
+            }
+            if out.sent >= out.want && out.pending.is_empty() {
+                let _ = stream.finish();
+                finished.push(key);
+            }
+        }
+        for key in finished {
+            conn.out_streams.remove(&key);
+        }
+    }
+
+    /// Finishes one connection's chunk streams whose chunk has left the window
+    /// ([`ShardStreams::PerChunk`]).
+    pub(super) fn retire_streams_of(&mut self, handle: ConnectionHandle) {
+        if let Some(conn) = self.conns.get_mut(&handle) {
+            if conn.out_streams.is_empty() {
+                return;
+            }
+            let mut stale = Vec::new();
+            for (key, out) in &conn.out_streams {
+                let oldest = conn
+                    .served
+                    .get(&key.0)
+                    .and_then(|s| self.channels.get(&s.channel))
+                    .and_then(Channel::range)
+                    .map(|(oldest, _)| oldest);
+                if oldest.is_none_or(|o| key.1 < o) && out.pending.is_empty() {
+                    stale.push(*key);
+                }
+            }
+            for key in stale {
+                if let Some(out) = conn.out_streams.remove(&key) {
+                    let _ = conn.quic.send_stream(out.id).finish();
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_header_list_keeps_the_newest_few_in_first_sent_order() {
+        let mut known = VecDeque::new();
+        for seq in [5, 6, 5, 7, 8, 9] {
+            remember(&mut known, seq);
+        }
+        // 6 went first: 5 was sent again after it (a receiver's view of a sender that
+        // restarted a chunk), so 5 counts as newer.
+        assert_eq!(known, [5, 7, 8, 9]);
+    }
+}
