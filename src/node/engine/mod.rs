@@ -113,6 +113,18 @@ pub enum ShardStreams {
     PerChunk,
 }
 
+/// The congestion controller of every connection (quinn-proto's).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Congestion {
+    /// CUBIC (RFC 9438), quinn-proto's default: loss-based.
+    Cubic,
+    /// NewReno (RFC 9002's reference controller): loss-based.
+    NewReno,
+    /// BBR (quinn-proto's, marked experimental there): paces at the measured bottleneck
+    /// rate and does not take random loss as a sign of congestion.
+    Bbr,
+}
+
 /// Engine settings.
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
@@ -184,6 +196,8 @@ pub struct EngineConfig {
     pub ack_eliciting_threshold: u32,
     /// The streams shards are sent on.
     pub shard_streams: ShardStreams,
+    /// The congestion controller.
+    pub congestion: Congestion,
 }
 
 impl Default for EngineConfig {
@@ -215,6 +229,7 @@ impl Default for EngineConfig {
             mtu_discovery: true,
             ack_eliciting_threshold: 9,
             shard_streams: ShardStreams::PerSubscription,
+            congestion: Congestion::Cubic,
         }
     }
 }
@@ -570,6 +585,19 @@ impl Engine {
                 // also the one due first), each filling whole packets, instead of round-robin
                 // slices of every open stream in each packet.
                 .send_fairness(false);
+            match config.congestion {
+                Congestion::Cubic => {}
+                Congestion::NewReno => {
+                    transport.congestion_controller_factory(Arc::new(
+                        quinn_proto::congestion::NewRenoConfig::default(),
+                    ));
+                }
+                Congestion::Bbr => {
+                    transport.congestion_controller_factory(Arc::new(
+                        quinn_proto::congestion::BbrConfig::default(),
+                    ));
+                }
+            }
             transport
         };
         let transport = Arc::new(base());
