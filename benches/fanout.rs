@@ -9,6 +9,8 @@
 //! - `uring`: gridcast's io_uring backend, one worker.
 //! - `uring_per_chunk`: the same, with one QUIC stream per chunk per subscriber instead of one
 //!   per subscription (`ShardStreams`; the `stream_per_subscription_vs_per_chunk` ratio).
+//! - `uring_bbr`: the same with BBR in place of CUBIC (`EngineConfig::congestion`; the
+//!   `bbr_vs_cubic` ratio).
 //! - `uring_2_workers`: the same on 2 workers (pinned to CPUs 0 and 1, the subscribers spread
 //!   over them by the steering program; the subscribers' thread runs on either CPU): worker 0
 //!   publishes and hands every shard to worker 1 (the `two_workers_vs_one` ratio: CPU of both
@@ -68,7 +70,7 @@ use gridcast::app::ops::{Metrics, NodeRole, Watched, admin};
 use gridcast::driver::{IoBackend, Node};
 use gridcast::keys::{ChannelKey, NodeKey};
 use gridcast::node::tls;
-use gridcast::node::{ChannelMode, Engine, EngineConfig, ShardStreams};
+use gridcast::node::{ChannelMode, Congestion, Engine, EngineConfig, ShardStreams};
 use gridcast::stream::{ChunkFlags, ChunkPublisher, CodingParams};
 use gridcast::wire::Role;
 
@@ -230,6 +232,7 @@ struct Setup {
     streams: ShardStreams,
     /// Worker threads (io_uring only); worker `w` is pinned to CPU `w`.
     workers: usize,
+    congestion: Congestion,
 }
 
 impl Setup {
@@ -238,6 +241,7 @@ impl Setup {
         scraped: false,
         streams: ShardStreams::PerSubscription,
         workers: 1,
+        congestion: Congestion::Cubic,
     };
 }
 
@@ -247,6 +251,7 @@ fn gridcast(plan: Plan, setup: Setup) -> Measured {
         scraped,
         streams,
         workers,
+        congestion,
     } = setup;
     let key = NodeKey::from_seed(&[71; 32]);
     let channel_key = ChannelKey::from_seed(&[72; 32]);
@@ -266,6 +271,7 @@ fn gridcast(plan: Plan, setup: Setup) -> Measured {
                     export_shards: tag.count > 1,
                     max_backlog_bytes: 16 << 20,
                     shard_streams: streams,
+                    congestion,
                     ..Default::default()
                 },
             )
@@ -723,6 +729,13 @@ fn run(name: &str, plan: Plan) -> Measured {
                 ..Setup::URING
             },
         ),
+        "uring_bbr" => gridcast(
+            plan,
+            Setup {
+                congestion: Congestion::Bbr,
+                ..Setup::URING
+            },
+        ),
         "uring_2_workers" => gridcast(
             plan,
             Setup {
@@ -787,6 +800,7 @@ fn main() {
             "uring",
             "uring_per_chunk",
             "uring_metrics",
+            "uring_bbr",
             "uring_2_workers",
             "portable",
             "quinn_tokio",
@@ -842,6 +856,12 @@ fn main() {
             println!(
                 "fanout ratio subscribers={subscribers} stream_per_subscription_vs_per_chunk={:.3}",
                 r(u, c)
+            );
+        }
+        if let (Some(u), Some(b)) = (get("uring"), get("uring_bbr")) {
+            println!(
+                "fanout ratio subscribers={subscribers} bbr_vs_cubic={:.3}",
+                r(b, u)
             );
         }
         if let (Some(u), Some(w)) = (get("uring"), get("uring_2_workers")) {

@@ -94,12 +94,30 @@ fn streams(quick: bool) {
     } else {
         (30, &[5, 21, 42])
     };
-    for (layout, congestion) in [
+    let variants = [
         (ShardStreams::PerChunk, Congestion::Cubic),
         (ShardStreams::PerSubscription, Congestion::Cubic),
         (ShardStreams::PerChunk, Congestion::Bbr),
         (ShardStreams::PerSubscription, Congestion::Bbr),
-    ] {
+    ];
+    // Then each supernode's uplink capped at 5 Mbit/s, about 1.3 times what its share of the
+    // peers asks of it: the peers' connections compete for one queue, and a controller that
+    // let one of them crowd out the others would show as a peer with gaps.
+    for uplink in [None, Some(625_000u64)] {
+        for &(layout, congestion) in &variants {
+            streams_one(stream_s, seeds, layout, congestion, uplink);
+        }
+    }
+}
+
+fn streams_one(
+    stream_s: u64,
+    seeds: &[u64],
+    layout: ShardStreams,
+    congestion: Congestion,
+    uplink: Option<u64>,
+) {
+    {
         let with = |mut c: EngineConfig| {
             c.shard_streams = layout;
             c.congestion = congestion;
@@ -121,6 +139,9 @@ fn streams(quick: bool) {
                 Grid::with_configs(config, with(common::grid::Broadcast::config()), 4, |i| {
                     with(Grid::relay_config(i))
                 });
+            for &sn in &grid.supernodes {
+                grid.sim.set_uplink(sn, uplink);
+            }
             grid.run(Duration::from_secs(2));
             grid.add_policy_peers_with(20, 0, || with(EngineConfig::default()));
             grid.run(Duration::from_secs(stream_s));
@@ -148,9 +169,10 @@ fn streams(quick: bool) {
                 .unwrap_or(f64::NAN)
         };
         println!(
-            "grid-streams shard_streams={layout:?} congestion={congestion:?} loss=0.05 latency_ms=40 seeds={} peers=20 stream_s={stream_s} \
+            "grid-streams shard_streams={layout:?} congestion={congestion:?} supernode_uplink_kbps={} loss=0.05 latency_ms=40 seeds={} peers=20 stream_s={stream_s} \
              continuity_min={continuity_min:.4} startup_ms_p50={:.0} startup_ms_max={:.0} \
              delay_ms_p50={:.0} delay_ms_p99={:.0} delay_ms_max={:.0} datagrams_lost={lost} mb_sent={:.1} wall_s={:.1}",
+            uplink.map_or("none".to_owned(), |b| (b * 8 / 1000).to_string()),
             seeds.len(),
             pct(&mut startups, 0.5),
             pct(&mut startups, 1.0),

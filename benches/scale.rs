@@ -180,7 +180,7 @@ impl Relay {
         .spawn()
         .unwrap();
         wait_ready(admin);
-        let id = stdout_of(gridcast(&["node-id", "--key", node_key.to_str().unwrap()]))
+        let id = stdout_of(gridcast(&["node-id", node_key.to_str().unwrap()]))
             .parse()
             .unwrap();
         Self {
@@ -327,7 +327,7 @@ fn main() {
 
     let dir = tempfile::tempdir().unwrap();
     let key = keygen(dir.path());
-    let channel: ChannelId = stdout_of(gridcast(&["channel-id", "--key", key.to_str().unwrap()]))
+    let channel: ChannelId = stdout_of(gridcast(&["channel-id", key.to_str().unwrap()]))
         .parse()
         .unwrap();
     // Enough stream for every size the ramp may try.
