@@ -17,7 +17,8 @@
 //!   published between the window's start and end; a subscriber that played nothing scores 0).
 //! - relay_cores: the relay process's CPU time (every thread) over the window's wall time.
 //! - rss_mb: the relay's resident memory at the window's end; kb_per_connection: its growth
-//!   from before the first connection, per subscriber.
+//!   from before the first connection (base_mb), per subscriber; rss_after_mb: what it is
+//!   once the relay has dropped every connection (at its idle timeout).
 //! - subscriber_cores: this process's subscriber threads' CPU over the window: near the cores
 //!   the relay leaves free, the subscribers' side, not the relay, is the limit.
 //!
@@ -63,6 +64,8 @@ const WARMUP: Duration = Duration::from_secs(10);
 /// Seconds past the window the subscribers keep running, so a chunk published at its very
 /// end can arrive.
 const GRACE: Duration = Duration::from_secs(3);
+/// Long enough for the relay to drop connections gone silent (its idle timeout is 10 s).
+const IDLE_GONE: Duration = Duration::from_secs(13);
 /// The ramp's last size.
 const RAMP_MAX: usize = 8000;
 
@@ -206,6 +209,8 @@ struct Step {
     relay_cores: f64,
     rss_mb: f64,
     kb_per_connection: f64,
+    rss_after_mb: f64,
+    base_mb: f64,
     subscriber_cores: f64,
     subscriber_drops: f64,
 }
@@ -285,6 +290,11 @@ fn step(n: usize, link: &str, channel: ChannelId, dir: &Path, window: Duration) 
         .into_iter()
         .flat_map(|t| t.join().unwrap())
         .collect();
+    // The subscribers' sockets are closed without a word: the relay drops each connection at
+    // its idle timeout (10 s). What its memory comes back to then tells live state per
+    // connection from what the allocator keeps.
+    thread::sleep(IDLE_GONE);
+    let rss_after = rss_kb(pid);
     drop(relay);
 
     // The window's chunks: after the newest played at its start, up to the newest at its end.
@@ -313,6 +323,8 @@ fn step(n: usize, link: &str, channel: ChannelId, dir: &Path, window: Duration) 
         relay_cores: (r1 - r0) as f64 / 1e9 / secs,
         rss_mb: rss / 1024.0,
         kb_per_connection: (rss - base_kb) / n as f64,
+        rss_after_mb: rss_after / 1024.0,
+        base_mb: base_kb / 1024.0,
         subscriber_cores: (c1 - c0) as f64 / 1e9 / secs,
         subscriber_drops,
     }
@@ -336,7 +348,8 @@ fn main() {
     } else {
         vec![first]
     };
-    let per_step = 2 + WARMUP.as_secs() + window.as_secs() + GRACE.as_secs() + 5;
+    let per_step =
+        2 + WARMUP.as_secs() + window.as_secs() + GRACE.as_secs() + IDLE_GONE.as_secs() + 5;
     let stream_secs = 10 + per_step * steps.len() as u64;
     let input = dir.path().join("stream.bin");
     {
@@ -371,13 +384,15 @@ fn main() {
     for n in steps {
         let s = step(n, &link, channel, dir.path(), window);
         println!(
-            "scale subscribers={} continuity_min={:.4} continuity_mean={:.4} relay_cores={:.3} rss_mb={:.1} kb_per_connection={:.1} subscriber_cores={:.3} subscriber_drops={}",
+            "scale subscribers={} continuity_min={:.4} continuity_mean={:.4} relay_cores={:.3} rss_mb={:.1} kb_per_connection={:.1} base_mb={:.1} rss_after_mb={:.1} subscriber_cores={:.3} subscriber_drops={}",
             s.subscribers,
             s.continuity_min,
             s.continuity_mean,
             s.relay_cores,
             s.rss_mb,
             s.kb_per_connection,
+            s.base_mb,
+            s.rss_after_mb,
             s.subscriber_cores,
             s.subscriber_drops,
         );
