@@ -47,7 +47,6 @@
     clippy::unwrap_used,
     clippy::print_stdout,
     clippy::disallowed_methods,
-    unsafe_code,
     unreachable_pub
 )]
 
@@ -65,6 +64,7 @@ use bytes::Bytes;
 use ring::aead::{AES_128_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 
 use common::clients::Clients;
+use common::sys::{own_rss_kb, pin_to, this_thread_id, thread_cpu_ns};
 use gridcast::app::http::HttpServer;
 use gridcast::app::ops::{Metrics, NodeRole, Watched, admin};
 use gridcast::driver::{IoBackend, Node};
@@ -107,37 +107,8 @@ fn pin(cpu: usize) {
     pin_to(&[cpu]);
 }
 
-/// Lets the calling thread run on `cpus` only.
-fn pin_to(cpus: &[usize]) {
-    // SAFETY: cpu_set_t is plain data; sched_setaffinity reads it for the calling thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        for &cpu in cpus {
-            libc::CPU_SET(cpu, &mut set);
-        }
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &raw const set);
-    }
-}
-
-fn this_thread_id() -> u32 {
-    let link = std::fs::read_link("/proc/thread-self").unwrap();
-    link.file_name().unwrap().to_str().unwrap().parse().unwrap()
-}
-
-fn thread_cpu_ns(tid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).unwrap();
-    stat.split_whitespace().next().unwrap().parse().unwrap()
-}
-
 fn rss_mb() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let kb: f64 = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0);
-    kb / 1024.0
+    own_rss_kb() / 1024.0
 }
 
 fn payload(len: usize, salt: u64) -> Bytes {

@@ -30,7 +30,6 @@
     clippy::unwrap_used,
     clippy::print_stdout,
     clippy::disallowed_methods,
-    unsafe_code,
     unreachable_pub
 )]
 
@@ -49,6 +48,7 @@ use std::time::{Duration, Instant};
 
 use common::clients::Clients;
 use common::procs::{free_udp_port, gridcast, keygen, spawn_with_link};
+use common::sys::{process_cpu_ns, raise_fd_limit, rss_kb, this_thread_id, thread_cpu_ns};
 use gridcast::keys::{ChannelId, NodeId};
 
 /// The allocator the `gridcast` binary runs with.
@@ -72,55 +72,6 @@ const RAMP_MAX: usize = 8000;
 fn arg<T: std::str::FromStr>(args: &[String], name: &str) -> Option<T> {
     let i = args.iter().position(|a| a == name)?;
     args.get(i + 1)?.parse().ok()
-}
-
-/// Every thread's CPU time of process `pid`, in nanoseconds.
-fn process_cpu_ns(pid: u32) -> u64 {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
-    };
-    tasks
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-        .sum()
-}
-
-fn thread_cpu_ns(tid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat"))
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-fn this_thread_id() -> u32 {
-    let link = std::fs::read_link("/proc/thread-self").unwrap();
-    link.file_name().unwrap().to_str().unwrap().parse().unwrap()
-}
-
-fn rss_kb(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))?
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0.0)
-}
-
-/// One socket per subscriber: lift the soft descriptor limit to the hard one.
-fn raise_fd_limit() {
-    // SAFETY: rlimit is plain data, read and written by the kernel for this process.
-    unsafe {
-        let mut lim: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) == 0 {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim);
-        }
-    }
 }
 
 fn stdout_of(mut cmd: Command) -> String {

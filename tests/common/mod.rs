@@ -7,3 +7,4 @@ pub mod clients;
 pub mod grid;
 pub mod http;
 pub mod procs;
+pub mod sys;

@@ -12,7 +12,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use quinn_proto::{ConnectionHandle, Dir, StreamId, VarInt, WriteError};
+use quinn_proto::{ConnectionHandle, Dir, SendStream, StreamId, VarInt, WriteError};
 
 use crate::node::channel::{Channel, StoredShard};
 use crate::stream::SignedChunkHeader;
@@ -56,6 +56,52 @@ pub(super) struct SubStream {
     /// The chunks whose header the receiver holds for this stream, in the order first sent:
     /// the receiver keeps the same list, since it reads the stream in order.
     known: VecDeque<u64>,
+}
+
+/// What became of handing a stream's queued buffers to QUIC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Written {
+    /// Everything went, or nothing was queued.
+    All,
+    /// QUIC took part or none: the rest is back at the front of the queue.
+    Blocked,
+    /// The stream is stopped or closed: the queue is emptied.
+    Failed,
+}
+
+/// Hands QUIC as much of `queue` as it takes in one write, puts back at the front what it did
+/// not take, and takes every byte that left the queue (written or dropped) off `backlog`.
+fn write_queued(
+    stream: &mut SendStream<'_>,
+    queue: &mut VecDeque<Bytes>,
+    backlog: &mut usize,
+) -> Written {
+    if queue.is_empty() {
+        return Written::All;
+    }
+    let mut batch: Vec<Bytes> = queue.drain(..).collect();
+    match stream.write_chunks(&mut batch) {
+        Ok(written) => {
+            *backlog = backlog.saturating_sub(written.bytes);
+            for rest in batch.into_iter().rev().filter(|b| !b.is_empty()) {
+                queue.push_front(rest);
+            }
+            if queue.is_empty() {
+                Written::All
+            } else {
+                Written::Blocked
+            }
+        }
+        Err(WriteError::Blocked) => {
+            queue.extend(batch);
+            Written::Blocked
+        }
+        Err(_) => {
+            let dropped: usize = batch.iter().map(Bytes::len).sum();
+            *backlog = backlog.saturating_sub(dropped);
+            Written::Failed
+        }
+    }
 }
 
 /// Keeps `seq` in a stream's list of chunk headers the receiver holds, as the receiver does
@@ -270,32 +316,9 @@ impl Engine {
                 conn.backlog = conn.backlog.saturating_sub(dropped);
             }
             let mut stream = conn.quic.send_stream(out.id);
-            let mut failed = false;
             // The rest of a frame already begun.
-            while !out.partial.is_empty() {
-                let mut batch: Vec<Bytes> = out.partial.drain(..).collect();
-                match stream.write_chunks(&mut batch) {
-                    Ok(written) => {
-                        conn.backlog = conn.backlog.saturating_sub(written.bytes);
-                        for rest in batch.into_iter().rev().filter(|b| !b.is_empty()) {
-                            out.partial.push_front(rest);
-                        }
-                        if !out.partial.is_empty() {
-                            break;
-                        }
-                    }
-                    Err(WriteError::Blocked) => {
-                        for rest in batch.into_iter().rev() {
-                            out.partial.push_front(rest);
-                        }
-                        break;
-                    }
-                    Err(_) => {
-                        failed = true;
-                        break;
-                    }
-                }
-            }
+            let mut failed =
+                write_queued(&mut stream, &mut out.partial, &mut conn.backlog) == Written::Failed;
             while !failed && out.partial.is_empty() {
                 let Some(next) = out.queue.pop_front() else {
                     break;
@@ -378,34 +401,8 @@ impl Engine {
                 continue;
             };
             let mut stream = conn.quic.send_stream(out.id);
-            let mut blocked = false;
-            while !out.pending.is_empty() {
-                let mut batch: Vec<Bytes> = out.pending.drain(..).collect();
-                match stream.write_chunks(&mut batch) {
-                    Ok(written) => {
-                        conn.backlog = conn.backlog.saturating_sub(written.bytes);
-                        // Whatever QUIC did not take goes back to the front.
-                        for rest in batch.into_iter().rev().filter(|b| !b.is_empty()) {
-                            out.pending.push_front(rest);
-                        }
-                        if !out.pending.is_empty() {
-                            blocked = true;
-                            break;
-                        }
-                    }
-                    Err(WriteError::Blocked) => {
-                        for rest in batch.into_iter().rev() {
-                            out.pending.push_front(rest);
-                        }
-                        blocked = true;
-                        break;
-                    }
-                    Err(_) => {
-                        out.pending.clear();
-                        break;
-                    }
-                }
-            }
+            let blocked =
+                write_queued(&mut stream, &mut out.pending, &mut conn.backlog) == Written::Blocked;
             if blocked {
                 break;
             }
