@@ -11,14 +11,18 @@
 //! the subscribers connect all at once, and after a warm-up the window is measured:
 //!
 //! `scale subscribers=… continuity_min=… continuity_mean=… relay_cores=… rss_mb=…
-//! kb_per_connection=… subscriber_cores=… subscriber_drops=…`
+//! kb_per_connection=… base_mb=… rss_after_mb=… live_kb_per_connection=… subscriber_cores=…
+//! subscriber_drops=…`
 //!
 //! - continuity: the share of the window's chunks each subscriber played (every chunk
 //!   published between the window's start and end; a subscriber that played nothing scores 0).
 //! - relay_cores: the relay process's CPU time (every thread) over the window's wall time.
 //! - rss_mb: the relay's resident memory at the window's end; kb_per_connection: its growth
 //!   from before the first connection (base_mb), per subscriber; rss_after_mb: what it is
-//!   once the relay has dropped every connection (at its idle timeout).
+//!   once the relay has dropped every connection (at its idle timeout), and
+//!   live_kb_per_connection the part of the growth that went with them, per subscriber (the
+//!   rest is what the allocator keeps of the handshake burst and what tables keep of their
+//!   largest size).
 //! - subscriber_cores: this process's subscriber threads' CPU over the window: near the cores
 //!   the relay leaves free, the subscribers' side, not the relay, is the limit.
 //!
@@ -161,6 +165,7 @@ struct Step {
     rss_mb: f64,
     kb_per_connection: f64,
     rss_after_mb: f64,
+    live_kb_per_connection: f64,
     base_mb: f64,
     subscriber_cores: f64,
     subscriber_drops: f64,
@@ -275,6 +280,7 @@ fn step(n: usize, link: &str, channel: ChannelId, dir: &Path, window: Duration) 
         rss_mb: rss / 1024.0,
         kb_per_connection: (rss - base_kb) / n as f64,
         rss_after_mb: rss_after / 1024.0,
+        live_kb_per_connection: (rss - rss_after) / n as f64,
         base_mb: base_kb / 1024.0,
         subscriber_cores: (c1 - c0) as f64 / 1e9 / secs,
         subscriber_drops,
@@ -335,7 +341,7 @@ fn main() {
     for n in steps {
         let s = step(n, &link, channel, dir.path(), window);
         println!(
-            "scale subscribers={} continuity_min={:.4} continuity_mean={:.4} relay_cores={:.3} rss_mb={:.1} kb_per_connection={:.1} base_mb={:.1} rss_after_mb={:.1} subscriber_cores={:.3} subscriber_drops={}",
+            "scale subscribers={} continuity_min={:.4} continuity_mean={:.4} relay_cores={:.3} rss_mb={:.1} kb_per_connection={:.1} base_mb={:.1} rss_after_mb={:.1} live_kb_per_connection={:.1} subscriber_cores={:.3} subscriber_drops={}",
             s.subscribers,
             s.continuity_min,
             s.continuity_mean,
@@ -344,6 +350,7 @@ fn main() {
             s.kb_per_connection,
             s.base_mb,
             s.rss_after_mb,
+            s.live_kb_per_connection,
             s.subscriber_cores,
             s.subscriber_drops,
         );
