@@ -132,8 +132,9 @@ pub(crate) fn log_event(event: &NodeEvent) {
             lost,
             replacement,
             resume,
+            why,
             ..
-        } => tracing::info!(%lost, ?replacement, resume, "parent replaced"),
+        } => tracing::info!(%lost, ?replacement, resume, %why, "parent replaced"),
         NodeEvent::UpstreamLost {
             channel,
             ended: true,

@@ -22,6 +22,6 @@ pub use channel::{Channel, ChannelConfig, ChannelMode, ChannelStats, StoredShard
 pub use cid::WorkerTag;
 pub use engine::{
     ChannelReport, CloseReasons, Congestion, ConnectionsByRole, Engine, EngineConfig, EngineError,
-    EngineReport, EngineStats, NodeEvent, OpenChannels, QuicTotals, ShardStreams,
+    EngineReport, EngineStats, FailoverWhy, NodeEvent, OpenChannels, QuicTotals, ShardStreams,
 };
 pub use upstream::{Candidate, UpstreamConfig, assign, assign_all_from_one};

@@ -2,9 +2,11 @@
 
 #![allow(unreachable_pub, dead_code)]
 
+pub mod bed;
 pub mod catalog;
 pub mod clients;
 pub mod grid;
 pub mod http;
 pub mod procs;
 pub mod sys;
+pub mod wire;

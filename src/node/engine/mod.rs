@@ -262,6 +262,31 @@ pub enum EngineError {
     Refused(NodeId),
 }
 
+/// Why a parent was given up on ([`NodeEvent::Failover`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailoverWhy {
+    /// Its connection is gone.
+    Lost,
+    /// Its newest chunk is `lag_chunks` behind the best parent's.
+    Behind,
+    /// No shard from it for the stall timeout while others deliver (or no datagram at all for
+    /// `unreachable_after`, or a standby holds chunks well past it).
+    Silent,
+    /// It delivers too small a share of its substreams while another parent is healthy.
+    Short,
+}
+
+impl std::fmt::Display for FailoverWhy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Lost => "lost",
+            Self::Behind => "behind",
+            Self::Silent => "silent",
+            Self::Short => "short",
+        })
+    }
+}
+
 /// Something the driver or the application should know.
 #[derive(Debug, Clone)]
 pub enum NodeEvent {
@@ -311,6 +336,8 @@ pub enum NodeEvent {
         replacement: Option<SocketAddr>,
         /// The chunk the replacement resumes at.
         resume: u64,
+        /// Which rule gave up on it.
+        why: FailoverWhy,
     },
     /// No parent has delivered `channel` for the stall timeout: every one is lost,
     /// unreachable or silent. The policy keeps redialling its candidates with back-off.

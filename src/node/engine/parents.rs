@@ -15,7 +15,7 @@ use crate::stream::ChunkFlags;
 use crate::wire::{ParentCandidate, StartAt, SubstreamSet};
 
 use super::conn::mark;
-use super::{Engine, EngineError, NodeEvent, close_code};
+use super::{Engine, EngineError, FailoverWhy, NodeEvent, close_code};
 
 impl Engine {
     /// Lets the engine choose parents for `channel` among `candidates` and keep them: draws
@@ -427,8 +427,18 @@ impl Engine {
                             now.saturating_duration_since(*last_shard) >= up.config.stall_timeout;
                         let silent =
                             quiet && (someone_fresh || unreachable(conn) || outrun(*newest));
-                        let short = shortest == Some(i);
-                        if gone(conn) || behind || silent || short {
+                        let why = if gone(conn) {
+                            Some(FailoverWhy::Lost)
+                        } else if behind {
+                            Some(FailoverWhy::Behind)
+                        } else if silent {
+                            Some(FailoverWhy::Silent)
+                        } else if shortest == Some(i) {
+                            Some(FailoverWhy::Short)
+                        } else {
+                            None
+                        };
+                        if let Some(why) = why {
                             // Resume where the lost parent stopped, or earlier: a player resumes
                             // at its next chunk to play, so nothing not yet output is missed.
                             let mut resume = newest.or(best).unwrap_or(0).saturating_sub(1);
@@ -437,11 +447,11 @@ impl Engine {
                             {
                                 resume = resume.min(next);
                             }
-                            failed.push((i, *conn, *set, resume));
+                            failed.push((i, *conn, *set, resume, why));
                         }
                     }
                     Slot::Standby { conn, .. } if gone(conn) || unreachable(conn) => {
-                        failed.push((i, *conn, SubstreamSet::EMPTY, 0));
+                        failed.push((i, *conn, SubstreamSet::EMPTY, 0, FailoverWhy::Lost));
                     }
                     _ => {}
                 }
@@ -452,14 +462,14 @@ impl Engine {
                 }
             }
             let mut moved = Vec::new();
-            for (i, conn, set, resume) in failed {
+            for (i, conn, set, resume, why) in failed {
                 let node = up.candidates[i].0.node;
                 let until = up.strike(node, now);
                 up.candidates[i].1 = Slot::Failed { until };
                 if !set.is_empty() {
                     up.unassigned.push((set, StartAt::Seq(resume)));
                     up.failovers += 1;
-                    moved.push((up.candidates[i].0.addr, resume));
+                    moved.push((up.candidates[i].0.addr, resume, why));
                 }
                 if let Some(c) = self.conns.get_mut(&conn) {
                     c.close(now, close_code::DONE, "parent replaced");
@@ -467,7 +477,7 @@ impl Engine {
                 }
             }
             self.upstream_fill(now, channel);
-            for (lost, resume) in moved {
+            for (lost, resume, why) in moved {
                 self.stats.failovers += 1;
                 let replacement = self.upstreams.get(&channel).and_then(|u| {
                     u.candidates.iter().find_map(|(c, s)| match s {
@@ -482,6 +492,7 @@ impl Engine {
                     lost,
                     replacement,
                     resume,
+                    why,
                 });
             }
             self.upstream_outage(now, channel);

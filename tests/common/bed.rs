@@ -1,0 +1,206 @@
+//! The resilience bed: one network namespace per host, each with one interface (`eth0`, a TAP
+//! device) plugged into the bed's switch ([`super::wire`]), which shapes every host's uplink
+//! and downlink: delay, jitter, loss, a rate limit. A packet from host a to host b crosses a's
+//! uplink and b's downlink, so a path's delay is the sum of the two and its loss about the sum
+//! of both.
+//!
+//! Hosts are 10.79.0.<h+1>/24; two beds never meet, since each host sees only its own
+//! namespace and its bed's switch. Everything the bed made goes when it is dropped, also when
+//! a test fails: its processes are killed first, then its switch stopped (closing the TAP
+//! devices removes them) and its namespaces deleted. A run killed outright leaves namespaces
+//! named after its process id; the next bed deletes those of processes that no longer exist.
+//!
+//! Needs root, iproute2 and /dev/net/tun; [`Bed::can_run`] skips with a message where they are
+//! missing, unless `GRIDCAST_REQUIRE_NETNS=1` (CI) makes that a failure.
+
+#![allow(clippy::unwrap_used, clippy::print_stdout)]
+
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+pub use super::wire::{PortCounts, Shape};
+use super::wire::{Wire, tap};
+
+/// Prefix of every namespace a bed creates: `gcbed-<pid>-<n>-h<host>`.
+const PREFIX: &str = "gcbed-";
+
+/// Hosts in their own namespaces behind one shaped switch; see the module doc.
+pub struct Bed {
+    hosts: Vec<String>,
+    children: Vec<Child>,
+    wire: Option<Wire>,
+}
+
+/// Runs `ip args…`; whether it succeeded.
+fn ip(args: &[&str]) -> bool {
+    Command::new("ip")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Runs `ip args…` and panics, with its error output, if it fails.
+fn must_ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+}
+
+/// Deletes the namespaces of beds whose process is gone (a run killed before it cleaned up).
+fn remove_stale() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some(name) = line.split_whitespace().next() else {
+            continue;
+        };
+        let Some(pid) = name
+            .strip_prefix(PREFIX)
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            ip(&["netns", "del", name]);
+        }
+    }
+}
+
+impl Bed {
+    /// Whether beds can be made here (root, `ip`, /dev/net/tun). When not, a failure if
+    /// `GRIDCAST_REQUIRE_NETNS=1` (CI), else a skip with a message.
+    pub fn can_run() -> bool {
+        let root = Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+        let found = root && ip(&["-V"]) && std::path::Path::new("/dev/net/tun").exists();
+        if !found {
+            assert!(
+                !std::env::var("GRIDCAST_REQUIRE_NETNS").is_ok_and(|v| v == "1"),
+                "network namespaces are required (GRIDCAST_REQUIRE_NETNS=1) but this is not \
+                 root, iproute2 is missing or there is no /dev/net/tun"
+            );
+            println!("not root, no iproute2 or no /dev/net/tun: skipping");
+        }
+        found
+    }
+
+    /// `hosts` hosts, every attachment shaped `up` from the host and `down` towards it.
+    pub fn new(hosts: usize, up: Shape, down: Shape) -> Self {
+        static BEDS: AtomicU32 = AtomicU32::new(0);
+        assert!(hosts < 250, "a bed holds at most 249 hosts");
+        remove_stale();
+        let pid = std::process::id();
+        let n = BEDS.fetch_add(1, Ordering::Relaxed);
+        let mut bed = Self {
+            hosts: Vec::new(),
+            children: Vec::new(),
+            wire: None,
+        };
+        let mut fds = Vec::new();
+        for h in 0..hosts {
+            let name = format!("{PREFIX}{pid}-{n}-h{h}");
+            must_ip(&["netns", "add", &name]);
+            bed.hosts.push(name.clone());
+            // Made in this namespace under a name unique to this bed, then moved into the
+            // host's and renamed there.
+            let dev = format!("g{pid}x{n}t{h}");
+            fds.push(tap(&dev));
+            must_ip(&["link", "set", &dev, "netns", &name]);
+            must_ip(&["-n", &name, "link", "set", &dev, "name", "eth0"]);
+            let addr = format!("{}/24", bed.addr(h));
+            must_ip(&["-n", &name, "addr", "add", &addr, "dev", "eth0"]);
+            must_ip(&["-n", &name, "link", "set", "eth0", "up", "multicast", "on"]);
+            must_ip(&["-n", &name, "link", "set", "lo", "up"]);
+        }
+        bed.wire = Some(Wire::start(
+            fds,
+            up,
+            down,
+            u64::from(pid) << 8 | u64::from(n),
+        ));
+        bed
+    }
+
+    /// Host `h`'s address.
+    pub fn addr(&self, h: usize) -> String {
+        format!("10.79.0.{}", h + 1)
+    }
+
+    fn wire(&self) -> &Wire {
+        self.wire.as_ref().unwrap()
+    }
+
+    /// Gives host `h`'s attachment new shapes.
+    pub fn reshape(&self, h: usize, up: Shape, down: Shape) {
+        self.wire().reshape(h, up, down);
+    }
+
+    /// Cuts host `h` off: every frame to or from it is lost, as when its cable is pulled
+    /// beyond its network card (its processes run on and see nothing wrong locally).
+    pub fn cut(&self, h: usize) {
+        self.wire().set_cut(h, true);
+    }
+
+    /// Puts host `h` back after [`Bed::cut`].
+    pub fn mend(&self, h: usize) {
+        self.wire().set_cut(h, false);
+    }
+
+    /// What the switch did so far, per host.
+    pub fn counts(&self) -> Vec<PortCounts> {
+        self.wire().counts()
+    }
+
+    /// `program args…` to run inside host `h`'s namespace (`ip netns exec` runs it in place,
+    /// so the child is the program itself and signals reach it).
+    pub fn command(&self, h: usize, program: &str, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.hosts[h], program])
+            .args(args);
+        c
+    }
+
+    /// `gridcast args… --log-level warn` inside host `h`'s namespace.
+    pub fn gridcast(&self, h: usize, args: &[&str]) -> Command {
+        let mut c = self.command(h, env!("CARGO_BIN_EXE_gridcast"), args);
+        c.args([
+            "--log-level",
+            &std::env::var("GRIDCAST_BED_LOG").unwrap_or_else(|_| "warn".into()),
+        ]);
+        c
+    }
+
+    /// Keeps `child` to be killed when the bed goes; its index for [`Bed::child`].
+    pub fn keep(&mut self, child: Child) -> usize {
+        self.children.push(child);
+        self.children.len() - 1
+    }
+
+    /// A process the bed keeps.
+    pub fn child(&mut self, i: usize) -> &mut Child {
+        &mut self.children[i]
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        drop(self.wire.take());
+        for name in &self.hosts {
+            ip(&["netns", "del", name]);
+        }
+    }
+}
