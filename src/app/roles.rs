@@ -135,6 +135,16 @@ pub(crate) fn log_event(event: &NodeEvent) {
             why,
             ..
         } => tracing::info!(%lost, ?replacement, resume, %why, "parent replaced"),
+        NodeEvent::Skipped {
+            channel,
+            first,
+            last,
+        } => tracing::warn!(
+            %channel,
+            first,
+            last,
+            "chunks skipped: no parent delivered enough of them within the playout delay"
+        ),
         NodeEvent::UpstreamLost {
             channel,
             ended: true,

@@ -144,6 +144,8 @@ pub struct Channel {
     next_play: Option<u64>,
     /// Player: since when a later chunk is complete while `next_play` is not.
     stalled_since: Option<Instant>,
+    /// Player: runs of chunks given up on (first and last sequence number), not yet taken.
+    skipped: Vec<(u64, u64)>,
     /// When the node first subscribed to this channel.
     joined: Option<Instant>,
     /// The newest stream header (Ogg, fragmented MP4), verified.
@@ -166,6 +168,7 @@ impl Channel {
             window_bytes: 0,
             next_play: None,
             stalled_since: None,
+            skipped: Vec::new(),
             joined: None,
             stats: ChannelStats::default(),
         }
@@ -422,7 +425,9 @@ impl Channel {
             self.stats.evicted += 1;
             if self.next_play.is_some_and(|next| next <= seq) {
                 // The player fell so far behind that its next chunk left the window.
-                self.stats.chunks_skipped += seq + 1 - self.next_play.unwrap_or(seq);
+                let next = self.next_play.unwrap_or(seq);
+                self.stats.chunks_skipped += seq + 1 - next;
+                self.skipped.push((next, seq));
                 self.next_play = Some(seq + 1);
             }
         }
@@ -472,7 +477,10 @@ impl Channel {
                                     self.joined.map(|j| now.saturating_duration_since(j));
                             }
                         }
-                        Err(_) => self.stats.chunks_skipped += 1,
+                        Err(_) => {
+                            self.stats.chunks_skipped += 1;
+                            self.skipped.push((next, next));
+                        }
                     }
                     self.next_play = Some(next + 1);
                     self.stalled_since = None;
@@ -499,6 +507,7 @@ impl Channel {
                             .map_or(next + 1, |(s, _)| *s);
                         self.stats.chunks_skipped +=
                             (held - next).min(self.config.window_chunks as u64);
+                        self.skipped.push((next, held - 1));
                         self.next_play = Some(held);
                         self.stalled_since = None;
                     } else {
@@ -508,6 +517,12 @@ impl Channel {
             }
         }
         out
+    }
+
+    /// Player: the runs of chunks [`Channel::poll_playout`] gave up on since last asked
+    /// (first and last sequence number of each).
+    pub fn take_skipped(&mut self) -> Vec<(u64, u64)> {
+        std::mem::take(&mut self.skipped)
     }
 
     /// Player: when [`Channel::poll_playout`] must run again to skip a stalled chunk.
@@ -592,5 +607,8 @@ mod tests {
         assert_eq!(played, [5_000_000]);
         let skipped = ch.stats().chunks_skipped;
         assert!((1..=40).contains(&skipped), "{skipped}");
+        // The application hears of the run given up on, once.
+        assert_eq!(ch.take_skipped(), [(102, 4_999_999)]);
+        assert!(ch.take_skipped().is_empty());
     }
 }

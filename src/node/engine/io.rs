@@ -275,6 +275,13 @@ impl Engine {
                     payload,
                 });
             }
+            for (first, last) in channel.take_skipped() {
+                out.push(NodeEvent::Skipped {
+                    channel: *id,
+                    first,
+                    last,
+                });
+            }
         }
         self.events.extend(out);
     }

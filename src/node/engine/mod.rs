@@ -326,6 +326,17 @@ pub enum NodeEvent {
         /// Why.
         reason: String,
     },
+    /// A player channel gave up on chunks `first..=last`: no parent delivered enough of
+    /// their shards within the playout delay while a later chunk was complete. The viewer
+    /// sees a skip.
+    Skipped {
+        /// Channel.
+        channel: ChannelId,
+        /// The first chunk given up on.
+        first: u64,
+        /// The last.
+        last: u64,
+    },
     /// A parent was lost or lagged, and its substreams moved.
     Failover {
         /// Channel.
