@@ -5,7 +5,10 @@
 //! way a user's network would, and then holds every player's file to the rule the loopback
 //! tests hold it to: a byte-exact run of the encoder's bytes from where it joined to the very
 //! end, that `ffmpeg -v error` decodes without a word. Each prints what every player saw:
-//! `bed scenario=… player=… startup_ms=… played_bytes=… share=…`.
+//! `bed scenario=… player=… startup_ms=… end_behind_input_ms=… played_bytes=… share=…`
+//! (end_behind_input_ms: from the end of the encoder's output to the player's file's last
+//! growth, how far behind live the player was at the end; the source lingers 6 s, so a
+//! player further behind than that loses the end).
 //!
 //! `GRIDCAST_BED_LOG=info` (or debug) sets the processes' log level (warn otherwise).
 //!
@@ -18,6 +21,8 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Child;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -27,6 +32,8 @@ use common::procs::*;
 const SOURCE: usize = 0;
 const RELAYS: [usize; 3] = [1, 2, 3];
 const PLAYERS: [usize; 3] = [4, 5, 6];
+/// How long the source serves its last chunks after its input ends.
+const LINGER: Duration = Duration::from_secs(6);
 /// The port every node listens on, each on its own host.
 const PORT: u16 = 4433;
 
@@ -91,16 +98,34 @@ fn start_relay(bed: &Bed, h: usize, source_link: &str, key: &Path) -> Relay {
     Relay { child, link }
 }
 
-/// Polls `out` until it holds a byte: the time from `since` it took, if within 30 s.
-fn first_byte(out: PathBuf, since: Instant) -> thread::JoinHandle<Option<Duration>> {
+/// What a watcher saw of a player's file.
+struct Seen {
+    /// From the player's start to its first byte.
+    first_byte: Option<Duration>,
+    /// When the file last grew.
+    last_growth: Option<Instant>,
+}
+
+/// Watches `out` every 20 ms until `stop`: when it first held a byte (from `since`) and when
+/// it last grew.
+fn watch(out: PathBuf, since: Instant, stop: Arc<AtomicBool>) -> thread::JoinHandle<Seen> {
     thread::spawn(move || {
-        while since.elapsed() < Duration::from_secs(30) {
-            if std::fs::metadata(&out).is_ok_and(|m| m.len() > 0) {
-                return Some(since.elapsed());
+        let mut seen = Seen {
+            first_byte: None,
+            last_growth: None,
+        };
+        let mut size = 0;
+        // Bounded: a scenario is over well within 5 minutes.
+        while !stop.load(Ordering::Relaxed) && since.elapsed() < Duration::from_secs(300) {
+            let now = std::fs::metadata(&out).map_or(0, |m| m.len());
+            if now > size {
+                size = now;
+                seen.last_growth = Some(Instant::now());
+                seen.first_byte.get_or_insert(since.elapsed());
             }
             thread::sleep(Duration::from_millis(20));
         }
-        None
+        seen
     })
 }
 
@@ -122,7 +147,7 @@ fn scenario(name: &str, secs: u64, shape: Shape, fault: Fault) {
                 "--listen",
                 &format!("{}:{PORT}", bed.addr(SOURCE)),
                 "--linger",
-                "6",
+                &LINGER.as_secs().to_string(),
             ],
         ),
         secs,
@@ -152,6 +177,7 @@ fn scenario(name: &str, secs: u64, shape: Shape, fault: Fault) {
         .map(|h| dir.join(format!("player{h}.ts")))
         .collect();
     let mut watchers = Vec::new();
+    let watched = Arc::new(AtomicBool::new(false));
     let mut players = Vec::new();
     for (&h, out) in PLAYERS.iter().zip(&outputs) {
         let asked = Instant::now();
@@ -170,7 +196,7 @@ fn scenario(name: &str, secs: u64, shape: Shape, fault: Fault) {
             .spawn()
             .unwrap();
         players.push(bed.keep(child));
-        watchers.push(first_byte(out.clone(), asked));
+        watchers.push(watch(out.clone(), asked, Arc::clone(&watched)));
     }
     let at = |s: u64| {
         let due = started + Duration::from_secs(s);
@@ -213,7 +239,7 @@ fn scenario(name: &str, secs: u64, shape: Shape, fault: Fault) {
             }
         }
     }
-    let reference = live.finish();
+    let (reference, input_ended) = live.finish_at();
     // The last chunks reach the players within the start delay, the playout delay and the
     // path's delay; a player whose parents fell silent finds out within its lag rule.
     thread::sleep(Duration::from_secs(5));
@@ -225,12 +251,21 @@ fn scenario(name: &str, secs: u64, shape: Shape, fault: Fault) {
         assert!(status.success(), "play failed: {status}");
     }
     drop(relays);
+    watched.store(true, Ordering::Relaxed);
     for ((out, watcher), h) in outputs.iter().zip(watchers).zip(PLAYERS) {
-        let startup = watcher.join().unwrap();
+        let seen = watcher.join().unwrap();
         let played = std::fs::metadata(out).map_or(0, |m| m.len());
         println!(
-            "bed scenario={name} player={h} startup_ms={} played_bytes={played} share={:.3}",
-            startup.map_or("none".into(), |d| d.as_millis().to_string()),
+            "bed scenario={name} player={h} startup_ms={} end_behind_input_ms={} \
+             played_bytes={played} share={:.3}",
+            seen.first_byte
+                .map_or("none".into(), |d| d.as_millis().to_string()),
+            seen.last_growth.map_or("none".into(), |t| {
+                let ms = |d: Duration| d.as_millis() as i128;
+                (ms(t.saturating_duration_since(input_ended))
+                    - ms(input_ended.saturating_duration_since(t)))
+                .to_string()
+            }),
             played as f64 / reference.len() as f64
         );
     }

@@ -245,11 +245,17 @@ impl Live {
     }
 
     /// Waits for the stream to end and the source to exit (both successfully); the reference.
-    pub fn finish(mut self) -> Vec<u8> {
+    pub fn finish(self) -> Vec<u8> {
+        self.finish_at().0
+    }
+
+    /// As [`Live::finish`], with the moment ffmpeg's output ended (when called before).
+    pub fn finish_at(mut self) -> (Vec<u8>, std::time::Instant) {
         let reference = self.tee.take().unwrap().join().unwrap();
+        let ended = std::time::Instant::now();
         assert!(self.ffmpeg.wait().unwrap().success(), "ffmpeg failed");
         assert!(self.source.wait().unwrap().success(), "broadcast failed");
-        reference
+        (reference, ended)
     }
 }
 
