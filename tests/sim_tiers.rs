@@ -15,8 +15,9 @@ use gridcast::wire::RefuseReason;
 
 #[test]
 fn first_tier_supernodes_killed_one_by_one_until_one_remains_cost_no_peer_a_chunk() {
-    // Source → three first-tier relays (each all 16 substreams from the source) → two
-    // second-tier relays, each drawing from all three → peers below the second tier only.
+    // Source → three first-tier relays (each K substreams from the source, regenerating the
+    // rest) → two second-tier relays, each drawing from all three → peers below the second
+    // tier only.
     let mut grid = Grid::new(21, 0, Grid::relay_config);
     let source = grid.candidate(grid.source.node);
     let first: Vec<NodeIx> = (0..3)
@@ -27,8 +28,8 @@ fn first_tier_supernodes_killed_one_by_one_until_one_remains_cost_no_peer_a_chun
     for &sn in &first {
         assert_eq!(
             grid.sim.node(sn).engine.upstream_status(&channel),
-            Some((16, 1)),
-            "a first-tier relay draws everything from its only upstream"
+            Some((8, 1)),
+            "a first-tier relay draws K from its only upstream"
         );
     }
     let first_tier: Vec<Candidate> = first.iter().map(|&sn| grid.candidate(sn)).collect();
@@ -55,7 +56,7 @@ fn first_tier_supernodes_killed_one_by_one_until_one_remains_cost_no_peer_a_chun
             // The first-tier survivors, and perhaps the other second-tier relay (named in
             // the first tier's answers): enough that losing any one still leaves K.
             let invariant = if parents == 1 {
-                16
+                8
             } else {
                 parents * 8usize.div_ceil(parents - 1)
             };

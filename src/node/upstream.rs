@@ -72,13 +72,13 @@ impl Default for UpstreamConfig {
 }
 
 impl UpstreamConfig {
-    /// A supernode's policy: the peer's, except that a relay with a single upstream (a first
-    /// tier under the source) draws all N substreams from it, so it regenerates nothing.
+    /// A supernode's policy: the peer's. A relay with a single upstream (a first tier under
+    /// the source) draws K substreams from it, as a peer does, and regenerates the rest for
+    /// its children. Drawing all N doubled what the upstream's one connection had to carry:
+    /// under 2% loss and an 80 ms round trip CUBIC could not carry it, and in the resilience
+    /// bed the players fell 5.9 s behind live in 30 s of stream, against 0.2 s with K.
     pub fn relay() -> Self {
-        Self {
-            all_from_one: true,
-            ..Self::default()
-        }
+        Self::default()
     }
 }
 
