@@ -251,6 +251,22 @@ fn scenario(name: &str, secs: u64, shape: Shape, fault: Fault) {
     }
     drop(relays);
     watched.store(true, Ordering::Relaxed);
+    // The switch did what the scenario says: it lost frames where loss was asked for, and
+    // none where neither loss nor a cut was.
+    let counts = bed.counts();
+    let sent: u64 = counts.iter().map(|c| c.sent).sum();
+    let lost: u64 = counts.iter().map(|c| c.lost).sum();
+    let queue_drops: u64 = counts.iter().map(|c| c.queue_drops).sum();
+    println!("bed scenario={name} frames_sent={sent} frames_lost={lost} queue_drops={queue_drops}");
+    if shape.loss_pct > 0.0 {
+        assert!(
+            lost as f64 >= sent as f64 * shape.loss_pct / 200.0,
+            "the switch lost {lost} of {sent} frames, asked for {}% each way",
+            shape.loss_pct
+        );
+    } else if !matches!(fault, Fault::Cut(_)) {
+        assert_eq!(lost, 0, "the switch lost frames on loss-free links");
+    }
     for ((out, watcher), h) in outputs.iter().zip(watchers).zip(PLAYERS) {
         let seen = watcher.join().unwrap();
         let played = std::fs::metadata(out).map_or(0, |m| m.len());
