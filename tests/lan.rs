@@ -11,25 +11,17 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::thread;
 use std::time::Duration;
 
+use common::bed::{can_use_netns, ip};
 use common::procs::*;
 
 /// Two namespaces joined by a veth pair, removed on drop.
 struct Lan {
     names: [String; 2],
     tag: u32,
-}
-
-fn ip(args: &[&str]) -> bool {
-    Command::new("ip")
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
 }
 
 impl Lan {
@@ -130,21 +122,7 @@ fn source_and_announced_relay(
 }
 
 fn can_run() -> bool {
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
-    let tools = ip(&["-V"]);
-    let found = root && tools;
-    if !found {
-        assert!(
-            !std::env::var("GRIDCAST_REQUIRE_NETNS").is_ok_and(|v| v == "1"),
-            "network namespaces are required (GRIDCAST_REQUIRE_NETNS=1) but this is not root \
-             or iproute2 is missing"
-        );
-        println!("not root or no iproute2: skipping");
-    }
-    found
+    can_use_netns(false)
 }
 
 #[test]

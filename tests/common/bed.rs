@@ -32,7 +32,7 @@ pub struct Bed {
 }
 
 /// Runs `ip args…`; whether it succeeded.
-fn ip(args: &[&str]) -> bool {
+pub fn ip(args: &[&str]) -> bool {
     Command::new("ip")
         .args(args)
         .stdout(Stdio::null())
@@ -74,24 +74,30 @@ fn remove_stale() {
     }
 }
 
+/// Whether tests may make network namespaces here: root and `ip` (iproute2), and
+/// /dev/net/tun if `tun`. When not, a failure if `GRIDCAST_REQUIRE_NETNS=1` (CI), else a skip
+/// with a message.
+pub fn can_use_netns(tun: bool) -> bool {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    let found = root && ip(&["-V"]) && (!tun || std::path::Path::new("/dev/net/tun").exists());
+    if !found {
+        assert!(
+            !std::env::var("GRIDCAST_REQUIRE_NETNS").is_ok_and(|v| v == "1"),
+            "network namespaces are required (GRIDCAST_REQUIRE_NETNS=1) but this is not root, \
+             iproute2 is missing or (for the bed) there is no /dev/net/tun"
+        );
+        println!("not root, no iproute2 or no /dev/net/tun: skipping");
+    }
+    found
+}
+
 impl Bed {
-    /// Whether beds can be made here (root, `ip`, /dev/net/tun). When not, a failure if
-    /// `GRIDCAST_REQUIRE_NETNS=1` (CI), else a skip with a message.
+    /// Whether beds can be made here (root, `ip`, /dev/net/tun); see [`can_use_netns`].
     pub fn can_run() -> bool {
-        let root = Command::new("id")
-            .arg("-u")
-            .output()
-            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
-        let found = root && ip(&["-V"]) && std::path::Path::new("/dev/net/tun").exists();
-        if !found {
-            assert!(
-                !std::env::var("GRIDCAST_REQUIRE_NETNS").is_ok_and(|v| v == "1"),
-                "network namespaces are required (GRIDCAST_REQUIRE_NETNS=1) but this is not \
-                 root, iproute2 is missing or there is no /dev/net/tun"
-            );
-            println!("not root, no iproute2 or no /dev/net/tun: skipping");
-        }
-        found
+        can_use_netns(true)
     }
 
     /// `hosts` hosts, every attachment shaped `up` from the host and `down` towards it.
