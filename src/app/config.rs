@@ -234,6 +234,11 @@ pub struct RelayArgs {
     /// Most subscriptions at once; more are turned away with a go-away [default: no limit].
     #[arg(long)]
     pub max_subscribers: Option<usize>,
+    /// Incoming handshakes under way beyond which a new address must first answer a QUIC
+    /// Retry, so that a flood of Initials from forged addresses costs no state; 0 asks it of
+    /// every address [default: 256].
+    #[arg(long)]
+    pub validate_above: Option<usize>,
     /// Seconds a drain (SIGTERM, SIGINT) may take before the relay exits [default: 10].
     #[arg(long)]
     pub drain_timeout: Option<u64>,
@@ -317,6 +322,7 @@ impl RelayArgs {
             max_upload_bps: self.max_upload.or(file.max_upload).map(|r| r.0),
             max_connections: self.max_connections.or(file.max_connections),
             max_subscribers: self.max_subscribers.or(file.max_subscribers),
+            validate_above: self.validate_above.or(file.validate_above).unwrap_or(256),
             drain_timeout: Duration::from_secs(
                 self.drain_timeout.or(file.drain_timeout).unwrap_or(10),
             ),

@@ -44,6 +44,8 @@ pub struct RelayConfig {
     pub max_connections: Option<usize>,
     /// Most subscriptions at once (`None`: no limit).
     pub max_subscribers: Option<usize>,
+    /// Incoming handshakes under way before new addresses are asked to validate (QUIC Retry).
+    pub validate_above: usize,
     /// How long a drain may take before the relay exits.
     pub drain_timeout: Duration,
     /// Announce the relay on the local network (mDNS).
@@ -141,6 +143,7 @@ pub fn relay(config: &RelayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
                 .map(|bps| (bps / 8).div_ceil(config.workers as u64)),
             max_connections: config.max_connections.map(|m| m.div_ceil(config.workers)),
             max_subscribers: config.max_subscribers.map(|m| m.div_ceil(config.workers)),
+            validate_above: config.validate_above.div_ceil(config.workers),
             open,
             ..Default::default()
         },

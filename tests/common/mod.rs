@@ -5,6 +5,7 @@
 pub mod bed;
 pub mod catalog;
 pub mod clients;
+pub mod flood;
 pub mod grid;
 pub mod http;
 pub mod procs;

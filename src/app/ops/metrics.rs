@@ -267,7 +267,11 @@ struct EngineMetrics {
     /// ok, failed, proof_failed.
     handshakes: [Counter; 3],
     /// limit, draining.
-    refused: [Counter; 2],
+    /// limit, draining, misbehaved.
+    refused: [Counter; 3],
+    retries: Counter,
+    /// dropped, answered.
+    unrouted: [Counter; 2],
     /// idle_timeout, application, transport_error, reset, other.
     closed: [Counter; 5],
     sent_packets: Counter,
@@ -320,7 +324,20 @@ impl EngineMetrics {
                 "gridcast_quic_connections_refused_total",
                 "Incoming connections refused at the handshake, by reason.",
                 "reason",
-                ["limit", "draining"],
+                ["limit", "draining", "misbehaved"],
+            ),
+            retries: r.counter(
+                "gridcast_quic_retries_total",
+                "QUIC Retry packets sent: new connections from addresses not yet validated, \
+                 while more handshakes were under way than the threshold allows.",
+                &[],
+            ),
+            unrouted: r.counters(
+                "gridcast_udp_datagrams_unrouted_total",
+                "Datagrams for no connection, by outcome (dropped: malformed, unknown \
+                 connection, unanswerable; answered: version negotiation or stateless reset).",
+                "outcome",
+                ["dropped", "answered"],
             ),
             closed: r.counters(
                 "gridcast_quic_connections_closed_total",
@@ -492,8 +509,13 @@ impl EngineMetrics {
         }
         let refused = sum(&|r| r.stats.connections_refused);
         let draining = sum(&|r| r.stats.connections_refused_draining);
-        self.refused[0].absolute(refused.saturating_sub(draining));
+        let misbehaved = sum(&|r| r.stats.connections_refused_misbehaved);
+        self.refused[0].absolute(refused.saturating_sub(draining + misbehaved));
         self.refused[1].absolute(draining);
+        self.refused[2].absolute(misbehaved);
+        self.retries.absolute(sum(&|r| r.stats.retries_sent));
+        self.unrouted[0].absolute(sum(&|r| r.stats.datagrams_dropped));
+        self.unrouted[1].absolute(sum(&|r| r.stats.datagrams_answered));
         for (c, v) in self.closed.iter().zip([
             sum(&|r| r.stats.closed.idle_timeout),
             sum(&|r| r.stats.closed.application),

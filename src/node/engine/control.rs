@@ -1,7 +1,7 @@
 //! The control protocol: subscriptions made and served, channel information, go-aways and
 //! drain, and what happens to a neighbour that misbehaves.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -166,12 +166,7 @@ impl Engine {
 
     pub(super) fn apply(&mut self, now: Instant, handle: ConnectionHandle, input: Input) {
         match input {
-            Input::Undecodable(e) => {
-                self.stats.protocol_errors += 1;
-                if let Some(conn) = self.conns.get_mut(&handle) {
-                    conn.close(now, close_code::PROTOCOL, &e.to_string());
-                }
-            }
+            Input::Undecodable(e) => self.protocol_error(now, handle, &e.to_string()),
             Input::Control(msg) => self.apply_control(now, handle, msg),
             Input::Gossip(data) => self.gossip_received(now, handle, &data),
             Input::Shard(stream, frame) => self.apply_shard(now, handle, stream, frame),
@@ -367,10 +362,7 @@ impl Engine {
             Message::Have(have) => self.upstream_have(have.channel, handle, have.latest),
             Message::ParentQuery(query) => self.answer_parent_query(now, handle, &query),
             Message::ParentAnswer(answer) => self.take_parent_answer(handle, &answer),
-            Message::Shard(_) => {
-                self.stats.protocol_errors += 1;
-                conn.close(now, close_code::PROTOCOL, "shard on the control stream");
-            }
+            Message::Shard(_) => self.protocol_error(now, handle, "shard on the control stream"),
         }
     }
 
@@ -396,7 +388,7 @@ impl Engine {
     pub(super) fn misbehaved(&mut self, now: Instant, handle: ConnectionHandle, why: &Rejected) {
         self.stats.misbehaving_closed += 1;
         if let Some(conn) = self.conns.get_mut(&handle) {
-            if let Some(node) = conn.node {
+            if let Some(node) = conn.peer {
                 self.refused.insert(node);
             }
             self.events.push_back(NodeEvent::Misbehaved {
@@ -405,6 +397,48 @@ impl Engine {
                 reason: why.to_string(),
             });
             conn.close(now, close_code::BAD_DATA, "bad shard or header");
+        }
+    }
+
+    /// Closes a connection whose bytes do not decode (or break the protocol's rules), and
+    /// refuses its node from then on, as [`Engine::misbehaved`] does for bad data.
+    pub(super) fn protocol_error(&mut self, now: Instant, handle: ConnectionHandle, why: &str) {
+        self.stats.protocol_errors += 1;
+        if let Some(conn) = self.conns.get_mut(&handle) {
+            if let Some(node) = conn.peer {
+                self.refused.insert(node);
+            }
+            conn.close(now, close_code::PROTOCOL, why);
+        }
+    }
+}
+
+/// Node ids that sent bad data or undecodable bytes, refused from then on: dialled nodes are
+/// not dialled again, and their connections in are closed once their handshake proves the id.
+/// Only the newest [`RefusedNodes::CAP`] are kept, since an attacker makes new ids for free
+/// and the set must not grow without bound.
+#[derive(Debug, Default)]
+pub(super) struct RefusedNodes {
+    set: HashSet<NodeId>,
+    order: VecDeque<NodeId>,
+}
+
+impl RefusedNodes {
+    pub(super) const CAP: usize = 4096;
+
+    pub(super) fn contains(&self, node: &NodeId) -> bool {
+        self.set.contains(node)
+    }
+
+    pub(super) fn insert(&mut self, node: NodeId) {
+        if !self.set.insert(node) {
+            return;
+        }
+        self.order.push_back(node);
+        if self.order.len() > Self::CAP
+            && let Some(old) = self.order.pop_front()
+        {
+            self.set.remove(&old);
         }
     }
 }

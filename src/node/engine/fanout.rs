@@ -16,7 +16,7 @@ use crate::stream::{CodedChunk, CodingParams, SignedChunkHeader};
 use crate::wire::{Have, Message, ShardFrame, SignedStreamHeader, SubstreamSet};
 
 use super::control::channel_info;
-use super::{Engine, EngineError, close_code};
+use super::{Engine, EngineError};
 
 /// Chunks whose encoded header is kept for fan-out.
 const ENCODED_HEADERS: usize = 16;
@@ -180,9 +180,7 @@ impl Engine {
             },
             None if let Some(h) = state.header(frame.seq) => Arc::clone(h),
             None => {
-                self.stats.protocol_errors += 1;
-                conn.close(now, close_code::PROTOCOL, "shard without its chunk header");
-                return;
+                return self.protocol_error(now, handle, "shard without its chunk header");
             }
         };
         let seq = header.header.seq;

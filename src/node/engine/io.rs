@@ -107,6 +107,22 @@ impl Engine {
                 }
             }
             Some(DatagramEvent::NewConnection(incoming))
+                if !self.draining
+                    && !incoming.remote_address_validated()
+                    && self.handshaking >= self.config.validate_above =>
+            {
+                // Under a flood of Initials (or a burst of real ones), no state is kept for
+                // an address until it shows it receives there: it must come back with the
+                // Retry's token. Until then quinn-proto answers it only with this Retry.
+                match self.endpoint.retry(incoming, &mut buf) {
+                    Ok(t) => {
+                        self.stats.retries_sent += 1;
+                        self.responses.push_back((t, buf));
+                    }
+                    Err(e) => self.endpoint.ignore(e.into_incoming()),
+                }
+            }
+            Some(DatagramEvent::NewConnection(incoming))
                 if self.draining
                     || self
                         .config
@@ -124,6 +140,7 @@ impl Engine {
                 match self.endpoint.accept(incoming, now, &mut buf, None) {
                     Ok((handle, quic)) => {
                         self.stats.accepted += 1;
+                        self.handshaking += 1;
                         self.conns
                             .insert(handle, Conn::new(now, quic, remote, None));
                         self.order.push(handle);
@@ -136,8 +153,11 @@ impl Engine {
                     }
                 }
             }
-            Some(DatagramEvent::Response(t)) => self.responses.push_back((t, buf)),
-            None => {}
+            Some(DatagramEvent::Response(t)) => {
+                self.stats.datagrams_answered += 1;
+                self.responses.push_back((t, buf));
+            }
+            None => self.stats.datagrams_dropped += 1,
         }
         self.drive(now);
     }
@@ -309,6 +329,7 @@ impl Engine {
                             conn.established = true;
                             self.stats.handshakes_ok += 1;
                             if conn.node.is_none() {
+                                self.handshaking = self.handshaking.saturating_sub(1);
                                 // An accepted connection: the dialler proved its node id with
                                 // its certificate (see `tls::AnyNodeVerifier`).
                                 conn.peer = conn
@@ -319,6 +340,12 @@ impl Engine {
                                         any.downcast::<Vec<CertificateDer<'static>>>().ok()
                                     })
                                     .and_then(|chain| tls::peer_node(&chain));
+                                if conn.peer.is_some_and(|p| self.refused.contains(&p)) {
+                                    self.stats.connections_refused += 1;
+                                    self.stats.connections_refused_misbehaved += 1;
+                                    conn.close(now, close_code::BAD_DATA, "sent bad data before");
+                                    continue;
+                                }
                             }
                             for data in std::mem::take(&mut conn.gossip_out) {
                                 let _ = conn.quic.datagrams().send(data, true);
@@ -408,6 +435,9 @@ impl Engine {
         }
         if drained {
             if let Some(conn) = self.conns.remove(&handle) {
+                if !conn.established && conn.node.is_none() {
+                    self.handshaking = self.handshaking.saturating_sub(1);
+                }
                 self.stats.retired_quic.add(&conn.quic.stats().path);
                 if let Some(t) = conn.timer {
                     self.timers.remove(&(t, handle));

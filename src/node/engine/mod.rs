@@ -65,7 +65,7 @@ pub use report::{ChannelReport, ConnectionsByRole, EngineReport};
 
 use conn::ConnTable;
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -158,6 +158,10 @@ pub struct EngineConfig {
     pub upload_cap: Option<u64>,
     /// Most connections at once; more are refused at the handshake (`None`: no limit).
     pub max_connections: Option<usize>,
+    /// Most incoming handshakes under way before a new connection from an address not yet
+    /// validated is answered with a QUIC Retry (the client must prove it receives at its
+    /// address before any handshake state is kept for it). 0 validates every address.
+    pub validate_above: usize,
     /// Most subscriptions served at once; more are answered with a go-away naming the
     /// alternatives (`None`: no limit).
     pub max_subscribers: Option<usize>,
@@ -219,6 +223,7 @@ impl Default for EngineConfig {
             upstream: UpstreamConfig::default(),
             upload_cap: None,
             max_connections: None,
+            validate_above: 128,
             max_subscribers: None,
             max_children: None,
             advertise: None,
@@ -459,6 +464,17 @@ pub struct EngineStats {
     pub connections_refused: u64,
     /// Of those, refused because the node drains.
     pub connections_refused_draining: u64,
+    /// Of those, closed once their handshake proved a node refused for bad data.
+    pub connections_refused_misbehaved: u64,
+    /// QUIC Retry packets sent (more than [`EngineConfig::validate_above`] handshakes were
+    /// under way).
+    pub retries_sent: u64,
+    /// Datagrams that reached no connection and were dropped: malformed, for no connection
+    /// known, or of an unknown version and too short to answer.
+    pub datagrams_dropped: u64,
+    /// Datagrams that reached no connection and were answered without any state kept
+    /// (version negotiation, stateless reset; never larger than what incited them).
+    pub datagrams_answered: u64,
     /// Subscriptions turned away with a go-away (subscriber limit, draining).
     pub subscriptions_turned_away: u64,
     /// Go-aways sent to subscribers by [`Engine::drain`].
@@ -549,7 +565,9 @@ pub struct Engine {
     events: VecDeque<NodeEvent>,
     responses: VecDeque<(Transmit, Vec<u8>)>,
     next_sub: u32,
-    refused: HashSet<NodeId>,
+    refused: control::RefusedNodes,
+    /// Accepted connections still in their handshake.
+    handshaking: usize,
     upstreams: HashMap<ChannelId, Upstream>,
     lost_conns: Vec<ConnectionHandle>,
     /// Set by [`Engine::drain`]: subscribers are sent away and no new ones are taken.
@@ -702,7 +720,8 @@ impl Engine {
             events: VecDeque::new(),
             responses: VecDeque::new(),
             next_sub: 1,
-            refused: HashSet::new(),
+            refused: control::RefusedNodes::default(),
+            handshaking: 0,
             upstreams: HashMap::new(),
             lost_conns: Vec::new(),
             draining: false,
