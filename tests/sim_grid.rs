@@ -310,16 +310,18 @@ fn peers_that_stop_reading_cost_bounded_memory_and_nobody_else_anything() {
     let channel = grid.source.channel;
     let window_bound = EngineConfig::default().channel.window_bytes;
     let mut drops = 0;
+    let mut closed = 0;
     for &sn in &grid.supernodes {
         let engine = &grid.sim.node(sn).engine;
         drops += engine.stats().backlog_drops;
+        closed += engine.stats().stalled_closed;
         assert!(
             engine.max_connection_backlog() <= 128 * 1024 + 64 * 1024,
             "backlog unbounded"
         );
         assert!(engine.channel(&channel).unwrap().window_bytes() <= window_bound);
     }
-    println!("stalled-readers: supernode_backlog_drops={drops}");
+    println!("stalled-readers: supernode_backlog_drops={drops} stalled_closed={closed}");
     assert!(
         drops > 0,
         "the stalled readers never pushed back: the test proves nothing"

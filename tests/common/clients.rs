@@ -21,6 +21,8 @@ pub struct Client {
     pub engine: Engine,
     pub played: Vec<u64>,
     pub rebound_at: Option<usize>,
+    /// Connections of this client that ended (refused, closed by the relay, timed out).
+    pub lost: usize,
 }
 
 /// Every client's engine on its own socket, driven round-robin on this thread.
@@ -38,6 +40,25 @@ impl Clients {
         channel: ChannelId,
         substreams: usize,
     ) -> Self {
+        Self::with_config(
+            n,
+            relay,
+            relay_id,
+            channel,
+            substreams,
+            EngineConfig::default,
+        )
+    }
+
+    /// As [`Clients::new`], each client's engine made with `config()`.
+    pub fn with_config(
+        n: usize,
+        relay: SocketAddr,
+        relay_id: NodeId,
+        channel: ChannelId,
+        substreams: usize,
+        config: impl Fn() -> EngineConfig,
+    ) -> Self {
         let now = Instant::now();
         let clients = (0..n)
             .map(|i| {
@@ -50,7 +71,7 @@ impl Clients {
                 let state = quinn_udp::UdpSocketState::new((&socket).into()).unwrap();
                 let seed = [(i % 251) as u8, (i / 251) as u8 + 1, 0x5c, 7].repeat(8);
                 let key = NodeKey::from_seed(&seed.try_into().unwrap());
-                let mut engine = Engine::new(&key, EngineConfig::default()).unwrap();
+                let mut engine = Engine::new(&key, config()).unwrap();
                 engine.add_channel(channel, ChannelMode::Play);
                 engine
                     .subscribe(
@@ -68,6 +89,7 @@ impl Clients {
                     engine,
                     played: Vec::new(),
                     rebound_at: None,
+                    lost: 0,
                 }
             })
             .collect();
@@ -124,8 +146,10 @@ impl Clients {
                 }
             }
             while let Some(ev) = c.engine.poll_event() {
-                if let NodeEvent::Chunk { seq, .. } = ev {
-                    c.played.push(seq);
+                match ev {
+                    NodeEvent::Chunk { seq, .. } => c.played.push(seq),
+                    NodeEvent::ConnectionLost { .. } => c.lost += 1,
+                    _ => {}
                 }
             }
         }

@@ -304,6 +304,7 @@ struct EngineMetrics {
     draining: Gauge,
     members: Gauge,
     gossip_dropped: Counter,
+    stalled_closed: Counter,
 }
 
 impl EngineMetrics {
@@ -484,6 +485,12 @@ impl EngineMetrics {
                 "Gossip datagrams dropped (from a peer or an unproven sender, or not sendable).",
                 &[],
             ),
+            stalled_closed: r.counter(
+                "gridcast_stalled_closed_total",
+                "Connections closed because they took none of the data waiting for them for the \
+                 stall timeout (a subscriber that stopped reading).",
+                &[],
+            ),
         }
     }
 
@@ -574,6 +581,8 @@ impl EngineMetrics {
         self.members.set(members as f64);
         self.gossip_dropped
             .absolute(sum(&|r| r.stats.gossip_dropped));
+        self.stalled_closed
+            .absolute(sum(&|r| r.stats.stalled_closed));
     }
 }
 

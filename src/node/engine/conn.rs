@@ -69,6 +69,11 @@ pub(super) struct Conn {
     /// One stream per subscription ([`super::ShardStreams::PerSubscription`]).
     pub(super) sub_streams: FxHashMap<u32, SubStream>,
     pub(super) backlog: usize,
+    /// Shard-stream bytes QUIC has taken from the backlog, ever.
+    pub(super) taken_bytes: u64,
+    /// When QUIC last took shard bytes, or the backlog was last empty: a subscriber that
+    /// takes nothing for [`super::EngineConfig::stall_timeout`] while data waits is closed.
+    pub(super) progress_at: Instant,
     pub(super) closed: bool,
     /// Queued in `Engine::dirty`.
     pub(super) dirty: bool,
@@ -130,6 +135,8 @@ impl Conn {
             out_streams: FxHashMap::default(),
             sub_streams: FxHashMap::default(),
             backlog: 0,
+            taken_bytes: 0,
+            progress_at: now,
             closed: false,
             dirty: false,
             queued_tx: false,

@@ -452,7 +452,24 @@ impl Engine {
         for input in inputs {
             self.apply(now, handle, input);
         }
+        let before = self.conns.get(&handle).map(|c| c.taken_bytes);
         self.flush_out_streams(handle);
+        let stall = self.config.stall_timeout;
+        if let Some(conn) = self.conns.get_mut(&handle) {
+            if conn.backlog == 0 || Some(conn.taken_bytes) != before {
+                conn.progress_at = now;
+            } else if !conn.closed && now.saturating_duration_since(conn.progress_at) > stall {
+                // Its windows are full and stay full: it does not read (or cannot be
+                // reached fast enough to be of use). What waits for it is already older
+                // than live playback could use; the connection goes, and what it pinned.
+                self.stats.stalled_closed += 1;
+                conn.close(
+                    now,
+                    close_code::STALLED,
+                    "took no data for the stall timeout",
+                );
+            }
+        }
     }
 }
 

@@ -95,6 +95,8 @@ pub mod close_code {
     pub const BAD_DATA: u32 = 2;
     /// The peer speaks another protocol version.
     pub const VERSION: u32 = 3;
+    /// The subscriber took no data for [`super::EngineConfig::stall_timeout`].
+    pub const STALLED: u32 = 4;
 }
 
 /// Most bytes in one GSO batch: a UDP datagram's 16-bit length, less the IPv6 and UDP
@@ -142,6 +144,11 @@ pub struct EngineConfig {
     pub keep_alive: Duration,
     /// Most unsent bytes queued on one connection before its oldest chunk streams are dropped.
     pub max_backlog_bytes: usize,
+    /// How long a connection may take none of the shard data waiting for it before it is
+    /// closed (a subscriber that stopped reading, or one too far away to keep up): what it
+    /// pinned here, its queue and QUIC's send buffer, is freed, and it counts in
+    /// [`EngineStats::stalled_closed`].
+    pub stall_timeout: Duration,
     /// QUIC receive window per stream (one chunk's shards for one subscriber).
     pub stream_window: u32,
     /// QUIC receive window per connection: what a neighbour that stops reading can pin here.
@@ -214,6 +221,7 @@ impl Default for EngineConfig {
             idle_timeout: Duration::from_secs(10),
             keep_alive: Duration::from_secs(1),
             max_backlog_bytes: 4 * 1024 * 1024,
+            stall_timeout: Duration::from_secs(10),
             stream_window: 2 * 1024 * 1024,
             connection_window: 8 * 1024 * 1024,
             send_window: 8 * 1024 * 1024,
@@ -452,6 +460,8 @@ pub struct EngineStats {
     pub udp_bytes_in: u64,
     /// Parents replaced after loss or lag.
     pub failovers: u64,
+    /// Connections closed because they took no shard data for the stall timeout.
+    pub stalled_closed: u64,
     /// Shards not sent to a subscriber because the upload cap was spent.
     pub upload_cap_drops: u64,
     /// Chunk-stream bytes copied out of received packets while reassembling shards. Each

@@ -75,6 +75,7 @@ fn write_queued(
     stream: &mut SendStream<'_>,
     queue: &mut VecDeque<Bytes>,
     backlog: &mut usize,
+    taken: &mut u64,
 ) -> Written {
     if queue.is_empty() {
         return Written::All;
@@ -83,6 +84,7 @@ fn write_queued(
     match stream.write_chunks(&mut batch) {
         Ok(written) => {
             *backlog = backlog.saturating_sub(written.bytes);
+            *taken += written.bytes as u64;
             for rest in batch.into_iter().rev().filter(|b| !b.is_empty()) {
                 queue.push_front(rest);
             }
@@ -317,8 +319,12 @@ impl Engine {
             }
             let mut stream = conn.quic.send_stream(out.id);
             // The rest of a frame already begun.
-            let mut failed =
-                write_queued(&mut stream, &mut out.partial, &mut conn.backlog) == Written::Failed;
+            let mut failed = write_queued(
+                &mut stream,
+                &mut out.partial,
+                &mut conn.backlog,
+                &mut conn.taken_bytes,
+            ) == Written::Failed;
             while !failed && out.partial.is_empty() {
                 let Some(next) = out.queue.pop_front() else {
                     break;
@@ -344,7 +350,8 @@ impl Engine {
                 batch.extend(header.clone());
                 batch.push(next.shard.clone());
                 match stream.write_chunks(&mut batch) {
-                    Ok(_) => {
+                    Ok(written) => {
+                        conn.taken_bytes += written.bytes as u64;
                         // The frame has begun: the receiver will see its header.
                         conn.backlog = conn.backlog.saturating_sub(shard_len);
                         if header.is_some() {
@@ -401,8 +408,12 @@ impl Engine {
                 continue;
             };
             let mut stream = conn.quic.send_stream(out.id);
-            let blocked =
-                write_queued(&mut stream, &mut out.pending, &mut conn.backlog) == Written::Blocked;
+            let blocked = write_queued(
+                &mut stream,
+                &mut out.pending,
+                &mut conn.backlog,
+                &mut conn.taken_bytes,
+            ) == Written::Blocked;
             if blocked {
                 break;
             }
