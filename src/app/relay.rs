@@ -248,6 +248,13 @@ pub fn relay(config: &RelayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
                     node.command(w, Box::new(move |e, now| e.drop_channel(now, channel)));
                 }
             }
+            // One worker caught a node sending bad data: every worker refuses it.
+            Ok(NodeEvent::NodeRefused { node: bad }) => {
+                tracing::info!(node = %bad, "refusing a node that sent bad data");
+                for w in 0..node.workers() {
+                    node.command(w, Box::new(move |e, now| e.refuse_node(now, bad)));
+                }
+            }
             Ok(NodeEvent::Gossip { from, data }) => {
                 node.command(0, Box::new(move |e, now| e.handle_gossip(now, from, &data)));
             }

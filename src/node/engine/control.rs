@@ -388,8 +388,10 @@ impl Engine {
     pub(super) fn misbehaved(&mut self, now: Instant, handle: ConnectionHandle, why: &Rejected) {
         self.stats.misbehaving_closed += 1;
         if let Some(conn) = self.conns.get_mut(&handle) {
-            if let Some(node) = conn.peer {
-                self.refused.insert(node);
+            if let Some(node) = conn.peer
+                && self.refused.insert(node)
+            {
+                self.events.push_back(NodeEvent::NodeRefused { node });
             }
             self.events.push_back(NodeEvent::Misbehaved {
                 remote: conn.remote,
@@ -400,13 +402,34 @@ impl Engine {
         }
     }
 
+    /// Refuses `node` from now on, as if it had sent this engine bad data: a sibling worker
+    /// caught it ([`NodeEvent::NodeRefused`]). Its connections here are closed.
+    pub fn refuse_node(&mut self, now: Instant, node: NodeId) {
+        self.refused.insert(node);
+        let theirs: Vec<ConnectionHandle> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.peer == Some(node) && !c.closed)
+            .map(|(h, _)| h)
+            .collect();
+        for handle in theirs {
+            if let Some(conn) = self.conns.get_mut(&handle) {
+                conn.close(now, close_code::BAD_DATA, "sent bad data before");
+                mark(&mut self.dirty, conn, handle);
+            }
+        }
+        self.drive(now);
+    }
+
     /// Closes a connection whose bytes do not decode (or break the protocol's rules), and
     /// refuses its node from then on, as [`Engine::misbehaved`] does for bad data.
     pub(super) fn protocol_error(&mut self, now: Instant, handle: ConnectionHandle, why: &str) {
         self.stats.protocol_errors += 1;
         if let Some(conn) = self.conns.get_mut(&handle) {
-            if let Some(node) = conn.peer {
-                self.refused.insert(node);
+            if let Some(node) = conn.peer
+                && self.refused.insert(node)
+            {
+                self.events.push_back(NodeEvent::NodeRefused { node });
             }
             conn.close(now, close_code::PROTOCOL, why);
         }
@@ -430,9 +453,10 @@ impl RefusedNodes {
         self.set.contains(node)
     }
 
-    pub(super) fn insert(&mut self, node: NodeId) {
+    /// Whether `node` is newly refused.
+    pub(super) fn insert(&mut self, node: NodeId) -> bool {
         if !self.set.insert(node) {
-            return;
+            return false;
         }
         self.order.push_back(node);
         if self.order.len() > Self::CAP
@@ -440,5 +464,6 @@ impl RefusedNodes {
         {
             self.set.remove(&old);
         }
+        true
     }
 }

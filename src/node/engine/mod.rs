@@ -433,10 +433,16 @@ pub enum NodeEvent {
     Misbehaved {
         /// Remote address.
         remote: SocketAddr,
-        /// Its node id, if we dialled it.
+        /// Its node id, as its handshake proved it.
         node: Option<NodeId>,
         /// What it did.
         reason: String,
+    },
+    /// A node is refused from now on (it sent bad data or undecodable bytes). A node of
+    /// several engines tells the others with [`Engine::refuse_node`].
+    NodeRefused {
+        /// The node.
+        node: NodeId,
     },
 }
 
