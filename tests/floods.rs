@@ -15,7 +15,7 @@
 mod common;
 
 use common::flood::{initial_flood, initial_probe, junk_flood};
-use common::http::{free_tcp_port, get, poll};
+use common::http::{free_tcp_port, get, poll, sample};
 use common::procs::*;
 
 use std::net::SocketAddr;
@@ -24,15 +24,6 @@ use std::time::Duration;
 use gridcast::keys::NodeId;
 
 const STREAM_SECS: u64 = 24;
-
-/// The value of the sample `series` (name and labels exactly as exported) in a scrape.
-fn sample(scrape: &str, series: &str) -> f64 {
-    scrape
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{series} is not in the scrape"))
-}
 
 #[test]
 fn floods_of_junk_and_initials_cost_the_viewers_nothing() {

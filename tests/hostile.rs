@@ -17,7 +17,7 @@
 
 mod common;
 
-use common::http::{free_tcp_port, get};
+use common::http::{free_tcp_port, get, sample};
 use common::procs::*;
 
 use std::net::{SocketAddr, UdpSocket};
@@ -33,15 +33,6 @@ use gridcast::node::{ChannelMode, Engine, EngineConfig};
 use gridcast::wire::{Role, StartAt, SubstreamSet};
 
 const STREAM_SECS: u64 = 16;
-
-/// The value of the sample `series` (name and labels exactly as exported) in a scrape.
-fn sample(scrape: &str, series: &str) -> f64 {
-    scrape
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{series} is not in the scrape"))
-}
 
 /// A relay in this process that corrupts what it forwards.
 fn hostile_relay(source: &ChannelLink) -> (Node, NodeId) {

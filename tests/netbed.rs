@@ -18,14 +18,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Child;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::bed::{Bed, Shape};
+use common::bed::{Bed, PORT, Relay, Shape, start_relay};
 use common::procs::*;
 
 const SOURCE: usize = 0;
@@ -33,8 +32,6 @@ const RELAYS: [usize; 3] = [1, 2, 3];
 const PLAYERS: [usize; 3] = [4, 5, 6];
 /// How long the source serves its last chunks after its input ends.
 const LINGER: Duration = Duration::from_secs(6);
-/// The port every node listens on, each on its own host.
-const PORT: u16 = 4433;
 
 /// Half of a path's 40 ms ± 10 ms and 2% loss on each end of it.
 const LOSSY: Shape = Shape {
@@ -62,39 +59,6 @@ enum Fault {
     KillEach { from: u64, gap: u64 },
     /// A rolling restart: each relay in turn sent SIGTERM, waited for, started again.
     RollEach { from: u64, gap: u64 },
-}
-
-struct Relay {
-    child: Child,
-    link: String,
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_relay(bed: &Bed, h: usize, source_link: &str, key: &Path) -> Relay {
-    let listen = format!("{}:{PORT}", bed.addr(h));
-    let (child, link) = spawn_with_link(bed.gridcast(
-        h,
-        &[
-            "relay",
-            "--join",
-            source_link,
-            "--listen",
-            &listen,
-            "--workers",
-            "1",
-            "--node-key",
-            key.to_str().unwrap(),
-            "--drain-timeout",
-            "20",
-        ],
-    ));
-    Relay { child, link }
 }
 
 /// What a watcher saw of a player's file.

@@ -15,7 +15,7 @@
 mod common;
 
 use common::clients::Clients;
-use common::http::{free_tcp_port, get};
+use common::http::{free_tcp_port, get, sample};
 use common::procs::*;
 use common::sys::rss_kb;
 
@@ -30,15 +30,6 @@ const STREAM_SECS: u64 = 75;
 const STALLED: usize = 500;
 const MAX_CONNECTIONS: usize = 400;
 const STALL_SECS: u64 = 60;
-
-/// The value of the sample `series` (name and labels exactly as exported) in a scrape.
-fn sample(scrape: &str, series: &str) -> f64 {
-    scrape
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{series} is not in the scrape"))
-}
 
 #[test]
 fn stalled_subscribers_beyond_the_limit_are_refused_or_closed_and_memory_stays_bounded() {

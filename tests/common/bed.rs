@@ -15,11 +15,15 @@
 
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 pub use super::wire::{PortCounts, Shape};
 use super::wire::{Wire, tap};
+
+/// The port every node of a bed listens on, each on its own host.
+pub const PORT: u16 = 4433;
 
 /// Prefix of every namespace a bed creates: `gcbed-<pid>-<n>-h<host>`.
 const PREFIX: &str = "gcbed-";
@@ -209,4 +213,41 @@ impl Drop for Bed {
             ip(&["netns", "del", name]);
         }
     }
+}
+
+/// A `relay` on a host of the bed, killed when dropped.
+pub struct Relay {
+    pub child: Child,
+    /// Its channel link.
+    pub link: String,
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts a one-worker `relay` on host `h` joining `source_link`, its node key in `key`
+/// (created if missing, so that a restart keeps the node id), listening on [`PORT`].
+pub fn start_relay(bed: &Bed, h: usize, source_link: &str, key: &Path) -> Relay {
+    let listen = format!("{}:{PORT}", bed.addr(h));
+    let (child, link) = super::procs::spawn_with_link(bed.gridcast(
+        h,
+        &[
+            "relay",
+            "--join",
+            source_link,
+            "--listen",
+            &listen,
+            "--workers",
+            "1",
+            "--node-key",
+            key.to_str().unwrap(),
+            "--drain-timeout",
+            "20",
+        ],
+    ));
+    Relay { child, link }
 }

@@ -135,33 +135,14 @@ pub fn initial_flood(
     addresses: u8,
 ) -> FloodCounts {
     let sockets = sources(addresses, 4);
-    let key = NodeKey::from_seed(&[0x66; 32]);
-    let identity = Identity::new(&key).unwrap();
-    let crypto = tls::client_crypto(node, &identity).unwrap();
-    let mut endpoint = quinn_proto::Endpoint::new(
-        Arc::new(quinn_proto::EndpointConfig::default()),
-        None,
-        false,
-        None,
-    );
-    let mut buf = Vec::new();
+    let mut first = first_flights(target, node);
     flood(
         &sockets,
         target,
         count,
         over,
         Duration::from_secs(1),
-        |_| {
-            let now = Instant::now();
-            let config = quinn_proto::ClientConfig::new(crypto.clone());
-            let (_, mut conn) = endpoint
-                .connect(now, config, target, tls::SERVER_NAME)
-                .unwrap();
-            buf.clear();
-            let t = conn.poll_transmit(now, 1, &mut buf).unwrap();
-            // The connection is dropped here: nothing will answer the server.
-            buf[..t.size].to_vec()
-        },
+        |_| first(),
     )
 }
 
@@ -172,8 +153,22 @@ pub fn initial_flood(
 /// is validated), a server's backed-off retransmissions alone would exceed three.
 pub fn initial_probe(target: SocketAddr, node: NodeId, n: u8, wait: Duration) -> FloodCounts {
     let sockets = sources(n, 1);
-    let key = NodeKey::from_seed(&[0x67; 32]);
-    let identity = Identity::new(&key).unwrap();
+    let mut first = first_flights(target, node);
+    flood(
+        &sockets,
+        target,
+        u64::from(n),
+        Duration::from_millis(50),
+        wait,
+        |_| first(),
+    )
+}
+
+/// A maker of first flights: each call starts a new quinn-proto client connection to
+/// `target` (node id `node`) and returns its first Initial datagram. The connection is
+/// dropped at once: nothing will ever answer the server.
+fn first_flights(target: SocketAddr, node: NodeId) -> impl FnMut() -> Vec<u8> {
+    let identity = Identity::new(&NodeKey::from_seed(&[0x66; 32])).unwrap();
     let crypto = tls::client_crypto(node, &identity).unwrap();
     let mut endpoint = quinn_proto::Endpoint::new(
         Arc::new(quinn_proto::EndpointConfig::default()),
@@ -182,23 +177,16 @@ pub fn initial_probe(target: SocketAddr, node: NodeId, n: u8, wait: Duration) ->
         None,
     );
     let mut buf = Vec::new();
-    flood(
-        &sockets,
-        target,
-        u64::from(n),
-        Duration::from_millis(50),
-        wait,
-        |_| {
-            let now = Instant::now();
-            let config = quinn_proto::ClientConfig::new(crypto.clone());
-            let (_, mut conn) = endpoint
-                .connect(now, config, target, tls::SERVER_NAME)
-                .unwrap();
-            buf.clear();
-            let t = conn.poll_transmit(now, 1, &mut buf).unwrap();
-            buf[..t.size].to_vec()
-        },
-    )
+    move || {
+        let now = Instant::now();
+        let config = quinn_proto::ClientConfig::new(crypto.clone());
+        let (_, mut conn) = endpoint
+            .connect(now, config, target, tls::SERVER_NAME)
+            .unwrap();
+        buf.clear();
+        let t = conn.poll_transmit(now, 1, &mut buf).unwrap();
+        buf[..t.size].to_vec()
+    }
 }
 
 /// Sends `count` datagrams made by `make` round-robin from `sockets` to `target`, paced over

@@ -79,3 +79,12 @@ pub fn dechunk(mut raw: &[u8]) -> Option<Vec<u8>> {
         raw = &data[size + 2..];
     }
 }
+
+/// The value of the sample `series` (name and labels exactly as exported) in a scrape.
+pub fn sample(scrape: &str, series: &str) -> f64 {
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{series} is not in the scrape"))
+}

@@ -244,6 +244,11 @@ impl Live {
         }
     }
 
+    /// The source process's id.
+    pub fn source_pid(&self) -> u32 {
+        self.source.id()
+    }
+
     /// Waits for the stream to end and the source to exit (both successfully); the reference.
     pub fn finish(self) -> Vec<u8> {
         self.finish_at().0

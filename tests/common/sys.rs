@@ -83,3 +83,13 @@ pub fn raise_fd_limit() {
         }
     }
 }
+
+/// Open file descriptors of process `pid` (0 once it is gone).
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
+}
+
+/// Threads of process `pid` (0 once it is gone).
+pub fn thread_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, Iterator::count)
+}
