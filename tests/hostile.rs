@@ -126,18 +126,7 @@ fn forged_shards_and_malformed_frames_are_closed_refused_and_never_played() {
     }
     let dir = tempfile::tempdir().unwrap();
     let key = keygen(dir.path());
-    let live = Live::start(
-        gridcast(&[
-            "broadcast",
-            "--key",
-            key.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--linger",
-            "4",
-        ]),
-        STREAM_SECS,
-    );
+    let live = Live::on_loopback(&key, STREAM_SECS);
     let source: ChannelLink = live.link.parse().unwrap();
     let relay_admin = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
     let (relay, relay_link) = spawn_with_link(gridcast(&[

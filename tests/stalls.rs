@@ -38,18 +38,7 @@ fn stalled_subscribers_beyond_the_limit_are_refused_or_closed_and_memory_stays_b
     }
     let dir = tempfile::tempdir().unwrap();
     let key = keygen(dir.path());
-    let live = Live::start(
-        gridcast(&[
-            "broadcast",
-            "--key",
-            key.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--linger",
-            "4",
-        ]),
-        STREAM_SECS,
-    );
+    let live = Live::on_loopback(&key, STREAM_SECS);
     let admin = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
     let (relay, relay_link) = spawn_with_link(gridcast(&[
         "relay",

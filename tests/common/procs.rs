@@ -244,6 +244,22 @@ impl Live {
         }
     }
 
+    /// `secs` of stream into a `broadcast` on 127.0.0.1 (any port) signing with `key`,
+    /// lingering 4 s after its input ends.
+    pub fn on_loopback(key: &Path, secs: u64) -> Self {
+        let key = key.to_str().unwrap();
+        let source = gridcast(&[
+            "broadcast",
+            "--key",
+            key,
+            "--listen",
+            "127.0.0.1:0",
+            "--linger",
+            "4",
+        ]);
+        Self::start(source, secs)
+    }
+
     /// The source process's id.
     pub fn source_pid(&self) -> u32 {
         self.source.id()
