@@ -1,7 +1,12 @@
 //! Real processes on separate hosts of the resilience bed (`common::bed`: a network namespace
 //! per host, each plugged into one switch that delays, jitters and drops its traffic). Host 0 runs
 //! `gridcast broadcast` fed a live ffmpeg stream, hosts 1-3 a `relay` each, hosts 4-6 a `play`
-//! each drawing from all three relays. Every scenario breaks the network or the relays the
+//! each drawing from all three relays, each player's uplink limited to 10 Mbit/s. In the peer
+//! scenarios the players on hosts 5 and 6 are given only the link of the player on host 4
+//! (which has a node key and a fixed address for it), learn its parents from it, and draw
+//! from it as well: its uplink is then lost, or it is capped with `--upload` below what they
+//! ask of it; the test reads every player's metrics from its admin listener inside its host.
+//! Every scenario breaks the network, the relays or a relaying player the
 //! way a user's network would, and then holds every player's file to the rule the loopback
 //! tests hold it to: a byte-exact run of the encoder's bytes from where it joined to the very
 //! end, that `ffmpeg -v error` decodes without a word. Each prints what every player saw:
@@ -25,6 +30,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::bed::{Bed, PORT, Relay, Shape, start_relay};
+use common::http::sample;
 use common::procs::*;
 
 const SOURCE: usize = 0;
@@ -59,7 +65,30 @@ enum Fault {
     KillEach { from: u64, gap: u64 },
     /// A rolling restart: each relay in turn sent SIGTERM, waited for, started again.
     RollEach { from: u64, gap: u64 },
+    /// Players on [`CHILDREN`] are given only the player on [`RELAYING`] (its link, as a
+    /// friend's shared link would name it), which draws from the relays; from the given
+    /// second its uplink loses every frame (its downlink still works).
+    PeerUplinkLost(u64),
+    /// As for [`Fault::PeerUplinkLost`], but the relaying player runs with `--upload` at
+    /// this many bits per second, below what its children ask of it, and keeps its uplink.
+    PeerCapped(u64),
 }
+
+impl Fault {
+    /// Whether players on [`CHILDREN`] draw from the player on [`RELAYING`].
+    fn peer_tier(self) -> bool {
+        matches!(self, Self::PeerUplinkLost(_) | Self::PeerCapped(_))
+    }
+}
+
+/// The player that relays to the others in the peer scenarios.
+const RELAYING: usize = 4;
+/// The players that know only [`RELAYING`] in the peer scenarios.
+const CHILDREN: [usize; 2] = [5, 6];
+/// Each player's uplink rate limit (kbit/s): a home connection's, far above the stream's.
+const PEER_UPLINK_KBIT: u32 = 10_000;
+/// The port of every player's admin listener, each on its own host.
+const ADMIN_PORT: u16 = 9100;
 
 /// What a watcher saw of a player's file.
 struct Seen {
@@ -97,6 +126,13 @@ fn scenario(name: &str, secs: u64, shape: Shape, fault: Fault) {
         return;
     }
     let mut bed = Bed::new(7, shape, shape);
+    for h in PLAYERS {
+        let up = Shape {
+            rate_kbit: Some(PEER_UPLINK_KBIT),
+            ..shape
+        };
+        bed.reshape(h, up, shape);
+    }
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
     let key = keygen(dir);
@@ -142,25 +178,61 @@ fn scenario(name: &str, secs: u64, shape: Shape, fault: Fault) {
     let mut watchers = Vec::new();
     let watched = Arc::new(AtomicBool::new(false));
     let mut players = Vec::new();
+    // In the peer scenarios the relaying player has a node key, so its link is known
+    // before it starts.
+    let peer_key = gridcast::keys::NodeKey::generate().unwrap();
+    let peer_key_file = dir.join("peer.key");
+    peer_key.save(&peer_key_file, false).unwrap();
+    let peer_link = format!(
+        "{channel}@{}:{PORT}/{}",
+        bed.addr(RELAYING),
+        peer_key.node_id()
+    );
     for (&h, out) in PLAYERS.iter().zip(&outputs) {
+        let admin = format!("{}:{ADMIN_PORT}", bed.addr(h));
+        let mut args = vec![
+            "play".to_owned(),
+            play_link.clone(),
+            "--output".into(),
+            out.to_str().unwrap().into(),
+            "--connect-timeout".into(),
+            "20".into(),
+            "--admin".into(),
+            admin,
+        ];
+        if fault.peer_tier() && h == RELAYING {
+            args.extend([
+                "--node-key".into(),
+                peer_key_file.to_str().unwrap().into(),
+                "--listen".into(),
+                format!("{}:{PORT}", bed.addr(h)),
+            ]);
+            if let Fault::PeerCapped(bps) = fault {
+                args.extend(["--upload".into(), bps.to_string()]);
+            }
+        }
+        if fault.peer_tier() && CHILDREN.contains(&h) {
+            // The relaying player has had its parents for a moment when they ask it.
+            if h == CHILDREN[0] {
+                thread::sleep(Duration::from_secs(2));
+            }
+            args[1].clone_from(&peer_link);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let asked = Instant::now();
-        let child = bed
-            .gridcast(
-                h,
-                &[
-                    "play",
-                    &play_link,
-                    "--output",
-                    out.to_str().unwrap(),
-                    "--connect-timeout",
-                    "20",
-                ],
-            )
-            .spawn()
-            .unwrap();
+        let child = bed.gridcast(h, &args).spawn().unwrap();
         players.push(bed.keep(child));
         watchers.push(watch(out.clone(), asked, Arc::clone(&watched)));
     }
+    // A player's metric, from its admin listener inside its host.
+    let metric = |h: usize, series: &str| {
+        let admin = format!("{}:{ADMIN_PORT}", bed.addr(h)).parse().unwrap();
+        let (_, body) = bed
+            .get(h, admin, "/metrics")
+            .unwrap_or_else(|| panic!("player host {h} does not answer /metrics"));
+        sample(&body, series)
+    };
+    const RELAYED: &str = "gridcast_sent_shard_bytes_total";
     let at = |s: u64| {
         let due = started + Duration::from_secs(s);
         thread::sleep(due.saturating_duration_since(Instant::now()));
@@ -201,6 +273,35 @@ fn scenario(name: &str, secs: u64, shape: Shape, fault: Fault) {
                 *r = again;
             }
         }
+        Fault::PeerUplinkLost(s) => {
+            // The relaying player is relaying at the cut: it sent its children shards in
+            // the two seconds before.
+            at(s - 2);
+            let before = metric(RELAYING, RELAYED);
+            at(s);
+            let relayed = metric(RELAYING, RELAYED);
+            println!(
+                "bed scenario={name}: player host {RELAYING} loses its uplink, having relayed \
+                 {relayed} shard bytes ({} in the last 2 s)",
+                relayed - before
+            );
+            assert!(
+                relayed > before,
+                "the relaying player was not relaying when its uplink went"
+            );
+            let lost = Shape {
+                loss_pct: 100.0,
+                rate_kbit: Some(PEER_UPLINK_KBIT),
+                ..shape
+            };
+            bed.reshape(RELAYING, lost, shape);
+        }
+        Fault::PeerCapped(_) => {}
+    }
+    if fault.peer_tier() {
+        // Read while every player still runs: a player writing a file ends with the stream.
+        at(secs - 2);
+        peer_tier_figures(name, fault, &bed, &metric, started);
     }
     let (reference, input_ended) = live.finish_at();
     // The last chunks reach the players within the start delay, the playout delay and the
@@ -248,8 +349,67 @@ fn scenario(name: &str, secs: u64, shape: Shape, fault: Fault) {
             played as f64 / reference.len() as f64
         );
     }
-    for out in &outputs {
+    for (out, h) in outputs.iter().zip(PLAYERS) {
+        // A player without an uplink cannot acknowledge what it is sent: its own parents
+        // stop sending to it. What is asked here is its children's.
+        if matches!(fault, Fault::PeerUplinkLost(_)) && h == RELAYING {
+            continue;
+        }
         assert_tail(out, &reference, 0.6);
+    }
+}
+
+/// What the relaying player sent and what its children did about it; asserts that the
+/// children moved off it, and that a capped one kept to its cap.
+fn peer_tier_figures(
+    name: &str,
+    fault: Fault,
+    bed: &Bed,
+    metric: &dyn Fn(usize, &str) -> f64,
+    since: Instant,
+) {
+    let secs = since.elapsed().as_secs_f64();
+    let relayed = metric(RELAYING, "gridcast_sent_shard_bytes_total");
+    let cap_drops = metric(
+        RELAYING,
+        "gridcast_subscriber_drops_total{reason=\"upload_cap\"}",
+    );
+    let port = bed.counts()[RELAYING];
+    for h in CHILDREN {
+        let failovers = metric(h, "gridcast_failovers_total");
+        let parents = metric(h, "gridcast_player_parents");
+        println!("bed scenario={name} child={h} failovers={failovers} parents_at_end={parents}");
+        assert!(
+            failovers >= 1.0,
+            "player host {h} never moved off the relaying player"
+        );
+    }
+    println!(
+        "bed scenario={name} relaying_player={RELAYING} relayed_shard_bytes={relayed} \
+         upload_cap_drops={cap_drops} uplink_bytes={} downlink_bytes={} secs={secs:.1}",
+        port.sent_bytes, port.delivered_bytes
+    );
+    if let Fault::PeerCapped(bps) = fault {
+        let cap = bps as f64 / 8.0;
+        // The token bucket: the cap's rate over the run, plus its one second of burst.
+        assert!(
+            relayed <= cap * (secs + 1.0),
+            "the relaying player sent {relayed} shard bytes in {secs:.1} s over a cap of \
+             {cap} bytes/s"
+        );
+        // On the wire: those shards with their packets' framing (at most a tenth more),
+        // plus what a player sends for what it receives (acknowledgements, control), at
+        // most a tenth of its downlink.
+        let bound = 1.1 * cap * (secs + 1.0) + 0.1 * port.delivered_bytes as f64;
+        assert!(
+            (port.sent_bytes as f64) <= bound,
+            "the relaying player's uplink carried {} bytes in {secs:.1} s, over {bound:.0}",
+            port.sent_bytes
+        );
+        assert!(
+            cap_drops > 0.0,
+            "the cap never bit: the children asked no more than it"
+        );
     }
 }
 
@@ -311,4 +471,14 @@ fn a_rolling_restart_on_delayed_links_costs_the_players_nothing() {
         DELAYED,
         Fault::RollEach { from: 6, gap: 8 },
     );
+}
+
+#[test]
+fn a_relaying_player_that_loses_its_uplink_costs_its_children_nothing() {
+    scenario("peer_uplink_lost", 24, LOSSY, Fault::PeerUplinkLost(12));
+}
+
+#[test]
+fn a_relaying_player_capped_below_what_its_children_ask_keeps_its_cap_and_they_move() {
+    scenario("peer_capped", 24, LOSSY, Fault::PeerCapped(250_000));
 }

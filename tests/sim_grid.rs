@@ -427,6 +427,48 @@ fn peers_relay_to_peers_within_their_upload_cap() {
 }
 
 #[test]
+fn children_that_know_only_a_relaying_peer_learn_its_parents_and_survive_losing_it() {
+    // Two peers given nothing but a relaying peer (a shared link, the local network): its
+    // answers name its own parents too, so they draw from those as well and lose nothing
+    // when every path from it to them is cut.
+    let mut grid = Grid::new(17, 4, Grid::relay_config);
+    grid.run(Duration::from_secs(2));
+    let parent = relaying_peer(&mut grid, None, true);
+    grid.run(Duration::from_secs(3));
+    let only = grid.candidate(parent);
+    let children: Vec<NodeIx> = (0..2)
+        .map(|_| grid.add_policy_peer(EngineConfig::default(), vec![only]))
+        .collect();
+    grid.run(Duration::from_secs(6));
+    let channel = grid.source.channel;
+    for &c in &children {
+        let (held, parents) = grid.sim.node(c).engine.upstream_status(&channel).unwrap();
+        assert!(
+            parents >= 2 && held >= 8,
+            "child {c}: {held} substreams from {parents} parents"
+        );
+    }
+    let relayed = grid.sim.node(parent).engine.stats().shard_bytes_out;
+    assert!(relayed > 0, "the relaying peer sent its children nothing");
+    let cut_at = grid.sim.now();
+    for &c in &children {
+        grid.sim.partition(c, parent, true);
+    }
+    grid.run(Duration::from_secs(8));
+    for &c in &children {
+        let i = grid.peers.iter().position(|&p| p == c).unwrap();
+        let (at, _) = grid.played[i]
+            .failovers
+            .first()
+            .copied()
+            .expect("a failover");
+        assert!(at >= cut_at, "child {c} moved before the cut");
+    }
+    grid.assert_perfect("peer-exchange");
+    println!("peer-exchange: relayed_before_cut_bytes={relayed}");
+}
+
+#[test]
 fn a_second_tier_draws_k_plus_r_across_parents_and_survives_a_first_tier_kill() {
     // Source → 3 first-tier supernodes → 2 second-tier supernodes (policy: 3 parents × 4 = 12
     // substreams, regenerating the other 4) → peers drawing only from the second tier.

@@ -360,6 +360,10 @@ pub struct PlayArgs {
     /// Local UDP address [default: 0.0.0.0:0].
     #[arg(long)]
     pub listen: Option<SocketAddr>,
+    /// Node key file, created if missing, so that a peer that relays keeps its node id (and
+    /// the link it logs) across restarts [default: a new id each run].
+    #[arg(long)]
+    pub node_key: Option<PathBuf>,
     /// Seconds to wait for the first chunk; a player nobody serves by then exits with the
     /// reason (the channel is not carried, a node failed its proof, nobody answered)
     /// [default: 10].
@@ -406,6 +410,7 @@ impl PlayArgs {
                 .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
             backend: self.io_backend.or(file.io_backend).unwrap_or_default(),
             admin: self.admin.or(file.admin),
+            node_key: self.node_key.or(file.node_key),
             connect_timeout: Duration::from_secs(
                 self.connect_timeout.or(file.connect_timeout).unwrap_or(10),
             ),
@@ -533,7 +538,7 @@ mod tests {
                 .contains("no channel key")
         );
         let f = write(&format!(
-            "link = \"{}\"\nupload = 0\noutput = \"http://127.0.0.1:0\"\n",
+            "link = \"{}\"\nupload = 0\noutput = \"http://127.0.0.1:0\"\nnode_key = \"peer.key\"\n",
             link()
         ));
         let p = PlayArgs {
@@ -544,5 +549,6 @@ mod tests {
         .unwrap();
         assert_eq!(p.upload_bps, Some(0));
         assert!(matches!(p.output, Output::Http(_)));
+        assert_eq!(p.node_key, Some(PathBuf::from("peer.key")));
     }
 }

@@ -16,11 +16,11 @@ use bytes::Bytes;
 use super::link::ChannelLink;
 use super::output::{Gate, HttpOutput};
 use crate::driver::IoBackend;
-use crate::keys::{ChannelId, NodeKey};
+use crate::keys::ChannelId;
 use crate::node::{ChannelMode, Engine, EngineConfig, NodeEvent};
 use crate::stream::ChunkFlags;
 
-use super::roles::{link_addr, log_event, say, serve};
+use super::roles::{link_addr, log_event, node_key, say, serve};
 
 /// Where `play` writes the stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,6 +65,8 @@ pub struct PlayConfig {
     pub output: Output,
     /// Local UDP address (port 0: any).
     pub listen: SocketAddr,
+    /// Node key file (created if missing); `None`: a new node id each run.
+    pub node_key: Option<PathBuf>,
     /// Data plane.
     pub backend: IoBackend,
     /// Give up if no chunk has arrived within this long (saying why).
@@ -217,7 +219,7 @@ pub fn play(config: &PlayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
         config.link.candidates()?
     };
     let mut sink = Sink::open(&config.output)?;
-    let key = NodeKey::generate()?;
+    let key = node_key(config.node_key.as_deref())?;
     let engine_config = EngineConfig {
         serve: config.upload_bps != Some(0),
         upload_cap: config.upload_bps.filter(|&b| b > 0).map(|b| b.div_ceil(8)),

@@ -13,8 +13,10 @@
 //! Needs root, iproute2 and /dev/net/tun; [`Bed::can_run`] skips with a message where they are
 //! missing, unless `GRIDCAST_REQUIRE_NETNS=1` (CI) makes that a failure.
 
-#![allow(clippy::unwrap_used, clippy::print_stdout)]
+#![allow(clippy::unwrap_used, clippy::print_stdout, unsafe_code)]
 
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -188,6 +190,26 @@ impl Bed {
             &std::env::var("GRIDCAST_BED_LOG").unwrap_or_else(|_| "warn".into()),
         ]);
         c
+    }
+
+    /// `GET path` on `addr` from inside host `h` (a node's admin listener there), as
+    /// [`super::http::get`]: a thread of the test process enters the host's namespace for
+    /// the request (`setns` moves that thread only) and ends with it.
+    pub fn get(&self, h: usize, addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+        let ns = format!("/run/netns/{}", self.hosts[h]);
+        let path = path.to_owned();
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(&ns).ok()?;
+            // SAFETY: a namespace file this thread holds open; setns changes only the
+            // calling thread's network namespace, and the thread ends after the request.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return None;
+            }
+            super::http::get(addr, &path)
+        })
+        .join()
+        .ok()
+        .flatten()
     }
 
     /// Keeps `child` to be killed when the bed goes; its index for [`Bed::child`].

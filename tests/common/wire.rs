@@ -59,6 +59,11 @@ pub struct PortCounts {
     pub sent: u64,
     /// Frames delivered to the host.
     pub delivered: u64,
+    /// Bytes of the frames the host sent (Ethernet frames, lost ones too): what its uplink
+    /// carried.
+    pub sent_bytes: u64,
+    /// Bytes of the frames delivered to the host.
+    pub delivered_bytes: u64,
     /// Frames to or from it lost by its loss rate or its cut.
     pub lost: u64,
     /// Frames dropped at its full rate-limit queues.
@@ -173,6 +178,7 @@ impl Switch {
             return;
         }
         counts[from].sent += 1;
+        counts[from].sent_bytes += frame.len() as u64;
         let mut dst = [0u8; 6];
         dst.copy_from_slice(&frame[..6]);
         let mut src = [0u8; 6];
@@ -276,6 +282,7 @@ impl Switch {
                 };
                 if n > 0 {
                     counts[to].delivered += 1;
+                    counts[to].delivered_bytes += frame.len() as u64;
                 } else {
                     counts[to].queue_drops += 1;
                 }

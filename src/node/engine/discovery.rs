@@ -112,6 +112,26 @@ impl Engine {
                 });
             }
         }
+        // A peer also names its own parents (peer exchange): a child that found it alone (a
+        // shared link, the local network) learns where the channel comes from, and has
+        // somewhere to go when this peer leaves. Those delivering first, then the standbys;
+        // a supernode or source before a peer.
+        if self.config.role == Role::Peer {
+            for c in self.own_parents(now, channel) {
+                let list = if c.1 == Role::Peer {
+                    &mut peers
+                } else {
+                    &mut relays
+                };
+                if !list.iter().any(|o: &ParentCandidate| o.node == c.0.node) {
+                    list.push(ParentCandidate {
+                        node: c.0.node,
+                        addrs: vec![c.0.addr],
+                        load_permille: 0,
+                    });
+                }
+            }
+        }
         let spread = asker.0;
         for list in [&mut relays, &mut peers] {
             if !list.is_empty() {
@@ -168,6 +188,34 @@ impl Engine {
         }
         out.truncate(max.min(MAX_PARENTS));
         out
+    }
+
+    /// This node's parents and standbys for `channel` that are there (open, heard from
+    /// within [`CHILD_SILENT`], handshake done) with the role they said they have: the
+    /// delivering ones first.
+    fn own_parents(&self, now: Instant, channel: ChannelId) -> Vec<(Candidate, Role)> {
+        let Some(up) = self.upstreams.get(&channel) else {
+            return Vec::new();
+        };
+        let mut out: Vec<(bool, Candidate, Role)> = up
+            .candidates
+            .iter()
+            .filter_map(|(cand, slot)| {
+                let (conn, active) = match slot {
+                    Slot::Active { conn, .. } => (conn, true),
+                    Slot::Standby { conn, .. } => (conn, false),
+                    _ => return None,
+                };
+                let c = self.conns.get(conn)?;
+                let role = c.hello.as_ref()?.role;
+                let there = c.established
+                    && !c.closed
+                    && now.saturating_duration_since(c.last_rx) < CHILD_SILENT;
+                there.then_some((active, *cand, role))
+            })
+            .collect();
+        out.sort_by_key(|&(active, _, _)| !active);
+        out.into_iter().map(|(_, c, r)| (c, r)).collect()
     }
 
     /// Whether a new subscription from `asker` on `channel` is over the first-tier limit:
