@@ -10,6 +10,10 @@
 #[path = "../fuzz/harness/engine_pair.rs"]
 mod engine_pair;
 
+#[allow(unreachable_pub)]
+#[path = "../fuzz/harness/decoders.rs"]
+mod decoders;
+
 use std::path::Path;
 
 /// Every file of `fuzz/corpus/<target>` and `fuzz/regressions/<target>`.
@@ -53,4 +57,15 @@ fn the_engine_pair_corpus_replays_clean() {
         }
     }
     println!("engine_pair: {} inputs replayed", inputs.len());
+}
+
+#[test]
+fn the_decoder_corpora_replay_clean() {
+    for target in decoders::TARGETS {
+        let inputs = inputs(target);
+        for (_, data) in &inputs {
+            decoders::run(target, data);
+        }
+        println!("{target}: {} inputs replayed", inputs.len());
+    }
 }

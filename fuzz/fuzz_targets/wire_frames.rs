@@ -1,8 +1,11 @@
-//! Any bytes on a QUIC stream: frames are decoded until the input runs out or is rejected.
+//! Any bytes on a QUIC stream (see `fuzz/harness/decoders.rs`).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 
+#[path = "../harness/decoders.rs"]
+mod decoders;
+
 fuzz_target!(|data: &[u8]| {
-    let _ = gridcast::wire::decode_all_frames(data);
+    decoders::wire_frames(data);
 });
