@@ -10,8 +10,9 @@
 //! `soak minute=… proc=… pid=… rss_mb=… fds=… threads=…`
 //!
 //! At the end it prints each long-lived process's RSS growth from minute 2 to the last
-//! (`soak growth proc=… rss_minute2_mb=… rss_last_mb=… fds_minute2=… fds_last=…`), and it
-//! holds every player's file to the tests' rule: a byte-exact run of the encoder's bytes to
+//! sample taken while it still ran (`soak growth proc=… rss_minute2_mb=… rss_last_mb=…
+//! fds_minute2=… fds_last=… last_minute=… flat=…`) and fails if one was not flat (more than
+//! a quarter more RSS plus 2 MB, or more than two more fds), and it holds every player's file to the tests' rule: a byte-exact run of the encoder's bytes to
 //! its very end that decodes cleanly. That rule is continuity 100%: one lost chunk breaks it.
 //!
 //! `--minutes N` (30), `--churn S` (5). Needs root, iproute2, /dev/net/tun and ffmpeg. It is
@@ -198,16 +199,34 @@ fn main() {
         assert!(status.success(), "play failed: {status}");
     }
     drop(relays);
+    let mut grown = Vec::new();
     for (name, _, samples) in &long {
-        // Minute 2 is after warm-up; the source's last sample may be after its input ended.
-        if let (Some(first), Some(last)) = (samples.get(1), samples.last()) {
+        // Minute 2 is after warm-up. The last sample is the last one taken while the process
+        // still ran: the input ends with the run, and a player writing a file ends with it.
+        let alive: Vec<(usize, &(f64, usize))> = samples
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.1 > 0)
+            .collect();
+        if let (Some(&(_, first)), Some(&(at, last))) = (alive.get(1), alive.last()) {
+            // Flat: a quarter more RSS plus 2 MB of allocator slack at most, and no more
+            // than two more descriptors.
+            let flat = last.0 <= first.0 * 1.25 + 2.0 && last.1 <= first.1 + 2;
             println!(
                 "soak growth proc={name} rss_minute2_mb={:.1} rss_last_mb={:.1} fds_minute2={} \
-                 fds_last={}",
-                first.0, last.0, first.1, last.1
+                 fds_last={} last_minute={} flat={flat}",
+                first.0,
+                last.0,
+                first.1,
+                last.1,
+                at + 1
             );
+            if !flat {
+                grown.push(name.clone());
+            }
         }
     }
+    assert!(grown.is_empty(), "not flat after warm-up: {grown:?}");
     for out in &outputs {
         assert_tail(out, &reference, 0.9);
     }
