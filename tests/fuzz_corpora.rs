@@ -56,6 +56,7 @@ fn the_engine_pair_corpus_replays_clean() {
             println!("{name}: {played} played");
         }
     }
+    assert!(!inputs.is_empty(), "no committed corpus for engine_pair");
     println!("engine_pair: {} inputs replayed", inputs.len());
 }
 
@@ -63,6 +64,8 @@ fn the_engine_pair_corpus_replays_clean() {
 fn the_decoder_corpora_replay_clean() {
     for target in decoders::TARGETS {
         let inputs = inputs(target);
+        // Each target's 10-minute campaign left a merged corpus here.
+        assert!(!inputs.is_empty(), "no committed corpus for {target}");
         for (_, data) in &inputs {
             decoders::run(target, data);
         }
