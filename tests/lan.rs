@@ -15,8 +15,11 @@ use std::process::{Child, Command};
 use std::thread;
 use std::time::Duration;
 
-use common::bed::{can_use_netns, ip};
+use common::bed::{can_use_netns, ip, remove_stale};
 use common::procs::*;
+
+/// Prefix of the namespaces these tests make: `gc-lan-<pid>-<slot>-a` and `…-b`.
+const LAN_PREFIX: &str = "gc-lan-";
 
 /// Two namespaces joined by a veth pair, removed on drop.
 struct Lan {
@@ -28,8 +31,15 @@ impl Lan {
     /// `ns-a` at 10.77.<n>.1/24 and `ns-b` at 10.77.<n>.2/24, `n` from the process id and
     /// the test's `slot` (0 or 1) so that tests and runs side by side do not collide.
     fn new(slot: u32) -> Option<Self> {
-        let tag = std::process::id() % 100 * 2 + slot;
-        let names = [format!("gc-lan-a{tag}"), format!("gc-lan-b{tag}")];
+        // Named after the whole process id, so that those of a run killed before it cleaned
+        // up are known for stale and removed, and never collide with this run's.
+        remove_stale(LAN_PREFIX);
+        let pid = std::process::id();
+        let tag = pid % 100 * 2 + slot;
+        let names = [
+            format!("{LAN_PREFIX}{pid}-{slot}-a"),
+            format!("{LAN_PREFIX}{pid}-{slot}-b"),
+        ];
         let lan = Self { names, tag };
         let [a, b] = &lan.names;
         let (va, vb) = (format!("gcva{tag}"), format!("gcvb{tag}"));

@@ -58,8 +58,9 @@ fn must_ip(args: &[&str]) {
     );
 }
 
-/// Deletes the namespaces of beds whose process is gone (a run killed before it cleaned up).
-fn remove_stale() {
+/// Deletes the namespaces named `<prefix><pid>-…` whose process is gone (a run killed
+/// before it cleaned up).
+pub fn remove_stale(prefix: &str) {
     let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
         return;
     };
@@ -68,7 +69,7 @@ fn remove_stale() {
             continue;
         };
         let Some(pid) = name
-            .strip_prefix(PREFIX)
+            .strip_prefix(prefix)
             .and_then(|rest| rest.split('-').next())
             .and_then(|p| p.parse::<u32>().ok())
         else {
@@ -110,7 +111,7 @@ impl Bed {
     pub fn new(hosts: usize, up: Shape, down: Shape) -> Self {
         static BEDS: AtomicU32 = AtomicU32::new(0);
         assert!(hosts < 250, "a bed holds at most 249 hosts");
-        remove_stale();
+        remove_stale(PREFIX);
         let pid = std::process::id();
         let n = BEDS.fetch_add(1, Ordering::Relaxed);
         let mut bed = Self {
