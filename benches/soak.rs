@@ -12,8 +12,9 @@
 //! At the end it prints each long-lived process's RSS growth from minute 2 to the last
 //! sample taken while it still ran (`soak growth proc=… rss_minute2_mb=… rss_last_mb=…
 //! fds_minute2=… fds_last=… last_minute=… flat=…`) and fails if one was not flat (more than
-//! a quarter more RSS plus 2 MB, or more than two more fds), and it holds every player's file to the tests' rule: a byte-exact run of the encoder's bytes to
-//! its very end that decodes cleanly. That rule is continuity 100%: one lost chunk breaks it.
+//! a quarter more RSS plus 2 MB, or more than two more fds), and it holds every player's
+//! file to the tests' rule: a byte-exact run of the encoder's bytes to its very end that
+//! decodes cleanly. That rule is continuity 100%: one lost chunk breaks it.
 //!
 //! `--minutes N` (30), `--churn S` (5). Needs root, iproute2, /dev/net/tun and ffmpeg. It is
 //! not run in CI (CI only builds it).

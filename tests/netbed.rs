@@ -89,6 +89,8 @@ const CHILDREN: [usize; 2] = [5, 6];
 const PEER_UPLINK_KBIT: u32 = 10_000;
 /// The port of every player's admin listener, each on its own host.
 const ADMIN_PORT: u16 = 9100;
+/// A player's shard bytes sent to its children.
+const RELAYED: &str = "gridcast_sent_shard_bytes_total";
 
 /// What a watcher saw of a player's file.
 struct Seen {
@@ -232,7 +234,6 @@ fn scenario(name: &str, secs: u64, shape: Shape, fault: Fault) {
             .unwrap_or_else(|| panic!("player host {h} does not answer /metrics"));
         sample(&body, series)
     };
-    const RELAYED: &str = "gridcast_sent_shard_bytes_total";
     let at = |s: u64| {
         let due = started + Duration::from_secs(s);
         thread::sleep(due.saturating_duration_since(Instant::now()));
@@ -380,7 +381,7 @@ fn peer_tier_figures(
     since: Instant,
 ) {
     let secs = since.elapsed().as_secs_f64();
-    let relayed = metric(RELAYING, "gridcast_sent_shard_bytes_total");
+    let relayed = metric(RELAYING, RELAYED);
     let cap_drops = metric(
         RELAYING,
         "gridcast_subscriber_drops_total{reason=\"upload_cap\"}",
