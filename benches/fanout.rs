@@ -42,6 +42,7 @@
 //! configuration, then the ratios (each run is printed too, as `fanout run round=…`).
 //! `--quick`: M = 10 and 100, shorter windows. `--only <configuration>[,…]`: those alone (for
 //! profiling, or one lever on and off; ratios only where both sides ran). `--subscribers <M>`: that M alone.
+//! `--window <secs>`: a longer measured window (4 s; 2 with `--quick`).
 
 #![allow(
     clippy::unwrap_used,
@@ -750,6 +751,9 @@ fn main() {
     let only: Option<String> = arg(&args, "--only");
     // `--subscribers <M>`: that size alone.
     let one: Option<usize> = arg(&args, "--subscribers");
+    // `--window <secs>`: a longer measured window (for profiling: more samples past the
+    // handshakes and warm-up).
+    let window: Option<u64> = arg(&args, "--window");
     // Every configuration runs this many times, interleaved, and the median run is reported:
     // single runs on this shared machine vary by 10-15%.
     let rounds: usize = arg(&args, "--rounds").unwrap_or(if quick { 1 } else { 3 });
@@ -787,7 +791,7 @@ fn main() {
             subscribers,
             chunk_bytes: per_chunk,
             warmup: Duration::from_millis(if quick { 1500 } else { 2500 }),
-            window: Duration::from_secs(if quick { 2 } else { 4 }),
+            window: Duration::from_secs(window.unwrap_or(if quick { 2 } else { 4 })),
         };
         let mut runs: Vec<Vec<Measured>> = vec![Vec::new(); configurations.len()];
         for round in 0..rounds.max(1) {
