@@ -11,6 +11,9 @@
 //!   per subscription (`ShardStreams`; the `stream_per_subscription_vs_per_chunk` ratio).
 //! - `uring_bbr`: the same with BBR in place of CUBIC (`EngineConfig::congestion`; the
 //!   `bbr_vs_cubic` ratio).
+//! - `uring_window_0_5ms`: the same with the worker's wait gathering completions for 0.5 ms
+//!   instead of the default 3 ms (`UringConfig::batch_window`; the `batch_window_3ms_vs_0_5ms`
+//!   ratio).
 //! - `uring_2_workers`: the same on 2 workers (pinned to CPUs 0 and 1, the subscribers spread
 //!   over them by the steering program; the subscribers' thread runs on either CPU): worker 0
 //!   publishes and hands every shard to worker 1 (the `two_workers_vs_one` ratio: CPU of both
@@ -68,10 +71,11 @@ use common::clients::Clients;
 use common::sys::{own_rss_kb, pin_to, this_thread_id, thread_cpu_ns};
 use gridcast::app::http::HttpServer;
 use gridcast::app::ops::{Metrics, NodeRole, Watched, admin};
+use gridcast::driver::uring::UringConfig;
 use gridcast::driver::{IoBackend, Node};
 use gridcast::keys::{ChannelKey, NodeKey};
 use gridcast::node::tls;
-use gridcast::node::{ChannelMode, Congestion, Engine, EngineConfig, ShardStreams};
+use gridcast::node::{ChannelMode, Congestion, Engine, EngineConfig, ShardStreams, WorkerTag};
 use gridcast::stream::{ChunkFlags, ChunkPublisher, CodingParams};
 use gridcast::wire::Role;
 
@@ -205,6 +209,8 @@ struct Setup {
     /// Worker threads (io_uring only); worker `w` is pinned to CPU `w`.
     workers: usize,
     congestion: Congestion,
+    /// The io_uring worker's batch window (`UringConfig::batch_window`); `None`: the default.
+    batch_window: Option<Duration>,
 }
 
 impl Setup {
@@ -214,6 +220,7 @@ impl Setup {
         streams: ShardStreams::PerSubscription,
         workers: 1,
         congestion: Congestion::Cubic,
+        batch_window: None,
     };
 }
 
@@ -224,32 +231,39 @@ fn gridcast(plan: Plan, setup: Setup) -> Measured {
         streams,
         workers,
         congestion,
+        batch_window,
     } = setup;
     let key = NodeKey::from_seed(&[71; 32]);
     let channel_key = ChannelKey::from_seed(&[72; 32]);
     let channel = channel_key.channel_id();
     let (events, _ev) = mpsc::channel();
-    let node = Node::start(
-        backend,
-        "127.0.0.1:0".parse().unwrap(),
-        workers,
-        |tag| {
-            Engine::new(
-                &key,
-                EngineConfig {
-                    role: Role::Source,
-                    serve: true,
-                    worker: Some(tag),
-                    export_shards: tag.count > 1,
-                    max_backlog_bytes: 16 << 20,
-                    shard_streams: streams,
-                    congestion,
-                    ..Default::default()
-                },
-            )
-        },
-        &events,
-    )
+    let make = |tag: WorkerTag| {
+        Engine::new(
+            &key,
+            EngineConfig {
+                role: Role::Source,
+                serve: true,
+                worker: Some(tag),
+                export_shards: tag.count > 1,
+                max_backlog_bytes: 16 << 20,
+                shard_streams: streams,
+                congestion,
+                ..Default::default()
+            },
+        )
+    };
+    let addr = "127.0.0.1:0".parse().unwrap();
+    let node = match batch_window {
+        Some(window) => {
+            let config = UringConfig {
+                workers,
+                batch_window: window,
+                ..Default::default()
+            };
+            Node::start_uring(addr, &config, make, &events)
+        }
+        None => Node::start(backend, addr, workers, make, &events),
+    }
     .unwrap();
     // Worker 0 publishes; its siblings get every shard by import, as a relay's do.
     let (tid_tx, tid_rx) = mpsc::channel();
@@ -708,6 +722,13 @@ fn run(name: &str, plan: Plan) -> Measured {
                 ..Setup::URING
             },
         ),
+        "uring_window_0_5ms" => gridcast(
+            plan,
+            Setup {
+                batch_window: Some(Duration::from_micros(500)),
+                ..Setup::URING
+            },
+        ),
         "uring_2_workers" => gridcast(
             plan,
             Setup {
@@ -776,6 +797,7 @@ fn main() {
             "uring_per_chunk",
             "uring_metrics",
             "uring_bbr",
+            "uring_window_0_5ms",
             "uring_2_workers",
             "portable",
             "quinn_tokio",
@@ -843,6 +865,12 @@ fn main() {
             println!(
                 "fanout ratio subscribers={subscribers} two_workers_vs_one={:.3} (target < 1.10: the cost of cross-worker fan-out per byte)",
                 r(w, u)
+            );
+        }
+        if let (Some(u), Some(w)) = (get("uring"), get("uring_window_0_5ms")) {
+            println!(
+                "fanout ratio subscribers={subscribers} batch_window_3ms_vs_0_5ms={:.3}",
+                r(u, w)
             );
         }
         if let (Some(u), Some(m)) = (get("uring"), get("uring_metrics")) {

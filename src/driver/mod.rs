@@ -282,13 +282,7 @@ impl Node {
                     workers: workers.max(1),
                     ..Default::default()
                 };
-                let node = uring::UringNode::start(addr, &config, make, events)?;
-                Ok(Self {
-                    chosen: Chosen::Uring,
-                    local: node.local_addr(),
-                    workers: node.workers(),
-                    running: Running::Uring(node),
-                })
+                Self::run_uring(addr, &config, make, events)
             }
             #[cfg(not(target_os = "linux"))]
             Chosen::Uring => Err(io::Error::from(io::ErrorKind::Unsupported).into()),
@@ -324,6 +318,35 @@ impl Node {
                 })
             }
         }
+    }
+
+    /// Like [`Node::start`] with the io_uring backend, on settings of the caller's (the
+    /// benchmarks measure them one at a time).
+    #[cfg(target_os = "linux")]
+    pub fn start_uring(
+        addr: SocketAddr,
+        config: &uring::UringConfig,
+        make: impl FnMut(WorkerTag) -> Result<Engine, EngineError>,
+        events: &Sender<NodeEvent>,
+    ) -> Result<Self, StartError> {
+        choose(IoBackend::Uring)?;
+        Self::run_uring(addr, config, make, events)
+    }
+
+    #[cfg(target_os = "linux")]
+    fn run_uring(
+        addr: SocketAddr,
+        config: &uring::UringConfig,
+        make: impl FnMut(WorkerTag) -> Result<Engine, EngineError>,
+        events: &Sender<NodeEvent>,
+    ) -> Result<Self, StartError> {
+        let node = uring::UringNode::start(addr, config, make, events)?;
+        Ok(Self {
+            chosen: Chosen::Uring,
+            local: node.local_addr(),
+            workers: node.workers(),
+            running: Running::Uring(node),
+        })
     }
 
     /// The backend running.

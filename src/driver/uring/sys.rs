@@ -29,8 +29,6 @@ pub(crate) struct RingFeatures {
 
 /// Completions a busy worker's wait gathers before its loop runs (past its own sends).
 const BATCH_WAKE: usize = 64;
-/// How long, from the start of a wait, it may gather them.
-const BATCH_WINDOW: Duration = Duration::from_micros(500);
 
 /// One worker's ring.
 pub(crate) struct Ring {
@@ -154,20 +152,17 @@ impl Ring {
     /// second `io_uring_enter`, for every one that sends.
     ///
     /// Where the kernel has minimum-wait timeouts, a wait that starts while input is flowing
-    /// gathers up to [`BATCH_WAKE`] completions for at most [`BATCH_WINDOW`] before the loop
-    /// runs: a busy node then handles several children's ACKs per turn and sends in larger
-    /// batches, while an idle one still wakes at the first completion (the window counts from
-    /// the start of the wait).
+    /// gathers up to [`BATCH_WAKE`] completions for at most `window` before the loop runs: a
+    /// busy node then handles several children's ACKs per turn and sends in larger batches,
+    /// while an idle one still wakes at the first completion once the window has passed (the
+    /// window counts from the start of the wait, and `timeout`, the next timer, ends it).
     pub(crate) fn submit_and_wait_past_sends(
         &mut self,
         timeout: Option<Duration>,
+        window: Duration,
     ) -> io::Result<()> {
         if self.features.min_timeout {
-            self.enter(
-                timeout,
-                self.sends_unreaped + BATCH_WAKE,
-                Some(BATCH_WINDOW),
-            )
+            self.enter(timeout, self.sends_unreaped + BATCH_WAKE, Some(window))
         } else {
             self.enter(timeout, self.sends_unreaped + 1, None)
         }
