@@ -22,6 +22,8 @@
 //! `--rounds` times (5), interleaved, and the median is printed: `carriage mode=… chunk_bytes=…
 //! connections=… ns_per_byte=… packets_per_chunk=… transmits_per_chunk=… acks_per_chunk=…`,
 //! then `carriage ratio … datagram_vs_stream=… per_chunk_vs_stream=… pieces_vs_stream=…`.
+//! `--sleep-us <n>` sleeps that long before each connection's chunk: the cost of a loop turn
+//! that starts cold, as the fan-out node's mostly do.
 
 #![allow(
     clippy::unwrap_used,
@@ -417,7 +419,13 @@ struct Measured {
     acks_per_chunk: f64,
 }
 
-fn run(mode: Mode, chunk_bytes: usize, connections: usize, total: usize) -> Measured {
+fn run(
+    mode: Mode,
+    chunk_bytes: usize,
+    connections: usize,
+    total: usize,
+    sleep: Duration,
+) -> Measured {
     let mut pairs: Vec<Pair> = (0..connections).map(|_| Pair::new()).collect();
     let chunk: Bytes = (0..chunk_bytes)
         .map(|i| (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15).to_le_bytes()[7])
@@ -426,6 +434,9 @@ fn run(mode: Mode, chunk_bytes: usize, connections: usize, total: usize) -> Meas
     let chunks = (total / chunk_bytes / connections).max(1);
     let turn = |pairs: &mut Vec<Pair>| {
         for pair in pairs.iter_mut() {
+            if !sleep.is_zero() {
+                std::thread::sleep(sleep);
+            }
             pair.write(mode, &chunk);
             let until = pair.now + CHUNK_GAP;
             pair.run_until(until);
@@ -477,6 +488,10 @@ fn arg<T: std::str::FromStr>(args: &[String], name: &str) -> Option<T> {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let rounds: usize = arg(&args, "--rounds").unwrap_or(5);
+    // `--sleep-us <n>`: the thread sleeps this long (wall time) before each connection's
+    // chunk, as a node that is mostly idle does between loop turns: what a cold start of each
+    // turn costs.
+    let sleep = Duration::from_micros(arg(&args, "--sleep-us").unwrap_or(0));
     let modes = [
         Mode::Stream,
         Mode::PerChunk,
@@ -491,7 +506,7 @@ fn main() {
             let mut runs: Vec<Vec<Measured>> = modes.iter().map(|_| Vec::new()).collect();
             for _ in 0..rounds.max(1) {
                 for (i, &mode) in modes.iter().enumerate() {
-                    runs[i].push(run(mode, chunk_bytes, connections, 64 << 20));
+                    runs[i].push(run(mode, chunk_bytes, connections, 64 << 20, sleep));
                 }
             }
             let mut medians = Vec::new();
