@@ -155,7 +155,8 @@ impl Ring {
     /// gathers up to [`BATCH_WAKE`] completions for at most `window` before the loop runs: a
     /// busy node then handles several children's ACKs per turn and sends in larger batches,
     /// while an idle one still wakes at the first completion once the window has passed (the
-    /// window counts from the start of the wait, and `timeout`, the next timer, ends it).
+    /// window counts from the start of the wait). The kernel holds the wait for the whole
+    /// window even when `timeout` is shorter, so a timer can fire up to `window` late.
     pub(crate) fn submit_and_wait_past_sends(
         &mut self,
         timeout: Option<Duration>,
