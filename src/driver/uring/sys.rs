@@ -156,7 +156,8 @@ impl Ring {
     /// busy node then handles several children's ACKs per turn and sends in larger batches,
     /// while an idle one still wakes at the first completion once the window has passed (the
     /// window counts from the start of the wait). The kernel holds the wait for the whole
-    /// window even when `timeout` is shorter, so a timer can fire up to `window` late.
+    /// window even when `timeout` is shorter, so a caller that wants its timers on time passes
+    /// a window no longer than the timeout.
     pub(crate) fn submit_and_wait_past_sends(
         &mut self,
         timeout: Option<Duration>,
