@@ -101,6 +101,24 @@ struct InFlight {
     data: BytesMut,
 }
 
+/// The datagrams of one transmit (several, with `segment_size`) on their way.
+fn put_on_wire(
+    wire: &mut Vec<InFlight>,
+    buf: &[u8],
+    out: &quinn_proto::Transmit,
+    now: Instant,
+    to_receiver: bool,
+) {
+    let size = out.segment_size.unwrap_or(out.size);
+    for d in buf[..out.size].chunks(size) {
+        wire.push(InFlight {
+            at: now + ONE_WAY,
+            to_receiver,
+            data: BytesMut::from(d),
+        });
+    }
+}
+
 struct Pair {
     now: Instant,
     sender_ep: Endpoint,
@@ -220,14 +238,7 @@ impl Pair {
                 self.sender_ns += t.elapsed().as_nanos();
                 let Some(out) = out else { break };
                 self.transmits += 1;
-                let size = out.segment_size.unwrap_or(out.size);
-                for d in self.buf[..out.size].chunks(size) {
-                    self.wire.push(InFlight {
-                        at: now + ONE_WAY,
-                        to_receiver: true,
-                        data: BytesMut::from(d),
-                    });
-                }
+                put_on_wire(&mut self.wire, &self.buf, &out, now, true);
             }
         }
         loop {
@@ -235,14 +246,7 @@ impl Pair {
             let Some(out) = self.receiver.1.poll_transmit(now, BATCH, &mut self.buf) else {
                 break;
             };
-            let size = out.segment_size.unwrap_or(out.size);
-            for d in self.buf[..out.size].chunks(size) {
-                self.wire.push(InFlight {
-                    at: now + ONE_WAY,
-                    to_receiver: false,
-                    data: BytesMut::from(d),
-                });
-            }
+            put_on_wire(&mut self.wire, &self.buf, &out, now, false);
         }
     }
 
