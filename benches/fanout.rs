@@ -14,6 +14,8 @@
 //! - `uring_window_0_5ms`: the same with the worker's wait gathering completions for 0.5 ms
 //!   instead of the default 3 ms (`UringConfig::batch_window`; the `batch_window_3ms_vs_0_5ms`
 //!   ratio).
+//! - `uring_slack_0`: the same with every QUIC timer ending the worker's wait on time instead
+//!   of up to 1 ms late (`UringConfig::timer_slack`; the `timer_slack_1ms_vs_0` ratio).
 //! - `uring_2_workers`: the same on 2 workers (pinned to CPUs 0 and 1, the subscribers spread
 //!   over them by the steering program; the subscribers' thread runs on either CPU): worker 0
 //!   publishes and hands every shard to worker 1 (the `two_workers_vs_one` ratio: CPU of both
@@ -211,6 +213,8 @@ struct Setup {
     congestion: Congestion,
     /// The io_uring worker's batch window (`UringConfig::batch_window`); `None`: the default.
     batch_window: Option<Duration>,
+    /// The io_uring worker's timer slack (`UringConfig::timer_slack`); `None`: the default.
+    timer_slack: Option<Duration>,
 }
 
 impl Setup {
@@ -221,6 +225,7 @@ impl Setup {
         workers: 1,
         congestion: Congestion::Cubic,
         batch_window: None,
+        timer_slack: None,
     };
 }
 
@@ -232,6 +237,7 @@ fn gridcast(plan: Plan, setup: Setup) -> Measured {
         workers,
         congestion,
         batch_window,
+        timer_slack,
     } = setup;
     let key = NodeKey::from_seed(&[71; 32]);
     let channel_key = ChannelKey::from_seed(&[72; 32]);
@@ -253,16 +259,17 @@ fn gridcast(plan: Plan, setup: Setup) -> Measured {
         )
     };
     let addr = "127.0.0.1:0".parse().unwrap();
-    let node = match batch_window {
-        Some(window) => {
-            let config = UringConfig {
-                workers,
-                batch_window: window,
-                ..Default::default()
-            };
-            Node::start_uring(addr, &config, make, &events)
-        }
-        None => Node::start(backend, addr, workers, make, &events),
+    let node = if batch_window.is_some() || timer_slack.is_some() {
+        let default = UringConfig::default();
+        let config = UringConfig {
+            workers,
+            batch_window: batch_window.unwrap_or(default.batch_window),
+            timer_slack: timer_slack.unwrap_or(default.timer_slack),
+            ..default
+        };
+        Node::start_uring(addr, &config, make, &events)
+    } else {
+        Node::start(backend, addr, workers, make, &events)
     }
     .unwrap();
     // Worker 0 publishes; its siblings get every shard by import, as a relay's do.
@@ -729,6 +736,13 @@ fn run(name: &str, plan: Plan) -> Measured {
                 ..Setup::URING
             },
         ),
+        "uring_slack_0" => gridcast(
+            plan,
+            Setup {
+                timer_slack: Some(Duration::ZERO),
+                ..Setup::URING
+            },
+        ),
         "uring_2_workers" => gridcast(
             plan,
             Setup {
@@ -798,6 +812,7 @@ fn main() {
             "uring_metrics",
             "uring_bbr",
             "uring_window_0_5ms",
+            "uring_slack_0",
             "uring_2_workers",
             "portable",
             "quinn_tokio",
@@ -871,6 +886,12 @@ fn main() {
             println!(
                 "fanout ratio subscribers={subscribers} batch_window_3ms_vs_0_5ms={:.3}",
                 r(u, w)
+            );
+        }
+        if let (Some(u), Some(s)) = (get("uring"), get("uring_slack_0")) {
+            println!(
+                "fanout ratio subscribers={subscribers} timer_slack_1ms_vs_0={:.3}",
+                r(u, s)
             );
         }
         if let (Some(u), Some(m)) = (get("uring"), get("uring_metrics")) {

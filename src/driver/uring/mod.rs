@@ -88,6 +88,13 @@ pub struct UringConfig {
     /// fan-out bench's worker ran under half the turns it ran at 0.5 ms and cost less per
     /// byte (ARCHITECTURE.md, performance notes).
     pub batch_window: Duration,
+    /// How late a QUIC timer may fire so that timers due close together run in one loop
+    /// turn, as the kernel's own timer slack coalesces wake-ups. Pacing is the timer that
+    /// fires most: each connection sending a burst sets one for its next, and with many
+    /// connections they fall microseconds apart. A late pacing timer does not make a burst
+    /// larger (the pacer's bucket is capped at one burst); it only shifts it. Zero: every
+    /// timer ends the wait on time.
+    pub timer_slack: Duration,
     /// Attach the connection-id steering program. Only tests turn it off, to show what it
     /// prevents.
     pub steering: bool,
@@ -102,6 +109,7 @@ impl Default for UringConfig {
             recv_buffers: 256,
             send_slots: 256,
             batch_window: Duration::from_millis(3),
+            timer_slack: Duration::from_millis(1),
             steering: true,
         }
     }
@@ -532,6 +540,8 @@ struct Worker {
     gso: bool,
     /// [`UringConfig::batch_window`].
     batch_window: Duration,
+    /// [`UringConfig::timer_slack`].
+    timer_slack: Duration,
     stats: DriverStats,
     beat: Beat,
 }
@@ -589,6 +599,7 @@ impl Worker {
             recv_armed: false,
             gso: true,
             batch_window: config.batch_window,
+            timer_slack: config.timer_slack,
             stats: DriverStats::default(),
             beat,
         };
@@ -640,7 +651,9 @@ impl Worker {
             let wait = self
                 .engine
                 .poll_timeout()
-                .map_or(MAX_WAIT, |t| t.saturating_duration_since(now))
+                .map_or(MAX_WAIT, |t| {
+                    t.saturating_duration_since(now) + self.timer_slack
+                })
                 .min(MAX_WAIT);
             let wait = if self.received.is_empty() && self.resend.is_empty() {
                 Some(wait.max(Duration::from_micros(1)))
