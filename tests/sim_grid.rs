@@ -778,3 +778,40 @@ fn a_go_away_overtakes_the_chunks_queued_before_it() {
         "the go-away waited behind {received} of {queued} shard bytes"
     );
 }
+
+/// The io_uring worker's timer slack: the wake-up it is given lies between the first deadline
+/// and that plus the slack, is the first deadline itself with no slack, and with a supernode
+/// serving a dozen peers it does gather later deadlines (pacers) into one turn.
+#[test]
+fn coalesced_timers_wake_between_the_first_deadline_and_the_slack() {
+    let mut grid = Grid::new(8, 3, Grid::relay_config);
+    grid.run(Duration::from_secs(2));
+    grid.add_peers(12);
+    grid.run(Duration::from_secs(3));
+    let sn = grid.supernodes[0];
+    let slack = Duration::from_millis(1);
+    let (mut checked, mut gathered) = (0, 0);
+    for _ in 0..400 {
+        grid.run(Duration::from_millis(5));
+        let engine = &mut grid.sim.node_mut(sn).engine;
+        let first = engine
+            .poll_timeout()
+            .expect("a serving node always has a deadline");
+        assert_eq!(engine.poll_timeout_coalesced(Duration::ZERO), Some(first));
+        let wake = engine.poll_timeout_coalesced(slack).unwrap();
+        assert!(
+            wake >= first && wake <= first + slack,
+            "woken {:?} after the first deadline, slack {slack:?}",
+            wake.saturating_duration_since(first)
+        );
+        checked += 1;
+        gathered += usize::from(wake > first);
+    }
+    assert_eq!(checked, 400);
+    println!("coalesced timers: {gathered} of {checked} wake-ups gathered a later deadline");
+    assert!(
+        gathered > 0,
+        "12 peers' deadlines never fell within 1 ms of each other in {checked} looks"
+    );
+    grid.assert_perfect("coalesced-timers");
+}

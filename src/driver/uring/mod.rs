@@ -89,11 +89,13 @@ pub struct UringConfig {
     /// byte (ARCHITECTURE.md, performance notes).
     pub batch_window: Duration,
     /// How late a QUIC timer may fire so that timers due close together run in one loop
-    /// turn, as the kernel's own timer slack coalesces wake-ups. Pacing is the timer that
-    /// fires most: each connection sending a burst sets one for its next, and with many
-    /// connections they fall microseconds apart. A late pacing timer does not make a burst
-    /// larger (the pacer's bucket is capped at one burst); it only shifts it. Zero: every
-    /// timer ends the wait on time.
+    /// turn, as the kernel's own timer slack coalesces wake-ups: the wait ends at the last
+    /// connection deadline within this of the first ([`Engine::poll_timeout_coalesced`]), and
+    /// a deadline with none close behind it stays on time. Pacing is the timer that fires
+    /// most: each connection sending a burst sets one for its next, and with many connections
+    /// they fall microseconds apart. A late pacing timer does not make a burst larger (the
+    /// pacer's bucket is capped at one burst); it shifts it. Zero: every timer ends the wait
+    /// on time.
     pub timer_slack: Duration,
     /// Attach the connection-id steering program. Only tests turn it off, to show what it
     /// prevents.
@@ -650,10 +652,8 @@ impl Worker {
             }
             let wait = self
                 .engine
-                .poll_timeout()
-                .map_or(MAX_WAIT, |t| {
-                    t.saturating_duration_since(now) + self.timer_slack
-                })
+                .poll_timeout_coalesced(self.timer_slack)
+                .map_or(MAX_WAIT, |t| t.saturating_duration_since(now))
                 .min(MAX_WAIT);
             let wait = if self.received.is_empty() && self.resend.is_empty() {
                 Some(wait.max(Duration::from_micros(1)))

@@ -3,7 +3,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use quinn_proto::{
@@ -204,6 +204,25 @@ impl Engine {
             .chain(upstream)
             .chain(gossip)
             .min()
+    }
+
+    /// When a driver should wake for the timers, given that it may wake up to `slack` late
+    /// to run several in one turn: the first deadline, or, if connection deadlines follow it
+    /// within `slack`, the last of those. A deadline with none close behind it is kept on
+    /// time, so a lone connection's pacing is never stretched; where many connections' fall
+    /// microseconds apart (each one sending a burst sets its pacer for the next), they run
+    /// together.
+    pub fn poll_timeout_coalesced(&mut self, slack: Duration) -> Option<Instant> {
+        let first = self.poll_timeout()?;
+        let Some(end) = first.checked_add(slack) else {
+            return Some(first);
+        };
+        let last = self
+            .timers
+            .range(..=(end, ConnectionHandle(usize::MAX)))
+            .next_back()
+            .map_or(first, |&(t, _)| t);
+        Some(first.max(last))
     }
 
     /// The next datagram(s) to send. The bytes are written to `buf`; with `segment_size` set,
