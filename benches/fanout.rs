@@ -30,6 +30,11 @@
 //!   `sendmsg` of the same payload to every subscriber, in datagrams as large as gridcast's on
 //!   this path (1452 bytes, the bound of its path MTU discovery, which loopback always
 //!   reaches) and batches as large as its (45 of them, what fits a 64 KiB GSO send).
+//! - `raw_floor_one_socket`: the same with every subscriber's datagrams sent to one receiving
+//!   socket (the `floor_one_socket_vs_a_socket_each` ratio). The quinn relay's subscribers
+//!   share one endpoint and socket, gridcast's and the floor's have one each, and on loopback
+//!   the sender pays for delivery into the receiving socket: this shows what sharing one
+//!   saves the sender, so that the quinn row can be read. The baselines are left as they are.
 //!
 //! Every configuration's subscribers receive with GRO, as real gridcast and quinn peers do. On
 //! loopback the receiving socket's work runs on the sending thread, so a receiver without GRO
@@ -598,11 +603,14 @@ fn quinn_tokio(plan: Plan) -> Measured {
     m
 }
 
-fn raw_floor(plan: Plan) -> Measured {
+/// `shared`: every subscriber's datagrams go to one receiving socket, as the quinn relay's
+/// subscribers share one endpoint; otherwise one socket each, as gridcast's.
+fn raw_floor(plan: Plan, shared: bool) -> Measured {
     const TAG: usize = 16;
     const DATAGRAM: usize = 1452 - TAG;
     const BATCH: usize = 45;
-    let receivers: Vec<UdpSocket> = (0..plan.subscribers)
+    let sockets = if shared { 1 } else { plan.subscribers };
+    let receivers: Vec<UdpSocket> = (0..sockets)
         .map(|_| {
             let s = UdpSocket::bind("127.0.0.1:0").unwrap();
             s.set_nonblocking(true).unwrap();
@@ -611,7 +619,12 @@ fn raw_floor(plan: Plan) -> Measured {
             s
         })
         .collect();
-    let targets: Vec<SocketAddr> = receivers.iter().map(|s| s.local_addr().unwrap()).collect();
+    let targets: Vec<SocketAddr> = receivers
+        .iter()
+        .map(|s| s.local_addr().unwrap())
+        .cycle()
+        .take(plan.subscribers)
+        .collect();
     let stop = Arc::new(AtomicBool::new(false));
     let drain = {
         let stop = Arc::clone(&stop);
@@ -758,7 +771,8 @@ fn run(name: &str, plan: Plan) -> Measured {
             },
         ),
         "quinn_tokio" => quinn_tokio(plan),
-        "raw_floor" => raw_floor(plan),
+        "raw_floor" => raw_floor(plan, false),
+        "raw_floor_one_socket" => raw_floor(plan, true),
         other => panic!("--only: no configuration named {other:?}"),
     }
 }
@@ -817,6 +831,7 @@ fn main() {
             "portable",
             "quinn_tokio",
             "raw_floor",
+            "raw_floor_one_socket",
         ]
         .into_iter()
         .filter(|&c| uring || !c.starts_with("uring"))
@@ -886,6 +901,12 @@ fn main() {
             println!(
                 "fanout ratio subscribers={subscribers} batch_window_3ms_vs_0_5ms={:.3}",
                 r(u, w)
+            );
+        }
+        if let (Some(f), Some(o)) = (get("raw_floor"), get("raw_floor_one_socket")) {
+            println!(
+                "fanout ratio subscribers={subscribers} floor_one_socket_vs_a_socket_each={:.3} (on loopback the sender pays the receiving sockets' work; the quinn relay's subscribers share one socket, gridcast's and the floor's have one each)",
+                r(o, f)
             );
         }
         if let (Some(u), Some(s)) = (get("uring"), get("uring_slack_0")) {
