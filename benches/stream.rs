@@ -99,14 +99,14 @@ struct RawPeer {
 
 impl RawPeer {
     fn new(p: CodingParams, coded: &CodedChunk, lossy: bool) -> Self {
-        let s = coded.header.header.shard_len();
+        let s = coded.header().header.shard_len();
         Self {
             decoder: ReedSolomonDecoder::new(p.original(), p.recovery(), s).unwrap(),
             p,
             s,
             shards: held(p, lossy)
                 .into_iter()
-                .map(|i| (i, coded.shards[i].clone()))
+                .map(|i| (i, coded.shards()[i].clone()))
                 .collect(),
         }
     }
@@ -155,9 +155,9 @@ impl GridPeer {
                     .unwrap();
                 let shards = held(p, lossy)
                     .into_iter()
-                    .map(|i| (i, coded.shards[i].clone()))
+                    .map(|i| (i, coded.shards()[i].clone()))
                     .collect();
-                ((*coded.header).clone(), shards)
+                ((**coded.header()).clone(), shards)
             })
             .collect();
         Self {

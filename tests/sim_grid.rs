@@ -753,7 +753,7 @@ fn a_go_away_overtakes_the_chunks_queued_before_it() {
         .publisher
         .publish(seq, 10_000_000, ChunkFlags::empty(), &body)
         .unwrap();
-    let queued: u64 = coded.shards.iter().map(|s| s.len() as u64).sum();
+    let queued: u64 = coded.shards().iter().map(|s| s.len() as u64).sum();
     let now = grid.sim.now();
     let engine = &mut grid.sim.node_mut(source).engine;
     engine.publish(now, channel, &coded).unwrap();

@@ -39,9 +39,9 @@ proptest! {
     #[test]
     fn any_k_of_n_rebuilds_the_exact_chunk((p, payload, kept) in coded_case()) {
         let coded = publisher(p).publish(7, 1, ChunkFlags::empty(), &Bytes::from(payload.clone())).unwrap();
-        let mut partial = PartialChunk::new(coded.header.clone());
+        let mut partial = PartialChunk::new(coded.header().clone());
         for &i in &kept {
-            partial.insert(i, coded.shards[i].clone()).unwrap();
+            partial.insert(i, coded.shards()[i].clone()).unwrap();
         }
         prop_assert!(partial.is_complete_enough());
         let mut coder = ShardCoder::new();
@@ -59,19 +59,19 @@ proptest! {
     #[test]
     fn regeneration_reproduces_the_source_shards((p, payload, kept) in coded_case()) {
         let coded = publisher(p).publish(9, 2, ChunkFlags::RANDOM_ACCESS, &Bytes::from(payload.clone())).unwrap();
-        let mut partial = PartialChunk::new(coded.header.clone());
+        let mut partial = PartialChunk::new(coded.header().clone());
         for &i in &kept {
-            partial.insert(i, coded.shards[i].clone()).unwrap();
+            partial.insert(i, coded.shards()[i].clone()).unwrap();
         }
         let mut coder = ShardCoder::new();
         // The originals are the payload followed by zero padding: the layout every
         // implementation must share for regenerated shards to match the signed hashes.
-        let originals: Vec<u8> = coded.shards[..p.original()].iter().flat_map(|s| s.to_vec()).collect();
+        let originals: Vec<u8> = coded.shards()[..p.original()].iter().flat_map(|s| s.to_vec()).collect();
         prop_assert_eq!(&originals[..payload.len()], &payload[..]);
         prop_assert!(originals[payload.len()..].iter().all(|&b| b == 0));
         let made = partial.regenerate(&mut coder).unwrap();
         prop_assert_eq!(made, p.total() - p.original());
-        for (i, shard) in coded.shards.iter().enumerate() {
+        for (i, shard) in coded.shards().iter().enumerate() {
             prop_assert_eq!(partial.shard(i), Some(shard), "shard {} differs", i);
         }
     }
@@ -106,17 +106,17 @@ proptest! {
     ) {
         let coded = publisher(p).publish(3, 3, ChunkFlags::empty(), &Bytes::from(payload)).unwrap();
         let i = which.index(p.total());
-        let mut bad = coded.shards[i].to_vec();
+        let mut bad = coded.shards()[i].to_vec();
         let at = at.index(bad.len());
         bad[at] ^= 1 << bit;
-        let mut partial = PartialChunk::new(coded.header.clone());
+        let mut partial = PartialChunk::new(coded.header().clone());
         prop_assert_eq!(
             partial.insert(i, Bytes::from(bad)),
             Err(ShardError::Hash { seq: 3, index: i })
         );
         prop_assert_eq!(partial.held(), 0);
         // The genuine shard is still accepted afterwards.
-        prop_assert!(partial.insert(i, coded.shards[i].clone()).is_ok());
+        prop_assert!(partial.insert(i, coded.shards()[i].clone()).is_ok());
     }
 
     #[test]
@@ -131,12 +131,12 @@ proptest! {
             .publish(11, 4, ChunkFlags::empty(), &Bytes::from(payload))
             .unwrap();
         let mut wire = Vec::new();
-        coded.header.encode(&mut wire);
+        coded.header().encode(&mut wire);
         let at = at.index(wire.len());
         wire[at] ^= 1 << bit;
         let mut verifier = HeaderVerifier::new(key.channel_id(), 16);
         // Verify the genuine header first so the flipped one cannot ride on the cache.
-        verifier.verify((*coded.header).clone()).unwrap();
+        verifier.verify((**coded.header()).clone()).unwrap();
         let mut buf = Bytes::from(wire);
         match SignedChunkHeader::decode(&mut buf) {
             Err(_) => {}
@@ -152,7 +152,7 @@ proptest! {
             .publish(0, 0, ChunkFlags::RANDOM_ACCESS, &Bytes::from(vec![1u8; len]))
             .unwrap();
         let mut verifier = HeaderVerifier::new(channel, 16);
-        prop_assert!(verifier.verify((*forged.header).clone()).is_err());
+        prop_assert!(verifier.verify((**forged.header()).clone()).is_err());
         prop_assert_eq!(verifier.stats().bad_signatures, 1);
     }
 
@@ -241,15 +241,15 @@ fn a_forged_header_cannot_ride_on_a_cached_good_one() {
             &Bytes::from_static(b"the real chunk"),
         )
         .unwrap();
-    let cached = verifier.verify((*good.header).clone()).unwrap();
+    let cached = verifier.verify((**good.header()).clone()).unwrap();
     assert_eq!(verifier.stats().signatures_checked, 1);
     // Same sequence, same signature, different hash for shard 0: not a cache hit, and invalid.
-    let mut forged = (*good.header).clone();
+    let mut forged = (**good.header()).clone();
     forged.header.hashes[0] = *blake3::hash(b"evil").as_bytes();
     assert!(verifier.verify(forged).is_err());
     assert_eq!(verifier.stats().signatures_checked, 2);
     // The genuine header is still served from the cache.
-    let again = verifier.verify((*good.header).clone()).unwrap();
+    let again = verifier.verify((**good.header()).clone()).unwrap();
     assert!(Arc::ptr_eq(&cached, &again));
     assert_eq!(verifier.stats().cache_hits, 1);
     assert_eq!(verifier.stats().signatures_checked, 2);
@@ -264,7 +264,7 @@ fn the_verifier_cache_is_bounded() {
         let c = publisher
             .publish(seq, 0, ChunkFlags::empty(), &Bytes::from_static(b"x"))
             .unwrap();
-        verifier.verify((*c.header).clone()).unwrap();
+        verifier.verify((**c.header()).clone()).unwrap();
     }
     assert!(verifier.cached(6).is_none());
     assert!(verifier.cached(7).is_some() && verifier.cached(9).is_some());

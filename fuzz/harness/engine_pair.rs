@@ -376,10 +376,10 @@ impl Pair {
                 let chunk = &self.chunks[c];
                 let mut frame = ShardFrame {
                     sub: self.sub,
-                    seq: chunk.header.header.seq,
+                    seq: chunk.header().header.seq,
                     index,
-                    header: (header & 1 == 1).then(|| (*chunk.header).clone()),
-                    shard: chunk.shards[usize::from(index)].clone(),
+                    header: (header & 1 == 1).then(|| (**chunk.header()).clone()),
+                    shard: chunk.shards()[usize::from(index)].clone(),
                 };
                 match tamper % 6 {
                     1 => {
@@ -393,13 +393,13 @@ impl Pair {
                     2 => frame.sub = frame.sub.wrapping_add(u32::from(at as u8) + 1),
                     3 => {
                         let other = &self.chunks[(c + 1) % self.chunks.len()];
-                        frame.shard = other.shards[usize::from(index)].clone();
+                        frame.shard = other.shards()[usize::from(index)].clone();
                     }
                     4 => {
                         // Signed, and genuine, but for another channel.
                         let other = &self.foreign[c];
-                        frame.header = Some((*other.header).clone());
-                        frame.shard = other.shards[usize::from(index)].clone();
+                        frame.header = Some((**other.header()).clone());
+                        frame.shard = other.shards()[usize::from(index)].clone();
                     }
                     5 => frame.index = (at % 256) as u8,
                     _ => {}
@@ -455,10 +455,10 @@ impl Pair {
                     let chunk = &self.chunks[c];
                     let frame = ShardFrame {
                         sub: self.sub,
-                        seq: chunk.header.header.seq,
+                        seq: chunk.header().header.seq,
                         index,
-                        header: Some((*chunk.header).clone()),
-                        shard: chunk.shards[usize::from(index)].clone(),
+                        header: Some((**chunk.header()).clone()),
+                        shard: chunk.shards()[usize::from(index)].clone(),
                     };
                     let out = Message::Shard(frame).to_bytes();
                     self.write_uni(&out);

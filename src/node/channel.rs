@@ -258,16 +258,20 @@ impl Channel {
 
     /// Source: stores a freshly published chunk; returns its shards for fan-out.
     pub fn publish(&mut self, coded: &CodedChunk) -> Vec<StoredShard> {
-        self.params = Some(coded.header.header.params);
-        let seq = coded.header.header.seq;
-        let mut partial = PartialChunk::new(Arc::clone(&coded.header));
-        let mut out = Vec::with_capacity(coded.shards.len());
-        for (index, shard) in coded.shards.iter().enumerate() {
-            // The source's own shards match their hashes by construction; insert checks anyway.
-            if partial.insert(index, shard.clone()).is_ok() {
+        let header = coded.header();
+        self.params = Some(header.header.params);
+        let seq = header.header.seq;
+        let mut partial = PartialChunk::new(Arc::clone(header));
+        let mut out = Vec::with_capacity(coded.shards().len());
+        for (index, shard) in coded.shards().iter().enumerate() {
+            // The source's own shards match their hashes by construction (a `CodedChunk` is
+            // made only by the publisher that hashed them, and cannot be changed after), so
+            // they are not hashed again: that was 2% of a fan-out worker's time at 10
+            // subscribers. Index and length are still checked.
+            if partial.insert_verified(index, shard.clone()).is_ok() {
                 self.window_bytes += shard.len();
                 out.push(StoredShard {
-                    header: Arc::clone(&coded.header),
+                    header: Arc::clone(header),
                     index,
                     shard: shard.clone(),
                 });

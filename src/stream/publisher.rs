@@ -14,12 +14,26 @@ use super::header::{ChunkFlags, ChunkHeader, SignedChunkHeader};
 use crate::keys::{ChannelId, ChannelKey};
 
 /// A chunk ready to send: its signed header and all N shards in substream order.
+///
+/// Only [`ChunkPublisher::publish`] makes one, from the shards it hashed into the header, and
+/// nothing can change it after: so every shard matches its hash by construction, and the
+/// source's own node stores them without hashing them again (see `Channel::publish`).
 #[derive(Debug, Clone)]
 pub struct CodedChunk {
+    header: Arc<SignedChunkHeader>,
+    shards: Vec<Bytes>,
+}
+
+impl CodedChunk {
     /// The signed header.
-    pub header: Arc<SignedChunkHeader>,
+    pub fn header(&self) -> &Arc<SignedChunkHeader> {
+        &self.header
+    }
+
     /// Shard *i* is substream *i*'s piece of this chunk.
-    pub shards: Vec<Bytes>,
+    pub fn shards(&self) -> &[Bytes] {
+        &self.shards
+    }
 }
 
 /// Turns chunks into signed, coded chunks for one channel.

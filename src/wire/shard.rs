@@ -154,8 +154,8 @@ mod tests {
                 &Bytes::from(vec![9u8; 3000]),
             )
             .unwrap();
-        let header = (*coded.header).clone();
-        let shard = coded.shards[2].clone();
+        let header = (**coded.header()).clone();
+        let shard = coded.shards()[2].clone();
         let mut encoded_header = BytesMut::new();
         header.encode(&mut encoded_header);
         let mut split = BytesMut::new();
