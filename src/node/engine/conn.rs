@@ -69,6 +69,9 @@ pub(super) struct Conn {
     /// One stream per subscription ([`super::ShardStreams::PerSubscription`]).
     pub(super) sub_streams: FxHashMap<u32, SubStream>,
     pub(super) backlog: usize,
+    /// A subscription ended since the last walk over `sub_streams`: that walk finishes its
+    /// stream.
+    pub(super) subs_ended: bool,
     /// Shard-stream bytes QUIC has taken from the backlog, ever.
     pub(super) taken_bytes: u64,
     /// When QUIC last took shard bytes, or the backlog was last empty: a subscriber that
@@ -135,6 +138,7 @@ impl Conn {
             out_streams: FxHashMap::default(),
             sub_streams: FxHashMap::default(),
             backlog: 0,
+            subs_ended: false,
             taken_bytes: 0,
             progress_at: now,
             closed: false,

@@ -287,10 +287,12 @@ impl Engine {
             }
             Message::Unsubscribe(unsub) => {
                 if unsub.substreams.is_empty() {
-                    if let Some(served) = conn.served.remove(&unsub.sub)
-                        && let Some(listed) = self.subscribers.get_mut(&served.channel)
-                    {
-                        listed.retain(|entry| *entry != (handle, unsub.sub));
+                    if let Some(served) = conn.served.remove(&unsub.sub) {
+                        // Its stream is finished at the next flush.
+                        conn.subs_ended = true;
+                        if let Some(listed) = self.subscribers.get_mut(&served.channel) {
+                            listed.retain(|entry| *entry != (handle, unsub.sub));
+                        }
                     }
                 } else if let Some(served) = conn.served.get_mut(&unsub.sub) {
                     served.substreams = SubstreamSet::from_bits(
