@@ -20,15 +20,14 @@ mod common;
 use common::http::{free_tcp_port, get, sample};
 use common::procs::*;
 
-use std::net::{SocketAddr, UdpSocket};
-use std::sync::{Arc, mpsc};
+use std::net::SocketAddr;
+use std::sync::mpsc;
 use std::time::Duration;
 
 use gridcast::app::link::ChannelLink;
 use gridcast::driver::{IoBackend, Node};
 use gridcast::keys::{NodeId, NodeKey};
 use gridcast::node::engine::close_code;
-use gridcast::node::tls::{self, Identity};
 use gridcast::node::{ChannelMode, Engine, EngineConfig};
 use gridcast::wire::{Role, StartAt, SubstreamSet};
 
@@ -82,26 +81,8 @@ fn hostile_relay(source: &ChannelLink) -> (Node, NodeId) {
 /// `seed`: the application close code, after sending `garbage` on the control stream if
 /// given. `None` if the connection failed some other way or stayed open for 10 s.
 fn child_session(addr: SocketAddr, id: NodeId, seed: u8, garbage: Option<&[u8]>) -> Option<u64> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async move {
-        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
-            None,
-            socket,
-            Arc::new(quinn::TokioRuntime),
-        )
-        .unwrap();
-        let me = Identity::new(&NodeKey::from_seed(&[seed; 32])).unwrap();
-        let config = quinn::ClientConfig::new(tls::client_crypto(id, &me).unwrap());
-        let conn = endpoint
-            .connect_with(config, addr, tls::SERVER_NAME)
-            .unwrap()
-            .await
-            .ok()?;
+    common::quic::runtime().block_on(async move {
+        let (_endpoint, conn) = common::quic::dial(addr, id, seed).await?;
         if let Some(bytes) = garbage {
             let (mut send, _recv) = conn.open_bi().await.ok()?;
             send.write_all(bytes).await.ok()?;

@@ -7,7 +7,9 @@
 
 #![allow(clippy::unwrap_used, clippy::disallowed_methods, clippy::print_stdout)]
 
-use std::net::{SocketAddr, UdpSocket};
+mod common;
+
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, mpsc};
 use std::thread;
@@ -17,7 +19,6 @@ use bytes::Bytes;
 
 use gridcast::driver::{IoBackend, Node};
 use gridcast::keys::{ChannelId, ChannelKey, NodeId, NodeKey};
-use gridcast::node::tls::{self, Identity};
 use gridcast::node::{ChannelMode, Engine, EngineConfig};
 use gridcast::stream::{ChunkFlags, ChunkPublisher, CodingParams};
 use gridcast::wire::{
@@ -36,26 +37,10 @@ struct Seen {
 }
 
 fn child(addr: SocketAddr, node: NodeId, channel: ChannelId) -> Seen {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async move {
-        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
-            None,
-            socket,
-            Arc::new(quinn::TokioRuntime),
-        )
-        .unwrap();
-        let me = Identity::new(&NodeKey::from_seed(&[0x55; 32])).unwrap();
-        let config = quinn::ClientConfig::new(tls::client_crypto(node, &me).unwrap());
-        let conn = endpoint
-            .connect_with(config, addr, tls::SERVER_NAME)
-            .unwrap()
+    common::quic::runtime().block_on(async move {
+        let (endpoint, conn) = common::quic::dial(addr, node, 0x55)
             .await
-            .unwrap();
+            .expect("the handshake with the node failed");
         let (mut control, _replies) = conn.open_bi().await.unwrap();
         let hello = Message::Hello(Hello {
             version: PROTOCOL_VERSION,

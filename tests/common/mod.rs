@@ -9,5 +9,6 @@ pub mod flood;
 pub mod grid;
 pub mod http;
 pub mod procs;
+pub mod quic;
 pub mod sys;
 pub mod wire;

@@ -296,7 +296,7 @@ impl Engine {
         // With nothing queued, the usual case when an ACK comes in, the walk over the
         // subscription streams has nothing to write and only a stream whose subscription
         // ended to finish. Skipping it saves a cold hash-map walk per datagram received: at
-        // 1000 subscribers that walk was 2% of the worker.
+        // 1000 subscribers that walk was 1.7% of the worker.
         let ended = std::mem::take(&mut conn.subs_ended);
         if !conn.sub_streams.is_empty() && (conn.backlog > 0 || ended) {
             self.flush_sub_streams(handle);
