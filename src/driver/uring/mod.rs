@@ -86,7 +86,7 @@ pub struct UringConfig {
     /// handling of a datagram that arrives while the node is otherwise idle. QUIC's timers
     /// are not held back: a wait ends at the next one even within the window. At 3 ms the
     /// fan-out bench's worker ran under half the turns it ran at 0.5 ms and cost less per
-    /// byte (ARCHITECTURE.md, performance notes).
+    /// byte (docs/performance.md).
     pub batch_window: Duration,
     /// How late a QUIC timer may fire so that timers due close together run in one loop
     /// turn, as the kernel's own timer slack coalesces wake-ups: the wait ends at the last
