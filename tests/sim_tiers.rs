@@ -1,6 +1,7 @@
 //! Simulator scenarios for relays that heal like peers: tiers of relays losing parents one at
 //! a time, every parent of a peer cut off at once, a parent starved by its own upstream, a
-//! channel nobody carries, subscribers that come before a relay's first chunk.
+//! channel nobody carries, subscribers that come before a relay's first chunk, a source whose
+//! input comes in bursts over a second apart.
 
 #![allow(clippy::unwrap_used, clippy::disallowed_methods, clippy::print_stdout)]
 
@@ -10,7 +11,7 @@ use std::time::Duration;
 
 use common::grid::Grid;
 use gridcast::node::{Candidate, ChannelMode, EngineConfig, NodeEvent};
-use gridcast::sim::NodeIx;
+use gridcast::sim::{LinkConfig, NodeIx, SimConfig};
 use gridcast::wire::RefuseReason;
 
 #[test]
@@ -211,4 +212,40 @@ fn a_parent_starved_by_its_own_upstream_is_left_for_a_standby_that_has_the_chunk
     println!("starved parent left after {:?}", at - cut_at);
     assert!(at - cut_at <= Duration::from_secs(3), "{:?}", at - cut_at);
     grid.assert_perfect("starved-parent");
+}
+
+#[test]
+fn a_source_whose_input_comes_in_bursts_over_a_second_apart_costs_no_failover() {
+    // ffmpeg's Ogg muxer flushes its pages once a second, so a radio source gets its input,
+    // and publishes its chunks, in bursts about a second apart, the parents' stall timeout,
+    // and a little more when the encoder's timing wavers. Every parent is then a second quiet
+    // just before each burst. The peer draws from two relays and from the source itself, one
+    // hop nearer: the source's shards of each burst come first, and the relays', which are
+    // just as healthy, a link later. Neither relay may be judged silent for it.
+    let config = SimConfig {
+        seed: 31,
+        link: LinkConfig {
+            latency: Duration::from_millis(30),
+            loss: 0.0,
+        },
+        ..Default::default()
+    };
+    let mut grid = Grid::with_sim_config(config, 0, Grid::relay_config);
+    grid.source.burst = Some(Duration::from_millis(1300));
+    let source = grid.source_candidate();
+    let x = grid.add_policy_relay(vec![source]);
+    let y = grid.add_policy_relay(vec![source]);
+    grid.run(Duration::from_secs(3));
+    let (cx, cy) = (grid.candidate(x), grid.candidate(y));
+    grid.add_policy_peer(EngineConfig::default(), vec![cx, cy, source]);
+    grid.run(Duration::from_secs(40));
+    let failovers = grid.played[0].failovers.len();
+    let outages = grid.played[0].outages.len();
+    println!("bursty source: failovers={failovers} outages={outages}");
+    assert_eq!(failovers, 0, "healthy parents replaced");
+    assert_eq!(
+        outages, 0,
+        "an outage announced while parents delivered every burst"
+    );
+    grid.assert_perfect("bursty-source");
 }

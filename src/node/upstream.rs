@@ -6,7 +6,7 @@
 //!             ─▶ assign(K, N, parents, f): disjoint substream sets, losing any f still ≥ K
 //!  shard from parent p ─▶ progress(p, seq)
 //!  tick: p lost (connection gone) or lagging (newest seq ≥ lag_chunks behind the best parent,
-//!        or silent for stall_timeout while others deliver)
+//!        or silent for stall_timeout while it lacks a chunk others have)
 //!        ─▶ p's set moves to a warm standby (Subscribe, StartAt::Seq(resume)) ─▶ one round trip
 //!        ─▶ a new standby is dialled to keep the reserve
 //!        ─▶ no standby left: the survivors' sets are topped up until losing any f of them
@@ -37,7 +37,8 @@ pub struct UpstreamConfig {
     pub standby: usize,
     /// A parent whose newest chunk is this many chunks behind the best parent is lagging.
     pub lag_chunks: u64,
-    /// A parent silent this long while others deliver is lagging.
+    /// A parent that sends nothing for this long while it lacks a chunk another parent or a
+    /// standby has is lagging.
     pub stall_timeout: Duration,
     /// A parent from which not a single datagram arrived for this long (no shard, no
     /// acknowledgement, no keep-alive) is unreachable, and lost even when every other parent
@@ -179,6 +180,10 @@ pub(crate) enum Slot {
         newest: Option<u64>,
         /// When it last delivered a shard (or was activated).
         last_shard: Instant,
+        /// A chunk another parent or a standby has and it has not sent yet, and when that was
+        /// first seen: a parent is silent only while it lacks something that exists, never for
+        /// the pauses of the stream itself.
+        missing: Option<(u64, Instant)>,
         /// When its set was last given or changed: a parent still sending the backlog it was
         /// asked for is not judged behind before the stall timeout has passed.
         since: Instant,

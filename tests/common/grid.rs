@@ -35,6 +35,11 @@ pub struct Broadcast {
     pub fed: u64,
     pub bytes_per_tick: usize,
     pub t0: Instant,
+    /// Hand the chunker its input only this often, all at once, as an encoder that flushes
+    /// once a second does (ffmpeg's Ogg muxer); `None`: every tick.
+    pub burst: Option<Duration>,
+    held: Vec<u8>,
+    last_burst: Instant,
 }
 
 impl Broadcast {
@@ -71,6 +76,9 @@ impl Broadcast {
             fed: 0,
             bytes_per_tick: bitrate_bps / 8 / 20,
             t0: sim.now(),
+            burst: None,
+            held: Vec::new(),
+            last_burst: sim.now(),
         }
     }
 
@@ -88,7 +96,17 @@ impl Broadcast {
                 .map(Self::byte_at)
                 .collect();
             self.fed += data.len() as u64;
-            self.chunker.handle_input(now, &data);
+            match self.burst {
+                Some(every) => {
+                    self.held.extend_from_slice(&data);
+                    if now.saturating_duration_since(self.last_burst) >= every {
+                        self.last_burst = now;
+                        let held = std::mem::take(&mut self.held);
+                        self.chunker.handle_input(now, &held);
+                    }
+                }
+                None => self.chunker.handle_input(now, &data),
+            }
             self.chunker.handle_timeout(now);
             while let Some(chunk) = self.chunker.poll_chunk() {
                 // Source timestamps in µs of virtual time, as a real source's wall clock.
@@ -115,6 +133,8 @@ impl Broadcast {
 pub struct Played {
     pub chunks: Vec<(u64, blake3::Hash, usize, Instant)>,
     pub failovers: Vec<(Instant, u64)>,
+    /// When the peer announced that nothing arrived from any parent.
+    pub outages: Vec<Instant>,
     /// Stream headers received, in order.
     pub headers: Vec<SignedStreamHeader>,
 }
@@ -129,6 +149,7 @@ pub fn collect(sim: &mut Sim, peer: NodeIx, played: &mut Played) {
                     .push((seq, blake3::hash(&bytes), bytes.len(), at));
             }
             NodeEvent::Failover { resume, .. } => played.failovers.push((at, resume)),
+            NodeEvent::UpstreamLost { .. } => played.outages.push(at),
             NodeEvent::StreamHeader { header, .. } => played.headers.push(header),
             _ => {}
         }

@@ -17,6 +17,10 @@ use crate::wire::{ParentCandidate, StartAt, SubstreamSet};
 use super::conn::mark;
 use super::{Engine, EngineError, FailoverWhy, NodeEvent, close_code};
 
+/// How many stall timeouts every parent may be quiet, while none lacks a chunk another has,
+/// before the stream is announced as not arriving ([`NodeEvent::UpstreamLost`]).
+const OUTAGE_QUIET: u32 = 3;
+
 impl Engine {
     /// Lets the engine choose parents for `channel` among `candidates` and keep them: draws
     /// substreams so that losing any [`UpstreamConfig::tolerate`] parents still leaves K, keeps
@@ -178,6 +182,7 @@ impl Engine {
                         set,
                         newest: None,
                         last_shard: now,
+                        missing: None,
                         since: now,
                         tally: Tally::default(),
                     };
@@ -251,6 +256,7 @@ impl Engine {
                         set: union,
                         newest,
                         last_shard,
+                        missing: None,
                         since: now,
                         // A larger set: count afresh.
                         tally: Tally::default(),
@@ -328,6 +334,7 @@ impl Engine {
                 set,
                 newest: None,
                 last_shard: now,
+                missing: None,
                 since: now,
                 tally: Tally::default(),
             };
@@ -362,8 +369,10 @@ impl Engine {
                     _ => None,
                 })
                 .max();
-            // A standby that holds chunks well past what the parents deliver proves there is
-            // something to deliver: quiet parents are starved, not waiting on a quiet source.
+            // What exists upstream: the newest chunk any parent delivered or any standby said
+            // it holds. A parent that lacks it has something to send; one that lacks nothing
+            // waits on the stream, however long that has been quiet (a source whose encoder
+            // flushes once a second keeps every parent a second quiet before each burst).
             let standby_latest = up
                 .candidates
                 .iter()
@@ -372,20 +381,23 @@ impl Engine {
                     _ => None,
                 })
                 .max();
-            let outrun = |newest: Option<u64>| {
-                standby_latest.is_some_and(|l| {
-                    l >= newest
-                        .or(best)
-                        .unwrap_or(0)
-                        .saturating_add(up.config.lag_chunks)
-                })
-            };
-            let someone_fresh = up.candidates.iter().any(|(_, s)| match s {
-                Slot::Active { last_shard, .. } => {
-                    now.saturating_duration_since(*last_shard) < up.config.stall_timeout
+            let known = best.max(standby_latest);
+            for (_, slot) in &mut up.candidates {
+                if let Slot::Active {
+                    newest, missing, ..
+                } = slot
+                {
+                    if missing.is_some_and(|(seq, _)| newest.is_some_and(|n| n >= seq)) {
+                        *missing = None;
+                    }
+                    if missing.is_none()
+                        && let Some(k) = known
+                        && newest.is_none_or(|n| n < k)
+                    {
+                        *missing = Some((k, now));
+                    }
                 }
-                _ => false,
-            });
+            }
             // Delivery ratios: a parent is short only if another one is healthy (otherwise the
             // bottleneck is our own link), and only the worst short parent moves per check.
             let ratios: Vec<Option<f64>> = up
@@ -411,6 +423,7 @@ impl Engine {
                         conn,
                         newest,
                         last_shard,
+                        missing,
                         set,
                         since,
                         ..
@@ -425,8 +438,13 @@ impl Engine {
                         };
                         let quiet =
                             now.saturating_duration_since(*last_shard) >= up.config.stall_timeout;
-                        let silent =
-                            quiet && (someone_fresh || unreachable(conn) || outrun(*newest));
+                        // Nothing from it for the stall timeout while it lacks a chunk that
+                        // exists; or no datagram at all, whatever the others do.
+                        let starved = missing.is_some_and(|(_, seen)| {
+                            now.saturating_duration_since(seen.max(*last_shard))
+                                >= up.config.stall_timeout
+                        });
+                        let silent = starved || (quiet && unreachable(conn));
                         let why = if gone(conn) {
                             Some(FailoverWhy::Lost)
                         } else if behind {
@@ -570,12 +588,23 @@ impl Engine {
         let Some(up) = self.upstreams.get_mut(&channel) else {
             return;
         };
+        // A parent that lacks nothing anyone has is waiting on the stream: it counts as
+        // delivering for OUTAGE_QUIET stall timeouts, so that a source whose input comes in
+        // bursts about a second apart is not announced lost before every burst, while a
+        // stream that stops altogether still is, a few seconds later.
         let delivering = up.candidates.iter().any(|(_, s)| match s {
             Slot::Active {
-                newest, last_shard, ..
+                newest,
+                last_shard,
+                missing,
+                ..
             } => {
-                newest.is_some()
-                    && now.saturating_duration_since(*last_shard) < up.config.stall_timeout
+                let allowed = if missing.is_none() {
+                    up.config.stall_timeout * OUTAGE_QUIET
+                } else {
+                    up.config.stall_timeout
+                };
+                newest.is_some() && now.saturating_duration_since(*last_shard) < allowed
             }
             _ => false,
         });
