@@ -312,7 +312,7 @@ pub fn run(config: &DemoConfig, mut progress: impl FnMut(&str)) -> Result<Report
             && let Some(victim) = supernodes.get_mut(1).and_then(Option::take)
         {
             let addr = victim.node.local_addr();
-            victim.node.stop()?;
+            victim.node.halt()?;
             killed = 1;
             progress(&format!(
                 "demo: killed supernode {addr} without warning at {:.1} s",

@@ -394,7 +394,31 @@ impl Node {
         }
     }
 
-    /// Stops the node; returns each engine and its driver counters, in worker order.
+    /// Stops the node as a crash would: no neighbour is told, so they find out by silence
+    /// (the demo's supernode killed without warning). [`Node::stop`] tells every neighbour.
+    pub fn halt(self) -> io::Result<Vec<(Engine, DriverStats)>> {
+        let (tx, rx) = mpsc::channel();
+        let mut asked = 0;
+        for w in 0..self.workers() {
+            let tx = tx.clone();
+            let command: Command = Box::new(move |e, _| {
+                e.set_farewell(false);
+                let _ = tx.send(());
+            });
+            if self.command(w, command) {
+                asked += 1;
+            }
+        }
+        for _ in 0..asked {
+            if rx.recv_timeout(std::time::Duration::from_secs(1)).is_err() {
+                break;
+            }
+        }
+        self.stop()
+    }
+
+    /// Stops the node, closing every connection first so that each neighbour learns it at
+    /// once; returns each engine and its driver counters, in worker order.
     pub fn stop(self) -> io::Result<Vec<(Engine, DriverStats)>> {
         match self.running {
             #[cfg(target_os = "linux")]

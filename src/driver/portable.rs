@@ -80,6 +80,29 @@ impl PortableDriver {
         &mut self.engine
     }
 
+    /// Sends everything the engine has to send now.
+    fn send_all(&mut self, now: Instant, tx: &mut Vec<u8>) {
+        while let Some(t) = self.engine.poll_transmit(now, tx) {
+            let transmit = Transmit {
+                destination: t.destination,
+                ecn: t
+                    .ecn
+                    .and_then(|e| quinn_udp::EcnCodepoint::from_bits(e as u8)),
+                contents: &tx[..t.size],
+                segment_size: t.segment_size,
+                src_ip: t.src_ip,
+            };
+            self.stats.sends += 1;
+            self.stats.datagrams_out +=
+                t.segment_size.map_or(1, |s| t.size.div_ceil(s.max(1))) as u64;
+            self.stats.bytes_out += t.size as u64;
+            if let Err(e) = self.state.try_send((&self.socket).into(), &transmit) {
+                self.stats
+                    .send_refused(e.raw_os_error().unwrap_or(libc::EAGAIN));
+            }
+        }
+    }
+
     /// Runs until `stop` is set or `commands` is closed. Events go to `events` (dropped if nobody
     /// listens). Returns the engine and the counters.
     pub fn run(
@@ -166,29 +189,14 @@ impl PortableDriver {
             if self.engine.poll_timeout().is_some_and(|t| t <= now) {
                 self.engine.handle_timeout(now);
             }
-            while let Some(t) = self.engine.poll_transmit(now, &mut tx) {
-                let transmit = Transmit {
-                    destination: t.destination,
-                    ecn: t
-                        .ecn
-                        .and_then(|e| quinn_udp::EcnCodepoint::from_bits(e as u8)),
-                    contents: &tx[..t.size],
-                    segment_size: t.segment_size,
-                    src_ip: t.src_ip,
-                };
-                self.stats.sends += 1;
-                self.stats.datagrams_out +=
-                    t.segment_size.map_or(1, |s| t.size.div_ceil(s.max(1))) as u64;
-                self.stats.bytes_out += t.size as u64;
-                if let Err(e) = self.state.try_send((&self.socket).into(), &transmit) {
-                    self.stats
-                        .send_refused(e.raw_os_error().unwrap_or(libc::EAGAIN));
-                }
-            }
+            self.send_all(now, &mut tx);
             while let Some(event) = self.engine.poll_event() {
                 let _ = events.send(event);
             }
         }
+        // Every neighbour hears that this node stops (one close packet each, best effort).
+        self.engine.close_all(now);
+        self.send_all(now, &mut tx);
         beat.flush(now, &self.stats);
         Ok((self.engine, self.stats))
     }

@@ -668,9 +668,15 @@ impl Worker {
             let window = wait.map_or(self.batch_window, |w| w.min(self.batch_window));
             self.ring.submit_and_wait_past_sends(wait, window)?;
         }
-        #[allow(clippy::disallowed_methods)] // the final counters
-        self.beat.flush(Instant::now(), &self.stats);
+        // Every neighbour hears that this node stops; `quiesce` submits the close packets
+        // and waits for them to leave.
+        #[allow(clippy::disallowed_methods)] // the close's time
+        let now = Instant::now();
+        self.engine.close_all(now);
+        let farewell = self.transmit(now);
+        self.beat.flush(now, &self.stats);
         let clean = self.quiesce();
+        farewell?;
         let Self {
             ring,
             bufs,

@@ -80,6 +80,30 @@ impl Engine {
         self.drive(now);
     }
 
+    /// Closes every connection, for a node that is stopping: each neighbour learns it at once
+    /// from the close (a child moves to its other parents, a parent stops sending) instead of
+    /// by ten seconds of silence, during which a parent would go on sending to nobody. The
+    /// close packets are then in [`Engine::poll_transmit`]; the driver sends them before it
+    /// exits.
+    pub fn close_all(&mut self, now: Instant) {
+        if !self.farewell {
+            return;
+        }
+        for &handle in &self.order {
+            if let Some(conn) = self.conns.get_mut(&handle) {
+                conn.close(now, close_code::DONE, "stopping");
+                mark(&mut self.dirty, conn, handle);
+            }
+        }
+        self.drive(now);
+    }
+
+    /// With `false`, [`Engine::close_all`] closes nothing: the node's stop looks like a crash
+    /// to its neighbours (the demo's supernode killed without warning).
+    pub fn set_farewell(&mut self, on: bool) {
+        self.farewell = on;
+    }
+
     pub(super) fn hello(&self) -> Message {
         self.hello.clone()
     }

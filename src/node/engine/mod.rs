@@ -588,6 +588,8 @@ pub struct Engine {
     lost_conns: Vec<ConnectionHandle>,
     /// Set by [`Engine::drain`]: subscribers are sent away and no new ones are taken.
     draining: bool,
+    /// Whether [`Engine::close_all`] closes anything (off only to play a crash).
+    farewell: bool,
     /// Per channel, subscribers that asked before the channel had a chunk: they get the
     /// channel information with the first one.
     awaiting_info: HashMap<ChannelId, Vec<ConnectionHandle>>,
@@ -741,6 +743,7 @@ impl Engine {
             upstreams: HashMap::new(),
             lost_conns: Vec::new(),
             draining: false,
+            farewell: true,
             alternatives: HashMap::new(),
             awaiting_info: HashMap::new(),
             announced: HashMap::new(),
