@@ -1,7 +1,8 @@
 //! Simulator scenarios for relays that heal like peers: tiers of relays losing parents one at
 //! a time, every parent of a peer cut off at once, a parent starved by its own upstream, a
 //! channel nobody carries, subscribers that come before a relay's first chunk, a source whose
-//! input comes in bursts over a second apart.
+//! input comes in bursts over a second apart, a relay cut off from its only upstream for half a
+//! minute.
 
 #![allow(clippy::unwrap_used, clippy::disallowed_methods, clippy::print_stdout)]
 
@@ -248,4 +249,32 @@ fn a_source_whose_input_comes_in_bursts_over_a_second_apart_costs_no_failover() 
         "an outage announced while parents delivered every burst"
     );
     grid.assert_perfect("bursty-source");
+}
+
+#[test]
+fn an_upstream_cut_off_for_half_a_minute_is_one_failover_not_one_per_redial() {
+    // A relay whose only upstream is the source loses its path to it for 30 s. It replaces the
+    // silent parent once, then redials it with back-off; every attempt that cannot reach it is
+    // a dial that failed, not another failover (nor another `Failover` event for its log). Once
+    // the path is back, the relay draws the channel again.
+    let mut grid = Grid::new(24, 0, Grid::relay_config);
+    let channel = grid.source.channel;
+    let source = grid.source.node;
+    let relay = grid.add_policy_relay(vec![grid.candidate(source)]);
+    grid.run(Duration::from_secs(3));
+    assert_eq!(
+        grid.sim.node(relay).engine.upstream_status(&channel),
+        Some((8, 1)),
+        "the relay draws K from the source"
+    );
+    grid.sim.partition(relay, source, true);
+    grid.run(Duration::from_secs(30));
+    let cut_off = grid.sim.node(relay).engine.stats().failovers;
+    grid.sim.partition(relay, source, false);
+    grid.run(Duration::from_secs(30));
+    let after = grid.sim.node(relay).engine.upstream_status(&channel);
+    println!("upstream cut for 30 s: failovers={cut_off} after the mend: {after:?}");
+    assert_eq!(cut_off, 1, "one parent lost, replaced once");
+    let (held, parents) = after.unwrap();
+    assert!(held >= 8 && parents == 1, "{held} from {parents}");
 }

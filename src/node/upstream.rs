@@ -187,6 +187,9 @@ pub(crate) enum Slot {
         /// When its set was last given or changed: a parent still sending the backlog it was
         /// asked for is not judged behind before the stall timeout has passed.
         since: Instant,
+        /// Where it was asked to start its set: where the set starts again elsewhere if this
+        /// parent delivers nothing of it.
+        start: StartAt,
         /// Shards delivered over the current window.
         tally: Tally,
     },

@@ -184,6 +184,7 @@ impl Engine {
                         last_shard: now,
                         missing: None,
                         since: now,
+                        start,
                         tally: Tally::default(),
                     };
                 }
@@ -258,6 +259,7 @@ impl Engine {
                         last_shard,
                         missing: None,
                         since: now,
+                        start,
                         // A larger set: count afresh.
                         tally: Tally::default(),
                     };
@@ -336,6 +338,7 @@ impl Engine {
                 last_shard: now,
                 missing: None,
                 since: now,
+                start,
                 tally: Tally::default(),
             };
         }
@@ -426,6 +429,7 @@ impl Engine {
                         missing,
                         set,
                         since,
+                        start,
                         ..
                     } => {
                         let settled =
@@ -459,17 +463,41 @@ impl Engine {
                         if let Some(why) = why {
                             // Resume where the lost parent stopped, or earlier: a player resumes
                             // at its next chunk to play, so nothing not yet output is missed.
-                            let mut resume = newest.or(best).unwrap_or(0).saturating_sub(1);
-                            if let Some(next) =
-                                self.channels.get(&channel).and_then(Channel::next_play)
-                            {
-                                resume = resume.min(next);
-                            }
-                            failed.push((i, *conn, *set, resume, why));
+                            // With nothing to go by (no parent delivered, nothing played yet),
+                            // the set starts again where it was asked to start here.
+                            let from = newest.or(best).map(|n| n.saturating_sub(1));
+                            let next = self.channels.get(&channel).and_then(Channel::next_play);
+                            let resume = match (from, next) {
+                                (Some(r), Some(n)) => Some(r.min(n)),
+                                (r, n) => r.or(n),
+                            };
+                            // A parent that was never reached (its handshake never finished)
+                            // and gave nothing is a dial that failed, not a failover: a node
+                            // redialling its only upstream through an outage would otherwise
+                            // count and announce one per attempt.
+                            let reached =
+                                newest.is_some() || conns.get(conn).is_some_and(|c| c.established);
+                            failed.push(GaveUp {
+                                slot: i,
+                                conn: *conn,
+                                set: *set,
+                                again: resume.map_or(*start, StartAt::Seq),
+                                resume: resume.unwrap_or(0),
+                                why,
+                                failover: reached,
+                            });
                         }
                     }
                     Slot::Standby { conn, .. } if gone(conn) || unreachable(conn) => {
-                        failed.push((i, *conn, SubstreamSet::EMPTY, 0, FailoverWhy::Lost));
+                        failed.push(GaveUp {
+                            slot: i,
+                            conn: *conn,
+                            set: SubstreamSet::EMPTY,
+                            again: StartAt::Live,
+                            resume: 0,
+                            why: FailoverWhy::Lost,
+                            failover: false,
+                        });
                     }
                     _ => {}
                 }
@@ -480,14 +508,17 @@ impl Engine {
                 }
             }
             let mut moved = Vec::new();
-            for (i, conn, set, resume, why) in failed {
+            for f in failed {
+                let (i, conn) = (f.slot, f.conn);
                 let node = up.candidates[i].0.node;
                 let until = up.strike(node, now);
                 up.candidates[i].1 = Slot::Failed { until };
-                if !set.is_empty() {
-                    up.unassigned.push((set, StartAt::Seq(resume)));
-                    up.failovers += 1;
-                    moved.push((up.candidates[i].0.addr, resume, why));
+                if !f.set.is_empty() {
+                    up.unassigned.push((f.set, f.again));
+                    if f.failover {
+                        up.failovers += 1;
+                        moved.push((up.candidates[i].0.addr, f.resume, f.why));
+                    }
                 }
                 if let Some(c) = self.conns.get_mut(&conn) {
                     c.close(now, close_code::DONE, "parent replaced");
@@ -636,4 +667,19 @@ impl Engine {
             _ => {}
         }
     }
+}
+
+/// A parent slot the check gives up on.
+struct GaveUp {
+    slot: usize,
+    conn: quinn_proto::ConnectionHandle,
+    /// The substreams it was to deliver (empty for a standby).
+    set: SubstreamSet,
+    /// Where that set starts at the next parent.
+    again: StartAt,
+    /// The chunk the failover resumes at, as reported.
+    resume: u64,
+    why: FailoverWhy,
+    /// Counted and announced as a failover (a parent that was reached, or delivered).
+    failover: bool,
 }
