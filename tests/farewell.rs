@@ -6,6 +6,10 @@
 //! relay. A node that stopped without a word would show up in `idle_timeout` instead. Once
 //! on the default backend (io_uring here) and once on the portable one.
 //!
+//! And a broadcast stopped by its broadcaster (SIGTERM to `broadcast` while its input still
+//! flows) ends for its players: a `play` writing to a file must finish by itself, its file a
+//! byte-exact run of the input.
+//!
 //! Skipped (with a message) where ffmpeg is missing, unless `GRIDCAST_REQUIRE_FFMPEG=1` (CI).
 
 #![allow(clippy::unwrap_used, clippy::disallowed_methods, clippy::print_stdout)]
@@ -15,7 +19,11 @@ mod common;
 use common::http::{free_tcp_port, get, poll, sample};
 use common::procs::*;
 
+use std::io::Write;
 use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 const STREAM_SECS: u64 = 20;
@@ -125,4 +133,98 @@ fn run(backend: &str) {
     assert_eq!(closed(&scrape, "idle_timeout"), 0.0, "{scrape}");
     println!("the relay's connection closed by the relay, not by silence");
     drop(live);
+}
+
+#[test]
+fn a_broadcast_stopped_by_a_signal_ends_for_its_players() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path());
+    let mut source = gridcast(&[
+        "broadcast",
+        "--key",
+        key.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--linger",
+        "2",
+    ]);
+    source.stdin(Stdio::piped());
+    let (mut source, link) = spawn_with_link(source);
+    // An endless input: 20 KB of a fixed pseudo-random sequence every 100 ms, kept as the
+    // reference, until the source stops reading.
+    let mut stdin = source.stdin.take().unwrap();
+    let done = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let done = Arc::clone(&done);
+        std::thread::spawn(move || {
+            let mut written = Vec::new();
+            let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+            while !done.load(Ordering::Relaxed) && written.len() < 64 << 20 {
+                let block: Vec<u8> = (0..20_000)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        x as u8
+                    })
+                    .collect();
+                if stdin.write_all(&block).is_err() {
+                    break;
+                }
+                written.extend_from_slice(&block);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            written
+        })
+    };
+    let out = dir.path().join("player.bin");
+    let player = gridcast(&["play", &link, "--output", out.to_str().unwrap()])
+        .spawn()
+        .unwrap();
+    let mut children = Reaper(vec![player]);
+    let started = Instant::now();
+    while std::fs::metadata(&out).map_or(0, |m| m.len()) < 100_000 {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the player wrote too little"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    signal(&source, "-TERM");
+    let signalled = Instant::now();
+    let status = loop {
+        if let Some(status) = children.0[0].try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            signalled.elapsed() < Duration::from_secs(15),
+            "the player still waits on a broadcast that was stopped"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    println!(
+        "the player finished {:?} after the source's SIGTERM",
+        signalled.elapsed()
+    );
+    assert!(status.success(), "play failed: {status}");
+    assert!(source.wait().unwrap().success(), "broadcast failed");
+    done.store(true, Ordering::Relaxed);
+    let written = writer.join().unwrap();
+
+    // A contiguous run of the input, from where the player joined.
+    let played = std::fs::read(&out).unwrap();
+    let head = &played[..64];
+    let at = written
+        .windows(head.len())
+        .position(|w| w == head)
+        .expect("the player's first bytes are not in the input");
+    assert!(
+        at + played.len() <= written.len(),
+        "the player has bytes the input never had"
+    );
+    assert!(
+        written[at..at + played.len()] == played[..],
+        "the player's file is not a byte-exact run of the input"
+    );
 }

@@ -127,7 +127,8 @@ pub struct BroadcastArgs {
     /// UDP address to serve supernodes on [default: 0.0.0.0:4433].
     #[arg(long, env = "GRIDCAST_LISTEN")]
     pub listen: Option<SocketAddr>,
-    /// Seconds to keep serving after the input ends [default: 5].
+    /// Seconds to keep serving after the input ends, or after SIGINT or SIGTERM ends the
+    /// broadcast (a second signal stops at once) [default: 5].
     #[arg(long)]
     pub linger: Option<u64>,
     /// The password icecast:// encoders must give (any user name).

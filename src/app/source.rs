@@ -100,7 +100,8 @@ pub struct BroadcastConfig {
     pub input: Input,
     /// UDP address the source serves supernodes on.
     pub listen: SocketAddr,
-    /// Seconds to keep serving after the input ends, so subscribers fetch the last chunks.
+    /// Seconds to keep serving after the input ends (or a signal ends the broadcast), so
+    /// subscribers fetch the last chunks.
     pub linger: Duration,
     /// The password encoders give to an `icecast://` input.
     pub source_password: Option<String>,
@@ -341,7 +342,8 @@ fn pump(
 /// An input silent this long no longer counts as connected.
 const INPUT_QUIET: Duration = Duration::from_secs(2);
 
-/// Runs a source until its input ends (then lingers) or a signal arrives.
+/// Runs a source until its input ends or a signal arrives; either way the last chunk says the
+/// broadcast ended, and it is served for the linger.
 #[allow(clippy::disallowed_methods)] // the source reads the clock
 pub fn broadcast(config: &BroadcastConfig, stop: &AtomicBool) -> anyhow::Result<()> {
     let channel_key = ChannelKey::load(&config.key)?;
@@ -435,8 +437,23 @@ pub fn broadcast(config: &BroadcastConfig, stop: &AtomicBool) -> anyhow::Result<
         chunker.handle_timeout(Instant::now());
         publish(&mut chunker)?;
     }
-    if let Some(at) = ended {
+    if ended.is_none() {
+        // Stopped by a signal while the input still flowed (a broadcaster's Ctrl-C, a service
+        // stop): the broadcast ends here, and its last chunk says so, so that players writing
+        // to a file or a pipe finish too instead of waiting on a source that is gone. It is
+        // served for the linger like an input's end; a second signal stops at once.
+        chunker.finish(Instant::now());
+        publish(&mut chunker)?;
+        ended = Some(Instant::now());
+        stop.store(false, Ordering::Relaxed);
+        tracing::info!(
+            linger = ?config.linger,
+            "stopping: the broadcast ends with the last chunk, served for the linger (signal again to stop now)"
+        );
+    } else {
         tracing::info!(linger = ?config.linger, "input ended; serving the last chunks");
+    }
+    if let Some(at) = ended {
         while at.elapsed() < config.linger && !stop.load(Ordering::Relaxed) {
             thread::sleep(Duration::from_millis(50));
         }
