@@ -70,18 +70,9 @@ fn run(backend: &str) {
     let dir = tempfile::tempdir().unwrap();
     let key = keygen(dir.path());
     let source_admin = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
-    let live = Live::start(
-        gridcast(&[
-            "broadcast",
-            "--key",
-            key.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            &source_admin.to_string(),
-        ]),
-        STREAM_SECS,
-    );
+    let mut source = loopback_source(&key, 4);
+    source.args(["--admin", &source_admin.to_string()]);
+    let live = Live::start(source, STREAM_SECS);
     let relay_admin = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
     let (relay, relay_link) = spawn_with_link(gridcast(&[
         "relay",
@@ -139,15 +130,7 @@ fn run(backend: &str) {
 fn a_broadcast_stopped_by_a_signal_ends_for_its_players() {
     let dir = tempfile::tempdir().unwrap();
     let key = keygen(dir.path());
-    let mut source = gridcast(&[
-        "broadcast",
-        "--key",
-        key.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-        "--linger",
-        "2",
-    ]);
+    let mut source = loopback_source(&key, 2);
     source.stdin(Stdio::piped());
     let (mut source, link) = spawn_with_link(source);
     // An endless input: 20 KB of a fixed pseudo-random sequence every 100 ms, kept as the

@@ -214,6 +214,20 @@ pub fn reap(children: &mut [Child]) {
     }
 }
 
+/// A `broadcast` on 127.0.0.1 (any port) signing with `key`, reading stdin, lingering
+/// `linger` seconds after its input ends.
+pub fn loopback_source(key: &Path, linger: u64) -> Command {
+    gridcast(&[
+        "broadcast",
+        "--key",
+        key.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--linger",
+        &linger.to_string(),
+    ])
+}
+
 /// A live stream into a source: ffmpeg encoding `secs` of test pattern in real time into
 /// `source` (a `gridcast broadcast` command reading stdin), the bytes teed off as the
 /// reference.
@@ -247,17 +261,7 @@ impl Live {
     /// `secs` of stream into a `broadcast` on 127.0.0.1 (any port) signing with `key`,
     /// lingering 4 s after its input ends.
     pub fn on_loopback(key: &Path, secs: u64) -> Self {
-        let key = key.to_str().unwrap();
-        let source = gridcast(&[
-            "broadcast",
-            "--key",
-            key,
-            "--listen",
-            "127.0.0.1:0",
-            "--linger",
-            "4",
-        ]);
-        Self::start(source, secs)
+        Self::start(loopback_source(key, 4), secs)
     }
 
     /// The source process's id.
