@@ -124,7 +124,8 @@ pub struct BroadcastArgs {
     /// Pace a file input at this many bits per second, like 2M (default: as fast as read).
     #[arg(long)]
     pub rate: Option<Rate>,
-    /// UDP address to serve supernodes on [default: 0.0.0.0:4433].
+    /// UDP address to serve supernodes on [default: [::]:4433, every IPv6 and IPv4 address;
+    /// 0.0.0.0:4433 on a host without IPv6].
     #[arg(long, env = "GRIDCAST_LISTEN")]
     pub listen: Option<SocketAddr>,
     /// Seconds to keep serving after the input ends, or after SIGINT or SIGTERM ends the
@@ -183,7 +184,7 @@ impl BroadcastArgs {
             listen: self
                 .listen
                 .or(file.listen)
-                .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 4433))),
+                .unwrap_or_else(|| super::roles::any_addr(4433)),
             linger: Duration::from_secs(self.linger.or(file.linger).unwrap_or(5)),
             source_password: self.source_password.or(file.source_password),
             node_key: self.node_key.or(file.node_key),
@@ -213,7 +214,8 @@ pub struct RelayArgs {
     #[arg(long, value_parser = LinkParser)]
     #[serde(default)]
     pub join: Vec<ChannelLink>,
-    /// UDP address to serve on [default: 0.0.0.0:4434].
+    /// UDP address to serve on [default: [::]:4434, every IPv6 and IPv4 address; 0.0.0.0:4434
+    /// on a host without IPv6].
     #[arg(long, env = "GRIDCAST_LISTEN")]
     pub listen: Option<SocketAddr>,
     /// io_uring worker threads [default: one per core].
@@ -315,7 +317,7 @@ impl RelayArgs {
             listen: self
                 .listen
                 .or(file.listen)
-                .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 4434))),
+                .unwrap_or_else(|| super::roles::any_addr(4434)),
             join,
             workers,
             node_key: self.node_key.or(file.node_key),
@@ -358,7 +360,8 @@ pub struct PlayArgs {
     /// - (stdout), a file path, or http://127.0.0.1:port/ to serve local players [default: -].
     #[arg(long, short)]
     pub output: Option<Output>,
-    /// Local UDP address [default: 0.0.0.0:0].
+    /// Local UDP address [default: [::]:0, reaching IPv6 and IPv4 nodes; 0.0.0.0:0 on a host
+    /// without IPv6].
     #[arg(long)]
     pub listen: Option<SocketAddr>,
     /// Node key file, created if missing, so that a peer that relays keeps its node id (and
@@ -408,7 +411,7 @@ impl PlayArgs {
             listen: self
                 .listen
                 .or(file.listen)
-                .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
+                .unwrap_or_else(|| super::roles::any_addr(0)),
             backend: self.io_backend.or(file.io_backend).unwrap_or_default(),
             admin: self.admin.or(file.admin),
             node_key: self.node_key.or(file.node_key),

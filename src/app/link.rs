@@ -74,6 +74,31 @@ pub enum LinkError {
         /// Why.
         source: std::io::Error,
     },
+    /// A host resolved only to addresses of the other IP family than the local socket's.
+    #[error(
+        "{host} is {found}, which a node listening on {local} cannot reach; listen on {hint} \
+         (--listen)"
+    )]
+    Unreachable {
+        /// host:port.
+        host: String,
+        /// What it resolved to.
+        found: String,
+        /// The local address.
+        local: SocketAddr,
+        /// A listening address that reaches it (dual-stack).
+        hint: SocketAddr,
+    },
+}
+
+/// Whether a socket bound to `local` can send to `to`. An IPv4 socket reaches IPv4 addresses
+/// only; one bound to the IPv6 wildcard is dual-stack (the drivers clear `IPV6_V6ONLY`) and
+/// reaches both; one bound to a particular IPv6 address reaches IPv6 only.
+pub fn reaches(local: SocketAddr, to: SocketAddr) -> bool {
+    match local.ip() {
+        std::net::IpAddr::V4(_) => to.is_ipv4(),
+        std::net::IpAddr::V6(ip) => ip.is_unspecified() || to.is_ipv6(),
+    }
 }
 
 /// The longest link accepted: room for dozens of nodes, far less than a pasted file.
@@ -143,20 +168,36 @@ impl FromStr for LinkNode {
 }
 
 impl LinkNode {
-    /// The node as a dialling candidate (its host resolved, first address).
-    pub fn candidate(&self) -> Result<Candidate, LinkError> {
-        let addr = self
+    /// The node as a dialling candidate for a node listening on `local`: its host resolved,
+    /// the first address of a family that `local` reaches (a name with IPv6 and IPv4
+    /// addresses, dialled from an IPv4 socket, is dialled at its IPv4 one).
+    pub fn candidate(&self, local: SocketAddr) -> Result<Candidate, LinkError> {
+        let found: Vec<SocketAddr> = self
             .host
             .to_socket_addrs()
             .map_err(|source| LinkError::Resolve {
                 host: self.host.clone(),
                 source,
             })?
-            .next()
-            .ok_or_else(|| LinkError::Resolve {
+            .collect();
+        let Some(&addr) = found.iter().find(|&&a| reaches(local, a)) else {
+            let Some(first) = found.first() else {
+                return Err(LinkError::Resolve {
+                    host: self.host.clone(),
+                    source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
+                });
+            };
+            // The IPv6 wildcard is dual-stack: it reaches both families.
+            let hint = SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), local.port());
+            let family = if first.is_ipv6() { "IPv6" } else { "IPv4" };
+            let list: Vec<String> = found.iter().take(4).map(|a| a.ip().to_string()).collect();
+            return Err(LinkError::Unreachable {
                 host: self.host.clone(),
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
-            })?;
+                found: format!("{family} only ({})", list.join(", ")),
+                local,
+                hint,
+            });
+        };
         Ok(Candidate {
             addr,
             node: self.node,
@@ -189,9 +230,10 @@ impl ChannelLink {
         }
     }
 
-    /// The nodes as dialling candidates (DNS names resolved, first address each).
-    pub fn candidates(&self) -> Result<Vec<Candidate>, LinkError> {
-        self.nodes.iter().map(LinkNode::candidate).collect()
+    /// The nodes as dialling candidates for a node listening on `local` (DNS names resolved,
+    /// the first address `local` reaches each; see [`LinkNode::candidate`]).
+    pub fn candidates(&self, local: SocketAddr) -> Result<Vec<Candidate>, LinkError> {
+        self.nodes.iter().map(|n| n.candidate(local)).collect()
     }
 }
 
@@ -208,6 +250,41 @@ mod tests {
         assert!(link.nodes.is_empty());
         let typo = format!("{}x", &channel.to_string()[1..]);
         assert!(typo.parse::<ChannelLink>().is_err());
+    }
+
+    #[test]
+    fn a_node_is_dialled_at_an_address_the_local_socket_reaches() {
+        let any6: SocketAddr = "[::]:0".parse().unwrap();
+        let any4: SocketAddr = "0.0.0.0:0".parse().unwrap();
+        let lo6: SocketAddr = "[::1]:0".parse().unwrap();
+        let (v4, v6): (SocketAddr, SocketAddr) = (
+            "127.0.0.1:4433".parse().unwrap(),
+            "[::1]:4433".parse().unwrap(),
+        );
+        assert!(
+            reaches(any6, v4) && reaches(any6, v6),
+            "the wildcard is dual-stack"
+        );
+        assert!(reaches(any4, v4) && !reaches(any4, v6));
+        assert!(reaches(lo6, v6) && !reaches(lo6, v4));
+
+        let node = NodeKey::from_seed(&[2; 32]).node_id();
+        let entry: LinkNode = format!("[::1]:4433/{node}").parse().unwrap();
+        assert_eq!(entry.candidate(any6).unwrap().addr, v6);
+        let err = entry.candidate(any4).unwrap_err().to_string();
+        assert!(
+            err.contains("IPv6 only (::1)") && err.contains("0.0.0.0:0") && err.contains("[::]:0"),
+            "{err}"
+        );
+        let entry: LinkNode = format!("127.0.0.1:4433/{node}").parse().unwrap();
+        assert_eq!(entry.candidate(any4).unwrap().addr, v4);
+        assert!(
+            entry
+                .candidate(lo6)
+                .unwrap_err()
+                .to_string()
+                .contains("IPv4 only")
+        );
     }
 
     #[test]
@@ -245,7 +322,7 @@ mod tests {
         let text = link.to_string();
         assert!(text.starts_with("gridcast://"));
         assert_eq!(text.parse::<ChannelLink>().unwrap(), link);
-        let c = link.candidates().unwrap();
+        let c = link.candidates("[::]:0".parse().unwrap()).unwrap();
         assert_eq!(c[1].addr, "[::1]:4434".parse().unwrap());
         assert_eq!(c[0].node, link.nodes[0].node);
     }

@@ -195,7 +195,8 @@ pub fn play(config: &PlayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
         // A bare channel id: a node on the local network that carries it (a hint until its
         // handshake proves the node id the record names).
         let wait = config.connect_timeout.min(Duration::from_secs(3));
-        let found = super::lan::find(channel, wait, Duration::from_millis(300))?;
+        let mut found = super::lan::find(channel, wait, Duration::from_millis(300))?;
+        found.retain(|c| super::link::reaches(config.listen, c.addr));
         if found.is_empty() {
             anyhow::bail!(
                 "no node on the local network carries channel {channel} (mDNS, {wait:?}); \
@@ -207,16 +208,18 @@ pub fn play(config: &PlayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
     } else if config.mdns {
         // The link's nodes, behind any that the local network offers: those are dialled
         // first and, being nearest, are given substreams first.
-        let link = config.link.candidates()?;
-        let found = super::lan::find(channel, Duration::from_secs(1), Duration::from_millis(300))
-            .unwrap_or_else(|err| {
-                tracing::warn!(%err, "not looking on the local network");
-                Vec::new()
-            });
+        let link = config.link.candidates(config.listen)?;
+        let mut found =
+            super::lan::find(channel, Duration::from_secs(1), Duration::from_millis(300))
+                .unwrap_or_else(|err| {
+                    tracing::warn!(%err, "not looking on the local network");
+                    Vec::new()
+                });
+        found.retain(|c| super::link::reaches(config.listen, c.addr));
         log_found(&found);
         local_first(found, link)
     } else {
-        config.link.candidates()?
+        config.link.candidates(config.listen)?
     };
     let mut sink = Sink::open(&config.output)?;
     let key = node_key(config.node_key.as_deref())?;

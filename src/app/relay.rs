@@ -72,10 +72,11 @@ pub struct OpenRelay {
 pub(crate) fn upstreams(
     links: &[ChannelLink],
     me: crate::keys::NodeId,
+    local: SocketAddr,
 ) -> anyhow::Result<Vec<(ChannelId, Vec<Candidate>)>> {
     let mut out: Vec<(ChannelId, Vec<Candidate>)> = Vec::new();
     for link in links {
-        let candidates = link.candidates()?;
+        let candidates = link.candidates(local)?;
         let entry = match out.iter_mut().position(|(c, _)| *c == link.channel) {
             Some(i) => &mut out[i].1,
             None => {
@@ -104,12 +105,12 @@ pub fn relay(config: &RelayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
     if config.join.is_empty() && config.open.is_none() {
         anyhow::bail!("nothing to carry: give at least one --join <channel link>, or --open");
     }
-    let upstreams = upstreams(&config.join, key.node_id())?;
+    let upstreams = upstreams(&config.join, key.node_id(), config.listen)?;
     let open = match &config.open {
         Some(open) => {
             let mut bootstrap = Vec::new();
             for n in &open.bootstrap {
-                bootstrap.push(n.candidate()?);
+                bootstrap.push(n.candidate(config.listen)?);
             }
             // The joined channels' nodes are nodes of the grid too.
             for (_, list) in &upstreams {

@@ -103,6 +103,20 @@ pub(crate) fn say(line: &dyn std::fmt::Display) {
     let _ = out.flush();
 }
 
+/// Every address of this host on `port`, the default place to listen: the IPv6 wildcard,
+/// which the drivers make dual-stack (IPv6 and IPv4 peers on one socket), or the IPv4 one
+/// where this host has no IPv6 (a kernel booted with `ipv6.disable=1`).
+pub(crate) fn any_addr(port: u16) -> SocketAddr {
+    static HAS_IPV6: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let v6 = *HAS_IPV6
+        .get_or_init(|| std::net::UdpSocket::bind((std::net::Ipv6Addr::UNSPECIFIED, 0)).is_ok());
+    if v6 {
+        SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), port)
+    } else {
+        SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), port)
+    }
+}
+
 /// The address to print in a link: the bound one, or loopback where it is unspecified.
 pub(crate) fn link_addr(node: &Node) -> SocketAddr {
     let mut addr = node.local_addr();

@@ -37,7 +37,20 @@ pub struct PortableDriver {
 impl PortableDriver {
     /// Binds `addr` and prepares the socket (GRO, ECN, packet info) for `engine`.
     pub fn bind(addr: SocketAddr, engine: Engine) -> io::Result<Self> {
-        let socket = UdpSocket::bind(addr)?;
+        let socket = {
+            let s = socket2::Socket::new(
+                socket2::Domain::for_address(addr),
+                socket2::Type::DGRAM,
+                Some(socket2::Protocol::UDP),
+            )?;
+            if addr.is_ipv6() {
+                // Dual-stack whatever the host's `net.ipv6.bindv6only`: IPv4 peers arrive
+                // as mapped addresses (made plain again below).
+                s.set_only_v6(false)?;
+            }
+            s.bind(&addr.into())?;
+            UdpSocket::from(s)
+        };
         let state = UdpSocketState::new((&socket).into())?;
         // quinn-udp leaves the socket non-blocking (it is made for async runtimes); this loop
         // blocks in recv with a timeout instead, so it must not spin.
@@ -84,7 +97,7 @@ impl PortableDriver {
     fn send_all(&mut self, now: Instant, tx: &mut Vec<u8>) {
         while let Some(t) = self.engine.poll_transmit(now, tx) {
             let transmit = Transmit {
-                destination: t.destination,
+                destination: wire_addr(self.local, t.destination),
                 ecn: t
                     .ecn
                     .and_then(|e| quinn_udp::EcnCodepoint::from_bits(e as u8)),
@@ -157,8 +170,8 @@ impl PortableDriver {
                                 .and_then(|e| quinn_proto::EcnCodepoint::from_bits(e as u8));
                             self.engine.handle_datagram(
                                 now,
-                                m.addr,
-                                m.dst_ip,
+                                plain_addr(m.addr),
+                                m.dst_ip.map(|ip| ip.to_canonical()),
                                 ecn,
                                 BytesMut::from(datagram),
                             );
@@ -199,5 +212,29 @@ impl PortableDriver {
         self.send_all(now, &mut tx);
         beat.flush(now, &self.stats);
         Ok((self.engine, self.stats))
+    }
+}
+
+/// The address to give the kernel: IPv4 peers of a dual-stack socket as mapped addresses.
+/// quinn-udp passes the destination as it is; Linux takes a `sockaddr_in` on a dual-stack
+/// socket, but the BSDs and macOS, where this backend also runs, refuse it.
+fn wire_addr(local: SocketAddr, to: SocketAddr) -> SocketAddr {
+    match (local, to) {
+        (SocketAddr::V6(_), SocketAddr::V4(v4)) => {
+            SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
+        }
+        _ => to,
+    }
+}
+
+/// A peer's address as the engine keeps it: an IPv4 peer of a dual-stack socket as the plain
+/// IPv4 address its link names, not the mapped form the kernel reports.
+fn plain_addr(from: SocketAddr) -> SocketAddr {
+    match from {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => from,
+        },
+        SocketAddr::V4(_) => from,
     }
 }

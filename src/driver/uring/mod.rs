@@ -281,9 +281,17 @@ fn bind_member(addr: SocketAddr) -> io::Result<Socket> {
             libc::IPV6_MTU_DISCOVER,
             libc::IPV6_PMTUDISC_PROBE,
         )?;
-        // The dual-stack socket's IPv4 side.
+        // The dual-stack socket's IPv4 side: ECN, the local address, and the don't-fragment
+        // bit on datagrams to IPv4 peers (IPV6_MTU_DISCOVER governs only IPv6 ones, and
+        // without it path MTU probes to an IPv4 peer could pass as fragments).
         let _ = sys::setsockopt_int(fd, libc::IPPROTO_IP, libc::IP_RECVTOS, 1);
         let _ = sys::setsockopt_int(fd, libc::IPPROTO_IP, libc::IP_PKTINFO, 1);
+        let _ = sys::setsockopt_int(
+            fd,
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            libc::IP_PMTUDISC_PROBE,
+        );
     } else {
         sys::setsockopt_int(fd, libc::IPPROTO_IP, libc::IP_RECVTOS, 1)?;
         sys::setsockopt_int(fd, libc::IPPROTO_IP, libc::IP_PKTINFO, 1)?;
