@@ -107,14 +107,13 @@ pub fn find(
         if !carries {
             continue;
         }
-        let mut addrs: Vec<IpAddr> = info
+        let mut addrs: Vec<SocketAddr> = info
             .get_addresses()
             .iter()
-            .map(|a| a.to_ip_addr())
+            .filter_map(|a| dialable(a, info.port))
             .collect();
-        addrs.sort_by_key(|a| a.is_ipv6());
-        for ip in addrs {
-            let addr = SocketAddr::new(ip, info.port);
+        addrs.sort_by_key(SocketAddr::is_ipv6);
+        for addr in addrs {
             if found.len() < MAX_FOUND && seen.insert(addr) {
                 found.push(Candidate { addr, node });
             }
@@ -125,4 +124,38 @@ pub fn find(
     }
     let _ = daemon.shutdown();
     Ok(found)
+}
+
+/// An announced address as one to dial. An IPv6 link-local address is only usable with the
+/// interface it was seen on (its scope): kept with it, dropped where the record lacks one.
+fn dialable(ip: &mdns_sd::ScopedIp, port: u16) -> Option<SocketAddr> {
+    match ip {
+        mdns_sd::ScopedIp::V6(v6) if v6.addr().is_unicast_link_local() => {
+            let scope = v6.scope_id().index;
+            (scope != 0).then(|| std::net::SocketAddrV6::new(*v6.addr(), port, 0, scope).into())
+        }
+        other => Some(SocketAddr::new(other.to_ip_addr(), port)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_link_local_address_without_its_interface_is_not_dialled() {
+        let at = |ip: &str| {
+            dialable(
+                &mdns_sd::ScopedIp::from(ip.parse::<IpAddr>().unwrap()),
+                4434,
+            )
+        };
+        assert_eq!(at("192.0.2.7"), Some("192.0.2.7:4434".parse().unwrap()));
+        assert_eq!(
+            at("2001:db8::7"),
+            Some("[2001:db8::7]:4434".parse().unwrap())
+        );
+        // A record without a scope: an fe80:: address that no socket could send to.
+        assert_eq!(at("fe80::1"), None);
+    }
 }

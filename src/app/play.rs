@@ -301,6 +301,7 @@ pub fn play(config: &PlayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
                 if let Err(e) = sink.chunk(flags, payload.to_bytes()) {
                     // A player that quits closes the pipe: that ends playback, not an error.
                     if e.kind() == io::ErrorKind::BrokenPipe {
+                        tracing::info!(%channel, "the output was closed (its reader quit); stopping");
                         break Ok(());
                     }
                     break Err(e).context("writing the output");
