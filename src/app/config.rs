@@ -144,7 +144,7 @@ pub struct BroadcastArgs {
     #[arg(long)]
     pub max_children: Option<usize>,
     /// The address relays dial this source at, announced to the supernodes [default: the
-    /// listening address, 127.0.0.1 when that is unspecified].
+    /// listening address; for a wildcard one, the address the first relay or viewer reached].
     #[arg(long, env = "GRIDCAST_ADVERTISE")]
     pub advertise: Option<SocketAddr>,
     /// auto, uring or portable [default: auto].
@@ -225,7 +225,8 @@ pub struct RelayArgs {
     #[arg(long, env = "GRIDCAST_NODE_KEY")]
     pub node_key: Option<PathBuf>,
     /// The address other nodes dial this relay at, announced to the other supernodes
-    /// [default: the listening address, 127.0.0.1 when that is unspecified].
+    /// [default: the listening address; for a wildcard one, this relay's address on the path
+    /// to its upstream].
     #[arg(long, env = "GRIDCAST_ADVERTISE")]
     pub advertise: Option<SocketAddr>,
     /// Most bits per second sent to subscribers, like 500M [default: no limit].

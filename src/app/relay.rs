@@ -161,8 +161,7 @@ pub fn relay(config: &RelayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
     )?;
     // Worker 0 is this node's member of the supernodes' membership; the others hand it the
     // gossip they receive.
-    let advertise = config.advertise.unwrap_or_else(|| link_addr(&node));
-    node.command(0, Box::new(move |e, _| e.set_advertise(advertise)));
+    super::roles::announce(&node, config.advertise);
     for w in 1..node.workers() {
         node.command(w, Box::new(|e, _| e.set_forward_gossip(true)));
     }

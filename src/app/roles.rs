@@ -117,6 +117,24 @@ pub(crate) fn any_addr(port: u16) -> SocketAddr {
     }
 }
 
+/// Makes worker 0 a member of the supernodes' membership, announced at `advertise`; where
+/// none was given, at the listening address, or, where that is a wildcard, at the local
+/// address the first neighbour reaches it at (its upstream, for a relay; its first child,
+/// for a source). Announcing the loopback address a link prints for a wildcard would send
+/// other hosts' viewers to themselves.
+pub(crate) fn announce(node: &Node, advertise: Option<SocketAddr>) {
+    let bound = node.local_addr();
+    let set: crate::driver::Command = match advertise {
+        Some(addr) => Box::new(move |e, _| e.set_advertise(addr)),
+        None if !bound.ip().is_unspecified() => Box::new(move |e, _| e.set_advertise(bound)),
+        None => {
+            let port = bound.port();
+            Box::new(move |e, _| e.learn_advertise(port))
+        }
+    };
+    node.command(0, set);
+}
+
 /// The address to print in a link: the bound one, or loopback where it is unspecified.
 pub(crate) fn link_addr(node: &Node) -> SocketAddr {
     let mut addr = node.local_addr();

@@ -361,13 +361,10 @@ pub fn broadcast(config: &BroadcastConfig, stop: &AtomicBool) -> anyhow::Result<
             ..Default::default()
         },
     )?;
-    let advertise = config.advertise.unwrap_or_else(|| link_addr(&node));
+    super::roles::announce(&node, config.advertise);
     node.command(
         0,
-        Box::new(move |e, _| {
-            e.set_advertise(advertise);
-            e.add_channel(channel, ChannelMode::Source);
-        }),
+        Box::new(move |e, _| e.add_channel(channel, ChannelMode::Source)),
     );
     let counters = Arc::new(SourceCounters::default());
     let _ops = Ops::start(

@@ -54,6 +54,36 @@ impl Engine {
         }
     }
 
+    /// Makes this node a member once it knows where it is reached: at the local address the
+    /// first datagram of a connection arrived at (a relay's upstream answered it there; a
+    /// source's first child dialled it there), on `port`. For a node listening on
+    /// a wildcard address with no address given to announce, which would otherwise announce
+    /// one nobody else can dial. Ignored when already a member.
+    pub fn learn_advertise(&mut self, port: u16) {
+        if self.membership.is_none() {
+            self.learn_advertise = Some(port);
+        }
+    }
+
+    /// Applies what [`Engine::learn_advertise`] waits for, once a datagram has settled it,
+    /// and joins the membership through the upstreams set meanwhile (as
+    /// [`Engine::set_upstream`] does for a node that is a member from the start).
+    pub(super) fn advertise_learnt(&mut self, now: Instant) {
+        let (Some(port), Some(ip)) = (self.learn_advertise, self.learnt_ip.take()) else {
+            return;
+        };
+        self.learn_advertise = None;
+        let addr = std::net::SocketAddr::new(ip.to_canonical(), port);
+        tracing::info!(%addr, "announced to the other supernodes at the address a neighbour reached (--advertise to choose another)");
+        self.set_advertise(addr);
+        let known: Vec<Candidate> = self
+            .upstreams
+            .values()
+            .flat_map(|up| up.candidates.iter().map(|(c, _)| *c))
+            .collect();
+        self.gossip_join(now, &known);
+    }
+
     /// A worker of a multi-worker node that is not the member itself hands the gossip it
     /// receives to the application ([`NodeEvent::Gossip`]) for the worker that is.
     pub fn set_forward_gossip(&mut self, forward: bool) {

@@ -118,6 +118,10 @@ impl Engine {
         data: BytesMut,
     ) {
         self.stats.udp_bytes_in += data.len() as u64;
+        // While this node's address is to be learnt: the one the first datagram of a QUIC
+        // connection (one this node dialled, or one it accepts) arrived at.
+        let learning = self.learn_advertise.is_some() && self.learnt_ip.is_none();
+        let arrived_at = local_ip.filter(|ip| learning && !ip.is_unspecified());
         let mut buf = Vec::new();
         match self
             .endpoint
@@ -125,6 +129,9 @@ impl Engine {
         {
             Some(DatagramEvent::ConnectionEvent(handle, event)) => {
                 if let Some(conn) = self.conns.get_mut(&handle) {
+                    if arrived_at.is_some() {
+                        self.learnt_ip = arrived_at;
+                    }
                     conn.last_rx = now;
                     conn.quic.handle_event(event);
                     mark(&mut self.dirty, conn, handle);
@@ -163,6 +170,9 @@ impl Engine {
             Some(DatagramEvent::NewConnection(incoming)) => {
                 match self.endpoint.accept(incoming, now, &mut buf, None) {
                     Ok((handle, quic)) => {
+                        if arrived_at.is_some() {
+                            self.learnt_ip = arrived_at;
+                        }
                         self.stats.accepted += 1;
                         self.handshaking += 1;
                         self.conns
@@ -327,6 +337,7 @@ impl Engine {
             }
             self.rearm(handle);
         }
+        self.advertise_learnt(now);
         // Playout.
         let mut out = Vec::new();
         for (id, channel) in &mut self.channels {

@@ -595,6 +595,11 @@ pub struct Engine {
     awaiting_info: HashMap<ChannelId, Vec<ConnectionHandle>>,
     /// Membership among supernodes, if this node is one (see `gossip`).
     membership: Option<Box<dyn crate::node::directory::Directory>>,
+    /// The port to announce, while this node's address is still to be learnt from the
+    /// first neighbour that reaches it (see [`Engine::learn_advertise`]).
+    learn_advertise: Option<u16>,
+    /// While learning: the local address the first datagram of a connection arrived at.
+    learnt_ip: Option<std::net::IpAddr>,
     /// This node's key, for what it signs about itself in gossip.
     key: NodeKey,
     /// Counters of channels no longer carried (their totals stay monotonic).
@@ -715,6 +720,8 @@ impl Engine {
         });
         let mut engine = Self {
             membership: None,
+            learn_advertise: None,
+            learnt_ip: None,
             info_stale: true,
             forward_gossip: false,
             load_mark: None,

@@ -1,0 +1,176 @@
+//! Nodes on a wildcard address are announced where other hosts reach them. Four hosts of the
+//! bed (network namespaces behind one switch, `common::bed`): a source and two relays
+//! started as the deploy files start them, on the default listening address (`[::]`, every
+//! address of the host) with no `--advertise`, both relays joining the source; and a player
+//! on the fourth host given only the source's link.
+//!
+//! The relays are not each other's neighbours: they find each other through the
+//! supernodes' membership, at the address each announces, and gossip directly. Each must
+//! count the other as a member and hold a connection to it, and no handshake may have
+//! proved the wrong node. A node on a wildcard address used to announce the loopback address
+//! its printed link shows: each relay dialled 127.0.0.1:4434 for the other, reached itself,
+//! and counted a failed proof a second or so. The player must be served by a relay (the
+//! source sends viewers there once one carries the channel) and play the broadcast to its
+//! end, byte for byte.
+//!
+//! No ffmpeg: the source reads a paced file of pseudo-random bytes. Needs root, iproute2 and
+//! /dev/net/tun; skipped (with a message) without them unless `GRIDCAST_REQUIRE_NETNS=1` (CI).
+
+#![allow(clippy::unwrap_used, clippy::disallowed_methods, clippy::print_stdout)]
+
+mod common;
+
+use common::bed::{Bed, Shape};
+use common::http::sample;
+use common::procs::*;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+const SOURCE: usize = 0;
+const RELAYS: [usize; 2] = [1, 2];
+const PLAYER: usize = 3;
+/// 4 MB at 2 Mbit/s: a 16-s broadcast.
+const INPUT_BYTES: usize = 4_000_000;
+
+/// `link` with its one node at `host` (the port and node id kept), as an operator writes the
+/// printed link with the host's real address.
+fn at(link: &str, host: &str) -> String {
+    let (head, node) = link.split_once('@').unwrap();
+    let (addr, id) = node.rsplit_once('/').unwrap();
+    let port = addr.rsplit_once(':').unwrap().1;
+    format!("{head}@{host}:{port}/{id}")
+}
+
+/// A scrape of the admin listener of the relay on host `h` (its default, 127.0.0.1:9464
+/// inside the host).
+fn scrape(bed: &Bed, h: usize) -> Option<String> {
+    let admin: SocketAddr = "127.0.0.1:9464".parse().unwrap();
+    bed.get(h, admin, "/metrics")
+        .and_then(|(code, body)| (code == 200).then_some(body))
+}
+
+#[test]
+fn nodes_on_the_wildcard_address_are_announced_where_other_hosts_reach_them() {
+    if !Bed::can_run() {
+        return;
+    }
+    let mut bed = Bed::new(4, Shape::CLEAN, Shape::CLEAN);
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path());
+    let mut x: u64 = 0x853c_49e6_748f_ea9b;
+    let reference: Vec<u8> = (0..INPUT_BYTES)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let input = dir.path().join("input.bin");
+    std::fs::write(&input, &reference).unwrap();
+
+    let (source, printed) = spawn_with_link(bed.gridcast(
+        SOURCE,
+        &[
+            "broadcast",
+            "--key",
+            key.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--rate",
+            "2M",
+            "--linger",
+            "3",
+        ],
+    ));
+    bed.keep(source);
+    let source_link = at(&printed, &bed.addr(SOURCE));
+    for h in RELAYS {
+        let (relay, _) = spawn_with_link(bed.gridcast(h, &["relay", "--join", &source_link]));
+        bed.keep(relay);
+    }
+
+    // The relays find each other through the membership and gossip directly.
+    let started = Instant::now();
+    let counts = |s: &str| {
+        (
+            sample(s, "gridcast_members"),
+            sample(s, "gridcast_quic_connections{role=\"supernode\"}"),
+            sample(s, "gridcast_quic_handshakes_total{result=\"proof_failed\"}"),
+        )
+    };
+    loop {
+        let seen: Vec<(f64, f64, f64)> = RELAYS
+            .iter()
+            .map(|&h| scrape(&bed, h).map_or((0.0, 0.0, 0.0), |s| counts(&s)))
+            .collect();
+        if seen
+            .iter()
+            .all(|&(members, supernodes, _)| members >= 2.0 && supernodes >= 1.0)
+        {
+            for (h, (members, supernodes, wrong)) in RELAYS.iter().zip(&seen) {
+                println!(
+                    "relay on host {h}: members {members}, supernode connections {supernodes}, proofs failed {wrong}"
+                );
+                assert_eq!(
+                    *wrong, 0.0,
+                    "relay on host {h} dialled a node that proved another id: it was sent to \
+                     an address that is not the member's"
+                );
+            }
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the relays did not gossip with each other within 20 s (members, supernode \
+             connections, failed proofs: {seen:?})"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
+    let out = dir.path().join("player.bin");
+    let player = bed.keep(
+        bed.gridcast(
+            PLAYER,
+            &["play", &source_link, "--output", out.to_str().unwrap()],
+        )
+        .spawn()
+        .unwrap(),
+    );
+    let started = Instant::now();
+    let mut served = false;
+    let status = loop {
+        served = served
+            || RELAYS.iter().any(|&h| {
+                scrape(&bed, h).is_some_and(|s| sample(&s, "gridcast_subscribers") >= 1.0)
+            });
+        if let Some(status) = bed.child(player).try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(45),
+            "the player still runs 45 s in"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert!(status.success(), "play failed: {status}");
+    assert!(served, "no relay served the player");
+    let played = std::fs::read(&out).unwrap();
+    assert!(
+        played.len() > reference.len() / 3,
+        "played {} of {} bytes",
+        played.len(),
+        reference.len()
+    );
+    let start = reference.len() - played.len();
+    assert!(
+        reference[start..] == played[..],
+        "the player's file is not a byte-exact tail of the input"
+    );
+    println!(
+        "the player, sent to a relay, played the last {} of {} bytes",
+        played.len(),
+        reference.len()
+    );
+}
