@@ -35,33 +35,13 @@ fn have_ipv6() -> bool {
     found
 }
 
-fn input() -> Vec<u8> {
-    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-    (0..INPUT_BYTES)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-/// The link `link` with its one node's address replaced by `addr` (same port and node id).
-fn at(link: &str, addr: &str) -> String {
-    let (head, node) = link.split_once('@').unwrap();
-    let (host, id) = node.rsplit_once('/').unwrap();
-    let port = host.rsplit_once(':').unwrap().1;
-    format!("{head}@{addr}:{port}/{id}")
-}
-
 fn run(backend: &str) {
     if !have_ipv6() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let key = keygen(dir.path());
-    let reference = input();
+    let reference = Noise::new(0x2545_f491_4f6c_dd1d).bytes(INPUT_BYTES);
     let file = dir.path().join("input.bin");
     std::fs::write(&file, &reference).unwrap();
 
@@ -96,8 +76,8 @@ fn run(backend: &str) {
     children.0.push(relay);
     // The relay prints its link at 127.0.0.1 (its address is the wildcard); the same socket
     // answers on ::1.
-    let over_v4 = at(&relay_link, "127.0.0.1");
-    let over_v6 = at(&relay_link, "[::1]");
+    let over_v4 = with_host(&relay_link, "127.0.0.1");
+    let over_v6 = with_host(&relay_link, "[::1]");
 
     // Bound to IPv4, given an IPv6 node: refused at once, saying what to do.
     let wrong = gridcast(&[
@@ -158,23 +138,8 @@ fn run(backend: &str) {
         );
     }
     for (name, out) in &outs {
-        let played = std::fs::read(out).unwrap();
-        assert!(
-            played.len() > reference.len() / 2,
-            "player {name} played {} of {} bytes",
-            played.len(),
-            reference.len()
-        );
-        let start = reference.len() - played.len();
-        assert!(
-            reference[start..] == played[..],
-            "player {name}'s file is not a byte-exact tail of the input"
-        );
-        println!(
-            "{backend}: player {name} played the last {} of {} bytes",
-            played.len(),
-            reference.len()
-        );
+        let (start, played) = assert_exact_tail(out, &reference, 0.5);
+        println!("{backend}: player {name} played {played} bytes from offset {start}");
     }
 }
 

@@ -141,16 +141,9 @@ fn a_broadcast_stopped_by_a_signal_ends_for_its_players() {
         let done = Arc::clone(&done);
         std::thread::spawn(move || {
             let mut written = Vec::new();
-            let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+            let mut noise = Noise::new(0x9e37_79b9_7f4a_7c15);
             while !done.load(Ordering::Relaxed) && written.len() < 64 << 20 {
-                let block: Vec<u8> = (0..20_000)
-                    .map(|_| {
-                        x ^= x << 13;
-                        x ^= x >> 7;
-                        x ^= x << 17;
-                        x as u8
-                    })
-                    .collect();
+                let block = noise.bytes(20_000);
                 if stdin.write_all(&block).is_err() {
                     break;
                 }

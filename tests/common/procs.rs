@@ -34,6 +34,16 @@ pub fn gridcast(args: &[&str]) -> Command {
     c
 }
 
+/// `link` with its one node at `host` (the port and node id kept): a printed link as an
+/// operator passes it on, with the host's real address (a node on a wildcard address
+/// prints 127.0.0.1).
+pub fn with_host(link: &str, host: &str) -> String {
+    let (head, node) = link.split_once('@').unwrap();
+    let (addr, id) = node.rsplit_once('/').unwrap();
+    let port = addr.rsplit_once(':').unwrap().1;
+    format!("{head}@{host}:{port}/{id}")
+}
+
 /// Starts a gridcast process whose first stdout line is a channel link; returns both.
 pub fn spawn_with_link(cmd: Command) -> (Child, String) {
     let (child, line) = spawn_with_line(cmd);
@@ -144,6 +154,40 @@ pub fn tee(mut from: ChildStdout, mut into: ChildStdin) -> thread::JoinHandle<Ve
 /// the very end (no gap, no repeat, no wrong byte), at least `min_share` of it, and that it
 /// decodes cleanly.
 pub fn assert_tail(out: &Path, reference: &[u8], min_share: f64) {
+    let (start, played) = assert_exact_tail(out, reference, min_share);
+    decodes_cleanly(out);
+    println!(
+        "{}: {played} bytes from offset {start} of {}, decodes cleanly",
+        out.display(),
+        reference.len()
+    );
+}
+
+/// A fixed pseudo-random byte stream (xorshift64) from `seed`: test input with no structure
+/// a player could get right by chance.
+pub struct Noise(u64);
+
+impl Noise {
+    pub fn new(seed: u64) -> Self {
+        Self(seed.max(1))
+    }
+
+    /// The next `n` bytes.
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                self.0 ^= self.0 << 13;
+                self.0 ^= self.0 >> 7;
+                self.0 ^= self.0 << 17;
+                self.0 as u8
+            })
+            .collect()
+    }
+}
+
+/// As [`assert_tail`] for input that is no media (nothing to decode): `out` is a byte-exact
+/// tail of `reference`, at least `min_share` of it. Where it starts, and its length.
+pub fn assert_exact_tail(out: &Path, reference: &[u8], min_share: f64) -> (usize, usize) {
     let played = std::fs::read(out).unwrap();
     assert!(
         played.len() as f64 > reference.len() as f64 * min_share,
@@ -159,13 +203,7 @@ pub fn assert_tail(out: &Path, reference: &[u8], min_share: f64) {
         out.display(),
         tail_mismatch(&played, reference)
     );
-    decodes_cleanly(out);
-    println!(
-        "{}: {} bytes from offset {start} of {}, decodes cleanly",
-        out.display(),
-        played.len(),
-        reference.len()
-    );
+    (start, played.len())
 }
 
 /// Says how `played` departs from being a tail of `reference`: where its first bytes sit in
