@@ -36,15 +36,7 @@ fn run(fault: Fault, dir: &Path) {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut source = gridcast(&[
-        "broadcast",
-        "--key",
-        key.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-        "--linger",
-        "4",
-    ]);
+    let mut source = loopback_source(&key, 4);
     source.stdin(Stdio::piped());
     let (mut source, source_link) = spawn_with_link(source);
     // Tee ffmpeg's bytes into the broadcast and into memory: the reference.

@@ -50,18 +50,7 @@ fn tiers(plan: Plan) {
         Plan::KillA => 12,
         Plan::RestartAThenKillB => 20,
     };
-    let live = Live::start(
-        gridcast(&[
-            "broadcast",
-            "--key",
-            key.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--linger",
-            "4",
-        ]),
-        secs,
-    );
+    let live = Live::on_loopback(&key, secs);
     let source_link = live.link.clone();
     let channel = source_link.split_once('@').unwrap().0.to_owned();
     let ports: Vec<u16> = (0..4).map(|_| free_udp_port()).collect();
@@ -139,15 +128,7 @@ fn players_that_ask_a_relay_before_it_has_the_channel_play_from_their_first_chun
     // The source starts, the relay joins it and prints its link, players come 0, 0.2, 0.5
     // and 1 s after that, and only then does ffmpeg begin: a slow-starting source, whose
     // relay has no chunk when the first players ask.
-    let mut source = gridcast(&[
-        "broadcast",
-        "--key",
-        key.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-        "--linger",
-        "4",
-    ]);
+    let mut source = loopback_source(&key, 4);
     source.stdin(Stdio::piped());
     let (mut source, source_link) = spawn_with_link(source);
     let (relay, relay_link) = relay(&source_link, free_udp_port(), &dir.join("relay.key"));
@@ -197,20 +178,11 @@ fn relays_and_players_given_only_the_source_link_find_each_other() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
     let key = keygen(dir);
-    let live = Live::start(
-        gridcast(&[
-            "broadcast",
-            "--key",
-            key.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--linger",
-            "4",
-            "--max-children",
-            "3",
-        ]),
-        12,
-    );
+    let live = {
+        let mut source = loopback_source(&key, 4);
+        source.args(["--max-children", "3"]);
+        Live::start(source, 12)
+    };
     let source_link = live.link.clone();
     let mut relays: Vec<Child> = (0..3)
         .map(|i| {
@@ -258,18 +230,7 @@ fn a_relay_that_knew_only_its_dead_parent_finds_another_through_the_supernodes()
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
     let key = keygen(dir);
-    let live = Live::start(
-        gridcast(&[
-            "broadcast",
-            "--key",
-            key.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--linger",
-            "4",
-        ]),
-        12,
-    );
+    let live = Live::on_loopback(&key, 12);
     let source_link = live.link.clone();
     let (a, a_link) = relay(&source_link, free_udp_port(), &dir.join("a.key"));
     let (b, _) = relay(&source_link, free_udp_port(), &dir.join("b.key"));
@@ -302,18 +263,7 @@ fn an_open_relay_carries_the_channel_a_player_asks_it_for() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
     let key = keygen(dir);
-    let live = Live::start(
-        gridcast(&[
-            "broadcast",
-            "--key",
-            key.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--linger",
-            "4",
-        ]),
-        10,
-    );
+    let live = Live::on_loopback(&key, 10);
     let source_link = live.link.clone();
     let (channel, source_node) = source_link.split_once('@').unwrap();
     let (relay, relay_node) = spawn_with_line(gridcast(&[
