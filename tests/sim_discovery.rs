@@ -328,3 +328,67 @@ fn an_open_relay_carries_a_channel_when_asked_and_drops_it_when_nobody_watches()
         "an unwatched channel is still carried"
     );
 }
+
+#[test]
+fn a_node_whose_first_address_does_not_answer_is_reached_at_its_other_one() {
+    // A peer knows the source at two addresses, the first of which nothing answers (a host
+    // name's IPv6 address on a network whose IPv6 is broken). It dials the first, then the
+    // second 250 ms later, and plays from the one that answers; the winner takes the first
+    // attempt's place with what was queued on it. A peer that knows only the dead address
+    // is never served: the second address is what serves the first peer.
+    let mut grid = Grid::new(41, 0, Grid::relay_config);
+    let source = grid.source_candidate();
+    let dead: std::net::SocketAddr = "10.9.9.9:4433".parse().unwrap();
+    let channel = grid.source.channel;
+    let peer = |grid: &mut Grid, also: Option<std::net::SocketAddr>| {
+        let p = grid.sim.add_node(EngineConfig::default()).unwrap();
+        let now = grid.sim.now();
+        let engine = &mut grid.sim.node_mut(p).engine;
+        if let Some(alt) = also {
+            engine.learn_addresses(source.node, &[dead, alt]);
+        }
+        engine.add_channel(channel, ChannelMode::Play);
+        let first = gridcast::node::Candidate {
+            addr: dead,
+            node: source.node,
+        };
+        engine.set_upstream(now, channel, vec![first]).unwrap();
+        p
+    };
+    let served = peer(&mut grid, Some(source.addr));
+    grid.peers.push(served);
+    grid.played.push(common::grid::Played::default());
+    let stranded = peer(&mut grid, None);
+    grid.run(Duration::from_secs(8));
+    grid.assert_perfect("first address dead");
+    let stats = grid.sim.node(served).engine.stats();
+    assert_eq!(
+        (stats.dial_fallbacks, stats.handshakes_ok),
+        (1, 1),
+        "one dial, completed at the second address: {stats:?}"
+    );
+    // The losing attempt is gone; the winner is the one connection.
+    assert_eq!(grid.sim.node(served).engine.connection_count(), 1);
+    let stranded = grid
+        .sim
+        .node(stranded)
+        .engine
+        .channel(&channel)
+        .unwrap()
+        .stats();
+    assert_eq!(
+        stranded.chunks_played, 0,
+        "the dead address alone serves nothing"
+    );
+
+    // Both sides of the swapped pair are released to quinn-proto once the winner is gone
+    // too, and the handles it then reuses for redials do not land on a live entry.
+    grid.sim.kill(grid.source.node);
+    grid.sim.run_for(Duration::from_secs(40)).unwrap();
+    let stats = grid.sim.node(served).engine.stats();
+    assert!(
+        stats.dial_attempts_extra >= 2,
+        "redials of the dead source raced both addresses again: {stats:?}"
+    );
+    assert!(grid.sim.node(served).engine.connection_count() <= 2);
+}

@@ -168,10 +168,12 @@ impl FromStr for LinkNode {
 }
 
 impl LinkNode {
-    /// The node as a dialling candidate for a node listening on `local`: its host resolved,
-    /// the first address of a family that `local` reaches (a name with IPv6 and IPv4
-    /// addresses, dialled from an IPv4 socket, is dialled at its IPv4 one).
-    pub fn candidate(&self, local: SocketAddr) -> Result<Candidate, LinkError> {
+    /// Every address of the node that a node listening on `local` can dial, in the order to
+    /// try them: the resolver's (RFC 6724's preference), with the two IP families taking
+    /// turns after the first (RFC 8305, section 4), so that a family whose addresses all fail
+    /// costs one attempt, not all of them. A name with IPv6 and IPv4 addresses, dialled from
+    /// an IPv4 socket, gives its IPv4 ones only.
+    pub fn addresses(&self, local: SocketAddr) -> Result<Vec<SocketAddr>, LinkError> {
         let found: Vec<SocketAddr> = self
             .host
             .to_socket_addrs()
@@ -180,7 +182,12 @@ impl LinkNode {
                 source,
             })?
             .collect();
-        let Some(&addr) = found.iter().find(|&&a| reaches(local, a)) else {
+        let usable: Vec<SocketAddr> = found
+            .iter()
+            .copied()
+            .filter(|&a| reaches(local, a))
+            .collect();
+        if usable.is_empty() {
             let Some(first) = found.first() else {
                 return Err(LinkError::Resolve {
                     host: self.host.clone(),
@@ -197,11 +204,94 @@ impl LinkNode {
                 local,
                 hint,
             });
-        };
+        }
+        Ok(interleave_families(usable))
+    }
+
+    /// The node as a dialling candidate for a node listening on `local`: the first of its
+    /// [`LinkNode::addresses`].
+    pub fn candidate(&self, local: SocketAddr) -> Result<Candidate, LinkError> {
+        let addrs = self.addresses(local)?;
         Ok(Candidate {
-            addr,
+            addr: addrs[0],
             node: self.node,
         })
+    }
+}
+
+/// `addrs` without repeats, the family of the first and the other taking turns.
+fn interleave_families(addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
+    let mut unique: Vec<SocketAddr> = Vec::with_capacity(addrs.len());
+    for a in addrs {
+        if !unique.contains(&a) {
+            unique.push(a);
+        }
+    }
+    let Some(first) = unique.first() else {
+        return unique;
+    };
+    let v6_first = first.is_ipv6();
+    let (mut lead, mut other): (std::collections::VecDeque<_>, std::collections::VecDeque<_>) =
+        unique.iter().partition(|a| a.is_ipv6() == v6_first);
+    let mut out = Vec::with_capacity(unique.len());
+    loop {
+        match (lead.pop_front(), other.pop_front()) {
+            (None, None) => break,
+            (a, b) => out.extend(a.into_iter().chain(b).copied()),
+        }
+    }
+    out
+}
+
+/// A link's nodes resolved for dialling (see [`ChannelLink::resolve`]).
+#[derive(Clone, Debug, Default)]
+pub struct Resolved {
+    /// Each node once, at the first address to dial it at.
+    pub candidates: Vec<Candidate>,
+    /// The nodes known at more than one address, with all of them in the order to try them:
+    /// for [`crate::node::Engine::learn_addresses`].
+    pub addresses: Vec<(NodeId, Vec<SocketAddr>)>,
+}
+
+impl Resolved {
+    /// Adds `more`'s nodes (another link's): a node already here gains the addresses it
+    /// did not have, after its own.
+    pub fn merge(&mut self, more: Resolved) {
+        let mut book = std::mem::take(&mut self.addresses);
+        for c in &self.candidates {
+            if !book.iter().any(|(n, _)| *n == c.node) {
+                book.push((c.node, vec![c.addr]));
+            }
+        }
+        for c in more.candidates {
+            let addrs = more
+                .addresses
+                .iter()
+                .find(|(n, _)| *n == c.node)
+                .map_or_else(|| vec![c.addr], |(_, a)| a.clone());
+            match book.iter_mut().find(|(n, _)| *n == c.node) {
+                Some((_, known)) => {
+                    for a in addrs {
+                        if !known.contains(&a) {
+                            known.push(a);
+                        }
+                    }
+                }
+                None => {
+                    self.candidates.push(c);
+                    book.push((c.node, addrs));
+                }
+            }
+        }
+        book.retain(|(_, a)| a.len() > 1);
+        self.addresses = book;
+    }
+
+    /// Removes node `node` (a relay's own id in a link it joins).
+    pub fn without(mut self, node: NodeId) -> Self {
+        self.candidates.retain(|c| c.node != node);
+        self.addresses.retain(|(n, _)| *n != node);
+        self
     }
 }
 
@@ -230,11 +320,58 @@ impl ChannelLink {
         }
     }
 
-    /// The nodes as dialling candidates for a node listening on `local` (DNS names resolved,
-    /// the first address `local` reaches each; see [`LinkNode::candidate`]).
+    /// The nodes as dialling candidates for a node listening on `local`: each node once, at
+    /// the first address `local` reaches (see [`ChannelLink::resolve`]).
     pub fn candidates(&self, local: SocketAddr) -> Result<Vec<Candidate>, LinkError> {
-        self.nodes.iter().map(|n| n.candidate(local)).collect()
+        Ok(self.resolve(local)?.candidates)
     }
+
+    /// The nodes resolved for a node listening on `local` (DNS names looked up, each entry's
+    /// [`LinkNode::addresses`]). A node the link names more than once is one candidate with
+    /// every entry's addresses, in the link's order; an entry `local` cannot reach is an
+    /// error only if its node has no other.
+    pub fn resolve(&self, local: SocketAddr) -> Result<Resolved, LinkError> {
+        resolve_nodes(&self.nodes, local)
+    }
+}
+
+/// `nodes` resolved for a node listening on `local`, as [`ChannelLink::resolve`] does (a
+/// link's entries, or a relay's bootstrap nodes).
+pub fn resolve_nodes(nodes: &[LinkNode], local: SocketAddr) -> Result<Resolved, LinkError> {
+    let mut book: Vec<(NodeId, Vec<SocketAddr>)> = Vec::new();
+    let mut failed: Vec<(NodeId, LinkError)> = Vec::new();
+    for n in nodes {
+        match n.addresses(local) {
+            Ok(addrs) => match book.iter_mut().find(|(id, _)| *id == n.node) {
+                Some((_, known)) => {
+                    for a in addrs {
+                        if !known.contains(&a) {
+                            known.push(a);
+                        }
+                    }
+                }
+                None => book.push((n.node, addrs)),
+            },
+            Err(err) => failed.push((n.node, err)),
+        }
+    }
+    for (node, err) in failed {
+        if !book.iter().any(|(id, _)| *id == node) {
+            return Err(err);
+        }
+    }
+    let candidates = book
+        .iter()
+        .map(|(node, addrs)| Candidate {
+            addr: addrs[0],
+            node: *node,
+        })
+        .collect();
+    book.retain(|(_, addrs)| addrs.len() > 1);
+    Ok(Resolved {
+        candidates,
+        addresses: book,
+    })
 }
 
 #[cfg(test)]
@@ -250,6 +387,98 @@ mod tests {
         assert!(link.nodes.is_empty());
         let typo = format!("{}x", &channel.to_string()[1..]);
         assert!(typo.parse::<ChannelLink>().is_err());
+    }
+
+    #[test]
+    fn the_families_take_turns_after_the_first() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let list = vec![
+            a("[2001:db8::1]:1"),
+            a("[2001:db8::2]:1"),
+            a("[2001:db8::1]:1"),
+            a("192.0.2.1:1"),
+            a("[2001:db8::3]:1"),
+            a("192.0.2.2:1"),
+        ];
+        assert_eq!(
+            interleave_families(list),
+            vec![
+                a("[2001:db8::1]:1"),
+                a("192.0.2.1:1"),
+                a("[2001:db8::2]:1"),
+                a("192.0.2.2:1"),
+                a("[2001:db8::3]:1"),
+            ]
+        );
+        let v4_first = vec![a("192.0.2.1:1"), a("[2001:db8::1]:1"), a("[2001:db8::2]:1")];
+        assert_eq!(
+            interleave_families(v4_first),
+            vec![a("192.0.2.1:1"), a("[2001:db8::1]:1"), a("[2001:db8::2]:1")]
+        );
+    }
+
+    #[test]
+    fn a_node_named_twice_is_one_candidate_with_both_addresses() {
+        let any6: SocketAddr = "[::]:0".parse().unwrap();
+        let any4: SocketAddr = "0.0.0.0:0".parse().unwrap();
+        let channel = ChannelKey::from_seed(&[2; 32]).channel_id();
+        let x = NodeKey::from_seed(&[3; 32]).node_id();
+        let y = NodeKey::from_seed(&[4; 32]).node_id();
+        let link: ChannelLink =
+            format!("gridcast://{channel}@[::1]:4433/{x},127.0.0.1:4434/{y},127.0.0.1:4433/{x}")
+                .parse()
+                .unwrap();
+        let r = link.resolve(any6).unwrap();
+        let addrs: Vec<(NodeId, SocketAddr)> =
+            r.candidates.iter().map(|c| (c.node, c.addr)).collect();
+        assert_eq!(
+            addrs,
+            vec![
+                (x, "[::1]:4433".parse().unwrap()),
+                (y, "127.0.0.1:4434".parse().unwrap())
+            ]
+        );
+        assert_eq!(
+            r.addresses,
+            vec![(
+                x,
+                vec![
+                    "[::1]:4433".parse().unwrap(),
+                    "127.0.0.1:4433".parse().unwrap()
+                ]
+            )]
+        );
+        // An IPv4 socket cannot reach the IPv6 entry; the node's other one serves.
+        let r = link.resolve(any4).unwrap();
+        let at = |r: &Resolved, n: NodeId| r.candidates.iter().find(|c| c.node == n).unwrap().addr;
+        assert_eq!(at(&r, x), "127.0.0.1:4433".parse().unwrap());
+        assert!(r.addresses.is_empty());
+        // A node with no entry the socket reaches is still an error.
+        let only6: ChannelLink = format!("gridcast://{channel}@[::1]:4433/{x},127.0.0.1:4434/{y}")
+            .parse()
+            .unwrap();
+        assert!(only6.resolve(any4).is_err());
+
+        // Two links naming the same node at different addresses: one candidate, every
+        // address once, the first link's first.
+        let other: ChannelLink = format!("gridcast://{channel}@127.0.0.2:4433/{x}")
+            .parse()
+            .unwrap();
+        let mut all = link.resolve(any6).unwrap();
+        all.merge(other.resolve(any6).unwrap());
+        assert_eq!(all.candidates.len(), 2);
+        assert_eq!(
+            all.addresses,
+            vec![(
+                x,
+                vec![
+                    "[::1]:4433".parse().unwrap(),
+                    "127.0.0.1:4433".parse().unwrap(),
+                    "127.0.0.2:4433".parse().unwrap()
+                ]
+            )]
+        );
+        assert!(all.without(x).addresses.is_empty());
     }
 
     #[test]

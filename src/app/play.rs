@@ -191,6 +191,9 @@ fn status_line(s: &PlayStatus, bps: f64) -> String {
 pub fn play(config: &PlayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
     let channel = config.link.channel;
     let bare = config.link.nodes.is_empty();
+    // The link's nodes known at several addresses (a host name with IPv6 and IPv4 ones):
+    // a dial of one races them (`Engine::learn_addresses`).
+    let mut addresses = Vec::new();
     let candidates = if bare {
         // A bare channel id: a node on the local network that carries it (a hint until its
         // handshake proves the node id the record names).
@@ -208,7 +211,9 @@ pub fn play(config: &PlayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
     } else if config.mdns {
         // The link's nodes, behind any that the local network offers: those are dialled
         // first and, being nearest, are given substreams first.
-        let link = config.link.candidates(config.listen)?;
+        let link = config.link.resolve(config.listen)?;
+        addresses = link.addresses;
+        let link = link.candidates;
         let mut found =
             super::lan::find(channel, Duration::from_secs(1), Duration::from_millis(300))
                 .unwrap_or_else(|err| {
@@ -219,7 +224,9 @@ pub fn play(config: &PlayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
         log_found(&found);
         local_first(found, link)
     } else {
-        config.link.candidates(config.listen)?
+        let link = config.link.resolve(config.listen)?;
+        addresses = link.addresses;
+        link.candidates
     };
     let mut sink = Sink::open(&config.output)?;
     let key = node_key(config.node_key.as_deref())?;
@@ -239,6 +246,9 @@ pub fn play(config: &PlayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
     node.command(
         0,
         Box::new(move |e, now| {
+            for (node, addrs) in &addresses {
+                e.learn_addresses(*node, addrs);
+            }
             e.add_channel(channel, ChannelMode::Play);
             if let Err(err) = e.set_upstream(now, channel, candidates) {
                 tracing::error!(%err, "choosing parents");

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use super::link::ChannelLink;
+use super::link::{ChannelLink, Resolved, resolve_nodes};
 use crate::driver::{IoBackend, Node};
 use crate::keys::ChannelId;
 use crate::node::{Candidate, ChannelMode, EngineConfig, NodeEvent, OpenChannels, UpstreamConfig};
@@ -67,16 +67,21 @@ pub struct OpenRelay {
     pub idle: Duration,
 }
 
+/// A channel and its candidate upstreams.
+pub(crate) type ChannelUpstreams = (ChannelId, Vec<Candidate>);
+
 /// Every candidate upstream per channel, over all the links given for it (a channel may be
-/// joined with several links), each node once and never this node itself.
+/// joined with several links), each node once and never this node itself; and the nodes
+/// known at several addresses, with all of them (`Engine::learn_addresses`).
 pub(crate) fn upstreams(
     links: &[ChannelLink],
     me: crate::keys::NodeId,
     local: SocketAddr,
-) -> anyhow::Result<Vec<(ChannelId, Vec<Candidate>)>> {
-    let mut out: Vec<(ChannelId, Vec<Candidate>)> = Vec::new();
+) -> anyhow::Result<(Vec<ChannelUpstreams>, Resolved)> {
+    let mut out: Vec<ChannelUpstreams> = Vec::new();
+    let mut all = Resolved::default();
     for link in links {
-        let candidates = link.candidates(local)?;
+        let resolved = link.resolve(local)?.without(me);
         let entry = match out.iter_mut().position(|(c, _)| *c == link.channel) {
             Some(i) => &mut out[i].1,
             None => {
@@ -84,18 +89,19 @@ pub(crate) fn upstreams(
                 &mut out.last_mut().context("just pushed")?.1
             }
         };
-        for c in candidates {
-            if c.node != me && !entry.iter().any(|e| e.node == c.node) {
+        for &c in &resolved.candidates {
+            if !entry.iter().any(|e| e.node == c.node) {
                 entry.push(c);
             }
         }
+        all.merge(resolved);
     }
     for (channel, candidates) in &out {
         if candidates.is_empty() {
             anyhow::bail!("the links for channel {channel} name no node but this one");
         }
     }
-    Ok(out)
+    Ok((out, all))
 }
 
 /// Runs a supernode until a signal arrives.
@@ -105,13 +111,12 @@ pub fn relay(config: &RelayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
     if config.join.is_empty() && config.open.is_none() {
         anyhow::bail!("nothing to carry: give at least one --join <channel link>, or --open");
     }
-    let upstreams = upstreams(&config.join, key.node_id(), config.listen)?;
+    let (upstreams, mut addresses) = upstreams(&config.join, key.node_id(), config.listen)?;
     let open = match &config.open {
         Some(open) => {
-            let mut bootstrap = Vec::new();
-            for n in &open.bootstrap {
-                bootstrap.push(n.candidate(config.listen)?);
-            }
+            let resolved = resolve_nodes(&open.bootstrap, config.listen)?.without(key.node_id());
+            let mut bootstrap = resolved.candidates.clone();
+            addresses.merge(resolved);
             // The joined channels' nodes are nodes of the grid too.
             for (_, list) in &upstreams {
                 for c in list {
@@ -162,6 +167,17 @@ pub fn relay(config: &RelayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
     // Worker 0 is this node's member of the supernodes' membership; the others hand it the
     // gossip they receive.
     super::roles::announce(&node, config.advertise);
+    for w in 0..node.workers() {
+        let book = addresses.addresses.clone();
+        node.command(
+            w,
+            Box::new(move |e, _| {
+                for (n, addrs) in &book {
+                    e.learn_addresses(*n, addrs);
+                }
+            }),
+        );
+    }
     for w in 1..node.workers() {
         node.command(w, Box::new(|e, _| e.set_forward_gossip(true)));
     }

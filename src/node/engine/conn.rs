@@ -96,6 +96,10 @@ pub(super) struct Conn {
     pub(super) peer: Option<NodeId>,
     /// The last parent query sent on this connection: its id, channel and when.
     pub(super) asked: Option<(u32, ChannelId, Instant)>,
+    /// A later attempt of a race to a node known at several addresses (see `race`): nothing
+    /// but the handshake runs on it, and no caller looking for a connection to the node
+    /// takes it.
+    pub(super) spare: bool,
 }
 
 /// Control messages (go-away, have, subscribe) go before any shard data waiting on the same
@@ -150,6 +154,7 @@ impl Conn {
             asked: None,
             peer: node,
             gossip_out: Vec::new(),
+            spare: false,
         }
     }
 
@@ -242,6 +247,21 @@ impl ConnTable {
 
     pub(super) fn len(&self) -> usize {
         self.len
+    }
+
+    /// Two different entries at once.
+    pub(super) fn pair_mut(
+        &mut self,
+        a: ConnectionHandle,
+        b: ConnectionHandle,
+    ) -> Option<(&mut Conn, &mut Conn)> {
+        if a == b || a.0 >= self.slots.len() || b.0 >= self.slots.len() {
+            return None;
+        }
+        let (lo, hi) = (a.0.min(b.0), a.0.max(b.0));
+        let (head, tail) = self.slots.split_at_mut(hi);
+        let (x, y) = (head[lo].as_mut()?, tail[0].as_mut()?);
+        Some(if a.0 < b.0 { (x, y) } else { (y, x) })
     }
 
     pub(super) fn values(&self) -> impl Iterator<Item = &Conn> {

@@ -138,10 +138,16 @@ impl Engine {
         if self.refused.contains(&parent_id) {
             return Err(EngineError::Refused(parent_id));
         }
+        let dialling = &self.dialling;
         let existing = self
             .conns
             .iter()
-            .find(|(_, c)| !c.closed && c.node == Some(parent_id) && c.remote == parent)
+            .find(|(_, c)| {
+                !c.closed
+                    && !c.spare
+                    && c.node == Some(parent_id)
+                    && dialling.same_node(parent_id, c.remote, parent)
+            })
             .map(|(h, _)| h);
         let handle = match existing {
             Some(h) => h,

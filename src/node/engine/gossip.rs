@@ -227,7 +227,7 @@ impl Engine {
         let existing = self
             .conns
             .iter()
-            .filter(|(_, c)| !c.closed && c.peer == Some(node))
+            .filter(|(_, c)| !c.closed && !c.spare && c.peer == Some(node))
             .max_by_key(|(_, c)| c.established)
             .map(|(h, _)| h);
         let handle = match existing {

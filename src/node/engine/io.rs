@@ -51,24 +51,38 @@ impl Engine {
         }
     }
 
+    /// Dials `node` at `remote`, or, if the node is known at several addresses, at the one
+    /// that answered last, racing the others (see `race`). The Hello goes first.
     pub(super) fn connect(
         &mut self,
         now: Instant,
         remote: SocketAddr,
         node: NodeId,
     ) -> Result<ConnectionHandle, EngineError> {
-        let mut client = ClientConfig::new(tls::client_crypto(node, &self.identity)?);
-        client.transport_config(Arc::clone(&self.transport));
-        let (handle, quic) = self
-            .endpoint
-            .connect(now, client, remote, SERVER_NAME)
-            .map_err(|e| EngineError::Connect(remote, e.to_string()))?;
-        let mut conn = Conn::new(now, quic, remote, Some(node));
+        let mut order = self.dial_order(remote, node);
+        let first = order.remove(0);
+        let (handle, quic) = self.dial_quic(now, first, node)?;
+        let mut conn = Conn::new(now, quic, first, Some(node));
         conn.send_control(&self.hello());
         self.conns.insert(handle, conn);
         self.order.push(handle);
         self.touch(handle);
+        self.start_race(now, handle, node, order);
         Ok(handle)
+    }
+
+    /// A QUIC connection to `remote`, which must prove `node`.
+    pub(super) fn dial_quic(
+        &mut self,
+        now: Instant,
+        remote: SocketAddr,
+        node: NodeId,
+    ) -> Result<(ConnectionHandle, quinn_proto::Connection), EngineError> {
+        let mut client = ClientConfig::new(tls::client_crypto(node, &self.identity)?);
+        client.transport_config(Arc::clone(&self.transport));
+        self.endpoint
+            .connect(now, client, remote, SERVER_NAME)
+            .map_err(|e| EngineError::Connect(remote, e.to_string()))
     }
 
     /// Closes the connection to `handle` (a parent the application gave up on).
@@ -128,6 +142,7 @@ impl Engine {
             .handle(now, remote, local_ip, ecn, data, &mut buf)
         {
             Some(DatagramEvent::ConnectionEvent(handle, event)) => {
+                let handle = self.dialling.at_endpoint(handle);
                 if let Some(conn) = self.conns.get_mut(&handle) {
                     if arrived_at.is_some() {
                         self.learnt_ip = arrived_at;
@@ -210,6 +225,10 @@ impl Engine {
             }
         }
         self.drive(now);
+        if self.dialling.poll_timeout().is_some_and(|t| t <= now) {
+            self.race_timeout(now);
+            self.drive(now);
+        }
         if self
             .upstreams
             .values()
@@ -232,11 +251,13 @@ impl Engine {
         let channels = self.channels.values().filter_map(Channel::poll_timeout);
         let upstream = self.upstreams.values().filter_map(|u| u.next_check);
         let gossip = self.gossip_poll_timeout();
+        let races = self.dialling.poll_timeout();
         conns
             .into_iter()
             .chain(channels)
             .chain(upstream)
             .chain(gossip)
+            .chain(races)
             .min()
     }
 
@@ -361,6 +382,8 @@ impl Engine {
     }
 
     pub(super) fn drive_conn(&mut self, now: Instant, handle: ConnectionHandle) {
+        // A race's winner takes the first attempt's place before its events are read.
+        self.race_check(now, handle);
         let mut inputs = Vec::new();
         let mut drained = false;
         {
@@ -372,7 +395,8 @@ impl Engine {
                 while let Some(ev) = conn.quic.poll_endpoint_events() {
                     progressed = true;
                     drained |= ev.is_drained();
-                    if let Some(back) = self.endpoint.handle_event(handle, ev) {
+                    if let Some(back) = self.dialling.endpoint_event(&mut self.endpoint, handle, ev)
+                    {
                         conn.quic.handle_event(back);
                     }
                 }
@@ -501,6 +525,7 @@ impl Engine {
             for listed in self.subscribers.values_mut() {
                 listed.retain(|(h, _)| *h != handle);
             }
+            self.race_forget(now, handle);
             return;
         }
         for input in inputs {

@@ -51,6 +51,7 @@
 //!   QUIC datagrams, or the simulator's board) and this node's info.
 //! - `parents`: the upstream policy ([`crate::node::upstream`]) put to work: candidates,
 //!   standbys, assignment and failover.
+//! - `race`: dialling a node known at several addresses (RFC 8305's connection attempts).
 
 mod conn;
 mod control;
@@ -60,7 +61,9 @@ mod gossip;
 mod io;
 mod outbound;
 mod parents;
+mod race;
 mod report;
+pub use race::ATTEMPT_DELAY;
 pub use report::{ChannelReport, ConnectionsByRole, EngineReport};
 
 use conn::ConnTable;
@@ -512,6 +515,11 @@ pub struct EngineStats {
     pub handshakes_failed: u64,
     /// Of those, dialled nodes that did not prove the node id expected.
     pub handshakes_proof_failed: u64,
+    /// Dials of a node known at several addresses that tried another address too, because
+    /// the first had not answered within [`ATTEMPT_DELAY`].
+    pub dial_attempts_extra: u64,
+    /// Dials completed at another of the node's addresses than the first tried.
+    pub dial_fallbacks: u64,
     /// Connections that ended, by why (see [`CloseReasons`]).
     pub closed: CloseReasons,
     /// QUIC counters of connections that are gone (live ones are added by
@@ -631,6 +639,8 @@ pub struct Engine {
     encoded_headers: VecDeque<(Arc<SignedChunkHeader>, Bytes)>,
     /// Shard frame prefixes are cut from this block: one allocation per many frames.
     prefixes: BytesMut,
+    /// Nodes known at several addresses, and the races that dial them (see `race`).
+    dialling: race::Dialling,
     stats: EngineStats,
 }
 
@@ -761,6 +771,7 @@ impl Engine {
             exports: Vec::new(),
             encoded_headers: VecDeque::new(),
             prefixes: BytesMut::new(),
+            dialling: race::Dialling::default(),
             stats: EngineStats::default(),
         };
         engine.membership = engine.new_membership();
