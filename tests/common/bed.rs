@@ -77,6 +77,7 @@ pub fn remove_stale(prefix: &str) {
         };
         if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
             ip(&["netns", "del", name]);
+            let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(name));
         }
     }
 }
@@ -213,6 +214,33 @@ impl Bed {
         .flatten()
     }
 
+    /// Gives host `h` an IPv6 address too, `2001:db8:79::<h+1>/64` on its interface (the
+    /// documentation prefix; it never leaves the bed), usable at once (no duplicate address
+    /// detection), and returns it.
+    pub fn add_ipv6(&self, h: usize) -> String {
+        let addr = format!("2001:db8:79::{:x}", h + 1);
+        let with_len = format!("{addr}/64");
+        must_ip(&[
+            "-n",
+            &self.hosts[h],
+            "addr",
+            "add",
+            &with_len,
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        addr
+    }
+
+    /// Host `h`'s own `/etc/hosts`, for the programs the bed runs there (`ip netns exec`
+    /// puts `/etc/netns/<namespace>/hosts` in place of the machine's); removed with the bed.
+    pub fn hosts_file(&self, h: usize, text: &str) {
+        let dir = Path::new("/etc/netns").join(&self.hosts[h]);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("hosts"), text).unwrap();
+    }
+
     /// Keeps `child` to be killed when the bed goes; its index for [`Bed::child`].
     pub fn keep(&mut self, child: Child) -> usize {
         self.children.push(child);
@@ -234,6 +262,7 @@ impl Drop for Bed {
         drop(self.wire.take());
         for name in &self.hosts {
             ip(&["netns", "del", name]);
+            let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(name));
         }
     }
 }

@@ -270,6 +270,7 @@ struct EngineMetrics {
     /// limit, draining, misbehaved.
     refused: [Counter; 3],
     retries: Counter,
+    dial_fallbacks: Counter,
     /// dropped, answered.
     unrouted: [Counter; 2],
     /// idle_timeout, application, transport_error, reset, other.
@@ -331,6 +332,13 @@ impl EngineMetrics {
                 "gridcast_quic_retries_total",
                 "QUIC Retry packets sent: new connections from addresses not yet validated, \
                  while more handshakes were under way than the threshold allows.",
+                &[],
+            ),
+            dial_fallbacks: r.counter(
+                "gridcast_dial_fallbacks_total",
+                "Dials of a node known at several addresses that completed at another than the \
+                 first tried (that one did not answer within 250 ms: a host name's IPv6 \
+                 address on a network whose IPv6 is broken, say).",
                 &[],
             ),
             unrouted: r.counters(
@@ -521,6 +529,8 @@ impl EngineMetrics {
         self.refused[1].absolute(draining);
         self.refused[2].absolute(misbehaved);
         self.retries.absolute(sum(&|r| r.stats.retries_sent));
+        self.dial_fallbacks
+            .absolute(sum(&|r| r.stats.dial_fallbacks));
         self.unrouted[0].absolute(sum(&|r| r.stats.datagrams_dropped));
         self.unrouted[1].absolute(sum(&|r| r.stats.datagrams_answered));
         for (c, v) in self.closed.iter().zip([

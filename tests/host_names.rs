@@ -1,0 +1,148 @@
+//! Links name nodes by host name, and a name's first address may not answer. Three hosts of
+//! the bed (network namespaces behind one switch, `common::bed`): a source, a relay and a
+//! player.
+//!
+//! The relay's and the player's hosts have IPv6 addresses and their own hosts files:
+//! - On the relay's host, `source.bed` is an IPv6 address no host has (a broken IPv6 path),
+//!   then the source's IPv4 address.
+//! - On the player's host, `relay.bed` is the same dead address, then the relay's IPv4 one.
+//!
+//! The resolver lists the IPv6 address first there; the test checks that first, so it cannot
+//! pass on an order that skips the dead address. The relay joins `source.bed` and the player
+//! plays from `relay.bed`. Each must reach its node at its second address, within the attempt
+//! delay rather than a connect timeout:
+//! - The relay's metrics must count the dial that fell back.
+//! - The player must play the broadcast to its end, byte for byte.
+//!
+//! A name was dialled at its first address alone before. The relay logged "nothing of the
+//! channel arrives" and never carried the channel, and the player exited after its 10-s
+//! connect timeout: "no node of the link answered".
+//!
+//! No ffmpeg: the source reads a paced file of pseudo-random bytes. Needs root, iproute2 and
+//! /dev/net/tun; skipped (with a message) without them unless `GRIDCAST_REQUIRE_NETNS=1` (CI).
+
+#![allow(clippy::unwrap_used, clippy::disallowed_methods, clippy::print_stdout)]
+
+mod common;
+
+use common::bed::{Bed, PORT, Shape};
+use common::http::sample;
+use common::procs::*;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+const SOURCE: usize = 0;
+const RELAY: usize = 1;
+const PLAYER: usize = 2;
+/// 3 MB at 2 Mbit/s: a 12-s broadcast.
+const INPUT_BYTES: usize = 3_000_000;
+/// An address in the hosts' IPv6 prefix that no host has: nothing answers there.
+const DEAD: &str = "2001:db8:79::99";
+
+/// The first address `name` resolves to on host `h`, as the programs there see it.
+fn first_address(bed: &Bed, h: usize, name: &str) -> String {
+    let out = bed
+        .command(h, "getent", &["ahosts", name])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[test]
+fn a_host_name_whose_first_address_does_not_answer_is_reached_at_its_next() {
+    if !Bed::can_run() {
+        return;
+    }
+    let mut bed = Bed::new(3, Shape::CLEAN, Shape::CLEAN);
+    for (h, name, at) in [(RELAY, "source.bed", SOURCE), (PLAYER, "relay.bed", RELAY)] {
+        bed.add_ipv6(h);
+        bed.hosts_file(
+            h,
+            &format!(
+                "127.0.0.1 localhost\n{DEAD} {name}\n{} {name}\n",
+                bed.addr(at)
+            ),
+        );
+        assert_eq!(
+            first_address(&bed, h, name),
+            DEAD,
+            "the resolver on host {h} must list {name}'s dead IPv6 address first, or this test \
+             proves nothing"
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path());
+    let reference = Noise::new(0x2545_f491_4f6c_dd1d).bytes(INPUT_BYTES);
+    let input = dir.path().join("input.bin");
+    std::fs::write(&input, &reference).unwrap();
+
+    let (source, printed) = spawn_with_link(bed.gridcast(
+        SOURCE,
+        &[
+            "broadcast",
+            "--key",
+            key.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--rate",
+            "2M",
+            "--linger",
+            "3",
+        ],
+    ));
+    bed.keep(source);
+    let (relay, relay_link) = spawn_with_link(bed.gridcast(
+        RELAY,
+        &["relay", "--join", &with_host(&printed, "source.bed")],
+    ));
+    bed.keep(relay);
+
+    let out = dir.path().join("player.bin");
+    let started = Instant::now();
+    let player = bed.keep(
+        bed.gridcast(
+            PLAYER,
+            &[
+                "play",
+                &with_host(&relay_link, "relay.bed"),
+                "--output",
+                out.to_str().unwrap(),
+            ],
+        )
+        .spawn()
+        .unwrap(),
+    );
+    let admin: SocketAddr = "127.0.0.1:9464".parse().unwrap();
+    let mut fallbacks = 0.0;
+    let status = loop {
+        if let Some((200, body)) = bed.get(RELAY, admin, "/metrics") {
+            fallbacks = sample(&body, "gridcast_dial_fallbacks_total");
+        }
+        if let Some(status) = bed.child(player).try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(45),
+            "the player still runs 45 s in"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert!(
+        status.success(),
+        "play failed: {status} (relay.bed on port {PORT})"
+    );
+    assert!(
+        fallbacks >= 1.0,
+        "the relay counts no dial completed at the source's second address: {fallbacks}"
+    );
+    let (start, played) = assert_exact_tail(&out, &reference, 1.0 / 3.0);
+    println!(
+        "the relay reached source.bed at its IPv4 address ({fallbacks} fallback); the player \
+         reached relay.bed likewise and played {played} bytes from offset {start}"
+    );
+}
