@@ -233,6 +233,13 @@ impl Bed {
         addr
     }
 
+    /// Runs `ip args…` in host `h`'s namespace; panics with its error output if it fails.
+    pub fn ip_in(&self, h: usize, args: &[&str]) {
+        let mut all = vec!["-n", self.hosts[h].as_str()];
+        all.extend_from_slice(args);
+        must_ip(&all);
+    }
+
     /// Host `h`'s own `/etc/hosts`, for the programs the bed runs there (`ip netns exec`
     /// puts `/etc/netns/<namespace>/hosts` in place of the machine's); removed with the bed.
     pub fn hosts_file(&self, h: usize, text: &str) {

@@ -149,6 +149,9 @@ impl Engine {
                     }
                     conn.last_rx = now;
                     conn.quic.handle_event(event);
+                    // A neighbour whose address changed (a NAT rebinding, a new lease) is
+                    // followed there by QUIC; answers naming it name where it is now.
+                    conn.remote = conn.quic.remote_address();
                     mark(&mut self.dirty, conn, handle);
                 }
             }
