@@ -30,7 +30,7 @@ use common::http::sample;
 use common::procs::*;
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const SOURCE: usize = 0;
 const RELAY: usize = 1;
@@ -76,34 +76,15 @@ fn a_host_name_whose_first_address_does_not_answer_is_reached_at_its_next() {
         );
     }
     let dir = tempfile::tempdir().unwrap();
-    let key = keygen(dir.path());
-    let reference = Noise::new(0x2545_f491_4f6c_dd1d).bytes(INPUT_BYTES);
-    let input = dir.path().join("input.bin");
-    std::fs::write(&input, &reference).unwrap();
-
-    let (source, printed) = spawn_with_link(bed.gridcast(
-        SOURCE,
-        &[
-            "broadcast",
-            "--key",
-            key.to_str().unwrap(),
-            "--input",
-            input.to_str().unwrap(),
-            "--rate",
-            "2M",
-            "--linger",
-            "3",
-        ],
-    ));
-    bed.keep(source);
+    let (reference, source_link) =
+        bed.paced_source(SOURCE, dir.path(), 0x2545_f491_4f6c_dd1d, INPUT_BYTES);
     let (relay, relay_link) = spawn_with_link(bed.gridcast(
         RELAY,
-        &["relay", "--join", &with_host(&printed, "source.bed")],
+        &["relay", "--join", &with_host(&source_link, "source.bed")],
     ));
     bed.keep(relay);
 
     let out = dir.path().join("player.bin");
-    let started = Instant::now();
     let player = bed.keep(
         bed.gridcast(
             PLAYER,
@@ -119,19 +100,11 @@ fn a_host_name_whose_first_address_does_not_answer_is_reached_at_its_next() {
     );
     let admin: SocketAddr = "127.0.0.1:9464".parse().unwrap();
     let mut fallbacks = 0.0;
-    let status = loop {
+    let status = bed.wait_for(player, Duration::from_secs(45), |bed| {
         if let Some((200, body)) = bed.get(RELAY, admin, "/metrics") {
             fallbacks = sample(&body, "gridcast_dial_fallbacks_total");
         }
-        if let Some(status) = bed.child(player).try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(45),
-            "the player still runs 45 s in"
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    };
+    });
     assert!(
         status.success(),
         "play failed: {status} (relay.bed on port {PORT})"

@@ -24,7 +24,7 @@ use common::http::sample;
 use common::procs::*;
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const SOURCE: usize = 0;
 const RELAY: usize = 1;
@@ -49,26 +49,8 @@ fn a_player_whose_address_changes_plays_on_over_the_same_connection() {
     }
     let mut bed = Bed::new(3, Shape::CLEAN, Shape::CLEAN);
     let dir = tempfile::tempdir().unwrap();
-    let key = keygen(dir.path());
-    let reference = Noise::new(0x9e37_79b9_7f4a_7c15).bytes(INPUT_BYTES);
-    let input = dir.path().join("input.bin");
-    std::fs::write(&input, &reference).unwrap();
-    let (source, printed) = spawn_with_link(bed.gridcast(
-        SOURCE,
-        &[
-            "broadcast",
-            "--key",
-            key.to_str().unwrap(),
-            "--input",
-            input.to_str().unwrap(),
-            "--rate",
-            "2M",
-            "--linger",
-            "3",
-        ],
-    ));
-    bed.keep(source);
-    let source_link = with_host(&printed, &bed.addr(SOURCE));
+    let (reference, source_link) =
+        bed.paced_source(SOURCE, dir.path(), 0x9e37_79b9_7f4a_7c15, INPUT_BYTES);
     let (relay, relay_link) =
         spawn_with_link(bed.gridcast(RELAY, &["relay", "--join", &source_link]));
     bed.keep(relay);
@@ -114,17 +96,7 @@ fn a_player_whose_address_changes_plays_on_over_the_same_connection() {
         "the player's host was not renumbered: {shown}"
     );
 
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = bed.child(player).try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(40),
-            "the player still runs 40 s after its address changed"
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    };
+    let status = bed.wait_for(player, Duration::from_secs(40), |_| {});
     assert!(status.success(), "play failed: {status}");
     let after = relay_handshakes(&bed);
     let (start, played) = assert_exact_tail(&out, &reference, 0.9);

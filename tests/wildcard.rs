@@ -48,27 +48,8 @@ fn nodes_on_the_wildcard_address_are_announced_where_other_hosts_reach_them() {
     }
     let mut bed = Bed::new(4, Shape::CLEAN, Shape::CLEAN);
     let dir = tempfile::tempdir().unwrap();
-    let key = keygen(dir.path());
-    let reference = Noise::new(0x853c_49e6_748f_ea9b).bytes(INPUT_BYTES);
-    let input = dir.path().join("input.bin");
-    std::fs::write(&input, &reference).unwrap();
-
-    let (source, printed) = spawn_with_link(bed.gridcast(
-        SOURCE,
-        &[
-            "broadcast",
-            "--key",
-            key.to_str().unwrap(),
-            "--input",
-            input.to_str().unwrap(),
-            "--rate",
-            "2M",
-            "--linger",
-            "3",
-        ],
-    ));
-    bed.keep(source);
-    let source_link = with_host(&printed, &bed.addr(SOURCE));
+    let (reference, source_link) =
+        bed.paced_source(SOURCE, dir.path(), 0x853c_49e6_748f_ea9b, INPUT_BYTES);
     for h in RELAYS {
         let (relay, _) = spawn_with_link(bed.gridcast(h, &["relay", "--join", &source_link]));
         bed.keep(relay);
@@ -121,22 +102,13 @@ fn nodes_on_the_wildcard_address_are_announced_where_other_hosts_reach_them() {
         .spawn()
         .unwrap(),
     );
-    let started = Instant::now();
     let mut served = false;
-    let status = loop {
+    let status = bed.wait_for(player, Duration::from_secs(45), |bed| {
         served = served
             || RELAYS.iter().any(|&h| {
-                scrape(&bed, h).is_some_and(|s| sample(&s, "gridcast_subscribers") >= 1.0)
+                scrape(bed, h).is_some_and(|s| sample(&s, "gridcast_subscribers") >= 1.0)
             });
-        if let Some(status) = bed.child(player).try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(45),
-            "the player still runs 45 s in"
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    };
+    });
     assert!(status.success(), "play failed: {status}");
     assert!(served, "no relay served the player");
     let (start, played) = assert_exact_tail(&out, &reference, 1.0 / 3.0);

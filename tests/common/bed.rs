@@ -248,6 +248,63 @@ impl Bed {
         std::fs::write(dir.join("hosts"), text).unwrap();
     }
 
+    /// A paced broadcast on host `h`, for tests that need no media: `bytes` pseudo-random
+    /// bytes ([`super::procs::Noise`] from `seed`) written to a file in `dir`. `broadcast`
+    /// reads the file at 2 Mbit/s and serves the last chunk for 3 s after its end; the bed
+    /// keeps the process. Returns the input, and the source's link with its host's address.
+    pub fn paced_source(
+        &mut self,
+        h: usize,
+        dir: &Path,
+        seed: u64,
+        bytes: usize,
+    ) -> (Vec<u8>, String) {
+        use super::procs::{Noise, keygen, spawn_with_link, with_host};
+        let key = keygen(dir);
+        let reference = Noise::new(seed).bytes(bytes);
+        let input = dir.join("input.bin");
+        std::fs::write(&input, &reference).unwrap();
+        let (source, printed) = spawn_with_link(self.gridcast(
+            h,
+            &[
+                "broadcast",
+                "--key",
+                key.to_str().unwrap(),
+                "--input",
+                input.to_str().unwrap(),
+                "--rate",
+                "2M",
+                "--linger",
+                "3",
+            ],
+        ));
+        self.keep(source);
+        let link = with_host(&printed, &self.addr(h));
+        (reference, link)
+    }
+
+    /// Waits for kept process `i` to exit, calling `each` every 250 ms meanwhile (a test's
+    /// scrape); panics if it still runs after `limit`.
+    pub fn wait_for(
+        &mut self,
+        i: usize,
+        limit: std::time::Duration,
+        mut each: impl FnMut(&Bed),
+    ) -> std::process::ExitStatus {
+        let started = std::time::Instant::now();
+        loop {
+            each(self);
+            if let Some(status) = self.children[i].try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                started.elapsed() < limit,
+                "process {i} of the bed still runs after {limit:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        }
+    }
+
     /// Keeps `child` to be killed when the bed goes; its index for [`Bed::child`].
     pub fn keep(&mut self, child: Child) -> usize {
         self.children.push(child);
