@@ -119,3 +119,81 @@ fn a_host_name_whose_first_address_does_not_answer_is_reached_at_its_next() {
          reached relay.bed likewise and played {played} bytes from offset {start}"
     );
 }
+
+/// A source reached by a host name whose address changes mid-stream: a broadcaster at home
+/// behind a dynamic-DNS name whose line gets a new address. QUIC cannot follow a server to a
+/// new address, so the relay loses the source. The relay then looks the name up again and
+/// dials the source at its new address, and resumes where it stopped.
+///
+/// A name was looked up once, at start, before. The relay redialled the old address for
+/// good, and its player got nothing more.
+#[test]
+fn a_source_whose_host_name_moves_to_a_new_address_is_found_there() {
+    if !Bed::can_run() {
+        return;
+    }
+    let mut bed = Bed::new(3, Shape::CLEAN, Shape::CLEAN);
+    let hosts = |at: &str| format!("127.0.0.1 localhost\n{at} source.bed\n");
+    bed.hosts_file(RELAY, &hosts(&bed.addr(SOURCE)));
+    let dir = tempfile::tempdir().unwrap();
+    let (reference, source_link) =
+        bed.paced_source(SOURCE, dir.path(), 0x6a09_e667_f3bc_c908, 4_000_000);
+    let (relay, relay_link) = spawn_with_link(bed.gridcast(
+        RELAY,
+        &["relay", "--join", &with_host(&source_link, "source.bed")],
+    ));
+    bed.keep(relay);
+    let out = dir.path().join("player.bin");
+    let player = bed.keep(
+        bed.gridcast(
+            PLAYER,
+            &[
+                "play",
+                &with_host(&relay_link, &bed.addr(RELAY)),
+                "--output",
+                out.to_str().unwrap(),
+            ],
+        )
+        .spawn()
+        .unwrap(),
+    );
+
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    // The source's host moves to a new address (the new one first: see `migration.rs`),
+    // and the name follows it.
+    let moved = "10.79.0.101";
+    assert!(
+        bed.command(
+            SOURCE,
+            "sysctl",
+            &["-qw", "net.ipv4.conf.eth0.promote_secondaries=1"]
+        )
+        .status()
+        .unwrap()
+        .success()
+    );
+    bed.ip_in(
+        SOURCE,
+        &["addr", "add", &format!("{moved}/24"), "dev", "eth0"],
+    );
+    let old = format!("{}/24", bed.addr(SOURCE));
+    bed.ip_in(SOURCE, &["addr", "del", &old, "dev", "eth0"]);
+    bed.hosts_file(RELAY, &hosts(moved));
+    assert_eq!(first_address(&bed, RELAY, "source.bed"), moved);
+
+    let status = bed.wait_for(player, Duration::from_secs(60), |_| {});
+    assert!(status.success(), "play failed: {status}");
+    let played = std::fs::read(&out).unwrap();
+    let at = reference.len() - played.len();
+    assert!(
+        played.len() > reference.len() / 2 && reference[at..] == played[..],
+        "the player's file is not the end of the broadcast: {} of {} bytes",
+        played.len(),
+        reference.len()
+    );
+    println!(
+        "the source moved to {moved} 4 s in; the relay found it there and the player played \
+         {} bytes, to the end",
+        played.len()
+    );
+}

@@ -168,6 +168,11 @@ impl FromStr for LinkNode {
 }
 
 impl LinkNode {
+    /// Whether the host is a name (looked up, and so able to change), not an address.
+    pub fn is_name(&self) -> bool {
+        self.host.parse::<SocketAddr>().is_err()
+    }
+
     /// Every address of the node that a node listening on `local` can dial, in the order to
     /// try them: the resolver's (RFC 6724's preference), with the two IP families taking
     /// turns after the first (RFC 8305, section 4), so that a family whose addresses all fail
@@ -338,6 +343,29 @@ impl ChannelLink {
 /// `nodes` resolved for a node listening on `local`, as [`ChannelLink::resolve`] does (a
 /// link's entries, or a relay's bootstrap nodes).
 pub fn resolve_nodes(nodes: &[LinkNode], local: SocketAddr) -> Result<Resolved, LinkError> {
+    let mut book = address_book(nodes, local)?;
+    let candidates = book
+        .iter()
+        .map(|(node, addrs)| Candidate {
+            addr: addrs[0],
+            node: *node,
+        })
+        .collect();
+    book.retain(|(_, addrs)| addrs.len() > 1);
+    Ok(Resolved {
+        candidates,
+        addresses: book,
+    })
+}
+
+/// Every node of `nodes` once, with all its addresses that a node listening on `local`
+/// reaches, in the order to try them (each entry's [`LinkNode::addresses`], the entries in
+/// order). An entry that does not resolve, or that `local` cannot reach, is an error only
+/// if its node has no other.
+pub fn address_book(
+    nodes: &[LinkNode],
+    local: SocketAddr,
+) -> Result<Vec<(NodeId, Vec<SocketAddr>)>, LinkError> {
     let mut book: Vec<(NodeId, Vec<SocketAddr>)> = Vec::new();
     let mut failed: Vec<(NodeId, LinkError)> = Vec::new();
     for n in nodes {
@@ -360,18 +388,7 @@ pub fn resolve_nodes(nodes: &[LinkNode], local: SocketAddr) -> Result<Resolved, 
             return Err(err);
         }
     }
-    let candidates = book
-        .iter()
-        .map(|(node, addrs)| Candidate {
-            addr: addrs[0],
-            node: *node,
-        })
-        .collect();
-    book.retain(|(_, addrs)| addrs.len() > 1);
-    Ok(Resolved {
-        candidates,
-        addresses: book,
-    })
+    Ok(book)
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ pub mod http;
 pub mod icecast;
 pub mod lan;
 pub mod link;
+mod names;
 pub mod ops;
 pub mod output;
 pub mod play;

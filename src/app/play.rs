@@ -193,7 +193,7 @@ pub fn play(config: &PlayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
     let bare = config.link.nodes.is_empty();
     // The link's nodes known at several addresses (a host name with IPv6 and IPv4 ones):
     // a dial of one races them (`Engine::learn_addresses`).
-    let mut addresses = Vec::new();
+    let mut resolved = super::link::Resolved::default();
     let candidates = if bare {
         // A bare channel id: a node on the local network that carries it (a hint until its
         // handshake proves the node id the record names).
@@ -211,9 +211,8 @@ pub fn play(config: &PlayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
     } else if config.mdns {
         // The link's nodes, behind any that the local network offers: those are dialled
         // first and, being nearest, are given substreams first.
-        let link = config.link.resolve(config.listen)?;
-        addresses = link.addresses;
-        let link = link.candidates;
+        resolved = config.link.resolve(config.listen)?;
+        let link = resolved.candidates.clone();
         let mut found =
             super::lan::find(channel, Duration::from_secs(1), Duration::from_millis(300))
                 .unwrap_or_else(|err| {
@@ -224,10 +223,10 @@ pub fn play(config: &PlayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
         log_found(&found);
         local_first(found, link)
     } else {
-        let link = config.link.resolve(config.listen)?;
-        addresses = link.addresses;
-        link.candidates
+        resolved = config.link.resolve(config.listen)?;
+        resolved.candidates.clone()
     };
+    let addresses = resolved.addresses.clone();
     let mut sink = Sink::open(&config.output)?;
     let key = node_key(config.node_key.as_deref())?;
     let engine_config = EngineConfig {
@@ -242,6 +241,13 @@ pub fn play(config: &PlayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
         config.admin.unwrap_or(super::ops::AdminListen::Off),
         false,
         None,
+    )?;
+    // The link's host names are looked up again while nothing arrives (see `names`).
+    let names = super::names::Names::watch(
+        node.commander(),
+        config.link.nodes.clone(),
+        config.listen,
+        &resolved,
     )?;
     node.command(
         0,
@@ -328,6 +334,12 @@ pub fn play(config: &PlayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
             }
             Ok(event) => {
                 match &event {
+                    NodeEvent::UpstreamLost { ended: false, .. } => {
+                        names.as_ref().inspect(|n| n.set_outage(true));
+                    }
+                    NodeEvent::UpstreamRestored { .. } => {
+                        names.as_ref().inspect(|n| n.set_outage(false));
+                    }
                     NodeEvent::SubscriptionRefused { remote, reason, .. } => {
                         note(&mut why, *remote, format!("{remote} {reason}"));
                     }

@@ -228,6 +228,19 @@ pub fn relay(config: &RelayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
     } else {
         None
     };
+    // The links' and bootstrap nodes' host names are looked up again while a channel has
+    // no parent delivering, and every minute (see `names`).
+    let mut named: Vec<super::link::LinkNode> = config
+        .join
+        .iter()
+        .flat_map(|l| l.nodes.iter().cloned())
+        .collect();
+    if let Some(open) = &config.open {
+        named.extend(open.bootstrap.iter().cloned());
+    }
+    named.retain(|n| n.node != key.node_id());
+    let names = super::names::Names::watch(node.commander(), named, config.listen, &addresses)?;
+    let mut out_of: std::collections::HashSet<ChannelId> = std::collections::HashSet::new();
     let mut last_share = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         match events.recv_timeout(Duration::from_millis(50)) {
@@ -274,7 +287,26 @@ pub fn relay(config: &RelayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
             Ok(NodeEvent::Gossip { from, data }) => {
                 node.command(0, Box::new(move |e, now| e.handle_gossip(now, from, &data)));
             }
-            Ok(event) => log_event(&event),
+            Ok(event) => {
+                match &event {
+                    NodeEvent::UpstreamLost {
+                        channel,
+                        ended: false,
+                        ..
+                    } => {
+                        out_of.insert(*channel);
+                    }
+                    NodeEvent::UpstreamRestored { channel, .. }
+                    | NodeEvent::UpstreamLost { channel, .. } => {
+                        out_of.remove(channel);
+                    }
+                    _ => {}
+                }
+                if let Some(n) = &names {
+                    n.set_outage(!out_of.is_empty());
+                }
+                log_event(&event);
+            }
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => break,
         }

@@ -110,27 +110,24 @@ impl Dialling {
         None
     }
 
-    /// Where to dial `node`, which the caller names at `remote`: first the address the book
-    /// lists first (the last one that answered), then the others.
+    /// Where to dial `node`, which the caller names at `remote`: the addresses the book
+    /// lists, the last one that answered first, then `remote` if the book does not list it
+    /// (the book is the newer word: a host name looked up again, say).
     fn order(&self, remote: SocketAddr, node: NodeId) -> Vec<SocketAddr> {
         let Some(known) = self.book.get(&node) else {
             return vec![remote];
         };
-        let mut out = Vec::with_capacity(known.len() + 1);
+        let mut out = known.clone();
         if !known.contains(&remote) {
             out.push(remote);
         }
-        out.extend(known.iter().copied());
         out
     }
 
-    /// Whether `a` and `b` are addresses of the same node (`node`'s book lists both).
-    pub(super) fn same_node(&self, node: NodeId, a: SocketAddr, b: SocketAddr) -> bool {
-        a == b
-            || self
-                .book
-                .get(&node)
-                .is_some_and(|k| k.contains(&a) && k.contains(&b))
+    /// Whether a connection to `node` at `at` serves a caller that names the node at
+    /// `named`: the same address, or one the node's book lists.
+    pub(super) fn same_node(&self, node: NodeId, at: SocketAddr, named: SocketAddr) -> bool {
+        at == named || self.book.get(&node).is_some_and(|k| k.contains(&at))
     }
 
     pub(super) fn poll_timeout(&self) -> Option<Instant> {
@@ -143,11 +140,13 @@ impl Dialling {
 }
 
 impl Engine {
-    /// Tells the engine every address `node` is known at, the one to dial first first (a
-    /// link's host name that resolved to several, or a node a link names more than once). A
-    /// dial of the node then tries the others too, as [`ATTEMPT_DELAY`] passes without a
-    /// handshake (see the `race` module). Only the first [`MAX_ADDRESSES`] are kept, and the
-    /// addresses of at most [`MAX_NODES`] nodes.
+    /// Tells the engine every address `node` is known at now, the one to dial first first:
+    /// a link's host name that resolved to several, a node a link names more than once, or
+    /// a name looked up again after its address changed. A dial of the node goes to these
+    /// (before any other address the caller names), the next one each [`ATTEMPT_DELAY`]
+    /// that passes without a handshake (see the `race` module). An empty list forgets the
+    /// node. Only the first [`MAX_ADDRESSES`] are kept, and the addresses of at most
+    /// [`MAX_NODES`] nodes.
     pub fn learn_addresses(&mut self, node: NodeId, addrs: &[SocketAddr]) {
         let mut list: Vec<SocketAddr> = Vec::with_capacity(addrs.len().min(MAX_ADDRESSES));
         for &a in addrs {
@@ -156,7 +155,7 @@ impl Engine {
             }
         }
         let book = &mut self.dialling.book;
-        if list.len() < 2 {
+        if list.is_empty() {
             book.remove(&node);
         } else if book.len() < MAX_NODES || book.contains_key(&node) {
             book.insert(node, list);
@@ -343,5 +342,37 @@ impl Engine {
             self.rearm(h);
             self.touch(h);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::NodeKey;
+
+    #[test]
+    fn a_node_is_dialled_where_its_book_says_first() {
+        let node = NodeKey::from_seed(&[5; 32]).node_id();
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let mut d = Dialling::default();
+        // Unknown node: where the caller names it.
+        assert_eq!(d.order(a("192.0.2.1:1"), node), vec![a("192.0.2.1:1")]);
+        d.book
+            .insert(node, vec![a("[2001:db8::1]:1"), a("192.0.2.1:1")]);
+        // Known: the book's order, whichever of its addresses the caller names.
+        assert_eq!(
+            d.order(a("192.0.2.1:1"), node),
+            vec![a("[2001:db8::1]:1"), a("192.0.2.1:1")]
+        );
+        // A stale address (the name moved): the book first, the caller's last.
+        assert_eq!(
+            d.order(a("192.0.2.9:1"), node),
+            vec![a("[2001:db8::1]:1"), a("192.0.2.1:1"), a("192.0.2.9:1")]
+        );
+        // A connection at a listed address serves a caller naming another; one at a stale
+        // address does not.
+        assert!(d.same_node(node, a("192.0.2.1:1"), a("192.0.2.9:1")));
+        assert!(!d.same_node(node, a("192.0.2.9:1"), a("192.0.2.1:1")));
+        assert!(d.same_node(node, a("192.0.2.9:1"), a("192.0.2.9:1")));
     }
 }
