@@ -190,7 +190,7 @@ pub(crate) fn log_event(event: &NodeEvent) {
         } => tracing::warn!(
             %channel,
             candidates,
-            connected,
+            connected_or_dialling = connected,
             "nothing of the channel arrives from any parent (upstreams lost, unreachable or quiet); lost ones are redialled with back-off"
         ),
         NodeEvent::UpstreamRestored { channel, after } => {
