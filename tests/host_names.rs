@@ -78,26 +78,9 @@ fn a_host_name_whose_first_address_does_not_answer_is_reached_at_its_next() {
     let dir = tempfile::tempdir().unwrap();
     let (reference, source_link) =
         bed.paced_source(SOURCE, dir.path(), 0x2545_f491_4f6c_dd1d, INPUT_BYTES);
-    let (relay, relay_link) = spawn_with_link(bed.gridcast(
-        RELAY,
-        &["relay", "--join", &with_host(&source_link, "source.bed")],
-    ));
-    bed.keep(relay);
-
+    let relay_link = bed.relay(RELAY, &with_host(&source_link, "source.bed"));
     let out = dir.path().join("player.bin");
-    let player = bed.keep(
-        bed.gridcast(
-            PLAYER,
-            &[
-                "play",
-                &with_host(&relay_link, "relay.bed"),
-                "--output",
-                out.to_str().unwrap(),
-            ],
-        )
-        .spawn()
-        .unwrap(),
-    );
+    let player = bed.player(PLAYER, &with_host(&relay_link, "relay.bed"), &out);
     let admin: SocketAddr = "127.0.0.1:9464".parse().unwrap();
     let mut fallbacks = 0.0;
     let status = bed.wait_for(player, Duration::from_secs(45), |bed| {
@@ -138,46 +121,14 @@ fn a_source_whose_host_name_moves_to_a_new_address_is_found_there() {
     let dir = tempfile::tempdir().unwrap();
     let (reference, source_link) =
         bed.paced_source(SOURCE, dir.path(), 0x6a09_e667_f3bc_c908, 4_000_000);
-    let (relay, relay_link) = spawn_with_link(bed.gridcast(
-        RELAY,
-        &["relay", "--join", &with_host(&source_link, "source.bed")],
-    ));
-    bed.keep(relay);
+    let relay_link = bed.relay(RELAY, &with_host(&source_link, "source.bed"));
     let out = dir.path().join("player.bin");
-    let player = bed.keep(
-        bed.gridcast(
-            PLAYER,
-            &[
-                "play",
-                &with_host(&relay_link, &bed.addr(RELAY)),
-                "--output",
-                out.to_str().unwrap(),
-            ],
-        )
-        .spawn()
-        .unwrap(),
-    );
+    let player = bed.player(PLAYER, &with_host(&relay_link, &bed.addr(RELAY)), &out);
 
     std::thread::sleep(std::time::Duration::from_secs(4));
-    // The source's host moves to a new address (the new one first: see `migration.rs`),
-    // and the name follows it.
+    // The source's host moves to a new address, and the name follows it.
     let moved = "10.79.0.101";
-    assert!(
-        bed.command(
-            SOURCE,
-            "sysctl",
-            &["-qw", "net.ipv4.conf.eth0.promote_secondaries=1"]
-        )
-        .status()
-        .unwrap()
-        .success()
-    );
-    bed.ip_in(
-        SOURCE,
-        &["addr", "add", &format!("{moved}/24"), "dev", "eth0"],
-    );
-    let old = format!("{}/24", bed.addr(SOURCE));
-    bed.ip_in(SOURCE, &["addr", "del", &old, "dev", "eth0"]);
+    bed.renumber(SOURCE, moved);
     bed.hosts_file(RELAY, &hosts(moved));
     assert_eq!(first_address(&bed, RELAY, "source.bed"), moved);
 

@@ -51,50 +51,14 @@ fn a_player_whose_address_changes_plays_on_over_the_same_connection() {
     let dir = tempfile::tempdir().unwrap();
     let (reference, source_link) =
         bed.paced_source(SOURCE, dir.path(), 0x9e37_79b9_7f4a_7c15, INPUT_BYTES);
-    let (relay, relay_link) =
-        spawn_with_link(bed.gridcast(RELAY, &["relay", "--join", &source_link]));
-    bed.keep(relay);
+    let relay_link = bed.relay(RELAY, &source_link);
     let relay_link = with_host(&relay_link, &bed.addr(RELAY));
     let out = dir.path().join("player.bin");
-    let player = bed.keep(
-        bed.gridcast(
-            PLAYER,
-            &["play", &relay_link, "--output", out.to_str().unwrap()],
-        )
-        .spawn()
-        .unwrap(),
-    );
+    let player = bed.player(PLAYER, &relay_link, &out);
 
     std::thread::sleep(Duration::from_secs(5));
     let before = relay_handshakes(&bed);
-    // The new address first, then the old one goes. Without `promote_secondaries`, removing
-    // the first address of a subnet also removes every later one, and the host would be
-    // left with no IPv4 address at all.
-    assert!(
-        bed.command(
-            PLAYER,
-            "sysctl",
-            &["-qw", "net.ipv4.conf.eth0.promote_secondaries=1"]
-        )
-        .status()
-        .unwrap()
-        .success()
-    );
-    bed.ip_in(
-        PLAYER,
-        &["addr", "add", &format!("{NEW_ADDR}/24"), "dev", "eth0"],
-    );
-    let old = format!("{}/24", bed.addr(PLAYER));
-    bed.ip_in(PLAYER, &["addr", "del", &old, "dev", "eth0"]);
-    let shown = bed
-        .command(PLAYER, "ip", &["-4", "-o", "addr", "show", "dev", "eth0"])
-        .output()
-        .unwrap();
-    let shown = String::from_utf8_lossy(&shown.stdout).into_owned();
-    assert!(
-        shown.contains(NEW_ADDR) && !shown.contains(&old),
-        "the player's host was not renumbered: {shown}"
-    );
+    bed.renumber(PLAYER, NEW_ADDR);
 
     let status = bed.wait_for(player, Duration::from_secs(40), |_| {});
     assert!(status.success(), "play failed: {status}");

@@ -51,8 +51,7 @@ fn nodes_on_the_wildcard_address_are_announced_where_other_hosts_reach_them() {
     let (reference, source_link) =
         bed.paced_source(SOURCE, dir.path(), 0x853c_49e6_748f_ea9b, INPUT_BYTES);
     for h in RELAYS {
-        let (relay, _) = spawn_with_link(bed.gridcast(h, &["relay", "--join", &source_link]));
-        bed.keep(relay);
+        bed.relay(h, &source_link);
     }
 
     // The relays find each other through the membership and gossip directly.
@@ -94,14 +93,7 @@ fn nodes_on_the_wildcard_address_are_announced_where_other_hosts_reach_them() {
     }
 
     let out = dir.path().join("player.bin");
-    let player = bed.keep(
-        bed.gridcast(
-            PLAYER,
-            &["play", &source_link, "--output", out.to_str().unwrap()],
-        )
-        .spawn()
-        .unwrap(),
-    );
+    let player = bed.player(PLAYER, &source_link, &out);
     let mut served = false;
     let status = bed.wait_for(player, Duration::from_secs(45), |bed| {
         served = served

@@ -283,6 +283,52 @@ impl Bed {
         (reference, link)
     }
 
+    /// A `relay` on host `h` joining `link`, on its defaults, kept by the bed; its printed
+    /// channel link.
+    pub fn relay(&mut self, h: usize, link: &str) -> String {
+        let (relay, printed) =
+            super::procs::spawn_with_link(self.gridcast(h, &["relay", "--join", link]));
+        self.keep(relay);
+        printed
+    }
+
+    /// A `play` on host `h` of `link` into the file `out`, kept by the bed; its index.
+    pub fn player(&mut self, h: usize, link: &str, out: &Path) -> usize {
+        let child = self
+            .gridcast(h, &["play", link, "--output", out.to_str().unwrap()])
+            .spawn()
+            .unwrap();
+        self.keep(child)
+    }
+
+    /// Moves host `h` to the IPv4 address `to` (in the bed's /24), as a new lease does: the
+    /// new address is added, then the old one removed. Without `promote_secondaries`,
+    /// removing the first address of a subnet would remove every later one with it, and the
+    /// host would be left with no IPv4 address at all. Checks the host's addresses after.
+    pub fn renumber(&self, h: usize, to: &str) {
+        let status = self
+            .command(
+                h,
+                "sysctl",
+                &["-qw", "net.ipv4.conf.eth0.promote_secondaries=1"],
+            )
+            .status()
+            .unwrap();
+        assert!(status.success(), "sysctl promote_secondaries on host {h}");
+        self.ip_in(h, &["addr", "add", &format!("{to}/24"), "dev", "eth0"]);
+        let old = format!("{}/24", self.addr(h));
+        self.ip_in(h, &["addr", "del", &old, "dev", "eth0"]);
+        let shown = self
+            .command(h, "ip", &["-4", "-o", "addr", "show", "dev", "eth0"])
+            .output()
+            .unwrap();
+        let shown = String::from_utf8_lossy(&shown.stdout).into_owned();
+        assert!(
+            shown.contains(&format!("{to}/")) && !shown.contains(&old),
+            "host {h} was not renumbered: {shown}"
+        );
+    }
+
     /// Waits for kept process `i` to exit, calling `each` every 250 ms meanwhile (a test's
     /// scrape); panics if it still runs after `limit`.
     pub fn wait_for(
