@@ -392,3 +392,52 @@ fn a_node_whose_first_address_does_not_answer_is_reached_at_its_other_one() {
     );
     assert!(grid.sim.node(served).engine.connection_count() <= 2);
 }
+
+#[test]
+fn a_node_whose_first_address_answers_as_another_node_is_reached_at_its_next_at_once() {
+    // A peer knows the source at two addresses, and the first now belongs to another node (a
+    // host name's old address, handed to someone else's relay). That handshake fails on the
+    // node id within a round trip. The next address is dialled at once, not after the
+    // attempt delay, and takes the failed attempt's place with what was queued on it. Before,
+    // the failure ended the race, every retry dialled the same first address again, and the
+    // peer was never served.
+    let mut grid = Grid::new(43, 0, Grid::relay_config);
+    let source = grid.source_candidate();
+    let other = grid.sim.add_node(Grid::relay_config(0)).unwrap();
+    let taken = grid.candidate(other).addr;
+    let channel = grid.source.channel;
+    // The source is on air before the peer joins, so that its start-up is the dial's.
+    grid.run(Duration::from_secs(2));
+    let p = grid.sim.add_node(EngineConfig::default()).unwrap();
+    let now = grid.sim.now();
+    let engine = &mut grid.sim.node_mut(p).engine;
+    engine.learn_addresses(source.node, &[taken, source.addr]);
+    engine.add_channel(channel, ChannelMode::Play);
+    let first = gridcast::node::Candidate {
+        addr: taken,
+        node: source.node,
+    };
+    engine.set_upstream(now, channel, vec![first]).unwrap();
+    grid.peers.push(p);
+    grid.played.push(common::grid::Played::default());
+    grid.run(Duration::from_secs(8));
+    grid.assert_perfect("first address taken by another node");
+    let stats = grid.sim.node(p).engine.stats();
+    assert_eq!(
+        (
+            stats.handshakes_proof_failed,
+            stats.dial_attempts_extra,
+            stats.dial_fallbacks,
+            stats.handshakes_ok
+        ),
+        (1, 1, 1, 1),
+        "one failed proof, then one attempt at the next address, completed: {stats:?}"
+    );
+    assert_eq!(grid.sim.node(p).engine.connection_count(), 1);
+    let startup = grid.peer_stats(p).startup.unwrap();
+    // The race's attempt delay is 250 ms (RFC 8305's recommendation).
+    assert!(
+        startup < Duration::from_millis(250),
+        "the next address was dialled when the first failed, not a delay later: {startup:?}"
+    );
+}

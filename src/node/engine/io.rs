@@ -142,7 +142,7 @@ impl Engine {
             .handle(now, remote, local_ip, ecn, data, &mut buf)
         {
             Some(DatagramEvent::ConnectionEvent(handle, event)) => {
-                let handle = self.dialling.at_endpoint(handle);
+                let handle = self.dialling.entry_of(handle);
                 if let Some(conn) = self.conns.get_mut(&handle) {
                     if arrived_at.is_some() {
                         self.learnt_ip = arrived_at;

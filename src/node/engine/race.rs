@@ -4,6 +4,9 @@
 //! - The first address is dialled. While no handshake has completed, the next is dialled
 //!   every [`ATTEMPT_DELAY`], and the earlier attempts run on.
 //! - The first handshake to complete wins, and the other attempts are closed.
+//! - An attempt that fails outright (the address answers as another node, or refuses) does
+//!   not end the race: if it was the first, a later attempt takes its place, or the next
+//!   address is dialled at once (RFC 8305, section 5).
 //! - The node's address book then lists the winner first, so the next dial of that node goes
 //!   there at once.
 //!
@@ -18,10 +21,12 @@
 //!   losing one, which is closed.
 //! - quinn-proto still knows each connection by the handle it gave it. The engine translates
 //!   between the two where it meets the endpoint: datagrams routed to a handle, and endpoint
-//!   events handed back ([`Dialling::at_endpoint`]).
+//!   events handed back ([`Dialling::entry_of`], [`Dialling::endpoint_event`]). A first
+//!   attempt that failed and was replaced, and then won with another, has been swapped twice,
+//!   so the translation is a permutation, kept both ways.
 //! - quinn-proto reuses a handle once its connection has drained. A reused handle would land
-//!   on an entry the engine still holds under that number. So neither connection of a swapped
-//!   pair is released to the endpoint until both have drained.
+//!   on an entry the engine still holds under that number. So a drained connection is released
+//!   to the endpoint only once the entry numbered by its handle is gone too.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -55,10 +60,13 @@ pub(super) struct Dialling {
     races: FxHashMap<ConnectionHandle, Race>,
     /// Later attempts, each with its race's first attempt.
     spare_of: FxHashMap<ConnectionHandle, ConnectionHandle>,
-    /// Swapped pairs. Each entry's connection is known to quinn-proto by the other's handle,
-    /// so one lookup translates either way.
-    moved: FxHashMap<ConnectionHandle, ConnectionHandle>,
-    /// The drained event of one side of a swapped pair, held until the other has drained too.
+    /// Entries whose connection quinn-proto knows by another handle (after a swap), and the
+    /// handle it knows it by.
+    quinn_of: FxHashMap<ConnectionHandle, ConnectionHandle>,
+    /// The reverse: the entry holding each connection in `quinn_of`.
+    held_by: FxHashMap<ConnectionHandle, ConnectionHandle>,
+    /// Drained events of connections (by quinn-proto's handle) whose same-numbered entry is
+    /// still alive, held until it is gone.
     held: FxHashMap<ConnectionHandle, EndpointEvent>,
 }
 
@@ -71,42 +79,80 @@ struct Race {
     next_at: Instant,
     /// The later attempts started so far.
     spares: Vec<ConnectionHandle>,
+    /// The address the first attempt dialled, when a later attempt has taken the place of a
+    /// first that failed outright.
+    replaced: Option<SocketAddr>,
 }
 
 impl Dialling {
-    /// The handle quinn-proto knows the connection in entry `handle` by, or the entry that
-    /// holds quinn-proto's connection `handle`. The two are the same map, because a swap
-    /// exchanges both ways.
-    pub(super) fn at_endpoint(&self, handle: ConnectionHandle) -> ConnectionHandle {
-        if self.moved.is_empty() {
-            return handle;
+    /// The entry that holds quinn-proto's connection `quinn`.
+    pub(super) fn entry_of(&self, quinn: ConnectionHandle) -> ConnectionHandle {
+        if self.held_by.is_empty() {
+            return quinn;
         }
-        self.moved.get(&handle).copied().unwrap_or(handle)
+        self.held_by.get(&quinn).copied().unwrap_or(quinn)
     }
 
-    /// Hands an endpoint event of entry `handle` to quinn-proto. The drained event of one side
-    /// of a swapped pair is held until the other has drained too; then both go.
+    /// The handle quinn-proto knows the connection in entry `entry` by.
+    fn quinn_of(&self, entry: ConnectionHandle) -> ConnectionHandle {
+        self.quinn_of.get(&entry).copied().unwrap_or(entry)
+    }
+
+    /// Records that entry `entry` now holds quinn-proto's connection `quinn`.
+    fn place(&mut self, entry: ConnectionHandle, quinn: ConnectionHandle) {
+        if entry == quinn {
+            self.quinn_of.remove(&entry);
+            self.held_by.remove(&quinn);
+        } else {
+            self.quinn_of.insert(entry, quinn);
+            self.held_by.insert(quinn, entry);
+        }
+    }
+
+    /// Records that entries `a` and `b` have exchanged their connections.
+    fn swapped(&mut self, a: ConnectionHandle, b: ConnectionHandle) {
+        let (qa, qb) = (self.quinn_of(a), self.quinn_of(b));
+        // Clear both first: `place` of one would otherwise overwrite the other's reverse.
+        for e in [a, b] {
+            if let Some(q) = self.quinn_of.remove(&e) {
+                self.held_by.remove(&q);
+            }
+        }
+        self.place(a, qb);
+        self.place(b, qa);
+    }
+
+    /// Hands an endpoint event of entry `handle` to quinn-proto, under the handle quinn-proto
+    /// knows its connection by. A drained connection whose handle numbers another entry that
+    /// is still alive is held until that entry is gone; the entry that drained is gone now,
+    /// so a connection held for it is released.
     pub(super) fn endpoint_event(
         &mut self,
         endpoint: &mut Endpoint,
         handle: ConnectionHandle,
         event: EndpointEvent,
     ) -> Option<ConnectionEvent> {
-        let Some(&partner) = self.moved.get(&handle) else {
+        if self.quinn_of.is_empty() && self.held.is_empty() {
             return endpoint.handle_event(handle, event);
-        };
-        if !event.is_drained() {
-            return endpoint.handle_event(partner, event);
         }
-        let Some(other) = self.held.remove(&partner) else {
-            self.held.insert(handle, event);
-            return None;
-        };
-        self.moved.remove(&handle);
-        self.moved.remove(&partner);
-        // Entry `handle` held quinn-proto's `partner` and the reverse.
-        let _ = endpoint.handle_event(partner, event);
-        let _ = endpoint.handle_event(handle, other);
+        let quinn = self.quinn_of(handle);
+        if !event.is_drained() {
+            return endpoint.handle_event(quinn, event);
+        }
+        if let Some(q) = self.quinn_of.remove(&handle) {
+            self.held_by.remove(&q);
+        }
+        // Entry `quinn` is alive only if it was swapped too (it holds another connection).
+        if quinn == handle || !self.quinn_of.contains_key(&quinn) {
+            let _ = endpoint.handle_event(quinn, event);
+        } else {
+            self.held.insert(quinn, event);
+        }
+        if quinn != handle
+            && let Some(waiting) = self.held.remove(&handle)
+        {
+            let _ = endpoint.handle_event(handle, waiting);
+        }
         None
     }
 
@@ -186,6 +232,7 @@ impl Engine {
                 rest: rest.into(),
                 next_at: now + ATTEMPT_DELAY,
                 spares: Vec::new(),
+                replaced: None,
             },
         );
     }
@@ -200,16 +247,18 @@ impl Engine {
             .map(|(h, _)| *h)
             .collect();
         for first in due {
-            let Some(race) = self.dialling.races.get_mut(&first) else {
-                continue;
-            };
-            let Some(addr) = race.rest.pop_front() else {
-                continue;
-            };
+            self.dial_next(now, first);
+        }
+    }
+
+    /// Dials the next address of the race of `first` that quinn-proto can dial, as a later
+    /// attempt. An address it cannot dial (another family than the socket's, say) is skipped.
+    fn dial_next(&mut self, now: Instant, first: ConnectionHandle) -> Option<ConnectionHandle> {
+        loop {
+            let race = self.dialling.races.get_mut(&first)?;
+            let addr = race.rest.pop_front()?;
             race.next_at = now + ATTEMPT_DELAY;
             let node = race.node;
-            // An address quinn-proto cannot dial (another family than the socket's, say) is
-            // skipped; the next goes at the next delay.
             let Ok((handle, quic)) = self.dial_quic(now, addr, node) else {
                 continue;
             };
@@ -223,6 +272,57 @@ impl Engine {
             self.conns.insert(handle, conn);
             self.order.push(handle);
             self.touch(handle);
+            return Some(handle);
+        }
+    }
+
+    /// The first attempt of a race failed outright (its address answered as another node, or
+    /// refused). A later attempt still under way takes its place, or, if none is, the next
+    /// address is dialled at once and takes it: RFC 8305 starts the next attempt when one
+    /// fails rather than waiting out the delay. The failed connection goes to the later
+    /// attempt's entry, where it is reported and drains. False if no address is left.
+    fn race_replace_first(&mut self, now: Instant, first: ConnectionHandle) -> bool {
+        let alive = |e: &Engine, h: &ConnectionHandle| {
+            e.conns
+                .get(h)
+                .is_some_and(|c| !c.closed && !c.quic.is_closed())
+        };
+        let Some(race) = self.dialling.races.get(&first) else {
+            return false;
+        };
+        let waiting = race.spares.iter().copied().find(|h| alive(self, h));
+        let Some(next) = waiting.or_else(|| self.dial_next(now, first)) else {
+            return false;
+        };
+        let Some((a, b)) = self.conns.pair_mut(first, next) else {
+            return false;
+        };
+        std::mem::swap(&mut a.quic, &mut b.quic);
+        std::mem::swap(&mut a.remote, &mut b.remote);
+        std::mem::swap(&mut a.last_rx, &mut b.last_rx);
+        let (failed, trying) = (b.remote, a.remote);
+        self.dialling.swapped(first, next);
+        self.dialling.spare_of.remove(&next);
+        if let Some(race) = self.dialling.races.get_mut(&first) {
+            race.spares.retain(|&s| s != next);
+            race.replaced.get_or_insert(failed);
+        }
+        tracing::info!(%failed, %trying, "an address of a node failed outright; dialling its next");
+        self.swapped_timers(first, next);
+        true
+    }
+
+    /// Re-registers the deadlines of two entries that exchanged their connections, and drives
+    /// both.
+    fn swapped_timers(&mut self, a: ConnectionHandle, b: ConnectionHandle) {
+        for h in [a, b] {
+            if let Some(conn) = self.conns.get_mut(&h)
+                && let Some(t) = conn.timer.take()
+            {
+                self.timers.remove(&(t, h));
+            }
+            self.rearm(h);
+            self.touch(h);
         }
     }
 
@@ -241,20 +341,30 @@ impl Engine {
             match state(self) {
                 Some((true, false)) => {}
                 Some((false, false)) => self.race_end(now, first, Some(handle)),
-                // This attempt failed; the others run on.
+                // This attempt failed; the others run on, and the next address is dialled
+                // now rather than after the delay.
                 _ => {
                     self.dialling.spare_of.remove(&handle);
                     if let Some(race) = self.dialling.races.get_mut(&first) {
                         race.spares.retain(|&s| s != handle);
+                        race.next_at = race.next_at.min(now);
                     }
                 }
             }
         } else if self.dialling.races.contains_key(&handle) {
-            // The first attempt's handshake completed, or it failed: either way the race is
-            // over. (A failed first attempt takes its later ones with it; the caller's own
-            // retry races again.)
-            if !matches!(state(self), Some((true, false))) {
-                self.race_end(now, handle, None);
+            match state(self) {
+                Some((true, false)) => {}
+                // The first attempt's handshake completed: the race is over.
+                Some((false, false)) => self.race_end(now, handle, None),
+                // It failed. Unless the engine closed it (the caller gave up), a later
+                // attempt takes its place; with none left the race is over, and the caller's
+                // own retry races again.
+                _ => {
+                    let given_up = self.conns.get(&handle).is_none_or(|c| c.closed);
+                    if given_up || !self.race_replace_first(now, handle) {
+                        self.race_end(now, handle, None);
+                    }
+                }
             }
         }
     }
@@ -299,6 +409,16 @@ impl Engine {
             }
         }
         let Some(winner) = winner else {
+            // The first attempt's own connection completed. If it is a replacement, its
+            // address goes first in the book.
+            if let Some(tried) = race.replaced
+                && let Some(conn) = self.conns.get(&first)
+                && !conn.closed
+                && !conn.quic.is_closed()
+            {
+                let reached = conn.remote;
+                self.reached_at(race.node, reached, tried);
+            }
             return;
         };
         let (tried, reached) = match self.conns.pair_mut(first, winner) {
@@ -322,26 +442,23 @@ impl Engine {
                 return;
             }
         };
-        self.dialling.moved.insert(first, winner);
-        self.dialling.moved.insert(winner, first);
-        if let Some(known) = self.dialling.book.get_mut(&race.node)
+        self.dialling.swapped(first, winner);
+        self.reached_at(race.node, reached, race.replaced.unwrap_or(tried));
+        // Each entry's deadline is now the other connection's.
+        self.swapped_timers(first, winner);
+    }
+
+    /// `node` was reached at `reached` after its first address, `tried`, did not serve:
+    /// `reached` goes first in its book.
+    fn reached_at(&mut self, node: NodeId, reached: SocketAddr, tried: SocketAddr) {
+        if let Some(known) = self.dialling.book.get_mut(&node)
             && let Some(i) = known.iter().position(|&a| a == reached)
         {
             let addr = known.remove(i);
             known.insert(0, addr);
         }
         self.stats.dial_fallbacks += 1;
-        tracing::info!(node = %race.node, %reached, %tried, "node reached at another of its addresses (the first did not answer in time)");
-        // Each entry's deadline is now the other connection's.
-        for h in [first, winner] {
-            if let Some(conn) = self.conns.get_mut(&h)
-                && let Some(t) = conn.timer.take()
-            {
-                self.timers.remove(&(t, h));
-            }
-            self.rearm(h);
-            self.touch(h);
-        }
+        tracing::info!(%node, %reached, %tried, "node reached at another of its addresses (the first did not answer in time, or failed)");
     }
 }
 
@@ -374,5 +491,47 @@ mod tests {
         assert!(d.same_node(node, a("192.0.2.1:1"), a("192.0.2.9:1")));
         assert!(!d.same_node(node, a("192.0.2.9:1"), a("192.0.2.1:1")));
         assert!(d.same_node(node, a("192.0.2.9:1"), a("192.0.2.9:1")));
+    }
+
+    #[test]
+    #[allow(clippy::disallowed_methods)] // one base instant for quinn-proto's dials
+    fn a_drained_connection_is_released_once_no_live_entry_bears_its_handle() {
+        use std::sync::Arc;
+
+        use quinn_proto::{ClientConfig, EndpointConfig};
+
+        use crate::node::tls;
+
+        let key = NodeKey::from_seed(&[6; 32]);
+        let identity = tls::Identity::new(&key).unwrap();
+        let client = ClientConfig::new(tls::client_crypto(key.node_id(), &identity).unwrap());
+        let mut endpoint = Endpoint::new(Arc::new(EndpointConfig::default()), None, true, None);
+        let now = Instant::now();
+        let to: SocketAddr = "192.0.2.1:4433".parse().unwrap();
+        let handles: Vec<ConnectionHandle> = (0..3)
+            .map(|_| endpoint.connect(now, client.clone(), to, "x").unwrap().0)
+            .collect();
+        let [e0, e1, e2] = [handles[0], handles[1], handles[2]];
+        let mut d = Dialling::default();
+        // A first attempt (entry 0) failed and a later one (1) took its place; then another
+        // (2) won. Entry 0 holds connection 2, entry 1 holds 0, entry 2 holds 1.
+        d.swapped(e0, e1);
+        d.swapped(e0, e2);
+        assert_eq!(
+            [d.entry_of(e0), d.entry_of(e1), d.entry_of(e2)],
+            [e1, e2, e0]
+        );
+        let drained = EndpointEvent::drained;
+        // Entry 1 drains: its connection is 0, and entry 0 is alive, so 0 is held.
+        assert!(d.endpoint_event(&mut endpoint, e1, drained()).is_none());
+        assert_eq!(endpoint.open_connections(), 3);
+        // Entry 2 drains: its connection is 1, whose entry is gone: released.
+        d.endpoint_event(&mut endpoint, e2, drained());
+        assert_eq!(endpoint.open_connections(), 2);
+        // Entry 0 drains: its connection 2 is released (entry 2 is gone), and so is 0, which
+        // waited for entry 0.
+        d.endpoint_event(&mut endpoint, e0, drained());
+        assert_eq!(endpoint.open_connections(), 0);
+        assert!(d.quinn_of.is_empty() && d.held_by.is_empty() && d.held.is_empty());
     }
 }
