@@ -263,29 +263,50 @@ fn a_second_node_cannot_join_a_served_port() {
     let (node, _) = relay(&source, 2, true);
     let (tx, _events) = mpsc::channel();
     let key = NodeKey::from_seed(&[221; 32]);
-    let second = UringNode::start(
-        node.local_addr(),
-        &UringConfig {
-            workers: 2,
-            ..Default::default()
-        },
-        |tag| {
-            Engine::new(
-                &key,
-                EngineConfig {
-                    serve: true,
-                    worker: Some(tag),
-                    ..Default::default()
-                },
-            )
-        },
-        &tx,
-    );
-    let err = second.unwrap_err().to_string();
+    let start = |at: std::net::SocketAddr| {
+        UringNode::start(
+            at,
+            &UringConfig {
+                workers: 2,
+                ..Default::default()
+            },
+            |tag| {
+                Engine::new(
+                    &key,
+                    EngineConfig {
+                        serve: true,
+                        worker: Some(tag),
+                        ..Default::default()
+                    },
+                )
+            },
+            &tx,
+        )
+    };
+    let err = start(node.local_addr()).unwrap_err().to_string();
     assert!(
         err.contains("another gridcast node already serves UDP"),
         "{err}"
     );
+    // Another address of the host on the same port is a group of its own (its datagrams go
+    // to its sockets alone), so a node serves there: one relay per address of a server.
+    let beside = std::net::SocketAddr::new([127, 0, 0, 2].into(), node.local_addr().port());
+    let other = start(beside).unwrap();
+    assert_eq!(other.local_addr(), beside);
+    // A node on every address may join the port too: the kernel gives the exact addresses'
+    // datagrams to the nodes bound there. But a node on one more address must not then
+    // take that address's connections from it.
+    let port = node.local_addr().port();
+    let every = start(std::net::SocketAddr::new([0, 0, 0, 0].into(), port)).unwrap();
+    let err = start(std::net::SocketAddr::new([127, 0, 0, 3].into(), port))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&format!("already serves UDP 0.0.0.0:{port}")),
+        "{err}"
+    );
+    every.stop().unwrap();
+    other.stop().unwrap();
     node.stop().unwrap();
     source.node.stop().unwrap();
 }

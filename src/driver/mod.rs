@@ -173,9 +173,10 @@ pub enum StartError {
     /// An engine could not be made.
     #[error(transparent)]
     Engine(#[from] EngineError),
-    /// Another gridcast process already serves the port.
+    /// Another gridcast process already serves the address and port (or the port on every
+    /// address).
     #[error(
-        "another gridcast node already serves UDP {0}; two nodes in one SO_REUSEPORT group would split its connections between them"
+        "another gridcast node already serves UDP {0}; a second node there would split or take over its connections"
     )]
     PortShared(SocketAddr),
 }
