@@ -104,6 +104,10 @@ fn the_sample_relay_settings_check_and_document_every_option() {
         ("max_uplaod = \"1M\"\n", "max_uplaod"),
         ("workers = \"two\"\n", "workers"),
         ("admin = \"anywhere\"\n", "admin"),
+        (
+            "advertise = [\"203.0.113.7:4434\", \"nowhere\"]\n",
+            "advertise",
+        ),
     ] {
         let file = dir.path().join("bad.toml");
         std::fs::write(&file, bad).unwrap();

@@ -101,6 +101,64 @@ fn load<T: for<'de> Deserialize<'de> + Default>(path: Option<&Path>) -> anyhow::
         .map_err(|e| anyhow::anyhow!("config file {}: {}", path.display(), e.to_string().trim()))
 }
 
+/// A setting that takes one address or a list of them in the config file.
+fn one_or_many<'de, D>(d: D) -> Result<Vec<SocketAddr>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    struct Addrs;
+    fn parse<E: serde::de::Error>(text: &str) -> Result<SocketAddr, E> {
+        text.parse().map_err(|_| {
+            E::custom(format!(
+                "{text:?} is not an address and port, like 203.0.113.7:4434 or [2001:db8::7]:4434"
+            ))
+        })
+    }
+    impl<'de> serde::de::Visitor<'de> for Addrs {
+        type Value = Vec<SocketAddr>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an address and port, or a list of them")
+        }
+        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Self::Value, E> {
+            Ok(vec![parse(text)?])
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some(text) = seq.next_element::<String>()? {
+                out.push(parse(&text)?);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_any(Addrs)
+}
+
+/// The addresses to announce: the command line's (or environment's) if any, else the
+/// file's; each once, and no more than a node announces (its first and
+/// [`crate::node::directory::MAX_ALSO`] others).
+fn advertised(given: Vec<SocketAddr>, file: Vec<SocketAddr>) -> anyhow::Result<Vec<SocketAddr>> {
+    let list = if given.is_empty() { file } else { given };
+    let mut out: Vec<SocketAddr> = Vec::with_capacity(list.len());
+    for addr in list {
+        if addr.ip().is_unspecified() || addr.port() == 0 {
+            anyhow::bail!(
+                "advertise: {addr} cannot be dialled; give the address and port other nodes reach this one at"
+            );
+        }
+        if !out.contains(&addr) {
+            out.push(addr);
+        }
+    }
+    let most = 1 + crate::node::directory::MAX_ALSO;
+    if out.len() > most {
+        anyhow::bail!("advertise: at most {most} addresses, not {}", out.len());
+    }
+    Ok(out)
+}
+
 /// `gridcast broadcast` settings.
 #[derive(Debug, Default, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
@@ -143,10 +201,13 @@ pub struct BroadcastArgs {
     /// viewers asking the source are sent to the relays [default: 8].
     #[arg(long)]
     pub max_children: Option<usize>,
-    /// The address relays dial this source at, announced to the supernodes [default: the
-    /// listening address; for a wildcard one, the address the first relay or viewer reached].
-    #[arg(long, env = "GRIDCAST_ADVERTISE")]
-    pub advertise: Option<SocketAddr>,
+    /// The address relays dial this source at, announced to the supernodes; repeat it (or
+    /// give a list) for the source's other addresses, its IPv6 and IPv4 ones say, the first
+    /// being the one it is a member at [default: the listening address; for a wildcard one,
+    /// the address the first relay or viewer reached].
+    #[arg(long, env = "GRIDCAST_ADVERTISE", value_delimiter = ',')]
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub advertise: Vec<SocketAddr>,
     /// auto, uring or portable [default: auto].
     #[arg(long, env = "GRIDCAST_IO_BACKEND")]
     pub io_backend: Option<IoBackend>,
@@ -189,7 +250,7 @@ impl BroadcastArgs {
             source_password: self.source_password.or(file.source_password),
             node_key: self.node_key.or(file.node_key),
             max_children: self.max_children.or(file.max_children).unwrap_or(8),
-            advertise: self.advertise.or(file.advertise),
+            advertise: advertised(self.advertise, file.advertise)?,
             backend: self.io_backend.or(file.io_backend).unwrap_or_default(),
             admin: self.admin.or(file.admin),
         })
@@ -224,11 +285,14 @@ pub struct RelayArgs {
     /// Node key file, created if missing, so the node id survives restarts.
     #[arg(long, env = "GRIDCAST_NODE_KEY")]
     pub node_key: Option<PathBuf>,
-    /// The address other nodes dial this relay at, announced to the other supernodes
-    /// [default: the listening address; for a wildcard one, this relay's address on the path
-    /// to its upstream].
-    #[arg(long, env = "GRIDCAST_ADVERTISE")]
-    pub advertise: Option<SocketAddr>,
+    /// The address other nodes dial this relay at, announced to the other supernodes;
+    /// repeat it (or give a list) for the relay's other addresses, its IPv6 and IPv4 ones say,
+    /// so that nodes of either family are sent to it, the first being the one it is a member
+    /// at [default: the listening address; for a wildcard one, this relay's address on the
+    /// path to its upstream].
+    #[arg(long, env = "GRIDCAST_ADVERTISE", value_delimiter = ',')]
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub advertise: Vec<SocketAddr>,
     /// Most bits per second sent to subscribers, like 500M [default: no limit].
     #[arg(long)]
     pub max_upload: Option<Rate>,
@@ -322,7 +386,7 @@ impl RelayArgs {
             join,
             workers,
             node_key: self.node_key.or(file.node_key),
-            advertise: self.advertise.or(file.advertise),
+            advertise: advertised(self.advertise, file.advertise)?,
             max_upload_bps: self.max_upload.or(file.max_upload).map(|r| r.0),
             max_connections: self.max_connections.or(file.max_connections),
             max_subscribers: self.max_subscribers.or(file.max_subscribers),

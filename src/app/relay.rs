@@ -15,7 +15,7 @@ use super::link::{ChannelLink, Resolved, resolve_nodes};
 use crate::driver::{IoBackend, Node};
 use crate::keys::ChannelId;
 use crate::node::{Candidate, ChannelMode, EngineConfig, NodeEvent, OpenChannels, UpstreamConfig};
-use crate::wire::Role;
+use crate::wire::{ParentCandidate, Role};
 
 use super::roles::{link_addr, log_event, node_key, say, serve};
 
@@ -37,7 +37,7 @@ pub struct RelayConfig {
     /// A node key file (the node id stays the same across restarts); a fresh key if `None`.
     pub node_key: Option<PathBuf>,
     /// The address announced to the other supernodes (`None`: the link's).
-    pub advertise: Option<SocketAddr>,
+    pub advertise: Vec<SocketAddr>,
     /// Most bits per second sent to subscribers (`None`: no limit).
     pub max_upload_bps: Option<u64>,
     /// Most connections at once (`None`: no limit).
@@ -166,7 +166,7 @@ pub fn relay(config: &RelayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
     )?;
     // Worker 0 is this node's member of the supernodes' membership; the others hand it the
     // gossip they receive.
-    super::roles::announce(&node, config.advertise);
+    super::roles::announce(&node, &config.advertise);
     for w in 0..node.workers() {
         let book = addresses.addresses.clone();
         node.command(
@@ -329,21 +329,9 @@ fn share_carriers(node: &Node, link_nodes: &[(ChannelId, Vec<Candidate>)]) {
     let asked = node.command(
         0,
         Box::new(move |e, now| {
-            let known: Vec<(ChannelId, Vec<Candidate>)> = channels
+            let known: Vec<(ChannelId, Vec<ParentCandidate>)> = channels
                 .iter()
-                .map(|&c| {
-                    let named = e.named_parents(now, c, 32);
-                    let list = named
-                        .into_iter()
-                        .filter_map(|p| {
-                            Some(Candidate {
-                                addr: *p.addrs.first()?,
-                                node: p.node,
-                            })
-                        })
-                        .collect();
-                    (c, list)
-                })
+                .map(|&c| (c, e.named_parents(now, c, 32)))
                 .collect();
             let _ = tx.send(known);
         }),
@@ -359,14 +347,21 @@ fn share_carriers(node: &Node, link_nodes: &[(ChannelId, Vec<Candidate>)]) {
             if *c == channel {
                 for l in linked {
                     if !list.iter().any(|k| k.node == l.node) {
-                        list.push(*l);
+                        list.push(ParentCandidate {
+                            node: l.node,
+                            addrs: vec![l.addr],
+                            load_permille: 0,
+                        });
                     }
                 }
             }
         }
         for w in 1..node.workers() {
             let list = list.clone();
-            node.command(w, Box::new(move |e, _| e.set_alternatives(channel, list)));
+            node.command(
+                w,
+                Box::new(move |e, _| e.set_alternatives_named(channel, list)),
+            );
         }
     }
 }

@@ -117,17 +117,23 @@ pub(crate) fn any_addr(port: u16) -> SocketAddr {
     }
 }
 
-/// Makes worker 0 a member of the supernodes' membership, announced at `advertise`; where
-/// none was given, at the listening address, or, where that is a wildcard, at the local
-/// address the first neighbour reaches it at (its upstream, for a relay; its first child,
-/// for a source). Announcing the loopback address a link prints for a wildcard would send
-/// other hosts' viewers to themselves.
-pub(crate) fn announce(node: &Node, advertise: Option<SocketAddr>) {
+/// Makes worker 0 a member of the supernodes' membership, announced at the first of
+/// `advertise` (the others announced with it); where none was given, at the listening
+/// address, or, where that is a wildcard, at the local address the first neighbour reaches it
+/// at (its upstream, for a relay; its first child, for a source). Announcing the loopback
+/// address a link prints for a wildcard would send other hosts' viewers to themselves.
+pub(crate) fn announce(node: &Node, advertise: &[SocketAddr]) {
     let bound = node.local_addr();
     let set: crate::driver::Command = match advertise {
-        Some(addr) => Box::new(move |e, _| e.set_advertise(addr)),
-        None if !bound.ip().is_unspecified() => Box::new(move |e, _| e.set_advertise(bound)),
-        None => {
+        [first, also @ ..] => {
+            let (first, also) = (*first, also.to_vec());
+            Box::new(move |e, _| {
+                e.set_advertise(first);
+                e.set_advertise_also(also);
+            })
+        }
+        [] if !bound.ip().is_unspecified() => Box::new(move |e, _| e.set_advertise(bound)),
+        [] => {
             let port = bound.port();
             Box::new(move |e, _| e.learn_advertise(port))
         }

@@ -111,7 +111,7 @@ pub struct BroadcastConfig {
     /// The first tier's size (see [`crate::node::EngineConfig::max_children`]).
     pub max_children: usize,
     /// The address announced to supernodes (`None`: the link's).
-    pub advertise: Option<SocketAddr>,
+    pub advertise: Vec<SocketAddr>,
     /// Data plane.
     pub backend: IoBackend,
 }
@@ -361,7 +361,7 @@ pub fn broadcast(config: &BroadcastConfig, stop: &AtomicBool) -> anyhow::Result<
             ..Default::default()
         },
     )?;
-    super::roles::announce(&node, config.advertise);
+    super::roles::announce(&node, &config.advertise);
     node.command(
         0,
         Box::new(move |e, _| e.add_channel(channel, ChannelMode::Source)),

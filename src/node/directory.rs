@@ -36,15 +36,24 @@ pub struct Advert {
     pub load_permille: u16,
     /// Declared upload capacity in bits per second (0: not declared).
     pub capacity_bps: u64,
+    /// Other addresses it is reached at, besides the one it is a member at (its other
+    /// address family, say); at most [`MAX_ALSO`] are kept.
+    pub also: Vec<SocketAddr>,
 }
 
+/// Most other addresses a member announces besides the one it is a member at: as many as an
+/// answer can name a parent at, with the first.
+pub const MAX_ALSO: usize = crate::wire::MAX_ADDRS_PER_PARENT - 1;
+
 /// A supernode that carries a channel, as the directory knows it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Carrier {
     /// Its node id.
     pub node: NodeId,
     /// Where to dial it.
     pub addr: SocketAddr,
+    /// Other addresses it is reached at ([`Advert::also`]).
+    pub also: Vec<SocketAddr>,
     /// Its load in permille.
     pub load_permille: u16,
     /// Its declared upload capacity in bits per second (0: not declared).
@@ -252,6 +261,7 @@ impl Directory for BoardMember {
             .map(|(id, e)| Carrier {
                 node: *id,
                 addr: e.addr,
+                also: e.advert.also.iter().take(MAX_ALSO).copied().collect(),
                 load_permille: e.advert.load_permille,
                 capacity_bps: e.advert.capacity_bps,
             })
@@ -316,7 +326,7 @@ mod tests {
         }
         assert_eq!(nodes[0].members(), 3);
         assert_eq!(nodes[0].carriers(&channel).len(), 3);
-        let c = nodes[0].carriers(&channel)[0];
+        let c = nodes[0].carriers(&channel)[0].clone();
         assert_eq!(c.spare_bps(0), 75_000_000);
         // Node 3 drains: shunned at once. Node 4 goes silent: down after 2 s.
         nodes[2].set_info(

@@ -41,7 +41,7 @@ use rand::rngs::SmallRng;
 use serde::{Deserialize, Serialize};
 
 use crate::keys::{ChannelId, NodeId, NodeKey};
-pub use crate::node::directory::{Advert, Carrier, Directory, MembershipStats};
+pub use crate::node::directory::{Advert, Carrier, Directory, MAX_ALSO, MembershipStats};
 
 /// How often a node re-broadcasts its info, so that nodes that joined since learn it.
 pub const REFRESH: Duration = Duration::from_secs(10);
@@ -118,6 +118,8 @@ pub struct NodeInfo {
     load_permille: u16,
     /// Declared upload capacity in bits per second (0: not declared).
     capacity_bps: u64,
+    /// Other addresses it is reached at (at most [`MAX_ALSO`] are used).
+    also: Vec<SocketAddr>,
 }
 
 /// A [`NodeInfo`] as gossiped: its encoding and the node's Ed25519 signature over it.
@@ -139,7 +141,7 @@ fn signed_message(body: &[u8]) -> Vec<u8> {
 const INFO_CONTEXT: &[u8] = b"gridcast node info v1\0";
 
 /// Largest encoded info accepted: every channel listed and some room.
-const MAX_INFO_BYTES: usize = MAX_INFO_CHANNELS * 33 + 128;
+const MAX_INFO_BYTES: usize = MAX_INFO_CHANNELS * 33 + MAX_ALSO * 24 + 128;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct InfoKey {
@@ -272,6 +274,7 @@ impl Membership {
             draining: false,
             load_permille: 0,
             capacity_bps: 0,
+            also: Vec::new(),
         };
         let infos = Infos::default();
         Self {
@@ -405,10 +408,13 @@ impl Directory for Membership {
         list.sort_unstable();
         list.truncate(MAX_INFO_CHANNELS);
         let load_permille = advert.load_permille.min(1000);
+        let mut also = advert.also;
+        also.truncate(MAX_ALSO);
         let same = list == self.me.channels
             && advert.draining == self.me.draining
             && load_permille == self.me.load_permille
-            && advert.capacity_bps == self.me.capacity_bps;
+            && advert.capacity_bps == self.me.capacity_bps
+            && also == self.me.also;
         if same && self.refresh_at.is_some() {
             return;
         }
@@ -416,6 +422,7 @@ impl Directory for Membership {
         self.me.draining = advert.draining;
         self.me.load_permille = load_permille;
         self.me.capacity_bps = advert.capacity_bps;
+        self.me.also = also;
         self.publish(now);
     }
 
@@ -438,6 +445,7 @@ impl Directory for Membership {
                 .then(|| Carrier {
                     node: id.node(),
                     addr: id.addr,
+                    also: info.also.iter().take(MAX_ALSO).copied().collect(),
                     load_permille: info.load_permille,
                     capacity_bps: info.capacity_bps,
                 })
@@ -545,6 +553,10 @@ mod tests {
             draining,
             load_permille: 100,
             capacity_bps: 50_000_000,
+            // Another family, and more than are announced: the extra is not.
+            also: (1..=4)
+                .map(|i| SocketAddr::from(([0x2001, 0xdb8, 0, 0, 0, 0, 0, i], 5000)))
+                .collect(),
         }
     }
 
@@ -563,6 +575,12 @@ mod tests {
         let carriers = nodes[0].carriers(&channel);
         assert_eq!(carriers.len(), 4);
         assert!(carriers.iter().all(|c| c.capacity_bps == 50_000_000));
+        // Their other addresses travel signed with their infos, at most MAX_ALSO of them.
+        assert!(
+            carriers
+                .iter()
+                .all(|c| c.also.len() == MAX_ALSO && c.also[0].is_ipv6())
+        );
         // Node 5 dies; node 4 drains.
         alive[5] = false;
         nodes[4].set_info(now, advert(channel, true));
@@ -612,6 +630,7 @@ mod tests {
             draining: true,
             load_permille: 0,
             capacity_bps: 0,
+            also: vec![SocketAddr::from(([0x2001, 0xdb8, 0, 0, 0, 0, 0, 1], 5000))],
         };
         let encode = |info: &NodeInfo, signer: &NodeKey, flip: bool| {
             let mut body = postcard::to_allocvec(info).unwrap();

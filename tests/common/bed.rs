@@ -286,8 +286,14 @@ impl Bed {
     /// A `relay` on host `h` joining `link`, on its defaults, kept by the bed; its printed
     /// channel link.
     pub fn relay(&mut self, h: usize, link: &str) -> String {
-        let (relay, printed) =
-            super::procs::spawn_with_link(self.gridcast(h, &["relay", "--join", link]));
+        self.relay_with(h, link, &[])
+    }
+
+    /// [`Bed::relay`] with more options.
+    pub fn relay_with(&mut self, h: usize, link: &str, more: &[&str]) -> String {
+        let mut args = vec!["relay", "--join", link];
+        args.extend_from_slice(more);
+        let (relay, printed) = super::procs::spawn_with_link(self.gridcast(h, &args));
         self.keep(relay);
         printed
     }

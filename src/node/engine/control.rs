@@ -45,7 +45,7 @@ pub(super) fn channel_info(ch: &Channel, params: CodingParams, corrupt: bool) ->
 /// limit).
 pub(super) fn go_away(
     reason: GoAwayReason,
-    alternatives: &HashMap<ChannelId, Vec<Candidate>>,
+    alternatives: &HashMap<ChannelId, Vec<ParentCandidate>>,
     channels: impl IntoIterator<Item = ChannelId>,
 ) -> Message {
     let mut list: Vec<ParentCandidate> = Vec::new();
@@ -53,9 +53,8 @@ pub(super) fn go_away(
         for c in alternatives.get(&channel).into_iter().flatten() {
             if list.len() < MAX_PARENTS && !list.iter().any(|p| p.node == c.node) {
                 list.push(ParentCandidate {
-                    node: c.node,
-                    addrs: vec![c.addr],
                     load_permille: 0,
+                    ..c.clone()
                 });
             }
         }
@@ -67,7 +66,23 @@ pub(super) fn go_away(
 }
 
 impl Engine {
+    /// The nodes that also carry `channel`: what answers name besides this node's own
+    /// children, and where a go-away sends subscribers.
     pub fn set_alternatives(&mut self, channel: ChannelId, nodes: Vec<Candidate>) {
+        let named = nodes
+            .into_iter()
+            .map(|c| ParentCandidate {
+                node: c.node,
+                addrs: vec![c.addr],
+                load_permille: 0,
+            })
+            .collect();
+        self.alternatives.insert(channel, named);
+    }
+
+    /// [`Engine::set_alternatives`] with every address each node is announced at (what the
+    /// member worker of a multi-worker relay knows of the carriers, handed to the others).
+    pub fn set_alternatives_named(&mut self, channel: ChannelId, nodes: Vec<ParentCandidate>) {
         self.alternatives.insert(channel, nodes);
     }
 
@@ -343,10 +358,12 @@ impl Engine {
                 self.stats.go_aways_received += 1;
                 let from = conn.node;
                 let channels: Vec<ChannelId> = conn.taken.values().copied().collect();
+                let via = conn.remote;
+                let alternatives = self.heard_of(via, &go.alternatives);
                 for channel in channels {
                     let me = self.node;
                     if let Some(up) = self.upstreams.get_mut(&channel) {
-                        up.add_alternatives(&go.alternatives, from, me);
+                        up.add_alternatives(&alternatives, from, me);
                         up.next_check = Some(now);
                     }
                 }
@@ -365,7 +382,8 @@ impl Engine {
                     remote,
                     reason: refused.reason,
                 });
-                self.upstream_refused(now, refused.channel, handle, from, &refused.alternatives);
+                let alternatives = self.heard_of(remote, &refused.alternatives);
+                self.upstream_refused(now, refused.channel, handle, from, &alternatives);
             }
             Message::Have(have) => self.upstream_have(have.channel, handle, have.latest),
             Message::ParentQuery(query) => self.answer_parent_query(now, handle, &query),

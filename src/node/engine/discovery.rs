@@ -153,15 +153,14 @@ impl Engine {
         }
         let members = carriers.into_iter().map(|c| ParentCandidate {
             node: c.node,
-            addrs: vec![c.addr],
+            addrs: std::iter::once(c.addr).chain(c.also).collect(),
             load_permille: c.load_permille,
         });
         let mut out: Vec<ParentCandidate> = Vec::new();
         let alternatives = self.alternatives.get(&channel).into_iter().flatten();
         let named = alternatives.map(|c| ParentCandidate {
-            node: c.node,
-            addrs: vec![c.addr],
             load_permille: 0,
+            ..c.clone()
         });
         if asker_is_relay {
             peers.clear();
@@ -359,8 +358,9 @@ impl Engine {
         }
         let from = conn.node;
         let me = self.node;
+        let parents = self.heard_of(conn.remote, &answer.parents);
         if let Some(up) = self.upstreams.get_mut(&channel) {
-            up.add_alternatives(&answer.parents, from, me);
+            up.add_alternatives(&parents, from, me);
         }
     }
 
@@ -493,6 +493,7 @@ mod tests {
         let carrier = |i: u8, load_permille: u16, capacity_bps: u64| Carrier {
             node: NodeKey::from_seed(&[i; 32]).node_id(),
             addr: std::net::SocketAddr::from(([127, 0, 0, 1], 5000 + u16::from(i))),
+            also: Vec::new(),
             load_permille,
             capacity_bps,
         };

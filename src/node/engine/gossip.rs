@@ -54,6 +54,13 @@ impl Engine {
         }
     }
 
+    /// Other addresses this node is reached at, announced with the one it is a member at
+    /// ([`super::EngineConfig::advertise_also`]).
+    pub fn set_advertise_also(&mut self, also: Vec<std::net::SocketAddr>) {
+        self.config.advertise_also = also;
+        self.info_stale = true;
+    }
+
     /// Makes this node a member once it knows where it is reached: at the local address the
     /// first datagram of a connection arrived at (a relay's upstream answered it there; a
     /// source's first child dialled it there), on `port`. For a node listening on
@@ -153,6 +160,7 @@ impl Engine {
             load_permille: load,
             // The upload cap is what this node declares it can send.
             capacity_bps: self.config.upload_cap.map_or(0, |c| c.saturating_mul(8)),
+            also: self.config.advertise_also.clone(),
         };
         if let Some(m) = &mut self.membership {
             m.set_info(now, advert);

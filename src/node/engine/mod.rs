@@ -181,6 +181,10 @@ pub struct EngineConfig {
     /// The address other nodes dial this node at. With it, a serving supernode or source
     /// joins the membership among supernodes ([`crate::node::membership`]).
     pub advertise: Option<SocketAddr>,
+    /// Other addresses this node is reached at, announced with `advertise` (its other address
+    /// family, say, so that IPv4-only and IPv6-only nodes both reach it); at most
+    /// [`crate::node::directory::MAX_ALSO`] are announced.
+    pub advertise_also: Vec<SocketAddr>,
     /// The in-memory directory shared by the nodes of one simulation, used instead of gossip
     /// when set ([`crate::node::directory::Board`]).
     pub directory: Option<crate::node::directory::Board>,
@@ -238,6 +242,7 @@ impl Default for EngineConfig {
             max_subscribers: None,
             max_children: None,
             advertise: None,
+            advertise_also: Vec::new(),
             directory: None,
             open: None,
             worker: None,
@@ -629,7 +634,7 @@ pub struct Engine {
     /// Per channel, the newest chunk announced to standbys with a Have.
     announced: HashMap<ChannelId, u64>,
     /// Per channel, other nodes that carry it, named in go-aways.
-    alternatives: HashMap<ChannelId, Vec<Candidate>>,
+    alternatives: HashMap<ChannelId, Vec<crate::wire::ParentCandidate>>,
     reading: bool,
     upload_tokens: f64,
     upload_refilled: Option<Instant>,

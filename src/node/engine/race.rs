@@ -38,6 +38,7 @@ use rustc_hash::FxHashMap;
 use super::Engine;
 use super::conn::{Conn, mark};
 use crate::keys::NodeId;
+use crate::wire::ParentCandidate;
 
 /// How long an attempt has before the next address is dialled too (RFC 8305's recommended
 /// Connection Attempt Delay).
@@ -47,7 +48,9 @@ pub const ATTEMPT_DELAY: Duration = Duration::from_millis(250);
 const MAX_ADDRESSES: usize = 8;
 
 /// Nodes whose addresses are kept. The book is filled by the application from the links and
-/// bootstrap nodes it was given, never from the network.
+/// bootstrap nodes it was given, and from nodes named with several addresses in answers
+/// (these only while the book is less than half full, and never over what the application
+/// gave).
 const MAX_NODES: usize = 1024;
 
 /// Connection attempts to nodes known at several addresses, and the handle translation that
@@ -206,6 +209,28 @@ impl Engine {
         } else if book.len() < MAX_NODES || book.contains_key(&node) {
             book.insert(node, list);
         }
+    }
+
+    /// Nodes named in an answer, a refusal or a go-away that came over a connection to `via`,
+    /// with each node's addresses in the order to dial them: those of `via`'s family first
+    /// (this node reaches that family; a relay announcing IPv6 and IPv4 is dialled over IPv4
+    /// by an IPv4-only node). A node named at several addresses goes into the address book,
+    /// so a dial of it tries the others in turn, unless the book knows it already.
+    pub(super) fn heard_of(
+        &mut self,
+        via: SocketAddr,
+        named: &[ParentCandidate],
+    ) -> Vec<ParentCandidate> {
+        let mut out = named.to_vec();
+        for c in &mut out {
+            c.addrs.truncate(MAX_ADDRESSES);
+            c.addrs.sort_by_key(|a| a.is_ipv4() != via.is_ipv4());
+            let book = &mut self.dialling.book;
+            if c.addrs.len() > 1 && !book.contains_key(&c.node) && book.len() < MAX_NODES / 2 {
+                book.insert(c.node, c.addrs.clone());
+            }
+        }
+        out
     }
 
     /// The addresses to dial `node` at, named at `remote` by the caller: the first now, the
@@ -533,5 +558,62 @@ mod tests {
         d.endpoint_event(&mut endpoint, e0, drained());
         assert_eq!(endpoint.open_connections(), 0);
         assert!(d.quinn_of.is_empty() && d.held_by.is_empty() && d.held.is_empty());
+    }
+
+    #[test]
+    fn nodes_named_at_several_addresses_are_dialled_over_the_family_that_works_first() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let mut engine = Engine::new(
+            &NodeKey::from_seed(&[7; 32]),
+            crate::node::EngineConfig::default(),
+        )
+        .unwrap();
+        let (relay, linked) = (
+            NodeKey::from_seed(&[8; 32]).node_id(),
+            NodeKey::from_seed(&[9; 32]).node_id(),
+        );
+        let named = |node, addrs: &[&str]| ParentCandidate {
+            node,
+            addrs: addrs.iter().map(|s| a(s)).collect(),
+            load_permille: 0,
+        };
+        // A link gave `linked`'s addresses: an answer does not override them.
+        engine.learn_addresses(linked, &[a("192.0.2.9:1")]);
+        let heard = engine.heard_of(
+            a("192.0.2.1:4433"),
+            &[
+                named(relay, &["[2001:db8::2]:4434", "192.0.2.2:4434"]),
+                named(linked, &["[2001:db8::9]:1", "192.0.2.66:1"]),
+            ],
+        );
+        // Reached over IPv4: IPv4 first.
+        assert_eq!(
+            heard[0].addrs,
+            vec![a("192.0.2.2:4434"), a("[2001:db8::2]:4434")]
+        );
+        assert_eq!(
+            engine.dial_order(a("192.0.2.2:4434"), relay),
+            vec![a("192.0.2.2:4434"), a("[2001:db8::2]:4434")]
+        );
+        assert_eq!(
+            engine.dial_order(a("192.0.2.9:1"), linked),
+            vec![a("192.0.2.9:1")]
+        );
+        // Over IPv6, IPv6 first; the order within a family is the announcer's.
+        let heard = engine.heard_of(
+            a("[2001:db8::1]:4433"),
+            &[named(
+                relay,
+                &["192.0.2.2:4434", "[2001:db8::2]:4434", "[2001:db8::3]:4434"],
+            )],
+        );
+        assert_eq!(
+            heard[0].addrs,
+            vec![
+                a("[2001:db8::2]:4434"),
+                a("[2001:db8::3]:4434"),
+                a("192.0.2.2:4434")
+            ]
+        );
     }
 }

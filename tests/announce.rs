@@ -1,0 +1,101 @@
+//! A relay announced at more than one address. Three hosts of the bed (network namespaces
+//! behind one switch, `common::bed`): a source and a relay with IPv6 and IPv4 addresses, and
+//! a player with IPv4 alone.
+//!
+//! The relay joins the source over IPv6 and announces itself at its IPv6 address, then its
+//! IPv4 one (`--advertise` twice), as a dual-stack server would. The player is given the
+//! source's IPv4 link; once the relay carries the channel the source sends viewers there,
+//! naming the relay at both addresses. The player has no IPv6 route: it must dial the relay at
+//! the address of the family it reached the source over, be served by the relay, and play
+//! the broadcast to its end, byte for byte.
+//!
+//! A relay announced one address before, and `--advertise` took one. Announced at its IPv6
+//! address alone, the relay was named to the player at an address it cannot reach.
+//!
+//! No ffmpeg: the source reads a paced file of pseudo-random bytes. Needs root, iproute2 and
+//! /dev/net/tun; skipped (with a message) without them unless `GRIDCAST_REQUIRE_NETNS=1` (CI).
+
+#![allow(clippy::unwrap_used, clippy::disallowed_methods, clippy::print_stdout)]
+
+mod common;
+
+use common::bed::{Bed, PORT, Shape};
+use common::http::sample;
+use common::procs::*;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+const SOURCE: usize = 0;
+const RELAY: usize = 1;
+const PLAYER: usize = 2;
+/// 4 MB at 2 Mbit/s: a 16-s broadcast.
+const INPUT_BYTES: usize = 4_000_000;
+/// The relay's port (its default).
+const RELAY_PORT: u16 = 4434;
+
+/// A scrape of the admin listener of the node on host `h` (its default, 127.0.0.1:9464
+/// inside the host).
+fn scrape(bed: &Bed, h: usize) -> Option<String> {
+    let admin: SocketAddr = "127.0.0.1:9464".parse().unwrap();
+    bed.get(h, admin, "/metrics")
+        .and_then(|(code, body)| (code == 200).then_some(body))
+}
+
+#[test]
+fn a_relay_announced_at_both_families_serves_a_player_that_has_ipv4_alone() {
+    if !Bed::can_run() {
+        return;
+    }
+    let mut bed = Bed::new(3, Shape::CLEAN, Shape::CLEAN);
+    let source_v6 = bed.add_ipv6(SOURCE);
+    let relay_v6 = bed.add_ipv6(RELAY);
+    let dir = tempfile::tempdir().unwrap();
+    let (reference, source_link) =
+        bed.paced_source(SOURCE, dir.path(), 0x9e37_79b9_7f4a_7c15, INPUT_BYTES);
+    let over_v6 = with_host(&source_link, &format!("[{source_v6}]"));
+    let announced = [
+        format!("[{relay_v6}]:{RELAY_PORT}"),
+        format!("{}:{RELAY_PORT}", bed.addr(RELAY)),
+    ];
+    bed.relay_with(
+        RELAY,
+        &over_v6,
+        &["--advertise", &announced[0], "--advertise", &announced[1]],
+    );
+
+    // The relay carries the channel and is a member the source knows.
+    let started = Instant::now();
+    loop {
+        let members = scrape(&bed, RELAY).map_or(0.0, |s| sample(&s, "gridcast_members"));
+        if members >= 1.0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the relay joined no membership within 20 s"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+
+    let out = dir.path().join("player.bin");
+    let player = bed.player(PLAYER, &source_link, &out);
+    let mut served = false;
+    let status = bed.wait_for(player, Duration::from_secs(45), |bed| {
+        served =
+            served || scrape(bed, RELAY).is_some_and(|s| sample(&s, "gridcast_subscribers") >= 1.0);
+    });
+    assert!(
+        status.success(),
+        "play failed: {status} (source on port {PORT})"
+    );
+    assert!(
+        served,
+        "the relay, announced at {announced:?}, never served the player"
+    );
+    let (start, played) = assert_exact_tail(&out, &reference, 1.0 / 3.0);
+    println!(
+        "the player, sent to the relay announced at {announced:?}, played {played} bytes from \
+         offset {start}"
+    );
+}
