@@ -5,12 +5,14 @@
 //! The relay joins the source over IPv6 and announces itself at its IPv6 address, then its
 //! IPv4 one (`--advertise` twice), as a dual-stack server would. The player is given the
 //! source's IPv4 link; once the relay carries the channel the source sends viewers there,
-//! naming the relay at both addresses. The player has no IPv6 route: it must dial the relay at
+//! naming the relay (its child, and a member) at the IPv6 address it connected from and at
+//! both it announced. The player has no IPv6 route: it must dial the relay at
 //! the address of the family it reached the source over, be served by the relay, and play
 //! the broadcast to its end, byte for byte.
 //!
 //! A relay announced one address before, and `--advertise` took one. Announced at its IPv6
-//! address alone, the relay was named to the player at an address it cannot reach.
+//! address alone, the relay was named to the player at an address it cannot reach; and a
+//! relay named both as a child and as a member was named at the child's address alone.
 //!
 //! No ffmpeg: the source reads a paced file of pseudo-random bytes. Needs root, iproute2 and
 //! /dev/net/tun; skipped (with a message) without them unless `GRIDCAST_REQUIRE_NETNS=1` (CI).
@@ -64,16 +66,24 @@ fn a_relay_announced_at_both_families_serves_a_player_that_has_ipv4_alone() {
         &["--advertise", &announced[0], "--advertise", &announced[1]],
     );
 
-    // The relay carries the channel and is a member the source knows.
+    // The relay is a member and carries the channel: the source names it to viewers both as
+    // its child, at the address it connected from (IPv6), and as a member, at the addresses
+    // it announced.
     let started = Instant::now();
     loop {
-        let members = scrape(&bed, RELAY).map_or(0.0, |s| sample(&s, "gridcast_members"));
-        if members >= 1.0 {
+        let (members, shards) = scrape(&bed, RELAY).map_or((0.0, 0.0), |s| {
+            (
+                sample(&s, "gridcast_members"),
+                sample(&s, "gridcast_received_shards_total"),
+            )
+        });
+        if members >= 1.0 && shards >= 32.0 {
             break;
         }
         assert!(
             started.elapsed() < Duration::from_secs(20),
-            "the relay joined no membership within 20 s"
+            "the relay did not join the membership and carry the channel within 20 s \
+             (members {members}, shards {shards})"
         );
         std::thread::sleep(Duration::from_millis(250));
     }

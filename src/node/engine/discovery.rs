@@ -18,7 +18,9 @@ use crate::node::channel::ChannelMode;
 use crate::node::directory::Carrier;
 use crate::node::upstream::Candidate;
 use crate::node::upstream::Slot;
-use crate::wire::{MAX_PARENTS, Message, ParentAnswer, ParentCandidate, ParentQuery, Role};
+use crate::wire::{
+    MAX_ADDRS_PER_PARENT, MAX_PARENTS, Message, ParentAnswer, ParentCandidate, ParentQuery, Role,
+};
 
 use super::{Engine, NodeEvent};
 
@@ -166,13 +168,19 @@ impl Engine {
             peers.clear();
         }
         for c in relays.into_iter().chain(members).chain(peers).chain(named) {
-            if out.len() >= 4 * MAX_PARENTS {
-                break;
+            if Some(c.node) == asker_node || c.node == self.node {
+                continue;
             }
-            if Some(c.node) != asker_node
-                && c.node != self.node
-                && !out.iter().any(|o| o.node == c.node)
-            {
+            // A node named twice (a relay child that membership also lists) is named once,
+            // at every address either gave: where it reached this node first, then where it
+            // announced itself (its other address family, say).
+            if let Some(o) = out.iter_mut().find(|o| o.node == c.node) {
+                for a in c.addrs {
+                    if o.addrs.len() < MAX_ADDRS_PER_PARENT && !o.addrs.contains(&a) {
+                        o.addrs.push(a);
+                    }
+                }
+            } else if out.len() < 4 * MAX_PARENTS {
                 out.push(c);
             }
         }
