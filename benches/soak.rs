@@ -47,6 +47,7 @@ const SHAPE: Shape = Shape {
     jitter_ms: 5,
     loss_pct: 0.5,
     rate_kbit: None,
+    max_frame: None,
 };
 
 fn arg(name: &str, default: u64) -> u64 {

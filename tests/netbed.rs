@@ -45,6 +45,7 @@ const LOSSY: Shape = Shape {
     jitter_ms: 5,
     loss_pct: 1.0,
     rate_kbit: None,
+    max_frame: None,
 };
 
 /// Half of a path's 40 ms ± 10 ms on each end of it, without loss.

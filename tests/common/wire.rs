@@ -32,6 +32,10 @@ pub struct Shape {
     pub loss_pct: f64,
     /// Rate limit in kbit/s, behind a queue that holds 100 ms of it (tail drop).
     pub rate_kbit: Option<u32>,
+    /// Frames longer than this many bytes (Ethernet header included) are dropped, with no
+    /// ICMP to say so: a path whose MTU is smaller than the hosts' interfaces (a tunnel on
+    /// the way), and a black hole for packets sized to the interfaces.
+    pub max_frame: Option<usize>,
 }
 
 impl Shape {
@@ -41,6 +45,7 @@ impl Shape {
         jitter_ms: 0,
         loss_pct: 0.0,
         rate_kbit: None,
+        max_frame: None,
     };
 }
 
@@ -68,6 +73,8 @@ pub struct PortCounts {
     pub lost: u64,
     /// Frames dropped at its full rate-limit queues.
     pub queue_drops: u64,
+    /// Frames to or from it dropped as longer than its path takes ([`Shape::max_frame`]).
+    pub too_big: u64,
 }
 
 /// The switch; see the module doc.
@@ -185,6 +192,10 @@ impl Switch {
         src.copy_from_slice(&frame[6..12]);
         self.macs.insert(src, from);
         let p = ports[from];
+        if p.up.max_frame.is_some_and(|max| frame.len() > max) {
+            counts[from].too_big += 1;
+            return;
+        }
         if p.cut || self.rng.unit() * 100.0 < p.up.loss_pct {
             counts[from].lost += 1;
             return;
@@ -202,6 +213,10 @@ impl Switch {
         };
         for to in targets.into_iter().filter(|&t| t != from) {
             let q = ports[to];
+            if q.down.max_frame.is_some_and(|max| frame.len() > max) {
+                counts[to].too_big += 1;
+                continue;
+            }
             if q.cut || self.rng.unit() * 100.0 < q.down.loss_pct {
                 counts[to].lost += 1;
                 continue;
