@@ -25,7 +25,6 @@ use common::bed::{Bed, PORT, Shape};
 use common::http::sample;
 use common::procs::*;
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 const SOURCE: usize = 0;
@@ -35,14 +34,6 @@ const PLAYER: usize = 2;
 const INPUT_BYTES: usize = 4_000_000;
 /// The relay's port (its default).
 const RELAY_PORT: u16 = 4434;
-
-/// A scrape of the admin listener of the node on host `h` (its default, 127.0.0.1:9464
-/// inside the host).
-fn scrape(bed: &Bed, h: usize) -> Option<String> {
-    let admin: SocketAddr = "127.0.0.1:9464".parse().unwrap();
-    bed.get(h, admin, "/metrics")
-        .and_then(|(code, body)| (code == 200).then_some(body))
-}
 
 #[test]
 fn a_relay_announced_at_both_families_serves_a_player_that_has_ipv4_alone() {
@@ -71,7 +62,7 @@ fn a_relay_announced_at_both_families_serves_a_player_that_has_ipv4_alone() {
     // it announced.
     let started = Instant::now();
     loop {
-        let (members, shards) = scrape(&bed, RELAY).map_or((0.0, 0.0), |s| {
+        let (members, shards) = bed.metrics(RELAY).map_or((0.0, 0.0), |s| {
             (
                 sample(&s, "gridcast_members"),
                 sample(&s, "gridcast_received_shards_total"),
@@ -92,8 +83,10 @@ fn a_relay_announced_at_both_families_serves_a_player_that_has_ipv4_alone() {
     let player = bed.player(PLAYER, &source_link, &out);
     let mut served = false;
     let status = bed.wait_for(player, Duration::from_secs(45), |bed| {
-        served =
-            served || scrape(bed, RELAY).is_some_and(|s| sample(&s, "gridcast_subscribers") >= 1.0);
+        served = served
+            || bed
+                .metrics(RELAY)
+                .is_some_and(|s| sample(&s, "gridcast_subscribers") >= 1.0);
     });
     assert!(
         status.success(),

@@ -29,7 +29,6 @@ use common::bed::{Bed, PORT, Shape};
 use common::http::sample;
 use common::procs::*;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 const SOURCE: usize = 0;
@@ -81,10 +80,9 @@ fn a_host_name_whose_first_address_does_not_answer_is_reached_at_its_next() {
     let relay_link = bed.relay(RELAY, &with_host(&source_link, "source.bed"));
     let out = dir.path().join("player.bin");
     let player = bed.player(PLAYER, &with_host(&relay_link, "relay.bed"), &out);
-    let admin: SocketAddr = "127.0.0.1:9464".parse().unwrap();
     let mut fallbacks = 0.0;
     let status = bed.wait_for(player, Duration::from_secs(45), |bed| {
-        if let Some((200, body)) = bed.get(RELAY, admin, "/metrics") {
+        if let Some(body) = bed.metrics(RELAY) {
             fallbacks = sample(&body, "gridcast_dial_fallbacks_total");
         }
     });

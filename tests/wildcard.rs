@@ -24,7 +24,6 @@ use common::bed::{Bed, Shape};
 use common::http::sample;
 use common::procs::*;
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 const SOURCE: usize = 0;
@@ -32,14 +31,6 @@ const RELAYS: [usize; 2] = [1, 2];
 const PLAYER: usize = 3;
 /// 4 MB at 2 Mbit/s: a 16-s broadcast.
 const INPUT_BYTES: usize = 4_000_000;
-
-/// A scrape of the admin listener of the relay on host `h` (its default, 127.0.0.1:9464
-/// inside the host).
-fn scrape(bed: &Bed, h: usize) -> Option<String> {
-    let admin: SocketAddr = "127.0.0.1:9464".parse().unwrap();
-    bed.get(h, admin, "/metrics")
-        .and_then(|(code, body)| (code == 200).then_some(body))
-}
 
 #[test]
 fn nodes_on_the_wildcard_address_are_announced_where_other_hosts_reach_them() {
@@ -66,7 +57,7 @@ fn nodes_on_the_wildcard_address_are_announced_where_other_hosts_reach_them() {
     loop {
         let seen: Vec<(f64, f64, f64)> = RELAYS
             .iter()
-            .map(|&h| scrape(&bed, h).map_or((0.0, 0.0, 0.0), |s| counts(&s)))
+            .map(|&h| bed.metrics(h).map_or((0.0, 0.0, 0.0), |s| counts(&s)))
             .collect();
         if seen
             .iter()
@@ -98,7 +89,8 @@ fn nodes_on_the_wildcard_address_are_announced_where_other_hosts_reach_them() {
     let status = bed.wait_for(player, Duration::from_secs(45), |bed| {
         served = served
             || RELAYS.iter().any(|&h| {
-                scrape(bed, h).is_some_and(|s| sample(&s, "gridcast_subscribers") >= 1.0)
+                bed.metrics(h)
+                    .is_some_and(|s| sample(&s, "gridcast_subscribers") >= 1.0)
             });
     });
     assert!(status.success(), "play failed: {status}");

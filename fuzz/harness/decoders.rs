@@ -41,7 +41,9 @@ pub fn wire_frames(data: &[u8]) {
 }
 
 /// Message types whose bodies [`wire_bodies`] feeds.
-const KINDS: [u64; 9] = [0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x10];
+const KINDS: [u64; 11] = [
+    0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x09, 0x0a, 0x10,
+];
 
 /// Any frame body behind each valid message type (the first byte picks it), so every field
 /// decoder is reached even before the fuzzer has learnt the framing. A decoded message must

@@ -37,7 +37,9 @@ const FIRST_SEQ: u64 = 1_000;
 const MAX_STEPS: usize = 96;
 const MAX_EXCHANGES: usize = 400;
 /// Control frame types of version 1.
-const KINDS: [u64; 9] = [0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x10];
+const KINDS: [u64; 11] = [
+    0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x09, 0x0a, 0x10,
+];
 
 /// The script, read a byte at a time (zeros once it runs out).
 struct Script<'a>(&'a [u8]);

@@ -478,7 +478,7 @@ impl Codec for Have {
     }
 }
 
-use super::parents::{GoAway, ParentAnswer, ParentQuery, Refused};
+use super::parents::{GoAway, ParentAnswer, ParentQuery, Punch, Refused};
 use super::shard::ShardFrame;
 
 /// Any message, as carried in a frame.
@@ -502,6 +502,8 @@ pub enum Message {
     GoAway(GoAway),
     /// 0x09
     Refused(Refused),
+    /// 0x0a
+    Punch(Punch),
     /// 0x10
     Shard(ShardFrame),
 }
@@ -515,6 +517,7 @@ const TYPE_PARENT_QUERY: u64 = 0x06;
 const TYPE_PARENT_ANSWER: u64 = 0x07;
 const TYPE_GO_AWAY: u64 = 0x08;
 const TYPE_REFUSED: u64 = 0x09;
+const TYPE_PUNCH: u64 = 0x0a;
 pub(super) const TYPE_SHARD: u64 = 0x10;
 
 impl Message {
@@ -529,6 +532,7 @@ impl Message {
             Message::ParentAnswer(_) => TYPE_PARENT_ANSWER,
             Message::GoAway(_) => TYPE_GO_AWAY,
             Message::Refused(_) => TYPE_REFUSED,
+            Message::Punch(_) => TYPE_PUNCH,
             Message::Shard(_) => TYPE_SHARD,
         }
     }
@@ -544,6 +548,7 @@ impl Message {
             Message::ParentAnswer(m) => m.encoded_len(),
             Message::GoAway(m) => m.encoded_len(),
             Message::Refused(m) => m.encoded_len(),
+            Message::Punch(m) => m.encoded_len(),
             Message::Shard(m) => m.encoded_len(),
         }
     }
@@ -568,6 +573,7 @@ impl Message {
             Message::ParentAnswer(m) => m.encode(buf),
             Message::GoAway(m) => m.encode(buf),
             Message::Refused(m) => m.encode(buf),
+            Message::Punch(m) => m.encode(buf),
             Message::Shard(m) => m.encode(buf),
         }
     }
@@ -588,7 +594,7 @@ impl Message {
         };
         let max = match kind {
             TYPE_SHARD => MAX_SHARD_BODY,
-            TYPE_HELLO..=TYPE_REFUSED => MAX_CONTROL_BODY,
+            TYPE_HELLO..=TYPE_PUNCH => MAX_CONTROL_BODY,
             other => return Err(DecodeError::UnknownMessage(other)),
         };
         let Some((len, len_len)) = peek_varint(&buf[type_len..]) else {
@@ -638,6 +644,7 @@ impl Message {
             ),
             TYPE_GO_AWAY => (Message::GoAway(GoAway::decode(&mut body)?), "go_away"),
             TYPE_REFUSED => (Message::Refused(Refused::decode(&mut body)?), "refused"),
+            TYPE_PUNCH => (Message::Punch(Punch::decode(&mut body)?), "punch"),
             TYPE_SHARD => (Message::Shard(ShardFrame::decode(&mut body)?), "shard"),
             other => return Err(DecodeError::UnknownMessage(other)),
         };

@@ -82,13 +82,13 @@ fn put_addr(buf: &mut impl BufMut, addr: &SocketAddr) {
     buf.put_u16(addr.port());
 }
 
-fn get_addr(buf: &mut Bytes) -> Result<SocketAddr, DecodeError> {
-    let ip = match get_u8(buf, "parent.addr")? {
-        4 => IpAddr::V4(Ipv4Addr::from(get_array::<4>(buf, "parent.addr")?)),
-        6 => IpAddr::V6(Ipv6Addr::from(get_array::<16>(buf, "parent.addr")?)),
-        _ => return Err(DecodeError::Invalid("parent.addr")),
+fn get_addr(buf: &mut Bytes, what: &'static str) -> Result<SocketAddr, DecodeError> {
+    let ip = match get_u8(buf, what)? {
+        4 => IpAddr::V4(Ipv4Addr::from(get_array::<4>(buf, what)?)),
+        6 => IpAddr::V6(Ipv6Addr::from(get_array::<16>(buf, what)?)),
+        _ => return Err(DecodeError::Invalid(what)),
     };
-    let port = get_u16(buf, "parent.addr")?;
+    let port = get_u16(buf, what)?;
     Ok(SocketAddr::new(ip, port))
 }
 
@@ -117,7 +117,7 @@ impl Codec for ParentCandidate {
         }
         let mut addrs = Vec::with_capacity(count);
         for _ in 0..count {
-            addrs.push(get_addr(buf)?);
+            addrs.push(get_addr(buf, "parent.addr")?);
         }
         let load_permille = get_u16(buf, "parent.load")?;
         if load_permille > 1000 {
@@ -127,6 +127,32 @@ impl Codec for ParentCandidate {
             node,
             addrs,
             load_permille,
+        })
+    }
+}
+
+/// From a parent to a serving child it has just named to another node: that node will dial
+/// the child from `addr`. The child sends `addr` a datagram first, which opens the child's NAT
+/// or stateful firewall to it (hole punching, with the parent as the go-between that both
+/// already reach).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Punch {
+    /// Where the node the child was named to will dial it from, as the parent sees that node.
+    pub addr: SocketAddr,
+}
+
+impl Codec for Punch {
+    fn encoded_len(&self) -> usize {
+        addr_len(&self.addr)
+    }
+
+    fn encode(&self, buf: &mut impl BufMut) {
+        put_addr(buf, &self.addr);
+    }
+
+    fn decode(buf: &mut Bytes) -> Result<Self, DecodeError> {
+        Ok(Self {
+            addr: get_addr(buf, "punch.addr")?,
         })
     }
 }

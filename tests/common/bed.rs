@@ -170,6 +170,12 @@ impl Bed {
         self.wire().set_cut(h, false);
     }
 
+    /// Puts host `h` behind a stateful firewall, as behind a home router (NAT or IPv6
+    /// firewall): a UDP datagram reaches it only from an address and port it has sent to.
+    pub fn firewall(&self, h: usize) {
+        self.wire().set_firewall(h, true);
+    }
+
     /// What the switch did so far, per host.
     pub fn counts(&self) -> Vec<PortCounts> {
         self.wire().counts()
@@ -212,6 +218,14 @@ impl Bed {
         .join()
         .ok()
         .flatten()
+    }
+
+    /// A scrape of `/metrics` from the admin listener of the relay on host `h` (its default,
+    /// 127.0.0.1:9464 inside the host); `None` until it answers 200.
+    pub fn metrics(&self, h: usize) -> Option<String> {
+        let admin: SocketAddr = "127.0.0.1:9464".parse().unwrap();
+        self.get(h, admin, "/metrics")
+            .and_then(|(code, body)| (code == 200).then_some(body))
     }
 
     /// Gives host `h` an IPv6 address too, `2001:db8:79::<h+1>/64` on its interface (the
@@ -259,25 +273,36 @@ impl Bed {
         seed: u64,
         bytes: usize,
     ) -> (Vec<u8>, String) {
+        self.paced_source_with(h, dir, seed, bytes, &[])
+    }
+
+    /// [`Bed::paced_source`] with more options.
+    pub fn paced_source_with(
+        &mut self,
+        h: usize,
+        dir: &Path,
+        seed: u64,
+        bytes: usize,
+        more: &[&str],
+    ) -> (Vec<u8>, String) {
         use super::procs::{Noise, keygen, spawn_with_link, with_host};
         let key = keygen(dir);
         let reference = Noise::new(seed).bytes(bytes);
         let input = dir.join("input.bin");
         std::fs::write(&input, &reference).unwrap();
-        let (source, printed) = spawn_with_link(self.gridcast(
-            h,
-            &[
-                "broadcast",
-                "--key",
-                key.to_str().unwrap(),
-                "--input",
-                input.to_str().unwrap(),
-                "--rate",
-                "2M",
-                "--linger",
-                "3",
-            ],
-        ));
+        let mut args = vec![
+            "broadcast",
+            "--key",
+            key.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--rate",
+            "2M",
+            "--linger",
+            "3",
+        ];
+        args.extend_from_slice(more);
+        let (source, printed) = spawn_with_link(self.gridcast(h, &args));
         self.keep(source);
         let link = with_host(&printed, &self.addr(h));
         (reference, link)
@@ -300,10 +325,14 @@ impl Bed {
 
     /// A `play` on host `h` of `link` into the file `out`, kept by the bed; its index.
     pub fn player(&mut self, h: usize, link: &str, out: &Path) -> usize {
-        let child = self
-            .gridcast(h, &["play", link, "--output", out.to_str().unwrap()])
-            .spawn()
-            .unwrap();
+        self.player_with(h, link, out, &[])
+    }
+
+    /// [`Bed::player`] with more options.
+    pub fn player_with(&mut self, h: usize, link: &str, out: &Path, more: &[&str]) -> usize {
+        let mut args = vec!["play", link, "--output", out.to_str().unwrap()];
+        args.extend_from_slice(more);
+        let child = self.gridcast(h, &args).spawn().unwrap();
         self.keep(child)
     }
 

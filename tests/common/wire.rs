@@ -8,13 +8,15 @@
 //! rate, delayed by its delay ± jitter), then b's downlink's. Jitter varies each frame's delay
 //! but keeps each direction's frames in order, as a path's queues do. A cut host's frames, both
 //! ways, are all lost. Broadcast, multicast and not-yet-learnt destinations go to every other
-//! host. The switch runs on its own thread of the test process and stops when dropped; its
+//! host. A host may sit behind a stateful firewall, as behind a home router's NAT: a UDP
+//! datagram reaches it only from an address and port it has sent a datagram to from the
+//! port it arrives at (address- and port-dependent filtering, RFC 4787). The switch runs on its own thread of the test process and stops when dropped; its
 //! TAP devices go with its file descriptors.
 
 #![allow(clippy::unwrap_used, unsafe_code)]
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -49,12 +51,51 @@ impl Shape {
     };
 }
 
-/// A host's attachment: what its uplink and downlink do, and whether it is cut.
+/// A host's attachment: what its uplink and downlink do, whether it is cut, and whether it
+/// is behind a stateful firewall.
 #[derive(Debug, Clone, Copy)]
 struct Port {
     up: Shape,
     down: Shape,
     cut: bool,
+    firewall: bool,
+}
+
+/// A UDP datagram's addresses (IPv4 or IPv6, the IP as 16 bytes) and ports, if the Ethernet
+/// frame holds one.
+fn udp_ends(frame: &[u8]) -> Option<([u8; 16], u16, [u8; 16], u16)> {
+    let ethertype = u16::from_be_bytes([*frame.get(12)?, *frame.get(13)?]);
+    let (src, dst, udp) = match ethertype {
+        0x0800 => {
+            let ihl = usize::from(frame.get(14)? & 0x0f) * 4;
+            if *frame.get(23)? != 17 {
+                return None;
+            }
+            let mut src = [0u8; 16];
+            let mut dst = [0u8; 16];
+            src[12..].copy_from_slice(frame.get(26..30)?);
+            dst[12..].copy_from_slice(frame.get(30..34)?);
+            (src, dst, 14 + ihl)
+        }
+        0x86dd => {
+            if *frame.get(20)? != 17 {
+                return None;
+            }
+            (
+                frame.get(22..38)?.try_into().ok()?,
+                frame.get(38..54)?.try_into().ok()?,
+                54,
+            )
+        }
+        _ => return None,
+    };
+    let ports = frame.get(udp..udp + 4)?;
+    Some((
+        src,
+        u16::from_be_bytes([ports[0], ports[1]]),
+        dst,
+        u16::from_be_bytes([ports[2], ports[3]]),
+    ))
 }
 
 /// What the switch did, per host.
@@ -75,6 +116,8 @@ pub struct PortCounts {
     pub queue_drops: u64,
     /// Frames to or from it dropped as longer than its path takes ([`Shape::max_frame`]).
     pub too_big: u64,
+    /// UDP datagrams to it its firewall dropped: from an address and port it had not sent to.
+    pub filtered: u64,
 }
 
 /// The switch; see the module doc.
@@ -150,6 +193,9 @@ struct Switch {
     last_due: Vec<Vec<u64>>,
     queue: BinaryHeap<Due>,
     seq: u64,
+    /// (host, its port, remote address, remote port) of every UDP datagram a host sent: what
+    /// a firewall in front of that host lets back in.
+    opened: HashSet<(usize, u16, [u8; 16], u16)>,
 }
 
 fn ms_ns(ms: u32) -> u64 {
@@ -191,6 +237,10 @@ impl Switch {
         let mut src = [0u8; 6];
         src.copy_from_slice(&frame[6..12]);
         self.macs.insert(src, from);
+        let ends = udp_ends(frame);
+        if let Some((_, sport, dip, dport)) = ends {
+            self.opened.insert((from, sport, dip, dport));
+        }
         let p = ports[from];
         if p.up.max_frame.is_some_and(|max| frame.len() > max) {
             counts[from].too_big += 1;
@@ -213,6 +263,13 @@ impl Switch {
         };
         for to in targets.into_iter().filter(|&t| t != from) {
             let q = ports[to];
+            if q.firewall
+                && let Some((sip, sport, _, dport)) = ends
+                && !self.opened.contains(&(to, dport, sip, sport))
+            {
+                counts[to].filtered += 1;
+                continue;
+            }
             if q.down.max_frame.is_some_and(|max| frame.len() > max) {
                 counts[to].too_big += 1;
                 continue;
@@ -315,7 +372,8 @@ impl Wire {
             Port {
                 up,
                 down,
-                cut: false
+                cut: false,
+                firewall: false,
             };
             n
         ]));
@@ -333,6 +391,7 @@ impl Wire {
             last_due: vec![vec![0; n]; n],
             queue: BinaryHeap::new(),
             seq: 0,
+            opened: HashSet::new(),
         };
         let flag = Arc::clone(&stop);
         let thread = thread::Builder::new()
@@ -357,6 +416,12 @@ impl Wire {
     /// Cuts host `h` off (`true`) or puts it back (`false`).
     pub fn set_cut(&self, h: usize, cut: bool) {
         self.ports.lock().unwrap()[h].cut = cut;
+    }
+
+    /// Puts host `h` behind a stateful firewall (`true`; see the module documentation) or
+    /// takes it away.
+    pub fn set_firewall(&self, h: usize, on: bool) {
+        self.ports.lock().unwrap()[h].firewall = on;
     }
 
     /// What the switch did so far, per host.

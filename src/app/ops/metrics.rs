@@ -271,6 +271,8 @@ struct EngineMetrics {
     refused: [Counter; 3],
     retries: Counter,
     dial_fallbacks: Counter,
+    /// asked, sent.
+    punches: [Counter; 2],
     /// dropped, answered.
     unrouted: [Counter; 2],
     /// idle_timeout, application, transport_error, reset, other.
@@ -340,6 +342,13 @@ impl EngineMetrics {
                  first tried (that one did not answer within 250 ms: a host name's IPv6 \
                  address on a network whose IPv6 is broken, say).",
                 &[],
+            ),
+            punches: r.counters(
+                "gridcast_punches_total",
+                "Hole punching through a parent: serving children told to open a path to a \
+                 node they were named to (asked), and datagrams sent to open one (sent).",
+                "kind",
+                ["asked", "sent"],
             ),
             unrouted: r.counters(
                 "gridcast_udp_datagrams_unrouted_total",
@@ -531,6 +540,8 @@ impl EngineMetrics {
         self.retries.absolute(sum(&|r| r.stats.retries_sent));
         self.dial_fallbacks
             .absolute(sum(&|r| r.stats.dial_fallbacks));
+        self.punches[0].absolute(sum(&|r| r.stats.punches_asked));
+        self.punches[1].absolute(sum(&|r| r.stats.punches_sent));
         self.unrouted[0].absolute(sum(&|r| r.stats.datagrams_dropped));
         self.unrouted[1].absolute(sum(&|r| r.stats.datagrams_answered));
         for (c, v) in self.closed.iter().zip([

@@ -386,6 +386,7 @@ impl Engine {
                 self.upstream_refused(now, refused.channel, handle, from, &alternatives);
             }
             Message::Have(have) => self.upstream_have(have.channel, handle, have.latest),
+            Message::Punch(punch) => self.punch(now, handle, punch.addr),
             Message::ParentQuery(query) => self.answer_parent_query(now, handle, &query),
             Message::ParentAnswer(answer) => self.take_parent_answer(handle, &answer),
             Message::Shard(_) => self.protocol_error(now, handle, "shard on the control stream"),
@@ -401,6 +402,7 @@ impl Engine {
         reason: RefuseReason,
     ) {
         let alternatives = self.candidates_for(now, handle, sub.channel, MAX_PARENTS);
+        self.punch_for(handle, &alternatives);
         if let Some(conn) = self.conns.get_mut(&handle) {
             conn.send_control(&Message::Refused(Refused {
                 sub: sub.sub,

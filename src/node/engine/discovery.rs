@@ -345,6 +345,7 @@ impl Engine {
         query: &ParentQuery,
     ) {
         let parents = self.candidates_for(now, handle, query.channel, usize::from(query.max));
+        self.punch_for(handle, &parents);
         if let Some(conn) = self.conns.get_mut(&handle) {
             conn.send_control(&Message::ParentAnswer(ParentAnswer {
                 query: query.query,

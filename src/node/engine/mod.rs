@@ -52,6 +52,7 @@
 //! - `parents`: the upstream policy ([`crate::node::upstream`]) put to work: candidates,
 //!   standbys, assignment and failover.
 //! - `race`: dialling a node known at several addresses (RFC 8305's connection attempts).
+//! - `punch`: hole punching through a parent, for children behind NATs and firewalls.
 
 mod conn;
 mod control;
@@ -61,6 +62,7 @@ mod gossip;
 mod io;
 mod outbound;
 mod parents;
+mod punch;
 mod race;
 mod report;
 pub use race::ATTEMPT_DELAY;
@@ -525,6 +527,10 @@ pub struct EngineStats {
     pub dial_attempts_extra: u64,
     /// Dials completed at another of the node's addresses than the first tried.
     pub dial_fallbacks: u64,
+    /// Serving children told to open a path to a node they were named to (see `punch`).
+    pub punches_asked: u64,
+    /// Datagrams sent to open a path to a node a parent named this node to.
+    pub punches_sent: u64,
     /// Connections that ended, by why (see [`CloseReasons`]).
     pub closed: CloseReasons,
     /// QUIC counters of connections that are gone (live ones are added by
@@ -593,6 +599,8 @@ pub struct Engine {
     coder: ShardCoder,
     events: VecDeque<NodeEvent>,
     responses: VecDeque<(Transmit, Vec<u8>)>,
+    /// When the punch datagrams of the last second went (see `punch`).
+    punched: VecDeque<Instant>,
     next_sub: u32,
     refused: control::RefusedNodes,
     /// Accepted connections still in their handshake.
@@ -759,6 +767,7 @@ impl Engine {
             coder: ShardCoder::new(),
             events: VecDeque::new(),
             responses: VecDeque::new(),
+            punched: VecDeque::new(),
             next_sub: 1,
             refused: control::RefusedNodes::default(),
             handshaking: 0,
