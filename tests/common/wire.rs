@@ -237,8 +237,8 @@ impl Switch {
         let mut src = [0u8; 6];
         src.copy_from_slice(&frame[6..12]);
         self.macs.insert(src, from);
-        let ends = udp_ends(frame);
-        if let Some((_, sport, dip, dport)) = ends {
+        // What the host sends opens its firewall at once: it stands at the host's end.
+        if let Some((_, sport, dip, dport)) = udp_ends(frame) {
             self.opened.insert((from, sport, dip, dport));
         }
         let p = ports[from];
@@ -263,13 +263,6 @@ impl Switch {
         };
         for to in targets.into_iter().filter(|&t| t != from) {
             let q = ports[to];
-            if q.firewall
-                && let Some((sip, sport, _, dport)) = ends
-                && !self.opened.contains(&(to, dport, sip, sport))
-            {
-                counts[to].filtered += 1;
-                continue;
-            }
             if q.down.max_frame.is_some_and(|max| frame.len() > max) {
                 counts[to].too_big += 1;
                 continue;
@@ -348,6 +341,15 @@ impl Switch {
                 .is_some_and(|Reverse((due, ..))| *due <= now)
             {
                 let Reverse((_, _, to, frame)) = self.queue.pop().unwrap();
+                // A firewall stands at the host's end of its attachment: it judges a frame as
+                // it arrives there, by what the host had sent by then.
+                if ports[to].firewall
+                    && let Some((sip, sport, _, dport)) = udp_ends(&frame)
+                    && !self.opened.contains(&(to, dport, sip, sport))
+                {
+                    counts[to].filtered += 1;
+                    continue;
+                }
                 // SAFETY: frame is a live buffer of the length given.
                 let n = unsafe {
                     libc::write(self.fds[to].as_raw_fd(), frame.as_ptr().cast(), frame.len())
