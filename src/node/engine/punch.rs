@@ -53,16 +53,17 @@ impl Engine {
             return;
         };
         // Only a parent this node draws from, only a node that serves, and never an address
-        // this node already talks to or one nothing can be sent to.
+        // nothing can be sent to.
         if conn.taken.is_empty()
             || !self.config.serve
             || addr.port() == 0
             || addr.ip().is_unspecified()
             || addr.ip().is_multicast()
-            || self.conns.values().any(|c| c.remote == addr)
         {
             return;
         }
+        // The rate limit comes before the walk over the connections below, so that a parent
+        // sending punches without end costs that walk only a few times a second.
         let second = Duration::from_secs(1);
         while self
             .punched
@@ -75,6 +76,10 @@ impl Engine {
             return;
         }
         self.punched.push_back(now);
+        // An address this node already talks to needs no opening.
+        if self.conns.values().any(|c| c.remote == addr) {
+            return;
+        }
         self.stats.punches_sent += 1;
         self.responses.push_back((
             Transmit {
