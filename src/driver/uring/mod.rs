@@ -24,12 +24,12 @@
 //!   lock is shared on the way.
 
 mod cmsg;
+mod lock;
 mod sys;
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::os::linux::net::SocketAddrExt;
+use std::net::{SocketAddr, UdpSocket};
 use std::os::unix::net::UnixDatagram;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -320,42 +320,10 @@ impl UringNode {
         events: &Sender<NodeEvent>,
     ) -> Result<Self, StartError> {
         let count = config.workers.clamp(1, 128);
-        // One gridcast process per address and port (a reuseport group is one address and
-        // port; nodes on different addresses of a host may share a port, each address's
-        // datagrams going to its own): an abstract socket named after them is the lock, held
-        // for the node's life and released by the kernel when the process exits. The
-        // wildcard addresses of both families count as one. A node on one address also
-        // refuses a port a node on every address serves, whose connections through that
-        // address it would take over. With a fixed port the lock is taken before joining the
-        // group, so a refused second process never receives a packet; port 0 picks a fresh
-        // port nobody else has yet.
-        let lock_port = |port: u16| -> Result<UnixDatagram, StartError> {
-            let ip = addr.ip().to_canonical();
-            let lock = |host: &str| -> Result<UnixDatagram, StartError> {
-                let name = format!("gridcast/udp/{host}/{port}");
-                let name = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
-                UnixDatagram::bind_addr(&name).map_err(|e| {
-                    if e.kind() == io::ErrorKind::AddrInUse {
-                        // The address the other node serves.
-                        let held = match (host, ip) {
-                            ("any", IpAddr::V4(_)) => IpAddr::from([0; 4]),
-                            ("any", IpAddr::V6(_)) => IpAddr::from([0u16; 8]),
-                            _ => addr.ip(),
-                        };
-                        StartError::PortShared(SocketAddr::new(held, port))
-                    } else {
-                        StartError::Io(e)
-                    }
-                })
-            };
-            if ip.is_unspecified() {
-                return lock("any");
-            }
-            // Only probed: a wildcard node that starts later takes nothing from this one (the
-            // kernel prefers the socket bound to the exact address).
-            drop(lock("any")?);
-            lock(&ip.to_string())
-        };
+        // The lock (see `lock`) is taken before joining the group when the port is fixed, so
+        // a refused second process never receives a packet; port 0 picks a fresh port nobody
+        // else has yet.
+        let lock_port = |port: u16| lock::lock_port(addr.ip(), port);
         let early = if addr.port() == 0 {
             None
         } else {
