@@ -15,6 +15,7 @@ use serde::Deserialize;
 
 use super::link::{ChannelLink, LinkNode};
 use super::ops::AdminListen;
+use super::play::UploadPriority;
 use super::roles::{BroadcastConfig, Input, Output, PlayConfig, RelayConfig, parse_rate};
 use crate::driver::IoBackend;
 
@@ -56,7 +57,14 @@ macro_rules! deserialize_from_str {
         }
     )*};
 }
-deserialize_from_str!(Input, Output, ChannelLink, LinkNode, IoBackend);
+deserialize_from_str!(
+    Input,
+    Output,
+    ChannelLink,
+    LinkNode,
+    IoBackend,
+    UploadPriority
+);
 
 /// Parses a channel link argument. clap's own error would quote the whole value, which for a
 /// pasted blob is pages of text; this quotes its start only.
@@ -442,6 +450,11 @@ pub struct PlayArgs {
     /// [default: no cap].
     #[arg(long)]
     pub upload: Option<Rate>,
+    /// low: relaying yields to this host's other traffic (a scavenger congestion controller,
+    /// LEDBAT, that backs off when the uplink's queue grows); normal: it competes like any
+    /// other upload (CUBIC) [default: low].
+    #[arg(long)]
+    pub upload_priority: Option<UploadPriority>,
     /// No live status line (it is shown only when stderr is a terminal anyway).
     #[arg(long)]
     #[serde(default)]
@@ -484,6 +497,10 @@ impl PlayArgs {
                 self.connect_timeout.or(file.connect_timeout).unwrap_or(10),
             ),
             upload_bps: self.upload.or(file.upload).map(|r| r.0),
+            upload_priority: self
+                .upload_priority
+                .or(file.upload_priority)
+                .unwrap_or_default(),
             mdns: self.mdns || file.mdns,
             status: !(self.no_status || file.no_status) && std::io::stderr().is_terminal(),
         })
@@ -566,6 +583,18 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("upload") && err.contains("fast"), "{err}");
+        let f = write("upload_priority = \"highest\"\n");
+        let err = PlayArgs {
+            config: Some(f.path()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("upload_priority") && err.contains("highest"),
+            "{err}"
+        );
         let f = write("\u{0}\u{1}garbage[[[\n");
         let err = BroadcastArgs {
             config: Some(f.path()),
@@ -610,14 +639,25 @@ mod tests {
             "link = \"{}\"\nupload = 0\noutput = \"http://127.0.0.1:0\"\nnode_key = \"peer.key\"\n",
             link()
         ));
-        let p = PlayArgs {
+        let p = play_from(&f);
+        assert_eq!(p.upload_bps, Some(0));
+        assert_eq!(p.upload_priority, UploadPriority::Low);
+        assert!(matches!(p.output, Output::Http(_)));
+        assert_eq!(p.node_key, Some(PathBuf::from("peer.key")));
+        let f = write(&format!(
+            "link = \"{}\"\nupload_priority = \"normal\"\n",
+            link()
+        ));
+        assert_eq!(play_from(&f).upload_priority, UploadPriority::Normal);
+    }
+
+    /// `play` resolved from the config file `f` alone.
+    fn play_from(f: &TempFile) -> PlayConfig {
+        PlayArgs {
             config: Some(f.path()),
             ..Default::default()
         }
         .resolve()
-        .unwrap();
-        assert_eq!(p.upload_bps, Some(0));
-        assert!(matches!(p.output, Output::Http(_)));
-        assert_eq!(p.node_key, Some(PathBuf::from("peer.key")));
+        .unwrap()
     }
 }

@@ -17,7 +17,7 @@ use super::link::ChannelLink;
 use super::output::{Gate, HttpOutput};
 use crate::driver::IoBackend;
 use crate::keys::ChannelId;
-use crate::node::{ChannelMode, Engine, EngineConfig, NodeEvent};
+use crate::node::{ChannelMode, Congestion, Engine, EngineConfig, NodeEvent};
 use crate::stream::ChunkFlags;
 
 use super::roles::{link_addr, log_event, node_key, say, serve};
@@ -73,11 +73,48 @@ pub struct PlayConfig {
     pub connect_timeout: Duration,
     /// Most bits per second relayed to other peers (`None`: no cap; `Some(0)`: relay nothing).
     pub upload_bps: Option<u64>,
+    /// Whether relaying yields to this host's other traffic.
+    pub upload_priority: UploadPriority,
     /// Print a one-line live status on stderr (for a terminal).
     pub status: bool,
     /// Look for nodes on the local network too (preferring them) and announce this peer
     /// there while it relays; always so with a bare channel id.
     pub mdns: bool,
+}
+
+/// How a player's uploads to other peers share its uplink.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum UploadPriority {
+    /// Below everything else the host sends: a scavenger congestion controller (LEDBAT) keeps
+    /// the queue it adds near 60 ms and backs off when other traffic fills it.
+    #[default]
+    Low,
+    /// Like any other upload: loss-based (CUBIC), taking its share of a full link.
+    Normal,
+}
+
+impl UploadPriority {
+    /// The congestion controller it means.
+    pub fn congestion(self) -> Congestion {
+        match self {
+            Self::Low => Congestion::Ledbat,
+            Self::Normal => Congestion::Cubic,
+        }
+    }
+}
+
+impl std::str::FromStr for UploadPriority {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "low" => Ok(Self::Low),
+            "normal" => Ok(Self::Normal),
+            other => Err(format!(
+                "unknown upload priority {other:?} (expected low or normal)"
+            )),
+        }
+    }
 }
 
 /// Where a peer's chunks go.
@@ -232,6 +269,7 @@ pub fn play(config: &PlayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
     let engine_config = EngineConfig {
         serve: config.upload_bps != Some(0),
         upload_cap: config.upload_bps.filter(|&b| b > 0).map(|b| b.div_ceil(8)),
+        congestion: config.upload_priority.congestion(),
         ..Default::default()
     };
     let (node, events) = serve(config.backend, config.listen, 1, &key, &engine_config)?;
@@ -266,7 +304,12 @@ pub fn play(config: &PlayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
     let mut _lan = None;
     if engine_config.serve {
         let own = ChannelLink::single(channel, link_addr(&node), key.node_id());
-        tracing::info!(link = %own, upload_bps = ?config.upload_bps, "relaying to other peers");
+        tracing::info!(
+            link = %own,
+            upload_bps = ?config.upload_bps,
+            upload_priority = ?config.upload_priority,
+            "relaying to other peers"
+        );
         if bare || config.mdns {
             let bound = node.local_addr();
             let ip = (!bound.ip().is_unspecified()).then(|| bound.ip());

@@ -9,11 +9,13 @@
 //!   module doc for the driver call order.
 //! - [`upstream`]: the parent policy's state and arithmetic (assignment, back-off, tallies).
 //! - [`cid`]: connection ids that steer packets to the worker that owns the connection.
+//! - [`ledbat`]: the scavenger congestion controller a player's uploads run on.
 
 pub mod channel;
 pub mod cid;
 pub mod directory;
 pub mod engine;
+pub mod ledbat;
 pub mod membership;
 pub mod tls;
 pub mod upstream;

@@ -200,24 +200,35 @@ impl Bed {
         c
     }
 
-    /// `GET path` on `addr` from inside host `h` (a node's admin listener there), as
-    /// [`super::http::get`]: a thread of the test process enters the host's namespace for
-    /// the request (`setns` moves that thread only) and ends with it.
-    pub fn get(&self, h: usize, addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    /// Runs `f` on a new thread of the test process inside host `h`'s network namespace
+    /// (`setns` moves that thread only): sockets it opens are the host's. `None` if the
+    /// namespace cannot be entered.
+    pub fn spawn_in<T: Send + 'static>(
+        &self,
+        h: usize,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<Option<T>> {
         let ns = format!("/run/netns/{}", self.hosts[h]);
-        let path = path.to_owned();
         std::thread::spawn(move || {
             let file = std::fs::File::open(&ns).ok()?;
             // SAFETY: a namespace file this thread holds open; setns changes only the
-            // calling thread's network namespace, and the thread ends after the request.
+            // calling thread's network namespace, and the thread ends after `f`.
             if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                 return None;
             }
-            super::http::get(addr, &path)
+            Some(f())
         })
-        .join()
-        .ok()
-        .flatten()
+    }
+
+    /// `GET path` on `addr` from inside host `h` (a node's admin listener there), as
+    /// [`super::http::get`], on a thread of [`Bed::spawn_in`].
+    pub fn get(&self, h: usize, addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+        let path = path.to_owned();
+        self.spawn_in(h, move || super::http::get(addr, &path))
+            .join()
+            .ok()
+            .flatten()
+            .flatten()
     }
 
     /// A scrape of `/metrics` from the admin listener of the relay on host `h` (its default,

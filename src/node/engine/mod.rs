@@ -130,6 +130,10 @@ pub enum Congestion {
     /// BBR (quinn-proto's, marked experimental there): paces at the measured bottleneck
     /// rate and does not take random loss as a sign of congestion.
     Bbr,
+    /// LEDBAT, a scavenger ([`crate::node::ledbat`]): keeps the queue it adds near 60 ms and
+    /// yields to loss-based flows sharing it. What a player's uploads run on, so that
+    /// relaying never crowds out its user's own traffic.
+    Ledbat,
 }
 
 /// Engine settings.
@@ -670,6 +674,9 @@ impl std::fmt::Debug for Engine {
 impl Engine {
     /// An engine for the node holding `key`.
     pub fn new(key: &NodeKey, config: EngineConfig) -> Result<Self, EngineError> {
+        // One factory for the connections this node dials and those it accepts: LEDBAT's
+        // connections share what they see of the node's uplink queue.
+        let ledbat = Arc::new(crate::node::ledbat::LedbatConfig::default());
         let base = || {
             let mut transport = TransportConfig::default();
             transport
@@ -698,6 +705,9 @@ impl Engine {
                     transport.congestion_controller_factory(Arc::new(
                         quinn_proto::congestion::BbrConfig::default(),
                     ));
+                }
+                Congestion::Ledbat => {
+                    transport.congestion_controller_factory(ledbat.clone());
                 }
             }
             transport
