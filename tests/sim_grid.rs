@@ -427,6 +427,40 @@ fn peers_relay_to_peers_within_their_upload_cap() {
 }
 
 #[test]
+fn a_parent_that_lags_for_good_is_taken_back_ever_more_rarely() {
+    // A relaying peer capped at a third of what its child asks of it lags every time the
+    // child takes it back. The child, given only that peer, learns its parents and has no
+    // other candidate to spare, so it takes the peer back whenever the peer's back-off ends,
+    // and replaces it each time without a gap. The back-off now grows (0.5 s doubling to
+    // 10 s) instead of starting over at the parent's first shard, which took it back about
+    // every 1.6 s.
+    let mut grid = Grid::new(19, 1, Grid::relay_config);
+    grid.run(Duration::from_secs(2));
+    let capped = relaying_peer(&mut grid, Some(20_000), true);
+    grid.run(Duration::from_secs(3));
+    let only = grid.candidate(capped);
+    let child = grid.add_policy_peer(EngineConfig::default(), vec![only]);
+    grid.run(Duration::from_secs(10));
+    let i = grid.peers.iter().position(|&p| p == child).unwrap();
+    let early = grid.played[i].failovers.len();
+    let from = grid.sim.now();
+    grid.run(Duration::from_secs(30));
+    let late = grid.played[i]
+        .failovers
+        .iter()
+        .filter(|&&(at, _)| at >= from)
+        .count();
+    grid.assert_perfect("lagging-parent");
+    assert!(early >= 1, "the capped parent was never replaced");
+    assert!(
+        late <= 5,
+        "the child replaced its lagging parent {late} times in 30 s (and {early} in the 10 s \
+         before)"
+    );
+    println!("lagging-parent: failovers_first_10s={early} failovers_next_30s={late}");
+}
+
+#[test]
 fn children_that_know_only_a_relaying_peer_learn_its_parents_and_survive_losing_it() {
     // Two peers given nothing but a relaying peer (a shared link, the local network): its
     // answers name its own parents too, so they draw from those as well and lose nothing

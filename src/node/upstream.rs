@@ -16,7 +16,7 @@
 //!
 //! This module holds the state and the pure arithmetic; [`super::engine`] executes the moves.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -213,8 +213,16 @@ pub(crate) struct Upstream {
     /// Node-specific rotation so that peers spread load over all N substreams.
     pub(crate) rotation: usize,
     /// Failures in a row per candidate (the back-off doubles with each); cleared when the
-    /// candidate delivers.
+    /// candidate delivers, or for one in [`Upstream::lagged`] once it has served well for
+    /// `retry_after`.
     pub(crate) strikes: HashMap<NodeId, u32>,
+    /// Candidates replaced for how they delivered (behind, silent or short) while their
+    /// connection stayed up. Their first shard after a comeback does not clear their back-off,
+    /// which would take back a parent that lags for good (a player yielding its uplink to
+    /// other traffic, a parent at its upload cap) every second or two, and move its
+    /// substreams away again each time; only `retry_after` of service without a failover
+    /// does.
+    pub(crate) lagged: HashSet<NodeId>,
     /// Since when no parent has delivered (every one lost or unreachable).
     pub(crate) outage: Option<Instant>,
     /// Times every parent was lost at once.
@@ -240,6 +248,7 @@ impl Upstream {
             failovers: 0,
             rotation,
             strikes: HashMap::new(),
+            lagged: HashSet::new(),
             outage: None,
             outages: 0,
             since: now,

@@ -202,8 +202,9 @@ impl Engine {
                         ..
                     } = slot
                     {
-                        if newest.is_none() {
-                            // It delivers: its back-off starts over.
+                        if newest.is_none() && !up.lagged.contains(&cand.node) {
+                            // It delivers: its back-off starts over (for one replaced for
+                            // lagging, only once it has served well for a while).
                             up.strikes.remove(&cand.node);
                         }
                         *newest = Some(newest.map_or(seq, |n| n.max(seq)));

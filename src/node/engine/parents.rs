@@ -507,10 +507,25 @@ impl Engine {
                     tally.roll(best);
                 }
             }
+            // A parent replaced for lagging that has served well for `retry_after` since it
+            // came back is forgiven: its next failure starts the back-off over.
+            let failing: Vec<usize> = failed.iter().map(|f| f.slot).collect();
+            for (i, (cand, slot)) in up.candidates.iter().enumerate() {
+                if let Slot::Active { since, .. } = slot
+                    && !failing.contains(&i)
+                    && now.saturating_duration_since(*since) >= up.config.retry_after
+                    && up.lagged.remove(&cand.node)
+                {
+                    up.strikes.remove(&cand.node);
+                }
+            }
             let mut moved = Vec::new();
             for f in failed {
                 let (i, conn) = (f.slot, f.conn);
                 let node = up.candidates[i].0.node;
+                if f.failover && f.why != FailoverWhy::Lost {
+                    up.lagged.insert(node);
+                }
                 let until = up.strike(node, now);
                 up.candidates[i].1 = Slot::Failed { until };
                 if !f.set.is_empty() {
