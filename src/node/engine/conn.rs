@@ -187,6 +187,15 @@ impl Conn {
         }
     }
 
+    /// Exchanges the QUIC connection and what belongs to it (its address, its last datagram)
+    /// with `other`: how a dial race moves a connection into the entry that holds the node's
+    /// state, and the one it displaces into the other's.
+    pub(super) fn exchange_quic(&mut self, other: &mut Self) {
+        std::mem::swap(&mut self.quic, &mut other.quic);
+        std::mem::swap(&mut self.remote, &mut other.remote);
+        std::mem::swap(&mut self.last_rx, &mut other.last_rx);
+    }
+
     pub(super) fn close(&mut self, now: Instant, code: u32, reason: &str) {
         if !self.closed {
             self.closed = true;

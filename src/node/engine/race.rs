@@ -322,9 +322,7 @@ impl Engine {
         let Some((a, b)) = self.conns.pair_mut(first, next) else {
             return false;
         };
-        std::mem::swap(&mut a.quic, &mut b.quic);
-        std::mem::swap(&mut a.remote, &mut b.remote);
-        std::mem::swap(&mut a.last_rx, &mut b.last_rx);
+        a.exchange_quic(b);
         let (failed, trying) = (b.remote, a.remote);
         self.dialling.swapped(first, next);
         self.dialling.spare_of.remove(&next);
@@ -448,9 +446,7 @@ impl Engine {
         };
         let (tried, reached) = match self.conns.pair_mut(first, winner) {
             Some((a, b)) => {
-                std::mem::swap(&mut a.quic, &mut b.quic);
-                std::mem::swap(&mut a.remote, &mut b.remote);
-                std::mem::swap(&mut a.last_rx, &mut b.last_rx);
+                a.exchange_quic(b);
                 b.close(
                     now,
                     super::close_code::DONE,
