@@ -9,7 +9,9 @@
 //! player's share of the uplink (UDP bytes it sent against TCP bytes the sink received) must
 //! be small with `low` and large with `normal`, which shows the measure tells them apart, and
 //! the child must play the broadcast byte for byte either way: a home player that yields is
-//! a parent that lags, and its child moves to the home player's own parent.
+//! a parent that lags, and its child moves to the home player's own parent. A third run puts
+//! a relay on two workers at home (`relay --upload-priority low`, for a volunteer's relay on
+//! a home line): it must yield as the player does.
 //!
 //! No ffmpeg: the source reads a paced file of pseudo-random bytes. Needs root, iproute2 and
 //! /dev/net/tun; skipped (with a message) without them unless `GRIDCAST_REQUIRE_NETNS=1` (CI).
@@ -43,9 +45,9 @@ const SETTLE: Duration = Duration::from_secs(2);
 const SINK_PORT: u16 = 9000;
 
 struct Outcome {
-    /// Bytes per second the home player sent while the link was free of other traffic.
+    /// Bytes per second the home node sent while the link was free of other traffic.
     free_bps: f64,
-    /// The home player's UDP bytes and the sink's TCP bytes over the measured part.
+    /// The home node's UDP bytes and the sink's TCP bytes over the measured part.
     udp: f64,
     tcp: f64,
     /// The child's failovers, as its metrics counted them.
@@ -59,14 +61,21 @@ impl Outcome {
 }
 
 fn sent_bytes(bed: &Bed) -> f64 {
-    let body = bed.metrics(HOME).expect("the home player's /metrics");
+    let body = bed.metrics(HOME).expect("the home node's /metrics");
     body.lines()
         .filter(|l| l.starts_with("gridcast_udp_sent_bytes_total"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
 
-fn run(priority: &str) -> Outcome {
+/// What runs on the home host.
+#[derive(Debug, Clone, Copy)]
+enum Home {
+    Player,
+    Relay,
+}
+
+fn run(home: Home, priority: &str) -> Outcome {
     let shape = Shape {
         delay_ms: 5,
         ..Shape::CLEAN
@@ -93,29 +102,33 @@ fn run(priority: &str) -> Outcome {
         key.node_id()
     );
     let listen = format!("{}:{PORT}", bed.addr(HOME));
-    let home_out = dir.path().join("home.bin");
-    bed.player_with(
-        HOME,
-        &source_link,
-        &home_out,
-        &[
-            "--node-key",
-            key_file.to_str().unwrap(),
-            "--listen",
-            &listen,
-            "--admin",
-            "127.0.0.1:9464",
-            "--upload-priority",
-            priority,
-        ],
-    );
-    let started = Instant::now();
-    while std::fs::metadata(&home_out).map_or(0, |m| m.len()) == 0 {
-        assert!(
-            started.elapsed() < Duration::from_secs(15),
-            "the home player got nothing within 15 s"
-        );
-        thread::sleep(Duration::from_millis(100));
+    let mut args = vec![
+        "--node-key",
+        key_file.to_str().unwrap(),
+        "--listen",
+        &listen,
+        "--upload-priority",
+        priority,
+    ];
+    match home {
+        Home::Player => {
+            let home_out = dir.path().join("home.bin");
+            args.extend(["--admin", "127.0.0.1:9464"]);
+            bed.player_with(HOME, &source_link, &home_out, &args);
+            let started = Instant::now();
+            while std::fs::metadata(&home_out).map_or(0, |m| m.len()) == 0 {
+                assert!(
+                    started.elapsed() < Duration::from_secs(15),
+                    "the home player got nothing within 15 s"
+                );
+                thread::sleep(Duration::from_millis(100));
+            }
+        }
+        Home::Relay => {
+            // Its admin listener is on 127.0.0.1:9464 by default.
+            args.extend(["--workers", "2"]);
+            bed.relay_with(HOME, &source_link, &args);
+        }
     }
     let child_out = dir.path().join("child.bin");
     let child = bed.player_with(
@@ -124,7 +137,7 @@ fn run(priority: &str) -> Outcome {
         &child_out,
         &["--admin", "127.0.0.1:9464", "--connect-timeout", "20"],
     );
-    // The home player serves its child; then a few seconds of the free link.
+    // The home node serves its child; then a few seconds of the free link.
     let started = Instant::now();
     loop {
         let serving = bed
@@ -135,7 +148,7 @@ fn run(priority: &str) -> Outcome {
         }
         assert!(
             started.elapsed() < Duration::from_secs(15),
-            "the home player served nobody within 15 s"
+            "the home node served nobody within 15 s"
         );
         thread::sleep(Duration::from_millis(200));
     }
@@ -202,7 +215,10 @@ fn run(priority: &str) -> Outcome {
         .map_or(f64::NAN, |b| sample(&b, "gridcast_failovers_total"));
 
     let status = bed.wait_for(child, Duration::from_secs(60), |_| {});
-    assert!(status.success(), "the child failed: {status} ({priority})");
+    assert!(
+        status.success(),
+        "the child failed: {status} ({home:?}, {priority})"
+    );
     let (start, played) = assert_exact_tail(&child_out, &reference, 1.0 / 2.0);
     let outcome = Outcome {
         free_bps,
@@ -211,7 +227,7 @@ fn run(priority: &str) -> Outcome {
         child_failovers,
     };
     println!(
-        "upload priority {priority}: the home player sent {:.2} Mbit/s on the free link; over \
+        "{home:?} with upload priority {priority}: the home node sent {:.2} Mbit/s on the free link; over \
          {secs:.1} s of bulk upload it sent {:.2} Mbit/s and the upload got {:.2} Mbit/s \
          (its share {:.1}%); the child failed over {} time(s) and played {played} bytes \
          from offset {start}",
@@ -238,8 +254,9 @@ fn a_relaying_players_uploads_yield_to_its_hosts_bulk_upload() {
     if !Bed::can_run() {
         return;
     }
-    let low = run("low");
-    let normal = run("normal");
+    let low = run(Home::Player, "low");
+    let normal = run(Home::Player, "normal");
+    let relay = run(Home::Relay, "low");
     // Relaying works on a free link: the child draws about a stream's worth (2 Mbit/s,
     // less what it takes from elsewhere).
     assert!(
@@ -258,5 +275,17 @@ fn a_relaying_players_uploads_yield_to_its_hosts_bulk_upload() {
         "with upload priority normal the home player took only {:.1}% of the uplink: the \
          measure cannot tell the controllers apart",
         100.0 * normal.share()
+    );
+    // A relay on two workers, told to yield, does so too: its workers' connections share
+    // what they see of the uplink's queue.
+    assert!(
+        relay.free_bps * 8.0 > 500_000.0,
+        "the home relay relayed only {:.0} bit/s on a free link",
+        relay.free_bps * 8.0
+    );
+    assert!(
+        relay.share() < 0.1,
+        "a relay with upload priority low kept {:.1}% of the uplink from a bulk upload",
+        100.0 * relay.share()
     );
 }

@@ -15,8 +15,9 @@ use serde::Deserialize;
 
 use super::link::{ChannelLink, LinkNode};
 use super::ops::AdminListen;
-use super::play::UploadPriority;
-use super::roles::{BroadcastConfig, Input, Output, PlayConfig, RelayConfig, parse_rate};
+use super::roles::{
+    BroadcastConfig, Input, Output, PlayConfig, RelayConfig, UploadPriority, parse_rate,
+};
 use crate::driver::IoBackend;
 
 /// A rate in bits per second; on the command line and in files a number with an optional `k`,
@@ -304,6 +305,11 @@ pub struct RelayArgs {
     /// Most bits per second sent to subscribers, like 500M [default: no limit].
     #[arg(long)]
     pub max_upload: Option<Rate>,
+    /// normal: uploads compete like any other (CUBIC); low: they yield to the host's other
+    /// traffic (LEDBAT, a scavenger congestion controller that backs off when the uplink's
+    /// queue grows), for a relay on a home connection [default: normal].
+    #[arg(long)]
+    pub upload_priority: Option<UploadPriority>,
     /// Most connections at once; more are refused [default: no limit].
     #[arg(long)]
     pub max_connections: Option<usize>,
@@ -396,6 +402,10 @@ impl RelayArgs {
             node_key: self.node_key.or(file.node_key),
             advertise: advertised(self.advertise, file.advertise)?,
             max_upload_bps: self.max_upload.or(file.max_upload).map(|r| r.0),
+            upload_priority: self
+                .upload_priority
+                .or(file.upload_priority)
+                .unwrap_or(UploadPriority::Normal),
             max_connections: self.max_connections.or(file.max_connections),
             max_subscribers: self.max_subscribers.or(file.max_subscribers),
             validate_above: self.validate_above.or(file.validate_above).unwrap_or(256),
@@ -535,7 +545,8 @@ mod tests {
     fn relay_file_settings_sit_under_the_command_line() {
         let f = write(&format!(
             "join = [\"{}\"]\nlisten = \"127.0.0.1:5000\"\nworkers = 3\n\
-             max_upload = \"200M\"\nmax_connections = 100\ndrain_timeout = 4\n",
+             max_upload = \"200M\"\nmax_connections = 100\ndrain_timeout = 4\n\
+             upload_priority = \"low\"\n",
             link()
         ));
         let args = RelayArgs {
@@ -548,6 +559,16 @@ mod tests {
         assert_eq!(config.workers, 2);
         assert_eq!(config.join.len(), 1);
         assert_eq!(config.max_upload_bps, Some(200_000_000));
+        assert_eq!(config.upload_priority, UploadPriority::Low);
+        // A relay's uploads compete unless it is told otherwise.
+        let f = write(&format!("join = [\"{}\"]\n", link()));
+        let plain = RelayArgs {
+            config: Some(f.path()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(plain.upload_priority, UploadPriority::Normal);
         assert_eq!(config.max_connections, Some(100));
         assert_eq!(config.max_subscribers, None);
         assert_eq!(config.drain_timeout, Duration::from_secs(4));

@@ -17,10 +17,10 @@ use super::link::ChannelLink;
 use super::output::{Gate, HttpOutput};
 use crate::driver::IoBackend;
 use crate::keys::ChannelId;
-use crate::node::{ChannelMode, Congestion, Engine, EngineConfig, NodeEvent};
+use crate::node::{ChannelMode, Engine, EngineConfig, NodeEvent};
 use crate::stream::ChunkFlags;
 
-use super::roles::{link_addr, log_event, node_key, say, serve};
+use super::roles::{UploadPriority, link_addr, log_event, node_key, say, serve};
 
 /// Where `play` writes the stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,41 +80,6 @@ pub struct PlayConfig {
     /// Look for nodes on the local network too (preferring them) and announce this peer
     /// there while it relays; always so with a bare channel id.
     pub mdns: bool,
-}
-
-/// How a player's uploads to other peers share its uplink.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum UploadPriority {
-    /// Below everything else the host sends: a scavenger congestion controller (LEDBAT) keeps
-    /// the queue it adds near 60 ms and backs off when other traffic fills it.
-    #[default]
-    Low,
-    /// Like any other upload: loss-based (CUBIC), taking its share of a full link.
-    Normal,
-}
-
-impl UploadPriority {
-    /// The congestion controller it means.
-    pub fn congestion(self) -> Congestion {
-        match self {
-            Self::Low => Congestion::Ledbat,
-            Self::Normal => Congestion::Cubic,
-        }
-    }
-}
-
-impl std::str::FromStr for UploadPriority {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "low" => Ok(Self::Low),
-            "normal" => Ok(Self::Normal),
-            other => Err(format!(
-                "unknown upload priority {other:?} (expected low or normal)"
-            )),
-        }
-    }
 }
 
 /// Where a peer's chunks go.

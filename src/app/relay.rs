@@ -40,6 +40,8 @@ pub struct RelayConfig {
     pub advertise: Vec<SocketAddr>,
     /// Most bits per second sent to subscribers (`None`: no limit).
     pub max_upload_bps: Option<u64>,
+    /// Whether its uploads yield to the host's other traffic (a relay at home).
+    pub upload_priority: super::roles::UploadPriority,
     /// Most connections at once (`None`: no limit).
     pub max_connections: Option<usize>,
     /// Most subscriptions at once (`None`: no limit).
@@ -151,6 +153,7 @@ pub fn relay(config: &RelayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
             max_subscribers: config.max_subscribers.map(|m| m.div_ceil(config.workers)),
             validate_above: config.validate_above.div_ceil(config.workers),
             open,
+            congestion: config.upload_priority.congestion(),
             ..Default::default()
         },
     )?;
@@ -213,6 +216,9 @@ pub fn relay(config: &RelayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
     // `--bootstrap` name (after the channel links, so that the first line is still a link
     // when there is one).
     say(&format!("{}/{}", link_addr(&node), key.node_id()));
+    if config.upload_priority == super::roles::UploadPriority::Low {
+        tracing::info!("uploads yield to this host's other traffic (upload priority low, LEDBAT)");
+    }
     // On the local network, players find this relay by channel id alone.
     let _lan = if config.mdns {
         let channels: Vec<ChannelId> = link_nodes.iter().map(|(c, _)| *c).collect();

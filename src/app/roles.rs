@@ -17,7 +17,7 @@ use anyhow::Context;
 
 use crate::driver::{IoBackend, Node, StartError};
 use crate::keys::NodeKey;
-use crate::node::{Engine, EngineConfig, NodeEvent};
+use crate::node::{Congestion, Engine, EngineConfig, NodeEvent};
 use crate::wire::RefuseReason;
 
 pub use super::play::{Output, PlayConfig, play};
@@ -239,6 +239,44 @@ pub(crate) fn log_event(event: &NodeEvent) {
             tracing::debug!(%remote, %reason, "connection closed");
         }
         _ => {}
+    }
+}
+
+/// How a node's uploads share its uplink with the host's other traffic (`play` and `relay`
+/// `--upload-priority`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum UploadPriority {
+    /// Below everything else the host sends: a scavenger congestion controller (LEDBAT) keeps
+    /// the queue it adds near 60 ms and backs off when other traffic fills it. A player's
+    /// default.
+    #[default]
+    Low,
+    /// Like any other upload: loss-based (CUBIC), taking its share of a full link. A relay's
+    /// default.
+    Normal,
+}
+
+impl UploadPriority {
+    /// The congestion controller it means.
+    pub fn congestion(self) -> Congestion {
+        match self {
+            Self::Low => Congestion::Ledbat,
+            Self::Normal => Congestion::Cubic,
+        }
+    }
+}
+
+impl std::str::FromStr for UploadPriority {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "low" => Ok(Self::Low),
+            "normal" => Ok(Self::Normal),
+            other => Err(format!(
+                "unknown upload priority {other:?} (expected low or normal)"
+            )),
+        }
     }
 }
 

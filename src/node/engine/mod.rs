@@ -222,6 +222,11 @@ pub struct EngineConfig {
     pub shard_streams: ShardStreams,
     /// The congestion controller.
     pub congestion: Congestion,
+    /// LEDBAT's settings, when `congestion` is [`Congestion::Ledbat`]. The connections of
+    /// every engine built from clones of one `EngineConfig` share their view of the uplink's
+    /// queue ([`crate::node::ledbat`]): the workers of one node. Give unrelated nodes in one
+    /// process configs of their own.
+    pub ledbat: crate::node::ledbat::LedbatConfig,
 }
 
 impl Default for EngineConfig {
@@ -257,6 +262,7 @@ impl Default for EngineConfig {
             ack_eliciting_threshold: 9,
             shard_streams: ShardStreams::PerSubscription,
             congestion: Congestion::Cubic,
+            ledbat: crate::node::ledbat::LedbatConfig::default(),
         }
     }
 }
@@ -674,9 +680,10 @@ impl std::fmt::Debug for Engine {
 impl Engine {
     /// An engine for the node holding `key`.
     pub fn new(key: &NodeKey, config: EngineConfig) -> Result<Self, EngineError> {
-        // One factory for the connections this node dials and those it accepts: LEDBAT's
-        // connections share what they see of the node's uplink queue.
-        let ledbat = Arc::new(crate::node::ledbat::LedbatConfig::default());
+        // One factory for the connections this node dials and those it accepts (and, through
+        // the config's clones, its other workers'): LEDBAT's connections share what they see
+        // of the node's uplink queue.
+        let ledbat = Arc::new(config.ledbat.clone());
         let base = || {
             let mut transport = TransportConfig::default();
             transport
