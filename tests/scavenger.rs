@@ -52,6 +52,10 @@ struct Outcome {
     tcp: f64,
     /// The child's failovers, as its metrics counted them.
     child_failovers: f64,
+    /// The home node's `gridcast_uplink_queuing_delay_seconds`: the largest scraped on the
+    /// free link, and during the bulk upload.
+    queuing_free: f64,
+    queuing_upload: f64,
 }
 
 impl Outcome {
@@ -73,6 +77,22 @@ fn sent_bytes(bed: &Bed) -> f64 {
 enum Home {
     Player,
     Relay,
+}
+
+/// The largest `gridcast_uplink_queuing_delay_seconds` the home node reports, scraped every
+/// half second for `span`.
+fn watch_queuing(bed: &Bed, span: Duration) -> f64 {
+    let end = Instant::now() + span;
+    let mut largest: f64 = 0.0;
+    while Instant::now() < end {
+        if let Some(body) = bed.metrics(HOME) {
+            largest = largest.max(sample(&body, "gridcast_uplink_queuing_delay_seconds"));
+        }
+        thread::sleep(
+            Duration::from_millis(500).min(end.saturating_duration_since(Instant::now())),
+        );
+    }
+    largest
 }
 
 fn run(home: Home, priority: &str) -> Outcome {
@@ -154,7 +174,7 @@ fn run(home: Home, priority: &str) -> Outcome {
     }
     thread::sleep(Duration::from_secs(2));
     let (b0, t0) = (sent_bytes(&bed), Instant::now());
-    thread::sleep(Duration::from_secs(4));
+    let queuing_free = watch_queuing(&bed, Duration::from_secs(4));
     let free_bps = (sent_bytes(&bed) - b0) / t0.elapsed().as_secs_f64();
 
     // The bulk upload: a sink on its host, a sender on the home host, both bounded in time.
@@ -205,7 +225,7 @@ fn run(home: Home, priority: &str) -> Outcome {
         received.load(Ordering::Relaxed),
         Instant::now(),
     );
-    thread::sleep(UPLOAD - SETTLE - Duration::from_secs(1));
+    let queuing_upload = watch_queuing(&bed, UPLOAD - SETTLE - Duration::from_secs(1));
     let (u1, r1) = (sent_bytes(&bed), received.load(Ordering::Relaxed));
     let secs = t0.elapsed().as_secs_f64();
     sender.join().unwrap().expect("entering the home host");
@@ -225,16 +245,21 @@ fn run(home: Home, priority: &str) -> Outcome {
         udp: u1 - u0,
         tcp: (r1 - r0) as f64,
         child_failovers,
+        queuing_free,
+        queuing_upload,
     };
     println!(
         "{home:?} with upload priority {priority}: the home node sent {:.2} Mbit/s on the free link; over \
          {secs:.1} s of bulk upload it sent {:.2} Mbit/s and the upload got {:.2} Mbit/s \
-         (its share {:.1}%); the child failed over {} time(s) and played {played} bytes \
-         from offset {start}",
+         (its share {:.1}%); its uplink queuing delay gauge peaked at {:.0} ms on the free \
+         link and {:.0} ms during the upload; the child failed over {} time(s) and played \
+         {played} bytes from offset {start}",
         outcome.free_bps * 8.0 / 1e6,
         outcome.udp * 8.0 / 1e6 / secs,
         outcome.tcp * 8.0 / 1e6 / secs,
         100.0 * outcome.share(),
+        outcome.queuing_free * 1e3,
+        outcome.queuing_upload * 1e3,
         outcome.child_failovers,
     );
     outcome
@@ -276,6 +301,17 @@ fn a_relaying_players_uploads_yield_to_its_hosts_bulk_upload() {
          measure cannot tell the controllers apart",
         100.0 * normal.share()
     );
+    // A yielding node reports the queue the upload builds (the bed's queue holds 100 ms);
+    // one that competes reports none.
+    for (what, o) in [("player", &low), ("relay", &relay)] {
+        assert!(
+            o.queuing_upload >= 0.03,
+            "the yielding {what} reported an uplink queuing delay of at most {:.0} ms during \
+             the upload",
+            o.queuing_upload * 1e3
+        );
+    }
+    assert_eq!(normal.queuing_upload, 0.0);
     // A relay on two workers, told to yield, does so too: its workers' connections share
     // what they see of the uplink's queue.
     assert!(

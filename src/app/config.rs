@@ -576,42 +576,19 @@ mod tests {
 
     #[test]
     fn unknown_keys_and_bad_values_are_named() {
-        let f = write("lisen = \"127.0.0.1:5000\"\n");
-        let err = RelayArgs {
-            config: Some(f.path()),
-            ..Default::default()
-        }
-        .resolve()
-        .unwrap_err()
-        .to_string();
+        let (f, err) = relay_err("lisen = \"127.0.0.1:5000\"\n");
         assert!(err.contains("unknown field `lisen`"), "{err}");
         assert!(err.contains(&f.path().display().to_string()), "{err}");
-        let f = write("listen = \"nowhere\"\n");
-        let err = RelayArgs {
-            config: Some(f.path()),
-            ..Default::default()
-        }
-        .resolve()
-        .unwrap_err()
-        .to_string();
+        let (_, err) = relay_err("listen = \"nowhere\"\n");
         assert!(err.contains("listen"), "{err}");
-        let f = write("upload = \"fast\"\n");
-        let err = PlayArgs {
-            config: Some(f.path()),
-            ..Default::default()
-        }
-        .resolve()
-        .unwrap_err()
-        .to_string();
+        let (_, err) = relay_err("upload_priority = \"lowest\"\n");
+        assert!(
+            err.contains("upload_priority") && err.contains("lowest"),
+            "{err}"
+        );
+        let (_, err) = play_err("upload = \"fast\"\n");
         assert!(err.contains("upload") && err.contains("fast"), "{err}");
-        let f = write("upload_priority = \"highest\"\n");
-        let err = PlayArgs {
-            config: Some(f.path()),
-            ..Default::default()
-        }
-        .resolve()
-        .unwrap_err()
-        .to_string();
+        let (_, err) = play_err("upload_priority = \"highest\"\n");
         assert!(
             err.contains("upload_priority") && err.contains("highest"),
             "{err}"
@@ -670,6 +647,32 @@ mod tests {
             link()
         ));
         assert_eq!(play_from(&f).upload_priority, UploadPriority::Normal);
+    }
+
+    /// The error of `relay` given a config file of `text` alone, and the file.
+    fn relay_err(text: &str) -> (TempFile, String) {
+        let f = write(text);
+        let err = RelayArgs {
+            config: Some(f.path()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err()
+        .to_string();
+        (f, err)
+    }
+
+    /// The error of `play` given a config file of `text` alone, and the file.
+    fn play_err(text: &str) -> (TempFile, String) {
+        let f = write(text);
+        let err = PlayArgs {
+            config: Some(f.path()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err()
+        .to_string();
+        (f, err)
     }
 
     /// `play` resolved from the config file `f` alone.

@@ -100,6 +100,15 @@ impl Default for LedbatConfig {
     }
 }
 
+impl LedbatConfig {
+    /// The queuing delay the node's uplink adds, as its connections measure it: the largest
+    /// any of them published within [`FRESH`] of the newest estimate (as last measured, when
+    /// nothing is being sent). `None` before any estimate.
+    pub fn uplink_queuing_delay(&self) -> Option<Duration> {
+        self.host.largest()
+    }
+}
+
 impl ControllerFactory for LedbatConfig {
     fn build(self: Arc<Self>, now: Instant, current_mtu: u16) -> Box<dyn Controller> {
         Box::new(Ledbat::new(&self, now, current_mtu))
@@ -126,6 +135,23 @@ impl Host {
         all.retain(|w| w.strong_count() > 0);
         all.push(Arc::downgrade(&own));
         own
+    }
+
+    /// The largest queuing delay published within [`FRESH`] of the newest estimate.
+    fn largest(&self) -> Option<Duration> {
+        let estimates: Vec<(Duration, Instant)> = {
+            let all = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            all.iter()
+                .filter_map(Weak::upgrade)
+                .filter_map(|p| *p.estimate.lock().unwrap_or_else(|e| e.into_inner()))
+                .collect()
+        };
+        let newest = estimates.iter().map(|&(_, at)| at).max()?;
+        estimates
+            .iter()
+            .filter(|&&(_, at)| newest.saturating_duration_since(at) <= FRESH)
+            .map(|&(queuing, _)| queuing)
+            .max()
     }
 
     /// The largest queuing delay another connection published recently.
@@ -587,6 +613,7 @@ mod tests {
         }
         assert_eq!(late.own_queuing_delay(), Duration::ZERO);
         assert_eq!(late.queuing_delay(), 80 * MS);
+        assert_eq!(config.uplink_queuing_delay(), Some(80 * MS));
         for _ in 0..20 {
             round_trip(&mut late, &mut now, 100 * MS, false);
             old.on_delay_sample(now, 100 * MS);
@@ -603,8 +630,11 @@ mod tests {
         drop(old);
         late.on_delay_sample(now + LOOK_EVERY, 100 * MS);
         assert_eq!(late.queuing_delay(), Duration::ZERO);
+        assert_eq!(config.uplink_queuing_delay(), Some(Duration::ZERO));
         // Connections of another node never count.
-        let mut other = Ledbat::new(&LedbatConfig::default(), now, MTU);
+        let fresh = LedbatConfig::default();
+        assert_eq!(fresh.uplink_queuing_delay(), None);
+        let mut other = Ledbat::new(&fresh, now, MTU);
         other.on_delay_sample(now, 100 * MS);
         assert_eq!(other.queuing_delay(), Duration::ZERO);
     }

@@ -306,6 +306,7 @@ struct EngineMetrics {
     refusals_received: Counter,
     draining: Gauge,
     members: Gauge,
+    uplink_queuing: Gauge,
     gossip_dropped: Counter,
     stalled_closed: Counter,
 }
@@ -497,6 +498,13 @@ impl EngineMetrics {
                 "Other supernodes the membership knows to be up.",
                 &[],
             ),
+            uplink_queuing: r.gauge(
+                "gridcast_uplink_queuing_delay_seconds",
+                "Queuing delay this node's uplink adds, as its yielding uploads measure it \
+                 (upload priority low, LEDBAT: the largest any connection saw in the last 3 s of \
+                 its estimates); 0 when its uploads do not yield.",
+                &[],
+            ),
             gossip_dropped: r.counter(
                 "gridcast_gossip_dropped_total",
                 "Gossip datagrams dropped (from a peer or an unproven sender, or not sendable).",
@@ -600,6 +608,12 @@ impl EngineMetrics {
         self.draining.set(if drains { 1.0 } else { 0.0 });
         let members = reports.iter().map(|r| r.members).max().unwrap_or(0);
         self.members.set(members as f64);
+        let queuing = reports
+            .iter()
+            .filter_map(|r| r.uplink_queuing_delay)
+            .max()
+            .unwrap_or_default();
+        self.uplink_queuing.set(queuing.as_secs_f64());
         self.gossip_dropped
             .absolute(sum(&|r| r.stats.gossip_dropped));
         self.stalled_closed

@@ -73,6 +73,9 @@ pub struct EngineReport {
     pub members: usize,
     /// Each channel carried.
     pub channels: Vec<ChannelReport>,
+    /// The queuing delay the node's uplink adds, as its LEDBAT connections measure it
+    /// (`None` unless its congestion controller is [`super::Congestion::Ledbat`]).
+    pub uplink_queuing_delay: Option<Duration>,
 }
 
 impl Engine {
@@ -141,6 +144,9 @@ impl Engine {
             draining: self.draining,
             members: self.members(),
             channels,
+            uplink_queuing_delay: (self.config.congestion == super::Congestion::Ledbat)
+                .then(|| self.config.ledbat.uplink_queuing_delay())
+                .flatten(),
         }
     }
 }
