@@ -249,8 +249,8 @@ fn run(home: Home, priority: &str) -> Outcome {
         queuing_upload,
     };
     println!(
-        "{home:?} with upload priority {priority}: the home node sent {:.2} Mbit/s on the free link; over \
-         {secs:.1} s of bulk upload it sent {:.2} Mbit/s and the upload got {:.2} Mbit/s \
+        "{home:?} with upload priority {priority}: the home node sent {:.2} Mbit/s on the \
+         free link; over {secs:.1} s of bulk upload it sent {:.2} Mbit/s and the upload got {:.2} Mbit/s \
          (its share {:.1}%); its uplink queuing delay gauge peaked at {:.0} ms on the free \
          link and {:.0} ms during the upload; the child failed over {} time(s) and played \
          {played} bytes from offset {start}",

@@ -17,8 +17,8 @@
 //! one-way delay RFC 6817 measures is not available (LEDBAT++ makes the same choice). A
 //! sample is the age of the newest packet an acknowledgement covers; the current delay is the
 //! least of the last [`CURRENT_FILTER`] samples within 100 ms of the newest, which drops the
-//! receiver's occasional ACK delay; the base delay is the least sample of the last [`BASE_BUCKETS`] minutes, so a route
-//! that changes is learnt within ten minutes.
+//! receiver's occasional ACK delay; the base delay is the least sample of the last
+//! [`BASE_BUCKETS`] minutes, so a route that changes is learnt within ten minutes.
 //!
 //! A connection opened while the queue is already full never sees the path empty, so its base
 //! delay includes the queue and it takes the queue for the path (RFC 6817's latecomer
