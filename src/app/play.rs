@@ -146,6 +146,8 @@ struct PlayStatus {
     played: u64,
     skipped: u64,
     uploaded: u64,
+    /// The queue its yielding uploads measure on the uplink, if they yield.
+    uplink_queue: Option<Duration>,
 }
 
 fn read_status(e: &Engine, channel: &ChannelId) -> PlayStatus {
@@ -154,6 +156,7 @@ fn read_status(e: &Engine, channel: &ChannelId) -> PlayStatus {
         parents,
         substreams,
         uploaded: e.stats().shard_bytes_out,
+        uplink_queue: e.uplink_queuing_delay(),
         ..Default::default()
     };
     if let Some(ch) = e.channel(channel) {
@@ -175,8 +178,16 @@ fn status_line(s: &PlayStatus, bps: f64) -> String {
     } else {
         100.0 * s.played as f64 / (s.played + s.skipped) as f64
     };
+    // Past LEDBAT's target, relaying is giving way to the host's other traffic: say so, or
+    // a viewer wonders why nothing goes up.
+    let yielding = match s.uplink_queue {
+        Some(q) if q >= crate::node::ledbat::TARGET => {
+            format!(" (yielding: uplink queue {} ms)", q.as_millis())
+        }
+        _ => String::new(),
+    };
     format!(
-        "parents {} | substreams {}/{} | buffer {:.1}s | {:.2} Mbit/s | continuity {:.2}% | up {:.1} MB",
+        "parents {} | substreams {}/{} | buffer {:.1}s | {:.2} Mbit/s | continuity {:.2}% | up {:.1} MB{yielding}",
         s.parents,
         s.substreams,
         s.needed,
@@ -426,9 +437,36 @@ fn not_served(config: &PlayConfig, connected: bool, why: &[(SocketAddr, String)]
 
 #[cfg(test)]
 mod tests {
-    use super::local_first;
+    use super::{PlayStatus, local_first, status_line};
     use crate::keys::NodeKey;
     use crate::node::Candidate;
+    use std::time::Duration;
+
+    #[test]
+    fn the_status_line_says_when_relaying_yields() {
+        let mut s = PlayStatus {
+            parents: 3,
+            substreams: 12,
+            needed: 8,
+            played: 99,
+            skipped: 1,
+            uploaded: 2_500_000,
+            ..Default::default()
+        };
+        let line = status_line(&s, 2e6);
+        assert_eq!(
+            line,
+            "parents 3 | substreams 12/8 | buffer 0.0s | 2.00 Mbit/s | continuity 99.00% | up 2.5 MB"
+        );
+        s.uplink_queue = Some(Duration::from_millis(20));
+        assert_eq!(status_line(&s, 2e6), line);
+        s.uplink_queue = Some(Duration::from_millis(86));
+        assert!(
+            status_line(&s, 2e6).ends_with("up 2.5 MB (yielding: uplink queue 86 ms)"),
+            "{}",
+            status_line(&s, 2e6)
+        );
+    }
 
     #[test]
     fn nodes_on_the_local_network_come_before_the_links_and_none_twice() {

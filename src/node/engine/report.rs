@@ -144,9 +144,16 @@ impl Engine {
             draining: self.draining,
             members: self.members(),
             channels,
-            uplink_queuing_delay: (self.config.congestion == super::Congestion::Ledbat)
-                .then(|| self.config.ledbat.uplink_queuing_delay())
-                .flatten(),
+            uplink_queuing_delay: self.uplink_queuing_delay(),
         }
+    }
+
+    /// The queuing delay the node's uplink adds, as its LEDBAT connections measure it
+    /// ([`crate::node::ledbat::LedbatConfig::uplink_queuing_delay`]); `None` unless its
+    /// congestion controller is [`super::Congestion::Ledbat`].
+    pub fn uplink_queuing_delay(&self) -> Option<std::time::Duration> {
+        (self.config.congestion == super::Congestion::Ledbat)
+            .then(|| self.config.ledbat.uplink_queuing_delay())
+            .flatten()
     }
 }
