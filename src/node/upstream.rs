@@ -216,8 +216,8 @@ pub(crate) struct Upstream {
     /// candidate delivers, or for one in [`Upstream::lagged`] once it has served well for
     /// `retry_after`.
     pub(crate) strikes: HashMap<NodeId, u32>,
-    /// Candidates replaced for how they delivered (behind, silent or short) while their
-    /// connection stayed up. Their first shard after a comeback does not clear their back-off,
+    /// Candidates replaced as behind or short while they still delivered (slow, not dead).
+    /// Their first shard after a comeback does not clear their back-off,
     /// which would take back a parent that lags for good (a player yielding its uplink to
     /// other traffic, a parent at its upload cap) every second or two, and move its
     /// substreams away again each time; only `retry_after` of service without a failover

@@ -2,7 +2,7 @@
 //! to parents, and replacing a parent that is lost, lagging or short (the arithmetic and state
 //! are in [`crate::node::upstream`]).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use quinn_proto::ConnectionHandle;
 
@@ -485,6 +485,9 @@ impl Engine {
                                 resume: resume.unwrap_or(0),
                                 why,
                                 failover: reached,
+                                delivering: matches!(why, FailoverWhy::Behind | FailoverWhy::Short)
+                                    && now.saturating_duration_since(*last_shard)
+                                        < DELIVERING_WITHIN,
                             });
                         }
                     }
@@ -497,6 +500,7 @@ impl Engine {
                             resume: 0,
                             why: FailoverWhy::Lost,
                             failover: false,
+                            delivering: false,
                         });
                     }
                     _ => {}
@@ -523,8 +527,12 @@ impl Engine {
             for f in failed {
                 let (i, conn) = (f.slot, f.conn);
                 let node = up.candidates[i].0.node;
-                if f.failover && f.why != FailoverWhy::Lost {
+                // Slow but alive: its comeback's first shard does not forgive it. Gone (killed,
+                // cut off): the old rule, so that it is taken back as soon as it answers again.
+                if f.failover && f.delivering {
                     up.lagged.insert(node);
+                } else {
+                    up.lagged.remove(&node);
                 }
                 let until = up.strike(node, now);
                 up.candidates[i].1 = Slot::Failed { until };
@@ -697,4 +705,11 @@ struct GaveUp {
     why: FailoverWhy,
     /// Counted and announced as a failover (a parent that was reached, or delivered).
     failover: bool,
+    /// It was still delivering shards when it was replaced: slow, not gone.
+    delivering: bool,
 }
+
+/// A parent replaced as behind or short that delivered a shard this recently is alive and
+/// slow (a player yielding its uplink, a parent at its upload cap), not dead: one killed is
+/// judged behind only once the others are 3 chunks (750 ms) ahead of its last shard.
+const DELIVERING_WITHIN: Duration = Duration::from_millis(400);
