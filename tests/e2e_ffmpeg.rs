@@ -3,8 +3,8 @@
 //! it; two `play` peers draw from both relays and write files. Each file must be a byte-exact
 //! run of what ffmpeg produced, up to its end, and must decode with no errors. Once with every
 //! process alive, once with a relay SIGKILLed mid-stream, once with a relay sent SIGTERM. Also:
-//! every chunk the chunker flags random-access in a real stream decodes from its start, and an
-//! Icecast push reaches HTTP players.
+//! every chunk the chunker flags random-access in a real stream decodes from its start, an
+//! Icecast push reaches HTTP players, and late listeners of an MP3 or AAC radio start on a frame.
 //!
 //! Skipped (with a message) where ffmpeg is missing, unless `GRIDCAST_REQUIRE_FFMPEG=1` (CI)
 //! makes that a failure.
@@ -385,4 +385,106 @@ fn every_random_access_chunk_of_a_real_stream_is_a_clean_start() {
         std::fs::write(&tail, &stream[start..]).unwrap();
         decodes_cleanly(&tail);
     }
+}
+
+/// A radio of bare audio frames (MP3, or AAC in ADTS) from ffmpeg on stdin, through a relay, to
+/// two players with HTTP outputs: a listener who joins late must get the right content type and a
+/// stream that starts on a frame header, a byte-exact run of the early listener's, that decodes
+/// with no errors.
+fn radio_reaches_late_listeners_on_a_frame(codec: &str, format: &str, content_type: &str) {
+    if !have_ffmpeg() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path());
+    let mut ffmpeg = Command::new("ffmpeg")
+        .args(["-v", "error", "-re", "-f", "lavfi", "-i"])
+        .arg(format!("sine=frequency=440:duration={STREAM_SECS}"))
+        .args(["-c:a", codec, "-b:a", "128k", "-f", format, "-"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut source = loopback_source(&key, 4);
+    source.stdin(Stdio::piped());
+    let (mut source, source_link) = spawn_with_link(source);
+    // In pieces of 1000 bytes, as from a network source: frames split across reads.
+    let tee = tee_in_pieces(
+        ffmpeg.stdout.take().unwrap(),
+        source.stdin.take().unwrap(),
+        1000,
+    );
+    let (mut relay, relay_link) = spawn_with_link(gridcast(&[
+        "relay",
+        "--join",
+        &source_link,
+        "--listen",
+        "127.0.0.1:0",
+    ]));
+    let play =
+        |link: &str| spawn_with_line(gridcast(&["play", link, "--output", "http://127.0.0.1:0/"]));
+    let (mut early_peer, early_url) = play(&relay_link);
+    let early = http_player(&early_url, "HTTP/1.1");
+    // Late, at a moment that has nothing to do with frames: the newest chunk the relay holds
+    // starts wherever the chunker cut it.
+    thread::sleep(Duration::from_millis(STREAM_SECS * 1000 / 2 + 137));
+    let (mut late_peer, late_url) = play(&relay_link);
+    let late = http_player(&late_url, "HTTP/1.0");
+    assert!(ffmpeg.wait().unwrap().success(), "ffmpeg failed");
+    let input = tee.join().unwrap();
+    thread::sleep(Duration::from_secs(3));
+    for p in [&early_peer, &late_peer] {
+        signal(p, "-TERM");
+    }
+    for p in [&mut early_peer, &mut late_peer] {
+        assert!(p.wait().unwrap().success(), "play failed");
+    }
+    for c in [&mut source, &mut relay] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    for (name, player, version) in [("late", late, "HTTP/1.0"), ("early", early, "HTTP/1.1")] {
+        let (head, body) = player.join().unwrap();
+        assert!(
+            head.starts_with(&format!("{version} 200")),
+            "{name}: {head}"
+        );
+        assert!(
+            head.contains(&format!("Content-Type: {content_type}")),
+            "{name} listener: {head}"
+        );
+        assert!(body.len() > 10_000, "{name}: only {} bytes", body.len());
+        assert!(
+            body[0] == 0xff && body[1] & 0xe0 == 0xe0,
+            "{name} listener starts {:02x?}, not on a frame",
+            &body[..4]
+        );
+        let probe = &body[..4096];
+        let at = input
+            .windows(probe.len())
+            .position(|w| w == probe)
+            .unwrap_or_else(|| panic!("{name}: the listener's bytes are not the input's"));
+        assert_eq!(
+            input.len() - at,
+            body.len(),
+            "{name}: not played to the end"
+        );
+        assert_eq!(&input[at..], &body[..], "{name}: differs");
+        let file = dir.path().join(format!("{name}.{format}"));
+        std::fs::write(&file, &body).unwrap();
+        decodes_cleanly(&file);
+        println!(
+            "{format}: {name} listener joined at byte {at} of {}, {head:?}",
+            input.len()
+        );
+    }
+}
+
+#[test]
+fn late_listeners_of_an_mp3_radio_start_on_a_frame() {
+    radio_reaches_late_listeners_on_a_frame("libmp3lame", "mp3", "audio/mpeg");
+}
+
+#[test]
+fn late_listeners_of_an_aac_radio_start_on_a_frame() {
+    radio_reaches_late_listeners_on_a_frame("aac", "adts", "audio/aac");
 }

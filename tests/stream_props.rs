@@ -156,11 +156,71 @@ proptest! {
         prop_assert_eq!(verifier.stats().bad_signatures, 1);
     }
 
+    /// MP3 frames with junk between some of them, fed in arbitrary pieces at arbitrary times:
+    /// every byte comes out once and in order, and every chunk flagged random-access starts on a
+    /// frame (but for the first after the format became known, which may start on junk, and
+    /// those before).
+    #[test]
+    fn mp3_chunks_start_on_frames(
+        units in prop::collection::vec((any::<bool>(), 0usize..40, 1u8..0xff), 20..150),
+        cuts in prop::collection::vec((1usize..3_000, 0u64..300), 1..40),
+        max_bytes in 376usize..20_000,
+    ) {
+        let mut input = Vec::new();
+        for (padding, junk, fill) in &units {
+            // Junk never holds 0xff, so it cannot pass for a frame.
+            input.extend(std::iter::repeat_n(0x10u8, *junk % 7 / 6 * junk));
+            let len = input.len();
+            input.extend([0xff, 0xfb, 0x90 | (u8::from(*padding) << 1), 0x64]);
+            input.resize(len + 417 + usize::from(*padding), *fill);
+        }
+        let t0 = Instant::now();
+        let mut chunker = Chunker::new(ChunkerConfig { max_bytes, ..Default::default() }).unwrap();
+        let mut chunks = Vec::new();
+        let mut undecided = 0;
+        let mut rest = &input[..];
+        let mut now = t0;
+        for (size, gap_ms) in cuts.iter().cycle() {
+            if rest.is_empty() { break; }
+            now += Duration::from_millis(*gap_ms);
+            chunker.handle_timeout(now);
+            let take = (*size).min(rest.len());
+            let known = chunker.format().is_some();
+            chunker.handle_input(now, &rest[..take]);
+            rest = &rest[take..];
+            chunks.extend(std::iter::from_fn(|| chunker.poll_chunk()));
+            if !known {
+                // Chunks closed before the format is known are opaque, each flagged a start.
+                undecided = chunks.len();
+            }
+        }
+        chunker.finish(now);
+        chunks.extend(std::iter::from_fn(|| chunker.poll_chunk()));
+        prop_assert_eq!(chunker.format(), Some(InputFormat::MpegAudio));
+        let mut out = Vec::new();
+        for (i, chunk) in chunks.iter().enumerate() {
+            prop_assert!(chunk.payload.len() <= max_bytes);
+            if i > undecided && chunk.flags.contains(ChunkFlags::RANDOM_ACCESS) && !chunk.flags.contains(ChunkFlags::NO_DATA) {
+                prop_assert_eq!(chunk.payload[0], 0xff, "chunk {} flagged", i);
+            }
+            if !chunk.flags.contains(ChunkFlags::NO_DATA) {
+                out.extend_from_slice(&chunk.payload);
+            }
+        }
+        prop_assert_eq!(out, input);
+    }
+
     #[test]
     fn chunks_concatenate_to_the_input(
         input in prop::collection::vec(any::<u8>(), 0..60_000),
         cuts in prop::collection::vec((1usize..5_000, 0u64..400), 1..40),
-        format in prop_oneof![Just(InputFormat::Auto), Just(InputFormat::MpegTs), Just(InputFormat::Opaque)],
+        format in prop_oneof![
+            Just(InputFormat::Auto),
+            Just(InputFormat::MpegTs),
+            Just(InputFormat::MpegAudio),
+            Just(InputFormat::Adts),
+            Just(InputFormat::Opaque),
+        ],
         max_bytes in 376usize..20_000,
     ) {
         let t0 = Instant::now();

@@ -132,20 +132,37 @@ pub fn decodes_cleanly(path: &Path) {
 
 /// Copies ffmpeg's output into `into` and keeps every byte: the reference a player's file
 /// must be a tail of.
-pub fn tee(mut from: ChildStdout, mut into: ChildStdin) -> thread::JoinHandle<Vec<u8>> {
+pub fn tee(from: ChildStdout, into: ChildStdin) -> thread::JoinHandle<Vec<u8>> {
+    tee_in_pieces(from, into, 0)
+}
+
+/// [`tee`], passing the bytes on in writes of `piece` bytes each (0: as they are read), the
+/// way a source reading from a network gets an encoder's frames split across reads.
+pub fn tee_in_pieces(
+    mut from: ChildStdout,
+    mut into: ChildStdin,
+    piece: usize,
+) -> thread::JoinHandle<Vec<u8>> {
     thread::spawn(move || {
         let mut all = Vec::new();
         let mut buf = vec![0u8; 16 * 1024];
+        let mut sent = 0;
         loop {
             let n = from.read(&mut buf).unwrap();
-            if n == 0 {
-                return all;
-            }
             all.extend_from_slice(&buf[..n]);
+            let ready = if n == 0 || piece == 0 {
+                all.len()
+            } else {
+                all.len() - (all.len() - sent) % piece
+            };
             // A source that went away ends the copy; the reference so far stands.
-            if into.write_all(&buf[..n]).is_err() {
+            if n == 0 || into.write_all(&all[sent..ready]).is_err() {
+                if n == 0 {
+                    let _ = into.write_all(&all[sent..]);
+                }
                 return all;
             }
+            sent = ready;
         }
     })
 }

@@ -49,11 +49,22 @@
 //! damaged the bytes up to the next `OggS` are carried as they are; a malformed box turns the
 //! rest of the input opaque. Either is counted in [`ChunkerStats::resyncs`].
 //!
+//! # MP3 and AAC
+//!
+//! An input that is not MPEG-TS and where three MPEG audio frames (MP3, MP2) or three ADTS frames
+//! (AAC) follow each other, each starting where the last ends, within its first 4 KiB (after an
+//! ID3v2 tag, if it starts with one), is walked frame by frame. Chunks are cut where a frame
+//! starts, like Ogg pages, so a late joiner's first byte is a frame header: players that sniff
+//! the format or a content type from the first bytes see audio, not the tail of a frame. A chunk
+//! is flagged random-access when it starts on a frame (or on an ID3v2 tag, which travels with
+//! the frame after it); one cut by time mid-frame (a frame that had only partly arrived) is not.
+//! Bytes that are not a frame are carried as they are and the next frame, confirmed by the one
+//! after it, is searched for ([`ChunkerStats::resyncs`]).
+//!
 //! # Opaque input
 //!
 //! Anything else is cut at the duration or size limit wherever it falls. Every opaque chunk is
-//! flagged random-access: the formats sent this way (MP3, AAC/ADTS) resynchronise on their own,
-//! so no chunk is a better start than another.
+//! flagged random-access: nothing in it is known to be a better start than anything else.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -73,6 +84,10 @@ const TS_DETECT_PACKETS: usize = 4;
 const MAX_TRACKED_PIDS: usize = 16;
 /// PMT PIDs remembered from the PAT.
 const MAX_PMT_PIDS: usize = 8;
+/// Where the first of the frames that identify bare audio may start.
+const AUDIO_DETECT_SEARCH: usize = 4096;
+/// Input held undecided at most this long waiting for the frames that identify bare audio.
+const AUDIO_DETECT_LIMIT: usize = 16 * 1024;
 
 /// How to treat the input.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -86,6 +101,10 @@ pub enum InputFormat {
     Ogg,
     /// Fragmented MP4: a chunk per fragment, capture the initialisation segment.
     Mp4,
+    /// MPEG audio (MP3, MP2): cut on frame boundaries.
+    MpegAudio,
+    /// AAC in ADTS: cut on frame boundaries.
+    Adts,
     /// Opaque bytes: cut anywhere.
     Opaque,
 }
@@ -161,6 +180,8 @@ enum Mode {
     Ts,
     Ogg,
     Mp4,
+    MpegAudio,
+    Adts,
     Opaque,
 }
 
@@ -180,6 +201,13 @@ pub struct Chunker {
     /// TS: start of the run of PAT/PMT packets that ends at `scan`, if any; MP4: of the boxes
     /// that lead up to a fragment.
     psi_run: Option<usize>,
+    /// While the format is undecided: the input's first bytes (at most [`AUDIO_DETECT_LIMIT`])
+    /// and how many it has been in all.
+    detect: Vec<u8>,
+    undecided_bytes: usize,
+    /// Audio: where the last unit found starts (a frame still arriving when `scan` is past the
+    /// end of `buf`).
+    unit_at: usize,
     /// Ogg, MP4: the open chunk is a stream header still being captured.
     capturing: bool,
     /// Captured stream headers not yet polled.
@@ -212,6 +240,8 @@ impl Chunker {
             InputFormat::MpegTs => Mode::Ts,
             InputFormat::Ogg => Mode::Ogg,
             InputFormat::Mp4 => Mode::Mp4,
+            InputFormat::MpegAudio => Mode::MpegAudio,
+            InputFormat::Adts => Mode::Adts,
             InputFormat::Opaque => Mode::Opaque,
         };
         Ok(Self {
@@ -222,6 +252,9 @@ impl Chunker {
             started: None,
             scan: 0,
             psi_run: None,
+            unit_at: 0,
+            detect: Vec::new(),
+            undecided_bytes: 0,
             capturing: false,
             headers: VecDeque::new(),
             starts_at_rap: false,
@@ -245,6 +278,8 @@ impl Chunker {
             Mode::Ts => Some(InputFormat::MpegTs),
             Mode::Ogg => Some(InputFormat::Ogg),
             Mode::Mp4 => Some(InputFormat::Mp4),
+            Mode::MpegAudio => Some(InputFormat::MpegAudio),
+            Mode::Adts => Some(InputFormat::Adts),
             Mode::Opaque => Some(InputFormat::Opaque),
         }
     }
@@ -272,6 +307,11 @@ impl Chunker {
             let room = (self.config.max_bytes + TS_PACKET).saturating_sub(self.buf.len());
             let take = data.len().min(room.max(TS_PACKET));
             self.buf.extend_from_slice(&data[..take]);
+            if self.mode == Mode::Undecided {
+                self.undecided_bytes += take;
+                let keep = take.min(AUDIO_DETECT_LIMIT.saturating_sub(self.detect.len()));
+                self.detect.extend_from_slice(&data[..keep]);
+            }
             data = &data[take..];
             self.process(now);
         }
@@ -331,14 +371,21 @@ impl Chunker {
         match self.mode {
             Mode::Ts => self.scan,
             Mode::Ogg | Mode::Mp4 if self.capturing => 0,
-            Mode::Ogg | Mode::Mp4 => self.unit_closable_len(),
+            Mode::Ogg | Mode::Mp4 | Mode::MpegAudio | Mode::Adts => self.unit_closable_len(),
             Mode::Undecided | Mode::Opaque => self.buf.len(),
         }
     }
 
-    /// Ogg, MP4: everything but a unit header that has not fully arrived.
+    /// Ogg, MP4, audio: everything but a unit header that has not fully arrived; for audio,
+    /// also not a frame that has only partly arrived (it opens the next chunk, which then starts
+    /// on a frame). Ogg pages and MP4 fragments may be far larger than a chunk.
     fn unit_closable_len(&self) -> usize {
-        self.scan.min(self.buf.len())
+        match self.mode {
+            Mode::MpegAudio | Mode::Adts if self.scan > self.buf.len() && self.unit_at > 0 => {
+                self.unit_at
+            }
+            _ => self.scan.min(self.buf.len()),
+        }
     }
 
     fn process(&mut self, now: Instant) {
@@ -357,33 +404,72 @@ impl Chunker {
                 }
             }
             Mode::Ts => self.scan_packets(now),
-            Mode::Ogg | Mode::Mp4 => self.scan_units(now),
+            Mode::Ogg | Mode::Mp4 | Mode::MpegAudio | Mode::Adts => self.scan_units(now),
         }
     }
 
+    /// Decides the format from the input's first bytes (`self.detect`, kept apart from the
+    /// open chunk: with short chunks, or a slow trickle of input, chunks may close before enough
+    /// has arrived to tell).
     fn detect(&mut self) {
-        if framing::looks_like_ogg(&self.buf) {
-            self.mode = Mode::Ogg;
+        let seen = &self.detect;
+        // Input taken so far, of which the open chunk is the tail.
+        let emitted = self.undecided_bytes - self.buf.len();
+        if emitted == 0 && framing::looks_like_ogg(seen) {
+            self.decided(Mode::Ogg, 0);
             return;
         }
-        if framing::looks_like_mp4(&self.buf) {
-            self.mode = Mode::Mp4;
+        if emitted == 0 && framing::looks_like_mp4(seen) {
+            self.decided(Mode::Mp4, 0);
             return;
         }
         let need = TS_PACKET * TS_DETECT_PACKETS;
-        if self.buf.len() < need + TS_PACKET {
+        if seen.len() < need + TS_PACKET {
             return;
         }
         let found = (0..TS_PACKET)
-            .find(|&off| (0..TS_DETECT_PACKETS).all(|i| self.buf[off + i * TS_PACKET] == TS_SYNC));
-        match found {
-            Some(off) => {
-                self.mode = Mode::Ts;
-                // Bytes before the first packet travel as they are, at the chunk's start.
-                self.scan = off;
-            }
-            None => self.mode = Mode::Opaque,
+            .find(|&off| (0..TS_DETECT_PACKETS).all(|i| seen[off + i * TS_PACKET] == TS_SYNC));
+        if let Some(off) = found {
+            // Bytes before the first packet travel as they are, at the chunk's start.
+            let first = off + emitted.saturating_sub(off).div_ceil(TS_PACKET) * TS_PACKET;
+            self.decided(Mode::Ts, first - emitted);
+            return;
         }
+        // Not MPEG-TS (whose audio packets could hold MPEG audio frame headers): bare audio?
+        let mut wait = false;
+        for (mode, parse) in [
+            (Mode::MpegAudio, framing::mpeg_audio as fn(&[u8]) -> Unit),
+            (Mode::Adts, framing::adts),
+        ] {
+            match framing::detect_audio(seen, parse, AUDIO_DETECT_SEARCH) {
+                framing::Detected::At(off) => {
+                    // Walk the frames to the first one in the open chunk.
+                    let mut at = off;
+                    while at < emitted {
+                        match parse(&seen[at..]) {
+                            Unit::Found(info) => at += info.len,
+                            _ => break,
+                        }
+                    }
+                    if at >= emitted {
+                        self.decided(mode, at - emitted);
+                        return;
+                    }
+                }
+                framing::Detected::NeedMore => wait = true,
+                framing::Detected::No => {}
+            }
+        }
+        if !wait || seen.len() >= AUDIO_DETECT_LIMIT {
+            self.decided(Mode::Opaque, 0);
+        }
+    }
+
+    /// The format is known; the first packet or unit starts at `scan` in the open chunk.
+    fn decided(&mut self, mode: Mode, scan: usize) {
+        self.mode = mode;
+        self.scan = scan;
+        self.detect = Vec::new();
     }
 
     fn scan_packets(&mut self, now: Instant) {
@@ -452,16 +538,25 @@ impl Chunker {
 
     fn scan_units(&mut self, now: Instant) {
         while self.scan < self.buf.len() {
+            // A unit past the size limit (after bytes skipped to find it): size cuts first, at
+            // the unit before it where that fits.
+            while self.scan > self.config.max_bytes {
+                let max = self.config.max_bytes;
+                let at = if (1..=max).contains(&self.unit_at) {
+                    self.unit_at
+                } else {
+                    max
+                };
+                self.emit(at, now);
+            }
             let at = &self.buf[self.scan..];
-            let unit = match self.mode {
-                Mode::Ogg => framing::ogg_page(at),
-                _ => framing::mp4_box(at),
-            };
+            let unit = self.parse_unit(at);
             match unit {
                 Unit::Incomplete => break,
                 Unit::Invalid => self.unit_resync(),
                 Unit::Found(info) => {
                     self.at_unit(now, info);
+                    self.unit_at = self.scan;
                     self.scan = self.scan.saturating_add(info.len);
                 }
             }
@@ -486,7 +581,16 @@ impl Chunker {
         }
     }
 
-    /// Ogg, MP4: a whole unit header is at `self.scan`.
+    fn parse_unit(&self, at: &[u8]) -> Unit {
+        match self.mode {
+            Mode::Ogg => framing::ogg_page(at),
+            Mode::MpegAudio => framing::mpeg_audio(at),
+            Mode::Adts => framing::adts(at),
+            _ => framing::mp4_box(at),
+        }
+    }
+
+    /// Ogg, MP4, audio: a whole unit header is at `self.scan`.
     fn at_unit(&mut self, now: Instant, info: UnitInfo) {
         if info.starts_header && !self.capturing {
             // A header starts a chunk of its own.
@@ -534,20 +638,39 @@ impl Chunker {
         }
     }
 
-    /// Ogg, MP4: the bytes at `self.scan` are not a unit.
+    /// Ogg, MP4, audio: the bytes at `self.scan` are not a unit.
     fn unit_resync(&mut self) {
         self.stats.resyncs += 1;
         self.psi_run = None;
         self.capturing = false;
-        if self.mode == Mode::Mp4 {
-            self.mode = Mode::Opaque;
-            return;
-        }
         let from = self.scan + 1;
-        self.scan = self.buf[from..]
-            .windows(4)
-            .position(|w| w == b"OggS")
-            .map_or(self.buf.len().saturating_sub(3).max(from), |i| from + i);
+        self.scan = match self.mode {
+            Mode::Mp4 => {
+                self.mode = Mode::Opaque;
+                return;
+            }
+            Mode::MpegAudio | Mode::Adts => self.next_audio_frame(from),
+            _ => self.buf[from..]
+                .windows(4)
+                .position(|w| w == b"OggS")
+                .map_or(self.buf.len().saturating_sub(3).max(from), |i| from + i),
+        };
+    }
+
+    /// Audio: the first offset from `from` where a frame starts whose successor (if it has
+    /// arrived) is a frame too; or where the bytes left could still become one.
+    fn next_audio_frame(&self, from: usize) -> usize {
+        (from..self.buf.len())
+            .find(|&p| match self.parse_unit(&self.buf[p..]) {
+                Unit::Incomplete => true,
+                Unit::Invalid => false,
+                Unit::Found(info) => {
+                    let next = p.saturating_add(info.len);
+                    next >= self.buf.len()
+                        || !matches!(self.parse_unit(&self.buf[next..]), Unit::Invalid)
+                }
+            })
+            .unwrap_or(self.buf.len())
     }
 
     /// Sync lost at `self.scan`: skip to the next plausible sync byte, keeping every byte.
@@ -574,10 +697,14 @@ impl Chunker {
         if at == 0 {
             return;
         }
+        // Audio cut before a frame still arriving: the next chunk starts on that frame.
+        let next_on_frame = matches!(self.mode, Mode::MpegAudio | Mode::Adts)
+            && at == self.unit_at
+            && at < self.buf.len();
         let payload = self.buf.split_to(at).freeze();
         let mut flags = ChunkFlags::empty();
         let random_access = match self.mode {
-            Mode::Ts | Mode::Ogg | Mode::Mp4 => self.starts_at_rap,
+            Mode::Ts | Mode::Ogg | Mode::Mp4 | Mode::MpegAudio | Mode::Adts => self.starts_at_rap,
             Mode::Undecided | Mode::Opaque => true,
         };
         if random_access {
@@ -595,7 +722,8 @@ impl Chunker {
         self.stats.chunks += 1;
         self.scan = self.scan.saturating_sub(at);
         self.psi_run = self.psi_run.and_then(|p| p.checked_sub(at));
-        self.starts_at_rap = false;
+        self.unit_at = self.unit_at.saturating_sub(at);
+        self.starts_at_rap = next_on_frame;
         self.started = if self.buf.is_empty() { None } else { Some(now) };
     }
 }

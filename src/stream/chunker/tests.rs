@@ -386,3 +386,131 @@ fn a_stream_whose_last_chunk_closed_on_the_timer_still_ends_flagged() {
     assert!(end[0].flags.contains(ChunkFlags::NO_DATA));
     assert_eq!(end[0].payload.len(), 1);
 }
+
+#[test]
+fn mp3_is_cut_on_frames_so_every_random_access_chunk_starts_with_one() {
+    use crate::stream::framing::tests::{id3, mp3};
+    let t0 = Instant::now();
+    let ms = Duration::from_millis;
+    let mut c = Chunker::new(ChunkerConfig::default()).unwrap();
+    // An ID3 tag, then frames arriving as an encoder writes them, 26 ms apart, in pieces that
+    // do not follow frame boundaries.
+    let mut input = id3(60);
+    for i in 0..120 {
+        input.extend(mp3(i % 3 == 0, i as u8));
+    }
+    for (i, piece) in input.chunks(300).enumerate() {
+        c.handle_input(t0 + ms(19 * i as u64), piece);
+    }
+    assert_eq!(c.format(), Some(InputFormat::MpegAudio));
+    c.finish(t0 + ms(3000));
+    let all = drain(&mut c);
+    assert!(all.len() >= 8, "{} chunks", all.len());
+    let joined: Vec<u8> = all.iter().flat_map(|c| c.payload.to_vec()).collect();
+    assert_eq!(joined, input);
+    assert!(all[0].payload.starts_with(b"ID3"));
+    let mut random_access = 0;
+    for chunk in &all {
+        let on_frame =
+            chunk.payload.starts_with(&[0xff, 0xfb]) || chunk.payload.starts_with(b"ID3");
+        if chunk.flags.contains(ChunkFlags::RANDOM_ACCESS) {
+            random_access += 1;
+            assert!(
+                on_frame,
+                "chunk {} flagged but starts {:02x?}",
+                chunk.seq,
+                &chunk.payload[..4]
+            );
+        }
+    }
+    // A frame still arriving when the time is up opens the next chunk: every chunk starts on
+    // one.
+    assert_eq!(random_access, all.len());
+    let durations: Vec<_> = all
+        .windows(2)
+        .map(|w| w[1].started - w[0].started)
+        .collect();
+    assert!(durations.iter().all(|d| *d >= ms(200)), "{durations:?}");
+    assert_eq!(c.stats().resyncs, 0);
+}
+
+#[test]
+fn mp3_joined_mid_frame_or_damaged_keeps_every_byte_and_finds_the_frames() {
+    use crate::stream::framing::tests::mp3;
+    let t0 = Instant::now();
+    let ms = Duration::from_millis;
+    let mut frames = Vec::new();
+    for i in 0..40 {
+        frames.extend(mp3(false, 0x20 + i as u8));
+    }
+    // The input starts 100 bytes into a frame and has junk between two frames.
+    let mut input = frames[100..417 * 20].to_vec();
+    input.extend(b"\xff\xfb junk \xff");
+    input.extend(&frames[417 * 20..]);
+    let mut c = Chunker::new(ChunkerConfig::default()).unwrap();
+    for (i, piece) in input.chunks(1000).enumerate() {
+        c.handle_input(t0 + ms(60 * i as u64), piece);
+    }
+    c.finish(t0 + ms(2000));
+    assert_eq!(c.format(), Some(InputFormat::MpegAudio));
+    assert_eq!(c.stats().resyncs, 1);
+    let all = drain(&mut c);
+    let joined: Vec<u8> = all.iter().flat_map(|c| c.payload.to_vec()).collect();
+    assert_eq!(joined, input);
+    assert!(
+        !all[0].flags.contains(ChunkFlags::RANDOM_ACCESS),
+        "starts mid-frame"
+    );
+    for chunk in all
+        .iter()
+        .filter(|c| c.flags.contains(ChunkFlags::RANDOM_ACCESS))
+    {
+        assert!(
+            chunk.payload.starts_with(&[0xff, 0xfb, 0x90]),
+            "chunk {}",
+            chunk.seq
+        );
+    }
+    assert!(
+        all[1..]
+            .iter()
+            .all(|c| c.flags.contains(ChunkFlags::RANDOM_ACCESS))
+    );
+}
+
+#[test]
+fn aac_in_adts_is_cut_on_frames_and_other_bytes_stay_opaque() {
+    use crate::stream::framing::tests::aac;
+    let t0 = Instant::now();
+    let ms = Duration::from_millis;
+    let mut input = Vec::new();
+    for i in 0..100 {
+        input.extend(aac(300 + (i * 7) % 90, i as u8));
+    }
+    let mut c = Chunker::new(ChunkerConfig::default()).unwrap();
+    for (i, piece) in input.chunks(700).enumerate() {
+        c.handle_input(t0 + ms(40 * i as u64), piece);
+    }
+    c.finish(t0 + ms(3000));
+    assert_eq!(c.format(), Some(InputFormat::Adts));
+    let all = drain(&mut c);
+    let joined: Vec<u8> = all.iter().flat_map(|c| c.payload.to_vec()).collect();
+    assert_eq!(joined, input);
+    for chunk in all
+        .iter()
+        .filter(|c| c.flags.contains(ChunkFlags::RANDOM_ACCESS))
+    {
+        assert!(
+            chunk.payload.starts_with(&[0xff, 0xf1]),
+            "chunk {}",
+            chunk.seq
+        );
+    }
+    // Bytes with no frames in a row are opaque once the first 4 KiB have shown none.
+    let mut other = Chunker::new(ChunkerConfig::default()).unwrap();
+    let text: Vec<u8> = (0..20_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    other.handle_input(t0, &text[..3000]);
+    assert_eq!(other.format(), None);
+    other.handle_input(t0, &text[3000..]);
+    assert_eq!(other.format(), Some(InputFormat::Opaque));
+}
