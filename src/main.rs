@@ -5,6 +5,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use tracing_subscriber::Layer;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 use gridcast::app::{config, demo, roles};
 use gridcast::driver::{self, Chosen, IoBackend};
@@ -18,11 +22,12 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Debug, Parser)]
 #[command(version, about, propagate_version = true)]
 struct Cli {
-    /// Log level: error, warn, info, debug or trace (RUST_LOG, when set to one of these, is
-    /// the default).
+    /// What to log: a level (error, warn, info, debug or trace), or a default level and
+    /// per-module ones, like `info,gridcast::node=debug` or `warn,quinn_proto=error` (RUST_LOG
+    /// is the default; a module named with no default level logs alone).
     #[arg(long, global = true, env = "RUST_LOG", default_value = "info",
-          value_parser = clap::value_parser!(tracing::Level))]
-    log_level: tracing::Level,
+          value_parser = parse_log_filter)]
+    log_level: Targets,
     /// Log lines as JSON objects (for servers whose logs are collected).
     #[arg(long, global = true)]
     log_json: bool,
@@ -70,7 +75,8 @@ enum Command {
     /// supernodes join with it. Input: - (stdin), a file, tcp://addr (listen; one sender at a
     /// time), udp://addr (unicast or multicast MPEG-TS) or icecast://addr/mount (an
     /// Icecast-compatible source endpoint for ffmpeg, BUTT, liquidsoap, ices). Ogg and
-    /// fragmented MP4 stream headers are captured and replayed to late joiners.
+    /// fragmented MP4 stream headers are captured and replayed to late joiners; MP3 and AAC
+    /// (ADTS) are cut where frames start.
     ///
     /// Examples:
     ///   ffmpeg -re -i show.mkv -c copy -f mpegts - | gridcast broadcast --key channel.key
@@ -250,13 +256,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let logs = tracing_subscriber::fmt()
-        .with_max_level(cli.log_level)
-        .with_writer(std::io::stderr);
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let filter = cli.log_level.clone();
     if cli.log_json {
-        logs.json().init();
+        tracing_subscriber::registry()
+            .with(logs.json().with_filter(filter))
+            .init();
     } else {
-        logs.init();
+        tracing_subscriber::registry()
+            .with(logs.with_filter(filter))
+            .init();
     }
     raise_file_limit();
     match run(cli) {
@@ -266,6 +275,14 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `--log-level` and RUST_LOG: `tracing-subscriber`'s target directives (`level` or
+/// `target=level`, comma-separated), with an error that says what is expected.
+fn parse_log_filter(text: &str) -> Result<Targets, String> {
+    text.trim().parse().map_err(|e| {
+        format!("{e} (give a level, or directives like \"info,gridcast::node=debug\")")
+    })
 }
 
 /// `--check-config`: the settings resolved without error; print them.

@@ -231,6 +231,51 @@ fn role_commands_name_bad_input() {
     assert_clean_failure(&out, "--source-password");
 }
 
+#[test]
+fn log_levels_can_be_set_per_module() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("channel.key");
+    assert!(
+        gridcast(&["keygen", "--out", path_str(&key)])
+            .status
+            .success()
+    );
+    // An input that ends at once: the broadcast starts, logs and stops.
+    let broadcast = |filter: &str| {
+        Command::new(env!("CARGO_BIN_EXE_gridcast"))
+            .args([
+                "broadcast",
+                "--key",
+                path_str(&key),
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .args(["--linger", "0"])
+            .env("RUST_LOG", filter)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let all = broadcast("info");
+    assert!(all.status.success(), "{}", stderr(&all));
+    let logs = stderr(&all);
+    assert!(logs.contains("gridcast::app::source"), "{logs}");
+    assert!(logs.contains("gridcast::driver"), "{logs}");
+    // Only the source's module at info; the data plane's lines are gone.
+    let some = broadcast("warn,gridcast::app::source=info");
+    assert!(some.status.success(), "{}", stderr(&some));
+    let logs = stderr(&some);
+    assert!(logs.contains("gridcast::app::source"), "{logs}");
+    assert!(!logs.contains("gridcast::driver"), "{logs}");
+    let bad = broadcast("info,gridcast=loud");
+    assert_clean_failure(&bad, "--log-level");
+    assert!(
+        stderr(&bad).contains("gridcast::node=debug"),
+        "{}",
+        stderr(&bad)
+    );
+}
+
 /// Starts `gridcast broadcast` on stdin (kept open, no bytes) on an ephemeral loopback port;
 /// returns it, its stdin and its link.
 fn idle_source(key: &Path) -> (std::process::Child, std::process::ChildStdin, String) {
