@@ -386,7 +386,7 @@ fn gridcast(plan: Plan, setup: Setup) -> Measured {
         let (cost_tx, cost_rx) = mpsc::channel();
         node.command(
             0,
-            Box::new(move |e, _| {
+            Box::new(move |e, now| {
                 // The thread's CPU clock (schedstat only moves at scheduler events).
                 let clock = || {
                     let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
@@ -394,7 +394,7 @@ fn gridcast(plan: Plan, setup: Setup) -> Measured {
                 };
                 let before = clock();
                 for _ in 0..REPORTS {
-                    std::hint::black_box(e.report());
+                    std::hint::black_box(e.report(now));
                 }
                 let _ = cost_tx.send((clock() - before) / REPORTS);
             }),

@@ -150,13 +150,13 @@ struct PlayStatus {
     uplink_queue: Option<Duration>,
 }
 
-fn read_status(e: &Engine, channel: &ChannelId) -> PlayStatus {
+fn read_status(e: &Engine, channel: &ChannelId, now: Instant) -> PlayStatus {
     let (substreams, parents) = e.upstream_status(channel).unwrap_or((0, 0));
     let mut status = PlayStatus {
         parents,
         substreams,
         uploaded: e.stats().shard_bytes_out,
-        uplink_queue: e.uplink_queuing_delay(),
+        uplink_queue: e.uplink_queuing_delay(now),
         ..Default::default()
     };
     if let Some(ch) = e.channel(channel) {
@@ -319,8 +319,8 @@ pub fn play(config: &PlayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
             let tx = status_tx.clone();
             node.command(
                 0,
-                Box::new(move |e, _| {
-                    let _ = tx.send((read_status(e, &channel), bps));
+                Box::new(move |e, now| {
+                    let _ = tx.send((read_status(e, &channel, now), bps));
                 }),
             );
         }

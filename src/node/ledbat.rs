@@ -102,10 +102,11 @@ impl Default for LedbatConfig {
 
 impl LedbatConfig {
     /// The queuing delay the node's uplink adds, as its connections measure it: the largest
-    /// any of them published within [`FRESH`] of the newest estimate (as last measured, when
-    /// nothing is being sent). `None` before any estimate.
-    pub fn uplink_queuing_delay(&self) -> Option<Duration> {
-        self.host.largest()
+    /// any of them published within [`FRESH`] before `now`. `None` when none has (nothing
+    /// sent lately: nothing known of the queue, which a node that stopped uploading no longer
+    /// adds to).
+    pub fn uplink_queuing_delay(&self, now: Instant) -> Option<Duration> {
+        self.host.largest(now)
     }
 }
 
@@ -137,20 +138,14 @@ impl Host {
         own
     }
 
-    /// The largest queuing delay published within [`FRESH`] of the newest estimate.
-    fn largest(&self) -> Option<Duration> {
-        let estimates: Vec<(Duration, Instant)> = {
-            let all = self.0.lock().unwrap_or_else(|e| e.into_inner());
-            all.iter()
-                .filter_map(Weak::upgrade)
-                .filter_map(|p| *p.estimate.lock().unwrap_or_else(|e| e.into_inner()))
-                .collect()
-        };
-        let newest = estimates.iter().map(|&(_, at)| at).max()?;
-        estimates
-            .iter()
-            .filter(|&&(_, at)| newest.saturating_duration_since(at) <= FRESH)
-            .map(|&(queuing, _)| queuing)
+    /// The largest queuing delay published within [`FRESH`] before `now`.
+    fn largest(&self, now: Instant) -> Option<Duration> {
+        let all = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        all.iter()
+            .filter_map(Weak::upgrade)
+            .filter_map(|p| *p.estimate.lock().unwrap_or_else(|e| e.into_inner()))
+            .filter(|&(_, at)| now.saturating_duration_since(at) <= FRESH)
+            .map(|(queuing, _)| queuing)
             .max()
     }
 
@@ -613,7 +608,7 @@ mod tests {
         }
         assert_eq!(late.own_queuing_delay(), Duration::ZERO);
         assert_eq!(late.queuing_delay(), 80 * MS);
-        assert_eq!(config.uplink_queuing_delay(), Some(80 * MS));
+        assert_eq!(config.uplink_queuing_delay(now), Some(80 * MS));
         for _ in 0..20 {
             round_trip(&mut late, &mut now, 100 * MS, false);
             old.on_delay_sample(now, 100 * MS);
@@ -630,10 +625,12 @@ mod tests {
         drop(old);
         late.on_delay_sample(now + LOOK_EVERY, 100 * MS);
         assert_eq!(late.queuing_delay(), Duration::ZERO);
-        assert_eq!(config.uplink_queuing_delay(), Some(Duration::ZERO));
+        assert_eq!(config.uplink_queuing_delay(now), Some(Duration::ZERO));
+        // Nothing measured lately: nothing reported (the last figure would go stale).
+        assert_eq!(config.uplink_queuing_delay(now + LOOK_EVERY + FRESH + MS), None);
         // Connections of another node never count.
         let fresh = LedbatConfig::default();
-        assert_eq!(fresh.uplink_queuing_delay(), None);
+        assert_eq!(fresh.uplink_queuing_delay(now), None);
         let mut other = Ledbat::new(&fresh, now, MTU);
         other.on_delay_sample(now, 100 * MS);
         assert_eq!(other.queuing_delay(), Duration::ZERO);

@@ -99,8 +99,8 @@ impl Watched {
             let (tx, rx) = tokio::sync::oneshot::channel();
             let asked = self.commander.command(
                 worker,
-                Box::new(move |engine, _| {
-                    let _ = tx.send(engine.report());
+                Box::new(move |engine, now| {
+                    let _ = tx.send(engine.report(now));
                 }),
             );
             waiting.push(asked.then_some(rx));

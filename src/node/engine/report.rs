@@ -3,7 +3,7 @@
 //! live in connections or channels are summed with those of the ones already gone, so
 //! every total only ever grows.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::keys::ChannelId;
 use crate::node::channel::{ChannelMode, ChannelStats};
@@ -80,7 +80,7 @@ pub struct EngineReport {
 
 impl Engine {
     /// The engine's snapshot (see [`EngineReport`]).
-    pub fn report(&self) -> EngineReport {
+    pub fn report(&self, now: Instant) -> EngineReport {
         let mut quic = self.stats.retired_quic;
         let mut connections = ConnectionsByRole::default();
         let mut rtts = Vec::new();
@@ -144,16 +144,16 @@ impl Engine {
             draining: self.draining,
             members: self.members(),
             channels,
-            uplink_queuing_delay: self.uplink_queuing_delay(),
+            uplink_queuing_delay: self.uplink_queuing_delay(now),
         }
     }
 
     /// The queuing delay the node's uplink adds, as its LEDBAT connections measure it
     /// ([`crate::node::ledbat::LedbatConfig::uplink_queuing_delay`]); `None` unless its
     /// congestion controller is [`super::Congestion::Ledbat`].
-    pub fn uplink_queuing_delay(&self) -> Option<std::time::Duration> {
+    pub fn uplink_queuing_delay(&self, now: Instant) -> Option<std::time::Duration> {
         (self.config.congestion == super::Congestion::Ledbat)
-            .then(|| self.config.ledbat.uplink_queuing_delay())
+            .then(|| self.config.ledbat.uplink_queuing_delay(now))
             .flatten()
     }
 }
