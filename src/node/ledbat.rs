@@ -627,7 +627,10 @@ mod tests {
         assert_eq!(late.queuing_delay(), Duration::ZERO);
         assert_eq!(config.uplink_queuing_delay(now), Some(Duration::ZERO));
         // Nothing measured lately: nothing reported (the last figure would go stale).
-        assert_eq!(config.uplink_queuing_delay(now + LOOK_EVERY + FRESH + MS), None);
+        assert_eq!(
+            config.uplink_queuing_delay(now + LOOK_EVERY + FRESH + MS),
+            None
+        );
         // Connections of another node never count.
         let fresh = LedbatConfig::default();
         assert_eq!(fresh.uplink_queuing_delay(now), None);
