@@ -173,6 +173,17 @@ pub(crate) fn log_event(event: &NodeEvent) {
             why,
             ..
         } => tracing::info!(%lost, ?replacement, resume, %why, "parent replaced"),
+        NodeEvent::ParentMoved {
+            from,
+            to,
+            from_rtt,
+            to_rtt,
+            resume,
+            ..
+        } => tracing::info!(
+            %from, %to, ?from_rtt, ?to_rtt, resume,
+            "parent moved to a nearer node"
+        ),
         NodeEvent::Skipped {
             channel,
             first,

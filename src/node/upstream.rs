@@ -53,6 +53,10 @@ pub struct UpstreamConfig {
     pub all_from_one: bool,
     /// How often the policy checks its parents.
     pub check_every: Duration,
+    /// Prefer near parents: try candidates never measured as extra standbys now and then, and
+    /// move a settled parent's set to a standby at most half as far (see
+    /// `engine::nearer`).
+    pub locality: bool,
 }
 
 impl Default for UpstreamConfig {
@@ -68,6 +72,7 @@ impl Default for UpstreamConfig {
             retry_after: Duration::from_secs(10),
             all_from_one: false,
             check_every: Duration::from_millis(100),
+            locality: true,
         }
     }
 }
@@ -229,6 +234,14 @@ pub(crate) struct Upstream {
     pub(crate) outages: u64,
     /// When the policy started (a young channel's first parents get time to deliver).
     pub(crate) since: Instant,
+    /// The least round trip measured to each node that was a parent or standby.
+    pub(crate) distance: HashMap<NodeId, Duration>,
+    /// When a candidate never measured may next be tried as an extra standby.
+    pub(crate) next_explore: Instant,
+    /// When a parent last moved to a nearer standby.
+    pub(crate) last_move: Option<Instant>,
+    /// Parents moved to nearer standbys.
+    pub(crate) moves: u64,
 }
 
 impl Upstream {
@@ -252,6 +265,10 @@ impl Upstream {
             outage: None,
             outages: 0,
             since: now,
+            distance: HashMap::new(),
+            next_explore: now + crate::node::engine::EXPLORE_EVERY,
+            last_move: None,
+            moves: 0,
         }
     }
 

@@ -298,6 +298,7 @@ struct EngineMetrics {
     regenerated: Counter,
     imported: Counter,
     failovers: Counter,
+    parent_moves: Counter,
     outages: Counter,
     /// sent, received.
     go_aways: [Counter; 2],
@@ -465,6 +466,11 @@ impl EngineMetrics {
                 "Parents replaced after loss or lag.",
                 &[],
             ),
+            parent_moves: r.counter(
+                "gridcast_parent_moves_total",
+                "Parents whose substreams moved to a standby at most half as far (measured round trips).",
+                &[],
+            ),
             outages: r.counter(
                 "gridcast_upstream_outages_total",
                 "Times no parent of a channel delivered (every one lost, unreachable or silent).",
@@ -597,6 +603,7 @@ impl EngineMetrics {
             .absolute(sum(&|r| r.channel_totals.regenerated));
         self.imported.absolute(sum(&|r| r.stats.shards_imported));
         self.failovers.absolute(sum(&|r| r.stats.failovers));
+        self.parent_moves.absolute(sum(&|r| r.stats.parent_moves));
         self.outages.absolute(sum(&|r| r.stats.upstream_outages));
         self.go_aways[0].absolute(sum(&|r| r.stats.go_aways_sent));
         self.go_aways[1].absolute(sum(&|r| r.stats.go_aways_received));

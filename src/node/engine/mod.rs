@@ -60,11 +60,13 @@ mod discovery;
 mod fanout;
 mod gossip;
 mod io;
+mod nearer;
 mod outbound;
 mod parents;
 mod punch;
 mod race;
 mod report;
+pub(crate) use nearer::EXPLORE_EVERY;
 pub use race::ATTEMPT_DELAY;
 pub use report::{ChannelReport, ConnectionsByRole, EngineReport};
 
@@ -383,6 +385,22 @@ pub enum NodeEvent {
         /// Which rule gave up on it.
         why: FailoverWhy,
     },
+    /// A parent's substreams moved to a standby at most half as far (measured round trips),
+    /// the parent kept as a standby ([`UpstreamConfig::locality`]).
+    ParentMoved {
+        /// Channel.
+        channel: ChannelId,
+        /// The farther parent.
+        from: SocketAddr,
+        /// The nearer node that took its substreams.
+        to: SocketAddr,
+        /// The least round trip measured to the farther parent.
+        from_rtt: Duration,
+        /// The least round trip measured to the nearer node.
+        to_rtt: Duration,
+        /// The chunk the nearer node resumes at.
+        resume: u64,
+    },
     /// No parent has delivered `channel` for the stall timeout: every one is lost,
     /// unreachable or silent. The policy keeps redialling its candidates with back-off.
     UpstreamLost {
@@ -486,6 +504,8 @@ pub struct EngineStats {
     pub udp_bytes_in: u64,
     /// Parents replaced after loss or lag.
     pub failovers: u64,
+    /// Parents whose substreams moved to a standby at most half as far.
+    pub parent_moves: u64,
     /// Connections closed because they took no shard data for the stall timeout.
     pub stalled_closed: u64,
     /// Shards not sent to a subscriber because the upload cap was spent.

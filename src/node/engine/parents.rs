@@ -70,6 +70,20 @@ impl Engine {
             .map(|u| (u.substreams_held(), u.active()))
     }
 
+    /// The parents `channel` is drawn from: each one's address and how many substreams it
+    /// carries.
+    pub fn upstream_parents(&self, channel: &ChannelId) -> Vec<(std::net::SocketAddr, usize)> {
+        self.upstreams.get(channel).map_or_else(Vec::new, |u| {
+            u.candidates
+                .iter()
+                .filter_map(|(c, s)| match s {
+                    Slot::Active { set, .. } => Some((c.addr, set.len())),
+                    _ => None,
+                })
+                .collect()
+        })
+    }
+
     /// Whether some parent delivered `channel` within the stall timeout (`None`: the channel
     /// has no upstream policy).
     pub fn upstream_delivering(&self, channel: &ChannelId) -> Option<bool> {
@@ -567,6 +581,7 @@ impl Engine {
                     why,
                 });
             }
+            self.upstream_locality(now, channel);
             self.upstream_outage(now, channel);
             if let Some(up) = self.upstreams.get_mut(&channel) {
                 up.next_check = Some(now + up.config.check_every);
