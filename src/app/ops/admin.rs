@@ -108,6 +108,11 @@ fn channels_json(snapshot: &Snapshot) -> String {
                             "channel": c.channel.to_string(),
                             "mode": format!("{:?}", c.mode).to_lowercase(),
                             "parents": c.parents,
+                            "drawn_from": c.drawn_from.iter().map(|p| json!({
+                                "addr": p.addr.to_string(),
+                                "substreams": p.substreams,
+                                "min_rtt_ms": p.min_rtt.map(|r| r.as_secs_f64() * 1000.0),
+                            })).collect::<Vec<_>>(),
                             "substreams_held": c.substreams_held,
                             "substreams_needed": c.needed,
                             "delivering": c.delivering,

@@ -68,7 +68,7 @@ mod race;
 mod report;
 pub(crate) use nearer::EXPLORE_EVERY;
 pub use race::ATTEMPT_DELAY;
-pub use report::{ChannelReport, ConnectionsByRole, EngineReport};
+pub use report::{ChannelReport, ConnectionsByRole, EngineReport, ParentReport};
 
 use conn::ConnTable;
 

@@ -70,14 +70,17 @@ impl Engine {
             .map(|u| (u.substreams_held(), u.active()))
     }
 
-    /// The parents `channel` is drawn from: each one's address and how many substreams it
-    /// carries.
-    pub fn upstream_parents(&self, channel: &ChannelId) -> Vec<(std::net::SocketAddr, usize)> {
+    /// The parents `channel` is drawn from: where each is, what it carries, how far it is.
+    pub fn upstream_parents(&self, channel: &ChannelId) -> Vec<super::ParentReport> {
         self.upstreams.get(channel).map_or_else(Vec::new, |u| {
             u.candidates
                 .iter()
                 .filter_map(|(c, s)| match s {
-                    Slot::Active { set, .. } => Some((c.addr, set.len())),
+                    Slot::Active { set, .. } => Some(super::ParentReport {
+                        addr: c.addr,
+                        substreams: set.len(),
+                        min_rtt: u.distance.get(&c.node).copied(),
+                    }),
                     _ => None,
                 })
                 .collect()

@@ -20,6 +20,8 @@ pub struct ChannelReport {
     pub mode: ChannelMode,
     /// Parents delivering to it now (upstream policy), and the substreams they hold.
     pub parents: usize,
+    /// Those parents: where each is, what it carries, how far it is.
+    pub drawn_from: Vec<ParentReport>,
     /// Substreams drawn.
     pub substreams_held: usize,
     /// The coding's K (`None` until the first chunk).
@@ -35,6 +37,17 @@ pub struct ChannelReport {
     pub buffer: Option<Duration>,
     /// Its counters.
     pub stats: ChannelStats,
+}
+
+/// One parent a channel is drawn from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParentReport {
+    /// Its address.
+    pub addr: std::net::SocketAddr,
+    /// Substreams it carries.
+    pub substreams: usize,
+    /// The least round trip measured to it (`None` before its handshake finished).
+    pub min_rtt: Option<Duration>,
 }
 
 /// Connections by the role the far end announced.
@@ -114,6 +127,7 @@ impl Engine {
                     channel: *id,
                     mode: ch.mode(),
                     parents,
+                    drawn_from: self.upstream_parents(id),
                     substreams_held,
                     needed: ch.params().map(|p| p.original()),
                     delivering: self.upstream_delivering(id),
