@@ -202,6 +202,39 @@ pub(crate) enum Slot {
     Failed { until: Instant },
 }
 
+impl Slot {
+    /// A parent just given `set` on `conn`, starting at `start`: nothing received from it yet.
+    pub(crate) fn activated(
+        conn: ConnectionHandle,
+        sub: u32,
+        set: SubstreamSet,
+        start: StartAt,
+        now: Instant,
+    ) -> Self {
+        Slot::Active {
+            conn,
+            sub,
+            set,
+            newest: None,
+            last_shard: now,
+            missing: None,
+            since: now,
+            start,
+            tally: Tally::default(),
+        }
+    }
+}
+
+/// Where a parent's substreams resume elsewhere: a chunk before `newest` (the newest it
+/// delivered, or else the best parent's), or `next_play` (the player's next chunk to play) if
+/// that is earlier, so that nothing not yet output is missed. `None` with nothing to go by.
+pub(crate) fn resume_point(newest: Option<u64>, next_play: Option<u64>) -> Option<u64> {
+    match (newest.map(|n| n.saturating_sub(1)), next_play) {
+        (Some(r), Some(n)) => Some(r.min(n)),
+        (r, n) => r.or(n),
+    }
+}
+
 /// The upstream state of one channel.
 #[derive(Debug)]
 pub(crate) struct Upstream {

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use crate::keys::ChannelId;
 use crate::node::channel::Channel;
-use crate::node::upstream::{Slot, Tally};
+use crate::node::upstream::{Slot, resume_point};
 use crate::wire::{StartAt, SubstreamSet};
 
 use super::conn::mark;
@@ -205,12 +205,8 @@ impl Engine {
         };
         // Resume as a failover would: a chunk before the parent's newest, or the next chunk to
         // play if that is earlier.
-        let from = newest.map(|n| n.saturating_sub(1));
         let next = self.channels.get(&channel).and_then(Channel::next_play);
-        let resume = match (from, next) {
-            (Some(r), Some(n)) => r.min(n),
-            (r, n) => r.or(n).unwrap_or(0),
-        };
+        let resume = resume_point(newest, next).unwrap_or(0);
         let (near_cand, far_cand) = (up.candidates[s].0, up.candidates[p].0);
         let start = StartAt::Seq(resume);
         if self
@@ -227,17 +223,7 @@ impl Engine {
         {
             return;
         }
-        up.candidates[s].1 = Slot::Active {
-            conn: s_conn,
-            sub: s_sub,
-            set,
-            newest: None,
-            last_shard: now,
-            missing: None,
-            since: now,
-            start,
-            tally: Tally::default(),
-        };
+        up.candidates[s].1 = Slot::activated(s_conn, s_sub, set, start, now);
         // The far parent stops sending its set and stays connected, as a standby.
         let _ = self.subscribe_inner(
             now,

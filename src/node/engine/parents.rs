@@ -10,6 +10,7 @@ use crate::keys::{ChannelId, NodeId};
 use crate::node::channel::Channel;
 use crate::node::upstream::{
     Candidate, HEALTHY_RATIO, SHORT_RATIO, Slot, Tally, Upstream, assign_with, rebalance,
+    resume_point,
 };
 use crate::stream::ChunkFlags;
 use crate::wire::{ParentCandidate, StartAt, SubstreamSet};
@@ -193,17 +194,7 @@ impl Engine {
             match self.subscribe_inner(now, cand.addr, cand.node, channel, set, start, Some(sub)) {
                 Ok(_) => {
                     up.unassigned.remove(0);
-                    up.candidates[i].1 = Slot::Active {
-                        conn,
-                        sub,
-                        set,
-                        newest: None,
-                        last_shard: now,
-                        missing: None,
-                        since: now,
-                        start,
-                        tally: Tally::default(),
-                    };
+                    up.candidates[i].1 = Slot::activated(conn, sub, set, start, now);
                 }
                 Err(_) => {
                     let until = up.strike(cand.node, now);
@@ -347,17 +338,7 @@ impl Engine {
             .subscribe_inner(now, cand.addr, cand.node, channel, set, start, Some(sub))
             .is_ok()
         {
-            up.candidates[i].1 = Slot::Active {
-                conn,
-                sub,
-                set,
-                newest: None,
-                last_shard: now,
-                missing: None,
-                since: now,
-                start,
-                tally: Tally::default(),
-            };
+            up.candidates[i].1 = Slot::activated(conn, sub, set, start, now);
         }
     }
 
@@ -482,12 +463,8 @@ impl Engine {
                             // at its next chunk to play, so nothing not yet output is missed.
                             // With nothing to go by (no parent delivered, nothing played yet),
                             // the set starts again where it was asked to start here.
-                            let from = newest.or(best).map(|n| n.saturating_sub(1));
                             let next = self.channels.get(&channel).and_then(Channel::next_play);
-                            let resume = match (from, next) {
-                                (Some(r), Some(n)) => Some(r.min(n)),
-                                (r, n) => r.or(n),
-                            };
+                            let resume = resume_point(newest.or(best), next);
                             // A parent that was never reached (its handshake never finished)
                             // and gave nothing is a dial that failed, not a failover: a node
                             // redialling its only upstream through an outage would otherwise
