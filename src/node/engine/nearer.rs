@@ -14,10 +14,13 @@
 //! - **Trim.** Once every standby is measured, a standby beyond the policy's count is closed:
 //!   the farthest, which is the newcomer itself when it is no nearer.
 //! - **Move.** A parent that has served for [`SETTLED`] and is at least twice as far as a
-//!   caught-up standby, and [`NEARER_BY`] farther, hands its set to that standby, resuming
-//!   one chunk before the parent's newest (as a failover does, so nothing is missed), and
-//!   becomes a standby itself. At most one move per [`MOVE_EVERY`], so the grid does not
-//!   churn; an equal-distance grid never moves.
+//!   caught-up standby (one that has not failed or lagged lately), and [`NEARER_BY`] farther,
+//!   hands its set to that standby, resuming one chunk before the parent's newest (as a
+//!   failover does, so nothing is missed), and becomes a standby itself. At most one move per
+//!   [`MOVE_EVERY`], so the grid does not churn; an equal-distance grid never moves.
+//!
+//! A node's distance is the least round trip ever measured to it: a route that grows longer
+//! later is not noticed until the node is dialled afresh by a restarted process.
 
 use std::time::{Duration, Instant};
 
@@ -172,8 +175,14 @@ impl Engine {
             .max_by_key(|&(_, d)| d);
         let near = (0..up.candidates.len())
             .filter(|&i| match &up.candidates[i].1 {
+                // Not one that failed or lagged lately: an overloaded near node would be left
+                // as short and taken back for being near, over and over.
                 Slot::Standby { conn, latest, .. } => {
-                    established(conn) && latest.zip(best).is_some_and(|(l, b)| l + 1 >= b)
+                    let node = up.candidates[i].0.node;
+                    established(conn)
+                        && latest.zip(best).is_some_and(|(l, b)| l + 1 >= b)
+                        && !up.strikes.contains_key(&node)
+                        && !up.lagged.contains(&node)
                 }
                 _ => false,
             })
