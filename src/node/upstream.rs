@@ -269,6 +269,8 @@ pub(crate) struct Upstream {
     pub(crate) since: Instant,
     /// The least round trip measured to each node that was a parent or standby.
     pub(crate) distance: HashMap<NodeId, Duration>,
+    /// Candidates dialled to be measured (each is explored once).
+    pub(crate) explored: HashSet<NodeId>,
     /// When a candidate never measured may next be tried as an extra standby.
     pub(crate) next_explore: Instant,
     /// When a parent last moved to a nearer standby.
@@ -299,6 +301,7 @@ impl Upstream {
             outages: 0,
             since: now,
             distance: HashMap::new(),
+            explored: HashSet::new(),
             next_explore: now + crate::node::engine::EXPLORE_EVERY,
             last_move: None,
             moves: 0,

@@ -6,11 +6,11 @@
 //! per channel and check:
 //!
 //! - **Measure.** The least round trip quinn-proto has seen on each parent's and standby's
-//!   connection (`min_rtt`: a path's propagation, not the queue a busy parent or a yielding
-//!   uplink adds) is kept per node, also after its connection is gone.
+//!   current connection (`min_rtt`: a path's propagation, not the queue a busy parent or a
+//!   yielding uplink adds) is kept per node, also after its connection is gone.
 //! - **Explore.** Every [`EXPLORE_EVERY`], while every parent and standby is in place, one
-//!   candidate never measured is dialled as an extra standby (a handshake and an empty
-//!   subscription: the channel information, nothing of the stream).
+//!   candidate never measured nor explored is dialled as an extra standby (a handshake and an
+//!   empty subscription: the channel information, nothing of the stream).
 //! - **Trim.** Once every standby is measured, a standby beyond the policy's count is closed:
 //!   the farthest, which is the newcomer itself when it is no nearer.
 //! - **Move.** A parent that has served for [`SETTLED`] and is at least twice as far as a
@@ -19,8 +19,8 @@
 //!   failover does, so nothing is missed), and becomes a standby itself. At most one move per
 //!   [`MOVE_EVERY`], so the grid does not churn; an equal-distance grid never moves.
 //!
-//! A node's distance is the least round trip ever measured to it: a route that grows longer
-//! later is not noticed until the node is dialled afresh by a restarted process.
+//! A node's distance is its current connection's least round trip: a route that grows longer
+//! under a live connection shows only once the node is dialled afresh.
 
 use std::time::{Duration, Instant};
 
@@ -70,12 +70,10 @@ impl Engine {
             let is_standby = matches!(slot, Slot::Standby { .. });
             standbys += usize::from(is_standby);
             match self.conns.get(conn).filter(|c| c.established && !c.closed) {
+                // The current connection's least round trip: a node dialled afresh is measured
+                // afresh, so a route that grew longer shows.
                 Some(c) => {
-                    let rtt = c.quic.min_rtt();
-                    up.distance
-                        .entry(cand.node)
-                        .and_modify(|d| *d = (*d).min(rtt))
-                        .or_insert(rtt);
+                    up.distance.insert(cand.node, c.quic.min_rtt());
                 }
                 None => unmeasured_standby |= is_standby,
             }
@@ -110,13 +108,17 @@ impl Engine {
             && now >= up.next_explore
         {
             up.next_explore = now + EXPLORE_EVERY;
+            // Each candidate is explored once: one that cannot be reached (behind a firewall,
+            // gone) must not be the only one ever tried.
             let fresh = up.candidates.iter().position(|(c, s)| {
                 *s == Slot::Idle
                     && !up.distance.contains_key(&c.node)
+                    && !up.explored.contains(&c.node)
                     && !self.refused.contains(&c.node)
             });
             if let Some(i) = fresh {
                 let cand = up.candidates[i].0;
+                up.explored.insert(cand.node);
                 if let Ok((conn, sub)) = self.subscribe_inner(
                     now,
                     cand.addr,
