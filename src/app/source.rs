@@ -19,7 +19,9 @@ use super::ops::{AdminListen, NodeRole, Ops, SourceCounters};
 use crate::driver::{IoBackend, Node};
 use crate::keys::{ChannelId, ChannelKey};
 use crate::node::{ChannelMode, EngineConfig};
-use crate::stream::{Chunk, ChunkPublisher, Chunker, ChunkerConfig, CodingError, CodingParams};
+use crate::stream::{
+    Chunk, ChunkPublisher, Chunker, ChunkerConfig, CodingError, CodingParams, InputFormat,
+};
 use crate::wire::{Role, SignedStreamHeader};
 
 use super::roles::{link_addr, node_key, say, serve};
@@ -126,6 +128,8 @@ pub(crate) struct Publishing<'a> {
     start: Instant,
     /// Serial of the last stream header published.
     header_serial: u32,
+    /// The input's format has been logged.
+    format_told: bool,
 }
 
 impl<'a> Publishing<'a> {
@@ -136,6 +140,7 @@ impl<'a> Publishing<'a> {
             publisher: ChunkPublisher::new(key, CodingParams::DEFAULT),
             start,
             header_serial: 0,
+            format_told: false,
         }
     }
 
@@ -148,6 +153,19 @@ impl<'a> Publishing<'a> {
         mut each: impl FnMut(&Chunk),
     ) -> Result<(), CodingError> {
         let channel = self.channel;
+        if !self.format_told
+            && let Some(format) = chunker.format()
+        {
+            self.format_told = true;
+            let cut = match format {
+                InputFormat::MpegTs => "on packets, a chunk at each keyframe",
+                InputFormat::Ogg => "on pages, the stream header replayed to late joiners",
+                InputFormat::Mp4 => "a chunk per fragment, the init segment replayed",
+                InputFormat::MpegAudio | InputFormat::Adts => "where frames start",
+                _ => "anywhere (no format recognised)",
+            };
+            tracing::info!(?format, "input recognised: chunks are cut {cut}");
+        }
         while let Some(chunk) = chunker.poll_chunk() {
             let ts = (chunk.started - self.start).as_micros() as u64;
             let coded = self

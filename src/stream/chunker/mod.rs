@@ -86,8 +86,12 @@ const MAX_TRACKED_PIDS: usize = 16;
 const MAX_PMT_PIDS: usize = 8;
 /// Where the first of the frames that identify bare audio may start.
 const AUDIO_DETECT_SEARCH: usize = 4096;
-/// Input held undecided at most this long waiting for the frames that identify bare audio.
+/// Input held undecided at most this long waiting for the frames that identify bare audio
+/// (past an ID3v2 tag the input starts with).
 const AUDIO_DETECT_LIMIT: usize = 16 * 1024;
+/// The largest leading ID3v2 tag looked past (cover art in a file's tag runs to hundreds of
+/// KB); past a larger one the input is opaque.
+const ID3_DETECT_LIMIT: usize = 1024 * 1024;
 
 /// How to treat the input.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -201,7 +205,8 @@ pub struct Chunker {
     /// TS: start of the run of PAT/PMT packets that ends at `scan`, if any; MP4: of the boxes
     /// that lead up to a fragment.
     psi_run: Option<usize>,
-    /// While the format is undecided: the input's first bytes (at most [`AUDIO_DETECT_LIMIT`])
+    /// While the format is undecided: the input's first bytes (at most [`AUDIO_DETECT_LIMIT`]
+    /// past a leading ID3v2 tag)
     /// and how many it has been in all.
     detect: Vec<u8>,
     undecided_bytes: usize,
@@ -309,7 +314,7 @@ impl Chunker {
             self.buf.extend_from_slice(&data[..take]);
             if self.mode == Mode::Undecided {
                 self.undecided_bytes += take;
-                let keep = take.min(AUDIO_DETECT_LIMIT.saturating_sub(self.detect.len()));
+                let keep = take.min(self.detect_limit().saturating_sub(self.detect.len()));
                 self.detect.extend_from_slice(&data[..keep]);
             }
             data = &data[take..];
@@ -460,9 +465,19 @@ impl Chunker {
                 framing::Detected::No => {}
             }
         }
-        if !wait || seen.len() >= AUDIO_DETECT_LIMIT {
+        if !wait || seen.len() >= self.detect_limit() {
             self.decided(Mode::Opaque, 0);
         }
+    }
+
+    /// How many of the input's first bytes detection may hold: [`AUDIO_DETECT_LIMIT`] past the
+    /// ID3v2 tag the input starts with, if it does and the tag is not too large.
+    fn detect_limit(&self) -> usize {
+        let tag = match framing::mpeg_audio(&self.detect) {
+            Unit::Found(info) if info.prefix && info.len <= ID3_DETECT_LIMIT => info.len,
+            _ => 0,
+        };
+        tag + AUDIO_DETECT_LIMIT
     }
 
     /// The format is known; the first packet or unit starts at `scan` in the open chunk.

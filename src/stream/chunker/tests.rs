@@ -514,3 +514,32 @@ fn aac_in_adts_is_cut_on_frames_and_other_bytes_stay_opaque() {
     other.handle_input(t0, &text[3000..]);
     assert_eq!(other.format(), Some(InputFormat::Opaque));
 }
+
+#[test]
+fn mp3_behind_a_large_id3_tag_is_still_found() {
+    use crate::stream::framing::tests::{id3, mp3};
+    let t0 = Instant::now();
+    let ms = Duration::from_millis;
+    // A file's tag with cover art: 200 KB before the first frame.
+    let mut input = id3(200_000);
+    for i in 0..40 {
+        input.extend(mp3(false, i as u8));
+    }
+    let mut c = Chunker::new(ChunkerConfig::default()).unwrap();
+    for (i, piece) in input.chunks(4096).enumerate() {
+        c.handle_input(t0 + ms(10 * i as u64), piece);
+    }
+    c.finish(t0 + ms(1000));
+    assert_eq!(c.format(), Some(InputFormat::MpegAudio));
+    let all = drain(&mut c);
+    let joined: Vec<u8> = all.iter().flat_map(|c| c.payload.to_vec()).collect();
+    assert_eq!(joined, input);
+    // Past a tag larger than the detector looks past, the input is opaque.
+    let mut huge = id3(2_000_000);
+    huge.extend(mp3(false, 1).repeat(40));
+    let mut c = Chunker::new(ChunkerConfig::default()).unwrap();
+    for piece in huge.chunks(65_536) {
+        c.handle_input(t0, piece);
+    }
+    assert_eq!(c.format(), Some(InputFormat::Opaque));
+}
