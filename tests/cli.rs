@@ -35,6 +35,17 @@ fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// A fresh channel key in `dir`, made by `gridcast keygen`.
+fn channel_key(dir: &Path) -> std::path::PathBuf {
+    let key = dir.join("channel.key");
+    assert!(
+        gridcast(&["keygen", "--out", path_str(&key)])
+            .status
+            .success()
+    );
+    key
+}
+
 #[test]
 fn keygen_writes_a_private_key_and_prints_a_parseable_id() {
     let dir = tempfile::tempdir().unwrap();
@@ -175,12 +186,7 @@ fn role_commands_name_bad_input() {
     // A port another process holds.
     let holder = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let port = holder.local_addr().unwrap().to_string();
-    let key = dir.path().join("channel.key");
-    assert!(
-        gridcast(&["keygen", "--out", path_str(&key)])
-            .status
-            .success()
-    );
+    let key = channel_key(dir.path());
     let out = gridcast(&["broadcast", "--key", path_str(&key), "--listen", &port]);
     assert_clean_failure(&out, &format!("cannot serve on {port}"));
 
@@ -234,12 +240,7 @@ fn role_commands_name_bad_input() {
 #[test]
 fn log_levels_can_be_set_per_module() {
     let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("channel.key");
-    assert!(
-        gridcast(&["keygen", "--out", path_str(&key)])
-            .status
-            .success()
-    );
+    let key = channel_key(dir.path());
     // An input that ends at once: the broadcast starts, logs and stops.
     let broadcast = |filter: &str| {
         Command::new(env!("CARGO_BIN_EXE_gridcast"))
@@ -305,12 +306,7 @@ fn idle_source(key: &Path) -> (std::process::Child, std::process::ChildStdin, St
 #[test]
 fn a_player_asking_for_a_channel_nobody_carries_names_it_and_fails() {
     let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("channel.key");
-    assert!(
-        gridcast(&["keygen", "--out", path_str(&key)])
-            .status
-            .success()
-    );
+    let key = channel_key(dir.path());
     let (mut source, _stdin, link) = idle_source(&key);
     // A valid id of another channel, at the live source's address and node id.
     let other = gridcast::keys::ChannelKey::from_seed(&[42; 32]).channel_id();
@@ -338,12 +334,7 @@ fn a_player_asking_for_a_channel_nobody_carries_names_it_and_fails() {
 fn a_relay_given_the_wrong_node_id_says_the_proof_failed_and_keeps_trying() {
     use std::io::Read;
     let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("channel.key");
-    assert!(
-        gridcast(&["keygen", "--out", path_str(&key)])
-            .status
-            .success()
-    );
+    let key = channel_key(dir.path());
     let (mut source, _stdin, link) = idle_source(&key);
     let impostor = gridcast::keys::NodeKey::from_seed(&[7; 32]).node_id();
     let (channel, nodes) = link.split_once('@').unwrap();

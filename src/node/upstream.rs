@@ -357,6 +357,17 @@ impl Upstream {
         })
     }
 
+    /// The newest chunk any parent delivered.
+    pub(crate) fn best_newest(&self) -> Option<u64> {
+        self.candidates
+            .iter()
+            .filter_map(|(_, s)| match s {
+                Slot::Active { newest, .. } => *newest,
+                _ => None,
+            })
+            .max()
+    }
+
     /// Parents currently drawing substreams.
     pub(crate) fn active(&self) -> usize {
         self.candidates

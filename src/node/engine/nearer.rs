@@ -145,14 +145,7 @@ impl Engine {
         {
             return;
         }
-        let best = up
-            .candidates
-            .iter()
-            .filter_map(|(_, s)| match s {
-                Slot::Active { newest, .. } => *newest,
-                _ => None,
-            })
-            .max();
+        let best = up.best_newest();
         let distance = |i: usize| up.distance.get(&up.candidates[i].0.node).copied();
         let established = |conn| {
             self.conns

@@ -321,14 +321,7 @@ impl Engine {
         let Some(&set) = grown.last().filter(|s| !s.is_empty()) else {
             return;
         };
-        let best = up
-            .candidates
-            .iter()
-            .filter_map(|(_, s)| match s {
-                Slot::Active { newest, .. } => *newest,
-                _ => None,
-            })
-            .max();
+        let best = up.best_newest();
         let start = best.map_or(up.first_start, |b| StartAt::Seq(b.saturating_sub(1)));
         let (cand, slot) = up.candidates[i].clone();
         let Slot::Standby { conn, sub, .. } = slot else {
@@ -362,14 +355,7 @@ impl Engine {
                     now.saturating_duration_since(c.last_rx) >= up.config.unreachable_after
                 })
             };
-            let best = up
-                .candidates
-                .iter()
-                .filter_map(|(_, s)| match s {
-                    Slot::Active { newest, .. } => *newest,
-                    _ => None,
-                })
-                .max();
+            let best = up.best_newest();
             // What exists upstream: the newest chunk any parent delivered or any standby said
             // it holds. A parent that lacks it has something to send; one that lacks nothing
             // waits on the stream, however long that has been quiet (a source whose encoder
