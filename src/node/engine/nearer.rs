@@ -119,20 +119,8 @@ impl Engine {
             if let Some(i) = fresh {
                 let cand = up.candidates[i].0;
                 up.explored.insert(cand.node);
-                if let Ok((conn, sub)) = self.subscribe_inner(
-                    now,
-                    cand.addr,
-                    cand.node,
-                    channel,
-                    SubstreamSet::EMPTY,
-                    StartAt::Live,
-                    None,
-                ) {
-                    up.candidates[i].1 = Slot::Standby {
-                        conn,
-                        sub,
-                        latest: None,
-                    };
+                if let Ok(standby) = self.dial_standby(now, channel, cand) {
+                    up.candidates[i].1 = standby;
                 }
                 return;
             }

@@ -94,6 +94,30 @@ impl Engine {
         self.upstreams.get(channel).map(|u| u.outage.is_none())
     }
 
+    /// Dials `cand` as a standby for `channel`. The probe is an empty subscription, which
+    /// makes the node answer with ChannelInfo (and Have for each new chunk) and nothing else.
+    pub(super) fn dial_standby(
+        &mut self,
+        now: Instant,
+        channel: ChannelId,
+        cand: Candidate,
+    ) -> Result<Slot, EngineError> {
+        let (conn, sub) = self.subscribe_inner(
+            now,
+            cand.addr,
+            cand.node,
+            channel,
+            SubstreamSet::EMPTY,
+            StartAt::Live,
+            None,
+        )?;
+        Ok(Slot::Standby {
+            conn,
+            sub,
+            latest: None,
+        })
+    }
+
     /// Connects standbys and hands unassigned substream sets to them.
     pub(super) fn upstream_fill(&mut self, now: Instant, channel: ChannelId) {
         let Some(mut up) = self.upstreams.remove(&channel) else {
@@ -122,22 +146,9 @@ impl Engine {
             if slot != Slot::Idle || self.refused.contains(&cand.node) {
                 continue;
             }
-            // Probe: an empty subscription makes the parent answer with ChannelInfo.
-            match self.subscribe_inner(
-                now,
-                cand.addr,
-                cand.node,
-                channel,
-                SubstreamSet::EMPTY,
-                StartAt::Live,
-                None,
-            ) {
-                Ok((conn, sub)) => {
-                    up.candidates[i].1 = Slot::Standby {
-                        conn,
-                        sub,
-                        latest: None,
-                    };
+            match self.dial_standby(now, channel, cand) {
+                Ok(standby) => {
+                    up.candidates[i].1 = standby;
                     connected += 1;
                 }
                 Err(_) => {
