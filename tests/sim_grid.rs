@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::grid::Grid;
-use gridcast::node::{Candidate, ChannelMode, EngineConfig, NodeEvent};
+use gridcast::node::{Candidate, ChannelMode, EngineConfig, NodeEvent, UpstreamConfig};
 use gridcast::sim::NodeIx;
 use gridcast::stream::ChunkFlags;
 use gridcast::wire::{StartAt, SubstreamSet};
@@ -678,6 +678,54 @@ fn a_draining_supernode_sends_its_children_away_before_it_stops() {
     grid.sim.kill(draining);
     grid.run(Duration::from_secs(6));
     grid.assert_perfect("drain");
+}
+
+#[test]
+fn a_drained_child_hears_of_it_within_a_round_trip_between_chunks() {
+    // Messages a node writes outside a connection's own events (a drain's go-aways, the Haves
+    // standbys get) must leave at once, not with the connection's next ACK or chunk.
+    let mut grid = Grid::new(14, 2, Grid::relay_config);
+    grid.run(Duration::from_secs(2));
+    let known = vec![grid.candidate(grid.supernodes[0])];
+    for _ in 0..4 {
+        grid.add_policy_peer(
+            EngineConfig {
+                upstream: UpstreamConfig {
+                    parents: 1,
+                    standby: 0,
+                    ..UpstreamConfig::default()
+                },
+                ..EngineConfig::default()
+            },
+            known.clone(),
+        );
+    }
+    grid.run(Duration::from_secs(4));
+    let draining = grid.supernodes[0];
+    assert!(grid.sim.node(draining).engine.served_subscriptions() >= 4);
+    // Between chunks: a new chunk out, 60 ms for it to arrive and be acknowledged (10-ms
+    // links), so nothing of it is left in flight.
+    let chunks = grid.source.published.len();
+    for _ in 0..50 {
+        grid.run(Duration::from_millis(5));
+        if grid.source.published.len() > chunks {
+            break;
+        }
+    }
+    assert!(grid.source.published.len() > chunks, "no chunk in 250 ms");
+    grid.run(Duration::from_millis(60));
+    let now = grid.sim.now();
+    grid.sim.node_mut(draining).engine.drain(now);
+    // One way is 10 ms; 40 ms leaves room for timers and the other hop, and is far short of
+    // the next chunk (about 190 ms away) or a keep-alive.
+    grid.run(Duration::from_millis(40));
+    for &p in &grid.peers {
+        assert_eq!(
+            grid.sim.node(p).engine.stats().go_aways_received,
+            1,
+            "a child had not heard of the drain 40 ms after it"
+        );
+    }
 }
 
 #[test]

@@ -106,6 +106,7 @@ impl Engine {
             let go = go_away(GoAwayReason::Shutdown, &self.alternatives, channels);
             if let Some(conn) = self.conns.get_mut(&handle) {
                 conn.send_control(&go);
+                mark(&mut self.dirty, conn, handle);
                 self.stats.go_aways_sent += 1;
             }
         }

@@ -15,6 +15,7 @@ use crate::node::upstream::Slot;
 use crate::stream::{CodedChunk, CodingParams, SignedChunkHeader};
 use crate::wire::{Have, Message, ShardFrame, SignedStreamHeader, SubstreamSet};
 
+use super::conn::mark;
 use super::control::channel_info;
 use super::{Engine, EngineError};
 
@@ -145,6 +146,7 @@ impl Engine {
                 told.push(handle);
                 if let Some(conn) = self.conns.get_mut(&handle) {
                     conn.send_control(&info);
+                    mark(&mut self.dirty, conn, handle);
                 }
             }
         }
@@ -232,6 +234,7 @@ impl Engine {
             for handle in waiting {
                 if let Some(conn) = self.conns.get_mut(&handle) {
                     conn.send_control(&info);
+                    mark(&mut self.dirty, conn, handle);
                 }
             }
         }
@@ -265,6 +268,7 @@ impl Engine {
                         .is_some_and(|s| s.substreams.is_empty())
                 {
                     conn.send_control(&have);
+                    mark(&mut self.dirty, conn, handle);
                 }
             }
         }
