@@ -4,7 +4,9 @@
 //! run of what ffmpeg produced, up to its end, and must decode with no errors. Once with every
 //! process alive, once with a relay SIGKILLed mid-stream, once with a relay sent SIGTERM. Also:
 //! every chunk the chunker flags random-access in a real stream decodes from its start, an
-//! Icecast push reaches HTTP players, and late listeners of an MP3 or AAC radio start on a frame.
+//! Icecast push reaches HTTP players, late listeners of an MP3 or AAC radio start on a frame,
+//! and an MP3 radio's song titles, set as Icecast and SHOUTcast encoders set them, reach the
+//! listeners that ask for ICY metadata.
 //!
 //! Skipped (with a message) where ffmpeg is missing, unless `GRIDCAST_REQUIRE_FFMPEG=1` (CI)
 //! makes that a failure.
@@ -156,6 +158,15 @@ fn idle_connections(addr: &str, n: usize) -> Vec<std::net::TcpStream> {
 }
 
 fn http_player(url: &str, version: &'static str) -> thread::JoinHandle<(String, Vec<u8>)> {
+    http_player_asking(url, version, false)
+}
+
+/// As [`http_player`], asking for ICY metadata if `icy` (its blocks are left in the body).
+fn http_player_asking(
+    url: &str,
+    version: &'static str,
+    icy: bool,
+) -> thread::JoinHandle<(String, Vec<u8>)> {
     let addr = url
         .strip_prefix("http://")
         .unwrap()
@@ -167,7 +178,8 @@ fn http_player(url: &str, version: &'static str) -> thread::JoinHandle<(String, 
             .unwrap();
         write!(
             conn,
-            "GET / {version}\r\nHost: localhost\r\nIcy-MetaData: 0\r\n\r\n"
+            "GET / {version}\r\nHost: localhost\r\nIcy-MetaData: {}\r\n\r\n",
+            u8::from(icy)
         )
         .unwrap();
         let mut all = Vec::new();
@@ -453,8 +465,11 @@ fn radio_reaches_late_listeners_on_a_frame(codec: &str, format: &str, content_ty
             "{name} listener: {head}"
         );
         assert!(body.len() > 10_000, "{name}: only {} bytes", body.len());
+        // On a frame, or on the ID3 tag ffmpeg writes first, for a listener there from the
+        // stream's first byte.
+        let on_frame = body[0] == 0xff && body[1] & 0xe0 == 0xe0;
         assert!(
-            body[0] == 0xff && body[1] & 0xe0 == 0xe0,
+            on_frame || body.starts_with(b"ID3"),
             "{name} listener starts {:02x?}, not on a frame",
             &body[..4]
         );
@@ -463,6 +478,7 @@ fn radio_reaches_late_listeners_on_a_frame(codec: &str, format: &str, content_ty
             .windows(probe.len())
             .position(|w| w == probe)
             .unwrap_or_else(|| panic!("{name}: the listener's bytes are not the input's"));
+        assert!(on_frame || at == 0, "{name}: an ID3 tag mid-stream");
         assert_eq!(
             input.len() - at,
             body.len(),
@@ -487,4 +503,188 @@ fn late_listeners_of_an_mp3_radio_start_on_a_frame() {
 #[test]
 fn late_listeners_of_an_aac_radio_start_on_a_frame() {
     radio_reaches_late_listeners_on_a_frame("aac", "adts", "audio/aac");
+}
+
+/// Sets the title on a source's Icecast port the way an encoder does; returns the status line.
+fn set_song(port: u16, path_and_query: &str, auth: Option<&str>) -> String {
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let auth = auth
+        .map(|a| format!("Authorization: Basic {a}\r\n"))
+        .unwrap_or_default();
+    write!(
+        conn,
+        "GET {path_and_query} HTTP/1.0\r\nUser-Agent: butt\r\n{auth}\r\n"
+    )
+    .unwrap();
+    let mut answer = Vec::new();
+    let _ = conn.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    answer.lines().next().unwrap_or_default().to_owned()
+}
+
+/// An ICY stream taken apart as a player does: the audio, and the title of every block that
+/// carried one.
+fn icy_split(stream: &[u8], metaint: usize) -> (Vec<u8>, Vec<String>) {
+    let (mut audio, mut titles) = (Vec::new(), Vec::new());
+    let mut rest = stream;
+    loop {
+        let n = metaint.min(rest.len());
+        audio.extend_from_slice(&rest[..n]);
+        rest = &rest[n..];
+        let Some((&units, after)) = rest.split_first() else {
+            return (audio, titles);
+        };
+        let len = usize::from(units) * 16;
+        assert!(after.len() >= len, "a metadata block cut short");
+        if len > 0 {
+            let text = String::from_utf8(after[..len].to_vec()).expect("UTF-8 metadata");
+            let title = text
+                .trim_end_matches('\0')
+                .strip_prefix("StreamTitle='")
+                .and_then(|t| t.strip_suffix("';"))
+                .unwrap_or_else(|| panic!("not a StreamTitle block: {text:?}"));
+            titles.push(title.to_owned());
+        }
+        rest = &after[len..];
+    }
+}
+
+#[test]
+fn an_mp3_radio_s_song_titles_reach_listeners_who_ask_for_them() {
+    if !have_ffmpeg() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut source = gridcast(&[
+        "broadcast",
+        "--key",
+        key.to_str().unwrap(),
+        "--input",
+        &format!("icecast://127.0.0.1:{port}/radio.mp3"),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    source.env("GRIDCAST_SOURCE_PASSWORD", "hackme");
+    let (mut source, source_link) = spawn_with_link(source);
+    // Two workers: the title must reach the subscribers of both.
+    let (mut relay, relay_link) = spawn_with_link(gridcast(&[
+        "relay",
+        "--join",
+        &source_link,
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+    ]));
+    let (mut peer, url) = spawn_with_line(gridcast(&[
+        "play",
+        &relay_link,
+        "--output",
+        "http://127.0.0.1:0/",
+    ]));
+    let mut ffmpeg = Command::new("ffmpeg")
+        .args(["-v", "error", "-re", "-f", "lavfi", "-i"])
+        .arg(format!("sine=frequency=440:duration={STREAM_SECS}"))
+        .args(["-c:a", "libmp3lame", "-b:a", "128k"])
+        .args(["-content_type", "audio/mpeg", "-f", "mp3"])
+        .arg(format!(
+            "icecast://source:hackme@127.0.0.1:{port}/radio.mp3"
+        ))
+        .spawn()
+        .unwrap();
+    thread::sleep(Duration::from_secs(1));
+    // source:hackme, and a wrong password.
+    let (good, bad) = ("c291cmNlOmhhY2ttZQ==", "c291cmNlOmhhY2ttZg==");
+    let first = "/admin/metadata?mode=updinfo&mount=/radio.mp3&charset=UTF-8\
+                 &song=Nina%20Simone%20%E2%80%93%20Sinnerman";
+    assert_eq!(
+        set_song(port, first, Some(bad)),
+        "HTTP/1.0 401 Unauthorized"
+    );
+    assert_eq!(
+        set_song(port, &first.replace("/radio.mp3", "/other"), Some(good)),
+        "HTTP/1.0 404 Not Found"
+    );
+    assert_eq!(set_song(port, first, Some(good)), "HTTP/1.0 200 OK");
+    thread::sleep(Duration::from_secs(1));
+    // Listeners join after the first title: one asks for metadata, one does not, and ffmpeg
+    // plays it as a player would (it asks for metadata, and takes the blocks out).
+    let icy = http_player_asking(&url, "HTTP/1.1", true);
+    let plain = http_player(&url, "HTTP/1.0");
+    let player = Command::new("ffmpeg")
+        .args(["-v", "error", "-icy", "1", "-i", &url, "-f", "null", "-"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    thread::sleep(Duration::from_secs(3));
+    // SHOUTcast's form, in Latin-1 (no charset: not UTF-8, so read as Latin-1).
+    assert_eq!(
+        set_song(
+            port,
+            "/admin.cgi?pass=hackme&mode=updinfo&song=Miles+Davis+-+So+What+%28caf%E9%29",
+            None
+        ),
+        "HTTP/1.0 200 OK"
+    );
+    assert!(ffmpeg.wait().unwrap().success(), "ffmpeg push failed");
+    thread::sleep(Duration::from_secs(3));
+    signal(&peer, "-TERM");
+    assert!(peer.wait().unwrap().success(), "play failed");
+    let played = player.wait_with_output().unwrap();
+    let errors = String::from_utf8_lossy(&played.stderr);
+    assert!(errors.trim().is_empty(), "ffmpeg as a player: {errors}");
+    for c in [&mut source, &mut relay] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let (head, body) = icy.join().unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("Content-Type: audio/mpeg"), "{head}");
+    // Header names are case-insensitive; the HTTP layer writes them title-cased.
+    assert!(
+        head.to_ascii_lowercase().contains("icy-metaint: 16000"),
+        "{head}"
+    );
+    let (audio, titles) = icy_split(&body, 16_000);
+    assert_eq!(
+        titles,
+        ["Nina Simone – Sinnerman", "Miles Davis - So What (café)"],
+        "the titles a listener saw"
+    );
+    // The audio around the blocks is the stream the plain listener got, to its end.
+    let (plain_head, plain) = plain.join().unwrap();
+    assert!(
+        !plain_head.to_ascii_lowercase().contains("icy-metaint"),
+        "{plain_head}"
+    );
+    assert!(audio.len() > 100_000, "only {} bytes", audio.len());
+    let (short, long) = if audio.len() <= plain.len() {
+        (&audio, &plain)
+    } else {
+        (&plain, &audio)
+    };
+    assert_eq!(
+        &long[long.len() - short.len()..],
+        &short[..],
+        "audio differs"
+    );
+    assert!(
+        audio[0] == 0xff && audio[1] & 0xe0 == 0xe0,
+        "not on a frame"
+    );
+    let file = dir.path().join("icy.mp3");
+    std::fs::write(&file, &audio).unwrap();
+    decodes_cleanly(&file);
+    println!(
+        "icy: {} bytes of audio, titles {titles:?}, ffmpeg as a player clean",
+        audio.len()
+    );
 }

@@ -207,6 +207,17 @@ fn message() -> impl Strategy<Value = Message> {
                 })
             ),
         addr().prop_map(|addr| Message::Punch(Punch { addr })),
+        (
+            any::<u32>(),
+            any::<u64>(),
+            prop::collection::vec(any::<char>(), 0..80),
+            any::<[u8; 32]>()
+        )
+            .prop_map(|(serial, from_seq, text, seed)| {
+                let key = ChannelKey::from_seed(&seed);
+                let text: String = text.into_iter().collect();
+                Message::StreamTitle(StreamTitle::sign(&key, serial, from_seq, &text))
+            }),
         shard_frame().prop_map(Message::Shard),
     ]
 }

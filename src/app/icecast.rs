@@ -8,7 +8,12 @@
 //! - the source is answered `200 OK`, and the rest of the connection is then the stream,
 //!   until the encoder disconnects;
 //! - one source per mount at a time: a second one gets `403` while the first is live; after the
-//!   first leaves, the next one carries the stream on (a new Ogg header is captured then).
+//!   first leaves, the next one carries the stream on (a new Ogg header is captured then);
+//! - song titles: `GET /admin/metadata?mode=updinfo&mount=/mount&song=…` with the source
+//!   password (what BUTT, liquidsoap, Mixxx and ices send as the song changes; `charset=`
+//!   names the encoding, UTF-8 when absent and valid, else Latin-1 as Icecast assumes), and
+//!   SHOUTcast's `GET /admin.cgi?mode=updinfo&pass=…&song=…`. The title is signed and
+//!   carried to every listener ([`crate::wire::StreamTitle`]).
 //!
 //! It runs on the HTTP layer (hyper) as a takeover listener: hyper reads and bounds the
 //! request head, and writes the answer; then the connection is handed to a thread that reads
@@ -22,7 +27,7 @@ use std::io::{self, Read};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::SyncSender;
+use std::sync::mpsc::{SyncSender, TrySendError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -41,17 +46,23 @@ pub struct SourceEndpoint {
 }
 
 /// Accepts encoders on `listener`, on `server`, for as long as it runs, and passes each
-/// one's stream bytes to `tx` (an encoder whose bytes nobody takes any more is let go).
+/// one's stream bytes to `tx` (an encoder whose bytes nobody takes any more is let go), and
+/// the song titles they set to `titles`.
 pub(crate) fn serve(
     server: &HttpServer,
     listener: TcpListener,
     endpoint: SourceEndpoint,
     tx: SyncSender<io::Result<Vec<u8>>>,
+    titles: SyncSender<String>,
 ) -> io::Result<()> {
     let endpoint = Arc::new(endpoint);
     let busy = Arc::new(AtomicBool::new(false));
     let handler: TakeoverHandler = Arc::new(move |request, remote| {
-        let answer = answer(&request, remote, &endpoint, &busy, &tx);
+        let answer = if is_metadata(&request) {
+            (metadata(&request, remote, &endpoint, &titles), None)
+        } else {
+            answer(&request, remote, &endpoint, &busy, &tx)
+        };
         Box::pin(async move { answer })
     });
     server.serve_takeover(listener, handler, HttpLimits::default())?;
@@ -106,17 +117,7 @@ fn check<B>(request: &Request<B>, endpoint: &SourceEndpoint) -> Result<(), Refus
     if request.uri().path() != endpoint.mount {
         return Err(Refusal::Mount);
     }
-    let authorised = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.as_bytes().strip_prefix(b"Basic "))
-        .and_then(|b64| data_encoding::BASE64.decode(b64.trim_ascii()).ok())
-        .and_then(|cred| {
-            let colon = cred.iter().position(|&b| b == b':')?;
-            Some(same(&cred[colon + 1..], endpoint.password.as_bytes()))
-        })
-        .unwrap_or(false);
-    if !authorised {
+    if !basic_auth(request, &endpoint.password) {
         return Err(Refusal::Auth);
     }
     if request
@@ -127,6 +128,124 @@ fn check<B>(request: &Request<B>, endpoint: &SourceEndpoint) -> Result<(), Refus
         return Err(Refusal::Chunked);
     }
     Ok(())
+}
+
+/// Whether the request's HTTP Basic credentials give `password` (any user name).
+fn basic_auth<B>(request: &Request<B>, password: &str) -> bool {
+    request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Basic "))
+        .and_then(|b64| data_encoding::BASE64.decode(b64.trim_ascii()).ok())
+        .and_then(|cred| {
+            let colon = cred.iter().position(|&b| b == b':')?;
+            Some(same(&cred[colon + 1..], password.as_bytes()))
+        })
+        .unwrap_or(false)
+}
+
+/// A metadata update (Icecast's or SHOUTcast's), not a source.
+fn is_metadata<B>(request: &Request<B>) -> bool {
+    request.method() == hyper::Method::GET
+        && matches!(request.uri().path(), "/admin/metadata" | "/admin.cgi")
+}
+
+/// Why a metadata update is turned away.
+#[derive(Debug, PartialEq, Eq)]
+enum BadUpdate {
+    Auth,
+    Mount,
+    Mode,
+    NoSong,
+}
+
+/// The title a metadata update sets on `endpoint`'s mount.
+fn title_update<B>(request: &Request<B>, endpoint: &SourceEndpoint) -> Result<String, BadUpdate> {
+    let query = request.uri().query().unwrap_or("").as_bytes();
+    let (mut mode, mut mount, mut song, mut charset, mut pass) = (None, None, None, None, None);
+    // A form-encoded query, decoded to bytes: the song may be Latin-1.
+    for pair in query.split(|&b| b == b'&') {
+        let (key, value) =
+            pair.split_at(pair.iter().position(|&b| b == b'=').unwrap_or(pair.len()));
+        let value = value.get(1..).unwrap_or_default();
+        let spaced: Vec<u8> = value
+            .iter()
+            .map(|&b| if b == b'+' { b' ' } else { b })
+            .collect();
+        let value: Vec<u8> = percent_encoding::percent_decode(&spaced).collect();
+        let text = || String::from_utf8_lossy(&value).into_owned();
+        match key {
+            b"mode" => mode = Some(text()),
+            b"mount" => mount = Some(text()),
+            b"charset" => charset = Some(text()),
+            b"pass" => pass = Some(text()),
+            b"song" => song = Some(value),
+            _ => {}
+        }
+    }
+    let shoutcast = request.uri().path() == "/admin.cgi";
+    let authorised = basic_auth(request, &endpoint.password)
+        || (shoutcast && pass.is_some_and(|p| same(p.as_bytes(), endpoint.password.as_bytes())));
+    if !authorised {
+        return Err(BadUpdate::Auth);
+    }
+    if mode.as_deref() != Some("updinfo") {
+        return Err(BadUpdate::Mode);
+    }
+    // SHOUTcast has one stream and no mount; Icecast names it.
+    if !shoutcast && mount.as_deref() != Some(endpoint.mount.as_str()) {
+        return Err(BadUpdate::Mount);
+    }
+    let song = song.ok_or(BadUpdate::NoSong)?;
+    let latin1 = |bytes: &[u8]| bytes.iter().map(|&b| char::from(b)).collect::<String>();
+    Ok(match charset.map(|c| c.to_ascii_lowercase()).as_deref() {
+        Some("iso-8859-1" | "latin1" | "latin-1") => latin1(&song),
+        _ => String::from_utf8(song).unwrap_or_else(|e| latin1(e.as_bytes())),
+    })
+}
+
+/// Answers a metadata update as Icecast does, and passes the title on.
+fn metadata(
+    request: &Request<hyper::body::Incoming>,
+    remote: SocketAddr,
+    endpoint: &SourceEndpoint,
+    titles: &SyncSender<String>,
+) -> Response<http::Body> {
+    match title_update(request, endpoint) {
+        Ok(title) => {
+            tracing::info!(%remote, %title, "title set");
+            match titles.try_send(title) {
+                Ok(()) | Err(TrySendError::Disconnected(_)) => {}
+                Err(TrySendError::Full(_)) => {
+                    tracing::warn!(%remote, "titles come faster than they are published; one was dropped");
+                }
+            }
+            let mut ok = Response::new(http::full(Bytes::from_static(
+                b"<?xml version=\"1.0\"?>\n<iceresponse><message>Metadata update successful</message><return>1</return></iceresponse>\n",
+            )));
+            ok.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/xml"));
+            ok
+        }
+        Err(BadUpdate::Auth) => {
+            tracing::warn!(%remote, "title update refused: wrong or missing password");
+            Refusal::Auth.response()
+        }
+        Err(bad) => {
+            tracing::warn!(%remote, ?bad, "title update refused");
+            let why = match bad {
+                BadUpdate::Mount => "no such mount point\n",
+                BadUpdate::Mode => "only mode=updinfo is supported\n",
+                _ => "no song given\n",
+            };
+            let status = if bad == BadUpdate::Mount {
+                StatusCode::NOT_FOUND
+            } else {
+                StatusCode::BAD_REQUEST
+            };
+            http::text(status, why)
+        }
+    }
 }
 
 /// Marks the mount busy while held; frees it when dropped, also when the takeover holding

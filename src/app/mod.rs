@@ -6,6 +6,7 @@ pub mod config;
 pub mod demo;
 pub mod http;
 pub mod icecast;
+pub mod icy;
 pub mod lan;
 pub mod link;
 mod names;

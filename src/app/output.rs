@@ -7,7 +7,9 @@
 //!
 //! The HTTP server is a handler on the HTTP layer (hyper): `GET` (or `HEAD`) on any path
 //! answers `200` and the stream, with no length: chunked to an HTTP/1.1 player, until the
-//! connection closes to an HTTP/1.0 one (old hardware radios), as Icecast answers.
+//! connection closes to an HTTP/1.0 one (old hardware radios), as Icecast answers. A player
+//! that asks for ICY metadata (`Icy-MetaData: 1`) also gets the channel's title in band
+//! ([`super::icy`]).
 
 use std::collections::VecDeque;
 use std::io;
@@ -25,6 +27,7 @@ use hyper::{Method, Response, StatusCode};
 use tokio::sync::mpsc::{self, error::TrySendError};
 
 use super::http::{self, Handler, HttpLimits, HttpServer};
+use super::icy::{self, Icy};
 use crate::stream::ChunkFlags;
 
 /// Decides, chunk by chunk, what one player receives.
@@ -122,14 +125,24 @@ const MAX_BACKLOG: usize = 16 * 1024 * 1024;
 /// How long a player that connects before the first chunk waits for it.
 const FIRST_CHUNK_WAIT: Duration = Duration::from_secs(10);
 
+/// What goes to one HTTP player.
+#[derive(Debug, Clone)]
+enum Item {
+    Chunk(ChunkFlags, Bytes),
+    /// What plays from the next chunk on.
+    Title(Arc<str>),
+}
+
 #[derive(Debug, Default)]
 struct Hub {
     header: Option<Bytes>,
+    /// What plays now, for players that join.
+    title: Option<Arc<str>>,
     /// From the newest random-access chunk on.
     backlog: Vec<(ChunkFlags, Bytes)>,
     backlog_bytes: usize,
     content_type: Option<&'static str>,
-    clients: Vec<mpsc::Sender<(ChunkFlags, Bytes)>>,
+    clients: Vec<mpsc::Sender<Item>>,
     /// Players dropped for falling a whole queue behind.
     dropped: u64,
 }
@@ -152,7 +165,13 @@ impl HttpOutput {
         let server = HttpServer::start()?;
         let served = Arc::clone(&hub);
         let handler: Handler = Arc::new(move |request, _remote| {
-            Box::pin(answer(Arc::clone(&served), request.into_parts().0.method))
+            let (parts, _) = request.into_parts();
+            // Icecast's clients ask for metadata with this header; only "1" means yes.
+            let icy = parts
+                .headers
+                .get("icy-metadata")
+                .is_some_and(|v| v.as_bytes().trim_ascii() == b"1");
+            Box::pin(answer(Arc::clone(&served), parts.method, icy))
         });
         server.serve(listener, handler, HttpLimits::default())?;
         Ok(Self {
@@ -181,6 +200,14 @@ impl HttpOutput {
         hub.header = Some(header);
     }
 
+    /// What plays from the next chunk on: players that asked for ICY metadata are told.
+    pub fn set_title(&self, title: &str) {
+        let title: Arc<str> = Arc::from(title);
+        let mut hub = self.lock();
+        hub.title = Some(Arc::clone(&title));
+        hub.send(&Item::Title(title));
+    }
+
     /// Passes one chunk to every player, dropping those that fell too far behind.
     pub fn chunk(&self, flags: ChunkFlags, chunk: &Bytes) {
         let mut hub = self.lock();
@@ -199,9 +226,20 @@ impl HttpOutput {
             hub.backlog_bytes += chunk.len();
             hub.backlog.push((flags, chunk.clone()));
         }
-        let before = hub.clients.len();
-        hub.clients
-            .retain(|client| match client.try_send((flags, chunk.clone())) {
+        hub.send(&Item::Chunk(flags, chunk.clone()));
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Hub> {
+        lock(&self.hub)
+    }
+}
+
+impl Hub {
+    /// Queues `item` for every player, dropping those that fell too far behind.
+    fn send(&mut self, item: &Item) {
+        let before = self.clients.len();
+        self.clients
+            .retain(|client| match client.try_send(item.clone()) {
                 Ok(()) => true,
                 Err(TrySendError::Full(_)) => {
                     tracing::warn!("an HTTP player fell a minute behind; dropping it");
@@ -209,11 +247,7 @@ impl HttpOutput {
                 }
                 Err(TrySendError::Closed(_)) => false,
             });
-        hub.dropped += (before - hub.clients.len()) as u64;
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Hub> {
-        lock(&self.hub)
+        self.dropped += (before - self.clients.len()) as u64;
     }
 }
 
@@ -222,8 +256,9 @@ fn lock(hub: &Mutex<Hub>) -> std::sync::MutexGuard<'_, Hub> {
 }
 
 /// Answers one player's request: once the content type is known (the first chunk came),
-/// `200` and the stream until the player goes away or falls a whole queue behind.
-async fn answer(hub: Arc<Mutex<Hub>>, method: Method) -> Response<http::Body> {
+/// `200` and the stream until the player goes away or falls a whole queue behind; with ICY
+/// metadata in it if `icy` (the player asked).
+async fn answer(hub: Arc<Mutex<Hub>>, method: Method, icy: bool) -> Response<http::Body> {
     if method != Method::GET && method != Method::HEAD {
         let mut refused = http::text(StatusCode::METHOD_NOT_ALLOWED, "GET or HEAD only\n");
         refused
@@ -257,6 +292,7 @@ async fn answer(hub: Arc<Mutex<Hub>>, method: Method) -> Response<http::Body> {
             rx: register(&hub),
             gate: Gate::new(),
             pending: VecDeque::new(),
+            icy: icy.then(Icy::new),
         }
         .boxed()
     };
@@ -267,14 +303,19 @@ async fn answer(hub: Arc<Mutex<Hub>>, method: Method) -> Response<http::Body> {
         header::CACHE_CONTROL,
         HeaderValue::from_static("no-cache, no-store"),
     );
+    if icy {
+        headers.insert("icy-metaint", HeaderValue::from(icy::METAINT));
+    }
     response
 }
 
 /// One player's stream: the chunks queued for it, each through its own [`Gate`].
 struct GatedBody {
-    rx: mpsc::Receiver<(ChunkFlags, Bytes)>,
+    rx: mpsc::Receiver<Item>,
     gate: Gate,
     pending: VecDeque<Bytes>,
+    /// The player asked for ICY metadata.
+    icy: Option<Icy>,
 }
 
 impl http_body::Body for GatedBody {
@@ -293,7 +334,22 @@ impl http_body::Body for GatedBody {
             match std::task::ready!(this.rx.poll_recv(cx)) {
                 // Dropped from the hub: the stream ends.
                 None => return Poll::Ready(None),
-                Some((flags, chunk)) => this.pending.extend(this.gate.admit(flags, chunk)),
+                Some(Item::Chunk(flags, chunk)) => {
+                    let parts = this.gate.admit(flags, chunk);
+                    match &mut this.icy {
+                        Some(icy) => {
+                            for part in parts {
+                                icy.interleave(part, &mut this.pending);
+                            }
+                        }
+                        None => this.pending.extend(parts),
+                    }
+                }
+                Some(Item::Title(title)) => {
+                    if let Some(icy) = &mut this.icy {
+                        icy.set_title(&title);
+                    }
+                }
             }
         }
     }
@@ -301,14 +357,17 @@ impl http_body::Body for GatedBody {
 
 /// Adds a player: it gets the header and the backlog from the newest random-access chunk
 /// first, then every chunk as it comes.
-fn register(hub: &Mutex<Hub>) -> mpsc::Receiver<(ChunkFlags, Bytes)> {
+fn register(hub: &Mutex<Hub>) -> mpsc::Receiver<Item> {
     let (tx, rx) = mpsc::channel(CLIENT_QUEUE + 1024);
     let mut hub = lock(hub);
+    if let Some(title) = &hub.title {
+        let _ = tx.try_send(Item::Title(Arc::clone(title)));
+    }
     if let Some(header) = &hub.header {
-        let _ = tx.try_send((ChunkFlags::STREAM_HEADER, header.clone()));
+        let _ = tx.try_send(Item::Chunk(ChunkFlags::STREAM_HEADER, header.clone()));
     }
     for (flags, chunk) in &hub.backlog {
-        let _ = tx.try_send((*flags, chunk.clone()));
+        let _ = tx.try_send(Item::Chunk(*flags, chunk.clone()));
     }
     hub.clients.push(tx);
     rx

@@ -19,6 +19,7 @@ use crate::driver::IoBackend;
 use crate::keys::ChannelId;
 use crate::node::{ChannelMode, Engine, EngineConfig, NodeEvent};
 use crate::stream::ChunkFlags;
+use crate::wire::StreamTitle;
 
 use super::roles::{UploadPriority, link_addr, log_event, node_key, say, serve};
 
@@ -83,6 +84,9 @@ pub struct PlayConfig {
 }
 
 /// Where a peer's chunks go.
+/// Titles held for chunks not played yet: a source changes its title a few times a minute.
+const MAX_PENDING_TITLES: usize = 16;
+
 enum Sink {
     Writer(Box<dyn Write>, Gate),
     Http(HttpOutput),
@@ -114,6 +118,14 @@ impl Sink {
         match self {
             Self::Writer(_, gate) => gate.set_header(data),
             Self::Http(http) => http.set_header(data),
+        }
+    }
+
+    /// What plays from the next chunk on. A file or pipe carries audio alone; HTTP players
+    /// that ask for ICY metadata get it in band.
+    fn title(&mut self, text: &str) {
+        if let Self::Http(http) = self {
+            http.set_title(text);
         }
     }
 
@@ -305,6 +317,8 @@ pub fn play(config: &PlayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
     let (status_tx, status_rx) = mpsc::channel();
     let mut last_status = Instant::now();
     let mut bytes_since = 0u64;
+    // Titles not yet due, by the chunk each belongs to.
+    let mut titles: Vec<StreamTitle> = Vec::new();
     let result = loop {
         if stop.load(Ordering::Relaxed) {
             break Ok(());
@@ -330,7 +344,25 @@ pub fn play(config: &PlayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
         match events.recv_timeout(Duration::from_millis(100)) {
             Ok(NodeEvent::Connected { .. }) => connected = true,
             Ok(NodeEvent::StreamHeader { header, .. }) => sink.header(header.data),
-            Ok(NodeEvent::Chunk { flags, payload, .. }) => {
+            Ok(NodeEvent::StreamTitle { title }) => {
+                titles.push(title);
+                titles.sort_by_key(|t| (t.from_seq, t.serial));
+                if titles.len() > MAX_PENDING_TITLES {
+                    titles.remove(0);
+                }
+            }
+            Ok(NodeEvent::Chunk {
+                seq,
+                flags,
+                payload,
+                ..
+            }) => {
+                // A title shows with the chunk it belongs to (a late joiner's, at once).
+                let due = titles.partition_point(|t| t.from_seq <= seq);
+                if let Some(now) = titles.drain(..due).next_back() {
+                    tracing::info!(%channel, title = %now.text, "now playing");
+                    sink.title(&now.text);
+                }
                 served = true;
                 bytes_since += payload.len() as u64;
                 if let Err(e) = sink.chunk(flags, payload.to_bytes()) {

@@ -263,6 +263,20 @@ pub fn relay(config: &RelayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
                     );
                 }
             }
+            // A worker's parent told it a new title: its siblings' subscribers get it too (the
+            // worker that has it already keeps it as it is).
+            Ok(NodeEvent::StreamTitle { title }) => {
+                tracing::info!(channel = %title.channel, title = %title.text, "title");
+                for w in 0..node.workers() {
+                    let title = title.clone();
+                    node.command(
+                        w,
+                        Box::new(move |e, now| {
+                            let _ = e.set_title(now, title);
+                        }),
+                    );
+                }
+            }
             // A worker opened a channel on demand: its siblings carry it too (by import).
             Ok(NodeEvent::ChannelOpened { channel }) => {
                 tracing::info!(%channel, "carrying a channel on demand");

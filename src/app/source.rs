@@ -22,7 +22,7 @@ use crate::node::{ChannelMode, EngineConfig};
 use crate::stream::{
     Chunk, ChunkPublisher, Chunker, ChunkerConfig, CodingError, CodingParams, InputFormat,
 };
-use crate::wire::{Role, SignedStreamHeader};
+use crate::wire::{Role, SignedStreamHeader, StreamTitle};
 
 use super::roles::{link_addr, node_key, say, serve};
 
@@ -128,6 +128,8 @@ pub(crate) struct Publishing<'a> {
     start: Instant,
     /// Serial of the last stream header published.
     header_serial: u32,
+    /// Serial of the last title published.
+    title_serial: u32,
     /// The input's format has been logged.
     format_told: bool,
 }
@@ -140,8 +142,30 @@ impl<'a> Publishing<'a> {
             publisher: ChunkPublisher::new(key, CodingParams::DEFAULT),
             start,
             header_serial: 0,
+            title_serial: 0,
             format_told: false,
         }
+    }
+
+    /// Signs `text` as what plays from chunk `from_seq` on and hands it to worker 0, which
+    /// tells every subscriber.
+    #[allow(clippy::disallowed_methods)] // title serials follow the wall clock
+    pub(crate) fn set_title(&mut self, text: &str, from_seq: u64) {
+        let channel = self.channel;
+        // As header serials: a restarted source's titles are newer than what relays hold.
+        let now_s = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as u32);
+        self.title_serial = now_s.max(self.title_serial + 1);
+        let title = StreamTitle::sign(self.publisher.key(), self.title_serial, from_seq, text);
+        let _ = self.node.command(
+            0,
+            Box::new(move |e, now| {
+                if let Err(err) = e.set_title(now, title) {
+                    tracing::warn!(%err, %channel, "title");
+                }
+            }),
+        );
     }
 
     /// Publishes every closed chunk and then every captured stream header (so the header's
@@ -208,13 +232,17 @@ impl<'a> Publishing<'a> {
     }
 }
 
-/// Starts a reader thread for `input`; byte blocks arrive on the returned channel, which
-/// closes when the input ends.
+/// Byte blocks of a source's input, in order; the channel closes when the input ends.
+type InputBytes = Receiver<io::Result<Vec<u8>>>;
+
+/// Starts a reader thread for `input`; byte blocks arrive on the first channel returned,
+/// and song titles (an Icecast input's) on the second.
 fn read_input(
     input: &Input,
     source_password: Option<&str>,
-) -> anyhow::Result<Receiver<io::Result<Vec<u8>>>> {
+) -> anyhow::Result<(InputBytes, Receiver<String>)> {
     let (tx, rx) = mpsc::sync_channel(64);
+    let (title_tx, title_rx) = mpsc::sync_channel(16);
     match input.clone() {
         Input::Icecast { addr, mount } => {
             let password = source_password
@@ -227,7 +255,7 @@ fn read_input(
                 .with_context(|| format!("cannot listen for icecast sources on {addr}"))?;
             let endpoint = SourceEndpoint { mount, password };
             let server = crate::app::http::HttpServer::start()?;
-            icecast::serve(&server, listener, endpoint, tx)
+            icecast::serve(&server, listener, endpoint, tx, title_tx)
                 .with_context(|| format!("cannot serve icecast sources on {addr}"))?;
             // It serves encoders as long as the source runs.
             server.keep_for_process();
@@ -279,7 +307,7 @@ fn read_input(
             });
         }
     }
-    Ok(rx)
+    Ok((rx, title_rx))
 }
 
 fn bind_udp_input(addr: SocketAddr) -> anyhow::Result<UdpSocket> {
@@ -402,7 +430,7 @@ pub fn broadcast(config: &BroadcastConfig, stop: &AtomicBool) -> anyhow::Result<
         first_seq,
         ..Default::default()
     })?;
-    let input = read_input(&config.input, config.source_password.as_deref())?;
+    let (input, titles) = read_input(&config.input, config.source_password.as_deref())?;
     // The link is printed once every listener is bound (node, admin, input), so whoever
     // waits for it can connect an encoder, a relay or a scraper at once.
     let link = ChannelLink::single(channel, link_addr(&node), node_key.node_id());
@@ -411,6 +439,10 @@ pub fn broadcast(config: &BroadcastConfig, stop: &AtomicBool) -> anyhow::Result<
     let mut publishing = Publishing::new(&node, channel_key, Instant::now());
     let published = Arc::clone(&counters);
     let mut publish = |chunker: &mut Chunker| {
+        // A title goes with the chunk being cut when it came.
+        while let Ok(title) = titles.try_recv() {
+            publishing.set_title(&title, chunker.next_seq());
+        }
         publishing.drain(chunker, |_| {
             published.chunks_published.fetch_add(1, Ordering::Relaxed);
         })

@@ -21,7 +21,7 @@ use crate::stream::{
     ChunkFlags, CodedChunk, CodingParams, HeaderVerifier, Inserted, PartialChunk, Payload,
     ShardCoder, ShardError, SignedChunkHeader,
 };
-use crate::wire::SignedStreamHeader;
+use crate::wire::{SignedStreamHeader, StreamTitle};
 
 /// What this node does with a channel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -126,6 +126,9 @@ pub enum Rejected {
     /// A stream header the channel key did not sign.
     #[error("stream header {0} has a bad signature")]
     StreamHeader(u32),
+    /// A title the channel key did not sign.
+    #[error("title {0} has a bad signature")]
+    Title(u32),
 }
 
 /// One channel's state at one node.
@@ -150,6 +153,8 @@ pub struct Channel {
     joined: Option<Instant>,
     /// The newest stream header (Ogg, fragmented MP4), verified.
     stream_header: Option<SignedStreamHeader>,
+    /// The newest title (a radio's song title).
+    title: Option<StreamTitle>,
     stats: ChannelStats,
 }
 
@@ -164,6 +169,7 @@ impl Channel {
             config,
             params: None,
             stream_header: None,
+            title: None,
             window: BTreeMap::new(),
             window_bytes: 0,
             next_play: None,
@@ -216,6 +222,25 @@ impl Channel {
             return false;
         }
         self.stream_header = Some(header);
+        true
+    }
+
+    /// The newest title, if the source set one.
+    pub fn title(&self) -> Option<&StreamTitle> {
+        self.title.as_ref()
+    }
+
+    /// Keeps `title` if it is newer than the one held (a higher serial). The caller has checked
+    /// its signature (or signed it). Returns whether it was kept.
+    pub fn set_title(&mut self, title: StreamTitle) -> bool {
+        if self
+            .title
+            .as_ref()
+            .is_some_and(|held| held.serial >= title.serial)
+        {
+            return false;
+        }
+        self.title = Some(title);
         true
     }
 

@@ -13,6 +13,8 @@
 //! | 0x07 | [`ParentAnswer`] | control |
 //! | 0x08 | [`GoAway`] | control |
 //! | 0x09 | [`Refused`] | control |
+//! | 0x0a | [`Punch`] | control |
+//! | 0x0b | [`StreamTitle`] | control |
 //! | 0x10 | [`ShardFrame`] | unidirectional shard streams |
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -480,6 +482,7 @@ impl Codec for Have {
 
 use super::parents::{GoAway, ParentAnswer, ParentQuery, Punch, Refused};
 use super::shard::ShardFrame;
+use super::title::StreamTitle;
 
 /// Any message, as carried in a frame.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -504,6 +507,8 @@ pub enum Message {
     Refused(Refused),
     /// 0x0a
     Punch(Punch),
+    /// 0x0b
+    StreamTitle(StreamTitle),
     /// 0x10
     Shard(ShardFrame),
 }
@@ -518,6 +523,7 @@ const TYPE_PARENT_ANSWER: u64 = 0x07;
 const TYPE_GO_AWAY: u64 = 0x08;
 const TYPE_REFUSED: u64 = 0x09;
 const TYPE_PUNCH: u64 = 0x0a;
+const TYPE_STREAM_TITLE: u64 = 0x0b;
 pub(super) const TYPE_SHARD: u64 = 0x10;
 
 impl Message {
@@ -533,6 +539,7 @@ impl Message {
             Message::GoAway(_) => TYPE_GO_AWAY,
             Message::Refused(_) => TYPE_REFUSED,
             Message::Punch(_) => TYPE_PUNCH,
+            Message::StreamTitle(_) => TYPE_STREAM_TITLE,
             Message::Shard(_) => TYPE_SHARD,
         }
     }
@@ -549,6 +556,7 @@ impl Message {
             Message::GoAway(m) => m.encoded_len(),
             Message::Refused(m) => m.encoded_len(),
             Message::Punch(m) => m.encoded_len(),
+            Message::StreamTitle(m) => m.encoded_len(),
             Message::Shard(m) => m.encoded_len(),
         }
     }
@@ -574,6 +582,7 @@ impl Message {
             Message::GoAway(m) => m.encode(buf),
             Message::Refused(m) => m.encode(buf),
             Message::Punch(m) => m.encode(buf),
+            Message::StreamTitle(m) => m.encode(buf),
             Message::Shard(m) => m.encode(buf),
         }
     }
@@ -594,7 +603,7 @@ impl Message {
         };
         let max = match kind {
             TYPE_SHARD => MAX_SHARD_BODY,
-            TYPE_HELLO..=TYPE_PUNCH => MAX_CONTROL_BODY,
+            TYPE_HELLO..=TYPE_STREAM_TITLE => MAX_CONTROL_BODY,
             other => return Err(DecodeError::UnknownMessage(other)),
         };
         let Some((len, len_len)) = peek_varint(&buf[type_len..]) else {
@@ -645,6 +654,10 @@ impl Message {
             TYPE_GO_AWAY => (Message::GoAway(GoAway::decode(&mut body)?), "go_away"),
             TYPE_REFUSED => (Message::Refused(Refused::decode(&mut body)?), "refused"),
             TYPE_PUNCH => (Message::Punch(Punch::decode(&mut body)?), "punch"),
+            TYPE_STREAM_TITLE => (
+                Message::StreamTitle(StreamTitle::decode(&mut body)?),
+                "stream_title",
+            ),
             TYPE_SHARD => (Message::Shard(ShardFrame::decode(&mut body)?), "shard"),
             other => return Err(DecodeError::UnknownMessage(other)),
         };

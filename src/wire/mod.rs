@@ -41,10 +41,12 @@
 mod messages;
 mod parents;
 mod shard;
+mod title;
 
 pub use messages::*;
 pub use parents::*;
 pub use shard::*;
+pub use title::*;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 

@@ -20,7 +20,7 @@ use gridcast::node::{
 };
 use gridcast::sim::{NodeIx, Sim, SimConfig};
 use gridcast::stream::{ChunkPublisher, Chunker, ChunkerConfig, CodingParams, InputFormat};
-use gridcast::wire::{Role, SignedStreamHeader, StartAt, SubstreamSet};
+use gridcast::wire::{Role, SignedStreamHeader, StartAt, StreamTitle, SubstreamSet};
 
 /// A live source: a chunker fed at a constant bitrate, a publisher, and a record of every chunk.
 pub struct Broadcast {
@@ -137,6 +137,8 @@ pub struct Played {
     pub outages: Vec<Instant>,
     /// Stream headers received, in order.
     pub headers: Vec<SignedStreamHeader>,
+    /// Titles received, in order, with when.
+    pub titles: Vec<(Instant, StreamTitle)>,
 }
 
 pub fn collect(sim: &mut Sim, peer: NodeIx, played: &mut Played) {
@@ -151,6 +153,7 @@ pub fn collect(sim: &mut Sim, peer: NodeIx, played: &mut Played) {
             NodeEvent::Failover { resume, .. } => played.failovers.push((at, resume)),
             NodeEvent::UpstreamLost { .. } => played.outages.push(at),
             NodeEvent::StreamHeader { header, .. } => played.headers.push(header),
+            NodeEvent::StreamTitle { title } => played.titles.push((at, title)),
             _ => {}
         }
     }

@@ -282,6 +282,9 @@ impl Engine {
                 );
                 let info = channel_info(channel, params, self.config.corrupt_outgoing_shards);
                 conn.send_control(&info);
+                if let Some(title) = channel.title() {
+                    conn.send_control(&Message::StreamTitle(title.clone()));
+                }
                 // Backlog: from the requested point, everything still held.
                 let from = match sub.start {
                     StartAt::Live => channel.newest_random_access(),
@@ -387,6 +390,18 @@ impl Engine {
                 self.upstream_refused(now, refused.channel, handle, from, &alternatives);
             }
             Message::Have(have) => self.upstream_have(have.channel, handle, have.latest),
+            Message::StreamTitle(title) => {
+                if !self.channels.contains_key(&title.channel) {
+                    return;
+                }
+                if !title.signature_valid() {
+                    self.misbehaved(now, handle, &Rejected::Title(title.serial));
+                    return;
+                }
+                if self.store_title(title.clone()) {
+                    self.events.push_back(NodeEvent::StreamTitle { title });
+                }
+            }
             Message::Punch(punch) => self.punch(now, handle, punch.addr),
             Message::ParentQuery(query) => self.answer_parent_query(now, handle, &query),
             Message::ParentAnswer(answer) => self.take_parent_answer(handle, &answer),

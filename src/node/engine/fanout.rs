@@ -13,7 +13,7 @@ use crate::keys::ChannelId;
 use crate::node::channel::{Channel, StoredShard};
 use crate::node::upstream::Slot;
 use crate::stream::{CodedChunk, CodingParams, SignedChunkHeader};
-use crate::wire::{Have, Message, ShardFrame, SignedStreamHeader, SubstreamSet};
+use crate::wire::{Have, Message, ShardFrame, SignedStreamHeader, StreamTitle, SubstreamSet};
 
 use super::conn::mark;
 use super::control::channel_info;
@@ -153,7 +153,46 @@ impl Engine {
         true
     }
 
-    /// Other nodes that carry `channel`, named as alternatives in go-aways.
+    /// Sets its channel's title if `title` is newer than the one held, and sends it to every
+    /// subscriber of the channel. For the source (which signed it) and for a multi-worker relay
+    /// passing on a [`NodeEvent::StreamTitle`] from a sibling worker (which checked it).
+    /// Returns whether it was newer.
+    pub fn set_title(&mut self, now: Instant, title: StreamTitle) -> Result<bool, EngineError> {
+        if !self.channels.contains_key(&title.channel) {
+            return Err(EngineError::UnknownChannel(title.channel));
+        }
+        let newer = self.store_title(title);
+        self.drive(now);
+        Ok(newer)
+    }
+
+    /// Keeps a newer title and tells the channel's subscribers (standbys too: one that takes
+    /// over a parent's substreams must not have missed the title).
+    pub(super) fn store_title(&mut self, title: StreamTitle) -> bool {
+        let channel = title.channel;
+        let Some(ch) = self.channels.get_mut(&channel) else {
+            return false;
+        };
+        if !ch.set_title(title.clone()) {
+            return false;
+        }
+        let msg = Message::StreamTitle(title);
+        let mut told = Vec::new();
+        for &(handle, _) in self.subscribers.get(&channel).into_iter().flatten() {
+            if !told.contains(&handle) {
+                told.push(handle);
+                if let Some(conn) = self.conns.get_mut(&handle) {
+                    conn.send_control(&msg);
+                    mark(&mut self.dirty, conn, handle);
+                }
+            }
+        }
+        true
+    }
+
+    /// A shard frame on a connection this node subscribed on: its header checked (or matched
+    /// to one held for the stream), the shard checked and stored, its parent's slot credited,
+    /// and what is new sent on to subscribers.
     pub(super) fn apply_shard(
         &mut self,
         now: Instant,
@@ -231,9 +270,13 @@ impl Engine {
             && let Some(params) = ch.params()
         {
             let info = channel_info(ch, params, self.config.corrupt_outgoing_shards);
+            let title = ch.title().cloned().map(Message::StreamTitle);
             for handle in waiting {
                 if let Some(conn) = self.conns.get_mut(&handle) {
                     conn.send_control(&info);
+                    if let Some(title) = &title {
+                        conn.send_control(title);
+                    }
                     mark(&mut self.dirty, conn, handle);
                 }
             }

@@ -345,6 +345,13 @@ pub enum NodeEvent {
         /// The header.
         header: SignedStreamHeader,
     },
+    /// A channel's title (a radio's song title) arrived or changed, signature checked. A player
+    /// shows it from chunk `title.from_seq` on; a multi-worker relay hands it to its other
+    /// workers with [`Engine::set_title`].
+    StreamTitle {
+        /// The title, with its channel.
+        title: crate::wire::StreamTitle,
+    },
     /// A connection completed its handshake.
     Connected {
         /// Connection.
