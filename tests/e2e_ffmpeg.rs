@@ -218,6 +218,28 @@ fn ogg_header_len(ogg: &[u8]) -> usize {
     at
 }
 
+/// A source whose input is an Icecast endpoint on a free port at `mount`, source password
+/// `hackme`: the process, its link and the port.
+fn icecast_source(key: &Path, mount: &str) -> (Child, String, u16) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut source = gridcast(&[
+        "broadcast",
+        "--key",
+        key.to_str().unwrap(),
+        "--input",
+        &format!("icecast://127.0.0.1:{port}{mount}"),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    source.env("GRIDCAST_SOURCE_PASSWORD", "hackme");
+    let (source, link) = spawn_with_link(source);
+    (source, link, port)
+}
+
 #[test]
 fn an_icecast_push_reaches_http_players_and_late_ones_get_the_header_first() {
     if !have_ffmpeg() {
@@ -225,23 +247,7 @@ fn an_icecast_push_reaches_http_players_and_late_ones_get_the_header_first() {
     }
     let dir = tempfile::tempdir().unwrap();
     let key = keygen(dir.path());
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mount = format!("icecast://127.0.0.1:{port}/radio.ogg");
-    let mut source = gridcast(&[
-        "broadcast",
-        "--key",
-        key.to_str().unwrap(),
-        "--input",
-        &mount,
-        "--listen",
-        "127.0.0.1:0",
-    ]);
-    source.env("GRIDCAST_SOURCE_PASSWORD", "hackme");
-    let (mut source, source_link) = spawn_with_link(source);
+    let (mut source, source_link, port) = icecast_source(&key, "/radio.ogg");
     // Two workers: the stream header must reach the subscribers of both.
     let (mut relay, relay_link) = spawn_with_link(gridcast(&[
         "relay",
@@ -558,22 +564,7 @@ fn an_mp3_radio_s_song_titles_reach_listeners_who_ask_for_them() {
     }
     let dir = tempfile::tempdir().unwrap();
     let key = keygen(dir.path());
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut source = gridcast(&[
-        "broadcast",
-        "--key",
-        key.to_str().unwrap(),
-        "--input",
-        &format!("icecast://127.0.0.1:{port}/radio.mp3"),
-        "--listen",
-        "127.0.0.1:0",
-    ]);
-    source.env("GRIDCAST_SOURCE_PASSWORD", "hackme");
-    let (mut source, source_link) = spawn_with_link(source);
+    let (mut source, source_link, port) = icecast_source(&key, "/radio.mp3");
     // Two workers: the title must reach the subscribers of both.
     let (mut relay, relay_link) = spawn_with_link(gridcast(&[
         "relay",
@@ -584,11 +575,14 @@ fn an_mp3_radio_s_song_titles_reach_listeners_who_ask_for_them() {
         "--workers",
         "2",
     ]));
+    let admin = std::net::SocketAddr::from(([127, 0, 0, 1], common::http::free_tcp_port()));
     let (mut peer, url) = spawn_with_line(gridcast(&[
         "play",
         &relay_link,
         "--output",
         "http://127.0.0.1:0/",
+        "--admin",
+        &admin.to_string(),
     ]));
     let mut ffmpeg = Command::new("ffmpeg")
         .args(["-v", "error", "-re", "-f", "lavfi", "-i"])
@@ -636,6 +630,14 @@ fn an_mp3_radio_s_song_titles_reach_listeners_who_ask_for_them() {
     );
     assert!(ffmpeg.wait().unwrap().success(), "ffmpeg push failed");
     thread::sleep(Duration::from_secs(3));
+    // The operator's view: the title playing, per channel.
+    let (status, channels) = common::http::get(admin, "/debug/channels").unwrap();
+    assert_eq!(status, 200);
+    let json: serde_json::Value = serde_json::from_str(&channels).unwrap();
+    assert_eq!(
+        json["workers"][0]["channels"][0]["title"], "Miles Davis - So What (café)",
+        "{channels}"
+    );
     signal(&peer, "-TERM");
     assert!(peer.wait().unwrap().success(), "play failed");
     let played = player.wait_with_output().unwrap();

@@ -131,6 +131,15 @@ pub enum Rejected {
     Title(u32),
 }
 
+/// Puts `new` in `held` unless what is held has a serial at least `serial`; whether it did.
+fn keep_newer<T>(held: &mut Option<T>, new: T, serial: u32, serial_of: impl Fn(&T) -> u32) -> bool {
+    if held.as_ref().is_some_and(|h| serial_of(h) >= serial) {
+        return false;
+    }
+    *held = Some(new);
+    true
+}
+
 /// One channel's state at one node.
 #[derive(Debug)]
 pub struct Channel {
@@ -214,15 +223,8 @@ impl Channel {
     /// Keeps `header` if it is newer than the one held (a higher serial). The caller has checked
     /// its signature (or signed it). Returns whether it was kept.
     pub fn set_stream_header(&mut self, header: SignedStreamHeader) -> bool {
-        if self
-            .stream_header
-            .as_ref()
-            .is_some_and(|held| held.serial >= header.serial)
-        {
-            return false;
-        }
-        self.stream_header = Some(header);
-        true
+        let serial = header.serial;
+        keep_newer(&mut self.stream_header, header, serial, |h| h.serial)
     }
 
     /// The newest title, if the source set one.
@@ -233,15 +235,8 @@ impl Channel {
     /// Keeps `title` if it is newer than the one held (a higher serial). The caller has checked
     /// its signature (or signed it). Returns whether it was kept.
     pub fn set_title(&mut self, title: StreamTitle) -> bool {
-        if self
-            .title
-            .as_ref()
-            .is_some_and(|held| held.serial >= title.serial)
-        {
-            return false;
-        }
-        self.title = Some(title);
-        true
+        let serial = title.serial;
+        keep_newer(&mut self.title, title, serial, |t| t.serial)
     }
 
     /// Counters.

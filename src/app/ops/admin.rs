@@ -119,6 +119,7 @@ fn channels_json(snapshot: &Snapshot) -> String {
                             "subscribers": c.subscribers,
                             "window": c.window.map(|(a, b)| json!({ "oldest": a, "newest": b })),
                             "buffer_seconds": c.buffer.map(|b| b.as_secs_f64()),
+                            "title": c.title,
                             "chunks_played": c.stats.chunks_played,
                             "chunks_skipped": c.stats.chunks_skipped,
                             "shards_in": c.stats.shards_in,

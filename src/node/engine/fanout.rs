@@ -140,17 +140,21 @@ impl Engine {
             ch.params().unwrap_or(params),
             self.config.corrupt_outgoing_shards,
         );
-        let mut told = Vec::new();
+        self.tell_subscribers(channel, &info);
+        true
+    }
+
+    /// Sends `msg` once on every connection that subscribes to `channel` (standbys too).
+    fn tell_subscribers(&mut self, channel: ChannelId, msg: &Message) {
+        let mut told = rustc_hash::FxHashSet::default();
         for &(handle, _) in self.subscribers.get(&channel).into_iter().flatten() {
-            if !told.contains(&handle) {
-                told.push(handle);
-                if let Some(conn) = self.conns.get_mut(&handle) {
-                    conn.send_control(&info);
-                    mark(&mut self.dirty, conn, handle);
-                }
+            if told.insert(handle)
+                && let Some(conn) = self.conns.get_mut(&handle)
+            {
+                conn.send_control(msg);
+                mark(&mut self.dirty, conn, handle);
             }
         }
-        true
     }
 
     /// Sets its channel's title if `title` is newer than the one held, and sends it to every
@@ -176,17 +180,7 @@ impl Engine {
         if !ch.set_title(title.clone()) {
             return false;
         }
-        let msg = Message::StreamTitle(title);
-        let mut told = Vec::new();
-        for &(handle, _) in self.subscribers.get(&channel).into_iter().flatten() {
-            if !told.contains(&handle) {
-                told.push(handle);
-                if let Some(conn) = self.conns.get_mut(&handle) {
-                    conn.send_control(&msg);
-                    mark(&mut self.dirty, conn, handle);
-                }
-            }
-        }
+        self.tell_subscribers(channel, &Message::StreamTitle(title));
         true
     }
 

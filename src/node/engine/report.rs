@@ -35,6 +35,8 @@ pub struct ChannelReport {
     pub window: Option<(u64, u64)>,
     /// A player's buffer: the stream time from the next chunk to play to the newest held.
     pub buffer: Option<Duration>,
+    /// The newest title (a radio's song title) the channel's source set.
+    pub title: Option<String>,
     /// Its counters.
     pub stats: ChannelStats,
 }
@@ -142,6 +144,7 @@ impl Engine {
                         }
                         _ => None,
                     },
+                    title: ch.title().map(|t| t.text.clone()),
                     stats,
                 }
             })
