@@ -100,7 +100,9 @@ enum Command {
     /// Watch or listen: draw a channel from several parents and write the exact stream.
     ///
     /// On a terminal, a live status line on stderr shows parents, substreams held / needed,
-    /// buffer, bitrate, continuity and bytes uploaded to other peers.
+    /// buffer, bitrate, continuity, bytes uploaded to other peers and the title playing (a
+    /// radio's song title, when its source sets one; HTTP players that ask for ICY metadata
+    /// get it too).
     ///
     /// Examples:
     ///   gridcast play gridcast://<channel-id>@relay.example:4434/<node-id> | mpv -

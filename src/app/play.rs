@@ -149,7 +149,7 @@ impl Sink {
 }
 
 /// What the status line shows, read from the engine.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 struct PlayStatus {
     parents: usize,
     substreams: usize,
@@ -160,7 +160,12 @@ struct PlayStatus {
     uploaded: u64,
     /// The queue its yielding uploads measure on the uplink, if they yield.
     uplink_queue: Option<Duration>,
+    /// The title playing, if the source set one.
+    title: Option<String>,
 }
+
+/// Characters of a title the status line shows: it must fit a terminal's line.
+const STATUS_TITLE_CHARS: usize = 48;
 
 fn read_status(e: &Engine, channel: &ChannelId, now: Instant) -> PlayStatus {
     let (substreams, parents) = e.upstream_status(channel).unwrap_or((0, 0));
@@ -198,8 +203,16 @@ fn status_line(s: &PlayStatus, bps: f64) -> String {
         }
         _ => String::new(),
     };
+    let title = match &s.title {
+        Some(t) if t.chars().count() > STATUS_TITLE_CHARS => {
+            let cut: String = t.chars().take(STATUS_TITLE_CHARS - 1).collect();
+            format!(" | now: {cut}…")
+        }
+        Some(t) => format!(" | now: {t}"),
+        None => String::new(),
+    };
     format!(
-        "parents {} | substreams {}/{} | buffer {:.1}s | {:.2} Mbit/s | continuity {:.2}% | up {:.1} MB{yielding}",
+        "parents {} | substreams {}/{} | buffer {:.1}s | {:.2} Mbit/s | continuity {:.2}% | up {:.1} MB{yielding}{title}",
         s.parents,
         s.substreams,
         s.needed,
@@ -319,6 +332,7 @@ pub fn play(config: &PlayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
     let mut bytes_since = 0u64;
     // Titles not yet due, by the chunk each belongs to.
     let mut titles: Vec<StreamTitle> = Vec::new();
+    let mut playing: Option<String> = None;
     let result = loop {
         if stop.load(Ordering::Relaxed) {
             break Ok(());
@@ -338,7 +352,8 @@ pub fn play(config: &PlayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
                 }),
             );
         }
-        while let Ok((status, bps)) = status_rx.try_recv() {
+        while let Ok((mut status, bps)) = status_rx.try_recv() {
+            status.title = playing.clone();
             eprint!("\r\x1b[2K{}", status_line(&status, bps));
         }
         match events.recv_timeout(Duration::from_millis(100)) {
@@ -362,6 +377,7 @@ pub fn play(config: &PlayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
                 if let Some(now) = titles.drain(..due).next_back() {
                     tracing::info!(%channel, title = %now.text, "now playing");
                     sink.title(&now.text);
+                    playing = Some(now.text);
                 }
                 served = true;
                 bytes_since += payload.len() as u64;
@@ -475,7 +491,7 @@ mod tests {
     use std::time::Duration;
 
     #[test]
-    fn the_status_line_says_when_relaying_yields() {
+    fn the_status_line_says_when_relaying_yields_and_what_plays() {
         let mut s = PlayStatus {
             parents: 3,
             substreams: 12,
@@ -495,6 +511,19 @@ mod tests {
         s.uplink_queue = Some(Duration::from_millis(86));
         assert!(
             status_line(&s, 2e6).ends_with("up 2.5 MB (yielding: uplink queue 86 ms)"),
+            "{}",
+            status_line(&s, 2e6)
+        );
+        // The title playing goes last, cut to fit a terminal's line.
+        s.uplink_queue = None;
+        s.title = Some("Nina Simone – Sinnerman".to_owned());
+        assert_eq!(
+            status_line(&s, 2e6),
+            format!("{line} | now: Nina Simone – Sinnerman")
+        );
+        s.title = Some("é".repeat(100));
+        assert!(
+            status_line(&s, 2e6).ends_with(&format!(" | now: {}…", "é".repeat(47))),
             "{}",
             status_line(&s, 2e6)
         );
