@@ -362,4 +362,67 @@ mod tests {
         let chunked = request("PUT", "/live", &[good, ("Transfer-Encoding", "chunked")]);
         assert_eq!(check(&chunked, &endpoint()), Err(Refusal::Chunked));
     }
+
+    #[test]
+    fn title_updates_are_decoded_and_checked() {
+        let good = [("Authorization", "Basic c291cmNlOmhhY2ttZQ==")];
+        let update = |uri: &str, headers: &[(&str, &str)]| {
+            let r = request("GET", uri, headers);
+            assert!(is_metadata(&r));
+            title_update(&r, &endpoint())
+        };
+        // '+' is a space, %2B a plus; UTF-8 by default.
+        assert_eq!(
+            update(
+                "/admin/metadata?mode=updinfo&mount=/live&song=AC%2FDC+%2B+caf%C3%A9",
+                &good
+            ),
+            Ok("AC/DC + café".to_owned())
+        );
+        // Not UTF-8: Latin-1, as Icecast reads an MP3 mount's titles; or when charset says so.
+        assert_eq!(
+            update(
+                "/admin/metadata?mode=updinfo&mount=/live&song=caf%E9",
+                &good
+            ),
+            Ok("café".to_owned())
+        );
+        assert_eq!(
+            update(
+                "/admin/metadata?mode=updinfo&mount=/live&charset=ISO-8859-1&song=%C3%A9",
+                &good
+            ),
+            Ok("Ã©".to_owned())
+        );
+        // SHOUTcast: the password in the query, no mount.
+        assert_eq!(
+            update("/admin.cgi?pass=hackme&mode=updinfo&song=x", &[]),
+            Ok("x".to_owned())
+        );
+        assert_eq!(
+            update("/admin.cgi?pass=nope&mode=updinfo&song=x", &[]),
+            Err(BadUpdate::Auth)
+        );
+        // Icecast takes the password only as Basic credentials.
+        assert_eq!(
+            update(
+                "/admin/metadata?pass=hackme&mode=updinfo&mount=/live&song=x",
+                &[]
+            ),
+            Err(BadUpdate::Auth)
+        );
+        assert_eq!(
+            update("/admin/metadata?mode=updinfo&mount=/other&song=x", &good),
+            Err(BadUpdate::Mount)
+        );
+        assert_eq!(
+            update("/admin/metadata?mode=fallbacks&mount=/live&song=x", &good),
+            Err(BadUpdate::Mode)
+        );
+        assert_eq!(
+            update("/admin/metadata?mode=updinfo&mount=/live", &good),
+            Err(BadUpdate::NoSong)
+        );
+        assert!(!is_metadata(&request("PUT", "/admin/metadata", &good)));
+    }
 }
