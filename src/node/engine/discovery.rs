@@ -313,7 +313,6 @@ impl Engine {
                 channel,
                 max: ASK_FOR,
             }));
-            super::conn::mark(&mut self.dirty, conn, handle);
         }
     }
 
