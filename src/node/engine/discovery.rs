@@ -313,6 +313,7 @@ impl Engine {
                 channel,
                 max: ASK_FOR,
             }));
+            super::conn::mark(&mut self.dirty, conn, handle);
         }
     }
 

@@ -271,6 +271,7 @@ impl Engine {
                     if let Some(title) = &title {
                         conn.send_control(title);
                     }
+                    mark(&mut self.dirty, conn, handle);
                 }
             }
         }
@@ -304,6 +305,7 @@ impl Engine {
                         .is_some_and(|s| s.substreams.is_empty())
                 {
                     conn.send_control(&have);
+                    mark(&mut self.dirty, conn, handle);
                 }
             }
         }
