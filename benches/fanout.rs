@@ -179,8 +179,14 @@ impl Scraping {
             source: None,
         };
         let metrics = Arc::new(Metrics::new(NodeRole::Relay, node.workers(), "bench"));
-        let (addr, _) =
-            admin::start(&http, "127.0.0.1:0".parse().unwrap(), watched, metrics).unwrap();
+        let (addr, _) = admin::start(
+            &http,
+            "127.0.0.1:0".parse().unwrap(),
+            watched,
+            metrics,
+            None,
+        )
+        .unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
         let thread = thread::spawn(move || {

@@ -690,3 +690,99 @@ fn an_mp3_radio_s_song_titles_reach_listeners_who_ask_for_them() {
         audio.len()
     );
 }
+
+/// A radio whose input has no port for titles (MP3 on stdin, as `ffmpeg … | gridcast
+/// broadcast` runs it) sets them on the broadcast's admin listener, with the source password;
+/// a broadcast with no password refuses them there.
+#[test]
+fn titles_set_on_the_admin_listener_reach_listeners_of_a_radio_on_stdin() {
+    if !have_ffmpeg() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path());
+    let admin_port = common::http::free_tcp_port();
+    let mut source = loopback_source(&key, 2);
+    source
+        .args(["--admin", &format!("127.0.0.1:{admin_port}")])
+        .env("GRIDCAST_SOURCE_PASSWORD", "hackme")
+        .stdin(Stdio::piped());
+    let (mut source, source_link) = spawn_with_link(source);
+    let mut ffmpeg = Command::new("ffmpeg")
+        .args(["-v", "error", "-re", "-f", "lavfi", "-i"])
+        .arg(format!("sine=frequency=440:duration={STREAM_SECS}"))
+        .args(["-c:a", "libmp3lame", "-b:a", "128k", "-f", "mp3", "-"])
+        .stdout(source.stdin.take().unwrap())
+        .spawn()
+        .unwrap();
+    let (mut peer, url) = spawn_with_line(gridcast(&[
+        "play",
+        &source_link,
+        "--output",
+        "http://127.0.0.1:0/",
+    ]));
+    thread::sleep(Duration::from_secs(1));
+    let icy = http_player_asking(&url, "HTTP/1.1", true);
+    thread::sleep(Duration::from_secs(1));
+    // source:hackme, and a wrong password; any mount (stdin has none), or none.
+    let (good, bad) = ("c291cmNlOmhhY2ttZQ==", "c291cmNlOmhhY2ttZg==");
+    let first = "/admin/metadata?mode=updinfo&mount=/stream&song=Nina+Simone+-+Sinnerman";
+    assert_eq!(
+        set_song(admin_port, first, Some(bad)),
+        "HTTP/1.0 401 Unauthorized"
+    );
+    assert_eq!(set_song(admin_port, first, Some(good)), "HTTP/1.0 200 OK");
+    thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        set_song(
+            admin_port,
+            "/admin.cgi?pass=hackme&mode=updinfo&song=Miles+Davis+-+So+What",
+            None
+        ),
+        "HTTP/1.0 200 OK"
+    );
+    thread::sleep(Duration::from_secs(1));
+    // The source's own view of the channel names the title it signed.
+    let admin = std::net::SocketAddr::from(([127, 0, 0, 1], admin_port));
+    let (status, channels) = common::http::get(admin, "/debug/channels").unwrap();
+    assert_eq!(status, 200);
+    let json: serde_json::Value = serde_json::from_str(&channels).unwrap();
+    assert_eq!(
+        json["workers"][0]["channels"][0]["title"], "Miles Davis - So What",
+        "{channels}"
+    );
+    assert!(ffmpeg.wait().unwrap().success(), "ffmpeg failed");
+    assert!(source.wait().unwrap().success(), "broadcast failed");
+    signal(&peer, "-TERM");
+    assert!(peer.wait().unwrap().success(), "play failed");
+    let (head, body) = icy.join().unwrap();
+    assert!(
+        head.to_ascii_lowercase().contains("icy-metaint: 16000"),
+        "{head}"
+    );
+    let (audio, titles) = icy_split(&body, 16_000);
+    assert_eq!(
+        titles,
+        ["Nina Simone - Sinnerman", "Miles Davis - So What"],
+        "the titles a listener saw"
+    );
+    assert!(audio.len() > 50_000, "only {} bytes", audio.len());
+
+    // Without a source password the route refuses every update, and says why.
+    let admin_port = common::http::free_tcp_port();
+    let mut open = loopback_source(&key, 0);
+    open.args(["--admin", &format!("127.0.0.1:{admin_port}")])
+        .env_remove("GRIDCAST_SOURCE_PASSWORD")
+        .stdin(Stdio::piped());
+    let (mut open, _) = spawn_with_link(open);
+    assert_eq!(
+        set_song(
+            admin_port,
+            "/admin/metadata?mode=updinfo&song=x",
+            Some(good)
+        ),
+        "HTTP/1.0 403 Forbidden"
+    );
+    drop(open.stdin.take());
+    assert!(open.wait().unwrap().success(), "broadcast failed");
+}

@@ -199,7 +199,8 @@ pub struct BroadcastArgs {
     /// broadcast (a second signal stops at once) [default: 5].
     #[arg(long)]
     pub linger: Option<u64>,
-    /// The password icecast:// encoders must give (any user name).
+    /// The password icecast:// encoders must give (any user name), and song title updates on
+    /// the icecast:// port or the --admin listener's /admin/metadata.
     #[arg(long, env = "GRIDCAST_SOURCE_PASSWORD", hide_env_values = true)]
     pub source_password: Option<String>,
     /// Node key file, created if missing, so the source's node id (and its link) survives
@@ -220,8 +221,8 @@ pub struct BroadcastArgs {
     /// auto, uring or portable [default: auto].
     #[arg(long, env = "GRIDCAST_IO_BACKEND")]
     pub io_backend: Option<IoBackend>,
-    /// Admin listener (/metrics, /livez, /readyz, /debug/channels): host:port or off
-    /// [default: off].
+    /// Admin listener (/metrics, /livez, /readyz, /debug/channels, and /admin/metadata for
+    /// song titles, with the source password): host:port or off [default: off].
     #[arg(long, env = "GRIDCAST_ADMIN")]
     pub admin: Option<AdminListen>,
 }

@@ -59,7 +59,11 @@ pub(crate) fn serve(
     let busy = Arc::new(AtomicBool::new(false));
     let handler: TakeoverHandler = Arc::new(move |request, remote| {
         let answer = if is_metadata(&request) {
-            (metadata(&request, remote, &endpoint, &titles), None)
+            let gate = TitleGate {
+                password: &endpoint.password,
+                mount: Some(&endpoint.mount),
+            };
+            (metadata(&request, remote, gate, &titles), None)
         } else {
             answer(&request, remote, &endpoint, &busy, &tx)
         };
@@ -145,7 +149,7 @@ fn basic_auth<B>(request: &Request<B>, password: &str) -> bool {
 }
 
 /// A metadata update (Icecast's or SHOUTcast's), not a source.
-fn is_metadata<B>(request: &Request<B>) -> bool {
+pub(crate) fn is_metadata<B>(request: &Request<B>) -> bool {
     request.method() == hyper::Method::GET
         && matches!(request.uri().path(), "/admin/metadata" | "/admin.cgi")
 }
@@ -159,8 +163,17 @@ enum BadUpdate {
     NoSong,
 }
 
-/// The title a metadata update sets on `endpoint`'s mount.
-fn title_update<B>(request: &Request<B>, endpoint: &SourceEndpoint) -> Result<String, BadUpdate> {
+/// What a title update must give: the source password, and the mount where there is one.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct TitleGate<'a> {
+    pub(crate) password: &'a str,
+    /// The Icecast input's mount; `None` on the broadcast's admin listener, whose input (stdin,
+    /// a file, TCP, UDP) has no mount: there any `mount=` is taken.
+    pub(crate) mount: Option<&'a str>,
+}
+
+/// The title a metadata update sets.
+fn title_update<B>(request: &Request<B>, gate: TitleGate<'_>) -> Result<String, BadUpdate> {
     let query = request.uri().query().unwrap_or("").as_bytes();
     let (mut mode, mut mount, mut song, mut charset, mut pass) = (None, None, None, None, None);
     // A form-encoded query, decoded to bytes: the song may be Latin-1.
@@ -184,8 +197,8 @@ fn title_update<B>(request: &Request<B>, endpoint: &SourceEndpoint) -> Result<St
         }
     }
     let shoutcast = request.uri().path() == "/admin.cgi";
-    let authorised = basic_auth(request, &endpoint.password)
-        || (shoutcast && pass.is_some_and(|p| same(p.as_bytes(), endpoint.password.as_bytes())));
+    let authorised = basic_auth(request, gate.password)
+        || (shoutcast && pass.is_some_and(|p| same(p.as_bytes(), gate.password.as_bytes())));
     if !authorised {
         return Err(BadUpdate::Auth);
     }
@@ -193,7 +206,10 @@ fn title_update<B>(request: &Request<B>, endpoint: &SourceEndpoint) -> Result<St
         return Err(BadUpdate::Mode);
     }
     // SHOUTcast has one stream and no mount; Icecast names it.
-    if !shoutcast && mount.as_deref() != Some(endpoint.mount.as_str()) {
+    if let Some(want) = gate.mount
+        && !shoutcast
+        && mount.as_deref() != Some(want)
+    {
         return Err(BadUpdate::Mount);
     }
     let song = song.ok_or(BadUpdate::NoSong)?;
@@ -205,13 +221,13 @@ fn title_update<B>(request: &Request<B>, endpoint: &SourceEndpoint) -> Result<St
 }
 
 /// Answers a metadata update as Icecast does, and passes the title on.
-fn metadata(
-    request: &Request<hyper::body::Incoming>,
+pub(crate) fn metadata<B>(
+    request: &Request<B>,
     remote: SocketAddr,
-    endpoint: &SourceEndpoint,
+    gate: TitleGate<'_>,
     titles: &SyncSender<String>,
 ) -> Response<http::Body> {
-    match title_update(request, endpoint) {
+    match title_update(request, gate) {
         Ok(title) => {
             tracing::info!(%remote, %title, "title set");
             match titles.try_send(title) {
@@ -369,7 +385,12 @@ mod tests {
         let update = |uri: &str, headers: &[(&str, &str)]| {
             let r = request("GET", uri, headers);
             assert!(is_metadata(&r));
-            title_update(&r, &endpoint())
+            let endpoint = endpoint();
+            let gate = TitleGate {
+                password: &endpoint.password,
+                mount: Some(&endpoint.mount),
+            };
+            title_update(&r, gate)
         };
         // '+' is a space, %2B a plus; UTF-8 by default.
         assert_eq!(
@@ -424,5 +445,32 @@ mod tests {
             Err(BadUpdate::NoSong)
         );
         assert!(!is_metadata(&request("PUT", "/admin/metadata", &good)));
+        // The admin listener of a broadcast whose input has no mount: any mount, or none.
+        let no_mount = |uri: &str| {
+            let gate = TitleGate {
+                password: "hackme",
+                mount: None,
+            };
+            title_update(&request("GET", uri, &good), gate)
+        };
+        assert_eq!(
+            no_mount("/admin/metadata?mode=updinfo&song=x"),
+            Ok("x".to_owned())
+        );
+        assert_eq!(
+            no_mount("/admin/metadata?mode=updinfo&mount=/any&song=y"),
+            Ok("y".to_owned())
+        );
+        let gate = TitleGate {
+            password: "other",
+            mount: None,
+        };
+        assert_eq!(
+            title_update(
+                &request("GET", "/admin/metadata?mode=updinfo&song=x", &good),
+                gate
+            ),
+            Err(BadUpdate::Auth)
+        );
     }
 }

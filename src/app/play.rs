@@ -280,6 +280,7 @@ pub fn play(config: &PlayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
         config.admin.unwrap_or(super::ops::AdminListen::Off),
         false,
         None,
+        None,
     )?;
     // The link's host names are looked up again while nothing arrives (see `names`).
     let names = super::names::Names::watch(

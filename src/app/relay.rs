@@ -166,6 +166,7 @@ pub fn relay(config: &RelayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
             .unwrap_or(super::ops::AdminListen::At(DEFAULT_ADMIN)),
         config.admin.is_none(),
         None,
+        None,
     )?;
     // Worker 0 is this node's member of the supernodes' membership; the others hand it the
     // gossip they receive.

@@ -15,6 +15,7 @@ use anyhow::Context;
 
 use super::icecast::{self, SourceEndpoint};
 use super::link::ChannelLink;
+use super::ops::admin::TitleRoute;
 use super::ops::{AdminListen, NodeRole, Ops, SourceCounters};
 use crate::driver::{IoBackend, Node};
 use crate::keys::{ChannelId, ChannelKey};
@@ -105,7 +106,8 @@ pub struct BroadcastConfig {
     /// Seconds to keep serving after the input ends (or a signal ends the broadcast), so
     /// subscribers fetch the last chunks.
     pub linger: Duration,
-    /// The password encoders give to an `icecast://` input.
+    /// The password encoders give to an `icecast://` input, and title updates (on that
+    /// input's port, or on the admin listener's `/admin/metadata` for any input).
     pub source_password: Option<String>,
     /// A node key file (the source's node id, and so its link, survive restarts); a fresh
     /// key if `None`.
@@ -240,9 +242,9 @@ type InputBytes = Receiver<io::Result<Vec<u8>>>;
 fn read_input(
     input: &Input,
     source_password: Option<&str>,
-) -> anyhow::Result<(InputBytes, Receiver<String>)> {
+    title_tx: SyncSender<String>,
+) -> anyhow::Result<InputBytes> {
     let (tx, rx) = mpsc::sync_channel(64);
-    let (title_tx, title_rx) = mpsc::sync_channel(16);
     match input.clone() {
         Input::Icecast { addr, mount } => {
             let password = source_password
@@ -307,7 +309,7 @@ fn read_input(
             });
         }
     }
-    Ok((rx, title_rx))
+    Ok(rx)
 }
 
 fn bind_udp_input(addr: SocketAddr) -> anyhow::Result<UdpSocket> {
@@ -413,12 +415,20 @@ pub fn broadcast(config: &BroadcastConfig, stop: &AtomicBool) -> anyhow::Result<
         Box::new(move |e, _| e.add_channel(channel, ChannelMode::Source)),
     );
     let counters = Arc::new(SourceCounters::default());
+    // Titles come from the Icecast input's encoders and from the admin listener's route, for
+    // inputs with no port of their own.
+    let (title_tx, titles) = mpsc::sync_channel(16);
+    let source_password = config.source_password.clone().filter(|p| !p.is_empty());
     let _ops = Ops::start(
         &node,
         NodeRole::Source,
         config.admin.unwrap_or(AdminListen::Off),
         false,
         Some(Arc::clone(&counters)),
+        Some(TitleRoute {
+            password: source_password.clone(),
+            titles: title_tx.clone(),
+        }),
     )?;
 
     // Sequence numbers start at the wall clock in milliseconds, so a restarted source never
@@ -430,7 +440,7 @@ pub fn broadcast(config: &BroadcastConfig, stop: &AtomicBool) -> anyhow::Result<
         first_seq,
         ..Default::default()
     })?;
-    let (input, titles) = read_input(&config.input, config.source_password.as_deref())?;
+    let input = read_input(&config.input, source_password.as_deref(), title_tx)?;
     // The link is printed once every listener is bound (node, admin, input), so whoever
     // waits for it can connect an encoder, a relay or a scraper at once.
     let link = ChannelLink::single(channel, link_addr(&node), node_key.node_id());

@@ -7,32 +7,72 @@
 //!   one per line.
 //! - `GET /debug/channels`: JSON, every channel each worker carries (parents, substreams,
 //!   subscribers, window, counters): the per-channel detail metrics leave out.
+//! - `broadcast`'s only: `GET /admin/metadata?mode=updinfo&song=…` (or SHOUTcast's
+//!   `/admin.cgi?pass=…&mode=updinfo&song=…`), the song title, as the Icecast input takes it
+//!   ([`crate::app::icecast`]), for inputs with no port of their own to take it on (stdin, a
+//!   file, TCP, UDP). The one route that changes anything, so it wants the source password
+//!   whatever the listener's address (`403` when the broadcast has none).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::mpsc::SyncSender;
 
 use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Response, StatusCode};
 use serde_json::json;
 
 use crate::app::http::{self, HttpLimits, HttpServer, HttpStats};
+use crate::app::icecast::{self, TitleGate};
 
 use super::{Metrics, Snapshot, Watched, health};
 
-/// Serves the admin routes on `addr`; returns the bound address and the listener's counters.
+/// A source's title route: where titles go, and the password they must give.
+#[derive(Clone, Debug)]
+pub struct TitleRoute {
+    /// The source password (`--source-password`); without one, every update is refused.
+    pub password: Option<String>,
+    /// The source loop's inbox of titles.
+    pub titles: SyncSender<String>,
+}
+
+/// Serves the admin routes on `addr` (with the title route if `titles`); returns the bound
+/// address and the listener's counters.
 pub fn start(
     server: &HttpServer,
     addr: SocketAddr,
     watched: Watched,
     metrics: Arc<Metrics>,
+    titles: Option<TitleRoute>,
 ) -> std::io::Result<(SocketAddr, Arc<HttpStats>)> {
     let listener = crate::app::accept::listen(addr)?;
     let bound = listener.local_addr()?;
-    let handler: http::Handler = Arc::new(move |req, _remote| {
+    let handler: http::Handler = Arc::new(move |req, remote| {
         let watched = watched.clone();
         let metrics = Arc::clone(&metrics);
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
+        if let Some(route) = &titles
+            && icecast::is_metadata(&req)
+        {
+            let answer = match &route.password {
+                Some(password) => {
+                    let gate = TitleGate {
+                        password,
+                        mount: None,
+                    };
+                    icecast::metadata(&req, remote, gate, &route.titles)
+                }
+                None => {
+                    tracing::warn!(%remote, "title update refused: the broadcast has no source password");
+                    http::text(
+                        StatusCode::FORBIDDEN,
+                        "title updates need the source password: start broadcast with \
+                         --source-password (or GRIDCAST_SOURCE_PASSWORD)\n",
+                    )
+                }
+            };
+            return Box::pin(async move { answer });
+        }
         Box::pin(async move {
             if method != Method::GET && method != Method::HEAD {
                 return http::text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");

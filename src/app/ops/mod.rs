@@ -182,6 +182,7 @@ impl Ops {
         listen: AdminListen,
         default: bool,
         source: Option<Arc<SourceCounters>>,
+        titles: Option<admin::TitleRoute>,
     ) -> anyhow::Result<Self> {
         let watched = Watched {
             commander: node.commander(),
@@ -197,9 +198,14 @@ impl Ops {
                 node.workers(),
                 &node.backend().to_string(),
             ));
-            match admin::start(&server, addr, watched.clone(), metrics) {
+            let routes = if titles.is_some() {
+                "/metrics /livez /readyz /debug/channels /admin/metadata"
+            } else {
+                "/metrics /livez /readyz /debug/channels"
+            };
+            match admin::start(&server, addr, watched.clone(), metrics, titles) {
                 Ok((bound, _)) => {
-                    tracing::info!(addr = %bound, "admin listener: /metrics /livez /readyz /debug/channels");
+                    tracing::info!(addr = %bound, routes, "admin listener");
                     admin = Some(bound);
                     http = Some(server);
                 }
