@@ -530,6 +530,19 @@ fn set_song(port: u16, path_and_query: &str, auth: Option<&str>) -> String {
     answer.lines().next().unwrap_or_default().to_owned()
 }
 
+/// What a listener that asked for ICY metadata got: the response head (which must announce
+/// blocks every 16000 bytes), the audio, and the titles.
+fn icy_listened(icy: thread::JoinHandle<(String, Vec<u8>)>) -> (String, Vec<u8>, Vec<String>) {
+    let (head, body) = icy.join().unwrap();
+    // Header names are case-insensitive; the HTTP layer writes them title-cased.
+    assert!(
+        head.to_ascii_lowercase().contains("icy-metaint: 16000"),
+        "{head}"
+    );
+    let (audio, titles) = icy_split(&body, 16_000);
+    (head, audio, titles)
+}
+
 /// An ICY stream taken apart as a player does: the audio, and the title of every block that
 /// carried one.
 fn icy_split(stream: &[u8], metaint: usize) -> (Vec<u8>, Vec<String>) {
@@ -647,15 +660,9 @@ fn an_mp3_radio_s_song_titles_reach_listeners_who_ask_for_them() {
         let _ = c.kill();
         let _ = c.wait();
     }
-    let (head, body) = icy.join().unwrap();
+    let (head, audio, titles) = icy_listened(icy);
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(head.contains("Content-Type: audio/mpeg"), "{head}");
-    // Header names are case-insensitive; the HTTP layer writes them title-cased.
-    assert!(
-        head.to_ascii_lowercase().contains("icy-metaint: 16000"),
-        "{head}"
-    );
-    let (audio, titles) = icy_split(&body, 16_000);
     assert_eq!(
         titles,
         ["Nina Simone – Sinnerman", "Miles Davis - So What (café)"],
@@ -755,12 +762,7 @@ fn titles_set_on_the_admin_listener_reach_listeners_of_a_radio_on_stdin() {
     assert!(source.wait().unwrap().success(), "broadcast failed");
     signal(&peer, "-TERM");
     assert!(peer.wait().unwrap().success(), "play failed");
-    let (head, body) = icy.join().unwrap();
-    assert!(
-        head.to_ascii_lowercase().contains("icy-metaint: 16000"),
-        "{head}"
-    );
-    let (audio, titles) = icy_split(&body, 16_000);
+    let (_, audio, titles) = icy_listened(icy);
     assert_eq!(
         titles,
         ["Nina Simone - Sinnerman", "Miles Davis - So What"],
