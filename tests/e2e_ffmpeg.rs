@@ -715,19 +715,24 @@ fn titles_set_on_the_admin_listener_reach_listeners_of_a_radio_on_stdin() {
         .env("GRIDCAST_SOURCE_PASSWORD", "hackme")
         .stdin(Stdio::piped());
     let (mut source, source_link) = spawn_with_link(source);
-    let mut ffmpeg = Command::new("ffmpeg")
+    let ffmpeg = Command::new("ffmpeg")
         .args(["-v", "error", "-re", "-f", "lavfi", "-i"])
         .arg(format!("sine=frequency=440:duration={STREAM_SECS}"))
         .args(["-c:a", "libmp3lame", "-b:a", "128k", "-f", "mp3", "-"])
         .stdout(source.stdin.take().unwrap())
         .spawn()
         .unwrap();
-    let (mut peer, url) = spawn_with_line(gridcast(&[
+    let (peer, url) = spawn_with_line(gridcast(&[
         "play",
         &source_link,
         "--output",
         "http://127.0.0.1:0/",
     ]));
+    // Killed and reaped if an assertion fails, so none holds the harness's output open.
+    let mut procs = Reaper(vec![source, ffmpeg, peer]);
+    let [source, ffmpeg, peer] = &mut procs.0[..] else {
+        unreachable!()
+    };
     thread::sleep(Duration::from_secs(1));
     let icy = http_player_asking(&url, "HTTP/1.1", true);
     thread::sleep(Duration::from_secs(1));
@@ -760,7 +765,24 @@ fn titles_set_on_the_admin_listener_reach_listeners_of_a_radio_on_stdin() {
     );
     assert!(ffmpeg.wait().unwrap().success(), "ffmpeg failed");
     assert!(source.wait().unwrap().success(), "broadcast failed");
-    signal(&peer, "-TERM");
+    // The broadcast is over: the listener's stream ends (it does not wait in silence), and a
+    // listener that comes now is told so, while `play` still runs.
+    let over = std::time::Instant::now();
+    while !icy.is_finished() && over.elapsed() < Duration::from_secs(10) {
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        icy.is_finished(),
+        "the listener's stream did not end with the broadcast"
+    );
+    let output: std::net::SocketAddr = url
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .parse()
+        .unwrap();
+    let (status, body) = common::http::get(output, "/").unwrap();
+    assert_eq!(status, 503, "{body}");
+    signal(peer, "-TERM");
     assert!(peer.wait().unwrap().success(), "play failed");
     let (_, audio, titles) = icy_listened(icy);
     assert_eq!(
@@ -776,7 +798,9 @@ fn titles_set_on_the_admin_listener_reach_listeners_of_a_radio_on_stdin() {
     open.args(["--admin", &format!("127.0.0.1:{admin_port}")])
         .env_remove("GRIDCAST_SOURCE_PASSWORD")
         .stdin(Stdio::piped());
-    let (mut open, _) = spawn_with_link(open);
+    let (open, _) = spawn_with_link(open);
+    let mut procs = Reaper(vec![open]);
+    let open = &mut procs.0[0];
     assert_eq!(
         set_song(
             admin_port,

@@ -145,6 +145,8 @@ struct Hub {
     clients: Vec<mpsc::Sender<Item>>,
     /// Players dropped for falling a whole queue behind.
     dropped: u64,
+    /// The source finished the broadcast, and nothing has come since.
+    ended: bool,
 }
 
 /// A local HTTP server that streams the channel to every player that opens it.
@@ -208,9 +210,23 @@ impl HttpOutput {
         hub.send(&Item::Title(title));
     }
 
+    /// The source finished the broadcast: every player's stream ends once it has what it was
+    /// sent (an HTTP/1.1 body's last chunk, an HTTP/1.0 connection's close), as an Icecast
+    /// server ends its listeners' when a source leaves, so a player stops instead of waiting in
+    /// silence. Players that come after the end are told so (`503`) until a stream starts
+    /// again (a restarted source's first chunk).
+    pub fn end(&self) {
+        let mut hub = self.lock();
+        hub.ended = true;
+        hub.clients.clear();
+        hub.backlog.clear();
+        hub.backlog_bytes = 0;
+    }
+
     /// Passes one chunk to every player, dropping those that fell too far behind.
     pub fn chunk(&self, flags: ChunkFlags, chunk: &Bytes) {
         let mut hub = self.lock();
+        hub.ended = false;
         if hub.content_type.is_none() {
             hub.content_type = Some(sniff_content_type(chunk));
         }
@@ -275,6 +291,16 @@ async fn answer(hub: Arc<Mutex<Hub>>, method: Method, icy: bool) -> Response<htt
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     });
+    let ended = lock(&hub).ended;
+    if ended {
+        let mut over = http::text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the broadcast has ended; try again later\n",
+        );
+        over.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("10"));
+        return over;
+    }
     let Ok(content_type) = known.await else {
         let mut unavailable = http::text(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -391,12 +391,13 @@ pub fn play(config: &PlayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
                     break Err(e).context("writing the output");
                 }
                 // The broadcast is over: a file or pipe is complete, so the player at its
-                // other end sees the end too. Local HTTP players keep what they were sent;
-                // the server stays up for them until stopped.
+                // other end sees the end too. HTTP players' streams end; the server stays up
+                // (for a restarted broadcast) until stopped.
                 if flags.contains(ChunkFlags::END_OF_STREAM) {
                     tracing::info!(%channel, "the stream ended: its source finished it");
-                    if matches!(sink, Sink::Writer(..)) {
-                        break Ok(());
+                    match &sink {
+                        Sink::Writer(..) => break Ok(()),
+                        Sink::Http(http) => http.end(),
                     }
                 }
             }
