@@ -375,7 +375,8 @@ impl Pair {
                         id
                     }
                 };
-                const HEADER: usize = 599;
+                // A 16-shard chunk's signed header: 23 fixed bytes, 16 hashes of 16, the signature.
+                const HEADER: usize = 343;
                 const PREFIX: usize = 13;
                 let shard = (chunk.len() - HEADER) / 8 - PREFIX;
                 let mut pieces = vec![chunk.slice(..HEADER)];

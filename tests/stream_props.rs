@@ -308,7 +308,7 @@ fn a_forged_header_cannot_ride_on_a_cached_good_one() {
     assert_eq!(verifier.stats().signatures_checked, 1);
     // Same sequence, same signature, different hash for shard 0: not a cache hit, and invalid.
     let mut forged = (**good.header()).clone();
-    forged.header.hashes[0] = *blake3::hash(b"evil").as_bytes();
+    forged.header.hashes[0] = gridcast::stream::shard_hash(b"evil");
     assert!(verifier.verify(forged).is_err());
     assert_eq!(verifier.stats().signatures_checked, 2);
     // The genuine header is still served from the cache.
@@ -331,4 +331,32 @@ fn the_verifier_cache_is_bounded() {
     }
     assert!(verifier.cached(6).is_none());
     assert!(verifier.cached(7).is_some() && verifier.cached(9).is_some());
+}
+
+#[test]
+fn shard_hashes_are_blake3_cut_to_128_bits_and_a_16_shard_header_is_343_bytes() {
+    let coded = publisher(CodingParams::DEFAULT)
+        .publish(7, 1, ChunkFlags::empty(), &Bytes::from(vec![0x5a; 4000]))
+        .unwrap();
+    let header = coded.header();
+    assert_eq!(header.header.hashes.len(), 16);
+    for (i, shard) in coded.shards().iter().enumerate() {
+        // The first 16 bytes of BLAKE3's output stream, as any BLAKE3 implementation reads
+        // them, so that other implementations of the protocol can check shards.
+        let mut xof = blake3::Hasher::new().update(shard).finalize_xof();
+        let mut want = [0u8; 16];
+        xof.fill(&mut want);
+        assert_eq!(header.header.hashes[i], want, "shard {i}");
+        assert!(header.header.shard_matches(i, shard));
+        let mut flipped = shard.to_vec();
+        flipped[0] ^= 1;
+        assert!(!header.header.shard_matches(i, &flipped));
+    }
+    // 23 fixed bytes, 16 hashes of 16 bytes, the 64-byte signature.
+    assert_eq!(header.encoded_len(), 343);
+    let mut buf = Vec::new();
+    header.encode(&mut buf);
+    assert_eq!(buf.len(), 343);
+    let decoded = SignedChunkHeader::decode(&mut &buf[..]).unwrap();
+    assert_eq!(&decoded, &**header);
 }

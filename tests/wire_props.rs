@@ -137,7 +137,9 @@ fn shard_frame() -> impl Strategy<Value = ShardFrame> {
                         payload_len,
                         params,
                         flags: ChunkFlags::from_bits(flags).unwrap(),
-                        hashes: (0..params.total()).map(|i| [i as u8; 32]).collect(),
+                        hashes: (0..params.total())
+                            .map(|i| [i as u8; gridcast::stream::SHARD_HASH_LEN])
+                            .collect(),
                     },
                     signature: [9; 64],
                 });

@@ -1,11 +1,20 @@
 //! The signed chunk header: what a chunk is, and the hash of each of its shards, signed by the
 //! channel key.
 //!
-//! Wire layout (all integers big-endian), fixed length `HEADER_FIXED_LEN + 32·N + 64`:
+//! Wire layout (all integers big-endian), fixed length `HEADER_FIXED_LEN + 16·N + 64`:
 //!
 //! ```text
-//!  seq u64 | timestamp_us u64 | payload_len u32 | K u8 | R u8 | flags u8 | N × BLAKE3 | Ed25519 sig
+//!  seq u64 | timestamp_us u64 | payload_len u32 | K u8 | R u8 | flags u8 | N × BLAKE3-128 | Ed25519 sig
 //! ```
+//!
+//! A shard's hash is the first 16 bytes of its BLAKE3 output ([`shard_hash`]). What it guards
+//! against is a relay or peer passing on a shard the source did not make, which takes a second
+//! preimage: 2^128 work for one shard, and still beyond reach summed over every shard a channel
+//! will ever carry. That is the security the Ed25519 signature over the header gives too, so
+//! 32 bytes would buy nothing the signature does not already cap, and they cost: a parent sends
+//! every child the header with each chunk, 4 times a second per parent, and at radio bitrates
+//! the 256 bytes saved are about a twentieth of what a listener receives. Collisions (2^64)
+//! help only the source, which could sign two different headers anyway.
 //!
 //! The signature covers a domain-separation label, the channel id and every byte before the
 //! signature, so a header cannot be replayed on another channel or reinterpreted as any other
@@ -17,13 +26,26 @@ use super::coding::{CodingParams, ParamsError};
 use super::{MAX_CHUNK_PAYLOAD, MAX_SHARDS};
 use crate::keys::{ChannelId, ChannelKey, PUBLIC_KEY_LEN, SIGNATURE_LEN};
 
-/// A BLAKE3 hash of one shard.
-pub type ShardHash = [u8; 32];
+/// Bytes of a shard's hash in the header.
+pub const SHARD_HASH_LEN: usize = 16;
+
+/// The hash of one shard: BLAKE3, its output cut to [`SHARD_HASH_LEN`] bytes (see the module
+/// documentation for why that is enough).
+pub type ShardHash = [u8; SHARD_HASH_LEN];
+
+/// The hash of `shard` as the header carries it.
+pub fn shard_hash(shard: &[u8]) -> ShardHash {
+    let full = blake3::hash(shard);
+    let mut out = [0u8; SHARD_HASH_LEN];
+    out.copy_from_slice(&full.as_bytes()[..SHARD_HASH_LEN]);
+    out
+}
 
 /// Bytes of a header before the shard hashes.
 pub const HEADER_FIXED_LEN: usize = 8 + 8 + 4 + 1 + 1 + 1;
 /// Largest encoded signed header (N at its maximum).
-pub const MAX_SIGNED_HEADER_LEN: usize = HEADER_FIXED_LEN + 32 * MAX_SHARDS + SIGNATURE_LEN;
+pub const MAX_SIGNED_HEADER_LEN: usize =
+    HEADER_FIXED_LEN + SHARD_HASH_LEN * MAX_SHARDS + SIGNATURE_LEN;
 
 const SIGNING_LABEL: &[u8] = b"gridcast/1 chunk header\0";
 
@@ -97,7 +119,7 @@ pub struct ChunkHeader {
     pub params: CodingParams,
     /// Flags.
     pub flags: ChunkFlags,
-    /// BLAKE3 of each of the N shards, in shard order.
+    /// The hash of each of the N shards ([`shard_hash`]), in shard order.
     pub hashes: Vec<ShardHash>,
 }
 
@@ -135,7 +157,7 @@ pub enum HeaderError {
 impl ChunkHeader {
     /// Encoded length without the signature.
     pub fn unsigned_len(&self) -> usize {
-        HEADER_FIXED_LEN + 32 * self.hashes.len()
+        HEADER_FIXED_LEN + SHARD_HASH_LEN * self.hashes.len()
     }
 
     fn encode_unsigned(&self, buf: &mut impl BufMut) {
@@ -180,7 +202,7 @@ impl ChunkHeader {
             && self
                 .hashes
                 .get(index)
-                .is_some_and(|h| blake3::hash(shard).as_bytes() == h)
+                .is_some_and(|h| shard_hash(shard) == *h)
     }
 }
 
@@ -216,14 +238,14 @@ impl SignedChunkHeader {
             return Err(HeaderError::PayloadLength(payload_len));
         }
         let flags = ChunkFlags::from_bits(flags).ok_or(HeaderError::Flags(flags))?;
-        let rest = 32 * params.total() + SIGNATURE_LEN;
+        let rest = SHARD_HASH_LEN * params.total() + SIGNATURE_LEN;
         if buf.remaining() < rest {
             return Err(HeaderError::Truncated {
                 need: HEADER_FIXED_LEN + rest,
                 have: HEADER_FIXED_LEN + buf.remaining(),
             });
         }
-        let mut hashes = vec![[0u8; 32]; params.total()];
+        let mut hashes = vec![[0u8; SHARD_HASH_LEN]; params.total()];
         for hash in &mut hashes {
             buf.copy_to_slice(hash);
         }

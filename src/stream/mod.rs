@@ -32,7 +32,9 @@ pub mod verifier;
 pub use assembler::{Inserted, PartialChunk, ShardError};
 pub use chunker::{Chunk, Chunker, ChunkerConfig, ChunkerError, ChunkerStats, InputFormat};
 pub use coding::{CodingError, CodingParams, CodingStats, ParamsError, Payload, ShardCoder};
-pub use header::{ChunkFlags, ChunkHeader, HeaderError, ShardHash, SignedChunkHeader};
+pub use header::{
+    ChunkFlags, ChunkHeader, HeaderError, SHARD_HASH_LEN, ShardHash, SignedChunkHeader, shard_hash,
+};
 pub use publisher::{ChunkPublisher, CodedChunk};
 pub use verifier::{HeaderVerifier, VerifyError, VerifyStats};
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::coding::{CodingError, CodingParams, ShardCoder};
-use super::header::{ChunkFlags, ChunkHeader, SignedChunkHeader};
+use super::header::{ChunkFlags, ChunkHeader, SignedChunkHeader, shard_hash};
 use crate::keys::{ChannelId, ChannelKey};
 
 /// A chunk ready to send: its signed header and all N shards in substream order.
@@ -86,10 +86,7 @@ impl ChunkPublisher {
         payload: &Bytes,
     ) -> Result<CodedChunk, CodingError> {
         let shards = self.coder.encode(self.params, payload)?;
-        let hashes = shards
-            .iter()
-            .map(|shard| *blake3::hash(shard).as_bytes())
-            .collect();
+        let hashes = shards.iter().map(|shard| shard_hash(shard)).collect();
         let header = ChunkHeader {
             seq,
             timestamp_us,
