@@ -42,8 +42,10 @@ use quinn_proto::{
     EndpointConfig, ServerConfig, StreamId, TransportConfig, VarInt,
 };
 
-use gridcast::keys::NodeKey;
+use gridcast::keys::{NodeKey, SIGNATURE_LEN};
 use gridcast::node::{EngineConfig, tls};
+use gridcast::stream::SHARD_HASH_LEN;
+use gridcast::stream::header::HEADER_FIXED_LEN;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -375,8 +377,8 @@ impl Pair {
                         id
                     }
                 };
-                // A 16-shard chunk's signed header: 23 fixed bytes, 16 hashes of 16, the signature.
-                const HEADER: usize = 343;
+                // A 16-shard chunk's signed header, as the stream model lays it out.
+                const HEADER: usize = HEADER_FIXED_LEN + 16 * SHARD_HASH_LEN + SIGNATURE_LEN;
                 const PREFIX: usize = 13;
                 let shard = (chunk.len() - HEADER) / 8 - PREFIX;
                 let mut pieces = vec![chunk.slice(..HEADER)];
