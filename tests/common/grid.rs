@@ -194,9 +194,20 @@ impl Grid {
         n_super: usize,
         super_config: impl Fn(usize) -> EngineConfig,
     ) -> Self {
+        Self::with_bitrate(config, source_config, 500_000, n_super, super_config)
+    }
+
+    /// A grid whose source sends `bitrate_bps` (500 kbit/s in the others).
+    pub fn with_bitrate(
+        config: SimConfig,
+        source_config: EngineConfig,
+        bitrate_bps: usize,
+        n_super: usize,
+        super_config: impl Fn(usize) -> EngineConfig,
+    ) -> Self {
         let t0 = Instant::now();
         let mut sim = Sim::new(t0, config);
-        let source = Broadcast::new(&mut sim, 500_000, source_config);
+        let source = Broadcast::new(&mut sim, bitrate_bps, source_config);
         let (src_addr, src_id) = (sim.node(source.node).addr, sim.node(source.node).id);
         let supernodes = (0..n_super)
             .map(|i| {

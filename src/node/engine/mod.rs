@@ -689,6 +689,8 @@ pub struct Engine {
     encoded_headers: VecDeque<(Arc<SignedChunkHeader>, Bytes)>,
     /// Shard frame prefixes are cut from this block: one allocation per many frames.
     prefixes: BytesMut,
+    /// Buffers reused by every batch of frames handed to QUIC.
+    write_scratch: outbound::WriteScratch,
     /// Nodes known at several addresses, and the races that dial them (see `race`).
     dialling: race::Dialling,
     stats: EngineStats,
@@ -829,6 +831,7 @@ impl Engine {
             exports: Vec::new(),
             encoded_headers: VecDeque::new(),
             prefixes: BytesMut::new(),
+            write_scratch: outbound::WriteScratch::default(),
             dialling: race::Dialling::default(),
             stats: EngineStats::default(),
         };
