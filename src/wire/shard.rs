@@ -12,9 +12,19 @@ use super::messages::{TYPE_SHARD, get_sub};
 /// one of the last this many chunks whose header came on the same stream.
 pub const STREAM_HEADERS: usize = 4;
 
+/// The subscription id of a shard frame that belongs to the subscription its stream's first
+/// frame named. A sender names the subscription once per stream; every later frame of a shard
+/// is then the same bytes for every subscriber, so a node frames each shard once (two ways at
+/// most: with and without its chunk's header) and hands every subscriber the same buffer.
+/// Subscription ids are never 0 (a node numbers its subscriptions from 1).
+pub const SUB_OF_STREAM: u32 = 0;
+
 /// One shard of one chunk on a subscription.
 ///
 /// Body: `sub (varint) | seq u64 | index u8 | has_header u8 | [signed chunk header] | shard`.
+/// `sub` is [`SUB_OF_STREAM`] on every frame of a stream but the first, which names the
+/// subscription (a first frame that names none is a protocol error, as is a stream whose
+/// frames name two).
 /// The shard runs to the end of the frame. A sender attaches the signed header to the first
 /// shard of each chunk it sends on a stream; a later shard of that chunk on the same stream may
 /// omit it as long as the chunk is among the last [`STREAM_HEADERS`] distinct chunks whose
@@ -117,6 +127,26 @@ pub fn encode_shard_frame_prefix(
     buf.put_u8(u8::from(header_len.is_some()));
 }
 
+/// One whole shard frame for [`SUB_OF_STREAM`] in one buffer: what every subscriber is sent
+/// once its stream has named its subscription. `header` is the chunk's signed header, encoded.
+pub fn encode_shared_shard_frame(
+    seq: u64,
+    index: u8,
+    header: Option<&Bytes>,
+    shard: &[u8],
+) -> Bytes {
+    let header_len = header.map(Bytes::len);
+    let mut buf = bytes::BytesMut::with_capacity(
+        SHARD_FRAME_PREFIX_MAX + header_len.unwrap_or(0) + shard.len(),
+    );
+    encode_shard_frame_prefix(&mut buf, SUB_OF_STREAM, seq, index, header_len, shard.len());
+    if let Some(h) = header {
+        buf.extend_from_slice(h);
+    }
+    buf.extend_from_slice(shard);
+    buf.freeze()
+}
+
 /// The most bytes [`encode_shard_frame_prefix`] writes.
 pub const SHARD_FRAME_PREFIX_MAX: usize = 8 + 8 + 8 + 8 + 1 + 1;
 
@@ -139,6 +169,40 @@ mod tests {
         encode_shard_frame_prefix(&mut split, 300, 9, 3, None, frame.shard.len());
         split.extend_from_slice(&frame.shard);
         assert_eq!(split.freeze(), Message::Shard(frame).to_bytes());
+    }
+
+    #[test]
+    fn a_shared_frame_is_the_frame_for_the_streams_subscription() {
+        let shard = Bytes::from_static(b"the same bytes for every subscriber");
+        let header = Bytes::from_static(b"not parsed here");
+        let frame = ShardFrame {
+            sub: SUB_OF_STREAM,
+            seq: 1 << 40,
+            index: 15,
+            header: None,
+            shard: shard.clone(),
+        };
+        assert_eq!(
+            encode_shared_shard_frame(1 << 40, 15, None, &shard),
+            Message::Shard(frame).to_bytes()
+        );
+        // With a header: the prefix says one follows, and it comes before the shard.
+        let with = encode_shared_shard_frame(1 << 40, 15, Some(&header), &shard);
+        let mut prefix = BytesMut::new();
+        encode_shard_frame_prefix(
+            &mut prefix,
+            SUB_OF_STREAM,
+            1 << 40,
+            15,
+            Some(header.len()),
+            shard.len(),
+        );
+        assert_eq!(&with[..prefix.len()], &prefix[..]);
+        assert_eq!(
+            &with[prefix.len()..prefix.len() + header.len()],
+            &header[..]
+        );
+        assert_eq!(&with[prefix.len() + header.len()..], &shard[..]);
     }
 
     #[test]

@@ -33,9 +33,27 @@ pub(super) struct InStream {
     /// The last [`crate::wire::STREAM_HEADERS`] chunk headers this stream carried, in the
     /// order they first came (the sender keeps the same list).
     pub(super) headers: VecDeque<Arc<SignedChunkHeader>>,
+    /// The subscription its first shard frame named.
+    pub(super) sub: Option<u32>,
 }
 
 impl InStream {
+    /// The subscription a shard frame naming `sub` belongs to: the stream's first frame names
+    /// it, later ones name it again or say [`crate::wire::SUB_OF_STREAM`]. A first frame that
+    /// names none, or a stream that names two, is the sender's protocol error.
+    pub(super) fn subscription(&mut self, sub: u32) -> Result<u32, &'static str> {
+        match (sub, self.sub) {
+            (crate::wire::SUB_OF_STREAM, Some(named)) => Ok(named),
+            (crate::wire::SUB_OF_STREAM, None) => Err("shard stream names no subscription"),
+            (sub, None) => {
+                self.sub = Some(sub);
+                Ok(sub)
+            }
+            (sub, Some(named)) if sub == named => Ok(sub),
+            (_, Some(_)) => Err("shard stream names two subscriptions"),
+        }
+    }
+
     /// The held header of chunk `seq`.
     pub(super) fn header(&self, seq: u64) -> Option<&Arc<SignedChunkHeader>> {
         self.headers.iter().rev().find(|h| h.header.seq == seq)
@@ -365,5 +383,29 @@ pub(super) fn read_stream(
     }
     if finished && !is_control {
         inputs.push(Input::StreamDone(id));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::SUB_OF_STREAM;
+
+    #[test]
+    fn a_shard_stream_names_its_subscription_once_and_only_one() {
+        let mut stream = InStream::default();
+        assert!(
+            stream.subscription(SUB_OF_STREAM).is_err(),
+            "named by nothing yet"
+        );
+        assert_eq!(stream.subscription(7), Ok(7));
+        assert_eq!(stream.subscription(SUB_OF_STREAM), Ok(7));
+        assert_eq!(stream.subscription(7), Ok(7));
+        assert!(stream.subscription(8).is_err(), "a second subscription");
+        assert_eq!(
+            stream.subscription(SUB_OF_STREAM),
+            Ok(7),
+            "the first still holds"
+        );
     }
 }

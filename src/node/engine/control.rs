@@ -307,7 +307,7 @@ impl Engine {
                     }
                 }
                 for shard in &backlog {
-                    self.send_shard(now, handle, sub.sub, sub.substreams, shard);
+                    self.send_shard(now, handle, sub.sub, sub.substreams, shard, &Arc::default());
                 }
             }
             Message::Unsubscribe(unsub) => {

@@ -17,6 +17,7 @@ use crate::wire::{Have, Message, ShardFrame, SignedStreamHeader, StreamTitle, Su
 
 use super::conn::mark;
 use super::control::channel_info;
+use super::outbound::SharedFrames;
 use super::{Engine, EngineError};
 
 /// Chunks whose encoded header is kept for fan-out.
@@ -197,7 +198,16 @@ impl Engine {
         let Some(conn) = self.conns.get_mut(&handle) else {
             return;
         };
-        let Some(channel_id) = conn.taken.get(&frame.sub).copied() else {
+        let sub = match conn
+            .in_streams
+            .entry(stream)
+            .or_default()
+            .subscription(frame.sub)
+        {
+            Ok(sub) => sub,
+            Err(why) => return self.protocol_error(now, handle, why),
+        };
+        let Some(channel_id) = conn.taken.get(&sub).copied() else {
             // A subscription we did not make (or already dropped): ignore.
             return;
         };
@@ -309,6 +319,9 @@ impl Engine {
                 }
             }
         }
+        // Each shard is framed once for every subscriber whose stream has named its
+        // subscription.
+        let frames: Vec<Arc<SharedFrames>> = shards.iter().map(|_| Arc::default()).collect();
         for &(handle, sub) in &listed {
             let substreams = match self.conns.get(&handle) {
                 Some(conn) if !conn.closed => match conn.served.get(&sub) {
@@ -317,9 +330,9 @@ impl Engine {
                 },
                 _ => continue,
             };
-            for shard in shards {
+            for (shard, frames) in shards.iter().zip(&frames) {
                 if substreams.contains(shard.index) {
-                    self.send_shard(now, handle, sub, substreams, shard);
+                    self.send_shard(now, handle, sub, substreams, shard, frames);
                 }
             }
         }
@@ -354,20 +367,21 @@ impl Engine {
         sub: u32,
         substreams: SubstreamSet,
         shard: &StoredShard,
+        frames: &Arc<SharedFrames>,
     ) {
         if !self.upload_allowed(now, shard.shard.len()) {
             self.stats.upload_cap_drops += 1;
             return;
         }
-        let payload = if self.config.corrupt_outgoing_shards {
+        let (payload, frames) = if self.config.corrupt_outgoing_shards {
             let mut bad = shard.shard.to_vec();
             if let Some(b) = bad.last_mut() {
                 *b ^= 0x5a;
             }
-            Bytes::from(bad)
+            (Bytes::from(bad), None)
         } else {
-            shard.shard.clone()
+            (shard.shard.clone(), Some(frames))
         };
-        self.queue_shard(handle, sub, substreams, shard, payload);
+        self.queue_shard(handle, sub, substreams, shard, payload, frames);
     }
 }

@@ -518,8 +518,9 @@ pub struct EngineStats {
     /// Shards not sent to a subscriber because the upload cap was spent.
     pub upload_cap_drops: u64,
     /// Chunk-stream bytes copied out of received packets while reassembling shards. Each
-    /// received stream byte is copied exactly once, here; fan-out, cross-worker hand-off and
-    /// storage share that copy.
+    /// received stream byte is copied exactly once on the way in, here; cross-worker hand-off
+    /// and storage share that copy, and fan-out copies a shard once more, into the frame every
+    /// subscriber of it shares.
     pub stream_bytes_copied: u64,
     /// Shards taken from sibling workers with [`Engine::import`].
     pub shards_imported: u64,

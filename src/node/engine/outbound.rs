@@ -9,7 +9,7 @@
 //!   is written, reset when the backlog bound drops it.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::{Bytes, BytesMut};
 use quinn_proto::{ConnectionHandle, Dir, SendStream, StreamId, VarInt, WriteError};
@@ -18,6 +18,7 @@ use crate::node::channel::{Channel, StoredShard};
 use crate::stream::SignedChunkHeader;
 use crate::wire::{
     SHARD_FRAME_PREFIX_MAX, STREAM_HEADERS, SubstreamSet, encode_shard_frame_prefix,
+    encode_shared_shard_frame,
 };
 
 use super::conn::mark;
@@ -37,12 +38,37 @@ pub(super) struct OutStream {
     pub(super) pending: VecDeque<Bytes>,
 }
 
+/// A shard's frames for streams that have named their subscription
+/// ([`crate::wire::SUB_OF_STREAM`]): the same bytes for every subscriber, so built once per
+/// node, with and without the chunk's header as subscribers need them, and handed to QUIC as
+/// one shared buffer each.
+#[derive(Debug, Default)]
+pub(super) struct SharedFrames {
+    with_header: OnceLock<Bytes>,
+    without_header: OnceLock<Bytes>,
+}
+
+impl SharedFrames {
+    fn frame(&self, header: Option<&Bytes>, seq: u64, index: u8, shard: &Bytes) -> Bytes {
+        let cell = if header.is_some() {
+            &self.with_header
+        } else {
+            &self.without_header
+        };
+        cell.get_or_init(|| encode_shared_shard_frame(seq, index, header, shard))
+            .clone()
+    }
+}
+
 /// A shard waiting to be framed and written on a subscription's stream.
 #[derive(Debug)]
 pub(super) struct Queued {
     header: Arc<SignedChunkHeader>,
     index: u8,
     shard: Bytes,
+    /// Its frames shared with every subscriber (`None`: this subscriber's bytes differ, as
+    /// a test's corrupting node's do).
+    frames: Option<Arc<SharedFrames>>,
 }
 
 /// The stream one subscription's shards travel on ([`ShardStreams::PerSubscription`]).
@@ -56,6 +82,8 @@ pub(super) struct SubStream {
     /// The chunks whose header the receiver holds for this stream, in the order first sent:
     /// the receiver keeps the same list, since it reads the stream in order.
     known: VecDeque<u64>,
+    /// Whether a frame naming the subscription has gone: later frames are the shared ones.
+    named: bool,
 }
 
 /// What became of handing a stream's queued buffers to QUIC.
@@ -170,6 +198,9 @@ impl WriteScratch {
         known.clear();
         known.extend(out.known.iter().copied());
         let mut len = 0;
+        // Whether the stream will have named its subscription by the frame being framed: the
+        // first frame of a batch on a new stream names it, and the others follow it.
+        let mut named = out.named;
         while len < WRITE_BATCH {
             let Some(next) = out.queue.pop_front() else {
                 break;
@@ -180,23 +211,33 @@ impl WriteScratch {
             if header.is_some() {
                 remember(known, seq);
             }
-            if prefixes.capacity() < SHARD_FRAME_PREFIX_MAX {
-                *prefixes = BytesMut::with_capacity(PREFIX_BLOCK);
-            }
-            encode_shard_frame_prefix(
-                prefixes,
-                sub,
-                seq,
-                next.index,
-                header.as_ref().map(Bytes::len),
-                next.shard.len(),
-            );
             let start = len;
-            let prefix = prefixes.split().freeze();
-            len += prefix.len() + header.as_ref().map_or(0, Bytes::len) + next.shard.len();
-            batch.push(prefix);
-            batch.extend(header.clone());
-            batch.push(next.shard.clone());
+            match &next.frames {
+                Some(frames) if named => {
+                    let frame = frames.frame(header.as_ref(), seq, next.index, &next.shard);
+                    len += frame.len();
+                    batch.push(frame);
+                }
+                _ => {
+                    if prefixes.capacity() < SHARD_FRAME_PREFIX_MAX {
+                        *prefixes = BytesMut::with_capacity(PREFIX_BLOCK);
+                    }
+                    encode_shard_frame_prefix(
+                        prefixes,
+                        sub,
+                        seq,
+                        next.index,
+                        header.as_ref().map(Bytes::len),
+                        next.shard.len(),
+                    );
+                    let prefix = prefixes.split().freeze();
+                    len += prefix.len() + header.as_ref().map_or(0, Bytes::len) + next.shard.len();
+                    batch.push(prefix);
+                    batch.extend(header.clone());
+                    batch.push(next.shard.clone());
+                    named = true;
+                }
+            }
             framed.push(Framed {
                 queued: next,
                 start,
@@ -218,6 +259,10 @@ impl WriteScratch {
         };
         *taken += written as u64;
         let begun = framed.iter().take_while(|f| f.start < written).count();
+        if begun > 0 {
+            // The first frame began: the receiver will know the stream's subscription.
+            out.named = true;
+        }
         let mut pieces_start = 0;
         for (i, f) in framed.drain(..).enumerate() {
             if i < begun {
@@ -259,10 +304,11 @@ impl Engine {
         substreams: SubstreamSet,
         shard: &StoredShard,
         payload: Bytes,
+        frames: Option<&Arc<SharedFrames>>,
     ) {
         match self.config.shard_streams {
             ShardStreams::PerSubscription => {
-                self.queue_on_subscription(handle, sub, shard, payload)
+                self.queue_on_subscription(handle, sub, shard, payload, frames)
             }
             ShardStreams::PerChunk => {
                 self.queue_on_chunk_stream(handle, sub, substreams, shard, payload);
@@ -276,6 +322,7 @@ impl Engine {
         sub: u32,
         shard: &StoredShard,
         payload: Bytes,
+        frames: Option<&Arc<SharedFrames>>,
     ) {
         let max_backlog = self.config.max_backlog_bytes;
         let Some(conn) = self.conns.get_mut(&handle) else {
@@ -293,6 +340,7 @@ impl Engine {
                     partial: VecDeque::new(),
                     queue: VecDeque::new(),
                     known: VecDeque::new(),
+                    named: false,
                 },
             );
         }
@@ -304,6 +352,7 @@ impl Engine {
             header: Arc::clone(&shard.header),
             index: shard.index as u8,
             shard: payload,
+            frames: frames.cloned(),
         });
         mark(&mut self.dirty, conn, handle);
         self.stats.shards_out += 1;
