@@ -10,20 +10,10 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, mpsc};
-use std::thread;
 use std::time::Duration;
 
-use bytes::Bytes;
-
-use gridcast::driver::{IoBackend, Node};
-use gridcast::keys::{ChannelId, ChannelKey, NodeId, NodeKey};
-use gridcast::node::{ChannelMode, Engine, EngineConfig};
-use gridcast::stream::{ChunkFlags, ChunkPublisher, CodingParams};
-use gridcast::wire::{
-    Hello, Message, PROTOCOL_VERSION, Role, StartAt, Subscribe, SubstreamSet, Unsubscribe,
-};
+use gridcast::keys::{ChannelId, NodeId};
+use gridcast::wire::{Message, SubstreamSet, Unsubscribe};
 
 /// What the child saw.
 #[derive(Debug)]
@@ -41,21 +31,7 @@ fn child(addr: SocketAddr, node: NodeId, channel: ChannelId) -> Seen {
         let (endpoint, conn) = common::quic::dial(addr, node, 0x55)
             .await
             .expect("the handshake with the node failed");
-        let (mut control, _replies) = conn.open_bi().await.unwrap();
-        let hello = Message::Hello(Hello {
-            version: PROTOCOL_VERSION,
-            role: Role::Peer,
-            agent: "unsubscribe-test".into(),
-            serves: false,
-        });
-        let subscribe = Message::Subscribe(Subscribe {
-            sub: 1,
-            channel,
-            substreams: SubstreamSet::from_bits(0xffff),
-            start: StartAt::Live,
-        });
-        control.write_all(&hello.to_bytes()).await.unwrap();
-        control.write_all(&subscribe.to_bytes()).await.unwrap();
+        let (mut control, _replies) = common::quic::hello_and_subscribe(&conn, 1, channel).await;
         let mut shards = tokio::time::timeout(Duration::from_secs(10), conn.accept_uni())
             .await
             .expect("no shard stream within 10 s")
@@ -102,58 +78,9 @@ fn child(addr: SocketAddr, node: NodeId, channel: ChannelId) -> Seen {
 
 #[test]
 fn an_unsubscribed_stream_is_finished_and_the_connection_stays() {
-    let key = NodeKey::from_seed(&[0x54; 32]);
-    let channel_key = ChannelKey::from_seed(&[0x56; 32]);
-    let channel = channel_key.channel_id();
-    let (events, _ev) = mpsc::channel();
-    let node = Node::start(
-        IoBackend::Portable,
-        "127.0.0.1:0".parse().unwrap(),
-        1,
-        |tag| {
-            Engine::new(
-                &key,
-                EngineConfig {
-                    role: Role::Source,
-                    serve: true,
-                    worker: Some(tag),
-                    ..Default::default()
-                },
-            )
-        },
-        &events,
-    )
-    .unwrap();
-    assert!(node.command(
-        0,
-        Box::new(move |e, _| e.add_channel(channel, ChannelMode::Source)),
-    ));
-    // A chunk every 100 ms until the child is done (at most 30 s).
-    let done = Arc::new(AtomicBool::new(false));
-    let feeder = {
-        let done = Arc::clone(&done);
-        let node = node.commander();
-        thread::spawn(move || {
-            let mut publisher = ChunkPublisher::new(channel_key, CodingParams::DEFAULT);
-            let body = Bytes::from(vec![0x5a; 16 * 1024]);
-            for seq in 0..300u64 {
-                if done.load(Ordering::Relaxed) {
-                    break;
-                }
-                let coded = publisher
-                    .publish(seq, seq * 100_000, ChunkFlags::RANDOM_ACCESS, &body)
-                    .unwrap();
-                node.command(
-                    0,
-                    Box::new(move |e, now| e.publish(now, channel, &coded).unwrap()),
-                );
-                thread::sleep(Duration::from_millis(100));
-            }
-        })
-    };
-    let seen = child(node.local_addr(), key.node_id(), channel);
-    done.store(true, Ordering::Relaxed);
-    feeder.join().unwrap();
+    let mut source = common::quic::PublishingNode::start(0x54, 0x56);
+    let seen = child(source.node.local_addr(), source.id, source.channel);
+    source.stop();
     println!("{seen:?}");
     assert!(seen.before >= 20_000);
     assert!(

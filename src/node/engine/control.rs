@@ -213,6 +213,11 @@ impl Engine {
                 }
             }
             Message::Subscribe(sub) => {
+                if sub.sub == crate::wire::SUB_OF_STREAM {
+                    // 0 means "the stream's subscription" on shard streams: no subscription
+                    // may be numbered so.
+                    return self.protocol_error(now, handle, "subscription numbered 0");
+                }
                 if !self.channels.contains_key(&sub.channel) && !self.open_channel(now, sub.channel)
                 {
                     // Say so at once, naming the nodes membership knows to carry it: the
