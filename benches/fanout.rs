@@ -72,9 +72,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use ring::aead::{AES_128_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 
 use common::clients::Clients;
+use common::floor::{DATAGRAM, Sealer, TAG};
 use common::sys::{own_rss_kb, pin_to, this_thread_id, thread_cpu_ns};
 use gridcast::app::http::HttpServer;
 use gridcast::app::ops::{Metrics, NodeRole, Watched, admin};
@@ -612,8 +612,6 @@ fn quinn_tokio(plan: Plan) -> Measured {
 /// `shared`: every subscriber's datagrams go to one receiving socket, as the quinn relay's
 /// subscribers share one endpoint; otherwise one socket each, as gridcast's.
 fn raw_floor(plan: Plan, shared: bool) -> Measured {
-    const TAG: usize = 16;
-    const DATAGRAM: usize = 1452 - TAG;
     const BATCH: usize = 45;
     let sockets = if shared { 1 } else { plan.subscribers };
     let receivers: Vec<UdpSocket> = (0..sockets)
@@ -660,27 +658,14 @@ fn raw_floor(plan: Plan, shared: bool) -> Measured {
             tid_tx.send(this_thread_id()).unwrap();
             let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
             let state = quinn_udp::UdpSocketState::new((&socket).into()).unwrap();
-            let key = LessSafeKey::new(UnboundKey::new(&AES_128_GCM, &[7; 16]).unwrap());
-            let mut counter = 0u64;
+            let mut sealer = Sealer::new();
             let mut out = Vec::with_capacity(BATCH * (DATAGRAM + TAG));
             while let Ok(chunk) = chunk_rx.recv() {
                 for &to in &targets {
                     for batch in chunk.chunks(DATAGRAM * BATCH) {
                         out.clear();
                         for piece in batch.chunks(DATAGRAM) {
-                            let at = out.len();
-                            out.extend_from_slice(piece);
-                            counter += 1;
-                            let mut nonce = [0u8; 12];
-                            nonce[4..].copy_from_slice(&counter.to_be_bytes());
-                            let tag = key
-                                .seal_in_place_separate_tag(
-                                    Nonce::assume_unique_for_key(nonce),
-                                    Aad::empty(),
-                                    &mut out[at..],
-                                )
-                                .unwrap();
-                            out.extend_from_slice(tag.as_ref());
+                            sealer.seal_onto(&mut out, piece);
                         }
                         let transmit = quinn_udp::Transmit {
                             destination: to,

@@ -44,7 +44,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use ring::aead::{AES_128_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::floor::{DATAGRAM, Sealer, TAG};
 
 use gridcast::keys::{ChannelId, ChannelKey, NodeKey};
 use gridcast::node::{ChannelMode, Engine, EngineConfig};
@@ -329,12 +332,9 @@ fn inner_node(subscribers: usize, chunks: u64) {
 
 /// Counts the floor's work for the same payload: copy and seal, as the fan-out bench's floor.
 fn inner_floor(subscribers: usize, chunks: u64) {
-    const TAG: usize = 16;
-    const DATAGRAM: usize = 1452 - TAG;
-    let key = LessSafeKey::new(UnboundKey::new(&AES_128_GCM, &[7; 16]).unwrap());
+    let mut sealer = Sealer::new();
     let body = payload(chunk_bytes(subscribers));
     let mut out = Vec::with_capacity(64 * 1024);
-    let mut counter = 0u64;
     let mut bytes = 0u64;
     for _ in 0..chunks {
         for _ in 0..subscribers {
@@ -344,25 +344,13 @@ fn inner_floor(subscribers: usize, chunks: u64) {
                     if out.len() + DATAGRAM + TAG > out.capacity() {
                         out.clear();
                     }
-                    let at = out.len();
-                    out.extend_from_slice(piece);
-                    counter += 1;
-                    let mut nonce = [0u8; 12];
-                    nonce[4..].copy_from_slice(&counter.to_be_bytes());
-                    let tag = key
-                        .seal_in_place_separate_tag(
-                            Nonce::assume_unique_for_key(nonce),
-                            Aad::empty(),
-                            &mut out[at..],
-                        )
-                        .unwrap();
-                    out.extend_from_slice(tag.as_ref());
+                    sealer.seal_onto(&mut out, piece);
                 }
             });
             bytes += body.len() as u64;
         }
     }
-    println!("payload_bytes={bytes} node_datagrams={counter}");
+    println!("payload_bytes={bytes} node_datagrams={}", sealer.sealed());
 }
 
 fn arg<T: std::str::FromStr>(args: &[String], name: &str) -> Option<T> {

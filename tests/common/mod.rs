@@ -6,6 +6,7 @@ pub mod bed;
 pub mod catalog;
 pub mod clients;
 pub mod flood;
+pub mod floor;
 pub mod grid;
 pub mod http;
 pub mod procs;
