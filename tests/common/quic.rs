@@ -133,9 +133,17 @@ pub async fn hello_and_subscribe(
     sub: u32,
     channel: gridcast::keys::ChannelId,
 ) -> (quinn::SendStream, quinn::RecvStream) {
-    use gridcast::wire::{
-        Hello, Message, PROTOCOL_VERSION, Role, StartAt, Subscribe, SubstreamSet,
-    };
+    hello_and_subscribe_from(conn, sub, channel, gridcast::wire::StartAt::Live).await
+}
+
+/// [`hello_and_subscribe`] from `start`.
+pub async fn hello_and_subscribe_from(
+    conn: &quinn::Connection,
+    sub: u32,
+    channel: gridcast::keys::ChannelId,
+    start: gridcast::wire::StartAt,
+) -> (quinn::SendStream, quinn::RecvStream) {
+    use gridcast::wire::{Hello, Message, PROTOCOL_VERSION, Role, Subscribe, SubstreamSet};
     let (mut control, replies) = conn.open_bi().await.unwrap();
     let hello = Message::Hello(Hello {
         version: PROTOCOL_VERSION,
@@ -147,7 +155,7 @@ pub async fn hello_and_subscribe(
         sub,
         channel,
         substreams: SubstreamSet::from_bits(0xffff),
-        start: StartAt::Live,
+        start,
     });
     control.write_all(&hello.to_bytes()).await.unwrap();
     control.write_all(&subscribe.to_bytes()).await.unwrap();

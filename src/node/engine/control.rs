@@ -311,8 +311,10 @@ impl Engine {
                         }
                     }
                 }
+                // Framed for this subscriber alone, around the stored shard's own bytes: a
+                // shared frame made for one subscriber would copy each shard once more.
                 for shard in &backlog {
-                    self.send_shard(now, handle, sub.sub, sub.substreams, shard, &Arc::default());
+                    self.send_shard(now, handle, sub.sub, sub.substreams, shard, None);
                 }
             }
             Message::Unsubscribe(unsub) => {

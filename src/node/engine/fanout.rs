@@ -320,8 +320,12 @@ impl Engine {
             }
         }
         // Each shard is framed once for every subscriber whose stream has named its
-        // subscription.
-        let frames: Vec<Arc<SharedFrames>> = shards.iter().map(|_| Arc::default()).collect();
+        // subscription (a leaf with no subscribers frames nothing).
+        let frames: Vec<Arc<SharedFrames>> = if listed.is_empty() {
+            Vec::new()
+        } else {
+            shards.iter().map(|_| Arc::default()).collect()
+        };
         for &(handle, sub) in &listed {
             let substreams = match self.conns.get(&handle) {
                 Some(conn) if !conn.closed => match conn.served.get(&sub) {
@@ -332,7 +336,7 @@ impl Engine {
             };
             for (shard, frames) in shards.iter().zip(&frames) {
                 if substreams.contains(shard.index) {
-                    self.send_shard(now, handle, sub, substreams, shard, frames);
+                    self.send_shard(now, handle, sub, substreams, shard, Some(frames));
                 }
             }
         }
@@ -360,6 +364,9 @@ impl Engine {
         }
     }
 
+    /// Queues `shard` for one subscription, within the upload cap. `frames`: the shard's
+    /// frames shared by every subscriber of this fan-out; `None` frames it for this
+    /// subscriber alone (a catch-up, or a corrupting test node's altered bytes).
     pub(super) fn send_shard(
         &mut self,
         now: Instant,
@@ -367,7 +374,7 @@ impl Engine {
         sub: u32,
         substreams: SubstreamSet,
         shard: &StoredShard,
-        frames: &Arc<SharedFrames>,
+        frames: Option<&Arc<SharedFrames>>,
     ) {
         if !self.upload_allowed(now, shard.shard.len()) {
             self.stats.upload_cap_drops += 1;
@@ -380,7 +387,7 @@ impl Engine {
             }
             (Bytes::from(bad), None)
         } else {
-            (shard.shard.clone(), Some(frames))
+            (shard.shard.clone(), frames)
         };
         self.queue_shard(handle, sub, substreams, shard, payload, frames);
     }

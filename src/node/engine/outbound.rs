@@ -17,7 +17,7 @@ use quinn_proto::{ConnectionHandle, Dir, SendStream, StreamId, VarInt, WriteErro
 use crate::node::channel::{Channel, StoredShard};
 use crate::stream::SignedChunkHeader;
 use crate::wire::{
-    SHARD_FRAME_PREFIX_MAX, STREAM_HEADERS, SubstreamSet, encode_shard_frame_prefix,
+    SHARD_FRAME_PREFIX_MAX, STREAM_HEADERS, SUB_OF_STREAM, SubstreamSet, encode_shard_frame_prefix,
     encode_shared_shard_frame,
 };
 
@@ -222,9 +222,11 @@ impl WriteScratch {
                     if prefixes.capacity() < SHARD_FRAME_PREFIX_MAX {
                         *prefixes = BytesMut::with_capacity(PREFIX_BLOCK);
                     }
+                    // After the stream's first frame, the stream's subscription, as in a
+                    // shared frame.
                     encode_shard_frame_prefix(
                         prefixes,
-                        sub,
+                        if named { SUB_OF_STREAM } else { sub },
                         seq,
                         next.index,
                         header.as_ref().map(Bytes::len),
