@@ -216,11 +216,7 @@ impl Engine {
 
     /// Handles expired timers.
     pub fn handle_timeout(&mut self, now: Instant) {
-        while let Some(&(at, handle)) = self.timers.first() {
-            if at > now {
-                break;
-            }
-            self.timers.pop_first();
+        while let Some(handle) = self.timers.pop_due(now) {
             if let Some(conn) = self.conns.get_mut(&handle) {
                 conn.timer = None;
                 conn.quic.handle_timeout(now);
@@ -250,7 +246,7 @@ impl Engine {
 
     /// The next instant [`Engine::handle_timeout`] must run.
     pub fn poll_timeout(&mut self) -> Option<Instant> {
-        let conns = self.timers.first().map(|(t, _)| *t);
+        let conns = self.timers.first().map(|(t, _)| t);
         let channels = self.channels.values().filter_map(Channel::poll_timeout);
         let upstream = self.upstreams.values().filter_map(|u| u.next_check);
         let gossip = self.gossip_poll_timeout();
@@ -275,11 +271,7 @@ impl Engine {
         let Some(end) = first.checked_add(slack) else {
             return Some(first);
         };
-        let last = self
-            .timers
-            .range(..=(end, ConnectionHandle(usize::MAX)))
-            .next_back()
-            .map_or(first, |&(t, _)| t);
+        let last = self.timers.last_until(end).unwrap_or(first);
         Some(first.max(last))
     }
 
@@ -328,12 +320,7 @@ impl Engine {
         };
         let next = conn.quic.poll_timeout();
         if next != conn.timer {
-            if let Some(old) = conn.timer {
-                self.timers.remove(&(old, handle));
-            }
-            if let Some(new) = next {
-                self.timers.insert((new, handle));
-            }
+            self.timers.set(handle, next);
             conn.timer = next;
         }
     }
@@ -520,8 +507,8 @@ impl Engine {
                     self.handshaking = self.handshaking.saturating_sub(1);
                 }
                 self.stats.retired_quic.add(&conn.quic.stats().path);
-                if let Some(t) = conn.timer {
-                    self.timers.remove(&(t, handle));
+                if conn.timer.is_some() {
+                    self.timers.remove(handle);
                 }
             }
             self.order.retain(|h| *h != handle);

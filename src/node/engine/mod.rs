@@ -44,6 +44,7 @@
 //!   cap.
 //! - `outbound`: the streams shards leave on ([`ShardStreams`]), the queue in front of QUIC
 //!   and the backlog bound.
+//! - `timers`: every connection's next QUIC deadline, in a heap that moves one in place.
 //! - `discovery`: parent queries and answers, and the first-tier limit that sends peers to
 //!   relays.
 //! - `report`: the snapshot an operator's metrics and health checks read.
@@ -66,13 +67,14 @@ mod parents;
 mod punch;
 mod race;
 mod report;
+mod timers;
 pub(crate) use nearer::EXPLORE_EVERY;
 pub use race::ATTEMPT_DELAY;
 pub use report::{ChannelReport, ConnectionsByRole, EngineReport, ParentReport};
 
 use conn::ConnTable;
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -629,7 +631,7 @@ pub struct Engine {
     /// Connections that may have datagrams to send.
     tx_queue: VecDeque<ConnectionHandle>,
     /// Every connection's next QUIC deadline.
-    timers: BTreeSet<(Instant, ConnectionHandle)>,
+    timers: timers::Timers,
     /// Per channel, the (connection, subscription) pairs that receive its shards: fan-out
     /// touches only these, never every connection.
     subscribers: HashMap<ChannelId, Vec<(ConnectionHandle, u32)>>,
@@ -808,7 +810,7 @@ impl Engine {
             order: Vec::new(),
             dirty: VecDeque::new(),
             tx_queue: VecDeque::new(),
-            timers: BTreeSet::new(),
+            timers: timers::Timers::default(),
             subscribers: HashMap::new(),
             channels: HashMap::new(),
             coder: ShardCoder::new(),

@@ -340,9 +340,9 @@ impl Engine {
     fn swapped_timers(&mut self, a: ConnectionHandle, b: ConnectionHandle) {
         for h in [a, b] {
             if let Some(conn) = self.conns.get_mut(&h)
-                && let Some(t) = conn.timer.take()
+                && conn.timer.take().is_some()
             {
-                self.timers.remove(&(t, h));
+                self.timers.remove(h);
             }
             self.rearm(h);
             self.touch(h);
