@@ -15,6 +15,9 @@ use quinn_proto::ConnectionHandle;
 /// No entry for this handle.
 const ABSENT: u32 = u32::MAX;
 
+/// Most entries [`Timers::last_until`] looks at.
+const LOOK_AT: usize = 64;
+
 /// Connection deadlines (see the module docs).
 #[derive(Debug, Default)]
 pub(super) struct Timers {
@@ -93,16 +96,24 @@ impl Timers {
         Some(handle)
     }
 
-    /// The latest deadline no later than `end`, if any: the entries up to `end` are a subtree
-    /// at the root, so only they and their children are looked at.
+    /// The latest deadline no later than `end` among the first [`LOOK_AT`] entries that are
+    /// (the entries up to `end` are a subtree at the root, walked from it), if any. Where more
+    /// than that many fall before `end`, the answer may be an earlier one of them: a driver
+    /// that wakes for it wakes no later than it must, and one turn's walk stays bounded
+    /// however many connections' deadlines bunch together.
     pub(super) fn last_until(&self, end: Instant) -> Option<Instant> {
-        self.last_under(0, end)
+        let mut budget = LOOK_AT;
+        self.last_under(0, end, &mut budget)
     }
 
-    fn last_under(&self, i: usize, end: Instant) -> Option<Instant> {
+    fn last_under(&self, i: usize, end: Instant, budget: &mut usize) -> Option<Instant> {
+        if *budget == 0 {
+            return None;
+        }
         let &(at, _) = self.heap.get(i).filter(|(at, _)| *at <= end)?;
-        let left = self.last_under(2 * i + 1, end);
-        let right = self.last_under(2 * i + 2, end);
+        *budget -= 1;
+        let left = self.last_under(2 * i + 1, end, budget);
+        let right = self.last_under(2 * i + 2, end, budget);
         Some(at.max(left.unwrap_or(at)).max(right.unwrap_or(at)))
     }
 
@@ -217,6 +228,30 @@ mod tests {
                 prop_assert_eq!(timers.heap.len(), model.len());
             }
         }
+    }
+
+    #[test]
+    fn the_walk_for_the_last_deadline_in_a_window_is_bounded() {
+        let now = Instant::now();
+        let mut timers = Timers::default();
+        for h in 0..1000 {
+            timers.set(
+                ConnectionHandle(h),
+                Some(now + Duration::from_micros(h as u64)),
+            );
+        }
+        let end = now + Duration::from_millis(1);
+        let last = timers.last_until(end).unwrap();
+        // Some deadline at or after the first and within the window, found without a walk over
+        // all 1000 that fall in it.
+        assert!(last > now && last <= end, "{last:?}");
+        let (first, _) = timers.first().unwrap();
+        assert!(first < last);
+        // A window with fewer entries than the walk may visit gets the exact answer.
+        assert_eq!(
+            timers.last_until(now + Duration::from_micros(30)),
+            Some(now + Duration::from_micros(30))
+        );
     }
 
     #[test]
