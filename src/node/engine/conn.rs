@@ -100,8 +100,6 @@ pub(super) struct Conn {
     pub(super) dirty: bool,
     /// Queued in `Engine::tx_queue`.
     pub(super) queued_tx: bool,
-    /// The deadline this connection holds in `Engine::timers`.
-    pub(super) timer: Option<Instant>,
     /// When a datagram of this connection last arrived (or it was created): a parent that
     /// sends nothing at all, not even the keep-alive's acknowledgements, is unreachable.
     pub(super) last_rx: Instant,
@@ -166,7 +164,6 @@ impl Conn {
             closed: false,
             dirty: false,
             queued_tx: false,
-            timer: None,
             last_rx: now,
             established: false,
             asked: None,

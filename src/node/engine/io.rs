@@ -218,7 +218,6 @@ impl Engine {
     pub fn handle_timeout(&mut self, now: Instant) {
         while let Some(handle) = self.timers.pop_due(now) {
             if let Some(conn) = self.conns.get_mut(&handle) {
-                conn.timer = None;
                 conn.quic.handle_timeout(now);
                 mark(&mut self.dirty, conn, handle);
             }
@@ -318,11 +317,7 @@ impl Engine {
         let Some(conn) = self.conns.get_mut(&handle) else {
             return;
         };
-        let next = conn.quic.poll_timeout();
-        if next != conn.timer {
-            self.timers.set(handle, next);
-            conn.timer = next;
-        }
+        self.timers.set(handle, conn.quic.poll_timeout());
     }
 
     /// The next event for the application.
@@ -507,9 +502,7 @@ impl Engine {
                     self.handshaking = self.handshaking.saturating_sub(1);
                 }
                 self.stats.retired_quic.add(&conn.quic.stats().path);
-                if conn.timer.is_some() {
-                    self.timers.remove(handle);
-                }
+                self.timers.remove(handle);
             }
             self.order.retain(|h| *h != handle);
             for listed in self.subscribers.values_mut() {

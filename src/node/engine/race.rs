@@ -339,11 +339,6 @@ impl Engine {
     /// both.
     fn swapped_timers(&mut self, a: ConnectionHandle, b: ConnectionHandle) {
         for h in [a, b] {
-            if let Some(conn) = self.conns.get_mut(&h)
-                && conn.timer.take().is_some()
-            {
-                self.timers.remove(h);
-            }
             self.rearm(h);
             self.touch(h);
         }

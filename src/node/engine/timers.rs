@@ -32,7 +32,8 @@ impl Timers {
         self.heap.first().copied()
     }
 
-    /// Sets `handle`'s deadline: files, moves or (with `None`) drops its entry.
+    /// Sets `handle`'s deadline: files, moves or (with `None`) drops its entry; an unchanged
+    /// deadline costs a look at its entry.
     pub(super) fn set(&mut self, handle: ConnectionHandle, at: Option<Instant>) {
         let Some(at) = at else {
             self.remove(handle);
@@ -51,6 +52,9 @@ impl Timers {
             i => {
                 let i = i as usize;
                 let was = self.heap[i].0;
+                if at == was {
+                    return;
+                }
                 self.heap[i].0 = at;
                 if at < was {
                     self.sift_up(i);
