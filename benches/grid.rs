@@ -8,7 +8,10 @@
 //!
 //! `--streams`: the two shard stream layouts, each with CUBIC and with BBR, side by side on a path with 5% loss and 40 ms of delay (`grid-streams
 //! shard_streams=… congestion=… continuity_min=… startup_ms_p50=… delay_ms_p99=… mb_sent=…`),
-//! and nothing else.
+//! first with the supernodes' uplinks uncapped, then capped at 5 Mbit/s behind a queue that
+//! never overflows, then (with no random loss) capped behind a 50-ms drop-tail queue, where a
+//! burst one connection sends costs datagrams of its own and of its neighbours; and nothing
+//! else.
 //!
 //! Then a grid that forms itself: a source with a first tier of 10, 30 relays and 1,000 peers
 //! that know only the source (discovery, membership and peer exchange at work), for 60 s of
@@ -102,12 +105,42 @@ fn streams(quick: bool) {
     ];
     // Then each supernode's uplink capped at 5 Mbit/s, about 1.3 times what its share of the
     // peers asks of it: the peers' connections compete for one queue, and a controller that
-    // let one of them crowd out the others would show as a peer with gaps.
-    for uplink in [None, Some(625_000u64)] {
+    // let one of them crowd out the others would show as a peer with gaps. Last, the same
+    // cap behind a queue of 50 ms (31,250 bytes) that drops what does not fit, and no random
+    // loss: what a sender's bursts cost on a shallow bottleneck.
+    let cap = 625_000u64;
+    let paths = [
+        Path {
+            uplink: None,
+            queue: None,
+            loss: 0.05,
+        },
+        Path {
+            uplink: Some(cap),
+            queue: None,
+            loss: 0.05,
+        },
+        Path {
+            uplink: Some(cap),
+            queue: Some(cap / 20),
+            loss: 0.0,
+        },
+    ];
+    for path in paths {
         for &(layout, congestion) in &variants {
-            streams_one(stream_s, seeds, layout, congestion, uplink);
+            streams_one(stream_s, seeds, layout, congestion, path);
         }
     }
+}
+
+/// The supernodes' uplinks and the loss on every link, for [`streams_one`].
+#[derive(Clone, Copy)]
+struct Path {
+    /// Bytes per second (`None`: uncapped).
+    uplink: Option<u64>,
+    /// Most bytes waiting for the uplink (`None`: no limit).
+    queue: Option<u64>,
+    loss: f64,
 }
 
 fn streams_one(
@@ -115,7 +148,7 @@ fn streams_one(
     seeds: &[u64],
     layout: ShardStreams,
     congestion: Congestion,
-    uplink: Option<u64>,
+    path: Path,
 ) {
     {
         let with = |mut c: EngineConfig| {
@@ -131,7 +164,7 @@ fn streams_one(
                 seed,
                 link: LinkConfig {
                     latency: Duration::from_millis(40),
-                    loss: 0.05,
+                    loss: path.loss,
                 },
                 ..Default::default()
             };
@@ -140,7 +173,8 @@ fn streams_one(
                     with(Grid::relay_config(i))
                 });
             for &sn in &grid.supernodes {
-                grid.sim.set_uplink(sn, uplink);
+                grid.sim.set_uplink(sn, path.uplink);
+                grid.sim.set_uplink_queue(sn, path.queue);
             }
             grid.run(Duration::from_secs(2));
             grid.add_policy_peers_with(20, 0, || with(EngineConfig::default()));
@@ -159,7 +193,7 @@ fn streams_one(
                     }
                 }
             }
-            lost += grid.sim.stats().lost;
+            lost += grid.sim.stats().lost + grid.sim.stats().queue_drops;
             sent += grid.sim.stats().bytes;
         }
         let pct = |v: &mut Vec<f64>, q: f64| {
@@ -169,10 +203,13 @@ fn streams_one(
                 .unwrap_or(f64::NAN)
         };
         println!(
-            "grid-streams shard_streams={layout:?} congestion={congestion:?} supernode_uplink_kbps={} loss=0.05 latency_ms=40 seeds={} peers=20 stream_s={stream_s} \
+            "grid-streams shard_streams={layout:?} congestion={congestion:?} supernode_uplink_kbps={} uplink_queue_bytes={} loss={} latency_ms=40 seeds={} peers=20 stream_s={stream_s} \
              continuity_min={continuity_min:.4} startup_ms_p50={:.0} startup_ms_max={:.0} \
              delay_ms_p50={:.0} delay_ms_p99={:.0} delay_ms_max={:.0} datagrams_lost={lost} mb_sent={:.1} wall_s={:.1}",
-            uplink.map_or("none".to_owned(), |b| (b * 8 / 1000).to_string()),
+            path.uplink
+                .map_or("none".to_owned(), |b| (b * 8 / 1000).to_string()),
+            path.queue.map_or("none".to_owned(), |b| b.to_string()),
+            path.loss,
             seeds.len(),
             pct(&mut startups, 0.5),
             pct(&mut startups, 1.0),

@@ -88,6 +88,8 @@ pub struct SimStats {
     pub bytes: u64,
     /// Datagrams lost to random loss.
     pub lost: u64,
+    /// Datagrams dropped because a node's uplink queue was full ([`Sim::set_uplink_queue`]).
+    pub queue_drops: u64,
     /// Datagrams dropped because the receiver was dead or partitioned away.
     pub undeliverable: u64,
     /// Steps taken.
@@ -109,6 +111,9 @@ pub struct SimNode {
     alive: bool,
     /// Uplink rate in bytes per second (`None`: unlimited).
     uplink: Option<u64>,
+    /// Most bytes waiting for the uplink (`None`: no limit); a datagram that would go past it
+    /// is dropped, as a router's drop-tail queue does.
+    uplink_queue: Option<u64>,
     uplink_free: Instant,
     /// UDP payload bytes this node sent.
     pub bytes_sent: u64,
@@ -188,6 +193,7 @@ impl Sim {
             addr,
             alive: true,
             uplink: None,
+            uplink_queue: None,
             uplink_free: self.now,
             bytes_sent: 0,
             datagrams_sent: 0,
@@ -244,6 +250,13 @@ impl Sim {
         self.nodes[ix].uplink = bytes_per_sec;
     }
 
+    /// Bounds the bytes waiting for a node's capped uplink (see [`Sim::set_uplink`]): past
+    /// `bytes` a datagram is dropped (`None`: the queue never overflows). The default is no
+    /// bound, so a burst only waits; a real bottleneck holds a few tens of milliseconds.
+    pub fn set_uplink_queue(&mut self, ix: NodeIx, bytes: Option<u64>) {
+        self.nodes[ix].uplink_queue = bytes;
+    }
+
     /// Cuts (or restores) both directions between `a` and `b`.
     pub fn partition(&mut self, a: NodeIx, b: NodeIx, cut: bool) {
         for pair in [(a, b), (b, a)] {
@@ -296,6 +309,14 @@ impl Sim {
         node.datagrams_sent += 1;
         let depart = match node.uplink {
             Some(rate) => {
+                if let Some(limit) = node.uplink_queue {
+                    let waiting = node.uplink_free.saturating_duration_since(self.now);
+                    let queued = (waiting.as_nanos() * u128::from(rate) / 1_000_000_000) as u64;
+                    if queued + data.len() as u64 > limit {
+                        self.stats.queue_drops += 1;
+                        return;
+                    }
+                }
                 let start = node.uplink_free.max(self.now);
                 let serialize =
                     Duration::from_nanos(data.len() as u64 * 1_000_000_000 / rate.max(1));
@@ -405,5 +426,53 @@ impl Sim {
     pub fn run_for(&mut self, d: Duration) -> Result<(), SimError> {
         let until = self.now + d;
         self.run_until(until)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A capped uplink with a bounded queue passes what fits in the queue and drops the rest
+    /// of a burst; once the link has drained, it passes a burst again. Unbounded, it drops
+    /// nothing.
+    #[test]
+    #[allow(clippy::disallowed_methods)] // a start instant for virtual time
+    fn a_full_uplink_queue_drops_the_rest_of_a_burst() {
+        let start = Instant::now();
+        let mut sim = Sim::new(start, SimConfig::default());
+        let a = sim.add_node(EngineConfig::default()).unwrap();
+        let b = sim.add_node(EngineConfig::default()).unwrap();
+        let to = sim.node(b).addr;
+        // 1 MB/s: a 1000-byte datagram takes 1 ms on the wire.
+        sim.set_uplink(a, Some(1_000_000));
+        let burst = |sim: &mut Sim| {
+            for _ in 0..20 {
+                sim.send(a, to, vec![0; 1000]);
+            }
+        };
+        burst(&mut sim);
+        assert_eq!(
+            sim.stats().queue_drops,
+            0,
+            "an unbounded queue drops nothing"
+        );
+        assert_eq!(sim.queue.len(), 20);
+
+        sim.now = start + Duration::from_millis(20);
+        sim.set_uplink_queue(a, Some(10_000));
+        burst(&mut sim);
+        assert_eq!(
+            sim.stats().queue_drops,
+            10,
+            "ten 1000-byte datagrams fill 10 KB"
+        );
+        assert_eq!(sim.queue.len(), 30);
+
+        // Half drained: five more fit.
+        sim.now += Duration::from_millis(5);
+        burst(&mut sim);
+        assert_eq!(sim.stats().queue_drops, 25);
+        assert_eq!(sim.queue.len(), 35);
     }
 }
