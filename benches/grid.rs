@@ -13,6 +13,12 @@
 //! burst one connection sends costs datagrams of its own and of its neighbours; and nothing
 //! else.
 //!
+//! `--bursts`: the default layout with CUBIC and with BBR, a 4 Mbit/s stream (three parents
+//! each send a peer about 42 KB a chunk at once), no random loss, first with the peers'
+//! downlinks uncapped, then each peer behind a 10 Mbit/s access link with a 50-ms drop-tail
+//! queue: how a sender's bursts fare at a viewer's own bottleneck (`grid-streams` lines with
+//! `peer_downlink_kbps` and `peer_queue_bytes` set); and nothing else.
+//!
 //! Then a grid that forms itself: a source with a first tier of 10, 30 relays and 1,000 peers
 //! that know only the source (discovery, membership and peer exchange at work), for 60 s of
 //! stream (`--quick`: 10 relays, 100 peers, 20 s; `--relays`, `--peers` and `--stream` set
@@ -44,6 +50,10 @@ fn main() {
     let quick = flag("--quick");
     if flag("--streams") {
         streams(quick);
+        return;
+    }
+    if flag("--bursts") {
+        bursts(quick);
         return;
     }
     if !flag("--discovery-only") {
@@ -109,21 +119,24 @@ fn streams(quick: bool) {
     // cap behind a queue of 50 ms (31,250 bytes) that drops what does not fit, and no random
     // loss: what a sender's bursts cost on a shallow bottleneck.
     let cap = 625_000u64;
+    let lossy = Path {
+        bitrate: 500_000,
+        uplink: None,
+        queue: None,
+        loss: 0.05,
+        downlink: None,
+    };
     let paths = [
-        Path {
-            uplink: None,
-            queue: None,
-            loss: 0.05,
-        },
+        lossy,
         Path {
             uplink: Some(cap),
-            queue: None,
-            loss: 0.05,
+            ..lossy
         },
         Path {
             uplink: Some(cap),
             queue: Some(cap / 20),
             loss: 0.0,
+            ..lossy
         },
     ];
     for path in paths {
@@ -133,14 +146,51 @@ fn streams(quick: bool) {
     }
 }
 
-/// The supernodes' uplinks and the loss on every link, for [`streams_one`].
+/// A sender's bursts at the viewers' own bottleneck (see the module docs, `--bursts`).
+fn bursts(quick: bool) {
+    let (stream_s, seeds): (u64, &[u64]) = if quick {
+        (15, &[5])
+    } else {
+        (30, &[5, 21, 42])
+    };
+    let clean = Path {
+        bitrate: 4_000_000,
+        uplink: None,
+        queue: None,
+        loss: 0.0,
+        downlink: None,
+    };
+    // 10 Mbit/s, and 50 ms of it queued.
+    let access = Path {
+        downlink: Some((1_250_000, 62_500)),
+        ..clean
+    };
+    for path in [clean, access] {
+        for congestion in [Congestion::Cubic, Congestion::Bbr] {
+            streams_one(
+                stream_s,
+                seeds,
+                ShardStreams::PerSubscription,
+                congestion,
+                path,
+            );
+        }
+    }
+}
+
+/// The stream, the supernodes' uplinks, the peers' downlinks and the loss on every link, for
+/// [`streams_one`].
 #[derive(Clone, Copy)]
 struct Path {
+    /// The source's stream, bits per second.
+    bitrate: usize,
     /// Bytes per second (`None`: uncapped).
     uplink: Option<u64>,
     /// Most bytes waiting for the uplink (`None`: no limit).
     queue: Option<u64>,
     loss: f64,
+    /// Each peer's access link: bytes per second and the most bytes its queue holds.
+    downlink: Option<(u64, u64)>,
 }
 
 fn streams_one(
@@ -168,16 +218,24 @@ fn streams_one(
                 },
                 ..Default::default()
             };
-            let mut grid =
-                Grid::with_configs(config, with(common::grid::Broadcast::config()), 4, |i| {
-                    with(Grid::relay_config(i))
-                });
+            let mut grid = Grid::with_bitrate(
+                config,
+                with(common::grid::Broadcast::config()),
+                path.bitrate,
+                4,
+                |i| with(Grid::relay_config(i)),
+            );
             for &sn in &grid.supernodes {
                 grid.sim.set_uplink(sn, path.uplink);
                 grid.sim.set_uplink_queue(sn, path.queue);
             }
             grid.run(Duration::from_secs(2));
             grid.add_policy_peers_with(20, 0, || with(EngineConfig::default()));
+            if let Some((rate, queue)) = path.downlink {
+                for &p in &grid.peers {
+                    grid.sim.set_downlink(p, Some(rate), Some(queue));
+                }
+            }
             grid.run(Duration::from_secs(stream_s));
             for (i, &p) in grid.peers.iter().enumerate() {
                 let s = grid.peer_stats(p);
@@ -203,12 +261,17 @@ fn streams_one(
                 .unwrap_or(f64::NAN)
         };
         println!(
-            "grid-streams shard_streams={layout:?} congestion={congestion:?} supernode_uplink_kbps={} uplink_queue_bytes={} loss={} latency_ms=40 seeds={} peers=20 stream_s={stream_s} \
+            "grid-streams shard_streams={layout:?} congestion={congestion:?} bitrate_kbps={} supernode_uplink_kbps={} uplink_queue_bytes={} peer_downlink_kbps={} peer_queue_bytes={} loss={} latency_ms=40 seeds={} peers=20 stream_s={stream_s} \
              continuity_min={continuity_min:.4} startup_ms_p50={:.0} startup_ms_max={:.0} \
              delay_ms_p50={:.0} delay_ms_p99={:.0} delay_ms_max={:.0} datagrams_lost={lost} mb_sent={:.1} wall_s={:.1}",
+            path.bitrate / 1000,
             path.uplink
                 .map_or("none".to_owned(), |b| (b * 8 / 1000).to_string()),
             path.queue.map_or("none".to_owned(), |b| b.to_string()),
+            path.downlink
+                .map_or("none".to_owned(), |(b, _)| (b * 8 / 1000).to_string()),
+            path.downlink
+                .map_or("none".to_owned(), |(_, q)| q.to_string()),
             path.loss,
             seeds.len(),
             pct(&mut startups, 0.5),

@@ -88,7 +88,8 @@ pub struct SimStats {
     pub bytes: u64,
     /// Datagrams lost to random loss.
     pub lost: u64,
-    /// Datagrams dropped because a node's uplink queue was full ([`Sim::set_uplink_queue`]).
+    /// Datagrams dropped because the queue in front of a node's capped uplink or downlink
+    /// was full ([`Sim::set_uplink_queue`], [`Sim::set_downlink`]).
     pub queue_drops: u64,
     /// Datagrams dropped because the receiver was dead or partitioned away.
     pub undeliverable: u64,
@@ -109,17 +110,55 @@ pub struct SimNode {
     /// Its id.
     pub id: NodeId,
     alive: bool,
-    /// Uplink rate in bytes per second (`None`: unlimited).
-    uplink: Option<u64>,
-    /// Most bytes waiting for the uplink (`None`: no limit); a datagram that would go past it
-    /// is dropped, as a router's drop-tail queue does.
-    uplink_queue: Option<u64>,
-    uplink_free: Instant,
+    /// What leaves the node.
+    uplink: Shaper,
+    /// What reaches the node.
+    downlink: Shaper,
     /// UDP payload bytes this node sent.
     pub bytes_sent: u64,
     /// Datagrams this node sent.
     pub datagrams_sent: u64,
     events: Vec<(Instant, NodeEvent)>,
+}
+
+/// A link of limited rate with a queue in front of it, as at a bottleneck.
+#[derive(Debug)]
+struct Shaper {
+    /// Bytes per second (`None`: unlimited, and nothing waits).
+    rate: Option<u64>,
+    /// Most bytes waiting (`None`: no limit); a datagram that would go past it is dropped, as
+    /// a router's drop-tail queue does.
+    queue: Option<u64>,
+    /// When the datagrams already taken will have gone.
+    free: Instant,
+}
+
+impl Shaper {
+    fn new(now: Instant) -> Self {
+        Self {
+            rate: None,
+            queue: None,
+            free: now,
+        }
+    }
+
+    /// When a datagram of `len` bytes that reaches the link at `at` has gone through it, or
+    /// `None` if the queue has no room for it.
+    fn pass(&mut self, at: Instant, len: usize) -> Option<Instant> {
+        let Some(rate) = self.rate else {
+            return Some(at);
+        };
+        if let Some(limit) = self.queue {
+            let waiting = self.free.saturating_duration_since(at);
+            let queued = (waiting.as_nanos() * u128::from(rate) / 1_000_000_000) as u64;
+            if queued + len as u64 > limit {
+                return None;
+            }
+        }
+        let start = self.free.max(at);
+        self.free = start + Duration::from_nanos(len as u64 * 1_000_000_000 / rate.max(1));
+        Some(self.free)
+    }
 }
 
 #[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -192,9 +231,8 @@ impl Sim {
             engine,
             addr,
             alive: true,
-            uplink: None,
-            uplink_queue: None,
-            uplink_free: self.now,
+            uplink: Shaper::new(self.now),
+            downlink: Shaper::new(self.now),
             bytes_sent: 0,
             datagrams_sent: 0,
             events: Vec::new(),
@@ -247,14 +285,24 @@ impl Sim {
 
     /// Limits a node's uplink to `bytes_per_sec`.
     pub fn set_uplink(&mut self, ix: NodeIx, bytes_per_sec: Option<u64>) {
-        self.nodes[ix].uplink = bytes_per_sec;
+        self.nodes[ix].uplink.rate = bytes_per_sec;
     }
 
     /// Bounds the bytes waiting for a node's capped uplink (see [`Sim::set_uplink`]): past
     /// `bytes` a datagram is dropped (`None`: the queue never overflows). The default is no
     /// bound, so a burst only waits; a real bottleneck holds a few tens of milliseconds.
     pub fn set_uplink_queue(&mut self, ix: NodeIx, bytes: Option<u64>) {
-        self.nodes[ix].uplink_queue = bytes;
+        self.nodes[ix].uplink.queue = bytes;
+    }
+
+    /// Limits what reaches a node to `bytes_per_sec`, behind a queue of at most `queue` bytes
+    /// (`None`: unlimited), as an access link does. A datagram joins the queue when it
+    /// arrives, in the order datagrams are sent: with links of different delays into one
+    /// node, one may queue behind another sent before it that arrives after it.
+    pub fn set_downlink(&mut self, ix: NodeIx, bytes_per_sec: Option<u64>, queue: Option<u64>) {
+        let downlink = &mut self.nodes[ix].downlink;
+        downlink.rate = bytes_per_sec;
+        downlink.queue = queue;
     }
 
     /// Cuts (or restores) both directions between `a` and `b`.
@@ -307,23 +355,9 @@ impl Sim {
         let node = &mut self.nodes[from];
         node.bytes_sent += data.len() as u64;
         node.datagrams_sent += 1;
-        let depart = match node.uplink {
-            Some(rate) => {
-                if let Some(limit) = node.uplink_queue {
-                    let waiting = node.uplink_free.saturating_duration_since(self.now);
-                    let queued = (waiting.as_nanos() * u128::from(rate) / 1_000_000_000) as u64;
-                    if queued + data.len() as u64 > limit {
-                        self.stats.queue_drops += 1;
-                        return;
-                    }
-                }
-                let start = node.uplink_free.max(self.now);
-                let serialize =
-                    Duration::from_nanos(data.len() as u64 * 1_000_000_000 / rate.max(1));
-                node.uplink_free = start + serialize;
-                start + serialize
-            }
-            None => self.now,
+        let Some(depart) = node.uplink.pass(self.now, data.len()) else {
+            self.stats.queue_drops += 1;
+            return;
         };
         let Some(&to) = self.by_addr.get(&to_addr) else {
             self.stats.undeliverable += 1;
@@ -338,9 +372,16 @@ impl Sim {
             self.stats.lost += 1;
             return;
         }
+        let Some(at) = self.nodes[to]
+            .downlink
+            .pass(depart + link.latency, data.len())
+        else {
+            self.stats.queue_drops += 1;
+            return;
+        };
         self.order += 1;
         self.queue.push(Reverse(InFlight {
-            at: depart + link.latency,
+            at,
             order: self.order,
             from,
             to,
@@ -474,5 +515,32 @@ mod tests {
         burst(&mut sim);
         assert_eq!(sim.stats().queue_drops, 25);
         assert_eq!(sim.queue.len(), 35);
+    }
+
+    /// A capped downlink delays what reaches a node by its rate and drops what its queue has
+    /// no room for; the sender's uplink is not involved.
+    #[test]
+    #[allow(clippy::disallowed_methods)] // a start instant for virtual time
+    fn a_capped_downlink_spaces_arrivals_and_drops_past_its_queue() {
+        let start = Instant::now();
+        let mut sim = Sim::new(start, SimConfig::default());
+        let a = sim.add_node(EngineConfig::default()).unwrap();
+        let b = sim.add_node(EngineConfig::default()).unwrap();
+        let to = sim.node(b).addr;
+        sim.set_downlink(b, Some(1_000_000), Some(10_000));
+        for _ in 0..20 {
+            sim.send(a, to, vec![0; 1000]);
+        }
+        assert_eq!(sim.stats().queue_drops, 10);
+        let mut arrivals: Vec<Duration> = sim.queue.iter().map(|p| p.0.at - start).collect();
+        arrivals.sort();
+        let latency = SimConfig::default().link.latency;
+        let want: Vec<Duration> = (1..=10)
+            .map(|k| latency + Duration::from_millis(k))
+            .collect();
+        assert_eq!(
+            arrivals, want,
+            "one every millisecond after the path's delay"
+        );
     }
 }
