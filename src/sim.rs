@@ -474,17 +474,24 @@ impl Sim {
 mod tests {
     use super::*;
 
-    /// A capped uplink with a bounded queue passes what fits in the queue and drops the rest
-    /// of a burst; once the link has drained, it passes a burst again. Unbounded, it drops
-    /// nothing.
-    #[test]
+    /// A network of two idle nodes: the start of its clock, the network, the sender and the
+    /// receiver's address.
     #[allow(clippy::disallowed_methods)] // a start instant for virtual time
-    fn a_full_uplink_queue_drops_the_rest_of_a_burst() {
+    fn two_nodes() -> (Instant, Sim, NodeIx, NodeIx, SocketAddr) {
         let start = Instant::now();
         let mut sim = Sim::new(start, SimConfig::default());
         let a = sim.add_node(EngineConfig::default()).unwrap();
         let b = sim.add_node(EngineConfig::default()).unwrap();
         let to = sim.node(b).addr;
+        (start, sim, a, b, to)
+    }
+
+    /// A capped uplink with a bounded queue passes what fits in the queue and drops the rest
+    /// of a burst; once the link has drained, it passes a burst again. Unbounded, it drops
+    /// nothing.
+    #[test]
+    fn a_full_uplink_queue_drops_the_rest_of_a_burst() {
+        let (start, mut sim, a, _, to) = two_nodes();
         // 1 MB/s: a 1000-byte datagram takes 1 ms on the wire.
         sim.set_uplink(a, Some(1_000_000));
         let burst = |sim: &mut Sim| {
@@ -520,13 +527,8 @@ mod tests {
     /// A capped downlink delays what reaches a node by its rate and drops what its queue has
     /// no room for; the sender's uplink is not involved.
     #[test]
-    #[allow(clippy::disallowed_methods)] // a start instant for virtual time
     fn a_capped_downlink_spaces_arrivals_and_drops_past_its_queue() {
-        let start = Instant::now();
-        let mut sim = Sim::new(start, SimConfig::default());
-        let a = sim.add_node(EngineConfig::default()).unwrap();
-        let b = sim.add_node(EngineConfig::default()).unwrap();
-        let to = sim.node(b).addr;
+        let (start, mut sim, a, b, to) = two_nodes();
         sim.set_downlink(b, Some(1_000_000), Some(10_000));
         for _ in 0..20 {
             sim.send(a, to, vec![0; 1000]);
