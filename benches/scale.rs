@@ -40,20 +40,14 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::collections::BTreeSet;
-use std::io::Write;
-use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::clients::Clients;
 use common::procs::{free_udp_port, gridcast, keygen, spawn_with_link};
-use common::sys::{process_cpu_ns, raise_fd_limit, rss_kb, this_thread_id, thread_cpu_ns};
-use gridcast::keys::{ChannelId, NodeId};
+use common::relay::{Audience, Relay, continuity, metric, random_stream_file, stdout_of};
+use common::sys::{process_cpu_ns, raise_fd_limit, rss_kb};
+use gridcast::keys::ChannelId;
 
 /// The allocator the `gridcast` binary runs with.
 #[global_allocator]
@@ -78,85 +72,6 @@ fn arg<T: std::str::FromStr>(args: &[String], name: &str) -> Option<T> {
     args.get(i + 1)?.parse().ok()
 }
 
-fn stdout_of(mut cmd: Command) -> String {
-    let out = cmd.stderr(Stdio::inherit()).output().unwrap();
-    assert!(out.status.success(), "{cmd:?} failed");
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
-
-/// Waits (bounded) until `addr` answers `/readyz` with 200.
-fn wait_ready(addr: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if common::http::get(addr, "/readyz").is_some_and(|(s, _)| s == 200) {
-            return;
-        }
-        thread::sleep(Duration::from_millis(200));
-    }
-    panic!("the relay at {addr} was not ready within 20 s");
-}
-
-/// The figure `name` of the relay's metrics (summed over its label sets).
-fn metric(addr: SocketAddr, name: &str) -> f64 {
-    let Some((200, body)) = common::http::get(addr, "/metrics") else {
-        return f64::NAN;
-    };
-    body.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-struct Relay {
-    child: Child,
-    addr: SocketAddr,
-    admin: SocketAddr,
-    id: NodeId,
-}
-
-impl Relay {
-    fn start(link: &str, dir: &Path) -> Self {
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
-        let admin: SocketAddr = format!("127.0.0.1:{}", common::http::free_tcp_port())
-            .parse()
-            .unwrap();
-        let node_key = dir.join("relay.key");
-        let child = gridcast(&[
-            "relay",
-            "--join",
-            link,
-            "--listen",
-            &addr.to_string(),
-            "--workers",
-            "2",
-            "--node-key",
-            node_key.to_str().unwrap(),
-            "--admin",
-            &admin.to_string(),
-        ])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-        wait_ready(admin);
-        let id = stdout_of(gridcast(&["node-id", node_key.to_str().unwrap()]))
-            .parse()
-            .unwrap();
-        Self {
-            child,
-            addr,
-            admin,
-            id,
-        }
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 struct Step {
     subscribers: usize,
     continuity_min: f64,
@@ -171,81 +86,33 @@ struct Step {
     subscriber_drops: f64,
 }
 
-/// The subscribers' threads: each drives its share of clients until told to stop, keeping
-/// the newest chunk any of them played in `newest`; returns the chunks each client played.
-fn run_clients(
-    n: usize,
-    relay: &Relay,
-    channel: ChannelId,
-    stop: &Arc<AtomicBool>,
-    newest: &Arc<AtomicU64>,
-    tids: &std::sync::mpsc::Sender<u32>,
-) -> Vec<thread::JoinHandle<Vec<Vec<u64>>>> {
-    (0..CLIENT_THREADS)
-        .map(|t| {
-            let share = n / CLIENT_THREADS + usize::from(t < n % CLIENT_THREADS);
-            let (addr, id) = (relay.addr, relay.id);
-            let (stop, newest, tids) = (Arc::clone(stop), Arc::clone(newest), tids.clone());
-            thread::spawn(move || {
-                tids.send(this_thread_id()).unwrap();
-                let mut clients = Clients::new(share, addr, id, channel, 8);
-                let mut last = Instant::now();
-                while !stop.load(Ordering::Relaxed) {
-                    if !clients.turn() {
-                        thread::sleep(Duration::from_micros(200));
-                    }
-                    if last.elapsed() >= Duration::from_millis(100) {
-                        last = Instant::now();
-                        let top = clients.clients.iter().filter_map(|c| c.played.last());
-                        if let Some(&top) = top.max() {
-                            newest.fetch_max(top, Ordering::Relaxed);
-                        }
-                    }
-                }
-                clients.clients.into_iter().map(|c| c.played).collect()
-            })
-        })
-        .collect()
-}
-
 fn step(n: usize, link: &str, channel: ChannelId, dir: &Path, window: Duration) -> Step {
-    let relay = Relay::start(link, dir);
+    let relay = Relay::start(link, dir, &["--workers", "2"]);
     let pid = relay.child.id();
     // Let the relay draw its first chunks before measuring its memory without subscribers.
     thread::sleep(Duration::from_secs(2));
     let base_kb = rss_kb(pid);
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let newest = Arc::new(AtomicU64::new(0));
-    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
-    let threads = run_clients(n, &relay, channel, &stop, &newest, &tid_tx);
-    let tids: Vec<u32> = (0..CLIENT_THREADS)
-        .map(|_| tid_rx.recv().unwrap())
-        .collect();
+    let audience = Audience::start(n, CLIENT_THREADS, &relay, channel);
     thread::sleep(WARMUP);
 
-    let clients_cpu = || tids.iter().map(|&t| thread_cpu_ns(t)).sum::<u64>();
     let (r0, c0, s0, t0) = (
         process_cpu_ns(pid),
-        clients_cpu(),
-        newest.load(Ordering::Relaxed),
+        audience.cpu_ns(),
+        audience.newest(),
         Instant::now(),
     );
     thread::sleep(window);
     let (r1, c1, s1, t1) = (
         process_cpu_ns(pid),
-        clients_cpu(),
-        newest.load(Ordering::Relaxed),
+        audience.cpu_ns(),
+        audience.newest(),
         Instant::now(),
     );
     let rss = rss_kb(pid);
     let subscriber_drops = metric(relay.admin, "gridcast_subscriber_drops_total");
     thread::sleep(GRACE);
-    stop.store(true, Ordering::Relaxed);
-    let played: Vec<Vec<u64>> = threads
-        .into_iter()
-        .flat_map(|t| t.join().unwrap())
-        .collect();
+    let played = audience.finish();
     // The subscribers' sockets are closed without a word: the relay drops each connection at
     // its idle timeout (10 s). What its memory comes back to then tells live state per
     // connection from what the allocator keeps.
@@ -254,28 +121,12 @@ fn step(n: usize, link: &str, channel: ChannelId, dir: &Path, window: Duration) 
     drop(relay);
 
     // The window's chunks: after the newest played at its start, up to the newest at its end.
-    let (first, last) = (s0 + 1, s1);
-    assert!(
-        last > first,
-        "no chunk reached any subscriber in the window"
-    );
-    let expected = (last - first + 1) as f64;
-    let shares: Vec<f64> = played
-        .iter()
-        .map(|p| {
-            let got: BTreeSet<u64> = p
-                .iter()
-                .copied()
-                .filter(|s| (first..=last).contains(s))
-                .collect();
-            got.len() as f64 / expected
-        })
-        .collect();
+    let (continuity_min, continuity_mean) = continuity(&played, s0 + 1, s1);
     let secs = (t1 - t0).as_secs_f64();
     Step {
         subscribers: n,
-        continuity_min: shares.iter().copied().fold(1.0, f64::min),
-        continuity_mean: shares.iter().sum::<f64>() / shares.len() as f64,
+        continuity_min,
+        continuity_mean,
         relay_cores: (r1 - r0) as f64 / 1e9 / secs,
         rss_mb: rss / 1024.0,
         kb_per_connection: (rss - base_kb) / n as f64,
@@ -308,23 +159,7 @@ fn main() {
     let per_step =
         2 + WARMUP.as_secs() + window.as_secs() + GRACE.as_secs() + IDLE_GONE.as_secs() + 5;
     let stream_secs = 10 + per_step * steps.len() as u64;
-    let input = dir.path().join("stream.bin");
-    {
-        let mut f = std::fs::File::create(&input).unwrap();
-        let mut x = 0x9e37_79b9_7f4a_7c15_u64;
-        let block: Vec<u8> = (0..64 * 1024)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
-        let total = RATE_BPS / 8 * stream_secs;
-        for _ in 0..total.div_ceil(block.len() as u64) {
-            f.write_all(&block).unwrap();
-        }
-    }
+    let input = random_stream_file(dir.path(), RATE_BPS, stream_secs);
     let (mut source, link) = spawn_with_link(gridcast(&[
         "broadcast",
         "--key",

@@ -20,6 +20,8 @@ pub struct Client {
     state: quinn_udp::UdpSocketState,
     pub engine: Engine,
     pub played: Vec<u64>,
+    /// Stream bytes in the chunks it played.
+    pub played_bytes: u64,
     pub rebound_at: Option<usize>,
     /// Connections of this client that ended (refused, closed by the relay, timed out).
     pub lost: usize,
@@ -88,6 +90,7 @@ impl Clients {
                     state,
                     engine,
                     played: Vec::new(),
+                    played_bytes: 0,
                     rebound_at: None,
                     lost: 0,
                 }
@@ -147,7 +150,10 @@ impl Clients {
             }
             while let Some(ev) = c.engine.poll_event() {
                 match ev {
-                    NodeEvent::Chunk { seq, .. } => c.played.push(seq),
+                    NodeEvent::Chunk { seq, payload, .. } => {
+                        c.played.push(seq);
+                        c.played_bytes += payload.len() as u64;
+                    }
                     NodeEvent::ConnectionLost { .. } => c.lost += 1,
                     _ => {}
                 }

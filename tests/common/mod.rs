@@ -11,5 +11,6 @@ pub mod grid;
 pub mod http;
 pub mod procs;
 pub mod quic;
+pub mod relay;
 pub mod sys;
 pub mod wire;

@@ -1,0 +1,484 @@
+//! The relay against what an operator would run instead: one live stream to a room of
+//! listeners, served by `gridcast relay` and by Icecast 2 (Debian's `icecast2`), the server
+//! internet radio and many small video streams run on today. What each server's process
+//! (every thread) spends in CPU time per GB of stream its listeners received.
+//!
+//! The two do not do the same work: the relay's listeners get QUIC (every packet encrypted and
+//! authenticated, each chunk's signature checked once by the relay), erasure-coded substreams,
+//! congestion control and pacing in user space; Icecast's get the bytes over plain HTTP on TCP,
+//! with the kernel's congestion control and no encryption. The comparison is what a listener
+//! costs the machine either way, which is what an operator pays for.
+//!
+//! Real processes on loopback, the listeners in this process:
+//! - gridcast: `gridcast broadcast` paces a file of random bytes at the rate (a relay never
+//!   looks inside the payload); one `gridcast relay` joins it as an operator starts one (one
+//!   worker per core); the listeners are gridcast engines on their own sockets, driven by 2
+//!   threads, each drawing the 8 substreams that decode the stream and playing every chunk.
+//! - Icecast: `icecast2` with a configuration written here (a loopback port, a source
+//!   password, room for the listeners, its defaults otherwise: a 512 KB queue per listener
+//!   and a 64 KB burst on connect). This process is its source (a `SOURCE` request, then the
+//!   same random bytes paced as the broadcast paces them, a quarter second of stream every
+//!   250 ms) and its listeners (HTTP GETs read on 2 threads).
+//!
+//! For each size the two run in turn, `--rounds` times (3), interleaved, each on a fresh
+//! server; after a warm-up the window is measured. One line per run:
+//!
+//! `versus server=<gridcast|icecast2> listeners=… rate_kbps=… cpu_s_per_gb=… server_cores=…
+//! delivered_mb=… continuity_min=… listener_cores=…`
+//!
+//! then per size `versus median listeners=… gridcast_cpu_s_per_gb=… icecast2_cpu_s_per_gb=…
+//! gridcast_vs_icecast2=…`.
+//!
+//! - cpu_s_per_gb: the server's CPU time in the window over the stream bytes every listener
+//!   received in it (gridcast: the bytes of the chunks they played; Icecast: the body bytes
+//!   they read), per 10⁹ bytes.
+//! - continuity_min: the worst listener's share of the window's stream (gridcast: chunks
+//!   played; Icecast: bytes read over the bytes the source sent). A server that falls short
+//!   is not cheap but failing, so read this first.
+//!
+//! `--listeners N`: one size (default 50 and 100). `--rate BPS` (4000000), `--window S` (20),
+//! `--rounds N` (3). Without `icecast2` on the PATH the gridcast lines alone are printed.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::print_stdout,
+    clippy::disallowed_methods,
+    unreachable_pub
+)]
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::http::free_tcp_port;
+use common::procs::{free_udp_port, gridcast, have_tool, keygen, spawn_with_link};
+use common::relay::{Audience, Relay, continuity, random_stream_file, stdout_of};
+use common::sys::{process_cpu_ns, raise_fd_limit, this_thread_id, thread_cpu_ns};
+use gridcast::keys::ChannelId;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Threads driving the listeners, for either server.
+const LISTENER_THREADS: usize = 2;
+/// From the listeners' start to the window: handshakes, bursts on connect, the first chunks.
+const WARMUP: Duration = Duration::from_secs(8);
+/// Past the window, so that a chunk published at its very end can still be played.
+const GRACE: Duration = Duration::from_secs(2);
+/// How the source is paced: a quarter second of stream at a time, as gridcast cuts chunks.
+const TICK: Duration = Duration::from_millis(250);
+/// Icecast's mount and source password (loopback only, for this run).
+const MOUNT: &str = "/live";
+const SOURCE_PASSWORD: &str = "gridcast-bench";
+
+fn arg<T: std::str::FromStr>(args: &[String], name: &str) -> Option<T> {
+    let i = args.iter().position(|a| a == name)?;
+    args.get(i + 1)?.parse().ok()
+}
+
+/// One server's measured window.
+struct Run {
+    cpu_ns: u64,
+    delivered: u64,
+    secs: f64,
+    continuity_min: f64,
+    listener_cpu_ns: u64,
+}
+
+impl Run {
+    fn cpu_s_per_gb(&self) -> f64 {
+        self.cpu_ns as f64 / self.delivered.max(1) as f64
+    }
+
+    fn print(&self, server: &str, listeners: usize, rate: u64) {
+        println!(
+            "versus server={server} listeners={listeners} rate_kbps={} cpu_s_per_gb={:.3} server_cores={:.3} delivered_mb={:.1} continuity_min={:.4} listener_cores={:.3}",
+            rate / 1000,
+            self.cpu_s_per_gb(),
+            self.cpu_ns as f64 / 1e9 / self.secs,
+            self.delivered as f64 / 1e6,
+            self.continuity_min,
+            self.listener_cpu_ns as f64 / 1e9 / self.secs,
+        );
+    }
+}
+
+/// A fresh `gridcast relay` on the broadcast at `link`, `n` listeners on it.
+fn gridcast_run(n: usize, link: &str, channel: ChannelId, dir: &Path, window: Duration) -> Run {
+    let relay = Relay::start(link, dir, &[]);
+    let pid = relay.child.id();
+    let audience = Audience::start(n, LISTENER_THREADS, &relay, channel);
+    thread::sleep(WARMUP);
+    let (r0, b0, c0, s0, t0) = (
+        process_cpu_ns(pid),
+        audience.played_bytes(),
+        audience.cpu_ns(),
+        audience.newest(),
+        Instant::now(),
+    );
+    thread::sleep(window);
+    let (r1, b1, c1, s1, t1) = (
+        process_cpu_ns(pid),
+        audience.played_bytes(),
+        audience.cpu_ns(),
+        audience.newest(),
+        Instant::now(),
+    );
+    thread::sleep(GRACE);
+    let played = audience.finish();
+    drop(relay);
+    let (continuity_min, _) = continuity(&played, s0 + 1, s1);
+    Run {
+        cpu_ns: r1 - r0,
+        delivered: b1 - b0,
+        secs: (t1 - t0).as_secs_f64(),
+        continuity_min,
+        listener_cpu_ns: c1 - c0,
+    }
+}
+
+/// `icecast2` on its own configuration in `dir`, killed when dropped.
+struct Icecast {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Icecast {
+    fn start(dir: &Path, listeners: usize) -> Self {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
+        let logs = dir.join("icecast-logs");
+        std::fs::create_dir_all(&logs).unwrap();
+        // Icecast will not run as root: it drops to nobody, which must be able to write its
+        // logs.
+        let owner = if rustix::process::geteuid().is_root() {
+            let (uid, gid) = nobody();
+            std::os::unix::fs::chown(&logs, Some(uid), Some(gid)).unwrap();
+            "<changeowner><user>nobody</user><group>nogroup</group></changeowner>"
+        } else {
+            ""
+        };
+        let config = format!(
+            "<icecast>
+  <location>loopback</location><admin>bench@localhost</admin>
+  <limits><clients>{clients}</clients><sources>2</sources></limits>
+  <authentication>
+    <source-password>{SOURCE_PASSWORD}</source-password>
+    <admin-user>admin</admin-user><admin-password>{SOURCE_PASSWORD}</admin-password>
+  </authentication>
+  <hostname>127.0.0.1</hostname>
+  <listen-socket><port>{port}</port><bind-address>127.0.0.1</bind-address></listen-socket>
+  <paths>
+    <basedir>/usr/share/icecast2</basedir><logdir>{logs}</logdir>
+    <webroot>/usr/share/icecast2/web</webroot><adminroot>/usr/share/icecast2/admin</adminroot>
+  </paths>
+  <logging><accesslog>access.log</accesslog><errorlog>error.log</errorlog><loglevel>2</loglevel></logging>
+  <security><chroot>0</chroot>{owner}</security>
+</icecast>
+",
+            clients = listeners + 16,
+            port = addr.port(),
+            logs = logs.display(),
+        );
+        let path = dir.join("icecast.xml");
+        std::fs::write(&path, config).unwrap();
+        let child = Command::new("icecast2")
+            .arg("-c")
+            .arg(&path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(addr).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "icecast2 did not listen on {addr} within 10 s (its log: {})",
+                logs.display()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+        Self { child, addr }
+    }
+}
+
+impl Drop for Icecast {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The uid and gid of `nobody` in /etc/passwd (Debian's 65534 if it is not there).
+fn nobody() -> (u32, u32) {
+    std::fs::read_to_string("/etc/passwd")
+        .ok()
+        .and_then(|p| {
+            let line = p.lines().find(|l| l.starts_with("nobody:"))?.to_owned();
+            let mut f = line.split(':').skip(2);
+            Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
+        })
+        .unwrap_or((65534, 65534))
+}
+
+/// Reads a response's head off `stream` (blocking) and returns its status line and whatever
+/// of the body came with it.
+fn read_head(stream: &mut TcpStream) -> (String, Vec<u8>) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut buf).unwrap();
+        assert!(n > 0, "icecast2 closed before answering");
+        got.extend_from_slice(&buf[..n]);
+        assert!(
+            got.len() < 64 * 1024,
+            "icecast2's answer has no end of head"
+        );
+    }
+    let end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let status =
+        String::from_utf8_lossy(&got[..got.iter().position(|&b| b == b'\r').unwrap()]).into_owned();
+    (status, got[end..].to_vec())
+}
+
+/// The source: sends `stream` to Icecast's mount at `rate` until `stop`, a tick's worth at a
+/// time, the ticks at `start`, `start + TICK`, and so on. Returns once the mount is live; the
+/// thread runs on.
+fn icecast_source(
+    addr: SocketAddr,
+    stream: Vec<u8>,
+    rate: u64,
+    start: Instant,
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+) -> thread::JoinHandle<()> {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_nodelay(true).unwrap();
+    let auth = data_encoding::BASE64.encode(format!("source:{SOURCE_PASSWORD}").as_bytes());
+    write!(
+        s,
+        "SOURCE {MOUNT} HTTP/1.0\r\nAuthorization: Basic {auth}\r\nContent-Type: application/octet-stream\r\nIce-Name: bench\r\nIce-Public: 0\r\n\r\n"
+    )
+    .unwrap();
+    let (status, _) = read_head(&mut s);
+    assert!(
+        status.contains(" 200"),
+        "icecast2 refused the source: {status}"
+    );
+    let per_tick = (rate / 8 * TICK.as_millis() as u64 / 1000) as usize;
+    thread::spawn(move || {
+        let mut at = 0usize;
+        let mut ticks = 0u32;
+        while !stop.load(Ordering::Relaxed) {
+            let end = (at + per_tick).min(stream.len());
+            if s.write_all(&stream[at..end]).is_err() {
+                return;
+            }
+            sent.fetch_add((end - at) as u64, Ordering::Relaxed);
+            at = if end == stream.len() { 0 } else { end };
+            ticks += 1;
+            let next = start + TICK * ticks;
+            thread::sleep(next.saturating_duration_since(Instant::now()));
+        }
+    })
+}
+
+/// Icecast's listeners: `n` HTTP GETs of the mount, read on [`LISTENER_THREADS`] threads;
+/// each listener's body bytes counted in `counts`.
+fn icecast_listeners(
+    addr: SocketAddr,
+    n: usize,
+    stop: &Arc<AtomicBool>,
+    counts: &Arc<Vec<AtomicU64>>,
+) -> (Vec<thread::JoinHandle<()>>, Vec<u32>) {
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    let handles = (0..LISTENER_THREADS)
+        .map(|t| {
+            let mine: Vec<usize> = (0..n).filter(|i| i % LISTENER_THREADS == t).collect();
+            let (stop, counts, tid_tx) = (Arc::clone(stop), Arc::clone(counts), tid_tx.clone());
+            thread::spawn(move || {
+                tid_tx.send(this_thread_id()).unwrap();
+                let mut streams: Vec<(usize, TcpStream)> = mine
+                    .into_iter()
+                    .map(|i| {
+                        let mut s = TcpStream::connect(addr).unwrap();
+                        write!(s, "GET {MOUNT} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+                        let (status, body) = read_head(&mut s);
+                        assert!(
+                            status.contains(" 200"),
+                            "icecast2 refused a listener: {status}"
+                        );
+                        counts[i].fetch_add(body.len() as u64, Ordering::Relaxed);
+                        s.set_nonblocking(true).unwrap();
+                        (i, s)
+                    })
+                    .collect();
+                let mut buf = vec![0u8; 64 * 1024];
+                while !stop.load(Ordering::Relaxed) {
+                    let mut any = false;
+                    for (i, s) in &mut streams {
+                        loop {
+                            match s.read(&mut buf) {
+                                Ok(0) => panic!("icecast2 closed listener {i}"),
+                                Ok(got) => {
+                                    any = true;
+                                    counts[*i].fetch_add(got as u64, Ordering::Relaxed);
+                                }
+                                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                                Err(e) => panic!("listener {i}: {e}"),
+                            }
+                        }
+                    }
+                    if !any {
+                        thread::sleep(Duration::from_micros(200));
+                    }
+                }
+            })
+        })
+        .collect();
+    let tids = (0..LISTENER_THREADS)
+        .map(|_| tid_rx.recv().unwrap())
+        .collect();
+    (handles, tids)
+}
+
+/// A fresh `icecast2` with this process as its source and `n` listeners.
+fn icecast_run(n: usize, stream: &Path, rate: u64, dir: &Path, window: Duration) -> Run {
+    let server = Icecast::start(dir, n);
+    let pid = server.child.id();
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let bytes = std::fs::read(stream).unwrap();
+    let start = Instant::now();
+    let source = icecast_source(
+        server.addr,
+        bytes,
+        rate,
+        start,
+        Arc::clone(&stop),
+        Arc::clone(&sent),
+    );
+    // The window opens and closes halfway between two of the source's ticks, when every
+    // listener has read the last one: the counts then compare like with like.
+    let mid_tick = || {
+        let since = start.elapsed().as_nanos() % TICK.as_nanos();
+        let half = TICK.as_nanos() / 2;
+        let wait = (half + TICK.as_nanos() - since) % TICK.as_nanos();
+        thread::sleep(Duration::from_nanos(wait as u64));
+    };
+    // The mount exists once the source is in; give it a tick's worth of stream first.
+    thread::sleep(TICK * 2);
+    let counts: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
+    let (listeners, tids) = icecast_listeners(server.addr, n, &stop, &counts);
+    thread::sleep(WARMUP);
+    mid_tick();
+    let snapshot = || -> Vec<u64> { counts.iter().map(|c| c.load(Ordering::Relaxed)).collect() };
+    let listener_cpu = || tids.iter().map(|&t| thread_cpu_ns(t)).sum::<u64>();
+    let (r0, l0, c0, x0, t0) = (
+        process_cpu_ns(pid),
+        snapshot(),
+        listener_cpu(),
+        sent.load(Ordering::Relaxed),
+        Instant::now(),
+    );
+    thread::sleep(window);
+    mid_tick();
+    let (r1, l1, c1, x1, t1) = (
+        process_cpu_ns(pid),
+        snapshot(),
+        listener_cpu(),
+        sent.load(Ordering::Relaxed),
+        Instant::now(),
+    );
+    stop.store(true, Ordering::Relaxed);
+    for l in listeners {
+        l.join().unwrap();
+    }
+    source.join().unwrap();
+    drop(server);
+    let sent = (x1 - x0).max(1) as f64;
+    let got: Vec<u64> = l0.iter().zip(&l1).map(|(a, b)| b - a).collect();
+    Run {
+        cpu_ns: r1 - r0,
+        delivered: got.iter().sum(),
+        secs: (t1 - t0).as_secs_f64(),
+        // A listener may read a few bytes the source sent just before the window (Icecast's
+        // writes trail its reads): capped at 1.
+        continuity_min: got
+            .iter()
+            .map(|&g| (g as f64 / sent).min(1.0))
+            .fold(1.0, f64::min),
+        listener_cpu_ns: c1 - c0,
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    raise_fd_limit();
+    let sizes: Vec<usize> = arg(&args, "--listeners").map_or(vec![50, 100], |n| vec![n]);
+    let rate: u64 = arg(&args, "--rate").unwrap_or(4_000_000);
+    let window = Duration::from_secs(arg(&args, "--window").unwrap_or(20));
+    let rounds: usize = arg(&args, "--rounds").unwrap_or(3).max(1);
+    let icecast = have_tool("icecast2", &["-v"], "GRIDCAST_REQUIRE_ICECAST");
+
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path());
+    let channel: ChannelId = stdout_of(gridcast(&["channel-id", key.to_str().unwrap()]))
+        .parse()
+        .unwrap();
+    // Enough stream for every run of both servers (the broadcast paces it from its start).
+    let per_run = 10 + WARMUP.as_secs() + window.as_secs() + GRACE.as_secs();
+    let runs = (sizes.len() * rounds * if icecast { 2 } else { 1 }) as u64;
+    let stream_secs = 10 + per_run * runs;
+    let input: PathBuf = random_stream_file(dir.path(), rate, stream_secs);
+    let (mut source, link) = spawn_with_link(gridcast(&[
+        "broadcast",
+        "--key",
+        key.to_str().unwrap(),
+        "--listen",
+        &format!("127.0.0.1:{}", free_udp_port()),
+        "--input",
+        input.to_str().unwrap(),
+        "--rate",
+        &rate.to_string(),
+    ]));
+
+    for &n in &sizes {
+        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            let g = gridcast_run(n, &link, channel, dir.path(), window);
+            g.print("gridcast", n, rate);
+            ours.push(g.cpu_s_per_gb());
+            if icecast {
+                let i = icecast_run(n, &input, rate, dir.path(), window);
+                i.print("icecast2", n, rate);
+                theirs.push(i.cpu_s_per_gb());
+            }
+        }
+        let ours = median(ours);
+        if icecast {
+            let theirs = median(theirs);
+            println!(
+                "versus median listeners={n} gridcast_cpu_s_per_gb={ours:.3} icecast2_cpu_s_per_gb={theirs:.3} gridcast_vs_icecast2={:.2}",
+                ours / theirs
+            );
+        } else {
+            println!("versus median listeners={n} gridcast_cpu_s_per_gb={ours:.3}");
+        }
+    }
+    let _ = source.kill();
+    let _ = source.wait();
+}
