@@ -18,13 +18,14 @@
 //!   password, room for the listeners, its defaults otherwise: a 512 KB queue per listener
 //!   and a 64 KB burst on connect). This process is its source (a `SOURCE` request, then the
 //!   same random bytes paced as the broadcast paces them, a quarter second of stream every
-//!   250 ms) and its listeners (HTTP GETs read on 2 threads).
+//!   250 ms) and its listeners (HTTP GETs read on 2 threads; the warm-up starts once Icecast
+//!   has answered all of them, which at a thousand takes it seconds).
 //!
 //! For each size the two run in turn, `--rounds` times (3), interleaved, each on a fresh
 //! server; after a warm-up the window is measured. One line per run:
 //!
 //! `versus server=<gridcast|icecast2> listeners=… rate_kbps=… cpu_s_per_gb=… server_cores=…
-//! delivered_mb=… continuity_min=… listener_cores=…`
+//! delivered_mb=… continuity_min=… dropped=… listener_cores=…`
 //!
 //! then per size `versus median listeners=… gridcast_cpu_s_per_gb=… icecast2_cpu_s_per_gb=…
 //! gridcast_vs_icecast2=…`.
@@ -34,10 +35,13 @@
 //!   they read), per 10⁹ bytes.
 //! - continuity_min: the worst listener's share of the window's stream (gridcast: chunks
 //!   played; Icecast: bytes read over the bytes the source sent). A server that falls short
-//!   is not cheap but failing, so read this first.
+//!   is not cheap but failing, so read this first. dropped: listeners whose connection the
+//!   server closed or lost during the run (Icecast drops one that falls a queue behind).
 //!
-//! `--listeners N`: one size (default 50 and 100). `--rate BPS` (4000000), `--window S` (20),
-//! `--rounds N` (3). Without `icecast2` on the PATH the gridcast lines alone are printed.
+//! `--listeners N`: one size (default 50 and 100). `--rate BPS` (4000000; 128000 is a radio
+//! channel, where each listener's quarter second is 4 KB and what a server pays per listener
+//! and per write, not per byte, decides), `--window S` (20), `--rounds N` (3). Without
+//! `icecast2` on the PATH the gridcast lines alone are printed.
 
 #![allow(
     clippy::unwrap_used,
@@ -54,7 +58,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -71,6 +75,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const LISTENER_THREADS: usize = 2;
 /// From the listeners' start to the window: handshakes, bursts on connect, the first chunks.
 const WARMUP: Duration = Duration::from_secs(8);
+/// How long Icecast may take to answer every listener.
+const ANSWER_WITHIN: Duration = Duration::from_secs(60);
 /// Past the window, so that a chunk published at its very end can still be played.
 const GRACE: Duration = Duration::from_secs(2);
 /// How the source is paced: a quarter second of stream at a time, as gridcast cuts chunks.
@@ -90,6 +96,8 @@ struct Run {
     delivered: u64,
     secs: f64,
     continuity_min: f64,
+    /// Listeners the server dropped or lost during the run.
+    dropped: u64,
     listener_cpu_ns: u64,
 }
 
@@ -100,12 +108,13 @@ impl Run {
 
     fn print(&self, server: &str, listeners: usize, rate: u64) {
         println!(
-            "versus server={server} listeners={listeners} rate_kbps={} cpu_s_per_gb={:.3} server_cores={:.3} delivered_mb={:.1} continuity_min={:.4} listener_cores={:.3}",
+            "versus server={server} listeners={listeners} rate_kbps={} cpu_s_per_gb={:.3} server_cores={:.3} delivered_mb={:.1} continuity_min={:.4} dropped={} listener_cores={:.3}",
             rate / 1000,
             self.cpu_s_per_gb(),
             self.cpu_ns as f64 / 1e9 / self.secs,
             self.delivered as f64 / 1e6,
             self.continuity_min,
+            self.dropped,
             self.listener_cpu_ns as f64 / 1e9 / self.secs,
         );
     }
@@ -133,6 +142,7 @@ fn gridcast_run(n: usize, link: &str, channel: ChannelId, dir: &Path, window: Du
         Instant::now(),
     );
     thread::sleep(GRACE);
+    let dropped = audience.lost();
     let played = audience.finish();
     drop(relay);
     let (continuity_min, _) = continuity(&played, s0 + 1, s1);
@@ -141,6 +151,7 @@ fn gridcast_run(n: usize, link: &str, channel: ChannelId, dir: &Path, window: Du
         delivered: b1 - b0,
         secs: (t1 - t0).as_secs_f64(),
         continuity_min,
+        dropped,
         listener_cpu_ns: c1 - c0,
     }
 }
@@ -291,6 +302,64 @@ fn icecast_source(
     })
 }
 
+/// Waits (bounded) until Icecast serves the mount: it lists a source's mount only once the
+/// source's first data is in, later at a radio's rate than at a video's.
+fn wait_mount(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut s = TcpStream::connect(addr).unwrap();
+        write!(s, "GET {MOUNT} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+        let (status, _) = read_head(&mut s);
+        if status.contains(" 200") {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "icecast2 did not serve {MOUNT} within 10 s: {status}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// One of Icecast's listeners: its connection, and its response head until that has ended.
+struct Listener {
+    index: usize,
+    stream: TcpStream,
+    head: Option<Vec<u8>>,
+    /// Whether Icecast closed it (it drops a listener that falls a queue behind).
+    closed: bool,
+    /// Listeners whose head has ended, all told.
+    answered: Arc<AtomicUsize>,
+}
+
+impl Listener {
+    /// Takes bytes read from the connection; returns how many of them are body.
+    fn body(&mut self, got: &[u8]) -> usize {
+        let Some(head) = &mut self.head else {
+            return got.len();
+        };
+        head.extend_from_slice(got);
+        let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") else {
+            assert!(
+                head.len() < 64 * 1024,
+                "icecast2's answer has no end of head"
+            );
+            return 0;
+        };
+        let status =
+            String::from_utf8_lossy(head.split(|&b| b == b'\r').next().unwrap_or(&[])).into_owned();
+        assert!(
+            status.contains(" 200"),
+            "icecast2 refused listener {}: {status}",
+            self.index
+        );
+        let body = head.len() - (end + 4);
+        self.head = None;
+        self.answered.fetch_add(1, Ordering::Relaxed);
+        body
+    }
+}
+
 /// Icecast's listeners: `n` HTTP GETs of the mount, read on [`LISTENER_THREADS`] threads;
 /// each listener's body bytes counted in `counts`.
 fn icecast_listeners(
@@ -298,42 +367,61 @@ fn icecast_listeners(
     n: usize,
     stop: &Arc<AtomicBool>,
     counts: &Arc<Vec<AtomicU64>>,
+    answered: &Arc<AtomicUsize>,
+    dropped: &Arc<AtomicU64>,
 ) -> (Vec<thread::JoinHandle<()>>, Vec<u32>) {
     let (tid_tx, tid_rx) = std::sync::mpsc::channel();
     let handles = (0..LISTENER_THREADS)
         .map(|t| {
             let mine: Vec<usize> = (0..n).filter(|i| i % LISTENER_THREADS == t).collect();
-            let (stop, counts, tid_tx) = (Arc::clone(stop), Arc::clone(counts), tid_tx.clone());
+            let (stop, counts, answered, dropped, tid_tx) = (
+                Arc::clone(stop),
+                Arc::clone(counts),
+                Arc::clone(answered),
+                Arc::clone(dropped),
+                tid_tx.clone(),
+            );
             thread::spawn(move || {
                 tid_tx.send(this_thread_id()).unwrap();
-                let mut streams: Vec<(usize, TcpStream)> = mine
+                // Every request goes out before any answer is read: Icecast answers a
+                // listener from its source loop, on the source's next data, so reading each
+                // head before the next request would take a quarter second per listener at
+                // this bench's pacing.
+                let mut listeners: Vec<Listener> = mine
                     .into_iter()
                     .map(|i| {
                         let mut s = TcpStream::connect(addr).unwrap();
                         write!(s, "GET {MOUNT} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
-                        let (status, body) = read_head(&mut s);
-                        assert!(
-                            status.contains(" 200"),
-                            "icecast2 refused a listener: {status}"
-                        );
-                        counts[i].fetch_add(body.len() as u64, Ordering::Relaxed);
                         s.set_nonblocking(true).unwrap();
-                        (i, s)
+                        Listener {
+                            index: i,
+                            stream: s,
+                            head: Some(Vec::new()),
+                            closed: false,
+                            answered: Arc::clone(&answered),
+                        }
                     })
                     .collect();
                 let mut buf = vec![0u8; 64 * 1024];
                 while !stop.load(Ordering::Relaxed) {
                     let mut any = false;
-                    for (i, s) in &mut streams {
+                    for l in listeners.iter_mut().filter(|l| !l.closed) {
                         loop {
-                            match s.read(&mut buf) {
-                                Ok(0) => panic!("icecast2 closed listener {i}"),
+                            match l.stream.read(&mut buf) {
+                                Ok(0) => {
+                                    // Counted, and its share of the stream stops growing: the
+                                    // run's continuity shows it.
+                                    l.closed = true;
+                                    dropped.fetch_add(1, Ordering::Relaxed);
+                                    break;
+                                }
                                 Ok(got) => {
                                     any = true;
-                                    counts[*i].fetch_add(got as u64, Ordering::Relaxed);
+                                    let body = l.body(&buf[..got]);
+                                    counts[l.index].fetch_add(body as u64, Ordering::Relaxed);
                                 }
                                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                                Err(e) => panic!("listener {i}: {e}"),
+                                Err(e) => panic!("listener {}: {e}", l.index),
                             }
                         }
                     }
@@ -374,10 +462,23 @@ fn icecast_run(n: usize, stream: &Path, rate: u64, dir: &Path, window: Duration)
         let wait = (half + TICK.as_nanos() - since) % TICK.as_nanos();
         thread::sleep(Duration::from_nanos(wait as u64));
     };
-    // The mount exists once the source is in; give it a tick's worth of stream first.
-    thread::sleep(TICK * 2);
+    wait_mount(server.addr);
     let counts: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
-    let (listeners, tids) = icecast_listeners(server.addr, n, &stop, &counts);
+    let answered = Arc::new(AtomicUsize::new(0));
+    let dropped = Arc::new(AtomicU64::new(0));
+    let (listeners, tids) = icecast_listeners(server.addr, n, &stop, &counts, &answered, &dropped);
+    // The warm-up starts once Icecast has answered every listener: it takes them in from its
+    // source loop, and a thousand of them take it seconds.
+    let deadline = Instant::now() + ANSWER_WITHIN;
+    while answered.load(Ordering::Relaxed) < n {
+        assert!(
+            Instant::now() < deadline,
+            "icecast2 answered {} of {n} listeners within {} s",
+            answered.load(Ordering::Relaxed),
+            ANSWER_WITHIN.as_secs()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
     thread::sleep(WARMUP);
     mid_tick();
     let snapshot = || -> Vec<u64> { counts.iter().map(|c| c.load(Ordering::Relaxed)).collect() };
@@ -416,6 +517,7 @@ fn icecast_run(n: usize, stream: &Path, rate: u64, dir: &Path, window: Duration)
             .iter()
             .map(|&g| (g as f64 / sent).min(1.0))
             .fold(1.0, f64::min),
+        dropped: dropped.load(Ordering::Relaxed),
         listener_cpu_ns: c1 - c0,
     }
 }
@@ -441,8 +543,12 @@ fn main() {
         .unwrap();
     // Enough stream for every run of both servers (the broadcast paces it from its start).
     let per_run = 10 + WARMUP.as_secs() + window.as_secs() + GRACE.as_secs();
-    let runs = (sizes.len() * rounds * if icecast { 2 } else { 1 }) as u64;
-    let stream_secs = 10 + per_run * runs;
+    let icecast_wait = if icecast {
+        per_run + ANSWER_WITHIN.as_secs()
+    } else {
+        0
+    };
+    let stream_secs = 10 + (per_run + icecast_wait) * (sizes.len() * rounds) as u64;
     let input: PathBuf = random_stream_file(dir.path(), rate, stream_secs);
     let (mut source, link) = spawn_with_link(gridcast(&[
         "broadcast",

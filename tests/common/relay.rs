@@ -127,6 +127,7 @@ pub struct Audience {
     stop: Arc<AtomicBool>,
     newest: Arc<AtomicU64>,
     bytes: Arc<Vec<AtomicU64>>,
+    lost: Arc<Vec<AtomicU64>>,
     /// The driving threads' ids, for their CPU time.
     pub tids: Vec<u32>,
 }
@@ -135,17 +136,20 @@ impl Audience {
     pub fn start(n: usize, threads: usize, relay: &Relay, channel: ChannelId) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let newest = Arc::new(AtomicU64::new(0));
-        let bytes: Arc<Vec<AtomicU64>> =
-            Arc::new((0..threads).map(|_| AtomicU64::new(0)).collect());
+        let per_thread = || -> Arc<Vec<AtomicU64>> {
+            Arc::new((0..threads).map(|_| AtomicU64::new(0)).collect())
+        };
+        let (bytes, lost) = (per_thread(), per_thread());
         let (tid_tx, tid_rx) = std::sync::mpsc::channel();
         let handles = (0..threads)
             .map(|t| {
                 let share = n / threads + usize::from(t < n % threads);
                 let (addr, id) = (relay.addr, relay.id);
-                let (stop, newest, bytes, tids) = (
+                let (stop, newest, bytes, lost, tids) = (
                     Arc::clone(&stop),
                     Arc::clone(&newest),
                     Arc::clone(&bytes),
+                    Arc::clone(&lost),
                     tid_tx.clone(),
                 );
                 thread::spawn(move || {
@@ -164,6 +168,8 @@ impl Audience {
                             }
                             let played = clients.clients.iter().map(|c| c.played_bytes).sum();
                             bytes[t].store(played, Ordering::Relaxed);
+                            let gone = clients.clients.iter().map(|c| c.lost as u64).sum();
+                            lost[t].store(gone, Ordering::Relaxed);
                         }
                     }
                     clients.clients.into_iter().map(|c| c.played).collect()
@@ -176,6 +182,7 @@ impl Audience {
             stop,
             newest,
             bytes,
+            lost,
             tids,
         }
     }
@@ -188,6 +195,12 @@ impl Audience {
     /// Stream bytes the subscribers played, all told (as of the last 20 ms).
     pub fn played_bytes(&self) -> u64 {
         self.bytes.iter().map(|b| b.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Connections the subscribers lost (refused, closed by the relay, timed out), all told
+    /// (as of the last 20 ms).
+    pub fn lost(&self) -> u64 {
+        self.lost.iter().map(|b| b.load(Ordering::Relaxed)).sum()
     }
 
     /// CPU time of the driving threads.
