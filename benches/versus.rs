@@ -240,24 +240,31 @@ fn nobody() -> (u32, u32) {
         .unwrap_or((65534, 65534))
 }
 
-/// Reads a response's head off `stream` (blocking) and returns its status line and whatever
-/// of the body came with it.
-fn read_head(stream: &mut TcpStream) -> (String, Vec<u8>) {
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = stream.read(&mut buf).unwrap();
-        assert!(n > 0, "icecast2 closed before answering");
-        got.extend_from_slice(&buf[..n]);
+/// A response's status line and where its body starts, once `got` holds the whole head.
+fn parse_head(got: &[u8]) -> Option<(String, usize)> {
+    let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
         assert!(
             got.len() < 64 * 1024,
             "icecast2's answer has no end of head"
         );
+        return None;
+    };
+    let line = got.split(|&b| b == b'\r').next().unwrap_or(&[]);
+    Some((String::from_utf8_lossy(line).into_owned(), end + 4))
+}
+
+/// Reads a response's head off `stream` (blocking) and returns its status line.
+fn read_head(stream: &mut TcpStream) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut buf).unwrap();
+        assert!(n > 0, "icecast2 closed before answering");
+        got.extend_from_slice(&buf[..n]);
+        if let Some((status, _)) = parse_head(&got) {
+            return status;
+        }
     }
-    let end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-    let status =
-        String::from_utf8_lossy(&got[..got.iter().position(|&b| b == b'\r').unwrap()]).into_owned();
-    (status, got[end..].to_vec())
 }
 
 /// The source: sends `stream` to Icecast's mount at `rate` until `stop`, a tick's worth at a
@@ -279,7 +286,7 @@ fn icecast_source(
         "SOURCE {MOUNT} HTTP/1.0\r\nAuthorization: Basic {auth}\r\nContent-Type: application/octet-stream\r\nIce-Name: bench\r\nIce-Public: 0\r\n\r\n"
     )
     .unwrap();
-    let (status, _) = read_head(&mut s);
+    let status = read_head(&mut s);
     assert!(
         status.contains(" 200"),
         "icecast2 refused the source: {status}"
@@ -309,7 +316,7 @@ fn wait_mount(addr: SocketAddr) {
     loop {
         let mut s = TcpStream::connect(addr).unwrap();
         write!(s, "GET {MOUNT} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
-        let (status, _) = read_head(&mut s);
+        let status = read_head(&mut s);
         if status.contains(" 200") {
             return;
         }
@@ -326,7 +333,7 @@ struct Listener {
     index: usize,
     stream: TcpStream,
     head: Option<Vec<u8>>,
-    /// Whether Icecast closed it (it drops a listener that falls a queue behind).
+    /// Whether Icecast closed it.
     closed: bool,
     /// Listeners whose head has ended, all told.
     answered: Arc<AtomicUsize>,
@@ -339,21 +346,15 @@ impl Listener {
             return got.len();
         };
         head.extend_from_slice(got);
-        let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") else {
-            assert!(
-                head.len() < 64 * 1024,
-                "icecast2's answer has no end of head"
-            );
+        let Some((status, start)) = parse_head(head) else {
             return 0;
         };
-        let status =
-            String::from_utf8_lossy(head.split(|&b| b == b'\r').next().unwrap_or(&[])).into_owned();
         assert!(
             status.contains(" 200"),
             "icecast2 refused listener {}: {status}",
             self.index
         );
-        let body = head.len() - (end + 4);
+        let body = head.len() - start;
         self.head = None;
         self.answered.fetch_add(1, Ordering::Relaxed);
         body
