@@ -192,6 +192,11 @@ fn role_commands_name_bad_input() {
 
     let out = gridcast(&["broadcast", "--key", path_str(&key), "--input", "ftp://x"]);
     assert_clean_failure(&out, "tcp://host:port");
+    let out = gridcast(&["broadcast", "--key", path_str(&key), "--chunk-ms", "5000"]);
+    assert_clean_failure(
+        &out,
+        "chunk_ms must be 100 to 2000 (milliseconds), not 5000",
+    );
 
     // A link to a node that is not there: the held port above answers nothing.
     let channel = String::from_utf8(gridcast(&["channel-id", path_str(&key)]).stdout).unwrap();

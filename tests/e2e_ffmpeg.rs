@@ -32,13 +32,38 @@ enum Fault {
     Term,
 }
 
+/// What ffmpeg encodes in [`run`].
+#[derive(Clone, Copy)]
+enum Stream {
+    /// The test pattern with a tone, as MPEG-TS, in chunks of the default 250 ms.
+    Video,
+    /// A tone as 128 kbit/s MP3, in chunks of a second (`--chunk-ms 1000`), as suggested for
+    /// radio.
+    Radio,
+}
+
 fn run(fault: Fault, dir: &Path) {
+    run_stream(Stream::Video, fault, dir);
+}
+
+fn run_stream(stream: Stream, fault: Fault, dir: &Path) {
     let key = keygen(dir);
-    let mut ffmpeg = test_pattern_ts(STREAM_SECS, true)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let (mut ffmpeg, extension) = match stream {
+        Stream::Video => (test_pattern_ts(STREAM_SECS, true), "ts"),
+        Stream::Radio => {
+            let mut ffmpeg = Command::new("ffmpeg");
+            ffmpeg
+                .args(["-v", "error", "-re", "-f", "lavfi", "-i"])
+                .arg(format!("sine=frequency=440:duration={STREAM_SECS}"))
+                .args(["-c:a", "libmp3lame", "-b:a", "128k", "-f", "mp3", "-"]);
+            (ffmpeg, "mp3")
+        }
+    };
+    let mut ffmpeg = ffmpeg.stdout(Stdio::piped()).spawn().unwrap();
     let mut source = loopback_source(&key, 4);
+    if let Stream::Radio = stream {
+        source.args(["--chunk-ms", "1000"]);
+    }
     source.stdin(Stdio::piped());
     let (mut source, source_link) = spawn_with_link(source);
     // Tee ffmpeg's bytes into the broadcast and into memory: the reference.
@@ -67,7 +92,9 @@ fn run(fault: Fault, dir: &Path) {
         nodes_of(&relays[1].1)
     );
     thread::sleep(Duration::from_secs(1));
-    let outputs: Vec<_> = (0..2).map(|i| dir.join(format!("peer{i}.ts"))).collect();
+    let outputs: Vec<_> = (0..2)
+        .map(|i| dir.join(format!("peer{i}.{extension}")))
+        .collect();
     let mut peers: Vec<Child> = outputs
         .iter()
         .map(|out| {
@@ -138,6 +165,17 @@ fn a_relay_killed_mid_stream_costs_the_players_nothing() {
 fn a_relay_stopped_by_sigterm_costs_the_players_nothing() {
     if have_ffmpeg() {
         run(Fault::Term, tempfile::tempdir().unwrap().path());
+    }
+}
+
+#[test]
+fn a_relay_killed_under_a_radio_in_chunks_of_a_second_costs_the_players_nothing() {
+    if have_ffmpeg() {
+        run_stream(
+            Stream::Radio,
+            Fault::Kill,
+            tempfile::tempdir().unwrap().path(),
+        );
     }
 }
 

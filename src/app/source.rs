@@ -106,6 +106,8 @@ pub struct BroadcastConfig {
     /// Seconds to keep serving after the input ends (or a signal ends the broadcast), so
     /// subscribers fetch the last chunks.
     pub linger: Duration,
+    /// How much stream each chunk carries (the chunker's duration).
+    pub chunk: Duration,
     /// The password encoders give to an `icecast://` input, and title updates (on that
     /// input's port, or on the admin listener's `/admin/metadata` for any input).
     pub source_password: Option<String>,
@@ -438,6 +440,7 @@ pub fn broadcast(config: &BroadcastConfig, stop: &AtomicBool) -> anyhow::Result<
         .map_or(1, |d| d.as_millis() as u64);
     let mut chunker = Chunker::new(ChunkerConfig {
         first_seq,
+        duration: config.chunk,
         ..Default::default()
     })?;
     let input = read_input(&config.input, source_password.as_deref(), title_tx)?;
@@ -445,7 +448,7 @@ pub fn broadcast(config: &BroadcastConfig, stop: &AtomicBool) -> anyhow::Result<
     // waits for it can connect an encoder, a relay or a scraper at once.
     let link = ChannelLink::single(channel, link_addr(&node), node_key.node_id());
     say(&link);
-    tracing::info!(%link, backend = %node.backend(), "broadcasting");
+    tracing::info!(%link, backend = %node.backend(), chunk = ?config.chunk, "broadcasting");
     let mut publishing = Publishing::new(&node, channel_key, Instant::now());
     let published = Arc::clone(&counters);
     let mut publish = |chunker: &mut Chunker| {
