@@ -25,7 +25,7 @@
 //! server; after a warm-up the window is measured. One line per run:
 //!
 //! `versus server=<gridcast|icecast2> listeners=… rate_kbps=… cpu_s_per_gb=… server_cores=…
-//! delivered_mb=… continuity_min=… dropped=… listener_cores=…`
+//! delivered_mb=… continuity_min=… dropped=… listener_cores=…` (gridcast's with `chunk_ms=…`)
 //!
 //! then per size `versus median listeners=… gridcast_cpu_s_per_gb=… icecast2_cpu_s_per_gb=…
 //! gridcast_vs_icecast2=…`.
@@ -40,7 +40,9 @@
 //!
 //! `--listeners N`: one size (default 50 and 100). `--rate BPS` (4000000; 128000 is a radio
 //! channel, where each listener's quarter second is 4 KB and what a server pays per listener
-//! and per write, not per byte, decides), `--window S` (20), `--rounds N` (3). Without
+//! and per write, not per byte, decides), `--chunk-ms MS` (the broadcast's chunks, 250 unless
+//! given; Icecast's source stays paced at 250 ms, as an encoder writes whatever gridcast
+//! does), `--window S` (20), `--rounds N` (3). Without
 //! `icecast2` on the PATH the gridcast lines alone are printed.
 
 #![allow(
@@ -99,6 +101,8 @@ struct Run {
     /// Listeners the server dropped or lost during the run.
     dropped: u64,
     listener_cpu_ns: u64,
+    /// gridcast's chunk duration.
+    chunk_ms: Option<u64>,
 }
 
 impl Run {
@@ -108,7 +112,7 @@ impl Run {
 
     fn print(&self, server: &str, listeners: usize, rate: u64) {
         println!(
-            "versus server={server} listeners={listeners} rate_kbps={} cpu_s_per_gb={:.3} server_cores={:.3} delivered_mb={:.1} continuity_min={:.4} dropped={} listener_cores={:.3}",
+            "versus server={server} listeners={listeners} rate_kbps={} cpu_s_per_gb={:.3} server_cores={:.3} delivered_mb={:.1} continuity_min={:.4} dropped={} listener_cores={:.3}{}",
             rate / 1000,
             self.cpu_s_per_gb(),
             self.cpu_ns as f64 / 1e9 / self.secs,
@@ -116,12 +120,21 @@ impl Run {
             self.continuity_min,
             self.dropped,
             self.listener_cpu_ns as f64 / 1e9 / self.secs,
+            self.chunk_ms
+                .map_or(String::new(), |ms| format!(" chunk_ms={ms}")),
         );
     }
 }
 
 /// A fresh `gridcast relay` on the broadcast at `link`, `n` listeners on it.
-fn gridcast_run(n: usize, link: &str, channel: ChannelId, dir: &Path, window: Duration) -> Run {
+fn gridcast_run(
+    n: usize,
+    link: &str,
+    channel: ChannelId,
+    dir: &Path,
+    window: Duration,
+    chunk_ms: u64,
+) -> Run {
     let relay = Relay::start(link, dir, &[]);
     let pid = relay.child.id();
     let audience = Audience::start(n, LISTENER_THREADS, &relay, channel);
@@ -153,6 +166,7 @@ fn gridcast_run(n: usize, link: &str, channel: ChannelId, dir: &Path, window: Du
         continuity_min,
         dropped,
         listener_cpu_ns: c1 - c0,
+        chunk_ms: Some(chunk_ms),
     }
 }
 
@@ -520,6 +534,7 @@ fn icecast_run(n: usize, stream: &Path, rate: u64, dir: &Path, window: Duration)
             .fold(1.0, f64::min),
         dropped: dropped.load(Ordering::Relaxed),
         listener_cpu_ns: c1 - c0,
+        chunk_ms: None,
     }
 }
 
@@ -535,6 +550,7 @@ fn main() {
     let rate: u64 = arg(&args, "--rate").unwrap_or(4_000_000);
     let window = Duration::from_secs(arg(&args, "--window").unwrap_or(20));
     let rounds: usize = arg(&args, "--rounds").unwrap_or(3).max(1);
+    let chunk_ms: u64 = arg(&args, "--chunk-ms").unwrap_or(250);
     let icecast = have_tool("icecast2", &["-v"], "GRIDCAST_REQUIRE_ICECAST");
 
     let dir = tempfile::tempdir().unwrap();
@@ -561,12 +577,14 @@ fn main() {
         input.to_str().unwrap(),
         "--rate",
         &rate.to_string(),
+        "--chunk-ms",
+        &chunk_ms.to_string(),
     ]));
 
     for &n in &sizes {
         let (mut ours, mut theirs) = (Vec::new(), Vec::new());
         for _ in 0..rounds {
-            let g = gridcast_run(n, &link, channel, dir.path(), window);
+            let g = gridcast_run(n, &link, channel, dir.path(), window, chunk_ms);
             g.print("gridcast", n, rate);
             ours.push(g.cpu_s_per_gb());
             if icecast {
