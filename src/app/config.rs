@@ -168,9 +168,6 @@ fn advertised(given: Vec<SocketAddr>, file: Vec<SocketAddr>) -> anyhow::Result<V
     Ok(out)
 }
 
-/// A broadcast's chunk duration unless set, in milliseconds.
-const DEFAULT_CHUNK_MS: u64 = 250;
-
 /// The chunk durations a broadcast accepts, in milliseconds. At the low end the window every
 /// node keeps (40 chunks) still holds 4 s, enough to start a second behind live and resume
 /// after a parent change; at the high end a stream's gaps between chunks stay a second short
@@ -200,10 +197,10 @@ pub struct BroadcastArgs {
     /// Pace a file input at this many bits per second, like 2M (default: as fast as read).
     #[arg(long)]
     pub rate: Option<Rate>,
-    /// Milliseconds of stream per chunk, 100 to 2000 [default: 250]. Longer chunks cost every
-    /// relay less per listener (fewer, fuller packets and acknowledgements: 1000 halves a
-    /// relay's CPU per radio listener at 128 kbit/s) and add their length to the delay behind
-    /// live; keep the default for video.
+    /// Milliseconds of stream per chunk, 100 to 2000 [default: 1000 for audio alone (MP3,
+    /// AAC, Ogg with no video stream), 250 for anything else]. Longer chunks cost every relay
+    /// less per listener (fewer, fuller packets and acknowledgements: 1000 halves a relay's
+    /// CPU per radio listener at 128 kbit/s) and put listeners further behind live.
     #[arg(long)]
     pub chunk_ms: Option<u64>,
     /// UDP address to serve supernodes on [default: [::]:4433, every IPv6 and IPv4 address;
@@ -259,8 +256,10 @@ impl BroadcastArgs {
             (_, Some(_)) => anyhow::bail!("rate paces a file input only"),
             (input, None) => input,
         };
-        let chunk_ms = self.chunk_ms.or(file.chunk_ms).unwrap_or(DEFAULT_CHUNK_MS);
-        if !CHUNK_MS.contains(&chunk_ms) {
+        let chunk_ms = self.chunk_ms.or(file.chunk_ms);
+        if let Some(chunk_ms) = chunk_ms
+            && !CHUNK_MS.contains(&chunk_ms)
+        {
             anyhow::bail!(
                 "chunk_ms must be {} to {} (milliseconds), not {chunk_ms}: shorter chunks leave \
                  the window of {} chunks too short to ride out a parent change, longer ones \
@@ -283,7 +282,7 @@ impl BroadcastArgs {
                 .or(file.listen)
                 .unwrap_or_else(|| super::roles::any_addr(4433)),
             linger: Duration::from_secs(self.linger.or(file.linger).unwrap_or(5)),
-            chunk: Duration::from_millis(chunk_ms),
+            chunk: chunk_ms.map(Duration::from_millis),
             source_password: self.source_password.or(file.source_password),
             node_key: self.node_key.or(file.node_key),
             max_children: self.max_children.or(file.max_children).unwrap_or(8),
@@ -683,7 +682,7 @@ mod tests {
             key: Some("channel.key".into()),
             ..Default::default()
         };
-        assert_eq!(base().resolve().unwrap().chunk, Duration::from_millis(250));
+        assert_eq!(base().resolve().unwrap().chunk, None, "by the input");
         let f = write("key = \"channel.key\"\nchunk_ms = 1000\n");
         let from_file = |chunk_ms| {
             BroadcastArgs {
@@ -693,10 +692,10 @@ mod tests {
             }
             .resolve()
         };
-        assert_eq!(from_file(None).unwrap().chunk, Duration::from_secs(1));
+        assert_eq!(from_file(None).unwrap().chunk, Some(Duration::from_secs(1)));
         assert_eq!(
             from_file(Some(500)).unwrap().chunk,
-            Duration::from_millis(500)
+            Some(Duration::from_millis(500))
         );
         for bad in [0, 99, 2001, 10_000] {
             let err = BroadcastArgs {
@@ -718,7 +717,10 @@ mod tests {
                 chunk_ms: Some(good),
                 ..base()
             };
-            assert_eq!(ok.resolve().unwrap().chunk, Duration::from_millis(good));
+            assert_eq!(
+                ok.resolve().unwrap().chunk,
+                Some(Duration::from_millis(good))
+            );
         }
     }
 

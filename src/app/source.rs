@@ -106,8 +106,9 @@ pub struct BroadcastConfig {
     /// Seconds to keep serving after the input ends (or a signal ends the broadcast), so
     /// subscribers fetch the last chunks.
     pub linger: Duration,
-    /// How much stream each chunk carries (the chunker's duration).
-    pub chunk: Duration,
+    /// How much stream each chunk carries (the chunker's duration); `None`:
+    /// [`AUDIO_CHUNK`] for audio alone, the chunker's default (250 ms) for anything else.
+    pub chunk: Option<Duration>,
     /// The password encoders give to an `icecast://` input, and title updates (on that
     /// input's port, or on the admin listener's `/admin/metadata` for any input).
     pub source_password: Option<String>,
@@ -192,7 +193,11 @@ impl<'a> Publishing<'a> {
                 InputFormat::MpegAudio | InputFormat::Adts => "where frames start",
                 _ => "anywhere (no format recognised)",
             };
-            tracing::info!(?format, "input recognised: chunks are cut {cut}");
+            tracing::info!(
+                ?format,
+                chunk = ?chunker.duration(),
+                "input recognised: chunks are cut {cut}"
+            );
         }
         while let Some(chunk) = chunker.poll_chunk() {
             let ts = (chunk.started - self.start).as_micros() as u64;
@@ -392,6 +397,12 @@ fn pump(
 /// An input silent this long no longer counts as connected.
 const INPUT_QUIET: Duration = Duration::from_secs(2);
 
+/// A broadcast's chunk duration for audio alone (MP3, AAC, Ogg with no video) unless
+/// `--chunk-ms` sets one: at radio rates a relay pays per packet and acknowledgement, and
+/// 1-s chunks halve its CPU per listener of 250-ms ones at 128 kbit/s (docs/performance.md,
+/// "Against Icecast"), for listeners three quarters of a second further behind live.
+pub const AUDIO_CHUNK: Duration = Duration::from_secs(1);
+
 /// Runs a source until its input ends or a signal arrives; either way the last chunk says the
 /// broadcast ended, and it is served for the linger.
 #[allow(clippy::disallowed_methods)] // the source reads the clock
@@ -440,7 +451,8 @@ pub fn broadcast(config: &BroadcastConfig, stop: &AtomicBool) -> anyhow::Result<
         .map_or(1, |d| d.as_millis() as u64);
     let mut chunker = Chunker::new(ChunkerConfig {
         first_seq,
-        duration: config.chunk,
+        duration: config.chunk.unwrap_or(ChunkerConfig::default().duration),
+        audio_duration: Some(config.chunk.unwrap_or(AUDIO_CHUNK)),
         ..Default::default()
     })?;
     let input = read_input(&config.input, source_password.as_deref(), title_tx)?;
@@ -448,7 +460,7 @@ pub fn broadcast(config: &BroadcastConfig, stop: &AtomicBool) -> anyhow::Result<
     // waits for it can connect an encoder, a relay or a scraper at once.
     let link = ChannelLink::single(channel, link_addr(&node), node_key.node_id());
     say(&link);
-    tracing::info!(%link, backend = %node.backend(), chunk = ?config.chunk, "broadcasting");
+    tracing::info!(%link, backend = %node.backend(), "broadcasting");
     let mut publishing = Publishing::new(&node, channel_key, Instant::now());
     let published = Arc::clone(&counters);
     let mut publish = |chunker: &mut Chunker| {

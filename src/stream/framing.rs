@@ -85,6 +85,27 @@ pub(super) fn ogg_page(buf: &[u8]) -> Unit {
     })
 }
 
+/// Whether a captured Ogg stream header (whole pages) begins a video stream (Theora, Daala,
+/// Dirac), by the first packet of each beginning-of-stream page; Vorbis, Opus, FLAC, Speex
+/// and Skeleton are not video.
+pub(super) fn ogg_header_has_video(mut header: &[u8]) -> bool {
+    while let Unit::Found(info) = ogg_page(header) {
+        let Some(page) = header.get(..info.len) else {
+            return false;
+        };
+        let body = &page[OGG_FIXED_HEADER + usize::from(page[26])..];
+        if info.starts_header
+            && [&b"\x80theora"[..], b"\x80daala", b"BBCD\0"]
+                .iter()
+                .any(|magic| body.starts_with(magic))
+        {
+            return true;
+        }
+        header = &header[info.len..];
+    }
+    false
+}
+
 /// The ISO-BMFF box at the start of `buf`.
 pub(super) fn mp4_box(buf: &[u8]) -> Unit {
     let Some(head) = buf.get(..8) else {

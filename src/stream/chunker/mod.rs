@@ -118,6 +118,12 @@ pub enum InputFormat {
 pub struct ChunkerConfig {
     /// A chunk closes this long after its first byte arrived (default 250 ms).
     pub duration: Duration,
+    /// Once the input is recognised as audio alone (MP3 or AAC frames, or Ogg with no
+    /// Theora, Daala or Dirac stream in its header), chunks close this long after their
+    /// first byte instead (default: `None`, the same as the rest).
+    /// Audio is where a longer chunk pays most: a radio's quarter second is a few KB, and
+    /// what a relay pays per listener goes by packets and acknowledgements, not bytes.
+    pub audio_duration: Option<Duration>,
     /// A chunk closes when it reaches this many bytes (default 1 MiB).
     pub max_bytes: usize,
     /// Input format.
@@ -130,6 +136,7 @@ impl Default for ChunkerConfig {
     fn default() -> Self {
         Self {
             duration: Duration::from_millis(250),
+            audio_duration: None,
             max_bytes: 1024 * 1024,
             format: InputFormat::Auto,
             first_seq: 0,
@@ -219,6 +226,9 @@ pub struct Chunker {
     headers: VecDeque<Bytes>,
     /// The open chunk starts at a random-access point.
     starts_at_rap: bool,
+    /// The Ogg stream's header has a video stream's beginning page (then it is not audio
+    /// alone, whatever else it carries).
+    ogg_video: bool,
     /// Last random-access point seen per PID.
     rap_seen: Vec<(u16, Instant)>,
     /// PMT PIDs named by the last PAT.
@@ -233,9 +243,10 @@ pub struct Chunker {
 impl Chunker {
     /// A chunker with validated settings.
     pub fn new(config: ChunkerConfig) -> Result<Self, ChunkerError> {
-        if config.duration < Duration::from_millis(10) || config.duration > Duration::from_secs(10)
-        {
-            return Err(ChunkerError::Duration(config.duration));
+        for d in std::iter::once(config.duration).chain(config.audio_duration) {
+            if d < Duration::from_millis(10) || d > Duration::from_secs(10) {
+                return Err(ChunkerError::Duration(d));
+            }
         }
         if config.max_bytes < 2 * TS_PACKET || config.max_bytes > MAX_CHUNK_PAYLOAD {
             return Err(ChunkerError::MaxBytes(config.max_bytes));
@@ -264,6 +275,7 @@ impl Chunker {
             headers: VecDeque::new(),
             starts_at_rap: false,
             rap_seen: Vec::new(),
+            ogg_video: false,
             pmt_pids: Vec::new(),
             video_pids: Vec::new(),
             ready: VecDeque::new(),
@@ -286,6 +298,16 @@ impl Chunker {
             Mode::MpegAudio => Some(InputFormat::MpegAudio),
             Mode::Adts => Some(InputFormat::Adts),
             Mode::Opaque => Some(InputFormat::Opaque),
+        }
+    }
+
+    /// How long a chunk lasts: [`ChunkerConfig::audio_duration`] once the input is known to
+    /// be audio alone, [`ChunkerConfig::duration`] otherwise.
+    pub fn duration(&self) -> Duration {
+        match (self.mode, self.config.audio_duration) {
+            (Mode::Ogg, Some(audio)) if !self.ogg_video => audio,
+            (Mode::MpegAudio | Mode::Adts, Some(audio)) => audio,
+            _ => self.config.duration,
         }
     }
 
@@ -337,7 +359,7 @@ impl Chunker {
         if self.closable_len() == 0 {
             return None;
         }
-        self.started.map(|s| s + self.config.duration)
+        self.started.map(|s| s + self.duration())
     }
 
     /// Ends the input: closes the open chunk with everything left, including a partial TS
@@ -527,13 +549,13 @@ impl Chunker {
     fn at_random_access(&mut self, now: Instant, pid: u16) {
         let cut_at = self.psi_run.take().unwrap_or(self.scan);
         let sparse = match self.rap_seen.iter().find(|(p, _)| *p == pid) {
-            Some((_, last)) => now.saturating_duration_since(*last) > 2 * self.config.duration,
+            Some((_, last)) => now.saturating_duration_since(*last) > 2 * self.duration(),
             None => true,
         };
         let age = self
             .started
             .map_or(Duration::ZERO, |s| now.saturating_duration_since(s));
-        let half_full = age >= self.config.duration / 2 && !self.starts_at_rap;
+        let half_full = age >= self.duration() / 2 && !self.starts_at_rap;
         if cut_at == 0 {
             self.starts_at_rap = true;
         } else if sparse || half_full {
@@ -620,6 +642,10 @@ impl Chunker {
             }
             self.capturing = false;
             let len = self.scan;
+            if self.mode == Mode::Ogg {
+                // Each header (a chained stream's too) is judged afresh, over its streams.
+                self.ogg_video = framing::ogg_header_has_video(&self.buf[..len]);
+            }
             if len <= MAX_STREAM_HEADER_LEN {
                 let header = Bytes::copy_from_slice(&self.buf[..len]);
                 self.emit(len, now);
@@ -647,7 +673,7 @@ impl Chunker {
             .map_or(Duration::ZERO, |s| now.saturating_duration_since(s));
         if cut_at == 0 {
             self.starts_at_rap = true;
-        } else if info.sparse || (age >= self.config.duration / 2 && !self.starts_at_rap) {
+        } else if info.sparse || (age >= self.duration() / 2 && !self.starts_at_rap) {
             self.emit(cut_at, now);
             self.starts_at_rap = true;
         }

@@ -543,3 +543,70 @@ fn mp3_behind_a_large_id3_tag_is_still_found() {
     }
     assert_eq!(c.format(), Some(InputFormat::Opaque));
 }
+
+#[test]
+fn audio_alone_gets_the_audio_duration_and_video_or_unknown_input_the_other() {
+    use crate::stream::framing::tests::{mp3, ogg};
+    let t0 = Instant::now();
+    let ms = Duration::from_millis;
+    let config = || ChunkerConfig {
+        audio_duration: Some(Duration::from_secs(1)),
+        ..Default::default()
+    };
+    // MP3: undecided at first, then a second a chunk; frames written every 26 ms close one
+    // chunk in a second of them, not four.
+    let mut c = Chunker::new(config()).unwrap();
+    assert_eq!(c.duration(), ms(250));
+    for i in 0..40u64 {
+        c.handle_input(t0 + ms(26 * i), &mp3(false, i as u8));
+    }
+    assert_eq!(c.format(), Some(InputFormat::MpegAudio));
+    assert_eq!(c.duration(), Duration::from_secs(1));
+    let closed = drain(&mut c);
+    assert_eq!(closed.len(), 1, "one chunk in 1.04 s of frames");
+    assert_eq!(closed[0].payload.len(), 39 * 417);
+    assert_eq!(
+        c.poll_timeout(),
+        Some(t0 + ms(26 * 39) + Duration::from_secs(1))
+    );
+    // Ogg whose header begins Vorbis and Opus streams: audio.
+    let vorbis = |c: &mut Chunker, first: &[u8]| {
+        let mut header = ogg(0x02, 0, first);
+        header.extend(ogg(0, 0, &[2; 300]));
+        c.handle_input(t0, &header);
+        c.handle_input(t0, &ogg(0, 1024, &[3; 400]));
+        assert!(c.poll_stream_header().is_some());
+        c.duration()
+    };
+    let mut c = Chunker::new(config()).unwrap();
+    assert_eq!(vorbis(&mut c, b"\x01vorbis-----"), Duration::from_secs(1));
+    let mut c = Chunker::new(config()).unwrap();
+    assert_eq!(vorbis(&mut c, b"OpusHead----"), Duration::from_secs(1));
+    // Theora beside Vorbis: video, the ordinary duration; a chained audio-only stream after
+    // it is audio again.
+    let mut c = Chunker::new(config()).unwrap();
+    let mut header = ogg(0x02, 0, b"\x80theora-----");
+    header.extend(ogg(0x02, 0, b"\x01vorbis-----"));
+    header.extend(ogg(0, 0, &[2; 300]));
+    c.handle_input(t0, &header);
+    c.handle_input(t0, &ogg(0, 1024, &[3; 400]));
+    assert_eq!(c.duration(), ms(250));
+    assert_eq!(vorbis(&mut c, b"\x01vorbis-----"), Duration::from_secs(1));
+    // MPEG-TS and opaque input keep the ordinary duration.
+    let mut c = Chunker::new(config()).unwrap();
+    for _ in 0..8 {
+        c.handle_input(t0, &ts_packet(0x100, false, 0));
+    }
+    assert_eq!(c.format(), Some(InputFormat::MpegTs));
+    assert_eq!(c.duration(), ms(250));
+    let mut c = Chunker::new(config()).unwrap();
+    c.handle_input(t0, &[7; 5000]);
+    assert_eq!(c.format(), Some(InputFormat::Opaque));
+    assert_eq!(c.duration(), ms(250));
+    // An audio duration out of range is refused like the other.
+    let err = Chunker::new(ChunkerConfig {
+        audio_duration: Some(ms(5)),
+        ..Default::default()
+    });
+    assert_eq!(err.err(), Some(ChunkerError::Duration(ms(5))));
+}
