@@ -198,8 +198,11 @@ pub(crate) enum Slot {
         /// Shards delivered over the current window.
         tally: Tally,
     },
-    /// Lost or lagging; not tried again before `until`.
-    Failed { until: Instant },
+    /// Lost, lagging or refusing; not tried again before `until`. `refused`: it answered,
+    /// and turned the subscription away as full (its first tier, or a source sending peers
+    /// to the relays it serves): tried again at once when every parent is lost, since that
+    /// may be what changed.
+    Failed { until: Instant, refused: bool },
 }
 
 impl Slot {

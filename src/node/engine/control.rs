@@ -394,7 +394,14 @@ impl Engine {
                     reason: refused.reason,
                 });
                 let alternatives = self.heard_of(remote, &refused.alternatives);
-                self.upstream_refused(now, refused.channel, handle, from, &alternatives);
+                self.upstream_refused(
+                    now,
+                    refused.channel,
+                    handle,
+                    from,
+                    &alternatives,
+                    refused.reason,
+                );
             }
             Message::Have(have) => self.upstream_have(have.channel, handle, have.latest),
             Message::StreamTitle(title) => {

@@ -13,7 +13,7 @@ use crate::node::upstream::{
     resume_point,
 };
 use crate::stream::ChunkFlags;
-use crate::wire::{ParentCandidate, StartAt, SubstreamSet};
+use crate::wire::{ParentCandidate, RefuseReason, StartAt, SubstreamSet};
 
 use super::conn::mark;
 use super::{Engine, EngineError, FailoverWhy, NodeEvent, close_code};
@@ -125,7 +125,7 @@ impl Engine {
         };
         // Failed candidates become eligible again after their back-off.
         for (_, slot) in &mut up.candidates {
-            if let Slot::Failed { until } = slot
+            if let Slot::Failed { until, .. } = slot
                 && *until <= now
             {
                 *slot = Slot::Idle;
@@ -153,7 +153,10 @@ impl Engine {
                 }
                 Err(_) => {
                     let until = up.strike(cand.node, now);
-                    up.candidates[i].1 = Slot::Failed { until };
+                    up.candidates[i].1 = Slot::Failed {
+                        until,
+                        refused: false,
+                    };
                 }
             }
         }
@@ -209,7 +212,10 @@ impl Engine {
                 }
                 Err(_) => {
                     let until = up.strike(cand.node, now);
-                    up.candidates[i].1 = Slot::Failed { until };
+                    up.candidates[i].1 = Slot::Failed {
+                        until,
+                        refused: false,
+                    };
                 }
             }
         }
@@ -526,7 +532,10 @@ impl Engine {
                     up.lagged.remove(&node);
                 }
                 let until = up.strike(node, now);
-                up.candidates[i].1 = Slot::Failed { until };
+                up.candidates[i].1 = Slot::Failed {
+                    until,
+                    refused: false,
+                };
                 if !f.set.is_empty() {
                     up.unassigned.push((f.set, f.again));
                     if f.failover {
@@ -589,6 +598,7 @@ impl Engine {
         handle: ConnectionHandle,
         from: Option<NodeId>,
         alternatives: &[ParentCandidate],
+        reason: RefuseReason,
     ) {
         let next_play = self.channels.get(&channel).and_then(Channel::next_play);
         let me = self.node;
@@ -611,7 +621,11 @@ impl Engine {
                 up.unassigned.push((set, start));
             }
             let until = up.strike(node, now);
-            up.candidates[i].1 = Slot::Failed { until };
+            up.candidates[i].1 = Slot::Failed {
+                until,
+                // Full may change; not carrying the channel, or draining, will not for this.
+                refused: reason == RefuseReason::Full,
+            };
         }
         if let Some(c) = self.conns.get_mut(&handle)
             && c.taken.is_empty()
@@ -655,10 +669,23 @@ impl Engine {
             _ => false,
         });
         let grace = up.config.stall_timeout * 2;
+        let mut ask_refusers = false;
         match up.outage {
             None if !delivering && now.saturating_duration_since(up.since) >= grace => {
                 up.outage = Some(now);
                 up.outages += 1;
+                // Those that turned this node away did so while others carried the channel
+                // for it (a source sends peers to its relays): with every parent gone, that
+                // may no longer hold, and they judge it afresh. Asked at once, and as often
+                // as if they had never refused, rather than after a back-off grown while
+                // the other parents served.
+                for (cand, slot) in &mut up.candidates {
+                    if let Slot::Failed { refused: true, .. } = slot {
+                        *slot = Slot::Idle;
+                        up.strikes.remove(&cand.node);
+                        ask_refusers = true;
+                    }
+                }
                 self.stats.upstream_outages += 1;
                 let connected = up
                     .candidates
@@ -680,6 +707,9 @@ impl Engine {
                 });
             }
             _ => {}
+        }
+        if ask_refusers {
+            self.upstream_fill(now, channel);
         }
     }
 }
