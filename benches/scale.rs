@@ -12,7 +12,7 @@
 //!
 //! `scale subscribers=… continuity_min=… continuity_mean=… relay_cores=… rss_mb=…
 //! kb_per_connection=… base_mb=… rss_after_mb=… live_kb_per_connection=… subscriber_cores=…
-//! subscriber_drops=…`
+//! subscriber_drops=… chunk_ms=…`
 //!
 //! - continuity: the share of the window's chunks each subscriber played (every chunk
 //!   published between the window's start and end; a subscriber that played nothing scores 0).
@@ -29,6 +29,8 @@
 //! Default: 2000 subscribers. `--subscribers N`: that size. `--ramp`: then 1000 more at a
 //! time (at most 8000) until a size falls short of 100% continuity, then prints
 //! `scale held=…` with the largest size at 100%. `--window S`: seconds measured (30).
+//! `--chunk-ms MS`: the broadcast's chunk duration (250; a real audio channel, MP3, AAC or
+//! Ogg, is cut into 1000-ms chunks, but these random bytes are no format).
 
 #![allow(
     clippy::unwrap_used,
@@ -144,6 +146,7 @@ fn main() {
     let first: usize = arg(&args, "--subscribers").unwrap_or(2000);
     let ramp = args.iter().any(|a| a == "--ramp");
     let window = Duration::from_secs(arg(&args, "--window").unwrap_or(30));
+    let chunk_ms: u64 = arg(&args, "--chunk-ms").unwrap_or(250);
 
     let dir = tempfile::tempdir().unwrap();
     let key = keygen(dir.path());
@@ -170,13 +173,15 @@ fn main() {
         input.to_str().unwrap(),
         "--rate",
         &RATE_BPS.to_string(),
+        "--chunk-ms",
+        &chunk_ms.to_string(),
     ]));
 
     let mut held = None;
     for n in steps {
         let s = step(n, &link, channel, dir.path(), window);
         println!(
-            "scale subscribers={} continuity_min={:.4} continuity_mean={:.4} relay_cores={:.3} rss_mb={:.1} kb_per_connection={:.1} base_mb={:.1} rss_after_mb={:.1} live_kb_per_connection={:.1} subscriber_cores={:.3} subscriber_drops={}",
+            "scale subscribers={} continuity_min={:.4} continuity_mean={:.4} relay_cores={:.3} rss_mb={:.1} kb_per_connection={:.1} base_mb={:.1} rss_after_mb={:.1} live_kb_per_connection={:.1} subscriber_cores={:.3} subscriber_drops={} chunk_ms={chunk_ms}",
             s.subscribers,
             s.continuity_min,
             s.continuity_mean,
