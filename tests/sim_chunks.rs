@@ -42,7 +42,7 @@ fn chunks_of(ms: u64, seed: u64) {
         mean.abs_diff(16 * ms as usize) <= 16 * ms as usize / 5,
         "{scenario}: chunks of {mean} bytes on average"
     );
-    // Each peer has three parents and loses one: the chunks must come on time throughout.
+    // On time for a real-time player: `assert_perfect` checks it; here each peer's figures.
     for (i, played) in grid.played.iter().enumerate() {
         let (lead_ms, delay) = played.real_time_lead(&grid.source.started);
         println!(
@@ -50,10 +50,6 @@ fn chunks_of(ms: u64, seed: u64) {
              failovers={} outages={}",
             played.failovers.len(),
             played.outages.len()
-        );
-        assert!(
-            lead_ms > 0.0,
-            "{scenario}: peer {i} would have stalled a real-time player ({lead_ms:.0} ms)"
         );
         assert!(
             played.outages.is_empty(),

@@ -162,15 +162,10 @@ fn the_peers_of_a_first_tier_relay_killed_fall_back_to_the_source_at_once() {
             "a peer holds {held} from {parents}"
         );
     }
-    grid.assert_perfect("first-tier-relay-killed");
     // The source had turned the peers away (its relay carried the channel): with their only
-    // parent gone they ask it again at once, not after the back-off those refusals grew,
-    // and a player playing in real time waits a quarter second (the relay's silence outlasts
-    // the second it buffers), not the 2.8 s it waited when they kept to the back-off.
-    for (i, played) in grid.played.iter().enumerate() {
-        let (lead_ms, _) = played.real_time_lead(&grid.source.started);
-        assert!(lead_ms > -500.0, "peer {i} stalled {:.0} ms", -lead_ms);
-    }
+    // parent gone they ask it again at once, not after the back-off those refusals grew (a
+    // player playing in real time waited 2.8 s then; `assert_perfect` holds it to none).
+    grid.assert_perfect("first-tier-relay-killed");
 }
 
 #[test]

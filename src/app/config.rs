@@ -168,6 +168,13 @@ fn advertised(given: Vec<SocketAddr>, file: Vec<SocketAddr>) -> anyhow::Result<V
     Ok(out)
 }
 
+/// How far behind live a player plays unless told, in milliseconds (the engine's default).
+const DEFAULT_DELAY_MS: u64 = 1500;
+
+/// The most a player may be told to play behind live, in milliseconds: half of what the
+/// window every node keeps holds at the default chunk duration (40 chunks of 250 ms).
+const MAX_DELAY_MS: u64 = 5000;
+
 /// The chunk durations a broadcast accepts, in milliseconds. At the low end the window every
 /// node keeps (40 chunks) still holds 4 s, enough to start a second behind live and resume
 /// after a parent change; at the high end a stream's gaps between chunks stay a second short
@@ -483,6 +490,11 @@ pub struct PlayArgs {
     /// [default: 10].
     #[arg(long)]
     pub connect_timeout: Option<u64>,
+    /// How far behind live to play, in milliseconds, 0 to 5000 [default: 1500]: the stream
+    /// held ahead of the output rides out jitter and lost parents (every parent lost at once
+    /// takes about 1.5 s to notice and replace); less is nearer live.
+    #[arg(long)]
+    pub delay_ms: Option<u64>,
     /// Most bits per second relayed to other peers, like 1M; 0 relays nothing
     /// [default: no cap].
     #[arg(long)]
@@ -520,7 +532,16 @@ impl PlayArgs {
             .link
             .or(file.link)
             .context("no channel link: give one, or `link` in the config file")?;
+        let delay_ms = self.delay_ms.or(file.delay_ms).unwrap_or(DEFAULT_DELAY_MS);
+        if delay_ms > MAX_DELAY_MS {
+            anyhow::bail!(
+                "delay_ms must be at most {MAX_DELAY_MS} (milliseconds), not {delay_ms}: the \
+                 nodes a player draws from keep 10 s of 250-ms chunks, and a player must start \
+                 well inside them"
+            );
+        }
         Ok(PlayConfig {
+            delay: Duration::from_millis(delay_ms),
             link,
             output: self.output.or(file.output).unwrap_or(Output::Stdout),
             listen: self
@@ -722,6 +743,26 @@ mod tests {
                 Some(Duration::from_millis(good))
             );
         }
+    }
+
+    #[test]
+    fn a_player_s_delay_comes_from_the_file_or_the_command_line_and_is_checked() {
+        let f = write(&format!("link = \"{}\"\n", link()));
+        assert_eq!(play_from(&f).delay, Duration::from_millis(1500));
+        let f = write(&format!("link = \"{}\"\ndelay_ms = 3000\n", link()));
+        assert_eq!(play_from(&f).delay, Duration::from_secs(3));
+        let args = |delay_ms| PlayArgs {
+            config: Some(f.path()),
+            delay_ms: Some(delay_ms),
+            ..Default::default()
+        };
+        assert_eq!(args(0).resolve().unwrap().delay, Duration::ZERO);
+        assert_eq!(args(5000).resolve().unwrap().delay, Duration::from_secs(5));
+        let err = args(5001).resolve().unwrap_err().to_string();
+        assert!(
+            err.starts_with("delay_ms must be at most 5000 (milliseconds), not 5001"),
+            "{err}"
+        );
     }
 
     /// The error of `relay` given a config file of `text` alone, and the file.

@@ -17,7 +17,7 @@ use super::link::ChannelLink;
 use super::output::{Gate, HttpOutput};
 use crate::driver::IoBackend;
 use crate::keys::ChannelId;
-use crate::node::{ChannelMode, Engine, EngineConfig, NodeEvent};
+use crate::node::{ChannelConfig, ChannelMode, Engine, EngineConfig, NodeEvent};
 use crate::stream::ChunkFlags;
 use crate::wire::StreamTitle;
 
@@ -72,6 +72,8 @@ pub struct PlayConfig {
     pub backend: IoBackend,
     /// Give up if no chunk has arrived within this long (saying why).
     pub connect_timeout: Duration,
+    /// How far behind live to play (the engine's target delay).
+    pub delay: Duration,
     /// Most bits per second relayed to other peers (`None`: no cap; `Some(0)`: relay nothing).
     pub upload_bps: Option<u64>,
     /// Whether relaying yields to this host's other traffic.
@@ -83,10 +85,22 @@ pub struct PlayConfig {
     pub mdns: bool,
 }
 
-/// Where a peer's chunks go.
+/// A player's window and playout settings for playing `delay` behind live: it starts that
+/// far back, and waits for a missing chunk as long as that buffer lasts (at least the
+/// engine's default wait) before it skips it.
+fn playing_behind(delay: Duration) -> ChannelConfig {
+    let default = ChannelConfig::default();
+    ChannelConfig {
+        target_delay: delay,
+        playout_delay: default.playout_delay.max(delay),
+        ..default
+    }
+}
+
 /// Titles held for chunks not played yet: a source changes its title a few times a minute.
 const MAX_PENDING_TITLES: usize = 16;
 
+/// Where a peer's chunks go.
 enum Sink {
     Writer(Box<dyn Write>, Gate),
     Http(HttpOutput),
@@ -271,6 +285,7 @@ pub fn play(config: &PlayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
         serve: config.upload_bps != Some(0),
         upload_cap: config.upload_bps.filter(|&b| b > 0).map(|b| b.div_ceil(8)),
         congestion: config.upload_priority.congestion(),
+        channel: playing_behind(config.delay),
         ..Default::default()
     };
     let (node, events) = serve(config.backend, config.listen, 1, &key, &engine_config)?;

@@ -44,7 +44,9 @@ pub struct ChannelConfig {
     /// How long a player waits for a missing chunk once a later one is complete.
     pub playout_delay: Duration,
     /// How far behind the live edge (by source timestamps) a player starts, so the chunks
-    /// already buffered absorb jitter and parent changes (default 1 s).
+    /// already buffered absorb jitter and parent changes (default 1.5 s: losing every parent
+    /// at once takes about 1.3 s to notice and a round trip or two to mend, which 1 s did not
+    /// cover; see `tests/sim_tiers.rs`).
     pub target_delay: Duration,
 }
 
@@ -54,7 +56,7 @@ impl Default for ChannelConfig {
             window_chunks: 40,
             window_bytes: 64 * 1024 * 1024,
             playout_delay: Duration::from_millis(1500),
-            target_delay: Duration::from_secs(1),
+            target_delay: Duration::from_millis(1500),
         }
     }
 }
