@@ -241,7 +241,7 @@ fn a_late_joiner_plays_within_a_second() {
         "first byte after {:?}",
         first - joined
     );
-    // It starts about the target delay (1 s = 4 chunks) behind the live edge, not at it, so
+    // It starts about the target delay (1.5 s = 6 chunks) behind the live edge, not at it, so
     // the buffer absorbs jitter and parent changes.
     assert!(
         behind >= 3,
