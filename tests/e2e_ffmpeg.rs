@@ -737,7 +737,7 @@ fn an_mp3_radio_s_song_titles_reach_listeners_who_ask_for_them() {
         "audio differs"
     );
     // On a frame, or on the ID3 tag ffmpeg writes first: a listener who joined two seconds
-    // in starts a second behind live, on the radio's first 1-s chunk.
+    // in starts two whole 1-s chunks behind live, on the radio's first.
     assert!(
         audio[0] == 0xff && audio[1] & 0xe0 == 0xe0 || audio.starts_with(b"ID3"),
         "not on a frame: {:02x?}",
