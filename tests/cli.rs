@@ -182,6 +182,14 @@ fn role_commands_name_bad_input() {
     assert_clean_failure(&out, "channel id");
     let out = gridcast(&["play", "http://example.com/stream"]);
     assert_clean_failure(&out, "gridcast://");
+    let channel = gridcast::keys::ChannelKey::from_seed(&[6; 32]).channel_id();
+    let node = gridcast::keys::NodeKey::from_seed(&[6; 32]).node_id();
+    let link = format!("gridcast://{channel}@127.0.0.1:9/{node}");
+    let out = gridcast(&["play", &link, "--delay-ms", "9000"]);
+    assert_clean_failure(
+        &out,
+        "delay_ms must be at most 5000 (milliseconds), not 9000",
+    );
 
     // A port another process holds.
     let holder = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
