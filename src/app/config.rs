@@ -176,7 +176,7 @@ const DEFAULT_DELAY_MS: u64 = 1500;
 const MAX_DELAY_MS: u64 = 5000;
 
 /// The chunk durations a broadcast accepts, in milliseconds. At the low end the window every
-/// node keeps (40 chunks) still holds 4 s, enough to start a second behind live and resume
+/// node keeps (40 chunks) still holds 4 s, enough to start 1.5 s behind live and resume
 /// after a parent change; at the high end a stream's gaps between chunks stay a second short
 /// of the 3 s after which parents that lack nothing are taken for a lost stream.
 const CHUNK_MS: std::ops::RangeInclusive<u64> = 100..=2000;

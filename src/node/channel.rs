@@ -472,7 +472,10 @@ impl Channel {
         }
         if self.next_play.is_none() {
             // Start on the newest complete random-access chunk that is at least the target delay
-            // behind the live edge; failing that (a young channel), on the newest one.
+            // behind the live edge; failing that (a young channel, or a delay longer than the
+            // window holds), on the oldest one: as much of the asked-for buffer as there is.
+            // (The newest, as it was, gave a player that asked for a delay its parents' windows
+            // could not hold no buffer at all.)
             let edge = self
                 .window
                 .values()
@@ -483,13 +486,13 @@ impl Channel {
                 c.is_complete_enough()
                     && c.header().header.flags.contains(ChunkFlags::RANDOM_ACCESS)
             });
-            let newest = startable.clone().next().map(|(s, _)| *s);
+            let oldest = startable.clone().last().map(|(s, _)| *s);
             self.next_play = startable
                 .find(|(_, c)| {
                     edge.is_some_and(|e| e.saturating_sub(c.header().header.timestamp_us) >= target)
                 })
                 .map(|(s, _)| *s)
-                .or(newest);
+                .or(oldest);
         }
         while let Some(next) = self.next_play {
             match self.window.get(&next) {
@@ -591,6 +594,35 @@ mod tests {
     use super::*;
     use crate::keys::ChannelKey;
     use crate::stream::ChunkPublisher;
+
+    #[test]
+    fn a_player_starts_the_target_delay_back_or_as_far_back_as_it_holds() {
+        let id = ChannelKey::from_seed(&[4; 32]).channel_id();
+        let data = Bytes::from(vec![7u8; 3000]);
+        let start = |target_ms: u64| {
+            let key = ChannelKey::from_seed(&[4; 32]);
+            let mut publisher = ChunkPublisher::new(key, CodingParams::DEFAULT);
+            let config = ChannelConfig {
+                target_delay: Duration::from_millis(target_ms),
+                ..ChannelConfig::default()
+            };
+            let mut ch = Channel::new(id, ChannelMode::Play, config);
+            // 3 s of 250-ms chunks, each a start.
+            for seq in 0..12u64 {
+                let coded = publisher
+                    .publish(seq, seq * 250_000, ChunkFlags::RANDOM_ACCESS, &data)
+                    .unwrap();
+                ch.publish(&coded);
+            }
+            let played = ch.poll_playout(Instant::now(), &mut ShardCoder::new());
+            played.first().map(|c| c.0)
+        };
+        // The newest chunk starts at 2.75 s: 1.5 s back is chunk 5 (1.25 s).
+        assert_eq!(start(1500), Some(5));
+        assert_eq!(start(0), Some(11));
+        // More than the 3 s held: the oldest, not the newest.
+        assert_eq!(start(5000), Some(0));
+    }
 
     #[test]
     fn a_jump_in_numbering_costs_one_wait_not_one_per_missing_chunk() {
