@@ -486,7 +486,7 @@ impl Channel {
                 c.is_complete_enough()
                     && c.header().header.flags.contains(ChunkFlags::RANDOM_ACCESS)
             });
-            let oldest = startable.clone().last().map(|(s, _)| *s);
+            let oldest = startable.clone().next_back().map(|(s, _)| *s);
             self.next_play = startable
                 .find(|(_, c)| {
                     edge.is_some_and(|e| e.saturating_sub(c.header().header.timestamp_us) >= target)
