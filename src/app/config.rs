@@ -168,9 +168,6 @@ fn advertised(given: Vec<SocketAddr>, file: Vec<SocketAddr>) -> anyhow::Result<V
     Ok(out)
 }
 
-/// How far behind live a player plays unless told, in milliseconds (the engine's default).
-const DEFAULT_DELAY_MS: u64 = 1500;
-
 /// The most a player may be told to play behind live, in milliseconds: half of what the
 /// window every node keeps holds at the default chunk duration (40 chunks of 250 ms).
 const MAX_DELAY_MS: u64 = 5000;
@@ -532,8 +529,10 @@ impl PlayArgs {
             .link
             .or(file.link)
             .context("no channel link: give one, or `link` in the config file")?;
-        let delay_ms = self.delay_ms.or(file.delay_ms).unwrap_or(DEFAULT_DELAY_MS);
-        if delay_ms > MAX_DELAY_MS {
+        let delay_ms = self.delay_ms.or(file.delay_ms);
+        if let Some(delay_ms) = delay_ms
+            && delay_ms > MAX_DELAY_MS
+        {
             anyhow::bail!(
                 "delay_ms must be at most {MAX_DELAY_MS} (milliseconds), not {delay_ms}: the \
                  nodes a player draws from keep 10 s of 250-ms chunks, and a player must start \
@@ -541,7 +540,11 @@ impl PlayArgs {
             );
         }
         Ok(PlayConfig {
-            delay: Duration::from_millis(delay_ms),
+            // Unless told, the engine's own start delay.
+            delay: delay_ms.map_or(
+                crate::node::ChannelConfig::default().target_delay,
+                Duration::from_millis,
+            ),
             link,
             output: self.output.or(file.output).unwrap_or(Output::Stdout),
             listen: self
