@@ -42,6 +42,17 @@ enum Stream {
     Radio,
 }
 
+/// ffmpeg encoding `STREAM_SECS` of a 440 Hz tone in real time with `codec`; the caller adds
+/// the bitrate, format and destination.
+fn tone(codec: &str) -> Command {
+    let mut ffmpeg = Command::new("ffmpeg");
+    ffmpeg
+        .args(["-v", "error", "-re", "-f", "lavfi", "-i"])
+        .arg(format!("sine=frequency=440:duration={STREAM_SECS}"))
+        .args(["-c:a", codec]);
+    ffmpeg
+}
+
 fn run(fault: Fault, dir: &Path) {
     run_stream(Stream::Video, fault, dir);
 }
@@ -51,11 +62,8 @@ fn run_stream(stream: Stream, fault: Fault, dir: &Path) {
     let (mut ffmpeg, extension) = match stream {
         Stream::Video => (test_pattern_ts(STREAM_SECS, true), "ts"),
         Stream::Radio => {
-            let mut ffmpeg = Command::new("ffmpeg");
-            ffmpeg
-                .args(["-v", "error", "-re", "-f", "lavfi", "-i"])
-                .arg(format!("sine=frequency=440:duration={STREAM_SECS}"))
-                .args(["-c:a", "libmp3lame", "-b:a", "128k", "-f", "mp3", "-"]);
+            let mut ffmpeg = tone("libmp3lame");
+            ffmpeg.args(["-b:a", "128k", "-f", "mp3", "-"]);
             (ffmpeg, "mp3")
         }
     };
@@ -325,17 +333,8 @@ fn an_icecast_push_reaches_http_players_and_late_ones_get_the_header_first() {
     assert!(!refused.success(), "a wrong source password was accepted");
     // A thousand idle connections to the Icecast port stop no encoder.
     let idle_source = idle_connections(&format!("127.0.0.1:{port}"), 1000);
-    let mut ffmpeg = Command::new("ffmpeg")
-        .args(["-v", "error", "-re", "-f", "lavfi", "-i"])
-        .arg(format!("sine=frequency=440:duration={STREAM_SECS}"))
-        .args([
-            "-c:a",
-            "libvorbis",
-            "-content_type",
-            "audio/ogg",
-            "-f",
-            "ogg",
-        ])
+    let mut ffmpeg = tone("libvorbis")
+        .args(["-content_type", "audio/ogg", "-f", "ogg"])
         .arg(format!(
             "icecast://source:hackme@127.0.0.1:{port}/radio.ogg"
         ))
@@ -466,10 +465,8 @@ fn radio_reaches_late_listeners_on_a_frame(codec: &str, format: &str, content_ty
     }
     let dir = tempfile::tempdir().unwrap();
     let key = keygen(dir.path());
-    let mut ffmpeg = Command::new("ffmpeg")
-        .args(["-v", "error", "-re", "-f", "lavfi", "-i"])
-        .arg(format!("sine=frequency=440:duration={STREAM_SECS}"))
-        .args(["-c:a", codec, "-b:a", "128k", "-f", format, "-"])
+    let mut ffmpeg = tone(codec)
+        .args(["-b:a", "128k", "-f", format, "-"])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -648,10 +645,8 @@ fn an_mp3_radio_s_song_titles_reach_listeners_who_ask_for_them() {
         "--admin",
         &admin.to_string(),
     ]));
-    let mut ffmpeg = Command::new("ffmpeg")
-        .args(["-v", "error", "-re", "-f", "lavfi", "-i"])
-        .arg(format!("sine=frequency=440:duration={STREAM_SECS}"))
-        .args(["-c:a", "libmp3lame", "-b:a", "128k"])
+    let mut ffmpeg = tone("libmp3lame")
+        .args(["-b:a", "128k"])
         .args(["-content_type", "audio/mpeg", "-f", "mp3"])
         .arg(format!(
             "icecast://source:hackme@127.0.0.1:{port}/radio.mp3"
@@ -769,10 +764,8 @@ fn titles_set_on_the_admin_listener_reach_listeners_of_a_radio_on_stdin() {
         .env("GRIDCAST_SOURCE_PASSWORD", "hackme")
         .stdin(Stdio::piped());
     let (mut source, source_link) = spawn_with_link(source);
-    let ffmpeg = Command::new("ffmpeg")
-        .args(["-v", "error", "-re", "-f", "lavfi", "-i"])
-        .arg(format!("sine=frequency=440:duration={STREAM_SECS}"))
-        .args(["-c:a", "libmp3lame", "-b:a", "128k", "-f", "mp3", "-"])
+    let ffmpeg = tone("libmp3lame")
+        .args(["-b:a", "128k", "-f", "mp3", "-"])
         .stdout(source.stdin.take().unwrap())
         .spawn()
         .unwrap();
