@@ -250,7 +250,10 @@ pub fn relay(config: &RelayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
     let mut out_of: std::collections::HashSet<ChannelId> = std::collections::HashSet::new();
     let mut last_share = Instant::now();
     while !stop.load(Ordering::Relaxed) {
-        match events.recv_timeout(Duration::from_millis(50)) {
+        // Events wake this thread; the timeout only bounds how late it sees the stop flag
+        // (SIGINT, SIGTERM) and the carriers' share, so it is long: every wake-up is CPU a
+        // quiet relay spends for nothing.
+        match events.recv_timeout(STOP_POLL) {
             // The worker that draws the channel got a new stream header: its siblings serve
             // subscribers too.
             Ok(NodeEvent::StreamHeader { channel, header }) => {
@@ -340,6 +343,9 @@ pub fn relay(config: &RelayConfig, stop: &AtomicBool) -> anyhow::Result<()> {
     node.stop()?;
     Ok(())
 }
+
+/// How often the relay's main thread looks at the stop flag when no event comes.
+const STOP_POLL: Duration = Duration::from_millis(250);
 
 /// Hands what worker 0 (the member) knows of each channel's carriers to the other workers
 /// as alternatives, beside the nodes the links name, so that every worker's answers and
