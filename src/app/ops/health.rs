@@ -1,7 +1,7 @@
 //! Liveness and readiness, decided from a snapshot. Pure: every check takes `now`.
 //!
 //! - Live: every worker still runs its loop and began a turn within [`STALE_AFTER`] (an idle
-//!   worker turns at least ten times a second, so a stale one is stuck). What `/livez` and
+//!   worker turns at least once a second, so a stale one is stuck). What `/livez` and
 //!   the systemd watchdog check.
 //! - Ready: live, every worker answered its report, not draining, every channel drawn from
 //!   parents has one delivering, and a source has its input. What `/readyz` checks; a load

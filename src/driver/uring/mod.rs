@@ -49,8 +49,11 @@ use crate::node::{Engine, EngineError, NodeEvent, StoredShard, WorkerTag};
 
 use sys::{BufRing, RecvHeader, Ring, SendSlot};
 
-/// Longest a worker sleeps with nothing to do (the stop flag is also signalled by eventfd).
-const MAX_WAIT: Duration = Duration::from_millis(100);
+/// Longest a worker sleeps with nothing to do. Commands, imports and the stop flag wake it
+/// by eventfd, and every deadline the engine has is a timer, so this only bounds how stale
+/// its pulse grows (`/livez` calls a worker stuck at 5 s). An idle worker turns once a
+/// second: every turn is a wake-up, which on a quiet relay was most of its CPU.
+const MAX_WAIT: Duration = Duration::from_secs(1);
 
 /// Datagrams up to this size are copied out and their buffer reused at once.
 const SMALL_DATAGRAM: usize = 512;
@@ -536,6 +539,9 @@ struct Worker {
     resend: Vec<(SocketAddr, Vec<u8>, u8, Option<std::net::IpAddr>)>,
     control: Vec<u8>,
     recv_armed: bool,
+    /// A reap after the turn's start took a datagram or a wake-up (mail): the turn's wait
+    /// must not sleep on them.
+    input_mid_turn: bool,
     gso: bool,
     /// [`UringConfig::batch_window`].
     batch_window: Duration,
@@ -596,6 +602,7 @@ impl Worker {
             resend: Vec::new(),
             control: Vec::with_capacity(128),
             recv_armed: false,
+            input_mid_turn: false,
             gso: true,
             batch_window: config.batch_window,
             timer_slack: config.timer_slack,
@@ -620,7 +627,7 @@ impl Worker {
     fn run(mut self) -> io::Result<(Engine, DriverStats)> {
         while !self.stop.load(Ordering::Relaxed) {
             self.stats.turns += 1;
-            self.reap()?;
+            let _ = self.reap()?;
             #[allow(clippy::disallowed_methods)] // the driver owns the clock: once per turn
             let now = Instant::now();
             self.stats.cq_overflows = self.ring.overflows();
@@ -647,12 +654,23 @@ impl Worker {
             while let Some(event) = self.engine.poll_event() {
                 let _ = self.events.send(event);
             }
+            // Once a wait's window has passed, the kernel ends it for any completion in the
+            // queue, this turn's own sends' too (they finish during submission): a quiet node
+            // woke a window after every turn that sent, to reap them. Submitting them and
+            // taking their completions first leaves the wait to input, mail and timers. A
+            // datagram or mail that came meanwhile is handled by a turn at once.
+            if self.ring.features.min_timeout && self.ring.sends_unreaped() > 0 {
+                self.stats.enters += 1;
+                self.ring.submit_and_wait(Some(Duration::ZERO))?;
+                self.input_mid_turn |= self.reap()?;
+            }
             let wait = self
                 .engine
                 .poll_timeout_coalesced(self.timer_slack)
                 .map_or(MAX_WAIT, |t| t.saturating_duration_since(now))
                 .min(MAX_WAIT);
-            let wait = if self.received.is_empty() && self.resend.is_empty() {
+            let input = std::mem::take(&mut self.input_mid_turn);
+            let wait = if !input && self.received.is_empty() && self.resend.is_empty() {
                 Some(wait.max(Duration::from_micros(1)))
             } else {
                 None
@@ -695,15 +713,17 @@ impl Worker {
     }
 
     /// Handles every completion available: received datagrams are queued for `deliver`, send
-    /// slots are freed, wake-ups read.
-    fn reap(&mut self) -> io::Result<()> {
+    /// slots are freed, wake-ups read. Whether any was input (a receive or a wake-up).
+    fn reap(&mut self) -> io::Result<bool> {
         self.completions.clear();
         let mut completions = std::mem::take(&mut self.completions);
         self.ring.completions(&mut completions);
         let mut provided = false;
+        let mut input = false;
         for &(data, res, flags) in &completions {
             match data & TAG_MASK {
                 TAG_RECV => {
+                    input = true;
                     provided |= self.on_recv(res, flags);
                     if !sys::cqe_more(flags) {
                         self.recv_armed = false;
@@ -711,6 +731,7 @@ impl Worker {
                 }
                 TAG_SEND => self.on_sent((data & !TAG_MASK) as usize, res),
                 TAG_WAKE => {
+                    input = true;
                     let mut drain = [0u8; 8];
                     let _ = (&*self.wake).read(&mut drain);
                     if !sys::cqe_more(flags) {
@@ -728,7 +749,7 @@ impl Worker {
         if !self.recv_armed && !self.stop.load(Ordering::Relaxed) {
             self.arm_recv()?;
         }
-        Ok(())
+        Ok(input)
     }
 
     /// One receive completion. Returns whether a buffer was replaced.
@@ -899,7 +920,8 @@ impl Worker {
         self.stats.slot_waits += 1;
         self.stats.enters += 1;
         self.ring.submit_and_wait(Some(Duration::from_millis(5)))?;
-        self.reap()?;
+        // Mail or datagrams taken here are the next turn's: it must not wait for them.
+        self.input_mid_turn |= self.reap()?;
         Ok(self.free.pop())
     }
 

@@ -140,6 +140,11 @@ impl Ring {
         self.push(&entry)
     }
 
+    /// Sends queued since completions were last taken.
+    pub(crate) fn sends_unreaped(&self) -> usize {
+        self.sends_unreaped
+    }
+
     /// Submits everything queued and waits for one completion, at most `timeout`
     /// (`None`: do not wait). One `io_uring_enter`.
     pub(crate) fn submit_and_wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
@@ -155,7 +160,9 @@ impl Ring {
     /// gathers up to [`BATCH_WAKE`] completions for at most `window` before the loop runs: a
     /// busy node then handles several children's ACKs per turn and sends in larger batches,
     /// while an idle one still wakes at the first completion once the window has passed (the
-    /// window counts from the start of the wait). The kernel holds the wait for the whole
+    /// window counts from the start of the wait). Past the window any completion in the queue
+    /// ends the wait, sends' included, so the worker takes its sends' completions before it
+    /// waits there. The kernel holds the wait for the whole
     /// window even when `timeout` is shorter, so a caller that wants its timers on time passes
     /// a window no longer than the timeout.
     pub(crate) fn submit_and_wait_past_sends(
