@@ -539,8 +539,8 @@ struct Worker {
     resend: Vec<(SocketAddr, Vec<u8>, u8, Option<std::net::IpAddr>)>,
     control: Vec<u8>,
     recv_armed: bool,
-    /// A reap after the turn's start took a datagram or a wake-up (mail): the turn's wait
-    /// must not sleep on them.
+    /// A reap while sending (waiting for a free slot) took a datagram or a wake-up (mail):
+    /// the turn's wait must not sleep on them.
     input_mid_turn: bool,
     gso: bool,
     /// [`UringConfig::batch_window`].
@@ -657,23 +657,27 @@ impl Worker {
             // Once a wait's window has passed, the kernel ends it for any completion in the
             // queue, this turn's own sends' too (they finish during submission): a quiet node
             // woke a window after every turn that sent, to reap them. Submitting them and
-            // taking their completions first leaves the wait to input, mail and timers. A
-            // datagram or mail that came meanwhile is handled by a turn at once.
+            // taking their completions first leaves the wait to input, mail and timers. Input
+            // or mail taken with them waits for the window, as it would have in the wait, so
+            // a busy node still gathers its children's ACKs.
+            let mut gathered = false;
             if self.ring.features.min_timeout && self.ring.sends_unreaped() > 0 {
                 self.stats.enters += 1;
                 self.ring.submit_and_wait(Some(Duration::ZERO))?;
-                self.input_mid_turn |= self.reap()?;
+                gathered = self.reap()?;
             }
             let wait = self
                 .engine
                 .poll_timeout_coalesced(self.timer_slack)
                 .map_or(MAX_WAIT, |t| t.saturating_duration_since(now))
                 .min(MAX_WAIT);
-            let input = std::mem::take(&mut self.input_mid_turn);
-            let wait = if !input && self.received.is_empty() && self.resend.is_empty() {
-                Some(wait.max(Duration::from_micros(1)))
-            } else {
+            let mid_turn = std::mem::take(&mut self.input_mid_turn);
+            let wait = if mid_turn || !self.resend.is_empty() {
                 None
+            } else if gathered {
+                Some(wait.min(self.batch_window).max(Duration::from_micros(1)))
+            } else {
+                Some(wait.max(Duration::from_micros(1)))
             };
             self.stats.enters += 1;
             #[allow(clippy::disallowed_methods)] // and once more: where the work ends
