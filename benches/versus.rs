@@ -25,11 +25,16 @@
 //! server; after a warm-up the window is measured. One line per run:
 //!
 //! `versus server=<gridcast|icecast2> listeners=… rate_kbps=… cpu_s_per_gb=… server_cores=…
-//! delivered_mb=… continuity_min=… dropped=… listener_cores=…` (gridcast's with `chunk_ms=…`)
+//! delivered_mb=… continuity_min=… dropped=… listener_cores=… idle_ms_per_s=…` (gridcast's
+//! with `chunk_ms=…`)
 //!
 //! then per size `versus median listeners=… gridcast_cpu_s_per_gb=… icecast2_cpu_s_per_gb=…
-//! gridcast_vs_icecast2=…`.
+//! gridcast_vs_icecast2=… gridcast_idle_ms_per_s=… icecast2_idle_ms_per_s=…`.
 //!
+//! - idle_ms_per_s: before its listeners come, the server's CPU time per second while the
+//!   stream flows into it and nobody listens (6 s, 2 s after the relay is ready or Icecast's
+//!   mount is up): what carrying the channel costs whatever the audience. In a small room it
+//!   is much of the cost per listener.
 //! - cpu_s_per_gb: the server's CPU time in the window over the stream bytes every listener
 //!   received in it (gridcast: the bytes of the chunks they played; Icecast: the body bytes
 //!   they read), per 10⁹ bytes.
@@ -79,6 +84,11 @@ const LISTENER_THREADS: usize = 2;
 const WARMUP: Duration = Duration::from_secs(8);
 /// How long Icecast may take to answer every listener.
 const ANSWER_WITHIN: Duration = Duration::from_secs(60);
+/// From the server's start (the relay ready, Icecast's mount up) to its idle window.
+const SETTLE: Duration = Duration::from_secs(2);
+/// The idle window: the stream flows into the server and nobody listens. What carrying a
+/// channel costs whatever the audience, which decides a small room's cost per listener.
+const IDLE: Duration = Duration::from_secs(6);
 /// Past the window, so that a chunk published at its very end can still be played.
 const GRACE: Duration = Duration::from_secs(2);
 /// How the source is paced: a quarter second of stream at a time, as gridcast cuts chunks.
@@ -101,6 +111,8 @@ struct Run {
     /// Listeners the server dropped or lost during the run.
     dropped: u64,
     listener_cpu_ns: u64,
+    /// The server's CPU time per second of the idle window, in milliseconds.
+    idle_ms_per_s: f64,
     /// gridcast's chunk duration.
     chunk_ms: Option<u64>,
 }
@@ -112,7 +124,7 @@ impl Run {
 
     fn print(&self, server: &str, listeners: usize, rate: u64) {
         println!(
-            "versus server={server} listeners={listeners} rate_kbps={} cpu_s_per_gb={:.3} server_cores={:.3} delivered_mb={:.1} continuity_min={:.4} dropped={} listener_cores={:.3}{}",
+            "versus server={server} listeners={listeners} rate_kbps={} cpu_s_per_gb={:.3} server_cores={:.3} delivered_mb={:.1} continuity_min={:.4} dropped={} listener_cores={:.3} idle_ms_per_s={:.2}{}",
             rate / 1000,
             self.cpu_s_per_gb(),
             self.cpu_ns as f64 / 1e9 / self.secs,
@@ -120,6 +132,7 @@ impl Run {
             self.continuity_min,
             self.dropped,
             self.listener_cpu_ns as f64 / 1e9 / self.secs,
+            self.idle_ms_per_s,
             self.chunk_ms
                 .map_or(String::new(), |ms| format!(" chunk_ms={ms}")),
         );
@@ -137,6 +150,7 @@ fn gridcast_run(
 ) -> Run {
     let relay = Relay::start(link, dir, &[]);
     let pid = relay.child.id();
+    let idle_ms_per_s = idle(pid);
     let audience = Audience::start(n, LISTENER_THREADS, &relay, channel);
     thread::sleep(WARMUP);
     let (r0, b0, c0, s0, t0) = (
@@ -166,8 +180,18 @@ fn gridcast_run(
         continuity_min,
         dropped,
         listener_cpu_ns: c1 - c0,
+        idle_ms_per_s,
         chunk_ms: Some(chunk_ms),
     }
+}
+
+/// The process `pid`'s CPU time per second, in milliseconds, over [`IDLE`] after [`SETTLE`].
+fn idle(pid: u32) -> f64 {
+    thread::sleep(SETTLE);
+    let (c0, t0) = (process_cpu_ns(pid), Instant::now());
+    thread::sleep(IDLE);
+    let (c1, t1) = (process_cpu_ns(pid), Instant::now());
+    (c1 - c0) as f64 / 1e6 / (t1 - t0).as_secs_f64()
 }
 
 /// `icecast2` on its own configuration in `dir`, killed when dropped.
@@ -478,6 +502,7 @@ fn icecast_run(n: usize, stream: &Path, rate: u64, dir: &Path, window: Duration)
         thread::sleep(Duration::from_nanos(wait as u64));
     };
     wait_mount(server.addr);
+    let idle_ms_per_s = idle(pid);
     let counts: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
     let answered = Arc::new(AtomicUsize::new(0));
     let dropped = Arc::new(AtomicU64::new(0));
@@ -534,6 +559,7 @@ fn icecast_run(n: usize, stream: &Path, rate: u64, dir: &Path, window: Duration)
             .fold(1.0, f64::min),
         dropped: dropped.load(Ordering::Relaxed),
         listener_cpu_ns: c1 - c0,
+        idle_ms_per_s,
         chunk_ms: None,
     }
 }
@@ -559,7 +585,12 @@ fn main() {
         .parse()
         .unwrap();
     // Enough stream for every run of both servers (the broadcast paces it from its start).
-    let per_run = 10 + WARMUP.as_secs() + window.as_secs() + GRACE.as_secs();
+    let per_run = 10
+        + SETTLE.as_secs()
+        + IDLE.as_secs()
+        + WARMUP.as_secs()
+        + window.as_secs()
+        + GRACE.as_secs();
     let icecast_wait = if icecast {
         per_run + ANSWER_WITHIN.as_secs()
     } else {
@@ -583,25 +614,30 @@ fn main() {
 
     for &n in &sizes {
         let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        let (mut ours_idle, mut theirs_idle) = (Vec::new(), Vec::new());
         for _ in 0..rounds {
             let g = gridcast_run(n, &link, channel, dir.path(), window, chunk_ms);
             g.print("gridcast", n, rate);
             ours.push(g.cpu_s_per_gb());
+            ours_idle.push(g.idle_ms_per_s);
             if icecast {
                 let i = icecast_run(n, &input, rate, dir.path(), window);
                 i.print("icecast2", n, rate);
                 theirs.push(i.cpu_s_per_gb());
+                theirs_idle.push(i.idle_ms_per_s);
             }
         }
-        let ours = median(ours);
+        let (ours, ours_idle) = (median(ours), median(ours_idle));
         if icecast {
-            let theirs = median(theirs);
+            let (theirs, theirs_idle) = (median(theirs), median(theirs_idle));
             println!(
-                "versus median listeners={n} gridcast_cpu_s_per_gb={ours:.3} icecast2_cpu_s_per_gb={theirs:.3} gridcast_vs_icecast2={:.2}",
+                "versus median listeners={n} gridcast_cpu_s_per_gb={ours:.3} icecast2_cpu_s_per_gb={theirs:.3} gridcast_vs_icecast2={:.2} gridcast_idle_ms_per_s={ours_idle:.2} icecast2_idle_ms_per_s={theirs_idle:.2}",
                 ours / theirs
             );
         } else {
-            println!("versus median listeners={n} gridcast_cpu_s_per_gb={ours:.3}");
+            println!(
+                "versus median listeners={n} gridcast_cpu_s_per_gb={ours:.3} gridcast_idle_ms_per_s={ours_idle:.2}"
+            );
         }
     }
     let _ = source.kill();
