@@ -399,9 +399,9 @@ const INPUT_QUIET: Duration = Duration::from_secs(2);
 
 /// A broadcast's chunk duration for audio alone (MP3, AAC, Ogg with no video) unless
 /// `--chunk-ms` sets one: at radio rates a relay pays per packet and acknowledgement, and
-/// 1-s chunks halve its CPU per listener of 250-ms ones at 128 kbit/s (docs/performance.md,
-/// "Against Icecast"), for listeners about 1.5 s further behind live (a player starts two
-/// whole chunks back, where 250-ms ones let it start 1.5 s back).
+/// 1-s chunks halve its CPU per listener of 250-ms ones at 128 kbit/s (docs/icecast.md),
+/// for listeners about 1.5 s further behind live (a player starts two whole chunks back,
+/// where 250-ms ones let it start 1.5 s back).
 pub const AUDIO_CHUNK: Duration = Duration::from_secs(1);
 
 /// Runs a source until its input ends or a signal arrives; either way the last chunk says the
