@@ -78,6 +78,8 @@ pub struct DriverStats {
     pub imports: u64,
     /// io_uring: shard batches handed to sibling workers.
     pub exports: u64,
+    /// portable: waits ended by a command or the stop flag (the driver's own waker).
+    pub wakes: u64,
 }
 
 /// Which data plane to run.
@@ -185,7 +187,7 @@ enum Running {
     #[cfg(target_os = "linux")]
     Uring(uring::UringNode),
     Portable {
-        commands: Sender<Command>,
+        mailbox: portable::Mailbox,
         stop: Arc<AtomicBool>,
         thread: JoinHandle<io::Result<(Engine, DriverStats)>>,
         pulse: Arc<pulse::Pulse>,
@@ -200,7 +202,7 @@ pub struct Commander(CommanderInner);
 enum CommanderInner {
     #[cfg(target_os = "linux")]
     Uring(Vec<uring::Mailbox>),
-    Portable(Sender<Command>),
+    Portable(portable::Mailbox),
 }
 
 impl std::fmt::Debug for Commander {
@@ -226,7 +228,7 @@ impl Commander {
         match &self.0 {
             #[cfg(target_os = "linux")]
             CommanderInner::Uring(m) => m.get(worker).is_some_and(|m| m.command(command)),
-            CommanderInner::Portable(tx) => worker == 0 && tx.send(command).is_ok(),
+            CommanderInner::Portable(mailbox) => worker == 0 && mailbox.command(command),
         }
     }
 }
@@ -292,6 +294,7 @@ impl Node {
                 let driver = portable::PortableDriver::bind(addr, engine)?;
                 let local = driver.local_addr();
                 let (commands, inbox) = mpsc::channel::<Command>();
+                let mailbox = driver.mailbox(commands);
                 let stop = Arc::new(AtomicBool::new(false));
                 let events = events.clone();
                 let flag = Arc::clone(&stop);
@@ -311,7 +314,7 @@ impl Node {
                     local,
                     workers: 1,
                     running: Running::Portable {
-                        commands,
+                        mailbox,
                         stop,
                         thread,
                         pulse,
@@ -370,8 +373,8 @@ impl Node {
         match &self.running {
             #[cfg(target_os = "linux")]
             Running::Uring(node) => Commander(CommanderInner::Uring(node.mailboxes())),
-            Running::Portable { commands, .. } => {
-                Commander(CommanderInner::Portable(commands.clone()))
+            Running::Portable { mailbox, .. } => {
+                Commander(CommanderInner::Portable(mailbox.clone()))
             }
         }
     }
@@ -391,7 +394,7 @@ impl Node {
         match &self.running {
             #[cfg(target_os = "linux")]
             Running::Uring(node) => node.command(worker, command),
-            Running::Portable { commands, .. } => worker == 0 && commands.send(command).is_ok(),
+            Running::Portable { mailbox, .. } => worker == 0 && mailbox.command(command),
         }
     }
 
@@ -424,8 +427,14 @@ impl Node {
         match self.running {
             #[cfg(target_os = "linux")]
             Running::Uring(node) => node.stop(),
-            Running::Portable { stop, thread, .. } => {
+            Running::Portable {
+                stop,
+                thread,
+                mailbox,
+                ..
+            } => {
                 stop.store(true, Ordering::Relaxed);
+                mailbox.wake();
                 let result = thread
                     .join()
                     .unwrap_or_else(|_| Err(io::Error::other("portable driver panicked")))?;
