@@ -277,8 +277,8 @@ impl PortableDriver {
 
     /// Waits up to `wait` for the [`Waker`] to ring (draining its bytes) or, with `input`,
     /// for the socket to be readable. Whether the socket is readable (an error to report
-    /// counts).
-    fn wait(&mut self, wait: Duration, input: bool) -> io::Result<bool> {
+    /// counts), and whether the waker rang.
+    fn wait(&mut self, wait: Duration, input: bool) -> io::Result<(bool, bool)> {
         use rustix::event::{PollFd, PollFlags, Timespec};
         let timeout =
             Timespec::try_from(wait).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
@@ -294,10 +294,11 @@ impl PortableDriver {
         let polled = if input { &mut fds[..] } else { &mut fds[..1] };
         match rustix::event::poll(polled, Some(&timeout)) {
             Ok(_) => {}
-            Err(rustix::io::Errno::INTR) => return Ok(false),
+            Err(rustix::io::Errno::INTR) => return Ok((false, false)),
             Err(e) => return Err(e.into()),
         }
-        if !fds[0].revents().is_empty() {
+        let rang = !fds[0].revents().is_empty();
+        if rang {
             self.stats.wakes += 1;
             let mut byte = [0u8; 8];
             while self.wake_rx.recv(&mut byte).is_ok() {}
@@ -305,7 +306,7 @@ impl PortableDriver {
             // queued already, and the loop looks at commands next.
             self.waker.0.pending.store(false, Ordering::Release);
         }
-        Ok(input && !fds[1].revents().is_empty())
+        Ok((input && !fds[1].revents().is_empty(), rang))
     }
 
     /// Runs until `stop` is set or `commands` is closed. Events go to `events` (dropped if nobody
@@ -344,18 +345,18 @@ impl PortableDriver {
             } else {
                 Duration::ZERO
             };
-            if !gathered.is_zero() {
-                self.wait(gathered, false)?;
-            }
+            // A command or the stop flag that ended the window is handled this turn.
+            let rang = !gathered.is_zero() && self.wait(gathered, false)?.1;
             // What is waiting, and only when nothing is, a wait for input or a wake until
             // the next timer.
             let mut received = self.recv(&mut bufs, &mut meta);
             let left = until_timer.saturating_sub(gathered);
-            if !left.is_zero()
+            if !rang
+                && !left.is_zero()
                 && received
                     .as_ref()
                     .is_err_and(|e| e.kind() == io::ErrorKind::WouldBlock)
-                && self.wait(left, true)?
+                && self.wait(left, true)?.0
             {
                 received = self.recv(&mut bufs, &mut meta);
             }
