@@ -32,7 +32,7 @@ use gridcast::stream::{
     ChunkFlags, ChunkPublisher, CodedChunk, CodingParams, HeaderVerifier, PartialChunk, ShardCoder,
 };
 
-const SIZES: [usize; 3] = [32 * 1024, 256 * 1024, 1024 * 1024];
+const SIZES: [usize; 4] = [16 * 1024, 32 * 1024, 256 * 1024, 1024 * 1024];
 const PARAMS: [(u8, u8); 2] = [(8, 8), (16, 16)];
 
 fn payload(len: usize) -> Bytes {

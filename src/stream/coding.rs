@@ -14,6 +14,7 @@
 use bytes::{Bytes, BytesMut};
 use reed_solomon_simd::{ReedSolomonDecoder, ReedSolomonEncoder};
 
+use super::decode_maps::DecodeMaps;
 use super::{MAX_CHUNK_PAYLOAD, MAX_ORIGINAL_SHARDS, MAX_RECOVERY_SHARDS};
 
 /// Validated erasure-coding parameters: K original and R recovery shards.
@@ -126,6 +127,9 @@ pub struct CodingStats {
     pub encoded: u64,
     /// Chunks rebuilt by reed-solomon decoding (some original shard was missing).
     pub decoded: u64,
+    /// Decode maps built: the first chunk decoded with a given set of shards pays one
+    /// library decode to find its map, later ones reuse it (`decode_maps`).
+    pub maps_built: u64,
     /// Chunks rebuilt by concatenation because every original holding payload bytes was
     /// present (the originals after them are pure padding).
     pub decode_skipped: u64,
@@ -179,6 +183,7 @@ impl Payload {
 pub struct ShardCoder {
     encoder: Option<ReedSolomonEncoder>,
     decoder: Option<ReedSolomonDecoder>,
+    maps: DecodeMaps,
     stats: CodingStats,
 }
 
@@ -198,7 +203,10 @@ impl ShardCoder {
 
     /// Counters so far.
     pub fn stats(&self) -> CodingStats {
-        self.stats
+        CodingStats {
+            maps_built: self.maps.built(),
+            ..self.stats
+        }
     }
 
     fn encoder(
@@ -317,8 +325,10 @@ impl ShardCoder {
         Ok(have)
     }
 
-    /// Feeds K of the present shards to the decoder and decodes; calls `use_restored` with each
-    /// restored original shard. Only called when some original is missing.
+    /// Restores the missing originals from the first K present shards; calls `use_restored`
+    /// with each restored original shard, ascending. Only called when some original is
+    /// missing. A map kept for the set of shards fed does it when it is the cheaper way (see
+    /// `decode_maps`), else reed-solomon-simd's decoder.
     fn decode_missing(
         &mut self,
         params: CodingParams,
@@ -327,18 +337,28 @@ impl ShardCoder {
         mut use_restored: impl FnMut(usize, &[u8]),
     ) -> Result<(), CodingError> {
         let k = params.original();
+        let fed: Vec<(usize, &[u8])> = shards
+            .iter()
+            .enumerate()
+            .filter_map(|(i, shard)| shard.as_deref().map(|b| (i, b)))
+            .take(k)
+            .collect();
+        // The fed shards are the first K present, so every present original is among them.
+        let missing = shards[..k].iter().filter(|s| s.is_none()).count();
+        if self
+            .maps
+            .restore(k, params.recovery(), s, &fed, missing, &mut use_restored)
+            .is_ok()
+        {
+            self.stats.decoded += 1;
+            return Ok(());
+        }
         let decoder = self.decoder(params, s)?;
-        let mut fed = 0;
-        for (index, shard) in shards.iter().enumerate() {
-            let Some(shard) = shard else { continue };
+        for &(index, shard) in &fed {
             if index < k {
                 decoder.add_original_shard(index, shard).map_err(rs)?;
             } else {
                 decoder.add_recovery_shard(index - k, shard).map_err(rs)?;
-            }
-            fed += 1;
-            if fed == k {
-                break;
             }
         }
         let result = decoder.decode().map_err(rs)?;

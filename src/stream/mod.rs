@@ -24,6 +24,7 @@
 pub mod assembler;
 pub mod chunker;
 pub mod coding;
+mod decode_maps;
 mod framing;
 pub mod header;
 pub mod publisher;
