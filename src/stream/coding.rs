@@ -343,11 +343,9 @@ impl ShardCoder {
             .filter_map(|(i, shard)| shard.as_deref().map(|b| (i, b)))
             .take(k)
             .collect();
-        // The fed shards are the first K present, so every present original is among them.
-        let missing = shards[..k].iter().filter(|s| s.is_none()).count();
         if self
             .maps
-            .restore(k, params.recovery(), s, &fed, missing, &mut use_restored)
+            .restore(k, params.recovery(), s, &fed, &mut use_restored)
             .is_ok()
         {
             self.stats.decoded += 1;

@@ -94,18 +94,17 @@ impl DecodeMaps {
 
     /// Restores the missing originals of a (`k`, `r`) chunk from the `fed` shards (exactly
     /// `k` of them: `(index, bytes)`, indices ascending, originals `< k`), calling `restored`
-    /// with each missing original's index and bytes, ascending. `missing` is how many
-    /// originals are missing. Returns [`NoMap`] (having called nothing) when a map would cost
-    /// more than the library's decode.
+    /// with each missing original's index and bytes, ascending. Returns [`NoMap`] (having
+    /// called nothing) when a map would cost more than the library's decode.
     pub(crate) fn restore(
         &mut self,
         k: usize,
         r: usize,
         shard_len: usize,
         fed: &[(usize, &[u8])],
-        missing: usize,
         mut restored: impl FnMut(usize, &[u8]),
     ) -> Result<(), NoMap> {
+        let missing = k - fed.iter().filter(|&&(i, _)| i < k).count().min(k);
         if fed.len() != k
             || k + r > 128
             || !shard_len.is_multiple_of(2)
@@ -114,23 +113,20 @@ impl DecodeMaps {
             return Err(NoMap);
         }
         let mask = fed.iter().fold(0u128, |m, &(i, _)| m | 1u128 << i);
-        let at = match self
+        let map = match self
             .maps
             .iter()
             .position(|m| m.k == k && m.r == r && m.fed == mask)
         {
-            Some(at) => at,
+            Some(at) => self.maps.remove(at),
             None => {
-                let map = self.build(k, r, fed)?;
+                let map = self.build(k, r, mask, fed)?;
                 if self.maps.len() == MAPS {
                     self.maps.remove(0);
                 }
-                self.maps.push(map);
-                self.maps.len() - 1
+                map
             }
         };
-        // Most recently used last.
-        let map = self.maps.remove(at);
         let whole = shard_len / 64;
         let tail = shard_len % 64;
         let blocks = whole + usize::from(tail > 0);
@@ -155,12 +151,19 @@ impl DecodeMaps {
             read_out(&self.acc, &mut out, whole, tail);
             restored(row.original, &out);
         }
+        // Most recently used last.
         self.maps.push(map);
         Ok(())
     }
 
     /// Finds the map for one pattern with a library decode of unit vectors.
-    fn build(&mut self, k: usize, r: usize, fed: &[(usize, &[u8])]) -> Result<Map, NoMap> {
+    fn build(
+        &mut self,
+        k: usize,
+        r: usize,
+        fed_mask: u128,
+        fed: &[(usize, &[u8])],
+    ) -> Result<Map, NoMap> {
         let one = get_exp_log().exp[0];
         // One symbol lane per fed shard: 32 lanes per 64-byte block.
         let probe_len = 64 * k.div_ceil(32);
@@ -204,7 +207,6 @@ impl DecodeMaps {
             .collect();
         rows.sort_by_key(|r| r.original);
         self.built += 1;
-        let fed_mask = fed.iter().fold(0u128, |m, &(i, _)| m | 1u128 << i);
         Ok(Map {
             k,
             r,
@@ -352,7 +354,7 @@ mod tests {
                 // Twice: the second time the map is the cached one.
                 for _ in 0..2 {
                     got.clear();
-                    maps.restore(k, r, len, &fed, missing, |i, s| got.push((i, s.to_vec())))
+                    maps.restore(k, r, len, &fed, |i, s| got.push((i, s.to_vec())))
                         .unwrap();
                     assert_eq!(got, library(k, r, &fed_owned), "k={k} r={r} len={len}");
                     for (i, s) in &got {
@@ -372,8 +374,7 @@ mod tests {
         let all = shards(k, r, len, 9);
         let run = |maps: &mut DecodeMaps, idx: &[usize]| {
             let fed: Vec<(usize, &[u8])> = idx.iter().map(|&i| (i, all[i].as_slice())).collect();
-            let missing = (0..k).filter(|i| !idx.contains(i)).count();
-            maps.restore(k, r, len, &fed, missing, |_, _| {}).unwrap();
+            maps.restore(k, r, len, &fed, |_, _| {}).unwrap();
         };
         run(&mut maps, &[1, 2, 3, 4, 5, 6, 7, 8]);
         run(&mut maps, &[1, 2, 3, 4, 5, 6, 7, 8]);
@@ -398,15 +399,12 @@ mod tests {
         let fed: Vec<(usize, &[u8])> = (1..9).map(|i| (i, big.as_slice())).collect();
         let mut called = false;
         assert!(
-            maps.restore(8, 8, big.len(), &fed, 1, |_, _| called = true)
+            maps.restore(8, 8, big.len(), &fed, |_, _| called = true)
                 .is_err()
         );
         let small = [0u8; 4];
         let fed: Vec<(usize, &[u8])> = (1..8).map(|i| (i, small.as_slice())).collect();
-        assert!(
-            maps.restore(8, 8, 4, &fed, 1, |_, _| called = true)
-                .is_err()
-        );
+        assert!(maps.restore(8, 8, 4, &fed, |_, _| called = true).is_err());
         assert!(!called);
         assert_eq!(maps.built(), 0);
     }
