@@ -278,3 +278,44 @@ fn an_upstream_cut_off_for_half_a_minute_is_one_failover_not_one_per_redial() {
     let (held, parents) = after.unwrap();
     assert!(held >= 8 && parents == 1, "{held} from {parents}");
 }
+
+#[test]
+fn a_relay_whose_parent_goes_after_the_stream_ended_does_not_announce_it_flowing_again() {
+    // The broadcast ends; a second-tier relay announces it once ("the stream ended"). Then
+    // one of its two parents goes, as a source does when its linger is over. The relay
+    // replaces it, and the survivor resends the last chunks from the failover's resume point:
+    // chunks of a stream that ended, which are no sign of the channel arriving again.
+    let mut grid = Grid::new(26, 0, Grid::relay_config);
+    let source = grid.candidate(grid.source.node);
+    let x = grid.add_policy_relay(vec![source]);
+    let y = grid.add_policy_relay(vec![source]);
+    grid.run(Duration::from_secs(2));
+    let (cx, cy) = (grid.candidate(x), grid.candidate(y));
+    let z = grid.add_policy_relay(vec![cx, cy]);
+    grid.run(Duration::from_secs(4));
+    grid.source.finish(&mut grid.sim);
+    grid.sim.run_for(Duration::from_secs(5)).unwrap();
+    let channel = grid.source.channel;
+    let before = grid.sim.take_events(z);
+    let ended = |e: &NodeEvent| matches!(e, NodeEvent::UpstreamLost { ended: true, .. });
+    assert_eq!(
+        before.iter().filter(|(_, e)| ended(e)).count(),
+        1,
+        "the end announced once"
+    );
+    grid.sim.kill(x);
+    grid.sim.run_for(Duration::from_secs(8)).unwrap();
+    let after = grid.sim.take_events(z);
+    assert!(
+        after
+            .iter()
+            .any(|(_, e)| matches!(e, NodeEvent::Failover { channel: c, .. } if *c == channel)),
+        "the lost parent is replaced as before: {after:?}"
+    );
+    assert!(
+        !after
+            .iter()
+            .any(|(_, e)| matches!(e, NodeEvent::UpstreamRestored { .. })),
+        "an ended stream announced as flowing again: {after:?}"
+    );
+}

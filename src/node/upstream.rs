@@ -266,6 +266,8 @@ pub(crate) struct Upstream {
     pub(crate) lagged: HashSet<NodeId>,
     /// Since when no parent has delivered (every one lost or unreachable).
     pub(crate) outage: Option<Instant>,
+    /// Whether the outage began with the newest chunk held ending the stream.
+    pub(crate) outage_ended: bool,
     /// Times every parent was lost at once.
     pub(crate) outages: u64,
     /// When the policy started (a young channel's first parents get time to deliver).
@@ -301,6 +303,7 @@ impl Upstream {
             strikes: HashMap::new(),
             lagged: HashSet::new(),
             outage: None,
+            outage_ended: false,
             outages: 0,
             since: now,
             distance: HashMap::new(),

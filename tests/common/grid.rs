@@ -103,6 +103,34 @@ impl Broadcast {
         (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8
     }
 
+    /// Ends the input, as `broadcast` does when its input ends: the last chunk is flagged
+    /// end-of-stream and published.
+    pub fn finish(&mut self, sim: &mut Sim) {
+        let now = sim.now();
+        let held = std::mem::take(&mut self.held);
+        self.chunker.handle_input(now, &held);
+        self.chunker.finish(now);
+        self.publish_ready(sim);
+    }
+
+    fn publish_ready(&mut self, sim: &mut Sim) {
+        let now = sim.now();
+        while let Some(chunk) = self.chunker.poll_chunk() {
+            // Source timestamps in µs of virtual time, as a real source's wall clock.
+            let ts = (chunk.started - self.t0).as_micros() as u64;
+            let coded = self
+                .publisher
+                .publish(chunk.seq, ts, chunk.flags, &chunk.payload)
+                .unwrap();
+            self.published.insert(chunk.seq, chunk.payload.clone());
+            self.started.insert(chunk.seq, chunk.started);
+            sim.node_mut(self.node)
+                .engine
+                .publish(now, self.channel, &coded)
+                .unwrap();
+        }
+    }
+
     /// Runs the grid for `d`, feeding the source every tick.
     pub fn run(&mut self, sim: &mut Sim, d: Duration) {
         let end = sim.now() + d;
@@ -124,20 +152,7 @@ impl Broadcast {
                 None => self.chunker.handle_input(now, &data),
             }
             self.chunker.handle_timeout(now);
-            while let Some(chunk) = self.chunker.poll_chunk() {
-                // Source timestamps in µs of virtual time, as a real source's wall clock.
-                let ts = (chunk.started - self.t0).as_micros() as u64;
-                let coded = self
-                    .publisher
-                    .publish(chunk.seq, ts, chunk.flags, &chunk.payload)
-                    .unwrap();
-                self.published.insert(chunk.seq, chunk.payload.clone());
-                self.started.insert(chunk.seq, chunk.started);
-                sim.node_mut(self.node)
-                    .engine
-                    .publish(now, self.channel, &coded)
-                    .unwrap();
-            }
+            self.publish_ready(sim);
             sim.run_for(Self::TICK).unwrap();
         }
     }

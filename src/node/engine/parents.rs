@@ -673,6 +673,7 @@ impl Engine {
         match up.outage {
             None if !delivering && now.saturating_duration_since(up.since) >= grace => {
                 up.outage = Some(now);
+                up.outage_ended = ended;
                 up.outages += 1;
                 // Those that turned this node away did so while others carried the channel
                 // for it (a source sends peers to its relays): with every parent gone, that
@@ -699,7 +700,11 @@ impl Engine {
                     ended,
                 });
             }
-            Some(since) if delivering => {
+            // An outage that began at the stream's end lasts while the newest chunk held ends
+            // the stream: what parents deliver then is the end's chunks again (a replacement
+            // resumes a little before the newest). It flows again with a chunk past the end,
+            // a restarted broadcast.
+            Some(since) if delivering && !(ended && up.outage_ended) => {
                 up.outage = None;
                 self.events.push_back(NodeEvent::UpstreamRestored {
                     channel,
