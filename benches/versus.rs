@@ -43,6 +43,11 @@
 //!   is not cheap but failing, so read this first. dropped: listeners whose connection the
 //!   server closed or lost during the run (Icecast drops one that falls a queue behind).
 //!
+//! `--channels C` (1): the server carries C channels of the same rate at once (C broadcasts
+//! joined by the one relay; C sources on as many Icecast mounts), the listeners all on the
+//! first, so idle_ms_per_s is what C quiet channels cost together: what a supernode carrying
+//! many small rooms pays before anyone listens. Lines then say `channels=C`.
+//!
 //! `--listeners N`: one size (default 50 and 100). `--rate BPS` (4000000; 128000 is a radio
 //! channel, where each listener's quarter second is 4 KB and what a server pays per listener
 //! and per write, not per byte, decides), `--chunk-ms MS` (the broadcast's chunks, 250 unless
@@ -93,7 +98,8 @@ const IDLE: Duration = Duration::from_secs(6);
 const GRACE: Duration = Duration::from_secs(2);
 /// How the source is paced: a quarter second of stream at a time, as gridcast cuts chunks.
 const TICK: Duration = Duration::from_millis(250);
-/// Icecast's mount and source password (loopback only, for this run).
+/// Icecast's mount prefix (`/live`, `/live2`, …) and source password (loopback only, for this
+/// run).
 const MOUNT: &str = "/live";
 const SOURCE_PASSWORD: &str = "gridcast-bench";
 
@@ -115,6 +121,8 @@ struct Run {
     idle_ms_per_s: f64,
     /// gridcast's chunk duration.
     chunk_ms: Option<u64>,
+    /// Channels the server carried.
+    channels: usize,
 }
 
 impl Run {
@@ -124,7 +132,7 @@ impl Run {
 
     fn print(&self, server: &str, listeners: usize, rate: u64) {
         println!(
-            "versus server={server} listeners={listeners} rate_kbps={} cpu_s_per_gb={:.3} server_cores={:.3} delivered_mb={:.1} continuity_min={:.4} dropped={} listener_cores={:.3} idle_ms_per_s={:.2}{}",
+            "versus server={server} listeners={listeners} rate_kbps={} cpu_s_per_gb={:.3} server_cores={:.3} delivered_mb={:.1} continuity_min={:.4} dropped={} listener_cores={:.3} idle_ms_per_s={:.2}{}{}",
             rate / 1000,
             self.cpu_s_per_gb(),
             self.cpu_ns as f64 / 1e9 / self.secs,
@@ -135,20 +143,29 @@ impl Run {
             self.idle_ms_per_s,
             self.chunk_ms
                 .map_or(String::new(), |ms| format!(" chunk_ms={ms}")),
+            if self.channels > 1 {
+                format!(" channels={}", self.channels)
+            } else {
+                String::new()
+            },
         );
     }
 }
 
-/// A fresh `gridcast relay` on the broadcast at `link`, `n` listeners on it.
+/// A fresh `gridcast relay` on the broadcasts at `links`, `n` listeners on the first.
 fn gridcast_run(
     n: usize,
-    link: &str,
+    links: &[String],
     channel: ChannelId,
     dir: &Path,
     window: Duration,
     chunk_ms: u64,
 ) -> Run {
-    let relay = Relay::start(link, dir, &[]);
+    let extra: Vec<&str> = links[1..]
+        .iter()
+        .flat_map(|l| ["--join", l.as_str()])
+        .collect();
+    let relay = Relay::start(&links[0], dir, &extra);
     let pid = relay.child.id();
     let idle_ms_per_s = idle(pid);
     let audience = Audience::start(n, LISTENER_THREADS, &relay, channel);
@@ -182,6 +199,7 @@ fn gridcast_run(
         listener_cpu_ns: c1 - c0,
         idle_ms_per_s,
         chunk_ms: Some(chunk_ms),
+        channels: links.len(),
     }
 }
 
@@ -201,7 +219,7 @@ struct Icecast {
 }
 
 impl Icecast {
-    fn start(dir: &Path, listeners: usize) -> Self {
+    fn start(dir: &Path, listeners: usize, channels: usize) -> Self {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
         let logs = dir.join("icecast-logs");
         std::fs::create_dir_all(&logs).unwrap();
@@ -217,7 +235,7 @@ impl Icecast {
         let config = format!(
             "<icecast>
   <location>loopback</location><admin>bench@localhost</admin>
-  <limits><clients>{clients}</clients><sources>2</sources></limits>
+  <limits><clients>{clients}</clients><sources>{sources}</sources></limits>
   <authentication>
     <source-password>{SOURCE_PASSWORD}</source-password>
     <admin-user>admin</admin-user><admin-password>{SOURCE_PASSWORD}</admin-password>
@@ -232,7 +250,8 @@ impl Icecast {
   <security><chroot>0</chroot>{owner}</security>
 </icecast>
 ",
-            clients = listeners + 16,
+            clients = listeners + channels + 16,
+            sources = channels + 1,
             port = addr.port(),
             logs = logs.display(),
         );
@@ -310,7 +329,8 @@ fn read_head(stream: &mut TcpStream) -> String {
 /// thread runs on.
 fn icecast_source(
     addr: SocketAddr,
-    stream: Vec<u8>,
+    mount: &str,
+    stream: Arc<Vec<u8>>,
     rate: u64,
     start: Instant,
     stop: Arc<AtomicBool>,
@@ -321,7 +341,7 @@ fn icecast_source(
     let auth = data_encoding::BASE64.encode(format!("source:{SOURCE_PASSWORD}").as_bytes());
     write!(
         s,
-        "SOURCE {MOUNT} HTTP/1.0\r\nAuthorization: Basic {auth}\r\nContent-Type: application/octet-stream\r\nIce-Name: bench\r\nIce-Public: 0\r\n\r\n"
+        "SOURCE {mount} HTTP/1.0\r\nAuthorization: Basic {auth}\r\nContent-Type: application/octet-stream\r\nIce-Name: bench\r\nIce-Public: 0\r\n\r\n"
     )
     .unwrap();
     let status = read_head(&mut s);
@@ -349,18 +369,18 @@ fn icecast_source(
 
 /// Waits (bounded) until Icecast serves the mount: it lists a source's mount only once the
 /// source's first data is in, later at a radio's rate than at a video's.
-fn wait_mount(addr: SocketAddr) {
+fn wait_mount(addr: SocketAddr, mount: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let mut s = TcpStream::connect(addr).unwrap();
-        write!(s, "GET {MOUNT} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+        write!(s, "GET {mount} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
         let status = read_head(&mut s);
         if status.contains(" 200") {
             return;
         }
         assert!(
             Instant::now() < deadline,
-            "icecast2 did not serve {MOUNT} within 10 s: {status}"
+            "icecast2 did not serve {mount} within 10 s: {status}"
         );
         thread::sleep(Duration::from_millis(100));
     }
@@ -477,22 +497,50 @@ fn icecast_listeners(
     (handles, tids)
 }
 
-/// A fresh `icecast2` with this process as its source and `n` listeners.
-fn icecast_run(n: usize, stream: &Path, rate: u64, dir: &Path, window: Duration) -> Run {
-    let server = Icecast::start(dir, n);
+/// Icecast's `i`th mount (0 is the listeners').
+fn mount(i: usize) -> String {
+    if i == 0 {
+        MOUNT.to_owned()
+    } else {
+        format!("{MOUNT}{}", i + 1)
+    }
+}
+
+/// A fresh `icecast2` with this process as the source of its `channels` mounts and `n`
+/// listeners on the first.
+fn icecast_run(
+    n: usize,
+    stream: &Path,
+    rate: u64,
+    dir: &Path,
+    window: Duration,
+    channels: usize,
+) -> Run {
+    let server = Icecast::start(dir, n, channels);
     let pid = server.child.id();
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicU64::new(0));
-    let bytes = std::fs::read(stream).unwrap();
+    let bytes = Arc::new(std::fs::read(stream).unwrap());
     let start = Instant::now();
-    let source = icecast_source(
-        server.addr,
-        bytes,
-        rate,
-        start,
-        Arc::clone(&stop),
-        Arc::clone(&sent),
-    );
+    // The other mounts' bytes are not counted: only the listeners' mount's are compared.
+    let sources: Vec<_> = (0..channels)
+        .map(|i| {
+            let counted = if i == 0 {
+                Arc::clone(&sent)
+            } else {
+                Arc::new(AtomicU64::new(0))
+            };
+            icecast_source(
+                server.addr,
+                &mount(i),
+                Arc::clone(&bytes),
+                rate,
+                start,
+                Arc::clone(&stop),
+                counted,
+            )
+        })
+        .collect();
     // The window opens and closes halfway between two of the source's ticks, when every
     // listener has read the last one: the counts then compare like with like.
     let mid_tick = || {
@@ -501,7 +549,9 @@ fn icecast_run(n: usize, stream: &Path, rate: u64, dir: &Path, window: Duration)
         let wait = (half + TICK.as_nanos() - since) % TICK.as_nanos();
         thread::sleep(Duration::from_nanos(wait as u64));
     };
-    wait_mount(server.addr);
+    for i in 0..channels {
+        wait_mount(server.addr, &mount(i));
+    }
     let idle_ms_per_s = idle(pid);
     let counts: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
     let answered = Arc::new(AtomicUsize::new(0));
@@ -543,7 +593,9 @@ fn icecast_run(n: usize, stream: &Path, rate: u64, dir: &Path, window: Duration)
     for l in listeners {
         l.join().unwrap();
     }
-    source.join().unwrap();
+    for source in sources {
+        source.join().unwrap();
+    }
     drop(server);
     let sent = (x1 - x0).max(1) as f64;
     let got: Vec<u64> = l0.iter().zip(&l1).map(|(a, b)| b - a).collect();
@@ -561,6 +613,7 @@ fn icecast_run(n: usize, stream: &Path, rate: u64, dir: &Path, window: Duration)
         listener_cpu_ns: c1 - c0,
         idle_ms_per_s,
         chunk_ms: None,
+        channels,
     }
 }
 
@@ -577,13 +630,10 @@ fn main() {
     let window = Duration::from_secs(arg(&args, "--window").unwrap_or(20));
     let rounds: usize = arg(&args, "--rounds").unwrap_or(3).max(1);
     let chunk_ms: u64 = arg(&args, "--chunk-ms").unwrap_or(250);
+    let channels: usize = arg(&args, "--channels").unwrap_or(1).max(1);
     let icecast = have_tool("icecast2", &["-v"], "GRIDCAST_REQUIRE_ICECAST");
 
     let dir = tempfile::tempdir().unwrap();
-    let key = keygen(dir.path());
-    let channel: ChannelId = stdout_of(gridcast(&["channel-id", key.to_str().unwrap()]))
-        .parse()
-        .unwrap();
     // Enough stream for every run of both servers (the broadcast paces it from its start).
     let per_run = 10
         + SETTLE.as_secs()
@@ -598,30 +648,46 @@ fn main() {
     };
     let stream_secs = 10 + (per_run + icecast_wait) * (sizes.len() * rounds) as u64;
     let input: PathBuf = random_stream_file(dir.path(), rate, stream_secs);
-    let (mut source, link) = spawn_with_link(gridcast(&[
-        "broadcast",
-        "--key",
-        key.to_str().unwrap(),
-        "--listen",
-        &format!("127.0.0.1:{}", free_udp_port()),
-        "--input",
-        input.to_str().unwrap(),
-        "--rate",
-        &rate.to_string(),
-        "--chunk-ms",
-        &chunk_ms.to_string(),
-    ]));
+    // One broadcast per channel, each with its own key, all pacing the same bytes.
+    let mut sources = Vec::new();
+    let mut links = Vec::new();
+    let mut channel_ids = Vec::new();
+    for i in 0..channels {
+        let at = dir.path().join(format!("channel{i}"));
+        std::fs::create_dir_all(&at).unwrap();
+        let key = keygen(&at);
+        let id: ChannelId = stdout_of(gridcast(&["channel-id", key.to_str().unwrap()]))
+            .parse()
+            .unwrap();
+        let (source, link) = spawn_with_link(gridcast(&[
+            "broadcast",
+            "--key",
+            key.to_str().unwrap(),
+            "--listen",
+            &format!("127.0.0.1:{}", free_udp_port()),
+            "--input",
+            input.to_str().unwrap(),
+            "--rate",
+            &rate.to_string(),
+            "--chunk-ms",
+            &chunk_ms.to_string(),
+        ]));
+        sources.push(source);
+        links.push(link);
+        channel_ids.push(id);
+    }
+    let channel = channel_ids[0];
 
     for &n in &sizes {
         let (mut ours, mut theirs) = (Vec::new(), Vec::new());
         let (mut ours_idle, mut theirs_idle) = (Vec::new(), Vec::new());
         for _ in 0..rounds {
-            let g = gridcast_run(n, &link, channel, dir.path(), window, chunk_ms);
+            let g = gridcast_run(n, &links, channel, dir.path(), window, chunk_ms);
             g.print("gridcast", n, rate);
             ours.push(g.cpu_s_per_gb());
             ours_idle.push(g.idle_ms_per_s);
             if icecast {
-                let i = icecast_run(n, &input, rate, dir.path(), window);
+                let i = icecast_run(n, &input, rate, dir.path(), window, channels);
                 i.print("icecast2", n, rate);
                 theirs.push(i.cpu_s_per_gb());
                 theirs_idle.push(i.idle_ms_per_s);
@@ -631,15 +697,17 @@ fn main() {
         if icecast {
             let (theirs, theirs_idle) = (median(theirs), median(theirs_idle));
             println!(
-                "versus median listeners={n} gridcast_cpu_s_per_gb={ours:.3} icecast2_cpu_s_per_gb={theirs:.3} gridcast_vs_icecast2={:.2} gridcast_idle_ms_per_s={ours_idle:.2} icecast2_idle_ms_per_s={theirs_idle:.2}",
+                "versus median channels={channels} listeners={n} gridcast_cpu_s_per_gb={ours:.3} icecast2_cpu_s_per_gb={theirs:.3} gridcast_vs_icecast2={:.2} gridcast_idle_ms_per_s={ours_idle:.2} icecast2_idle_ms_per_s={theirs_idle:.2}",
                 ours / theirs
             );
         } else {
             println!(
-                "versus median listeners={n} gridcast_cpu_s_per_gb={ours:.3} gridcast_idle_ms_per_s={ours_idle:.2}"
+                "versus median channels={channels} listeners={n} gridcast_cpu_s_per_gb={ours:.3} gridcast_idle_ms_per_s={ours_idle:.2}"
             );
         }
     }
-    let _ = source.kill();
-    let _ = source.wait();
+    for mut source in sources {
+        let _ = source.kill();
+        let _ = source.wait();
+    }
 }
