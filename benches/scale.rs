@@ -46,8 +46,10 @@ use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::procs::{free_udp_port, gridcast, keygen, spawn_with_link};
-use common::relay::{Audience, Relay, continuity, metric, random_stream_file, stdout_of};
+use common::procs::{gridcast, keygen};
+use common::relay::{
+    Audience, Relay, continuity, metric, paced_broadcast, random_stream_file, stdout_of,
+};
 use common::sys::{process_cpu_ns, raise_fd_limit, rss_kb};
 use gridcast::keys::ChannelId;
 
@@ -163,19 +165,7 @@ fn main() {
         2 + WARMUP.as_secs() + window.as_secs() + GRACE.as_secs() + IDLE_GONE.as_secs() + 5;
     let stream_secs = 10 + per_step * steps.len() as u64;
     let input = random_stream_file(dir.path(), RATE_BPS, stream_secs);
-    let (mut source, link) = spawn_with_link(gridcast(&[
-        "broadcast",
-        "--key",
-        key.to_str().unwrap(),
-        "--listen",
-        &format!("127.0.0.1:{}", free_udp_port()),
-        "--input",
-        input.to_str().unwrap(),
-        "--rate",
-        &RATE_BPS.to_string(),
-        "--chunk-ms",
-        &chunk_ms.to_string(),
-    ]));
+    let (mut source, link) = paced_broadcast(&key, &input, RATE_BPS, chunk_ms);
 
     let mut held = None;
     for n in steps {

@@ -75,8 +75,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::http::free_tcp_port;
-use common::procs::{free_udp_port, gridcast, have_tool, keygen, spawn_with_link};
-use common::relay::{Audience, Relay, continuity, random_stream_file, stdout_of};
+use common::procs::{gridcast, have_tool, keygen};
+use common::relay::{Audience, Relay, continuity, paced_broadcast, random_stream_file, stdout_of};
 use common::sys::{process_cpu_ns, raise_fd_limit, this_thread_id, thread_cpu_ns};
 use gridcast::keys::ChannelId;
 
@@ -659,19 +659,7 @@ fn main() {
         let id: ChannelId = stdout_of(gridcast(&["channel-id", key.to_str().unwrap()]))
             .parse()
             .unwrap();
-        let (source, link) = spawn_with_link(gridcast(&[
-            "broadcast",
-            "--key",
-            key.to_str().unwrap(),
-            "--listen",
-            &format!("127.0.0.1:{}", free_udp_port()),
-            "--input",
-            input.to_str().unwrap(),
-            "--rate",
-            &rate.to_string(),
-            "--chunk-ms",
-            &chunk_ms.to_string(),
-        ]));
+        let (source, link) = paced_broadcast(&key, &input, rate, chunk_ms);
         sources.push(source);
         links.push(link);
         channel_ids.push(id);

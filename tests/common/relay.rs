@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use gridcast::keys::{ChannelId, NodeId};
 
 use super::clients::Clients;
-use super::procs::{free_udp_port, gridcast};
+use super::procs::{free_udp_port, gridcast, spawn_with_link};
 use super::sys::{this_thread_id, thread_cpu_ns};
 
 /// What `cmd` printed on stdout, trimmed; panics when it fails.
@@ -66,6 +66,24 @@ pub fn random_stream_file(dir: &Path, rate_bps: u64, secs: u64) -> PathBuf {
         f.write_all(&block).unwrap();
     }
     input
+}
+
+/// A `gridcast broadcast` of `key`'s channel on a free loopback port, pacing `input` at
+/// `rate_bps` in chunks of `chunk_ms`; returns it with its link.
+pub fn paced_broadcast(key: &Path, input: &Path, rate_bps: u64, chunk_ms: u64) -> (Child, String) {
+    spawn_with_link(gridcast(&[
+        "broadcast",
+        "--key",
+        key.to_str().unwrap(),
+        "--listen",
+        &format!("127.0.0.1:{}", free_udp_port()),
+        "--input",
+        input.to_str().unwrap(),
+        "--rate",
+        &rate_bps.to_string(),
+        "--chunk-ms",
+        &chunk_ms.to_string(),
+    ]))
 }
 
 /// A `gridcast relay` joined to a channel's link, as an operator starts one (the default
