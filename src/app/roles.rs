@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::{self, Receiver};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 
@@ -64,6 +65,12 @@ pub(crate) fn start_node(
     config: &EngineConfig,
 ) -> Result<(Node, Receiver<NodeEvent>), StartError> {
     let (tx, rx) = mpsc::channel();
+    // Membership info versions follow the wall clock, as chunk sequences and title serials
+    // do: a node restarted with its key is believed over its last run.
+    #[allow(clippy::disallowed_methods)]
+    let started_unix_us = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX / 2));
     let node = Node::start(
         backend,
         listen,
@@ -74,6 +81,7 @@ pub(crate) fn start_node(
                 EngineConfig {
                     worker: Some(tag),
                     export_shards: tag.count > 1,
+                    started_unix_us,
                     ..config.clone()
                 },
             )

@@ -263,12 +263,17 @@ fn config() -> Config {
 
 impl Membership {
     /// Membership for the node holding `key`, reachable at `addr`; `seed` makes it
-    /// deterministic.
-    pub fn new(key: &NodeKey, addr: SocketAddr, seed: u64) -> Self {
+    /// deterministic. `started_us` is the wall clock at start, in microseconds since the Unix
+    /// epoch: this node's info versions count up from it. The members keep each node's newest
+    /// info, so a node started again with its key (an upgrade, a restart after a drain) must
+    /// publish versions newer than any its last run reached, or they keep that run's info (a
+    /// drain's, which names it to nobody). A run publishes far fewer infos than it lasts
+    /// microseconds.
+    pub fn new(key: &NodeKey, addr: SocketAddr, seed: u64, started_us: u64) -> Self {
         let node = key.node_id();
         let me = NodeInfo {
             node: *node.as_bytes(),
-            version: 0,
+            version: started_us,
             addr,
             channels: Vec::new(),
             draining: false,
@@ -489,6 +494,9 @@ mod tests {
     use super::*;
     use crate::keys::{ChannelKey, NodeKey};
 
+    /// The wall clock the test clusters start at (µs since the Unix epoch).
+    const STARTED_US: u64 = 1_796_000_000_000_000;
+
     /// `n` memberships on a perfect in-memory network, all joined through the first.
     fn cluster(n: usize) -> (Vec<Membership>, Instant) {
         let t0 = Instant::now();
@@ -496,7 +504,7 @@ mod tests {
             .map(|i| {
                 let key = NodeKey::from_seed(&[i as u8 + 1; 32]);
                 let addr = SocketAddr::from(([127, 0, 0, 1], 5000 + i as u16));
-                Membership::new(&key, addr, i as u64)
+                Membership::new(&key, addr, i as u64, STARTED_US)
             })
             .collect();
         let first = MemberId::new(
@@ -603,6 +611,46 @@ mod tests {
         }
         let gone_after = gone_after.expect("a dead member is still named after 5.5 s");
         assert!(gone_after <= Duration::from_secs(5), "{gone_after:?}");
+    }
+
+    #[test]
+    fn a_member_restarted_with_its_key_is_named_again_after_it_drained() {
+        // A relay runs a while (its info at some version), drains on SIGTERM (a newer version,
+        // draining) and is started again with the same node key: the others must take the
+        // restarted relay's infos, not keep the old draining one.
+        let (mut nodes, t0) = cluster(3);
+        let channel = ChannelKey::from_seed(&[7; 32]).channel_id();
+        nodes[2].set_info(t0, advert(channel, false));
+        let mut now = run(&mut nodes, &[true; 3], t0, Duration::from_secs(3));
+        // Ten minutes of refreshes.
+        for _ in 0..60 {
+            now = run(&mut nodes, &[true; 3], now, REFRESH);
+        }
+        let ran = now - t0;
+        nodes[2].set_info(now, advert(channel, true));
+        now = run(&mut nodes, &[true; 3], now, Duration::from_secs(1));
+        let relay = NodeId::from_bytes(nodes[2].me.node);
+        assert!(
+            nodes[0].carriers(&channel).is_empty(),
+            "draining still named"
+        );
+        // Stopped, and started again a second later with the same key and address.
+        now = run(
+            &mut nodes,
+            &[true, true, false],
+            now,
+            Duration::from_secs(1),
+        );
+        let key = NodeKey::from_seed(&[3; 32]);
+        let again = STARTED_US + (ran + Duration::from_secs(2)).as_micros() as u64;
+        nodes[2] = Membership::new(&key, SocketAddr::from(([127, 0, 0, 1], 5002)), 77, again);
+        let first = NodeId::from_bytes(nodes[0].me.node);
+        nodes[2].announce(now, first, SocketAddr::from(([127, 0, 0, 1], 5000)));
+        nodes[2].set_info(now, advert(channel, false));
+        now = run(&mut nodes, &[true; 3], now, Duration::from_secs(3));
+        let named: Vec<NodeId> = nodes[0].carriers(&channel).iter().map(|c| c.node).collect();
+        assert_eq!(named, vec![relay], "the restarted relay is not named");
+        let _ = now;
     }
 
     #[test]

@@ -41,7 +41,12 @@ impl Engine {
         if let Some(board) = &self.config.directory {
             return Some(Box::new(board.member(self.node, addr)));
         }
-        Some(Box::new(Membership::new(&self.key, addr, seed)))
+        Some(Box::new(Membership::new(
+            &self.key,
+            addr,
+            seed,
+            self.config.started_unix_us,
+        )))
     }
 
     /// Makes this node a member, reachable at `addr` (a driver learns its address only once

@@ -170,6 +170,11 @@ pub struct EngineConfig {
     pub send_window: u64,
     /// Seed for quinn's connection-id and packet-number randomness (simulations).
     pub rng_seed: Option<[u8; 32]>,
+    /// The wall clock when the node started, in microseconds since the Unix epoch (0 in the
+    /// simulator). Its membership info's versions count up from it, so that the members
+    /// believe a node restarted with its key over what its last run told them (a drain, which
+    /// names it to nobody).
+    pub started_unix_us: u64,
     /// Agent string for Hello.
     pub agent: String,
     /// Most shard bytes per second sent to subscribers (`None`: no cap). A peer relaying to
@@ -248,6 +253,7 @@ impl Default for EngineConfig {
             connection_window: 8 * 1024 * 1024,
             send_window: 8 * 1024 * 1024,
             rng_seed: None,
+            started_unix_us: 0,
             agent: concat!("gridcast/", env!("CARGO_PKG_VERSION")).to_owned(),
             corrupt_outgoing_shards: false,
             upstream: UpstreamConfig::default(),
