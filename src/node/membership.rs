@@ -151,7 +151,8 @@ struct InfoKey {
 
 impl Invalidates for InfoKey {
     fn invalidates(&self, other: &Self) -> bool {
-        self.node == other.node && self.version > other.version
+        // An equal version replaces the queued one: a refresh of an info is sent afresh.
+        self.node == other.node && self.version >= other.version
     }
 }
 
@@ -187,7 +188,7 @@ impl BroadcastHandler<MemberId> for Infos {
     fn receive_item(
         &mut self,
         data: &[u8],
-        _sender: Option<&MemberId>,
+        sender: Option<&MemberId>,
     ) -> Result<Option<InfoKey>, InfoError> {
         let signed: SignedInfo = postcard::from_bytes(data)?;
         if signed.body.len() > MAX_INFO_BYTES {
@@ -198,9 +199,13 @@ impl BroadcastHandler<MemberId> for Infos {
             return Err(InfoError::TooManyChannels(info.channels.len()));
         }
         let mut by_node = self.by_node.lock().unwrap_or_else(PoisonError::into_inner);
+        // This node's own info comes with no sender, and its refresh is the version the
+        // members already hold: queued again for whoever joined since, and verified by none
+        // of those that hold it.
+        let local = sender.is_none();
         let newer = by_node
             .get(&info.node)
-            .is_none_or(|old| info.version > old.version);
+            .is_none_or(|old| info.version > old.version || (local && info.version == old.version));
         if !newer || (by_node.len() >= MAX_MEMBERS && !by_node.contains_key(&info.node)) {
             return Ok(None);
         }
@@ -303,8 +308,13 @@ impl Membership {
         }
     }
 
-    fn publish(&mut self, now: Instant) {
-        self.me.version += 1;
+    /// Broadcasts this node's info: a new version when it changed, the same one again on a
+    /// refresh (the members that hold it drop it unverified; members that joined since take
+    /// it).
+    fn publish(&mut self, now: Instant, changed: bool) {
+        if changed {
+            self.me.version += 1;
+        }
         if let Ok(body) = postcard::to_allocvec(&self.me) {
             let signature = self.key.sign(&signed_message(&body)).to_vec();
             if let Ok(data) = postcard::to_allocvec(&SignedInfo { body, signature }) {
@@ -383,7 +393,7 @@ impl Directory for Membership {
             }
         }
         if self.refresh_at.is_some_and(|t| t <= now) {
-            self.publish(now);
+            self.publish(now, false);
         }
         self.settle(now);
     }
@@ -428,7 +438,7 @@ impl Directory for Membership {
         self.me.load_permille = load_permille;
         self.me.capacity_bps = advert.capacity_bps;
         self.me.also = also;
-        self.publish(now);
+        self.publish(now, true);
     }
 
     /// A member counts when foca lists it alive at the address its own signed info gives.
@@ -654,6 +664,51 @@ mod tests {
     }
 
     #[test]
+    fn a_refresh_reaches_a_late_member_and_costs_the_others_no_new_version() {
+        // Every REFRESH each node sends its info again. The members that hold it must not
+        // take it as a new version (each would verify its signature again, every 10 s for
+        // every member); a member that joins later must still learn it.
+        let (mut nodes, t0) = cluster(4);
+        let channel = ChannelKey::from_seed(&[7; 32]).channel_id();
+        nodes[1].set_info(t0, advert(channel, false));
+        let alive = [true, true, true, false];
+        let mut now = run(&mut nodes, &alive, t0, Duration::from_secs(3));
+        let node1 = nodes[1].me.node;
+        let held = |m: &Membership| {
+            m.infos
+                .by_node
+                .lock()
+                .unwrap()
+                .get(&node1)
+                .map(|i| i.version)
+        };
+        let version = held(&nodes[0]).expect("node 1's info");
+        let sent = nodes[1].stats().packets_out;
+        for _ in 0..3 {
+            now = run(&mut nodes, &alive, now, REFRESH);
+        }
+        assert!(nodes[1].stats().packets_out > sent);
+        assert_eq!(
+            held(&nodes[0]),
+            Some(version),
+            "a refresh taken as a new version"
+        );
+        assert_eq!(held(&nodes[2]), Some(version));
+        // Node 3 joins now, long after node 1's info went out.
+        let first = NodeId::from_bytes(nodes[0].me.node);
+        nodes[3].announce(now, first, SocketAddr::from(([127, 0, 0, 1], 5000)));
+        now = run(&mut nodes, &[true; 4], now, Duration::from_secs(3));
+        let named: Vec<NodeId> = nodes[3].carriers(&channel).iter().map(|c| c.node).collect();
+        assert_eq!(
+            named,
+            vec![NodeId::from_bytes(node1)],
+            "the late member never learnt it"
+        );
+        assert_eq!(held(&nodes[3]), Some(version));
+        let _ = now;
+    }
+
+    #[test]
     fn a_packet_that_speaks_for_another_node_is_dropped() {
         let (mut nodes, t0) = cluster(2);
         let (_, _, data) = nodes[1].poll_send().expect("an announce");
@@ -702,7 +757,13 @@ mod tests {
         assert!(infos.by_node.lock().unwrap().is_empty());
         let honest = encode(&info, &key, false);
         assert!(matches!(infos.receive_item(&honest, None), Ok(Some(_))));
-        // The same version again is not news.
-        assert!(matches!(infos.receive_item(&honest, None), Ok(None)));
+        // The same version again is not news from another member; from this node itself (no
+        // sender) it is its refresh, queued again.
+        let member = MemberId::new(key.node_id(), info.addr);
+        assert!(matches!(
+            infos.receive_item(&honest, Some(&member)),
+            Ok(None)
+        ));
+        assert!(matches!(infos.receive_item(&honest, None), Ok(Some(_))));
     }
 }
