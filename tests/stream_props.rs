@@ -175,7 +175,10 @@ proptest! {
             }
             let len = input.len();
             input.extend([0xff, 0xfb, 0x90 | (u8::from(*padding) << 1), 0x64]);
-            input.resize(len + 417 + usize::from(*padding), *fill);
+            // A frame body of MPEG-TS sync bytes (0x47) every 188 bytes is MPEG-TS to the
+            // detector, rightly: real frames are compressed noise. Such bodies are not drawn.
+            let fill = if *fill == 0x47 { 0x48 } else { *fill };
+            input.resize(len + 417 + usize::from(*padding), fill);
         }
         let t0 = Instant::now();
         let mut chunker = Chunker::new(ChunkerConfig { max_bytes, ..Default::default() }).unwrap();

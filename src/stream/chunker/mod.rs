@@ -396,7 +396,9 @@ impl Chunker {
     /// Bytes of the open chunk that may be closed now.
     fn closable_len(&self) -> usize {
         match self.mode {
-            Mode::Ts => self.scan,
+            // The first packet may start past what the open chunk holds yet (detection that
+            // settled after chunks had closed undecided): everything held is before it.
+            Mode::Ts => self.scan.min(self.buf.len()),
             Mode::Ogg | Mode::Mp4 if self.capturing => 0,
             Mode::Ogg | Mode::Mp4 | Mode::MpegAudio | Mode::Adts => self.unit_closable_len(),
             Mode::Undecided | Mode::Opaque => self.buf.len(),

@@ -610,3 +610,33 @@ fn audio_alone_gets_the_audio_duration_and_video_or_unknown_input_the_other() {
     });
     assert_eq!(err.err(), Some(ChunkerError::Duration(ms(5))));
 }
+
+#[test]
+fn ts_found_after_chunks_closed_undecided_closes_on_the_timer_without_panicking() {
+    // Two bytes of junk, then MPEG-TS packets. Chunks close on the timer before the detector
+    // has seen enough (N + 1 packets), so when it decides, the first whole packet starts past
+    // the few bytes the open chunk holds; the timer then closed the chunk at that packet and
+    // cut past the end of what it held (a panic, found by `tests/stream_props.rs`).
+    let ms = Duration::from_millis;
+    let t0 = Instant::now();
+    let mut input = vec![0x10u8, 0x11];
+    for i in 0..12u8 {
+        let mut packet = vec![i; TS_PACKET];
+        packet[0] = TS_SYNC;
+        input.extend(packet);
+    }
+    let mut c = Chunker::new(ChunkerConfig::default()).unwrap();
+    let early = TS_PACKET * (TS_DETECT_PACKETS + 1) - 10;
+    c.handle_input(t0, &input[..early]);
+    c.handle_timeout(t0 + ms(2000));
+    c.handle_input(t0 + ms(2000), &input[early..early + 10]);
+    assert_eq!(c.format(), Some(InputFormat::MpegTs));
+    c.handle_timeout(t0 + ms(4000));
+    c.handle_input(t0 + ms(4000), &input[early + 10..]);
+    c.finish(t0 + ms(4000));
+    let out: Vec<u8> = drain(&mut c)
+        .iter()
+        .flat_map(|ch| ch.payload.to_vec())
+        .collect();
+    assert_eq!(out, input, "every byte once, in order");
+}
