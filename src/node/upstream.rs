@@ -282,7 +282,25 @@ pub(crate) struct Upstream {
     pub(crate) last_move: Option<Instant>,
     /// Parents moved to nearer standbys.
     pub(crate) moves: u64,
+    /// How many chunks behind the best parent a parent that still delivers may fall before it
+    /// is replaced as behind: `config.lag_chunks`, raised while such replacements come
+    /// close together ([`Upstream::replaced_behind`]), lowered again in calm.
+    pub(crate) lag_allow: u64,
+    /// When a parent that still delivered was last replaced as behind, or the allowance last
+    /// stepped down.
+    pub(crate) last_behind: Option<Instant>,
 }
+
+/// Replacements of delivering parents as behind this close together mean that the lag is
+/// this node's own: its access link, which every parent shares (see
+/// [`Upstream::replaced_behind`]).
+pub(crate) const BEHIND_RECENT: Duration = Duration::from_secs(10);
+
+/// How long without such a replacement before the allowance steps back down.
+pub(crate) const BEHIND_CALM: Duration = Duration::from_secs(30);
+
+/// The allowance grows to at most this many times `lag_chunks`.
+pub(crate) const LAG_ALLOW_MAX: u64 = 8;
 
 impl Upstream {
     pub(crate) fn new(
@@ -292,6 +310,7 @@ impl Upstream {
         now: Instant,
     ) -> Self {
         Self {
+            lag_allow: config.lag_chunks,
             config,
             candidates: candidates.into_iter().map(|c| (c, Slot::Idle)).collect(),
             params: None,
@@ -311,6 +330,45 @@ impl Upstream {
             next_explore: now + crate::node::engine::EXPLORE_EVERY,
             last_move: None,
             moves: 0,
+            last_behind: None,
+        }
+    }
+
+    /// `count` parents that still delivered were replaced as behind at `now`. Several at once,
+    /// or one within [`BEHIND_RECENT`] of the last, is this node's own bottleneck showing,
+    /// not its parents': on a viewer's access link with a short queue, the parents' chunk
+    /// bursts meet and overflow it, one parent's packets happen to be lost more than the
+    /// others', its loss-based congestion control backs off, and it falls behind the rest.
+    /// Replacing it helps nothing, since the replacement shares the same link, and costs a
+    /// resend from the resume point into that link, which makes another parent fall behind:
+    /// in the simulator a viewer on 10 Mbit/s drawing 4 Mbit/s from three relays replaced a
+    /// parent about once a second. So each such repeat doubles the lag allowed (up to
+    /// [`LAG_ALLOW_MAX`] times `lag_chunks`), and [`Upstream::calm`] halves it back. A parent
+    /// that truly cannot keep up falls further behind without bound and is still replaced,
+    /// later; one that stops delivering is replaced as silent whatever the allowance.
+    pub(crate) fn replaced_behind(&mut self, now: Instant, count: usize) {
+        if count == 0 {
+            return;
+        }
+        let recent = self
+            .last_behind
+            .is_some_and(|t| now.saturating_duration_since(t) < BEHIND_RECENT);
+        if count > 1 || recent {
+            self.lag_allow = (self.lag_allow * 2).min(self.config.lag_chunks * LAG_ALLOW_MAX);
+        }
+        self.last_behind = Some(now);
+    }
+
+    /// Steps the lag allowance halfway back to `lag_chunks` after [`BEHIND_CALM`] without a
+    /// parent replaced as behind.
+    pub(crate) fn calm(&mut self, now: Instant) {
+        if self.lag_allow > self.config.lag_chunks
+            && self
+                .last_behind
+                .is_none_or(|t| now.saturating_duration_since(t) >= BEHIND_CALM)
+        {
+            self.lag_allow = (self.lag_allow / 2).max(self.config.lag_chunks);
+            self.last_behind = Some(now);
         }
     }
 
@@ -528,6 +586,47 @@ mod tests {
         let mut rolled = partial;
         rolled.roll(Some(140));
         assert_eq!(rolled, Tally::default());
+    }
+
+    #[test]
+    fn behind_replacements_close_together_raise_the_lag_allowed_and_calm_lowers_it() {
+        let t0 = Instant::now();
+        let config = UpstreamConfig::default();
+        let base = config.lag_chunks;
+        let mut up = Upstream::new(config, Vec::new(), 0, t0);
+        assert_eq!(up.lag_allow, base);
+        // A first replacement is a parent's fault as far as anyone can tell.
+        up.replaced_behind(t0, 1);
+        assert_eq!(up.lag_allow, base);
+        // Another within BEHIND_RECENT: the node's own link.
+        let t1 = t0 + Duration::from_secs(3);
+        up.replaced_behind(t1, 1);
+        assert_eq!(up.lag_allow, 2 * base);
+        // Two at once say the same.
+        up.replaced_behind(t1 + Duration::from_secs(20), 2);
+        assert_eq!(up.lag_allow, 4 * base);
+        // Up to the bound, however many follow.
+        for i in 0..10 {
+            up.replaced_behind(t1 + Duration::from_secs(21 + i), 1);
+        }
+        assert_eq!(up.lag_allow, LAG_ALLOW_MAX * base);
+        // Nothing changes before a calm period has passed, then it halves once per period.
+        let last = t1 + Duration::from_secs(30);
+        up.calm(last + BEHIND_CALM - Duration::from_secs(1));
+        assert_eq!(up.lag_allow, LAG_ALLOW_MAX * base);
+        up.calm(last + BEHIND_CALM);
+        assert_eq!(up.lag_allow, LAG_ALLOW_MAX * base / 2);
+        up.calm(last + BEHIND_CALM + Duration::from_secs(1));
+        assert_eq!(up.lag_allow, LAG_ALLOW_MAX * base / 2);
+        let mut at = last + BEHIND_CALM;
+        for _ in 0..10 {
+            at += BEHIND_CALM;
+            up.calm(at);
+        }
+        assert_eq!(up.lag_allow, base);
+        // No replacement at all changes nothing.
+        up.replaced_behind(at, 0);
+        assert_eq!(up.lag_allow, base);
     }
 
     #[test]

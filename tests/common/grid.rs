@@ -437,9 +437,59 @@ impl Grid {
         }
     }
 
-    /// Asserts every peer played a consecutive, byte-exact run up to the live edge; prints the
+    /// Asserts every peer played a consecutive, byte-exact run up to the live edge, on time (a
+    /// player playing in real time from its first chunk never waits for one); prints the
     /// figures. Returns total bytes delivered.
     pub fn assert_perfect(&self, scenario: &str) -> u64 {
+        let delivered = self.assert_complete(scenario);
+        let startup = self
+            .played
+            .iter()
+            .map(|p| p.chunks[0].3 - self.t0)
+            .max()
+            .unwrap();
+        let failovers: usize = self.played.iter().map(|p| p.failovers.len()).sum();
+        // On time, not only complete: a player playing in real time from its first chunk
+        // never waits for one (DESIGN.md's continuity counts chunks "complete and on time").
+        // With a start delay of 1 s, 6 scenarios here failed it, by up to 2.8 s.
+        let least_lead = self.least_real_time_lead();
+        assert!(
+            least_lead >= 0.0,
+            "{scenario}: a real-time player would have waited {:.0} ms for a chunk",
+            -least_lead
+        );
+        // Start-up as the engine measures it: first subscription to first chunk out.
+        let slowest_startup = self
+            .peers
+            .iter()
+            .map(|&p| self.peer_stats(p).startup.expect("start-up recorded"))
+            .max()
+            .unwrap();
+        println!(
+            "{scenario}: peers={} continuity=100% chunks_played_each={} latest_first_byte_at={:?} \
+             slowest_startup={slowest_startup:?} least_real_time_lead_ms={least_lead:.0} \
+             failovers={failovers} source_upload_bytes={} delivered_bytes={delivered} sim={:?}",
+            self.peers.len(),
+            self.played[0].chunks.len(),
+            startup,
+            self.sim.node(self.source.node).bytes_sent,
+            self.sim.stats(),
+        );
+        delivered
+    }
+
+    /// The least lead, in milliseconds, any peer's real-time player would have had over a
+    /// chunk's arrival (below zero: it would have waited that long for one).
+    pub fn least_real_time_lead(&self) -> f64 {
+        self.played
+            .iter()
+            .map(|p| p.real_time_lead(&self.source.started).0)
+            .fold(f64::INFINITY, f64::min)
+    }
+
+    /// Asserts every peer played a consecutive, byte-exact run up to the live edge, skipping
+    /// nothing (whether on time or not). Returns total bytes delivered.
+    pub fn assert_complete(&self, scenario: &str) -> u64 {
         let last_published = *self.source.published.keys().next_back().unwrap();
         let mut delivered = 0;
         let published: BTreeMap<u64, blake3::Hash> = self
@@ -475,43 +525,6 @@ impl Grid {
             let stats = self.peer_stats(self.peers[i]);
             assert_eq!(stats.chunks_skipped, 0, "{scenario}: peer {i}");
         }
-        let startup = self
-            .played
-            .iter()
-            .map(|p| p.chunks[0].3 - self.t0)
-            .max()
-            .unwrap();
-        let failovers: usize = self.played.iter().map(|p| p.failovers.len()).sum();
-        // On time, not only complete: a player playing in real time from its first chunk
-        // never waits for one (DESIGN.md's continuity counts chunks "complete and on time").
-        // With a start delay of 1 s, 6 scenarios here failed it, by up to 2.8 s.
-        let least_lead = self
-            .played
-            .iter()
-            .map(|p| p.real_time_lead(&self.source.started).0)
-            .fold(f64::INFINITY, f64::min);
-        assert!(
-            least_lead >= 0.0,
-            "{scenario}: a real-time player would have waited {:.0} ms for a chunk",
-            -least_lead
-        );
-        // Start-up as the engine measures it: first subscription to first chunk out.
-        let slowest_startup = self
-            .peers
-            .iter()
-            .map(|&p| self.peer_stats(p).startup.expect("start-up recorded"))
-            .max()
-            .unwrap();
-        println!(
-            "{scenario}: peers={} continuity=100% chunks_played_each={} latest_first_byte_at={:?} \
-             slowest_startup={slowest_startup:?} least_real_time_lead_ms={least_lead:.0} \
-             failovers={failovers} source_upload_bytes={} delivered_bytes={delivered} sim={:?}",
-            self.peers.len(),
-            self.played[0].chunks.len(),
-            startup,
-            self.sim.node(self.source.node).bytes_sent,
-            self.sim.stats(),
-        );
         delivered
     }
 

@@ -360,6 +360,7 @@ impl Engine {
             let Some(up) = self.upstreams.get_mut(&channel) else {
                 continue;
             };
+            up.calm(now);
             let lost_conns = &self.lost_conns;
             let conns = &self.conns;
             let gone = |conn: &quinn_proto::ConnectionHandle| {
@@ -436,9 +437,7 @@ impl Engine {
                         let settled =
                             now.saturating_duration_since(*since) >= up.config.stall_timeout;
                         let behind = match (best, newest) {
-                            (Some(b), Some(n)) => {
-                                settled && b.saturating_sub(*n) >= up.config.lag_chunks
-                            }
+                            (Some(b), Some(n)) => settled && b.saturating_sub(*n) >= up.lag_allow,
                             _ => false,
                         };
                         let quiet =
@@ -520,6 +519,11 @@ impl Engine {
                     up.strikes.remove(&cand.node);
                 }
             }
+            let delivering_behind = failed
+                .iter()
+                .filter(|f| f.failover && f.delivering && f.why == FailoverWhy::Behind)
+                .count();
+            up.replaced_behind(now, delivering_behind);
             let mut moved = Vec::new();
             for f in failed {
                 let (i, conn) = (f.slot, f.conn);
