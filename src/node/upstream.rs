@@ -282,12 +282,11 @@ pub(crate) struct Upstream {
     pub(crate) last_move: Option<Instant>,
     /// Parents moved to nearer standbys.
     pub(crate) moves: u64,
-    /// How many chunks behind the best parent a parent that still delivers may fall before it
-    /// is replaced as behind: `config.lag_chunks`, raised while such replacements come
+    /// How many chunks behind the best parent a parent may fall before it is replaced as
+    /// behind: `config.lag_chunks`, raised while such replacements come
     /// close together ([`Upstream::replaced_behind`]), lowered again in calm.
     pub(crate) lag_allow: u64,
-    /// When a parent that still delivered was last replaced as behind, or the allowance last
-    /// stepped down.
+    /// When a parent was last replaced as behind, or the allowance last stepped down.
     pub(crate) last_behind: Option<Instant>,
 }
 
@@ -334,7 +333,7 @@ impl Upstream {
         }
     }
 
-    /// `count` parents that still delivered were replaced as behind at `now`. Several at once,
+    /// `count` parents were replaced as behind at `now`. Several at once,
     /// or one within [`BEHIND_RECENT`] of the last, is this node's own bottleneck showing,
     /// not its parents': on a viewer's access link with a short queue, the parents' chunk
     /// bursts meet and overflow it, one parent's packets happen to be lost more than the

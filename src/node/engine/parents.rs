@@ -521,7 +521,7 @@ impl Engine {
             }
             let delivering_behind = failed
                 .iter()
-                .filter(|f| f.failover && f.delivering && f.why == FailoverWhy::Behind)
+                .filter(|f| f.failover && f.why == FailoverWhy::Behind)
                 .count();
             up.replaced_behind(now, delivering_behind);
             let mut moved = Vec::new();
