@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use common::grid::Grid;
 use gridcast::node::directory::Board;
-use gridcast::node::{Congestion, EngineConfig, ShardStreams};
+use gridcast::node::{Congestion, EngineConfig, FailoverWhy, ShardStreams};
 use gridcast::sim::{LinkConfig, SimConfig};
 
 fn main() {
@@ -208,6 +208,8 @@ fn streams_one(
         };
         let (mut continuity_min, mut startups, mut delays, mut lost, mut sent) =
             (1.0f64, vec![], vec![], 0, 0);
+        // The peers' parent replacements, by why: behind, short, silent, lost.
+        let mut whys = [0usize; 4];
         let wall = Instant::now();
         for &seed in seeds {
             let config = SimConfig {
@@ -245,6 +247,14 @@ fn streams_one(
                 if let Some(t) = s.startup {
                     startups.push(t.as_secs_f64() * 1e3);
                 }
+                for why in &grid.played[i].failover_why {
+                    whys[match why {
+                        FailoverWhy::Behind => 0,
+                        FailoverWhy::Short => 1,
+                        FailoverWhy::Silent => 2,
+                        FailoverWhy::Lost => 3,
+                    }] += 1;
+                }
                 for (seq, _, _, at) in &grid.played[i].chunks {
                     if let Some(&started) = grid.source.started.get(seq) {
                         delays.push((*at - started).as_secs_f64() * 1e3);
@@ -263,7 +273,8 @@ fn streams_one(
         println!(
             "grid-streams shard_streams={layout:?} congestion={congestion:?} bitrate_kbps={} supernode_uplink_kbps={} uplink_queue_bytes={} peer_downlink_kbps={} peer_queue_bytes={} loss={} latency_ms=40 seeds={} peers=20 stream_s={stream_s} \
              continuity_min={continuity_min:.4} startup_ms_p50={:.0} startup_ms_max={:.0} \
-             delay_ms_p50={:.0} delay_ms_p99={:.0} delay_ms_max={:.0} datagrams_lost={lost} mb_sent={:.1} wall_s={:.1}",
+             delay_ms_p50={:.0} delay_ms_p99={:.0} delay_ms_max={:.0} datagrams_lost={lost} mb_sent={:.1} \
+             failovers_behind={} failovers_short={} failovers_silent={} failovers_lost={} wall_s={:.1}",
             path.bitrate / 1000,
             path.uplink
                 .map_or("none".to_owned(), |b| (b * 8 / 1000).to_string()),
@@ -280,6 +291,10 @@ fn streams_one(
             pct(&mut delays, 0.99),
             pct(&mut delays, 1.0),
             sent as f64 / 1e6,
+            whys[0],
+            whys[1],
+            whys[2],
+            whys[3],
             wall.elapsed().as_secs_f64(),
         );
     }

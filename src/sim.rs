@@ -167,6 +167,9 @@ struct InFlight {
     order: u64,
     from: NodeIx,
     to: NodeIx,
+    /// The address it was sent to: the receiver's when it was sent, which it may since have
+    /// lost ([`Sim::renumber`]).
+    to_addr: SocketAddr,
     data: Vec<u8>,
 }
 
@@ -316,6 +319,16 @@ impl Sim {
         }
     }
 
+    /// Gives a node a new address and takes the old one away, as a new DHCP lease or a NAT
+    /// rebinding does: what it sends from now on comes from `to`, and what is sent (or still
+    /// in flight) to the old address is lost.
+    pub fn renumber(&mut self, ix: NodeIx, to: SocketAddr) {
+        let old = self.nodes[ix].addr;
+        self.by_addr.remove(&old);
+        self.by_addr.insert(to, ix);
+        self.nodes[ix].addr = to;
+    }
+
     /// Kills a node: it stops at once, sends nothing more (no goodbye), and receives nothing.
     pub fn kill(&mut self, ix: NodeIx) {
         self.nodes[ix].alive = false;
@@ -385,6 +398,7 @@ impl Sim {
             order: self.order,
             from,
             to,
+            to_addr,
             data,
         }));
     }
@@ -423,7 +437,10 @@ impl Sim {
             let Some(Reverse(p)) = self.queue.pop() else {
                 break;
             };
-            if !self.nodes[p.to].alive || self.partitioned.contains(&(p.from, p.to)) {
+            if !self.nodes[p.to].alive
+                || self.nodes[p.to].addr != p.to_addr
+                || self.partitioned.contains(&(p.from, p.to))
+            {
                 self.stats.undeliverable += 1;
                 continue;
             }
@@ -522,6 +539,28 @@ mod tests {
         burst(&mut sim);
         assert_eq!(sim.stats().queue_drops, 25);
         assert_eq!(sim.queue.len(), 35);
+    }
+
+    /// A renumbered node loses what is in flight to its old address and what is sent there
+    /// later; what is sent to its new address reaches it.
+    #[test]
+    fn a_renumbered_node_is_reached_only_at_its_new_address() {
+        let (start, mut sim, a, b, old) = two_nodes();
+        sim.send(a, old, vec![0; 100]);
+        let new: SocketAddr = "10.200.0.1:4433".parse().unwrap();
+        sim.renumber(b, new);
+        assert_eq!(sim.node(b).addr, new);
+        sim.send(a, old, vec![0; 100]);
+        assert_eq!(
+            sim.stats().undeliverable,
+            1,
+            "sent to the old address after the change"
+        );
+        sim.send(a, new, vec![0; 100]);
+        sim.run_until(start + Duration::from_secs(1)).unwrap();
+        // The one in flight when it moved is lost too; the one sent to `new` arrives.
+        assert_eq!(sim.stats().undeliverable, 2);
+        assert!(sim.node(b).engine.stats().udp_bytes_in >= 100);
     }
 
     /// A capped downlink delays what reaches a node by its rate and drops what its queue has

@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::grid::{Broadcast, Grid};
@@ -53,5 +54,61 @@ fn a_viewer_whose_own_link_is_the_bottleneck_does_not_keep_replacing_its_parents
         most <= 6,
         "a viewer replaced its parents {most} times in 20 s over its own link's queue \
          (each viewer: {failovers:?})"
+    );
+}
+
+#[test]
+fn viewers_whose_address_changes_keep_their_parents() {
+    // Six viewers each draw from three of four relays. Eight seconds in, every viewer gets a
+    // new address at once (a new lease, a NAT rebinding): whatever its parents send to the
+    // old one is lost, and a viewer that only acknowledges sends nothing while nothing
+    // arrives. Whichever parent's keep-alive fires first moves to the new path and delivers
+    // what it owes at once; the others must follow (a probe), not be replaced as behind.
+    let mut grid = Grid::new(11, 4, Grid::relay_config);
+    grid.run(Duration::from_secs(2));
+    grid.add_policy_peers_with(6, 0, EngineConfig::default);
+    // Parents at different distances, so their last packets before the change, and so their
+    // keep-alives, are tens of milliseconds apart.
+    for &p in &grid.peers.clone() {
+        for (j, &sn) in grid.supernodes.clone().iter().enumerate() {
+            let link = LinkConfig {
+                latency: Duration::from_millis(5 + 45 * j as u64),
+                loss: 0.0,
+            };
+            grid.sim.set_link(p, sn, link);
+            grid.sim.set_link(sn, p, link);
+        }
+    }
+    grid.run(Duration::from_secs(8));
+    let handshakes: Vec<u64> = grid
+        .peers
+        .iter()
+        .map(|&p| grid.sim.node(p).engine.stats().handshakes_ok)
+        .collect();
+    for (i, &p) in grid.peers.clone().iter().enumerate() {
+        let to: SocketAddr = format!("10.200.0.{}:4433", i + 1).parse().unwrap();
+        grid.sim.renumber(p, to);
+    }
+    grid.run(Duration::from_secs(10));
+    grid.assert_complete("renumbered-viewers");
+    let failovers: Vec<usize> = grid.played.iter().map(|p| p.failovers.len()).collect();
+    let dialled: Vec<u64> = grid
+        .peers
+        .iter()
+        .zip(&handshakes)
+        .map(|(&p, before)| grid.sim.node(p).engine.stats().handshakes_ok - before)
+        .collect();
+    println!(
+        "renumbered-viewers: failovers={failovers:?} handshakes_after={dialled:?} \
+         least_real_time_lead_ms={:.0}",
+        grid.least_real_time_lead()
+    );
+    assert!(
+        failovers.iter().all(|&f| f == 0),
+        "a viewer replaced a parent that had only lost its old address: {failovers:?}"
+    );
+    assert!(
+        dialled.iter().all(|&d| d == 0),
+        "a viewer dialled again instead of moving its connections: {dialled:?}"
     );
 }

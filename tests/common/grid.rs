@@ -16,7 +16,7 @@ use bytes::Bytes;
 
 use gridcast::keys::{ChannelId, ChannelKey};
 use gridcast::node::{
-    Candidate, ChannelMode, ChannelStats, EngineConfig, NodeEvent, UpstreamConfig,
+    Candidate, ChannelMode, ChannelStats, EngineConfig, FailoverWhy, NodeEvent, UpstreamConfig,
 };
 use gridcast::sim::{NodeIx, Sim, SimConfig};
 use gridcast::stream::{ChunkPublisher, Chunker, ChunkerConfig, CodingParams, InputFormat};
@@ -164,6 +164,8 @@ impl Broadcast {
 pub struct Played {
     pub chunks: Vec<(u64, blake3::Hash, usize, Instant)>,
     pub failovers: Vec<(Instant, u64)>,
+    /// Why each of `failovers` happened, in the same order.
+    pub failover_why: Vec<FailoverWhy>,
     /// When the peer announced that nothing arrived from any parent.
     pub outages: Vec<Instant>,
     /// Stream headers received, in order.
@@ -181,7 +183,10 @@ pub fn collect(sim: &mut Sim, peer: NodeIx, played: &mut Played) {
                     .chunks
                     .push((seq, blake3::hash(&bytes), bytes.len(), at));
             }
-            NodeEvent::Failover { resume, .. } => played.failovers.push((at, resume)),
+            NodeEvent::Failover { resume, why, .. } => {
+                played.failovers.push((at, resume));
+                played.failover_why.push(why);
+            }
             NodeEvent::UpstreamLost { .. } => played.outages.push(at),
             NodeEvent::StreamHeader { header, .. } => played.headers.push(header),
             NodeEvent::StreamTitle { title } => played.titles.push((at, title)),

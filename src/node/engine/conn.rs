@@ -103,6 +103,9 @@ pub(super) struct Conn {
     /// When a datagram of this connection last arrived (or it was created): a parent that
     /// sends nothing at all, not even the keep-alive's acknowledgements, is unreachable.
     pub(super) last_rx: Instant,
+    /// When the parent policy last sent this connection a PING because it stalls while it
+    /// has something to send (`Engine::upstream_check`).
+    pub(super) probed: Option<Instant>,
     /// The handshake completed.
     pub(super) established: bool,
     /// Gossip packets waiting for the handshake to complete.
@@ -165,6 +168,7 @@ impl Conn {
             dirty: false,
             queued_tx: false,
             last_rx: now,
+            probed: None,
             established: false,
             asked: None,
             peer: node,

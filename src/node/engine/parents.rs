@@ -387,9 +387,15 @@ impl Engine {
                 })
                 .max();
             let known = best.max(standby_latest);
+            let mut probe = Vec::new();
             for (_, slot) in &mut up.candidates {
                 if let Slot::Active {
-                    newest, missing, ..
+                    conn,
+                    newest,
+                    missing,
+                    last_shard,
+                    since,
+                    ..
                 } = slot
                 {
                     if missing.is_some_and(|(seq, _)| newest.is_some_and(|n| n >= seq)) {
@@ -400,6 +406,27 @@ impl Engine {
                         && newest.is_none_or(|n| n < k)
                     {
                         *missing = Some((k, now));
+                    }
+                    let probed = conns.get(conn).and_then(|c| c.probed);
+                    // It answered this stall's probe with shards: the stall was not its own
+                    // (this node's address moved, say, and every parent's packets went to the
+                    // old one), so, like a parent just given its set, it has the stall
+                    // timeout to deliver what it owes before it can be judged behind.
+                    if let Some(p) = probed
+                        && *last_shard > p
+                        && *since < p
+                    {
+                        *since = p;
+                    }
+                    // Quiet while it lacks a chunk that exists (for long enough that it is
+                    // not a parent a little later than another with each chunk): probed,
+                    // once per stall.
+                    if missing.is_some_and(|(_, seen)| {
+                        now.saturating_duration_since(seen) >= PROBE_LACKING
+                    }) && now.saturating_duration_since(*last_shard) >= PROBE_STALLED
+                        && probed.is_none_or(|p| p < *last_shard)
+                    {
+                        probe.push(*conn);
                     }
                 }
             }
@@ -436,8 +463,20 @@ impl Engine {
                     } => {
                         let settled =
                             now.saturating_duration_since(*since) >= up.config.stall_timeout;
+                        // A quiet parent is judged behind only once it has been probed and
+                        // has had twice its round trip (at least PROBE_STALLED) to answer.
+                        let unprobed = now.saturating_duration_since(*last_shard) >= PROBE_STALLED
+                            && conns.get(conn).is_some_and(|c| {
+                                c.probed.is_none_or(|p| {
+                                    p < *last_shard
+                                        || now.saturating_duration_since(p)
+                                            < (c.quic.rtt() * 2).max(PROBE_STALLED)
+                                })
+                            });
                         let behind = match (best, newest) {
-                            (Some(b), Some(n)) => settled && b.saturating_sub(*n) >= up.lag_allow,
+                            (Some(b), Some(n)) => {
+                                settled && !unprobed && b.saturating_sub(*n) >= up.lag_allow
+                            }
                             _ => false,
                         };
                         let quiet =
@@ -550,6 +589,22 @@ impl Engine {
                 if let Some(c) = self.conns.get_mut(&conn) {
                     c.close(now, close_code::DONE, "parent replaced");
                     mark(&mut self.dirty, c, conn);
+                }
+            }
+            // A stalled parent is sent a PING before it is judged: if this node's address
+            // changed (a new lease, a NAT rebinding), every parent's packets go to the old one
+            // until this node sends something, and a player that only acknowledges sends
+            // nothing while nothing arrives. Whichever parent's keep-alive fires first moves
+            // to the new path and delivers its backlog at once; the PING moves the others
+            // (QUIC migration) instead of their being replaced as behind in that instant.
+            for handle in probe {
+                if let Some(c) = self.conns.get_mut(&handle)
+                    && !c.closed
+                    && c.established
+                {
+                    c.probed = Some(now);
+                    c.quic.ping();
+                    mark(&mut self.dirty, c, handle);
                 }
             }
             self.upstream_fill(now, channel);
@@ -744,3 +799,13 @@ struct GaveUp {
 /// slow (a player yielding its uplink, a parent at its upload cap), not dead: one killed is
 /// judged behind only once the others are 3 chunks (750 ms) ahead of its last shard.
 const DELIVERING_WITHIN: Duration = Duration::from_millis(400);
+
+/// A parent that has sent nothing this long while it lacks a chunk that exists is sent a
+/// PING, once per stall (see `Engine::upstream_check`): well inside the 3 chunks (750 ms)
+/// after which a parent killed is replaced as behind, so that its probe has gone unanswered
+/// by then, and short of the 1-s keep-alive.
+const PROBE_STALLED: Duration = Duration::from_millis(200);
+
+/// …and has lacked that chunk this long: a parent a few tens of milliseconds later than
+/// another with every chunk (one tier further from the source) is not probed for it.
+const PROBE_LACKING: Duration = Duration::from_millis(100);
