@@ -7,7 +7,9 @@
 //! `grid peers=<n> stream_s=<s> wall_s=<w> speedup_vs_realtime=<x> shards_per_wall_s=<y>`.
 //!
 //! `--streams`: the two shard stream layouts, each with CUBIC and with BBR, side by side on a path with 5% loss and 40 ms of delay (`grid-streams
-//! shard_streams=… congestion=… continuity_min=… startup_ms_p50=… delay_ms_p99=… mb_sent=…`),
+//! shard_streams=… congestion=… continuity_min=… startup_ms_p50=… delay_ms_p99=… mb_sent=…
+//! failovers_behind=… failovers_short=… failovers_silent=… failovers_lost=…`, the peers'
+//! parent replacements by why),
 //! first with the supernodes' uplinks uncapped, then capped at 5 Mbit/s behind a queue that
 //! never overflows, then (with no random loss) capped behind a 50-ms drop-tail queue, where a
 //! burst one connection sends costs datagrams of its own and of its neighbours; and nothing
