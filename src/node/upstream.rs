@@ -140,13 +140,16 @@ impl Tally {
     }
 
     /// The share of the expected shards (what `set_len` substreams carry over the chunks up to
-    /// `best`, the best parent's newest) that arrived; `None` until the window is long and old
-    /// enough to judge.
-    pub(crate) fn ratio(&self, set_len: usize, best: Option<u64>, now: Instant) -> Option<f64> {
-        let (Some(first), Some(best), Some(since)) = (self.first, best, self.since) else {
+    /// `newest`, the parent's own newest) that arrived; `None` until the window is long and
+    /// old enough to judge. It measures what a parent leaves out of the chunks it sends, not
+    /// how far behind the others it is: lag is the *behind* rule's, with its allowance, and a
+    /// tally against the best parent's newest made a parent 4 chunks behind look short
+    /// (5 of 7 chunks' worth in an 8-chunk window) whatever the allowance.
+    pub(crate) fn ratio(&self, set_len: usize, newest: Option<u64>, now: Instant) -> Option<f64> {
+        let (Some(first), Some(newest), Some(since)) = (self.first, newest, self.since) else {
             return None;
         };
-        let span = best.saturating_sub(first);
+        let span = newest.saturating_sub(first);
         if span < TALLY_MIN_CHUNKS || now.saturating_duration_since(since) < TALLY_GRACE {
             return None;
         }

@@ -436,7 +436,9 @@ impl Engine {
                 .candidates
                 .iter()
                 .map(|(_, s)| match s {
-                    Slot::Active { set, tally, .. } => tally.ratio(set.len(), best, now),
+                    Slot::Active {
+                        set, tally, newest, ..
+                    } => tally.ratio(set.len(), *newest, now),
                     _ => None,
                 })
                 .collect();
