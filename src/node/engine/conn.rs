@@ -106,6 +106,9 @@ pub(super) struct Conn {
     /// When the parent policy last sent this connection a PING because it stalls while it
     /// has something to send (`Engine::upstream_check`).
     pub(super) probed: Option<Instant>,
+    /// When a probed parent last answered with shards, and until when it may catch up before
+    /// it can be judged behind.
+    pub(super) caught_up: Option<(Instant, Instant)>,
     /// The handshake completed.
     pub(super) established: bool,
     /// Gossip packets waiting for the handshake to complete.
@@ -169,6 +172,7 @@ impl Conn {
             queued_tx: false,
             last_rx: now,
             probed: None,
+            caught_up: None,
             established: false,
             asked: None,
             peer: node,

@@ -361,6 +361,25 @@ impl Engine {
                 continue;
             };
             up.calm(now);
+            // A parent that answered its stall's probe with shards: the stall was not its own
+            // (this node's address moved, say, and every parent's packets went to the old
+            // one), so it has the stall timeout to deliver what it owes before it can be
+            // judged behind; at most once per CATCH_UP_EVERY, so that a parent that lags and
+            // delivers in bursts is still judged.
+            for (_, slot) in &up.candidates {
+                if let Slot::Active {
+                    conn, last_shard, ..
+                } = slot
+                    && let Some(c) = self.conns.get_mut(conn)
+                    && let Some(p) = c.probed
+                    && *last_shard > p
+                    && c.caught_up.is_none_or(|(g, _)| {
+                        g < p && now.saturating_duration_since(g) >= CATCH_UP_EVERY
+                    })
+                {
+                    c.caught_up = Some((now, now + up.config.stall_timeout));
+                }
+            }
             let lost_conns = &self.lost_conns;
             let conns = &self.conns;
             let gone = |conn: &quinn_proto::ConnectionHandle| {
@@ -394,7 +413,6 @@ impl Engine {
                     newest,
                     missing,
                     last_shard,
-                    since,
                     ..
                 } = slot
                 {
@@ -408,16 +426,6 @@ impl Engine {
                         *missing = Some((k, now));
                     }
                     let probed = conns.get(conn).and_then(|c| c.probed);
-                    // It answered this stall's probe with shards: the stall was not its own
-                    // (this node's address moved, say, and every parent's packets went to the
-                    // old one), so, like a parent just given its set, it has the stall
-                    // timeout to deliver what it owes before it can be judged behind.
-                    if let Some(p) = probed
-                        && *last_shard > p
-                        && *since < p
-                    {
-                        *since = p;
-                    }
                     // Quiet while it lacks a chunk that exists (for long enough that it is
                     // not a parent a little later than another with each chunk): probed,
                     // once per stall.
@@ -475,9 +483,15 @@ impl Engine {
                                             < (c.quic.rtt() * 2).max(PROBE_STALLED)
                                 })
                             });
+                        let catching_up = conns
+                            .get(conn)
+                            .is_some_and(|c| c.caught_up.is_some_and(|(_, until)| now < until));
                         let behind = match (best, newest) {
                             (Some(b), Some(n)) => {
-                                settled && !unprobed && b.saturating_sub(*n) >= up.lag_allow
+                                settled
+                                    && !unprobed
+                                    && !catching_up
+                                    && b.saturating_sub(*n) >= up.lag_allow
                             }
                             _ => false,
                         };
@@ -810,4 +824,8 @@ const PROBE_STALLED: Duration = Duration::from_millis(200);
 
 /// …and has lacked that chunk this long: a parent a few tens of milliseconds later than
 /// another with every chunk (one tier further from the source) is not probed for it.
-const PROBE_LACKING: Duration = Duration::from_millis(100);
+const PROBE_LACKING: Duration = Duration::from_millis(250);
+
+/// A parent that answers a stall's probe with shards is given the stall timeout to catch up
+/// at most this often.
+const CATCH_UP_EVERY: Duration = Duration::from_secs(3);
