@@ -6,7 +6,8 @@
 //! Prints one line per audience size:
 //! `grid peers=<n> stream_s=<s> wall_s=<w> speedup_vs_realtime=<x> shards_per_wall_s=<y>`.
 //!
-//! `--streams`: the two shard stream layouts, each with CUBIC and with BBR, side by side on a path with 5% loss and 40 ms of delay (`grid-streams
+//! `--streams`: the two shard stream layouts, each with CUBIC and with BBR, and the default
+//! layout with the gated CUBIC (`Congestion::GatedCubic`), side by side on a path with 5% loss and 40 ms of delay (`grid-streams
 //! shard_streams=… congestion=… continuity_min=… startup_ms_p50=… delay_ms_p99=… mb_sent=…
 //! failovers_behind=… failovers_short=… failovers_silent=… failovers_lost=…`, the peers'
 //! parent replacements by why),
@@ -15,7 +16,9 @@
 //! burst one connection sends costs datagrams of its own and of its neighbours; and nothing
 //! else.
 //!
-//! `--bursts`: the default layout with CUBIC and with BBR, a 4 Mbit/s stream (three parents
+//! `--congestion cubic,gated,bbr` runs only the controllers named (every one by default).
+//!
+//! `--bursts`: the default layout with CUBIC, the gated CUBIC and BBR, a 4 Mbit/s stream (three parents
 //! each send a peer about 42 KB a chunk at once), no random loss, first with the peers'
 //! downlinks uncapped, then each peer behind a 10 Mbit/s access link with a 50-ms drop-tail
 //! queue: how a sender's bursts fare at a viewer's own bottleneck (`grid-streams` lines with
@@ -50,12 +53,28 @@ fn main() {
             .map(|v| v.parse::<usize>().expect("a number"))
     };
     let quick = flag("--quick");
+    // `--congestion cubic,gated,bbr`: those controllers alone (all three by default).
+    let only: Option<Vec<Congestion>> = args
+        .iter()
+        .position(|a| a == "--congestion")
+        .and_then(|i| args.get(i + 1))
+        .map(|v| {
+            v.split(',')
+                .map(|c| match c {
+                    "cubic" => Congestion::Cubic,
+                    "gated" => Congestion::GatedCubic,
+                    "bbr" => Congestion::Bbr,
+                    other => panic!("unknown controller {other:?} (cubic, gated, bbr)"),
+                })
+                .collect()
+        });
+    let runs = |c: Congestion| only.as_ref().is_none_or(|o| o.contains(&c));
     if flag("--streams") {
-        streams(quick);
+        streams(quick, &runs);
         return;
     }
     if flag("--bursts") {
-        bursts(quick);
+        bursts(quick, &runs);
         return;
     }
     if !flag("--discovery-only") {
@@ -103,7 +122,7 @@ fn fixed(quick: bool) {
 /// continuity, start-up (first subscription to first chunk out) and the delay from a chunk's
 /// first byte at the source to its playout (the 1 s target delay is part of it; head-of-line
 /// waits behind a lost packet add to it).
-fn streams(quick: bool) {
+fn streams(quick: bool, runs: &dyn Fn(Congestion) -> bool) {
     let (stream_s, seeds): (u64, &[u64]) = if quick {
         (15, &[5])
     } else {
@@ -112,6 +131,7 @@ fn streams(quick: bool) {
     let variants = [
         (ShardStreams::PerChunk, Congestion::Cubic),
         (ShardStreams::PerSubscription, Congestion::Cubic),
+        (ShardStreams::PerSubscription, Congestion::GatedCubic),
         (ShardStreams::PerChunk, Congestion::Bbr),
         (ShardStreams::PerSubscription, Congestion::Bbr),
     ];
@@ -142,14 +162,14 @@ fn streams(quick: bool) {
         },
     ];
     for path in paths {
-        for &(layout, congestion) in &variants {
+        for &(layout, congestion) in variants.iter().filter(|(_, c)| runs(*c)) {
             streams_one(stream_s, seeds, layout, congestion, path);
         }
     }
 }
 
 /// A sender's bursts at the viewers' own bottleneck (see the module docs, `--bursts`).
-fn bursts(quick: bool) {
+fn bursts(quick: bool, runs: &dyn Fn(Congestion) -> bool) {
     let (stream_s, seeds): (u64, &[u64]) = if quick {
         (15, &[5])
     } else {
@@ -168,7 +188,10 @@ fn bursts(quick: bool) {
         ..clean
     };
     for path in [clean, access] {
-        for congestion in [Congestion::Cubic, Congestion::Bbr] {
+        for congestion in [Congestion::Cubic, Congestion::GatedCubic, Congestion::Bbr]
+            .into_iter()
+            .filter(|&c| runs(c))
+        {
             streams_one(
                 stream_s,
                 seeds,

@@ -13,8 +13,10 @@
 
 pub mod channel;
 pub mod cid;
+pub mod delay;
 pub mod directory;
 pub mod engine;
+pub mod gated_cubic;
 pub mod ledbat;
 pub mod membership;
 pub mod tls;

@@ -134,6 +134,9 @@ pub enum Congestion {
     /// BBR (quinn-proto's, marked experimental there): paces at the measured bottleneck
     /// rate and does not take random loss as a sign of congestion.
     Bbr,
+    /// CUBIC that cuts its window for a loss only when the path shows a queue
+    /// ([`crate::node::gated_cubic`]): random loss is not taken for congestion.
+    GatedCubic,
     /// LEDBAT, a scavenger ([`crate::node::ledbat`]): keeps the queue it adds near 60 ms and
     /// yields to loss-based flows sharing it. What a player's uploads run on, so that
     /// relaying never crowds out its user's own traffic.
@@ -749,6 +752,11 @@ impl Engine {
                 Congestion::Bbr => {
                     transport.congestion_controller_factory(Arc::new(
                         quinn_proto::congestion::BbrConfig::default(),
+                    ));
+                }
+                Congestion::GatedCubic => {
+                    transport.congestion_controller_factory(Arc::new(
+                        crate::node::gated_cubic::GatedCubicConfig::default(),
                     ));
                 }
                 Congestion::Ledbat => {

@@ -1,0 +1,368 @@
+//! CUBIC that does not take random loss for congestion: a loss cuts the window only when the
+//! path shows a queue.
+//!
+//! A loss-based controller reads every lost packet as a full queue. On a path that loses
+//! packets at random (a radio link, a lossy peering) that caps it at about
+//! MSS / RTT · 1.22 / √p whatever the path could carry: at 5% loss and 80 ms, some
+//! 0.7 Mbit/s, below what a supernode sends a viewer of a 1 Mbit/s stream, so the viewer
+//! falls seconds behind (the grid bench's `--streams`). BBR ignores random loss but took
+//! others' share behind a shared uplink (docs/performance.md).
+//!
+//! This keeps CUBIC (quinn-proto's, unchanged) and looks at the round trips before passing
+//! it a loss, as TCP Veno does: a queue that overflows has first filled, and a full queue
+//! shows as delay over the path's emptiest ([`crate::node::delay`]). A loss noticed while
+//! the queuing delay is under [`QUEUE_SIGN`] (or an eighth of the base delay on a long
+//! path, whose round trips jitter more) is taken as random and left out; CUBIC still sees
+//! every acknowledgement, so its growth and its slow start run as they would. Passed on
+//! unchanged, as CUBIC would take them: ECN marks (a queue said so), persistent congestion
+//! (every packet of a span lost), any loss before the first delay sample, and every loss
+//! while the path has lost more than [`LOSS_CEILING`] of what it carried in the last few
+//! seconds, which no queue explains (a policer, a link failing): there the window shrinks
+//! as CUBIC's would.
+//!
+//! What it gives up: a bottleneck whose whole queue is shorter than [`QUEUE_SIGN`] (a
+//! gigabit switch's) overflows without showing delay; a flow through it backs off only past
+//! the loss ceiling. A live stream's flows are paced at the stream's rate, so what this
+//! lets through beyond CUBIC is the stream itself and its retransmissions, not an unbounded
+//! window.
+
+use std::any::Any;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use quinn_proto::RttEstimator;
+use quinn_proto::congestion::{Controller, ControllerFactory, ControllerMetrics, CubicConfig};
+
+use crate::node::delay::{AckBatch, DelayEstimate};
+
+/// The queuing delay that makes a loss congestion (at least; an eighth of the base delay on
+/// a path longer than 80 ms).
+pub const QUEUE_SIGN: Duration = Duration::from_millis(10);
+
+/// The share of bytes lost beyond which every loss is congestion, queue or not.
+pub const LOSS_CEILING: f64 = 0.15;
+
+/// The loss share is of what was acknowledged and lost in about this long (halved each
+/// period).
+const LOSS_PERIOD: Duration = Duration::from_secs(2);
+
+/// Builds a [`GatedCubic`] for each connection ([`quinn_proto::TransportConfig::
+/// congestion_controller_factory`]).
+#[derive(Debug, Clone, Default)]
+pub struct GatedCubicConfig {
+    cubic: Arc<CubicConfig>,
+}
+
+impl ControllerFactory for GatedCubicConfig {
+    fn build(self: Arc<Self>, now: Instant, current_mtu: u16) -> Box<dyn Controller> {
+        Box::new(GatedCubic::new(
+            Arc::clone(&self.cubic).build(now, current_mtu),
+        ))
+    }
+}
+
+/// One connection's controller; see the module doc.
+pub struct GatedCubic {
+    cubic: Box<dyn Controller>,
+    delay: DelayEstimate,
+    batch: AckBatch,
+    /// Bytes acknowledged and lost lately (halved every [`LOSS_PERIOD`]), and since when.
+    acked: f64,
+    lost: f64,
+    period_start: Option<Instant>,
+    /// Losses taken as random and passed on as congestion, since the connection began.
+    random: u64,
+    congestive: u64,
+}
+
+impl std::fmt::Debug for GatedCubic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatedCubic")
+            .field("window", &self.cubic.window())
+            .field("queuing", &self.delay.queuing())
+            .field("random", &self.random)
+            .field("congestive", &self.congestive)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Clone for GatedCubic {
+    fn clone(&self) -> Self {
+        Self {
+            cubic: self.cubic.clone_box(),
+            delay: self.delay.clone(),
+            batch: self.batch.clone(),
+            acked: self.acked,
+            lost: self.lost,
+            period_start: self.period_start,
+            random: self.random,
+            congestive: self.congestive,
+        }
+    }
+}
+
+impl GatedCubic {
+    /// Gates `cubic` (any controller: it receives every call but the losses left out).
+    pub fn new(cubic: Box<dyn Controller>) -> Self {
+        Self {
+            cubic,
+            delay: DelayEstimate::default(),
+            batch: AckBatch::default(),
+            acked: 0.0,
+            lost: 0.0,
+            period_start: None,
+            random: 0,
+            congestive: 0,
+        }
+    }
+
+    /// Losses left out as random, and passed on as congestion.
+    pub fn verdicts(&self) -> (u64, u64) {
+        (self.random, self.congestive)
+    }
+
+    /// The share of bytes lost lately.
+    pub fn loss_share(&self) -> f64 {
+        let total = self.acked + self.lost;
+        if total <= 0.0 { 0.0 } else { self.lost / total }
+    }
+
+    /// Whether a loss noticed now comes with a queue (or cannot be told apart from one).
+    pub fn is_congestion(&self) -> bool {
+        let Some(base) = self.delay.base() else {
+            return true;
+        };
+        self.delay.queuing() >= QUEUE_SIGN.max(base / 8) || self.loss_share() > LOSS_CEILING
+    }
+
+    /// A packet of `bytes` sent at `sent` acknowledged at `now` (its delay sample taken at the
+    /// batch's end).
+    fn note_ack(&mut self, now: Instant, sent: Instant, bytes: u64) {
+        self.batch.acked(now, sent, bytes);
+    }
+
+    fn age(&mut self, now: Instant) {
+        let start = *self.period_start.get_or_insert(now);
+        if now.saturating_duration_since(start) >= LOSS_PERIOD {
+            self.acked /= 2.0;
+            self.lost /= 2.0;
+            self.period_start = Some(now);
+        }
+    }
+}
+
+impl Controller for GatedCubic {
+    fn on_sent(&mut self, now: Instant, bytes: u64, last_packet_number: u64) {
+        self.cubic.on_sent(now, bytes, last_packet_number);
+    }
+
+    fn on_ack(
+        &mut self,
+        now: Instant,
+        sent: Instant,
+        bytes: u64,
+        app_limited: bool,
+        rtt: &RttEstimator,
+    ) {
+        self.note_ack(now, sent, bytes);
+        self.cubic.on_ack(now, sent, bytes, app_limited, rtt);
+    }
+
+    fn on_end_acks(
+        &mut self,
+        now: Instant,
+        in_flight: u64,
+        app_limited: bool,
+        largest_packet_num_acked: Option<u64>,
+    ) {
+        let (bytes, sample) = self.batch.take();
+        if let Some(sample) = sample {
+            self.delay.record(now, sample);
+        }
+        self.age(now);
+        self.acked += bytes as f64;
+        self.cubic
+            .on_end_acks(now, in_flight, app_limited, largest_packet_num_acked);
+    }
+
+    fn on_congestion_event(
+        &mut self,
+        now: Instant,
+        sent: Instant,
+        is_persistent_congestion: bool,
+        lost_bytes: u64,
+    ) {
+        self.age(now);
+        self.lost += lost_bytes as f64;
+        // An ECN mark (no bytes lost) and persistent congestion are congestion whatever the
+        // delay says.
+        if lost_bytes == 0 || is_persistent_congestion || self.is_congestion() {
+            self.congestive += 1;
+            self.cubic
+                .on_congestion_event(now, sent, is_persistent_congestion, lost_bytes);
+        } else {
+            self.random += 1;
+        }
+    }
+
+    fn on_mtu_update(&mut self, new_mtu: u16) {
+        self.cubic.on_mtu_update(new_mtu);
+    }
+
+    fn window(&self) -> u64 {
+        self.cubic.window()
+    }
+
+    fn metrics(&self) -> ControllerMetrics {
+        self.cubic.metrics()
+    }
+
+    fn clone_box(&self) -> Box<dyn Controller> {
+        Box::new(self.clone())
+    }
+
+    fn initial_window(&self) -> u64 {
+        self.cubic.initial_window()
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn Any> {
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::disallowed_methods)] // one base instant; time moves by hand
+    use super::*;
+
+    const MTU: u16 = 1200;
+
+    fn controller() -> (GatedCubic, Instant) {
+        let now = Instant::now();
+        let cubic = Arc::new(CubicConfig::default()).build(now, MTU);
+        (GatedCubic::new(cubic), now)
+    }
+
+    /// A batch of `packets` full packets acknowledged `rtt` after they were sent.
+    fn acked(c: &mut GatedCubic, now: &mut Instant, rtt: Duration, packets: u64) {
+        *now += Duration::from_millis(20);
+        let sent = *now - rtt;
+        for _ in 0..packets {
+            c.note_ack(*now, sent, u64::from(MTU));
+        }
+        c.on_end_acks(*now, 0, true, None);
+    }
+
+    fn lose(c: &mut GatedCubic, now: &mut Instant, packets: u64) {
+        *now += Duration::from_millis(1);
+        let sent = *now - Duration::from_millis(100);
+        c.on_congestion_event(*now, sent, false, packets * u64::from(MTU));
+    }
+
+    #[test]
+    fn a_loss_with_the_path_empty_leaves_the_window_alone() {
+        let (mut c, mut now) = controller();
+        for _ in 0..20 {
+            acked(&mut c, &mut now, Duration::from_millis(80), 10);
+        }
+        let window = c.window();
+        lose(&mut c, &mut now, 1);
+        assert_eq!(c.window(), window);
+        assert_eq!(c.verdicts(), (1, 0));
+    }
+
+    #[test]
+    fn a_loss_behind_a_queue_cuts_the_window_as_cubic_does() {
+        let (mut c, mut now) = controller();
+        for _ in 0..20 {
+            acked(&mut c, &mut now, Duration::from_millis(80), 10);
+        }
+        // The queue fills: every sample of the current filter 30 ms over the base.
+        for _ in 0..4 {
+            acked(&mut c, &mut now, Duration::from_millis(110), 10);
+        }
+        let window = c.window();
+        lose(&mut c, &mut now, 1);
+        assert!(c.window() < window, "{} !< {window}", c.window());
+        assert_eq!(c.verdicts(), (0, 1));
+    }
+
+    #[test]
+    fn a_queue_under_the_sign_is_no_queue_and_a_long_path_needs_an_eighth() {
+        let (mut c, mut now) = controller();
+        for _ in 0..4 {
+            acked(&mut c, &mut now, Duration::from_millis(80), 10);
+        }
+        for _ in 0..4 {
+            acked(&mut c, &mut now, Duration::from_millis(89), 10);
+        }
+        assert!(!c.is_congestion());
+        // 300 ms of base delay: 30 ms of queue is under its eighth (37.5 ms), 40 ms is not.
+        let (mut c, mut now) = controller();
+        for _ in 0..4 {
+            acked(&mut c, &mut now, Duration::from_millis(300), 10);
+        }
+        for _ in 0..4 {
+            acked(&mut c, &mut now, Duration::from_millis(330), 10);
+        }
+        assert!(!c.is_congestion());
+        for _ in 0..4 {
+            acked(&mut c, &mut now, Duration::from_millis(340), 10);
+        }
+        assert!(c.is_congestion());
+    }
+
+    #[test]
+    fn ecn_persistent_congestion_and_a_loss_before_any_sample_are_passed_on() {
+        let (mut c, mut now) = controller();
+        let window = c.window();
+        lose(&mut c, &mut now, 1);
+        assert!(c.window() < window, "no sample yet: CUBIC's cut");
+
+        let (mut c, mut now) = controller();
+        for _ in 0..4 {
+            acked(&mut c, &mut now, Duration::from_millis(80), 10);
+        }
+        let window = c.window();
+        now += Duration::from_millis(1);
+        c.on_congestion_event(now, now - Duration::from_millis(50), false, 0);
+        let after_ecn = c.window();
+        assert!(after_ecn < window, "an ECN mark is congestion");
+
+        now += Duration::from_secs(1);
+        c.on_congestion_event(now, now - Duration::from_millis(10), true, 12_000);
+        assert!(
+            c.window() < after_ecn,
+            "persistent congestion collapses the window"
+        );
+        assert_eq!(c.verdicts(), (0, 2));
+    }
+
+    #[test]
+    fn past_the_loss_ceiling_every_loss_is_congestion() {
+        let (mut c, mut now) = controller();
+        // 100 packets carried, then 5 lost: 5% is random.
+        for _ in 0..10 {
+            acked(&mut c, &mut now, Duration::from_millis(80), 10);
+        }
+        for _ in 0..5 {
+            lose(&mut c, &mut now, 1);
+        }
+        assert_eq!(c.verdicts(), (5, 0));
+        let window = c.window();
+        // 20 more lost of the 125: past 15%, with the path still empty.
+        for _ in 0..20 {
+            lose(&mut c, &mut now, 1);
+        }
+        assert!(c.loss_share() > LOSS_CEILING, "{}", c.loss_share());
+        assert!(c.window() < window);
+        let (random, congestive) = c.verdicts();
+        assert!(random > 5 && congestive > 0, "{random} / {congestive}");
+        // Seconds of clean delivery bring the share back under the ceiling.
+        for _ in 0..400 {
+            acked(&mut c, &mut now, Duration::from_millis(80), 10);
+        }
+        assert!(c.loss_share() < LOSS_CEILING, "{}", c.loss_share());
+        assert!(!c.is_congestion());
+    }
+}
