@@ -9,8 +9,8 @@
 //! - `uring`: gridcast's io_uring backend, one worker.
 //! - `uring_per_chunk`: the same, with one QUIC stream per chunk per subscriber instead of one
 //!   per subscription (`ShardStreams`; the `stream_per_subscription_vs_per_chunk` ratio).
-//! - `uring_bbr`: the same with BBR in place of CUBIC (`EngineConfig::congestion`; the
-//!   `bbr_vs_cubic` ratio).
+//! - `uring_bbr`: the same with BBR in place of the gated CUBIC (`EngineConfig::congestion`,
+//!   the default since issue 16's lever 4; the `bbr_vs_cubic` ratio).
 //! - `uring_window_0_5ms`: the same with the worker's wait gathering completions for 0.5 ms
 //!   instead of the default 3 ms (`UringConfig::batch_window`; the `batch_window_3ms_vs_0_5ms`
 //!   ratio).
@@ -234,7 +234,7 @@ impl Setup {
         scraped: false,
         streams: ShardStreams::PerSubscription,
         workers: 1,
-        congestion: Congestion::Cubic,
+        congestion: Congestion::GatedCubic,
         batch_window: None,
         timer_slack: None,
     };

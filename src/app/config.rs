@@ -336,9 +336,10 @@ pub struct RelayArgs {
     /// Most bits per second sent to subscribers, like 500M [default: no limit].
     #[arg(long)]
     pub max_upload: Option<Rate>,
-    /// normal: uploads compete like any other (CUBIC); low: they yield to the host's other
-    /// traffic (LEDBAT, a scavenger congestion controller that backs off when the uplink's
-    /// queue grows), for a relay on a home connection [default: normal].
+    /// normal: uploads compete like any other (CUBIC, random loss not taken for congestion);
+    /// low: they yield to the host's other traffic (LEDBAT, a scavenger congestion controller
+    /// that backs off when the uplink's queue grows), for a relay on a home connection
+    /// [default: normal].
     #[arg(long)]
     pub upload_priority: Option<UploadPriority>,
     /// Most connections at once; more are refused [default: no limit].
@@ -498,7 +499,7 @@ pub struct PlayArgs {
     pub upload: Option<Rate>,
     /// low: relaying yields to this host's other traffic (a scavenger congestion controller,
     /// LEDBAT, that backs off when the uplink's queue grows); normal: it competes like any
-    /// other upload (CUBIC) [default: low].
+    /// other upload (CUBIC, random loss not taken for congestion) [default: low].
     #[arg(long)]
     pub upload_priority: Option<UploadPriority>,
     /// No live status line (it is shown only when stderr is a terminal anyway).

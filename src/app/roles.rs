@@ -270,7 +270,8 @@ pub enum UploadPriority {
     /// default.
     #[default]
     Low,
-    /// Like any other upload: loss-based (CUBIC), taking its share of a full link. A relay's
+    /// Like any other upload: loss-based (CUBIC, which a loss cuts only when the path shows a
+    /// queue: [`crate::node::gated_cubic`]), taking its share of a full link. A relay's
     /// default.
     Normal,
 }
@@ -280,7 +281,7 @@ impl UploadPriority {
     pub fn congestion(self) -> Congestion {
         match self {
             Self::Low => Congestion::Ledbat,
-            Self::Normal => Congestion::Cubic,
+            Self::Normal => Congestion::GatedCubic,
         }
     }
 }

@@ -1,6 +1,5 @@
-//! What a connection's acknowledgements say about the queues on its path, for the
-//! controllers that watch delay as well as loss ([`crate::node::ledbat`] and
-//! [`crate::node::gated_cubic`]).
+//! What a connection's acknowledgements say about the queues on its path, sample by sample,
+//! for LEDBAT ([`crate::node::ledbat`]), which keeps the queue it adds near a target.
 //!
 //! QUIC acknowledges with no sender timestamps, so delay is measured as round-trip time. A
 //! sample is the age of the newest packet an acknowledgement batch covers (its other packets
@@ -58,11 +57,6 @@ impl DelayEstimate {
             .filter(|&&(at, _)| newest.saturating_duration_since(at) <= CURRENT_SPAN)
             .map(|&(_, d)| d)
             .min()
-    }
-
-    /// When the newest sample was taken.
-    pub fn newest(&self) -> Option<Instant> {
-        self.current.back().map(|&(at, _)| at)
     }
 
     /// The delay queues add now: the current delay over the base (zero before any sample).

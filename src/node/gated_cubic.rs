@@ -1,30 +1,36 @@
 //! CUBIC that does not take random loss for congestion: a loss cuts the window only when the
-//! path shows a queue.
+//! path has lately shown a queue.
 //!
 //! A loss-based controller reads every lost packet as a full queue. On a path that loses
 //! packets at random (a radio link, a lossy peering) that caps it at about
 //! MSS / RTT · 1.22 / √p whatever the path could carry: at 5% loss and 80 ms, some
-//! 0.7 Mbit/s, below what a supernode sends a viewer of a 1 Mbit/s stream, so the viewer
+//! 0.7 Mbit/s, below what a supernode sends a viewer of a 1 Mbit/s stream, and the viewer
 //! falls seconds behind (the grid bench's `--streams`). BBR ignores random loss but took
 //! others' share behind a shared uplink (docs/performance.md).
 //!
-//! This keeps CUBIC (quinn-proto's, unchanged) and looks at the round trips before passing
-//! it a loss, as TCP Veno does: a queue that overflows has first filled, and a full queue
-//! shows as delay over the path's emptiest ([`crate::node::delay`]). A loss noticed while
-//! the queuing delay is under [`QUEUE_SIGN`] (or an eighth of the base delay on a long
-//! path, whose round trips jitter more) is taken as random and left out; CUBIC still sees
-//! every acknowledgement, so its growth and its slow start run as they would. Passed on
-//! unchanged, as CUBIC would take them: ECN marks (a queue said so), persistent congestion
-//! (every packet of a span lost), any loss before the first delay sample, and every loss
-//! while the path has lost more than [`LOSS_CEILING`] of what it carried in the last few
-//! seconds, which no queue explains (a policer, a link failing): there the window shrinks
-//! as CUBIC's would.
+//! This keeps quinn-proto's CUBIC, unchanged, and looks at the round trips before passing it
+//! a loss, as TCP Veno does: a queue that overflows has first filled, and a filling queue
+//! shows as a smoothed round trip above the path's least. The smoothed round trip is
+//! quinn-proto's, with the receiver's reported ACK delay taken out (a child acknowledges
+//! every tenth packet or after its ACK delay, so raw samples of a thin flow all carry that
+//! delay and look like a queue). A queue is seen when the smoothed round trip is
+//! [`QUEUE_SIGN`] (or an eighth of the least, on a long path whose round trips jitter more)
+//! over the least, and is remembered for two least round trips after it was last seen, since
+//! the loss a queue caused is noticed a round trip later, when the queue may have drained.
+//! A loss noticed with no queue seen is taken as random and left out; CUBIC still sees every
+//! acknowledgement, so its growth and its slow start run as they would.
 //!
-//! What it gives up: a bottleneck whose whole queue is shorter than [`QUEUE_SIGN`] (a
-//! gigabit switch's) overflows without showing delay; a flow through it backs off only past
-//! the loss ceiling. A live stream's flows are paced at the stream's rate, so what this
-//! lets through beyond CUBIC is the stream itself and its retransmissions, not an unbounded
-//! window.
+//! Passed on unchanged, as CUBIC would take them: ECN marks (a queue said so), persistent
+//! congestion (every packet of a span lost), any loss before the first round trip is known,
+//! and every loss while the path has lost more than [`LOSS_CEILING`] of the bytes it carried
+//! lately, which no random loss a link keeps working with explains (a policer, a link
+//! failing): there the window shrinks as CUBIC's would.
+//!
+//! What it gives up: a bottleneck whose whole queue drains faster than [`QUEUE_SIGN`] (a
+//! gigabit switch's shallow buffer) overflows without showing delay, and a flow through it
+//! backs off only past the loss ceiling. A live stream's flows are held to the stream's rate
+//! by the stream itself, so what this lets through beyond CUBIC is the stream and its
+//! retransmissions, not a window grown without bound.
 
 use std::any::Any;
 use std::sync::Arc;
@@ -33,16 +39,14 @@ use std::time::{Duration, Instant};
 use quinn_proto::RttEstimator;
 use quinn_proto::congestion::{Controller, ControllerFactory, ControllerMetrics, CubicConfig};
 
-use crate::node::delay::{AckBatch, DelayEstimate};
-
-/// The queuing delay that makes a loss congestion (at least; an eighth of the base delay on
-/// a path longer than 80 ms).
+/// The smoothed round trip over the least that shows a queue (at least; an eighth of the
+/// least on a path longer than 80 ms).
 pub const QUEUE_SIGN: Duration = Duration::from_millis(10);
 
 /// The share of bytes lost beyond which every loss is congestion, queue or not.
 pub const LOSS_CEILING: f64 = 0.15;
 
-/// The loss share is of what was acknowledged and lost in about this long (halved each
+/// The loss share is of what was acknowledged and lost in about this long (both halved each
 /// period).
 const LOSS_PERIOD: Duration = Duration::from_secs(2);
 
@@ -64,13 +68,15 @@ impl ControllerFactory for GatedCubicConfig {
 /// One connection's controller; see the module doc.
 pub struct GatedCubic {
     cubic: Box<dyn Controller>,
-    delay: DelayEstimate,
-    batch: AckBatch,
+    /// quinn-proto's smoothed round trip and least, as of the last acknowledgement.
+    rtt: Option<(Duration, Duration)>,
+    /// When a queue was last seen (forgotten two least round trips later).
+    queue_seen: Option<Instant>,
     /// Bytes acknowledged and lost lately (halved every [`LOSS_PERIOD`]), and since when.
     acked: f64,
     lost: f64,
     period_start: Option<Instant>,
-    /// Losses taken as random and passed on as congestion, since the connection began.
+    /// Losses left out as random, and passed on as congestion, since the connection began.
     random: u64,
     congestive: u64,
 }
@@ -79,7 +85,7 @@ impl std::fmt::Debug for GatedCubic {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GatedCubic")
             .field("window", &self.cubic.window())
-            .field("queuing", &self.delay.queuing())
+            .field("rtt", &self.rtt)
             .field("random", &self.random)
             .field("congestive", &self.congestive)
             .finish_non_exhaustive()
@@ -90,8 +96,8 @@ impl Clone for GatedCubic {
     fn clone(&self) -> Self {
         Self {
             cubic: self.cubic.clone_box(),
-            delay: self.delay.clone(),
-            batch: self.batch.clone(),
+            rtt: self.rtt,
+            queue_seen: self.queue_seen,
             acked: self.acked,
             lost: self.lost,
             period_start: self.period_start,
@@ -106,8 +112,8 @@ impl GatedCubic {
     pub fn new(cubic: Box<dyn Controller>) -> Self {
         Self {
             cubic,
-            delay: DelayEstimate::default(),
-            batch: AckBatch::default(),
+            rtt: None,
+            queue_seen: None,
             acked: 0.0,
             lost: 0.0,
             period_start: None,
@@ -127,18 +133,26 @@ impl GatedCubic {
         if total <= 0.0 { 0.0 } else { self.lost / total }
     }
 
-    /// Whether a loss noticed now comes with a queue (or cannot be told apart from one).
-    pub fn is_congestion(&self) -> bool {
-        let Some(base) = self.delay.base() else {
+    /// Whether a loss noticed at `now` is congestion: a queue seen lately, the loss ceiling
+    /// passed, or nothing known of the path yet.
+    pub fn is_congestion(&self, now: Instant) -> bool {
+        let Some((_, least)) = self.rtt else {
             return true;
         };
-        self.delay.queuing() >= QUEUE_SIGN.max(base / 8) || self.loss_share() > LOSS_CEILING
+        self.queue_seen
+            .is_some_and(|seen| now.saturating_duration_since(seen) <= 2 * least)
+            || self.loss_share() > LOSS_CEILING
     }
 
-    /// A packet of `bytes` sent at `sent` acknowledged at `now` (its delay sample taken at the
-    /// batch's end).
-    fn note_ack(&mut self, now: Instant, sent: Instant, bytes: u64) {
-        self.batch.acked(now, sent, bytes);
+    /// An acknowledgement of `bytes` at `now`, when the path's smoothed round trip was
+    /// `smoothed` and its least `least`.
+    fn note_ack(&mut self, now: Instant, bytes: u64, smoothed: Duration, least: Duration) {
+        self.age(now);
+        self.acked += bytes as f64;
+        self.rtt = Some((smoothed, least));
+        if smoothed.saturating_sub(least) >= QUEUE_SIGN.max(least / 8) {
+            self.queue_seen = Some(now);
+        }
     }
 
     fn age(&mut self, now: Instant) {
@@ -164,7 +178,7 @@ impl Controller for GatedCubic {
         app_limited: bool,
         rtt: &RttEstimator,
     ) {
-        self.note_ack(now, sent, bytes);
+        self.note_ack(now, bytes, rtt.get(), rtt.min());
         self.cubic.on_ack(now, sent, bytes, app_limited, rtt);
     }
 
@@ -175,12 +189,6 @@ impl Controller for GatedCubic {
         app_limited: bool,
         largest_packet_num_acked: Option<u64>,
     ) {
-        let (bytes, sample) = self.batch.take();
-        if let Some(sample) = sample {
-            self.delay.record(now, sample);
-        }
-        self.age(now);
-        self.acked += bytes as f64;
         self.cubic
             .on_end_acks(now, in_flight, app_limited, largest_packet_num_acked);
     }
@@ -195,8 +203,8 @@ impl Controller for GatedCubic {
         self.age(now);
         self.lost += lost_bytes as f64;
         // An ECN mark (no bytes lost) and persistent congestion are congestion whatever the
-        // delay says.
-        if lost_bytes == 0 || is_persistent_congestion || self.is_congestion() {
+        // round trips say.
+        if lost_bytes == 0 || is_persistent_congestion || self.is_congestion(now) {
             self.congestive += 1;
             self.cubic
                 .on_congestion_event(now, sent, is_persistent_congestion, lost_bytes);
@@ -243,12 +251,17 @@ mod tests {
         (GatedCubic::new(cubic), now)
     }
 
-    /// A batch of `packets` full packets acknowledged `rtt` after they were sent.
-    fn acked(c: &mut GatedCubic, now: &mut Instant, rtt: Duration, packets: u64) {
+    /// 20 ms on, `packets` full packets acknowledged with the smoothed round trip at
+    /// `smoothed` and the least at `least`.
+    fn acked(c: &mut GatedCubic, now: &mut Instant, smoothed: u64, least: u64, packets: u64) {
         *now += Duration::from_millis(20);
-        let sent = *now - rtt;
         for _ in 0..packets {
-            c.note_ack(*now, sent, u64::from(MTU));
+            c.note_ack(
+                *now,
+                u64::from(MTU),
+                Duration::from_millis(smoothed),
+                Duration::from_millis(least),
+            );
         }
         c.on_end_acks(*now, 0, true, None);
     }
@@ -260,10 +273,10 @@ mod tests {
     }
 
     #[test]
-    fn a_loss_with_the_path_empty_leaves_the_window_alone() {
+    fn a_loss_with_no_queue_leaves_the_window_alone() {
         let (mut c, mut now) = controller();
         for _ in 0..20 {
-            acked(&mut c, &mut now, Duration::from_millis(80), 10);
+            acked(&mut c, &mut now, 85, 80, 10);
         }
         let window = c.window();
         lose(&mut c, &mut now, 1);
@@ -275,12 +288,9 @@ mod tests {
     fn a_loss_behind_a_queue_cuts_the_window_as_cubic_does() {
         let (mut c, mut now) = controller();
         for _ in 0..20 {
-            acked(&mut c, &mut now, Duration::from_millis(80), 10);
+            acked(&mut c, &mut now, 80, 80, 10);
         }
-        // The queue fills: every sample of the current filter 30 ms over the base.
-        for _ in 0..4 {
-            acked(&mut c, &mut now, Duration::from_millis(110), 10);
-        }
+        acked(&mut c, &mut now, 95, 80, 10);
         let window = c.window();
         lose(&mut c, &mut now, 1);
         assert!(c.window() < window, "{} !< {window}", c.window());
@@ -288,40 +298,38 @@ mod tests {
     }
 
     #[test]
-    fn a_queue_under_the_sign_is_no_queue_and_a_long_path_needs_an_eighth() {
+    fn a_queue_is_remembered_for_two_least_round_trips() {
         let (mut c, mut now) = controller();
-        for _ in 0..4 {
-            acked(&mut c, &mut now, Duration::from_millis(80), 10);
+        acked(&mut c, &mut now, 100, 80, 10);
+        // Drained at once, but the loss it caused comes a round trip later.
+        acked(&mut c, &mut now, 82, 80, 10);
+        assert!(c.is_congestion(now));
+        for _ in 0..8 {
+            acked(&mut c, &mut now, 82, 80, 10);
         }
-        for _ in 0..4 {
-            acked(&mut c, &mut now, Duration::from_millis(89), 10);
-        }
-        assert!(!c.is_congestion());
-        // 300 ms of base delay: 30 ms of queue is under its eighth (37.5 ms), 40 ms is not.
-        let (mut c, mut now) = controller();
-        for _ in 0..4 {
-            acked(&mut c, &mut now, Duration::from_millis(300), 10);
-        }
-        for _ in 0..4 {
-            acked(&mut c, &mut now, Duration::from_millis(330), 10);
-        }
-        assert!(!c.is_congestion());
-        for _ in 0..4 {
-            acked(&mut c, &mut now, Duration::from_millis(340), 10);
-        }
-        assert!(c.is_congestion());
+        assert!(!c.is_congestion(now), "180 ms after the queue was seen");
     }
 
     #[test]
-    fn ecn_persistent_congestion_and_a_loss_before_any_sample_are_passed_on() {
+    fn a_long_path_needs_an_eighth_of_its_round_trip_to_show_a_queue() {
+        // 300 ms least: 30 ms over it is under its eighth (37.5 ms), 40 ms is not.
+        let (mut c, mut now) = controller();
+        acked(&mut c, &mut now, 330, 300, 10);
+        assert!(!c.is_congestion(now));
+        acked(&mut c, &mut now, 340, 300, 10);
+        assert!(c.is_congestion(now));
+    }
+
+    #[test]
+    fn ecn_persistent_congestion_and_a_loss_before_any_round_trip_are_passed_on() {
         let (mut c, mut now) = controller();
         let window = c.window();
         lose(&mut c, &mut now, 1);
-        assert!(c.window() < window, "no sample yet: CUBIC's cut");
+        assert!(c.window() < window, "no round trip yet: CUBIC's cut");
 
         let (mut c, mut now) = controller();
         for _ in 0..4 {
-            acked(&mut c, &mut now, Duration::from_millis(80), 10);
+            acked(&mut c, &mut now, 80, 80, 10);
         }
         let window = c.window();
         now += Duration::from_millis(1);
@@ -343,14 +351,14 @@ mod tests {
         let (mut c, mut now) = controller();
         // 100 packets carried, then 5 lost: 5% is random.
         for _ in 0..10 {
-            acked(&mut c, &mut now, Duration::from_millis(80), 10);
+            acked(&mut c, &mut now, 80, 80, 10);
         }
         for _ in 0..5 {
             lose(&mut c, &mut now, 1);
         }
         assert_eq!(c.verdicts(), (5, 0));
         let window = c.window();
-        // 20 more lost of the 125: past 15%, with the path still empty.
+        // 20 more lost of the 125: past 15%, with no queue.
         for _ in 0..20 {
             lose(&mut c, &mut now, 1);
         }
@@ -360,9 +368,9 @@ mod tests {
         assert!(random > 5 && congestive > 0, "{random} / {congestive}");
         // Seconds of clean delivery bring the share back under the ceiling.
         for _ in 0..400 {
-            acked(&mut c, &mut now, Duration::from_millis(80), 10);
+            acked(&mut c, &mut now, 80, 80, 10);
         }
         assert!(c.loss_share() < LOSS_CEILING, "{}", c.loss_share());
-        assert!(!c.is_congestion());
+        assert!(!c.is_congestion(now));
     }
 }

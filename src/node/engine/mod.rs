@@ -274,7 +274,7 @@ impl Default for EngineConfig {
             mtu_discovery: true,
             ack_eliciting_threshold: 9,
             shard_streams: ShardStreams::PerSubscription,
-            congestion: Congestion::Cubic,
+            congestion: Congestion::GatedCubic,
             ledbat: crate::node::ledbat::LedbatConfig::default(),
         }
     }
