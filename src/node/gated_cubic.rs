@@ -47,7 +47,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use quinn_proto::RttEstimator;
-use quinn_proto::congestion::{Controller, ControllerFactory, ControllerMetrics, CubicConfig};
+use quinn_proto::congestion::{
+    Controller, ControllerFactory, ControllerMetrics, Cubic, CubicConfig,
+};
 
 /// The smoothed round trip over the least that shows a queue (at least; an eighth of the
 /// least on a path longer than 80 ms).
@@ -69,17 +71,24 @@ pub struct GatedCubicConfig {
 
 impl ControllerFactory for GatedCubicConfig {
     fn build(self: Arc<Self>, now: Instant, current_mtu: u16) -> Box<dyn Controller> {
-        Box::new(GatedCubic::new(
-            Arc::clone(&self.cubic).build(now, current_mtu),
-        ))
+        Box::new(GatedCubic::new(Cubic::new(
+            Arc::clone(&self.cubic),
+            now,
+            current_mtu,
+        )))
     }
 }
 
 /// One connection's controller; see the module doc.
+#[derive(Clone)]
 pub struct GatedCubic {
-    cubic: Box<dyn Controller>,
+    /// quinn-proto's CUBIC, held by value so that its calls (the window is asked for with
+    /// every packet) are direct.
+    cubic: Cubic,
     /// quinn-proto's smoothed round trip and least, as of the last acknowledgement.
     rtt: Option<(Duration, Duration)>,
+    /// Bytes acknowledged in the batch under way.
+    batch_bytes: u64,
     /// When a queue was last seen (forgotten two least round trips later).
     queue_seen: Option<Instant>,
     /// Bytes acknowledged and lost lately (halved every [`LOSS_PERIOD`]), and since when.
@@ -102,27 +111,13 @@ impl std::fmt::Debug for GatedCubic {
     }
 }
 
-impl Clone for GatedCubic {
-    fn clone(&self) -> Self {
-        Self {
-            cubic: self.cubic.clone_box(),
-            rtt: self.rtt,
-            queue_seen: self.queue_seen,
-            acked: self.acked,
-            lost: self.lost,
-            period_start: self.period_start,
-            random: self.random,
-            congestive: self.congestive,
-        }
-    }
-}
-
 impl GatedCubic {
-    /// Gates `cubic` (any controller: it receives every call but the losses left out).
-    pub fn new(cubic: Box<dyn Controller>) -> Self {
+    /// Gates `cubic`: it receives every call but the losses left out.
+    pub fn new(cubic: Cubic) -> Self {
         Self {
             cubic,
             rtt: None,
+            batch_bytes: 0,
             queue_seen: None,
             acked: 0.0,
             lost: 0.0,
@@ -154,13 +149,21 @@ impl GatedCubic {
             || self.loss_share() > LOSS_CEILING
     }
 
-    /// An acknowledgement of `bytes` at `now`, when the path's smoothed round trip was
-    /// `smoothed` and its least `least`.
-    fn note_ack(&mut self, now: Instant, bytes: u64, smoothed: Duration, least: Duration) {
-        self.age(now);
-        self.acked += bytes as f64;
+    /// An acknowledgement of `bytes`, when the path's smoothed round trip was `smoothed` and
+    /// its least `least` (what the batch's end looks at).
+    fn note_ack(&mut self, bytes: u64, smoothed: Duration, least: Duration) {
+        self.batch_bytes += bytes;
         self.rtt = Some((smoothed, least));
-        if smoothed.saturating_sub(least) >= QUEUE_SIGN.max(least / 8) {
+    }
+
+    /// The end of an acknowledgement batch at `now`: its bytes counted, and a queue noted if
+    /// the round trips show one.
+    fn end_batch(&mut self, now: Instant) {
+        self.age(now);
+        self.acked += std::mem::take(&mut self.batch_bytes) as f64;
+        if let Some((smoothed, least)) = self.rtt
+            && smoothed.saturating_sub(least) >= QUEUE_SIGN.max(least / 8)
+        {
             self.queue_seen = Some(now);
         }
     }
@@ -188,7 +191,7 @@ impl Controller for GatedCubic {
         app_limited: bool,
         rtt: &RttEstimator,
     ) {
-        self.note_ack(now, bytes, rtt.get(), rtt.min());
+        self.note_ack(bytes, rtt.get(), rtt.min());
         self.cubic.on_ack(now, sent, bytes, app_limited, rtt);
     }
 
@@ -199,6 +202,7 @@ impl Controller for GatedCubic {
         app_limited: bool,
         largest_packet_num_acked: Option<u64>,
     ) {
+        self.end_batch(now);
         self.cubic
             .on_end_acks(now, in_flight, app_limited, largest_packet_num_acked);
     }
@@ -257,7 +261,7 @@ mod tests {
 
     fn controller() -> (GatedCubic, Instant) {
         let now = Instant::now();
-        let cubic = Arc::new(CubicConfig::default()).build(now, MTU);
+        let cubic = Cubic::new(Arc::new(CubicConfig::default()), now, MTU);
         (GatedCubic::new(cubic), now)
     }
 
@@ -267,7 +271,6 @@ mod tests {
         *now += Duration::from_millis(20);
         for _ in 0..packets {
             c.note_ack(
-                *now,
                 u64::from(MTU),
                 Duration::from_millis(smoothed),
                 Duration::from_millis(least),
