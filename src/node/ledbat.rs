@@ -14,9 +14,11 @@
 //! parents, as they do for any parent that lags.
 //!
 //! Delay is measured as round-trip time: QUIC acknowledges with no sender timestamps, so the
-//! one-way delay RFC 6817 measures is not available (LEDBAT++ makes the same choice). The
-//! current and base delays are [`crate::node::delay`]'s: the least of the newest samples
-//! (the receiver's occasional ACK delay dropped), and the least of the last ten minutes.
+//! one-way delay RFC 6817 measures is not available (LEDBAT++ makes the same choice). A
+//! sample is the age of the newest packet an acknowledgement covers; the current delay is the
+//! least of the last [`CURRENT_FILTER`] samples within 100 ms of the newest, which drops the
+//! receiver's occasional ACK delay; the base delay is the least sample of the last
+//! [`BASE_BUCKETS`] minutes, so a route that changes is learnt within ten minutes.
 //!
 //! A connection opened while the queue is already full never sees the path empty, so its base
 //! delay includes the queue and it takes the queue for the path (RFC 6817's latecomer
@@ -36,16 +38,28 @@
 //! carry it, the children move to other parents.
 
 use std::any::Any;
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use quinn_proto::RttEstimator;
 use quinn_proto::congestion::{Controller, ControllerFactory, ControllerMetrics};
 
-use crate::node::delay::{AckBatch, DelayEstimate};
-
 /// The queuing delay the controller aims for (LEDBAT++'s 60 ms; RFC 6817 allows up to 100).
 pub const TARGET: Duration = Duration::from_millis(60);
+
+/// Delay samples the current delay is the least of, at most.
+pub const CURRENT_FILTER: usize = 4;
+
+/// ... and only those this close to the newest: a connection that is sent little (a player's
+/// connection to its parent carries keep-alives a second apart) has the newest alone.
+const CURRENT_SPAN: Duration = Duration::from_millis(100);
+
+/// Minutes of history the base delay is the least of.
+pub const BASE_BUCKETS: usize = 10;
+
+/// Length of one bucket of base-delay history.
+const BASE_BUCKET: Duration = Duration::from_secs(60);
 
 /// The window never falls below this many packets.
 const MIN_WINDOW_PACKETS: u64 = 2;
@@ -163,10 +177,13 @@ pub struct Ledbat {
     /// The start of the last loss response: losses of packets sent before it are the same
     /// congestion episode.
     recovery_start: Option<Instant>,
-    /// The path's delay, sample by sample.
-    delay: DelayEstimate,
+    /// The newest delay samples, with when they were taken.
+    current: VecDeque<(Instant, Duration)>,
+    /// (bucket start, least sample in it), oldest first.
+    base: VecDeque<(Instant, Duration)>,
     /// What the acknowledgements of the batch under way have covered.
-    batch: AckBatch,
+    batch_bytes: u64,
+    batch_sample: Option<Duration>,
     /// This connection's entry among its node's, and the node's.
     published: Arc<Published>,
     host: Host,
@@ -186,8 +203,10 @@ impl Ledbat {
             window: config.initial_window.max(MIN_WINDOW_PACKETS * mtu) as f64,
             ssthresh: f64::INFINITY,
             recovery_start: None,
-            delay: DelayEstimate::default(),
-            batch: AckBatch::default(),
+            current: VecDeque::with_capacity(CURRENT_FILTER),
+            base: VecDeque::with_capacity(BASE_BUCKETS),
+            batch_bytes: 0,
+            batch_sample: None,
             published: config.host.join(),
             host: config.host.clone(),
             others: None,
@@ -206,17 +225,25 @@ impl Ledbat {
 
     /// The least delay of the history: the path with its queues empty.
     pub fn base_delay(&self) -> Option<Duration> {
-        self.delay.base()
+        self.base.iter().map(|&(_, d)| d).min()
     }
 
     /// The path's delay now, noise filtered: the least of the newest samples.
     pub fn current_delay(&self) -> Option<Duration> {
-        self.delay.current()
+        let &(newest, _) = self.current.back()?;
+        self.current
+            .iter()
+            .filter(|&&(at, _)| newest.saturating_duration_since(at) <= CURRENT_SPAN)
+            .map(|&(_, d)| d)
+            .min()
     }
 
     /// The delay queues add now, as this connection sees it: its current delay over its base.
     pub fn own_queuing_delay(&self) -> Duration {
-        self.delay.queuing()
+        match (self.current_delay(), self.base_delay()) {
+            (Some(c), Some(b)) => c.saturating_sub(b),
+            _ => Duration::ZERO,
+        }
     }
 
     /// The queuing delay acted on: the larger of this connection's own and the largest its
@@ -243,7 +270,7 @@ impl Ledbat {
     /// One delay sample: `at` is when the acknowledgement carrying it arrived. Publishes the
     /// new estimate to the node's other connections and looks at theirs.
     pub fn on_delay_sample(&mut self, at: Instant, sample: Duration) {
-        self.delay.record(at, sample);
+        self.record_sample(at, sample);
         *self
             .published
             .estimate
@@ -255,6 +282,24 @@ impl Ledbat {
         {
             self.looked = Some(at);
             self.others = self.host.others(&self.published, at);
+        }
+    }
+
+    fn record_sample(&mut self, at: Instant, sample: Duration) {
+        if self.current.len() == CURRENT_FILTER {
+            self.current.pop_front();
+        }
+        self.current.push_back((at, sample));
+        match self.base.back_mut() {
+            Some((start, least)) if at.saturating_duration_since(*start) < BASE_BUCKET => {
+                *least = (*least).min(sample);
+            }
+            _ => {
+                if self.base.len() == BASE_BUCKETS {
+                    self.base.pop_front();
+                }
+                self.base.push_back((at, sample));
+            }
         }
     }
 
@@ -321,7 +366,9 @@ impl Controller for Ledbat {
         _app_limited: bool,
         _rtt: &RttEstimator,
     ) {
-        self.batch.acked(now, sent, bytes);
+        self.batch_bytes += bytes;
+        let age = now.saturating_duration_since(sent);
+        self.batch_sample = Some(self.batch_sample.map_or(age, |s| s.min(age)));
     }
 
     fn on_end_acks(
@@ -331,10 +378,10 @@ impl Controller for Ledbat {
         app_limited: bool,
         _largest_packet_num_acked: Option<u64>,
     ) {
-        let (bytes, sample) = self.batch.take();
-        if let Some(sample) = sample {
+        if let Some(sample) = self.batch_sample.take() {
             self.on_delay_sample(now, sample);
         }
+        let bytes = std::mem::take(&mut self.batch_bytes);
         self.on_acked(bytes, app_limited);
     }
 
@@ -381,7 +428,6 @@ impl Controller for Ledbat {
 mod tests {
     #![allow(clippy::disallowed_methods)] // one base instant; time moves by hand
     use super::*;
-    use crate::node::delay::{BASE_BUCKET, CURRENT_FILTER};
 
     const MTU: u16 = 1200;
     const MS: Duration = Duration::from_millis(1);

@@ -13,7 +13,6 @@
 
 pub mod channel;
 pub mod cid;
-pub mod delay;
 pub mod directory;
 pub mod engine;
 pub mod gated_cubic;
