@@ -16,6 +16,9 @@
 //!   ratio).
 //! - `uring_slack_0`: the same with every QUIC timer ending the worker's wait on time instead
 //!   of up to 1 ms late (`UringConfig::timer_slack`; the `timer_slack_1ms_vs_0` ratio).
+//! - `uring_submit_at_end`: the same with each loop turn's sends handed to the kernel only at
+//!   the end of the turn (or when every send slot is in flight) instead of every 64 KiB
+//!   (`UringConfig::submit_after`; the `submit_every_64k_vs_at_end` ratio).
 //! - `uring_2_workers`: the same on 2 workers (pinned to CPUs 0 and 1, the subscribers spread
 //!   over them by the steering program; the subscribers' thread runs on either CPU): worker 0
 //!   publishes and hands every shard to worker 1 (the `two_workers_vs_one` ratio: CPU of both
@@ -226,6 +229,9 @@ struct Setup {
     batch_window: Option<Duration>,
     /// The io_uring worker's timer slack (`UringConfig::timer_slack`); `None`: the default.
     timer_slack: Option<Duration>,
+    /// When the io_uring worker submits a turn's sends (`UringConfig::submit_after`); `None`:
+    /// the default.
+    submit_after: Option<usize>,
 }
 
 impl Setup {
@@ -237,6 +243,7 @@ impl Setup {
         congestion: Congestion::GatedCubic,
         batch_window: None,
         timer_slack: None,
+        submit_after: None,
     };
 }
 
@@ -249,6 +256,7 @@ fn gridcast(plan: Plan, setup: Setup) -> Measured {
         congestion,
         batch_window,
         timer_slack,
+        submit_after,
     } = setup;
     let key = NodeKey::from_seed(&[71; 32]);
     let channel_key = ChannelKey::from_seed(&[72; 32]);
@@ -270,12 +278,13 @@ fn gridcast(plan: Plan, setup: Setup) -> Measured {
         )
     };
     let addr = "127.0.0.1:0".parse().unwrap();
-    let node = if batch_window.is_some() || timer_slack.is_some() {
+    let node = if batch_window.is_some() || timer_slack.is_some() || submit_after.is_some() {
         let default = UringConfig::default();
         let config = UringConfig {
             workers,
             batch_window: batch_window.unwrap_or(default.batch_window),
             timer_slack: timer_slack.unwrap_or(default.timer_slack),
+            submit_after: submit_after.unwrap_or(default.submit_after),
             ..default
         };
         Node::start_uring(addr, &config, make, &events)
@@ -747,6 +756,13 @@ fn run(name: &str, plan: Plan) -> Measured {
                 ..Setup::URING
             },
         ),
+        "uring_submit_at_end" => gridcast(
+            plan,
+            Setup {
+                submit_after: Some(usize::MAX),
+                ..Setup::URING
+            },
+        ),
         "uring_2_workers" => gridcast(
             plan,
             Setup {
@@ -818,6 +834,7 @@ fn main() {
             "uring_bbr",
             "uring_window_0_5ms",
             "uring_slack_0",
+            "uring_submit_at_end",
             "uring_2_workers",
             "portable",
             "quinn_tokio",
@@ -904,6 +921,12 @@ fn main() {
             println!(
                 "fanout ratio subscribers={subscribers} timer_slack_1ms_vs_0={:.3}",
                 r(u, s)
+            );
+        }
+        if let (Some(u), Some(e)) = (get("uring"), get("uring_submit_at_end")) {
+            println!(
+                "fanout ratio subscribers={subscribers} submit_every_64k_vs_at_end={:.3}",
+                r(u, e)
             );
         }
         if let (Some(u), Some(m)) = (get("uring"), get("uring_metrics")) {

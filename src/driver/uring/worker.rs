@@ -40,6 +40,8 @@ pub(super) struct Worker {
     batch_window: Duration,
     /// [`UringConfig::timer_slack`].
     timer_slack: Duration,
+    /// [`UringConfig::submit_after`].
+    submit_after: usize,
     stats: DriverStats,
     beat: Beat,
 }
@@ -99,6 +101,7 @@ impl Worker {
             gso: true,
             batch_window: config.batch_window,
             timer_slack: config.timer_slack,
+            submit_after: config.submit_after,
             stats: DriverStats::default(),
             beat,
         };
@@ -384,6 +387,7 @@ impl Worker {
             self.stats.datagrams_out += 1;
             self.stats.bytes_out += bytes.len() as u64;
         }
+        let mut queued = 0;
         while let Some(i) = self.take_slot()? {
             let slot = &mut self.slots[i];
             let Some(t) = self.engine.poll_transmit(now, &mut slot.buf) else {
@@ -404,6 +408,16 @@ impl Worker {
             self.stats.sends += 1;
             self.stats.datagrams_out += segment.map_or(1, |s| t.size.div_ceil(s)) as u64;
             self.stats.bytes_out += t.size as u64;
+            queued += t.size;
+            if queued >= self.submit_after {
+                // Copied by the kernel while still in cache; their slots come back for the
+                // next packets (see `UringConfig::submit_after`).
+                queued = 0;
+                self.stats.enters += 1;
+                self.ring.submit_and_wait(None)?;
+                // Input taken here is the next turn's: it must not wait for it.
+                self.input_mid_turn |= self.reap()?;
+            }
         }
         Ok(())
     }
