@@ -50,7 +50,8 @@
 //! the measured window, divided by payload bytes the subscribers received in it (sent, for the
 //! floor). RSS is the whole process (node and subscribers). Every configuration runs
 //! `--rounds` times (3; 1 with `--quick`), the rounds interleaved so that a slow spell of the
-//! machine hits all of them, and the run with the median CPU per byte is reported: one
+//! machine hits all of them, each round starting one configuration further on (so that no
+//! configuration always runs first), and the run with the median CPU per byte is reported: one
 //! `fanout backend=… subscribers=… egress_gbps=… cpu_ns_per_byte=… rss_mb=…` line per
 //! configuration, then the ratios (each run is printed too, as `fanout run round=…`).
 //! `--quick`: M = 10 and 100, shorter windows. `--only <configuration>[,…]`: those alone (for
@@ -855,7 +856,11 @@ fn main() {
         };
         let mut runs: Vec<Vec<Measured>> = vec![Vec::new(); configurations.len()];
         for round in 0..rounds.max(1) {
-            for (name, runs) in configurations.iter().zip(&mut runs) {
+            // Each round starts one configuration further on, so that none always runs
+            // first (or right after the same one) and a position in the round cannot favour it.
+            let n = configurations.len();
+            for i in (0..n).map(|i| (i + round) % n) {
+                let (name, runs) = (&configurations[i], &mut runs[i]);
                 let m = run(name, plan);
                 if rounds > 1 {
                     print(&format!("fanout run round={round}"), name, plan, &m);
