@@ -109,9 +109,9 @@ pub struct UringConfig {
     /// send slots come back at once, so the next packets are written into a buffer that is
     /// still in cache too (the free list hands out the slot freed last). Submitting only at
     /// the end, a turn that fans a chunk out wrote megabytes into up to every slot: on an
-    /// Intel Xeon the io_uring worker then cost 1.3–1.8× the portable backend, which writes
-    /// and sends one buffer, at 10 and 100 subscribers (docs/performance.md). `usize::MAX`:
-    /// only at the end of the turn, or when every slot is in flight.
+    /// Intel Xeon the io_uring worker then cost about 1.3× the portable backend, which writes
+    /// and sends one buffer, at 100 subscribers and 1.5–1.8× at 10 (docs/performance.md).
+    /// `usize::MAX`: only at the end of the turn, or when every slot is in flight.
     pub submit_after: usize,
     /// Attach the connection-id steering program. Only tests turn it off, to show what it
     /// prevents.
