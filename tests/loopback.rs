@@ -1,6 +1,7 @@
 //! Real UDP on loopback: a source, two supernodes and three peers, each a real node on its own
-//! driver threads, in one process; once on each backend. The peers' output must be the
-//! source's bytes, consecutive and complete.
+//! driver threads, in one process; once on each backend, and once more on io_uring with every
+//! send handed to the kernel as soon as it is queued (`UringConfig::submit_after`). The peers'
+//! output must be the source's bytes, consecutive and complete.
 //!
 //! With io_uring the supernodes run two workers each: a peer may land on the worker that does
 //! not hold the upstream connection, so the stream also crosses workers. The test fails if a
@@ -47,8 +48,8 @@ impl Running {
             )
         };
         let addr = "127.0.0.1:0".parse().unwrap();
-        let node = match backend.submit_after {
-            Some(submit_after) => {
+        let node = match (backend.io, backend.submit_after) {
+            (IoBackend::Uring, Some(submit_after)) => {
                 let uring = UringConfig {
                     workers,
                     submit_after,
@@ -56,7 +57,7 @@ impl Running {
                 };
                 Node::start_uring(addr, &uring, make, &tx)
             }
-            None => Node::start(backend.io, addr, workers, make, &tx),
+            _ => Node::start(backend.io, addr, workers, make, &tx),
         }
         .unwrap();
         Self {
