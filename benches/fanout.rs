@@ -473,9 +473,12 @@ fn quinn_tokio(plan: Plan) -> Measured {
     let (chunks, _) = tokio::sync::broadcast::channel::<Bytes>(16);
     let (ready_tx, ready_rx) = mpsc::channel();
     let stop = Arc::new(AtomicBool::new(false));
+    let delivered = Arc::new(AtomicU64::new(0));
+    let subscribers = plan.subscribers;
     let server = {
         let chunks = chunks.clone();
         let stop = Arc::clone(&stop);
+        let delivered = Arc::clone(&delivered);
         thread::spawn(move || {
             pin(0);
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -512,10 +515,13 @@ fn quinn_tokio(plan: Plan) -> Measured {
                     }
                     closer.close(0u32.into(), b"done");
                 });
+                let served = Arc::new(std::sync::Mutex::new(Vec::new()));
                 while let Some(incoming) = endpoint.accept().await {
                     let mut rx = chunks.subscribe();
+                    let served = Arc::clone(&served);
                     tokio::spawn(async move {
                         let Ok(conn) = incoming.await else { return };
+                        served.lock().unwrap().push(conn.clone());
                         loop {
                             match rx.recv().await {
                                 Ok(chunk) => {
@@ -533,16 +539,27 @@ fn quinn_tokio(plan: Plan) -> Measured {
                         }
                     });
                 }
+                // The relay's side of its connections, as the gridcast node's `node_paths`
+                // line: its sends per MiB are what pacing made of each subscriber's share.
+                let total = delivered.load(Ordering::Relaxed).max(1) as f64 / f64::from(1 << 20);
+                let stats: Vec<_> = served.lock().unwrap().iter().map(|c| c.stats()).collect();
+                let n = stats.len().max(1) as f64;
+                let sum = |f: &dyn Fn(&quinn::ConnectionStats) -> f64| stats.iter().map(f).sum::<f64>();
+                println!(
+                    "fanout detail backend=quinn_tokio subscribers={subscribers} node_paths: rtt_ms={:.1} cwnd_kb={:.0} per_mib: datagrams_out={:.0} sends={:.1}",
+                    sum(&|s| s.path.rtt.as_secs_f64() * 1e3) / n,
+                    sum(&|s| s.path.cwnd as f64) / n / 1e3,
+                    sum(&|s| s.udp_tx.datagrams as f64) / total,
+                    sum(&|s| s.udp_tx.ios as f64) / total,
+                );
                 endpoint.close(0u32.into(), b"done");
             });
         })
     };
     let (addr, tid) = ready_rx.recv().unwrap();
 
-    let delivered = Arc::new(AtomicU64::new(0));
     let client = {
         let (delivered, stop) = (Arc::clone(&delivered), Arc::clone(&stop));
-        let subscribers = plan.subscribers;
         thread::spawn(move || {
             pin(1);
             let rt = tokio::runtime::Builder::new_current_thread()
