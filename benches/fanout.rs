@@ -23,6 +23,12 @@
 //!   over them by the steering program; the subscribers' thread runs on either CPU): worker 0
 //!   publishes and hands every shard to worker 1 (the `two_workers_vs_one` ratio: CPU of both
 //!   workers per byte, the cost of cross-worker fan-out).
+//! - `uring_2_workers_one_core`: the same 2 workers both pinned to CPU 0, the subscribers on
+//!   CPU 1 as with one worker (the `two_workers_one_core_vs_one` ratio). On this 2-core
+//!   machine `uring_2_workers` shares each worker's core with the subscribers, which one
+//!   worker never does, so its ratio mixes that sharing with the cost of handing shards
+//!   across; here the subscribers and the node keep the cores they have in `uring`, and what
+//!   is left is the second worker's own ring, timers and wake-ups and the shards handed to it.
 //! - `uring_metrics`: the same with its admin listener scraped every second, as Prometheus
 //!   would (the `metrics_on_vs_off` ratio; the workers' pulse is in both).
 //! - `portable`: gridcast's quinn-udp backend.
@@ -225,6 +231,8 @@ struct Setup {
     streams: ShardStreams,
     /// Worker threads (io_uring only); worker `w` is pinned to CPU `w`.
     workers: usize,
+    /// Every worker pinned to CPU 0 instead, the subscribers to CPU 1.
+    one_core: bool,
     congestion: Congestion,
     /// The io_uring worker's batch window (`UringConfig::batch_window`); `None`: the default.
     batch_window: Option<Duration>,
@@ -241,6 +249,7 @@ impl Setup {
         scraped: false,
         streams: ShardStreams::PerSubscription,
         workers: 1,
+        one_core: false,
         congestion: Congestion::GatedCubic,
         batch_window: None,
         timer_slack: None,
@@ -254,6 +263,7 @@ fn gridcast(plan: Plan, setup: Setup) -> Measured {
         scraped,
         streams,
         workers,
+        one_core,
         congestion,
         batch_window,
         timer_slack,
@@ -300,7 +310,7 @@ fn gridcast(plan: Plan, setup: Setup) -> Measured {
         node.command(
             w,
             Box::new(move |e, _| {
-                pin(w);
+                pin(if one_core { 0 } else { w });
                 tid_tx.send((w, this_thread_id())).unwrap();
                 let mode = if w == 0 {
                     ChannelMode::Source
@@ -330,7 +340,7 @@ fn gridcast(plan: Plan, setup: Setup) -> Measured {
         thread::spawn(move || {
             // With one worker the subscribers have CPU 1 to themselves; with two they share
             // both CPUs with the workers.
-            if workers > 1 {
+            if workers > 1 && !one_core {
                 pin_to(&[0, 1]);
             } else {
                 pin(1);
@@ -788,6 +798,14 @@ fn run(name: &str, plan: Plan) -> Measured {
                 ..Setup::URING
             },
         ),
+        "uring_2_workers_one_core" => gridcast(
+            plan,
+            Setup {
+                workers: 2,
+                one_core: true,
+                ..Setup::URING
+            },
+        ),
         "portable" => gridcast(
             plan,
             Setup {
@@ -854,6 +872,7 @@ fn main() {
             "uring_slack_0",
             "uring_submit_at_end",
             "uring_2_workers",
+            "uring_2_workers_one_core",
             "portable",
             "quinn_tokio",
             "raw_floor",
@@ -924,6 +943,12 @@ fn main() {
         if let (Some(u), Some(w)) = (get("uring"), get("uring_2_workers")) {
             println!(
                 "fanout ratio subscribers={subscribers} two_workers_vs_one={:.3} (target < 1.10: the cost of cross-worker fan-out per byte)",
+                r(w, u)
+            );
+        }
+        if let (Some(u), Some(w)) = (get("uring"), get("uring_2_workers_one_core")) {
+            println!(
+                "fanout ratio subscribers={subscribers} two_workers_one_core_vs_one={:.3} (target < 1.10: cross-worker fan-out with each side on the core it has with one worker)",
                 r(w, u)
             );
         }
