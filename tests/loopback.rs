@@ -275,6 +275,16 @@ fn run_grid(backend: Backend) {
             );
             assert_eq!(stats.send_errors, 0);
             assert_eq!(stats.misrouted, 0, "supernode {n} worker {w}");
+            if stats.gro_batches > 0 {
+                // The kernel dated what it received (SO_TIMESTAMPNS), and the engine was
+                // handed those times: only receives still queued at the stop go undated.
+                assert!(
+                    stats.rx_timestamped > 0 && stats.rx_timestamped <= stats.gro_batches,
+                    "supernode {n} worker {w}: {} of {} receives dated",
+                    stats.rx_timestamped,
+                    stats.gro_batches
+                );
+            }
             if w == 0 {
                 // The worker holding the upstream copied each received stream byte once: the
                 // shards (stored, or duplicates of regenerated ones) plus frame heads and one

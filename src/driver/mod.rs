@@ -9,6 +9,7 @@
 //!
 //! [`Node::start`] picks one by [`IoBackend`] and gives both the same handle.
 
+mod arrival;
 pub mod portable;
 pub mod pulse;
 #[cfg(target_os = "linux")]
@@ -21,6 +22,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::thread::{self, JoinHandle};
 use std::time::Instant;
+
+pub(crate) use arrival::{arrival, wall_clock};
 
 use crate::node::{Engine, EngineError, NodeEvent, WorkerTag};
 
@@ -70,6 +73,9 @@ pub struct DriverStats {
     pub cq_overflows: u64,
     /// io_uring: datagrams dropped because they did not fit a receive buffer.
     pub rx_truncated: u64,
+    /// Receives that carried the kernel's arrival time (`SO_TIMESTAMPNS`), by which the engine
+    /// dates them.
+    pub rx_timestamped: u64,
     /// io_uring: receive completions with an error.
     pub rx_errors: u64,
     /// io_uring: datagrams whose connection id belongs to another worker (steering failed).

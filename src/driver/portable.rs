@@ -58,6 +58,9 @@ pub struct PortableDriver {
     wake_rx: UdpSocket,
     waker: Waker,
     stats: DriverStats,
+    /// The latest time a datagram was handed to the engine with (see
+    /// [`crate::driver::arrival`]).
+    dated: Option<Instant>,
 }
 
 /// Ends a [`PortableDriver`]'s wait from another thread: one byte over a loopback socket pair
@@ -176,6 +179,7 @@ impl PortableDriver {
             wake_rx,
             waker,
             stats: DriverStats::default(),
+            dated: None,
         })
     }
 
@@ -253,8 +257,15 @@ impl PortableDriver {
             Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => return Ok(0),
             Err(e) => return Err(e),
         };
+        let real_now = super::wall_clock();
         for (m, buf) in meta.iter().zip(bufs).take(n) {
             let stride = m.stride.max(1);
+            // The kernel's receive time (quinn-udp asks for `SO_TIMESTAMPNS`), not the turn's.
+            let at = super::arrival(now, real_now, m.timestamp, self.dated.unwrap_or(now));
+            self.dated = Some(at);
+            if m.timestamp.is_some() {
+                self.stats.rx_timestamped += 1;
+            }
             self.stats.gro_batches += 1;
             self.stats.bytes_in += m.len as u64;
             for datagram in buf[..m.len].chunks(stride) {
@@ -264,7 +275,7 @@ impl PortableDriver {
                     .ecn
                     .and_then(|e| quinn_proto::EcnCodepoint::from_bits(e as u8));
                 self.engine.handle_datagram(
-                    now,
+                    at,
                     plain_addr(m.addr),
                     m.dst_ip.map(|ip| ip.to_canonical()),
                     ecn,
@@ -390,6 +401,8 @@ impl PortableDriver {
                 self.engine.handle_timeout(now);
             }
             self.send_all(now, &mut tx);
+            // What arrives from here on is dated no earlier than this turn.
+            self.dated = Some(now);
             while let Some(event) = self.engine.poll_event() {
                 let _ = events.send(event);
             }

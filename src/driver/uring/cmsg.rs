@@ -54,6 +54,9 @@ pub(crate) struct RecvInfo {
     pub(crate) ecn: u8,
     /// The local address the datagram was sent to.
     pub(crate) dst_ip: Option<IpAddr>,
+    /// When the kernel took the datagram in (`SO_TIMESTAMPNS`): wall-clock time since the Unix
+    /// epoch.
+    pub(crate) arrived: Option<std::time::Duration>,
 }
 
 /// Walks the control messages of a received datagram.
@@ -83,6 +86,23 @@ pub(crate) fn parse_recv(control: &[u8]) -> RecvInfo {
                     if size > 0 {
                         info.segment_size = Some(size as usize);
                     }
+                }
+            }
+            (libc::SOL_SOCKET, libc::SCM_TIMESTAMPNS) => {
+                // struct timespec { time_t tv_sec; long tv_nsec; } (64-bit)
+                let secs = data
+                    .get(..8)
+                    .and_then(|b| b.try_into().ok())
+                    .map(i64::from_ne_bytes);
+                let nanos = data
+                    .get(8..16)
+                    .and_then(|b| b.try_into().ok())
+                    .map(i64::from_ne_bytes);
+                if let (Some(secs), Some(nanos)) = (secs, nanos)
+                    && let (Ok(secs), Ok(nanos)) = (u64::try_from(secs), u32::try_from(nanos))
+                    && nanos < 1_000_000_000
+                {
+                    info.arrived = Some(std::time::Duration::new(secs, nanos));
                 }
             }
             (libc::IPPROTO_IP, libc::IP_TOS) => {
@@ -205,6 +225,39 @@ mod tests {
         assert_eq!(info.dst_ip, Some("10.0.0.7".parse().unwrap()));
         assert_eq!(out.len() % 8, 0);
         assert_eq!(out.len(), 24 + 24 + 32);
+    }
+
+    #[test]
+    fn a_receive_timestamp_parses_first_and_a_bad_one_is_left_out() {
+        let mut recv = Vec::new();
+        let mut ts = [0u8; 16];
+        ts[..8].copy_from_slice(&1_765_000_000i64.to_ne_bytes());
+        ts[8..].copy_from_slice(&250_000_000i64.to_ne_bytes());
+        push(&mut recv, libc::SOL_SOCKET, libc::SCM_TIMESTAMPNS, &ts);
+        push(
+            &mut recv,
+            libc::SOL_UDP,
+            libc::UDP_GRO,
+            &1452i32.to_ne_bytes(),
+        );
+        let info = parse_recv(&recv);
+        assert_eq!(
+            info.arrived,
+            Some(std::time::Duration::new(1_765_000_000, 250_000_000))
+        );
+        assert_eq!(info.segment_size, Some(1452));
+        // Nanoseconds out of range, or a negative time: no arrival, the rest still read.
+        for (secs, nanos) in [(5i64, 1_000_000_000i64), (-1, 0)] {
+            let mut bad = Vec::new();
+            let mut ts = [0u8; 16];
+            ts[..8].copy_from_slice(&secs.to_ne_bytes());
+            ts[8..].copy_from_slice(&nanos.to_ne_bytes());
+            push(&mut bad, libc::SOL_SOCKET, libc::SCM_TIMESTAMPNS, &ts);
+            push(&mut bad, libc::IPPROTO_IP, libc::IP_TOS, &[0b01]);
+            let info = parse_recv(&bad);
+            assert_eq!(info.arrived, None);
+            assert_eq!(info.ecn, 1);
+        }
     }
 
     #[test]

@@ -375,8 +375,9 @@ impl Drop for BufRing {
 
 /// Room for the name and control messages of one received datagram.
 pub(crate) const RECV_NAME_LEN: u32 = 32;
-/// Room for GRO, TOS/TCLASS and PKTINFO control messages.
-pub(crate) const RECV_CONTROL_LEN: usize = 128;
+/// Room for the receive timestamp, GRO, TOS/TCLASS and PKTINFO control messages (a dual-stack
+/// socket may be handed both the IPv4 and the IPv6 ones: 176 bytes in all).
+pub(crate) const RECV_CONTROL_LEN: usize = 192;
 
 /// The msghdr template of the multishot receive: only its name and control lengths matter.
 pub(crate) struct RecvHeader {

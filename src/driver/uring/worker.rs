@@ -44,6 +44,9 @@ pub(super) struct Worker {
     submit_after: usize,
     stats: DriverStats,
     beat: Beat,
+    /// The latest time a datagram was handed to the engine with: arrival times given to it
+    /// never go back (see [`crate::driver::arrival`]).
+    dated: Option<Instant>,
 }
 
 impl Worker {
@@ -104,6 +107,7 @@ impl Worker {
             submit_after: config.submit_after,
             stats: DriverStats::default(),
             beat,
+            dated: None,
         };
         worker.arm_recv()?;
         let wake_fd = sys::raw(&*worker.wake);
@@ -126,10 +130,17 @@ impl Worker {
             let _ = self.reap()?;
             #[allow(clippy::disallowed_methods)] // the driver owns the clock: once per turn
             let now = Instant::now();
+            let real_now = crate::driver::wall_clock();
             self.stats.cq_overflows = self.ring.overflows();
             self.beat.turn(now, &self.stats);
             for r in std::mem::take(&mut self.received) {
-                self.deliver(now, r);
+                let floor = self.dated.unwrap_or(now);
+                let at = crate::driver::arrival(now, real_now, r.info.arrived, floor);
+                if r.info.arrived.is_some() {
+                    self.stats.rx_timestamped += 1;
+                }
+                self.dated = Some(at);
+                self.deliver(at, r);
             }
             self.read_mail(now);
             if self.engine.poll_timeout().is_some_and(|t| t <= now) {
@@ -147,6 +158,9 @@ impl Worker {
                 }
             }
             self.transmit(now)?;
+            // What arrives from here on is dated no earlier than this turn, whose time the
+            // engine has now seen.
+            self.dated = Some(now);
             while let Some(event) = self.engine.poll_event() {
                 let _ = self.events.send(event);
             }
