@@ -14,12 +14,7 @@ use std::time::{Duration, Instant};
 /// `floor` is the turn before this one's `now` or the last arrival handed over, whichever is
 /// later, so a wall clock stepped back or forth cannot date a datagram before what the engine
 /// has already seen, nor after the turn.
-pub(crate) fn arrival(
-    now: Instant,
-    real_now: Duration,
-    stamp: Option<Duration>,
-    floor: Instant,
-) -> Instant {
+fn arrival(now: Instant, real_now: Duration, stamp: Option<Duration>, floor: Instant) -> Instant {
     let Some(stamp) = stamp else {
         return now;
     };
@@ -27,6 +22,33 @@ pub(crate) fn arrival(
     now.checked_sub(waited)
         .unwrap_or(floor)
         .clamp(floor.min(now), now)
+}
+
+/// A driver's dating of what it receives: the floor [`arrival`] keeps to, moved by each
+/// datagram dated and by each loop turn whose time the engine has seen.
+#[derive(Debug, Default)]
+pub(crate) struct Dating {
+    last: Option<Instant>,
+}
+
+impl Dating {
+    /// The time to hand the engine a datagram with, stamped `stamp` by the kernel and taken
+    /// in the turn of `now` (`real_now` the wall clock read with it).
+    pub(crate) fn date(
+        &mut self,
+        now: Instant,
+        real_now: Duration,
+        stamp: Option<Duration>,
+    ) -> Instant {
+        let at = arrival(now, real_now, stamp, self.last.unwrap_or(now));
+        self.last = Some(at);
+        at
+    }
+
+    /// The engine has seen the turn of `now`: nothing received later is dated before it.
+    pub(crate) fn turn_seen(&mut self, now: Instant) {
+        self.last = Some(now);
+    }
 }
 
 /// The wall clock, as the kernel stamps received datagrams (`CLOCK_REALTIME`).
@@ -65,5 +87,28 @@ mod tests {
         // A floor past the turn (never set so by the worker) still yields the turn's time.
         let late_floor = now + Duration::from_millis(1);
         assert_eq!(arrival(now, real_now, Some(stamped), late_floor), now);
+    }
+
+    #[test]
+    fn dating_never_goes_back_within_a_turn_or_across_turns() {
+        #[allow(clippy::disallowed_methods)] // any instant will do
+        let start = Instant::now();
+        let now = start + Duration::from_millis(10);
+        let real_now = Duration::from_secs(1_765_000_000);
+        let mut dating = Dating::default();
+        // The first datagram ever has no floor but the turn: its own time counts only from
+        // the next one on.
+        assert_eq!(dating.date(now, real_now, None), now);
+        dating.turn_seen(start);
+        let a = dating.date(now, real_now, Some(real_now - Duration::from_millis(4)));
+        assert_eq!(a, now - Duration::from_millis(4));
+        // Stamped earlier than the one before it: no earlier than it.
+        let b = dating.date(now, real_now, Some(real_now - Duration::from_millis(8)));
+        assert_eq!(b, a);
+        // After the turn, nothing is dated before the turn.
+        dating.turn_seen(now);
+        let later = now + Duration::from_millis(5);
+        let c = dating.date(later, real_now + Duration::from_millis(5), Some(real_now));
+        assert_eq!(c, now);
     }
 }

@@ -23,7 +23,7 @@ use std::sync::mpsc::{self, Sender};
 use std::thread::{self, JoinHandle};
 use std::time::Instant;
 
-pub(crate) use arrival::{arrival, wall_clock};
+pub(crate) use arrival::{Dating, wall_clock};
 
 use crate::node::{Engine, EngineError, NodeEvent, WorkerTag};
 

@@ -58,9 +58,8 @@ pub struct PortableDriver {
     wake_rx: UdpSocket,
     waker: Waker,
     stats: DriverStats,
-    /// The latest time a datagram was handed to the engine with (see
-    /// [`crate::driver::arrival`]).
-    dated: Option<Instant>,
+    /// Received datagrams dated by their arrival (`driver/arrival.rs`).
+    dating: super::Dating,
 }
 
 /// Ends a [`PortableDriver`]'s wait from another thread: one byte over a loopback socket pair
@@ -179,7 +178,7 @@ impl PortableDriver {
             wake_rx,
             waker,
             stats: DriverStats::default(),
-            dated: None,
+            dating: super::Dating::default(),
         })
     }
 
@@ -261,8 +260,7 @@ impl PortableDriver {
         for (m, buf) in meta.iter().zip(bufs).take(n) {
             let stride = m.stride.max(1);
             // The kernel's receive time (quinn-udp asks for `SO_TIMESTAMPNS`), not the turn's.
-            let at = super::arrival(now, real_now, m.timestamp, self.dated.unwrap_or(now));
-            self.dated = Some(at);
+            let at = self.dating.date(now, real_now, m.timestamp);
             if m.timestamp.is_some() {
                 self.stats.rx_timestamped += 1;
             }
@@ -402,7 +400,7 @@ impl PortableDriver {
             }
             self.send_all(now, &mut tx);
             // What arrives from here on is dated no earlier than this turn.
-            self.dated = Some(now);
+            self.dating.turn_seen(now);
             while let Some(event) = self.engine.poll_event() {
                 let _ = events.send(event);
             }

@@ -290,7 +290,7 @@ fn bind_member(addr: SocketAddr) -> io::Result<Socket> {
     let fd = sys::raw(&socket);
     sys::setsockopt_int(fd, libc::SOL_UDP, libc::UDP_GRO, 1)?;
     // Each datagram's arrival time, so that QUIC dates it by when it came and not by when the
-    // loop turned to it (see `worker::arrival`). Without it, the turn's time is used.
+    // loop turned to it (see `driver/arrival.rs`). Without it, the turn's time is used.
     let _ = sys::setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, 1);
     if addr.is_ipv6() {
         sys::setsockopt_int(fd, libc::IPPROTO_IPV6, libc::IPV6_RECVTCLASS, 1)?;

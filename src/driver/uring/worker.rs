@@ -44,9 +44,8 @@ pub(super) struct Worker {
     submit_after: usize,
     stats: DriverStats,
     beat: Beat,
-    /// The latest time a datagram was handed to the engine with: arrival times given to it
-    /// never go back (see [`crate::driver::arrival`]).
-    dated: Option<Instant>,
+    /// Received datagrams dated by their arrival (`driver/arrival.rs`).
+    dating: crate::driver::Dating,
 }
 
 impl Worker {
@@ -107,7 +106,7 @@ impl Worker {
             submit_after: config.submit_after,
             stats: DriverStats::default(),
             beat,
-            dated: None,
+            dating: crate::driver::Dating::default(),
         };
         worker.arm_recv()?;
         let wake_fd = sys::raw(&*worker.wake);
@@ -130,16 +129,18 @@ impl Worker {
             let _ = self.reap()?;
             #[allow(clippy::disallowed_methods)] // the driver owns the clock: once per turn
             let now = Instant::now();
-            let real_now = crate::driver::wall_clock();
             self.stats.cq_overflows = self.ring.overflows();
             self.beat.turn(now, &self.stats);
+            // The wall clock, read only in a turn with datagrams to date.
+            let real_now = (!self.received.is_empty()).then(crate::driver::wall_clock);
             for r in std::mem::take(&mut self.received) {
-                let floor = self.dated.unwrap_or(now);
-                let at = crate::driver::arrival(now, real_now, r.info.arrived, floor);
+                let at = match real_now {
+                    Some(real_now) => self.dating.date(now, real_now, r.info.arrived),
+                    None => now,
+                };
                 if r.info.arrived.is_some() {
                     self.stats.rx_timestamped += 1;
                 }
-                self.dated = Some(at);
                 self.deliver(at, r);
             }
             self.read_mail(now);
@@ -160,7 +161,7 @@ impl Worker {
             self.transmit(now)?;
             // What arrives from here on is dated no earlier than this turn, whose time the
             // engine has now seen.
-            self.dated = Some(now);
+            self.dating.turn_seen(now);
             while let Some(event) = self.engine.poll_event() {
                 let _ = self.events.send(event);
             }
