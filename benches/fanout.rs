@@ -62,7 +62,9 @@
 //! configuration, then the ratios (each run is printed too, as `fanout run round=…`).
 //! `--quick`: M = 10 and 100, shorter windows. `--only <configuration>[,…]`: those alone (for
 //! profiling, or one lever on and off; ratios only where both sides ran). `--subscribers <M>`: that M alone.
-//! `--window <secs>`: a longer measured window (4 s; 2 with `--quick`).
+//! `--window <secs>`: a longer measured window (4 s; 2 with `--quick`). `--mbps <n>`: total
+//! egress other than the 200 Mbit/s the targets are read at (how the cost per byte moves with
+//! the node's load; the subscribers' one core caps what can be delivered).
 
 #![allow(
     clippy::unwrap_used,
@@ -854,8 +856,10 @@ fn main() {
         None if quick => &[10, 100],
         None => &[10, 100, 1000],
     };
-    // Total egress the subscribers' core keeps up with: 200 Mbit/s.
-    let total_bps = 200e6;
+    // Total egress the subscribers' core keeps up with: 200 Mbit/s. `--mbps <n>` sets another
+    // (to see how the cost per byte moves with the node's load; the targets are read at 200,
+    // and a rate the subscribers' core cannot take shows as egress short of it).
+    let total_bps = arg::<f64>(&args, "--mbps").unwrap_or(200.0) * 1e6;
     pin(1);
     let uring = gridcast::driver::uring_available().is_ok();
     if !uring {
